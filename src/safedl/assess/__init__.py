@@ -1,0 +1,1 @@
+"""The assessment stages: baseline, attack simulation, defenses, evaluation, risk, gate."""

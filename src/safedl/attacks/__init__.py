@@ -1,0 +1,1 @@
+"""Attacks by category: evasion (white-box and black-box), poisoning, backdoor."""

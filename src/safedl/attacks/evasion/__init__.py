@@ -1,0 +1,1 @@
+"""Evasion attacks, one module each."""

@@ -1,0 +1,65 @@
+"""PGD: projected gradient descent with random start and restarts (Madry et al., "Towards Deep Learning Models
+Resistant to Adversarial Attacks", ICLR 2018)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from safedl.attacks.base import EvasionAttack, input_grad, make_generator
+from safedl.attacks.evasion._lp import project, random_start, steepest_step
+from safedl.registry import register
+from safedl.utils.validate import check_positive
+
+
+@register("evasion", "pgd")
+class PGD(EvasionAttack):
+    """Projected Gradient Descent, L-inf or L2, untargeted or targeted.
+
+    ``alpha`` defaults to 2.5 * eps / steps (Madry et al.). With ``restarts`` > 1 each sample keeps the first
+    restart that fools the model (else the last one).
+    """
+
+    def __init__(self, *, eps: float = 0.3, norm: str = "linf", steps: int = 10, alpha: float | None = None,
+                 random_start: bool = True, restarts: int = 1, seed: int | None = 0):
+        self._init_norm_eps(norm, eps)
+        self.steps = check_positive(self, "steps", steps, integer=True)
+        self.alpha = float(check_positive(self, "alpha", alpha)) if alpha is not None else 2.5 * self.eps / self.steps
+        self.random_start = bool(random_start)
+        self.restarts = check_positive(self, "restarts", restarts, integer=True)
+        self.seed = seed
+
+    def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        gen = make_generator(self.seed, x.device)
+        best = None
+        for _ in range(self.restarts):
+            x_adv = self._one_run(model, x, y, target, gen)
+            if self.restarts == 1:
+                return x_adv
+            with torch.no_grad():
+                pred = model(x_adv).argmax(1)
+                success = (pred != y) if target is None else (pred == target)
+            if best is None:
+                best, done = x_adv, success
+            else:
+                take = success & ~done
+                best = torch.where(take.view(-1, 1, 1, 1), x_adv, best)
+                done = done | success
+                keep_last = ~done  # unbroken samples take the latest restart
+                best = torch.where(keep_last.view(-1, 1, 1, 1), x_adv, best)
+            if bool(done.all()):
+                break
+        return best
+
+    def _one_run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
+                 gen: torch.Generator | None) -> torch.Tensor:
+        delta = random_start(x, self.norm, self.eps, gen) if self.random_start else torch.zeros_like(x)
+        sign = 1.0 if target is None else -1.0
+        labels = y if target is None else target
+        for _ in range(self.steps):
+            x_adv = (x + delta).requires_grad_(True)
+            loss = F.cross_entropy(model(x_adv), labels, reduction="sum")
+            g = input_grad(loss, x_adv)
+            delta = project(delta + sign * self.alpha * steepest_step(g, self.norm), self.norm, self.eps)
+            delta = (x + delta).clamp(0, 1) - x
+        return x + delta

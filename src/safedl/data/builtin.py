@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from safedl.data.dataset import Dataset
+from safedl.errors import UnknownComponentError
 
 BUILTIN = ("mnist5k", "digits")
 
@@ -23,4 +24,4 @@ def load_builtin(name: str) -> Dataset:
         d = load_digits()
         x = torch.from_numpy(np.asarray(d.images, dtype=np.float32).reshape(-1, 1, 8, 8) / 16.0)
         return Dataset(x, torch.from_numpy(np.asarray(d.target, dtype=np.int64)), 10, "digits", [str(i) for i in range(10)])
-    raise KeyError(name)
+    raise UnknownComponentError(f"unknown built-in data set {name!r}; built-in data sets are: {', '.join(BUILTIN)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,16 @@ from safedl.errors import DataError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 
 
-def _to_nchw(x: np.ndarray, source: Path) -> torch.Tensor:
-    """Accept N x H x W, N x H x W x C (C in 1, 3, 4) or N x C x H x W; uint8 is scaled by 1/255."""
+def _to_nchw(x: np.ndarray, source: Path, *, channels_last: bool | None = None) -> torch.Tensor:
+    """Accept N x H x W, N x H x W x C (C in 1, 3, 4) or N x C x H x W; uint8 is scaled by 1/255.
+
+    ``channels_last=None`` guesses the layout: channels-last only when the last axis looks like channels and the
+    second does not (an ambiguous N x 3 x 4 x 4 is read as N x C x H x W); loaders that know the layout say so.
+    """
     if x.ndim == 3:
         x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+    elif x.ndim == 4 and (channels_last if channels_last is not None
+                          else x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4)):
         x = x.transpose(0, 3, 1, 2)
     elif x.ndim != 4:
         raise DataError(f"{source}: images must have 3 or 4 dimensions (N x H x W [x C]), got shape {x.shape}")
@@ -33,10 +39,13 @@ def _to_nchw(x: np.ndarray, source: Path) -> torch.Tensor:
         raise DataError(f"{source}: images contain NaN or infinite values")
     lo, hi = float(x.min(initial=0.0)), float(x.max(initial=0.0))
     if lo < 0.0 or hi > 1.0:
-        if lo >= 0.0 and hi <= 255.0:
+        # Values above 1 are read as 8-bit intensities only when they are whole numbers in [0, 255]; anything else
+        # (e.g. standardized images) is a mistake that must not be silently rescaled.
+        if lo >= 0.0 and hi <= 255.0 and np.all(x == np.round(x)):
             x = x / 255.0
         else:
-            raise DataError(f"{source}: pixel values must lie in [0, 1] or [0, 255], found [{lo:g}, {hi:g}]")
+            raise DataError(f"{source}: pixel values must be floats in [0, 1] or whole numbers in [0, 255], "
+                            f"found values in [{lo:g}, {hi:g}]")
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
@@ -80,14 +89,17 @@ def load_image_folder(path: str | Path, *, size: tuple[int, int] | None = None, 
     from PIL import Image, UnidentifiedImageError
 
     root = Path(path)
+    if channels not in (None, 1, 3):
+        raise DataError(f"{root}: channels={channels!r} is not allowed; use 1 (grayscale), 3 (RGB) or None (as stored)")
     if not root.is_dir():
         raise DataError(f"{root}: folder not found")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"{root}: no class subfolders found (expected one subfolder of images per class)")
     images, labels = [], []
     for ci, cname in enumerate(classes):
-        files = sorted(f for f in (root / cname).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(f for f in (root / cname).iterdir()
+                       if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not f.name.startswith("."))
         for f in files:
             try:
                 with Image.open(f) as im:
@@ -96,28 +108,30 @@ def load_image_folder(path: str | Path, *, size: tuple[int, int] | None = None, 
                     if size is not None:
                         im = im.resize((size[1], size[0]))
                     arr = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"{f}: not a readable image ({exc})") from None
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                raise DataError(f"{f}: not a readable image ({type(exc).__name__}: {exc})") from None
             if images and arr.shape != images[0].shape:
-                raise DataError(f"{f}: image shape {arr.shape} differs from {images[0].shape} of the first image; "
-                                "pass a size to resize all images")
+                raise DataError(f"{f}: image shape {arr.shape} differs from {images[0].shape} of the first image "
+                                f"{first}; pass size=(H, W) and/or channels=1|3 to convert all images alike")
+            if not images:
+                first = f
             images.append(arr)
             labels.append(ci)
     if not images:
         raise DataError(f"{root}: no PNG/JPEG images in the class subfolders {', '.join(classes)}")
-    x = _to_nchw(np.stack(images), root)
+    x = _to_nchw(np.stack(images), root, channels_last=True)  # Pillow gives H x W (x C)
     return Dataset(x, torch.tensor(labels, dtype=torch.int64), len(classes), root.name, classes)
 
 
 def _read_idx(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from None
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":  # gzip magic: decompress whatever the file is called
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:  # a truncated .gz raises EOFError
+        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     dtype_code, ndim = data[2], data[3]
@@ -128,10 +142,12 @@ def _read_idx(path: Path) -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{path}: truncated IDX header")
     dims = struct.unpack(">" + "I" * ndim, data[4:header])
-    arr = np.frombuffer(data, dtype=dtypes[dtype_code], offset=header)
-    if arr.size != int(np.prod(dims)):
-        raise DataError(f"{path}: IDX header says shape {dims} ({int(np.prod(dims))} values) but the file holds {arr.size}")
-    return arr.reshape(dims)
+    dtype = np.dtype(dtypes[dtype_code])
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise DataError(f"{path}: IDX header says shape {dims} ({expected} bytes of data) but the file holds "
+                        f"{len(data) - header} bytes (truncated or corrupt)")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
 
 
 def load_idx(images: str | Path, labels: str | Path) -> Dataset:
@@ -142,9 +158,37 @@ def load_idx(images: str | Path, labels: str | Path) -> Dataset:
     return Dataset(x, yt, max(k, 10), ip.stem)
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches only: plain containers and numpy arrays. Any other global is refused, so a crafted
+    'batch' file cannot run code (pickle.load would execute whatever the file names)."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _load_batch(f: Path) -> dict:
+    with open(f, "rb") as fh:
+        d = _BatchUnpickler(fh, encoding="bytes").load()
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a dict, got {type(d).__name__}")
+    # The official batches were pickled by Python 2 (bytes keys); accept str keys from re-pickled copies too.
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
 def load_cifar10(path: str | Path, *, split: str = "train") -> Dataset:
-    """A CIFAR-10 python-pickle folder (data_batch_1..5 for train, test_batch for test)."""
+    """A CIFAR-10 python-pickle folder (data_batch_1..5 for train, test_batch for test; Krizhevsky 2009)."""
     root = Path(path)
+    if split not in ("train", "test"):
+        raise DataError(f"{root}: split={split!r} is not allowed; use 'train' or 'test'")
     if not root.is_dir():
         raise DataError(f"{root}: folder not found")
     files = [root / f"data_batch_{i}" for i in range(1, 6)] if split == "train" else [root / "test_batch"]
@@ -153,24 +197,24 @@ def load_cifar10(path: str | Path, *, split: str = "train") -> Dataset:
         if not f.is_file():
             raise DataError(f"{f}: file not found (a CIFAR-10 python folder holds data_batch_1..5 and test_batch)")
         try:
-            with open(f, "rb") as fh:
-                d = pickle.load(fh, encoding="bytes")
-            data, lab = d[b"data"], d[b"labels"]
-        except Exception as exc:
-            raise DataError(f"{f}: not a CIFAR-10 pickle batch ({exc})") from None
-        arr = np.asarray(data, dtype=np.uint8)
+            d = _load_batch(f)
+            arr = np.asarray(d["data"], dtype=np.uint8)
+            lab = np.asarray(d["labels"])
+        except Exception as exc:  # UnpicklingError, EOFError, KeyError, ValueError ...
+            raise DataError(f"{f}: not a CIFAR-10 pickle batch ({type(exc).__name__}: {exc})") from None
         if arr.ndim != 2 or arr.shape[1] != 3072:
             raise DataError(f"{f}: expected rows of 3072 bytes (3x32x32), got shape {arr.shape}")
+        yt, k = _labels(lab, len(arr), f)
+        if k > 10:
+            raise DataError(f"{f}: CIFAR-10 labels must lie in 0..9, found {k - 1}")
         xs.append(arr.reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(lab))
+        ys.append(yt)
     names = None
     meta = root / "batches.meta"
     if meta.is_file():
         try:
-            with open(meta, "rb") as fh:
-                names = [n.decode() for n in pickle.load(fh, encoding="bytes")[b"label_names"]]
-        except Exception:
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in _load_batch(meta)["label_names"]]
+        except Exception:  # the names are optional; a bad meta file only loses them
             names = None
     x = _to_nchw(np.concatenate(xs), root)
-    yt, _ = _labels(np.concatenate(ys), len(x), root)
-    return Dataset(x, yt, 10, "cifar10", names)
+    return Dataset(x, torch.cat(ys), 10, "cifar10", names)

@@ -1,20 +1,33 @@
 """Deterministic stratified train / validation / test splits."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
 from safedl.data.dataset import Dataset, Splits
-from safedl.errors import DataError
+from safedl.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 def stratified_split(data: Dataset, *, test_fraction: float, val_fraction: float, seed: int) -> Splits:
-    """Split ``data`` stratified by label with a fixed seed; mean/std per channel come from the train split."""
+    """Split ``data`` stratified by label with a fixed seed; mean/std per channel come from the train split.
+
+    Each split holds every class in proportion (within about one sample per class); indices inside a split keep
+    the data set's order, so the same data, fractions and seed always give the same splits and content hashes.
+    """
+    if not (0.0 < test_fraction < 1.0) or not (0.0 <= val_fraction < 1.0) or test_fraction + val_fraction >= 1.0:
+        raise ConfigError(f"{data.name}: test_fraction={test_fraction!r} and val_fraction={val_fraction!r} must satisfy "
+                          "0 < test_fraction < 1, 0 <= val_fraction and test_fraction + val_fraction < 1")
     idx = np.arange(len(data))
     y = data.y.numpy()
     counts = np.bincount(y)
-    strat = y if counts[counts > 0].min() >= 3 else None
+    strat = y if len(y) and counts[counts > 0].min() >= 3 else None
+    if strat is None:
+        log.warning("%s: a class has fewer than 3 samples; splitting without stratification", data.name)
     try:
         rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=strat)
         val_rel = val_fraction / (1.0 - test_fraction)

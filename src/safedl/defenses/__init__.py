@@ -1,0 +1,1 @@
+"""Defenses by kind: preprocess, postprocess, detect, train, certify, cleanse, repair, inspect."""

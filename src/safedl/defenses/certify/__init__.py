@@ -1,0 +1,1 @@
+"""Certified defenses: a prediction with a provable robustness radius."""

@@ -1,0 +1,1 @@
+"""Output postprocessors: logits -> hardened scores, against extraction and score-based black-box attacks."""

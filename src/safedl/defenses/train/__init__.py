@@ -1,0 +1,1 @@
+"""Robust training: trainers with fit(model, data, *, recipe, seed, device, val) -> model."""

@@ -1,0 +1,250 @@
+"""Stage handler for poisoning and backdoor attacks: poison the training set, retrain exactly like the baseline,
+and report baseline and poisoned numbers side by side.
+
+Honest rule: the poisoned model is built by ``ctx.build_model()`` and trained by ``ctx.train_like_baseline`` (the
+baseline's architecture, recipe and seed), so it differs from the baseline only by the data.
+
+Attacks that optimise against a model (``fit`` method: clean-label, learned trigger) get a surrogate trained on the
+clean training set: with ``threat_model.model_access == "white-box"`` the clean baseline itself (the attacker knows
+the model), otherwise an attacker-trained copy of the architecture with the baseline recipe but another seed.
+
+``AttackOutcome.state`` (what poisoning defenses consume):
+  poisoned            the PoisonedDataset (exact ground truth: is_poison, original_x / original_y, info)
+  model_state         the poisoned model's state_dict (cpu)
+  attack              the attack object (``apply_trigger`` for backdoors; picklable)
+  target_class        the class the attack pushes inputs to (None for untargeted flipping)
+  test_triggered_x    test inputs the attack aims at, whose true class is not the target (cpu): triggered test
+                      images for backdoors; the unmodified source-class images for targeted label flipping; the
+                      victim instances for feature collision; None when the attack aims at no input (fully_random)
+  test_triggered_y    their true labels
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from safedl.assess.context import RunContext
+from safedl.assess.handlers import AttackOutcome, attack_handler
+from safedl.attacks.poisoning.visibility import visibility
+from safedl.data.dataset import Dataset, PoisonedDataset
+from safedl.models.train import train_model
+from safedl.profile import AttackSpec
+from safedl.utils.stats import mean_metric, proportion, scalar
+from safedl.utils.tensors import predict
+
+log = logging.getLogger(__name__)
+
+
+@attack_handler("poisoning")
+@attack_handler("backdoor")
+def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOutcome:
+    """Poison ``ctx.splits.train`` (generator seeded from ``ctx.seed``), retrain like the baseline, measure."""
+    t0 = time.perf_counter()
+    category = getattr(attack, "registry_kind", "poisoning")
+    train, test = ctx.splits.train, ctx.splits.test
+    notes: list[str] = []
+
+    if hasattr(attack, "fit"):
+        surrogate, note = _surrogate(ctx, train)
+        notes.append(note)
+        fit_kwargs: dict[str, Any] = {}
+        if getattr(attack, "needs_victims", False):
+            vmask = attack.victim_mask(test.y)
+            vidx = torch.nonzero(vmask).flatten()[: attack.n_victims]
+            fit_kwargs["victims"] = test.x[vidx]
+            fit_kwargs["victim_labels"] = test.y[vidx]
+            notes.append(f"{len(vidx)} victim instances: the first test images of the source class(es); they stay "
+                         "in the clean-accuracy test set")
+        attack.fit(train, surrogate=surrogate, **fit_kwargs)
+
+    gen = torch.Generator().manual_seed(int(ctx.seed))
+    poisoned: PoisonedDataset = attack.poison(train, generator=gen)
+    model = ctx.train_like_baseline(poisoned, description=f"training on poisoned data ({spec.key})")
+    notes.append("poisoned model: the baseline's architecture, recipe and seed; only the training data differ")
+
+    dev = ctx.device
+    pred_b = predict(ctx.baseline, test.x.to(dev)).cpu()
+    pred_p = predict(model, test.x.to(dev)).cpu()
+    k = test.num_classes
+    acc_b, acc_p = _per_class(pred_b, test.y, k), _per_class(pred_p, test.y, k)
+    metrics: dict[str, Any] = {
+        "clean_accuracy": proportion(int((pred_p == test.y).sum()), len(test)),
+        "baseline": {"clean_accuracy": proportion(int((pred_b == test.y).sum()), len(test))},
+    }
+    metrics["clean_accuracy_drop"] = scalar(metrics["baseline"]["clean_accuracy"]["value"]
+                                            - metrics["clean_accuracy"]["value"], n=len(test))
+    drops = [None if b is None or p is None else b - p for b, p in zip(acc_b, acc_p)]
+    per_class: dict[str, list[float | None]] = {"clean_accuracy_baseline": acc_b, "clean_accuracy_poisoned": acc_p,
+                                         "accuracy_drop": drops}
+    finite = [d for d in drops if d is not None]
+    metrics["per_class_drop_max"] = scalar(max(finite) if finite else float("nan"))
+
+    info = poisoned.info
+    target = info.get("target_class")
+    x_aim, y_aim = _aimed_inputs(attack, info, test, target)
+    if x_aim is not None and target is not None:
+        hit_b = int((predict(ctx.baseline, x_aim.to(dev)).cpu() == target).sum())
+        hit_p = int((predict(model, x_aim.to(dev)).cpu() == target).sum())
+        name = "targeted_success_rate" if "flip_map" in info else "attack_success_rate"
+        metrics[name] = proportion(hit_p, len(x_aim))
+        metrics["baseline"][name] = proportion(hit_b, len(x_aim))
+        if "flip_map" in info:
+            notes.append(f"targeted_success_rate: source-class test images predicted as class {target}")
+        elif info.get("victims") is not None:
+            notes.append(f"attack_success_rate: victim test instances predicted as class {target}")
+        else:
+            notes.append(f"attack_success_rate: triggered test images of classes other than {target} "
+                         f"predicted as {target}")
+        pred_t = predict(model, x_aim.to(dev)).cpu()
+        per_class["predicted_as_target_poisoned"] = [
+            float((pred_t[y_aim == c] == target).float().mean()) if bool((y_aim == c).any()) else None
+            for c in range(k)]
+
+    metrics["poison"] = _poison_metrics(poisoned, target)
+    metrics["visibility"] = _visibility_metrics(poisoned)
+    for key in ("linf_budget", "opacity"):
+        if key in info:
+            notes.append(f"{key.replace('_', ' ')}: {info[key]}")
+
+    artifacts = _save_artifacts(ctx, spec, attack, poisoned, model, x_aim, target)
+    entry = {"name": spec.name, "id": spec.key, "category": category, "params": dict(spec.params),
+             "metrics": metrics, "per_class": per_class, "artifacts": artifacts, "notes": notes,
+             "time_s": time.perf_counter() - t0}
+    state = {"poisoned": poisoned, "model_state": {k_: v.detach().cpu() for k_, v in model.state_dict().items()},
+             "attack": attack, "target_class": None if target is None else int(target),
+             "test_triggered_x": None if x_aim is None else x_aim.cpu(),
+             "test_triggered_y": None if y_aim is None else y_aim.cpu()}
+    return AttackOutcome(entry=entry, state=state)
+
+
+def _surrogate(ctx: RunContext, train: Dataset) -> tuple[torch.nn.Module, str]:
+    if ctx.profile.threat_model.model_access == "white-box":
+        return ctx.baseline, "surrogate: the clean baseline (white-box attacker; trained on the clean training set)"
+    seed = int(ctx.seed) + 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ctx.build_fresh().to(ctx.device)
+    train_model(model, train, recipe=ctx.recipe, seed=seed, val=None, device=ctx.device,
+                description="attacker surrogate")
+    return model.eval(), (f"surrogate: the baseline architecture trained by the attacker on the clean training set "
+                          f"with seed {seed} (no access to the victim's weights)")
+
+
+def _per_class(pred: torch.Tensor, y: torch.Tensor, k: int) -> list[float]:
+    out = []
+    for c in range(k):
+        m = y == c
+        out.append(float((pred[m] == c).float().mean()) if bool(m.any()) else None)
+    return out
+
+
+def _aimed_inputs(attack: Any, info: dict, test: Dataset, target: int | None
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The test inputs whose prediction the attack tries to steer to ``target`` (see the module docstring)."""
+    if target is None:
+        return None, None
+    if info.get("victims") is not None:
+        return info["victims"].cpu(), info["victim_labels"].cpu()
+    if "flip_map" in info:
+        sources = [int(s) for s, t in info["flip_map"].items() if int(t) == target]
+        keep = torch.isin(test.y, torch.tensor(sources, dtype=torch.long))
+        return test.x[keep], test.y[keep]
+    if hasattr(attack, "apply_trigger"):
+        keep = test.y != target
+        return attack.apply_trigger(test.x[keep]).cpu(), test.y[keep]
+    return None, None
+
+
+def _poison_metrics(p: PoisonedDataset, target: int | None) -> dict[str, Any]:
+    n = len(p)
+    out: dict[str, Any] = {"count": scalar(p.n_poison, n=n), "fraction": scalar(p.poison_fraction, n=n),
+                           "labels_changed": scalar(int(p.label_changed.sum()), n=n)}
+    if target is not None:
+        in_target = p.original_y == target
+        out["fraction_of_target_class"] = scalar(int((p.is_poison & in_target).sum()) / max(1, int(in_target.sum())),
+                                                 n=int(in_target.sum()))
+    return out
+
+
+def _visibility_metrics(p: PoisonedDataset) -> dict[str, Any]:
+    changed = p.is_poison & (p.x != p.original_x).flatten(1).any(1)
+    out: dict[str, Any] = {"images_changed": scalar(int(changed.sum()), n=len(p))}
+    if bool(changed.any()):
+        v = visibility(p.original_x[changed], p.x[changed])
+        out.update({"linf_max": scalar(float(v["linf"].max()), n=int(changed.sum())),
+                    "linf_mean": mean_metric(v["linf"].numpy()), "l2_mean": mean_metric(v["l2"].numpy()),
+                    "ssim_mean": mean_metric(v["ssim"].numpy())})
+    return out
+
+
+def _to_img(t: torch.Tensor):
+    t = t.detach().cpu().clamp(0, 1)
+    return t[0].numpy() if t.shape[0] == 1 else t.permute(1, 2, 0).numpy()
+
+
+def _save_artifacts(ctx: RunContext, spec: AttackSpec, attack: Any, p: PoisonedDataset, model: torch.nn.Module,
+                    x_aim: torch.Tensor | None, target: int | None) -> dict[str, str]:
+    if not ctx.profile.output.figures:
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: dict[str, str] = {}
+    folder = ctx.artifact_dir("attacks", spec.key)
+    n_ex = max(1, ctx.profile.evaluation.n_examples)
+    idx = torch.nonzero(p.is_poison).flatten()[:n_ex]
+    cmap = "gray" if p.shape[0] == 1 else None
+    if len(idx):
+        fig, axes = plt.subplots(3, len(idx), figsize=(1.6 * len(idx), 5),
+                                 squeeze=False)
+        for j, i in enumerate(idx.tolist()):
+            diff = (p.x[i] - p.original_x[i]).abs().amax(0, keepdim=True)
+            for r, (img, title) in enumerate(((p.original_x[i], f"orig y={int(p.original_y[i])}"),
+                                              (p.x[i], f"poison y={int(p.y[i])}"), (diff, "|diff|"))):
+                ax = axes[r][j]
+                ax.imshow(_to_img(img), cmap=cmap if r < 2 else "magma", vmin=0, vmax=1)
+                ax.set_title(title, fontsize=7)
+                ax.axis("off")
+        fig.suptitle(f"{spec.key}: original vs poisoned training samples")
+        fig.tight_layout()
+        path = folder / "poison_examples.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        out["original vs poisoned"] = ctx.rel(path)
+    if hasattr(attack, "trigger") and callable(attack.trigger):
+        try:
+            pattern, mask = attack.trigger(p.shape)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pattern = mask = None
+        if pattern is not None:
+            fig, axes = plt.subplots(1, 3, figsize=(6, 2.4))
+            for ax, (img, title, cm) in zip(axes, ((pattern, "trigger pattern", cmap), (mask, "mask", "gray"),
+                                                   (pattern * mask, "pattern x mask", cmap))):
+                ax.imshow(_to_img(img), cmap=cm, vmin=0, vmax=1)
+                ax.set_title(title, fontsize=8)
+                ax.axis("off")
+            fig.tight_layout()
+            path = folder / "trigger.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            out["trigger and mask"] = ctx.rel(path)
+    if x_aim is not None and len(x_aim) and target is not None:
+        xs = x_aim[:n_ex]
+        pred = predict(model, xs.to(ctx.device)).cpu()
+        fig, axes = plt.subplots(1, len(xs), figsize=(1.6 * len(xs), 2), squeeze=False)
+        for j in range(len(xs)):
+            axes[0][j].imshow(_to_img(xs[j]), cmap=cmap, vmin=0, vmax=1)
+            axes[0][j].set_title(f"pred {int(pred[j])}", fontsize=7, color="red" if int(pred[j]) == target else "black")
+            axes[0][j].axis("off")
+        fig.suptitle(f"attacked test inputs (target {target}), poisoned model's predictions", fontsize=9)
+        fig.tight_layout()
+        path = folder / "attacked_test_inputs.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        out["attacked test inputs"] = ctx.rel(path)
+    return out

@@ -1,0 +1,1 @@
+"""Backdoor attacks: poisoning with a trigger, plus ``apply_trigger(x)`` for test-time inputs."""

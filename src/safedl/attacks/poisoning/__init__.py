@@ -1,0 +1,1 @@
+"""Poisoning attacks: ``poison(train, *, generator) -> PoisonedDataset`` with exact ground truth."""

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from safedl.data.dataset import Dataset
+from safedl.errors import ConfigError, DataError
 from safedl.utils.progress import progress_bar
 from safedl.utils.tensors import eval_mode, predict
 
@@ -109,9 +110,18 @@ def train_model(
     weights of the best validation epoch are restored. ``sample_weight`` (N) weights the per-sample CE loss.
     """
     device = torch.device(device)
+    n = len(train)
+    if n == 0:
+        raise DataError(f"{train.name}: the training set is empty")
+    if sample_weight is not None:
+        if sample_weight.shape != (n,):
+            raise ConfigError(f"sample_weight must have shape ({n},) like the training set, got {tuple(sample_weight.shape)}")
+        if not bool(torch.isfinite(sample_weight).all()) or bool((sample_weight < 0).any()):
+            raise ConfigError("sample_weight must be finite and >= 0")
+        if loss_fn is not None:
+            raise ConfigError("sample_weight and loss_fn cannot be combined: a custom loss_fn does its own weighting")
     model.to(device)
     g = torch.Generator().manual_seed(int(seed))
-    n = len(train)
     steps = max(1, (n + recipe.batch_size - 1) // recipe.batch_size)
     opt = make_optimizer(model.parameters(), recipe)
     sched = _scheduler(opt, recipe, steps)

@@ -37,10 +37,10 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: in
 
 
 class _Classifier(nn.Module):
-    """Body -> penultimate features -> linear classifier."""
+    """Body -> penultimate features -> linear classifier (subclasses set ``self.body`` and ``self.classifier``).
 
-    body: nn.Module
-    classifier: nn.Linear
+    No class-level attribute annotations: TorchScript reads them as attribute types and cannot script them.
+    """
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

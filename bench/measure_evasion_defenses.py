@@ -62,11 +62,13 @@ def batched(fn, x, y, bs=250):
 def part_at(splits, n):
     trainer = registry.create("trainer", "adversarial_training", attack="pgd", eps=EPS, steps=5, ratio=1.0)
     model = fresh(splits)
+    cpu0 = time.process_time()
     trainer.fit(model, splits.train, recipe=TrainRecipe(), seed=SEED, val=splits.val)
+    cpu_s = time.process_time() - cpu0
     x, y = splits.test.x, splits.test.y
     clean = predict(model, x) == y
-    print(f"[at] adversarial_training(pgd-5, eps {EPS}, ratio 1) trained in {trainer.time_s_:.0f}s on "
-          f"{torch.get_num_threads()} threads, {len(splits.train)} train images, recipe TrainRecipe() (seed {SEED})")
+    print(f"[at] adversarial_training(pgd-5, eps {EPS}, ratio 1) trained in {trainer.time_s_:.0f}s wall, {cpu_s:.0f}s CPU "
+          f"on {torch.get_num_threads()} thread(s) of a shared machine, {len(splits.train)} train images, recipe TrainRecipe() (seed {SEED})")
     print("[at] " + fmt("clean_accuracy", int(clean.sum()), len(y)))
     name, attack = strongest_attack()
     xs, ys = x[:n], y[:n]
@@ -85,7 +87,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("safedl.models.train").setLevel(logging.DEBUG)  # per-epoch loss / val accuracy
     splits = stratified_split(load_builtin("mnist5k"), test_fraction=0.2, val_fraction=0.1, seed=SEED)
     print(f"mnist5k: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, seed {SEED}")
     parts = args.parts.split(",")

@@ -123,22 +123,42 @@ def defended_model(preprocessors: Sequence[nn.Module], model: nn.Module, postpro
 
 
 class DetectorAwarePGD:
-    """PGD that fools the classifier and evades detectors: maximise CE(model(x'), y) - lam * sum_d s_d(x') / scale_d.
+    """PGD that fools the classifier and evades detectors at once (Carlini & Wagner 2017's combined objective).
 
-    Each detector must expose a differentiable ``score_torch(x)`` (detectors with non-differentiable parts use
-    BPDA inside it) and a ``threshold_``. Scores are divided by the detector's clean-score spread so ``lam`` is
-    comparable across detectors. Per sample it keeps the last iterate that is misclassified and under every
-    threshold (else the last iterate), so the result is the attacker's best evading example.
+    It minimises, per sample, ``relu(margin + kappa) + lam * sum_d relu((s_d(x') - t_d) / scale_d + m)``: the
+    classification margin of the true label (or the target's, when targeted) and each detector's score above its
+    threshold ``t_d``, in units of the detector's clean-score spread ``scale_d``. Both terms are hinges, so once a
+    sample is misclassified the steps work on the detectors and vice versa. Each detector must expose a
+    differentiable ``score_torch(x)`` (non-differentiable parts use BPDA inside it), ``threshold_`` and
+    ``score_scale_``. Per sample the result is the last iterate that was misclassified and undetected, else the
+    final iterate.
     """
 
     def __init__(self, *, eps: float = 0.3, norm: str = "linf", steps: int = 40, alpha: float | None = None,
-                 lam: float = 1.0, seed: int | None = 0):
+                 lam: float = 1.0, kappa: float = 1.0, margin: float = 0.1, seed: int | None = 0):
         self.norm = check_choice("detector_aware_pgd", "norm", norm, ("linf", "l2"))
         self.eps = float(check_positive("detector_aware_pgd", "eps", eps))
         self.steps = check_positive("detector_aware_pgd", "steps", steps, integer=True)
         self.alpha = float(alpha) if alpha is not None else 2.5 * self.eps / self.steps
         self.lam = float(check_positive("detector_aware_pgd", "lam", lam, allow_zero=True))
+        self.kappa = float(check_positive("detector_aware_pgd", "kappa", kappa, allow_zero=True))
+        self.margin = float(check_positive("detector_aware_pgd", "margin", margin, allow_zero=True))
         self.seed = seed
+
+    def _status(self, model, detectors, xa, y, target):
+        logits = model(xa)
+        onehot = F.one_hot(y if target is None else target, logits.shape[1]).bool()
+        own = logits[onehot]
+        other = logits.masked_fill(onehot, float("-inf")).max(1).values
+        margin = own - other if target is None else other - own  # < 0: the attack succeeds
+        det_loss = torch.zeros_like(margin)
+        undetected = torch.ones_like(margin, dtype=torch.bool)
+        for d in detectors:
+            s = d.score_torch(xa)
+            det_loss = det_loss + torch.relu((s - d.threshold_) / d.score_scale_ + self.margin)
+            undetected &= s.detach() <= d.threshold_
+        loss = torch.relu(margin + self.kappa) + self.lam * det_loss
+        return loss, (margin.detach() < 0) & undetected
 
     def __call__(self, model: nn.Module, detectors: Sequence, x: torch.Tensor, y: torch.Tensor, *,
                  target: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,32 +167,17 @@ class DetectorAwarePGD:
         with eval_mode(model), frozen_params(model):
             delta = random_start(x, self.norm, self.eps, gen)
             best = (x + delta).clone()
-            found_any = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-            sign, labels = (1.0, y) if target is None else (-1.0, target)
+            found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
             for _ in range(self.steps):
                 xa = (x + delta).requires_grad_(True)
-                logits = model(xa)
-                ce = F.cross_entropy(logits, labels, reduction="none")
-                evade = torch.zeros_like(ce)
-                ok = torch.ones_like(ce, dtype=torch.bool)
-                for d in detectors:
-                    s = d.score_torch(xa)
-                    evade = evade + s / d.score_scale_
-                    ok &= s.detach() <= d.threshold_
-                fooled = (logits.argmax(1) != y) if target is None else (logits.argmax(1) == target)
-                best = torch.where((fooled & ok).view(-1, 1, 1, 1), xa.detach(), best)
-                found_any |= fooled & ok
-                loss = (sign * ce - self.lam * evade).sum()
-                g = input_grad(loss, xa)
-                delta = project(delta + self.alpha * steepest_step(g, self.norm), self.norm, self.eps)
+                loss, ok = self._status(model, detectors, xa, y, target)
+                best = torch.where(ok.view(-1, 1, 1, 1), xa.detach(), best)
+                found |= ok
+                g = input_grad(loss.sum(), xa)
+                delta = project(delta - self.alpha * steepest_step(g, self.norm), self.norm, self.eps)
                 delta = (x + delta).clamp(0, 1) - x
-            # the final iterate replaces samples that never reached a fooled-and-undetected point
+            xa = x + delta
             with torch.no_grad():
-                xa = x + delta
-                logits = model(xa)
-                ok = torch.ones(len(x), dtype=torch.bool, device=x.device)
-                for d in detectors:
-                    ok &= d.score_torch(xa) <= d.threshold_
-                fooled = (logits.argmax(1) != y) if target is None else (logits.argmax(1) == target)
-                best = torch.where((found_any & ~(fooled & ok)).view(-1, 1, 1, 1), best, xa)
+                _, ok = self._status(model, detectors, xa, y, target)
+            best = torch.where((ok | ~found).view(-1, 1, 1, 1), xa, best)
         return best.detach()

@@ -12,17 +12,29 @@ import torch
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temporary file in the target's folder, flush it to disk, then rename it over the target: readers
+    see the old file or the new one, never a half-written one, and a failed write leaves the old file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb") as fh:  # the rename must not reach the disk before the data does
+            os.fsync(fh.fileno())
+        # mkstemp creates 0600 files; results are meant to be shared like any other file the user writes.
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with _suppress():
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class _suppress:
@@ -66,7 +78,9 @@ def tensor_hash(*tensors: torch.Tensor) -> str:
         t = t.detach().cpu().contiguous()
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
+        # Raw bytes through a uint8 view: works for dtypes numpy lacks (bfloat16) and gives the same bytes as
+        # .numpy().tobytes() for the others.
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

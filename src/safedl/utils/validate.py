@@ -34,12 +34,15 @@ def check_range(
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         raise ConfigError(f"{_who(owner)}: {key}={value!r} must be {kind}")
+    if value != value or value in (float("inf"), float("-inf")):  # NaN compares false everywhere: reject it here
+        raise ConfigError(f"{_who(owner)}: {key}={value!r} must be a finite number")
     lo_ok = low is None or (value >= low if low_inclusive else value > low)
     hi_ok = high is None or (value <= high if high_inclusive else value < high)
     if not (lo_ok and hi_ok):
         lo = "-inf" if low is None else f"{low}"
         hi = "inf" if high is None else f"{high}"
-        interval = f"{'[' if low_inclusive else '('}{lo}, {hi}{']' if high_inclusive else ')'}"
+        interval = (f"{'[' if low_inclusive and low is not None else '('}{lo}, "
+                    f"{hi}{']' if high_inclusive and high is not None else ')'}")
         raise ConfigError(f"{_who(owner)}: {key}={value!r} is out of range; allowed: {kind} in {interval}")
     return value
 

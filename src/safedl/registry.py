@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -33,6 +34,9 @@ DEFENSE_KINDS = tuple(k for k in KINDS if k not in ATTACK_KINDS)
 _REGISTRY: dict[str, dict[str, type]] = {k: {} for k in KINDS}
 _PACKAGES = ("safedl.attacks", "safedl.defenses")
 _loaded = False
+#: modules that failed to import (name -> error); a test asserts this stays empty
+import_errors: dict[str, str] = {}
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -60,8 +64,17 @@ def _load_all() -> None:
     _loaded = True
     for pkg_name in _PACKAGES:
         pkg = importlib.import_module(pkg_name)
-        for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg_name + "."):
-            importlib.import_module(info.name)
+        for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg_name + ".", onerror=_record_error):
+            try:
+                importlib.import_module(info.name)
+            except Exception as exc:  # one broken plug-in must not take down every other component
+                _record_error(info.name, exc)
+
+
+def _record_error(name: str, exc: BaseException | None = None) -> None:
+    import_errors[name] = f"{type(exc).__name__}: {exc}" if exc else "cannot import"
+    log.warning("component module %s failed to import (%s); its components are unavailable", name,
+                import_errors[name])
 
 
 def _check_kind(kind: str) -> None:

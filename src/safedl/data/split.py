@@ -37,7 +37,8 @@ def stratified_split(data: Dataset, *, test_fraction: float, val_fraction: float
             train, val = rest, rest[:0]
     except ValueError as exc:
         raise DataError(f"{data.name}: cannot split {len(data)} samples ({exc})") from None
-    tr, va, te = (data.subset(torch.from_numpy(np.sort(i))) for i in (train, val, test))
+    # keep the shuffled order: built-in sets are sorted by class, and "the first n test images" must mix classes
+    tr, va, te = (data.subset(torch.from_numpy(np.asarray(i))) for i in (train, val, test))
     mean = tuple(tr.x.mean(dim=(0, 2, 3)).tolist())
     std = tuple(max(s, 1e-3) for s in tr.x.std(dim=(0, 2, 3)).tolist())
     return Splits(tr, va, te, mean, std)

@@ -1,0 +1,147 @@
+"""Evasion stage: run one evasion attack on the evaluation images and measure how robust the baseline is."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from safedl.assess.context import RunContext
+from safedl.assess.handlers import AttackOutcome, attack_handler
+from safedl.profile import AttackSpec
+from safedl.utils.progress import progress_bar
+from safedl.utils.stats import mean_metric, proportion, scalar
+from safedl.utils.tensors import predict
+
+log = logging.getLogger(__name__)
+
+
+def choose_targets(y: torch.Tensor, num_classes: int, *, target_class: int | None, seed: int) -> torch.Tensor:
+    """A fixed target class, or for each sample a uniformly random class other than its own (seeded)."""
+    if target_class is not None:
+        return torch.full_like(y, int(target_class))
+    g = torch.Generator().manual_seed(seed)
+    offset = torch.randint(1, num_classes, y.shape, generator=g).to(y.device)
+    return (y + offset) % num_classes
+
+
+def run_evasion(model: nn.Module, attack: Any, x: torch.Tensor, y: torch.Tensor, *, target: torch.Tensor | None,
+                batch_size: int, description: str = "attack"
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]:
+    """Attack in batches; returns (x_adv, per-sample queries or None, per-sample ``broken_by_`` or None, seconds)."""
+    advs, queries, broken = [], [], []
+    t0 = time.perf_counter()
+    with progress_bar(len(x), description) as bar:
+        for i in range(0, len(x), batch_size):
+            sl = slice(i, i + batch_size)
+            advs.append(attack(model, x[sl], y[sl], target=None if target is None else target[sl]))
+            q = getattr(attack, "queries_", None)
+            if q is not None:
+                queries.append(q.detach().cpu())
+            b = getattr(attack, "broken_by_", None)
+            if b is not None:
+                broken.append(b.detach().cpu())
+            bar.advance(len(advs[-1]))
+    elapsed = time.perf_counter() - t0
+    cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
+    return torch.cat(advs), cat(queries), cat(broken), elapsed
+
+
+def evasion_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *,
+                    target: torch.Tensor | None, queries: torch.Tensor | None, batch_size: int = 500) -> dict[str, Any]:
+    """The standard evasion metrics (DESIGN.md): accuracies, success rates among clean-correct samples, norms, queries."""
+    pred = predict(model, x, batch_size=batch_size)
+    pred_adv = predict(model, x_adv, batch_size=batch_size)
+    correct = pred == y
+    robust = correct & (pred_adv == y)
+    n, n_ok = len(y), int(correct.sum())
+    delta = (x_adv - x).flatten(1)
+    linf, l2 = delta.abs().amax(1), delta.norm(dim=1)
+    m: dict[str, Any] = {
+        "clean_accuracy": proportion(int(correct.sum()), n),
+        "robust_accuracy": proportion(int(robust.sum()), n),
+        "attack_success_rate": proportion(int((correct & (pred_adv != y)).sum()), n_ok),
+        "perturbation": {
+            "linf_mean": mean_metric(linf.cpu()), "linf_max": scalar(float(linf.max()) if n else 0.0, n=n),
+            "l2_mean": mean_metric(l2.cpu()), "l2_max": scalar(float(l2.max()) if n else 0.0, n=n),
+        },
+    }
+    if target is not None:
+        eligible = correct & (target != y)
+        m["targeted_success_rate"] = proportion(int((eligible & (pred_adv == target)).sum()), int(eligible.sum()))
+    if queries is not None:
+        qf = queries.float()
+        m["queries_median"] = scalar(float(qf.median()), n=len(qf))
+        m["queries_mean"] = mean_metric(qf)
+        m["queries_max"] = scalar(float(qf.max()), n=len(qf))
+    return m
+
+
+def example_figure(path, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, pred: torch.Tensor,
+                   pred_adv: torch.Tensor, *, class_names: list[str] | None, n: int) -> None:
+    """A grid of clean / adversarial pairs with their predictions (broken examples first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = torch.argsort((pred_adv == y).int(), stable=True)[:n]
+    n = len(order)
+    if n == 0:
+        return
+    name = (lambda c: class_names[c]) if class_names else str
+    fig, axes = plt.subplots(2, n, figsize=(1.4 * n, 3.2), squeeze=False)
+    for j, i in enumerate(order.tolist()):
+        for row, img, p in ((0, x[i], pred[i]), (1, x_adv[i], pred_adv[i])):
+            ax = axes[row][j]
+            arr = img.detach().cpu().permute(1, 2, 0).numpy()
+            ax.imshow(arr.squeeze(-1) if arr.shape[-1] == 1 else arr, cmap="gray", vmin=0, vmax=1)
+            ok = int(p) == int(y[i])
+            ax.set_title(f"{'clean' if row == 0 else 'adv'}: {name(int(p))}", fontsize=8, color="green" if ok else "red")
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@attack_handler("evasion")
+def simulate_evasion(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOutcome:
+    """Attack the baseline on the evaluation images; transfer attacks first fit their surrogate."""
+    x, y = ctx.eval_set()
+    model = ctx.baseline
+    target = None
+    if spec.targeted:
+        target = choose_targets(y, ctx.splits.num_classes, target_class=spec.target_class, seed=ctx.seed)
+    t_fit = 0.0
+    if hasattr(attack, "fit"):
+        t0 = time.perf_counter()
+        attack.fit(ctx.splits.train, model=model, device=ctx.device)
+        t_fit = time.perf_counter() - t0
+    x_adv, queries, broken_by, elapsed = run_evasion(model, attack, x, y, target=target,
+                                          batch_size=ctx.profile.evaluation.batch_size, description=f"attack {spec.key}")
+    metrics = evasion_metrics(model, x, y, x_adv, target=target, queries=queries)
+    metrics["time_per_sample_s"] = scalar(elapsed / max(1, len(x)), n=len(x))
+    entry: dict[str, Any] = {
+        "id": spec.key, "name": spec.name, "category": "evasion", "access": getattr(attack, "access", "white-box"),
+        "params": attack.params() if hasattr(attack, "params") else dict(spec.params),
+        "targeted": spec.targeted, "metrics": metrics, "time_s": elapsed + t_fit, "notes": [], "artifacts": {},
+    }
+    if t_fit:
+        entry["notes"].append(f"surrogate/fit time {t_fit:.1f}s included in time_s")
+    names = getattr(attack, "attack_names_", None)
+    if broken_by is not None and names is not None:
+        entry["broken_by"] = {nm: int((broken_by == i).sum()) for i, nm in enumerate(names)}
+        entry["broken_by"]["not broken"] = int((broken_by < 0).sum())
+    if ctx.profile.evaluation.n_examples and ctx.profile.output.figures:
+        path = ctx.artifact_dir("attacks") / f"{spec.key}_examples.png"
+        pred, pred_adv = predict(model, x), predict(model, x_adv)
+        example_figure(path, x, x_adv, y, pred, pred_adv, class_names=ctx.splits.train.class_names,
+                       n=ctx.profile.evaluation.n_examples)
+        if path.exists():
+            entry["artifacts"]["clean (top) vs adversarial (bottom) examples"] = ctx.rel(path)
+    state = {"x": x.cpu(), "y": y.cpu(), "x_adv": x_adv.cpu(), "target": None if target is None else target.cpu(),
+             "spec": spec.model_dump()}
+    return AttackOutcome(entry=entry, state=state)
+

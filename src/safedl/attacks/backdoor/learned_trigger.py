@@ -31,11 +31,13 @@ class LearnedTrigger(BackdoorAttack):
     ``fit(train, *, surrogate=None)`` learns ``pattern_`` (C x s x s) and ``mask_`` (1 x s x s), s x s being
     ``patch_size_ratio`` of the image area at ``position``: Adam on sigmoid-parametrised pattern and mask for
     ``steps`` batches of non-target training images minimising CE(f(stamped), target) + ``lambda_l1`` * mean(mask)
-    + ``lambda_tv`` * TV/pixel of mask and masked pattern. Without a surrogate, ``fit`` trains one on the clean
+    + ``lambda_tv`` * TV/pixel of mask and masked pattern. The default position is the centre: a patch in a
+    border that is blank in every training image (MNIST) cannot move the surrogate, so nothing would be learned
+    there. Without a surrogate, ``fit`` trains one on the clean
     ``train``; ``poison`` calls ``fit`` itself when the attack is not fitted yet.
     """
 
-    def __init__(self, *, target_class: int = 0, patch_size_ratio: float = 0.05, position: str = "bottom_right",
+    def __init__(self, *, target_class: int = 0, patch_size_ratio: float = 0.05, position: str = "center",
                  margin: int = 1, poison_fraction: float = 0.05, label_mode: str = "dirty", steps: int = 200,
                  batch_size: int = 128, lr: float = 0.1, lambda_l1: float = 0.01, lambda_tv: float = 0.01,
                  seed: int = 0):

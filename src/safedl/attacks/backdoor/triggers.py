@@ -81,6 +81,8 @@ def fixed_offset(position: str, *, image_hw: tuple[int, int], patch_hw: tuple[in
     """Row and column of a patch's top-left pixel for a named position."""
     H, W = image_hw
     h, w = patch_hw
+    if (h, w) == (H, W):  # a whole-image trigger (blended noise): no margin
+        return 0, 0
     if h + 2 * margin > H or w + 2 * margin > W:
         raise ConfigError(f"{who}: a {h}x{w} trigger with margin {margin} does not fit in {H}x{W} images")
     rows = {"top": margin, "bottom": H - h - margin}
@@ -136,9 +138,9 @@ def stamp(x: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor, rows: torc
 
 
 def region_side(ratio: float, image_hw: tuple[int, int]) -> int:
-    """Side of the square whose area is ``ratio`` of the image (at least 1 pixel, at most the shorter side)."""
+    """Side of the largest square whose area is at most ``ratio`` of the image (at least 1 pixel)."""
     H, W = image_hw
-    return max(1, min(min(H, W), int(math.ceil(math.sqrt(ratio * H * W)))))
+    return max(1, min(min(H, W), int(math.floor(math.sqrt(ratio * H * W) + 1e-9))))
 
 
 def total_variation(t: torch.Tensor) -> torch.Tensor:

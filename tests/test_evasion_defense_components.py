@@ -1,0 +1,194 @@
+"""Evasion defenses, component side: detector calibration and adaptive evasion, randomized smoothing consistency,
+postprocessor guarantees, and the defend_evasion stage handler on a layered pipeline."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from scipy.stats import norm
+from torch import nn
+
+from safedl import registry
+from safedl.assess.context import RunContext
+from safedl.assess.defend_evasion import evaluate_evasion_defense
+from safedl.assess.handlers import AttackOutcome, get_defense_handler
+from safedl.defenses.adaptive import DetectorAwarePGD
+from safedl.defenses.detect._base import auroc
+from safedl.models import TrainRecipe, build_model, with_normalization
+from safedl.profile import ComponentSpec, DefenseSpec, EvaluationSpec, Profile
+from safedl.utils.tensors import predict
+
+
+@pytest.fixture(scope="module")
+def pgd_batch(tiny_model, eval_batch):
+    x, y = eval_batch
+    return registry.create("evasion", "pgd", eps=0.3, steps=10, seed=0)(tiny_model, x, y)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_model, digits_splits):
+    out = {}
+    for name in registry.names("detector"):
+        extra = {"max_fit": 300} if name == "lid" else {}
+        out[name] = registry.create("detector", name, fpr=0.05, **extra).fit(digits_splits.train.x, model=tiny_model,
+                                                                  y=digits_splits.train.y, seed=0)
+    return out
+
+
+@pytest.mark.parametrize("name", registry.names("detector"))
+def test_detector_threshold_calibrated_for_target_fpr(name, fitted, digits_splits):
+    det = fitted[name]
+    x = digits_splits.test.x  # clean images never seen in fit or calibration
+    fpr = float(det.predict(x).float().mean())
+    se = math.sqrt(0.05 * 0.95 / len(x))
+    assert abs(fpr - 0.05) < 4 * se + 0.02, fpr
+    # a lower target FPR gives a higher threshold and fewer clean flags
+    t1 = det.threshold_at(0.01)
+    assert t1 >= det.threshold_
+    assert float((det.score(x) > t1).float().mean()) <= fpr
+
+
+@pytest.mark.parametrize("name", ["lid", "mahalanobis"])
+def test_feature_detectors_separate_pgd_and_adaptive_attack_evades(name, fitted, tiny_model, eval_batch, pgd_batch):
+    x, y = eval_batch
+    det = fitted[name]
+    assert auroc(det.score(x), det.score(pgd_batch)) > 0.75
+    tpr_na = float(det.predict(pgd_batch).float().mean())
+    x_ad = DetectorAwarePGD(eps=0.3, steps=20, seed=0)(tiny_model, [det], x, y)
+    fooled = predict(tiny_model, x_ad) != y
+    evaded = fooled & ~det.predict(x_ad)
+    # the adaptive attack still fools the classifier and is flagged far less often than non-adaptive PGD
+    assert float(evaded.float().mean()) > 0.5
+    assert float(det.predict(x_ad).float().mean()) < tpr_na
+    assert float((x_ad - x).abs().max()) <= 0.3 + 1e-6
+
+
+class _Const(nn.Module):
+    def __init__(self, cls: int, k: int = 10):
+        super().__init__()
+        self.cls, self.k = cls, k
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return nn.functional.one_hot(torch.full((len(x),), self.cls), self.k).float() + 0 * self.dummy
+
+
+class _Coin(nn.Module):
+    """Class 0 or 1 depending on the sign of the (noisy) first pixel around 0.5: a fair coin under heavy noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        c = (x.flatten(1)[:, 0] > 0.5).long()
+        return nn.functional.one_hot(c, 10).float() + 0 * self.dummy
+
+
+def test_smoothing_certifies_a_constant_classifier_at_its_maximum_radius():
+    rs = registry.create("certifier", "randomized_smoothing", sigma=0.5, n0=10, n=200, alpha=0.001).with_model(_Const(3))
+    label, radius = rs.certify(torch.rand(5, 1, 8, 8))
+    assert (label == 3).all()
+    # every one of n samples votes for class 3: pA_lower = alpha^(1/n), radius = sigma * Phi^-1(pA_lower)
+    expected = 0.5 * norm.ppf(0.001 ** (1 / 200))
+    assert torch.allclose(radius, torch.full((5,), expected), atol=1e-4)
+    assert (rs.predict(torch.rand(5, 1, 8, 8)) == 3).all()
+
+
+def test_smoothing_abstains_on_a_coin_flip():
+    rs = registry.create("certifier", "randomized_smoothing", sigma=2.0, n0=20, n=400).with_model(_Coin())
+    x = torch.full((6, 1, 8, 8), 0.5)
+    label, radius = rs.certify(x)
+    assert (label == -1).all() and (radius == 0).all()
+    assert (rs.predict(x) == -1).all()
+
+
+def test_smoothing_consistent_on_real_model(tiny_model, eval_batch):
+    x, y = eval_batch[0][:32], eval_batch[1][:32]
+    rs = registry.create("certifier", "randomized_smoothing", sigma=0.25, n0=20, n=200, seed=0).with_model(tiny_model)
+    label, radius = rs.certify(x)
+    assert ((label == -1) == (radius == 0)).all()
+    assert float(radius.max()) <= 0.25 * norm.ppf(0.001 ** (1 / 200)) + 1e-5
+    acc = rs.certified_accuracy(x, y, [0.0, 0.1, 0.3])
+    ks = [k for k, _ in acc.values()]
+    assert ks == sorted(ks, reverse=True) and ks[0] > 0.6 * len(y)
+    # deterministic under the seed
+    assert torch.equal(rs.certify(x)[0], label)
+
+
+@pytest.mark.parametrize("name", registry.names("postprocessor"))
+def test_postprocessors_scores_and_argmax(name):
+    torch.manual_seed(0)
+    logits = torch.randn(200, 10) * 3
+    post = registry.create("postprocessor", name)
+    s = post(logits)
+    assert s.shape == logits.shape and float(s.min()) >= 0
+    if post.preserves_argmax:
+        assert torch.equal(s.argmax(1), logits.argmax(1))
+    if name in ("class_labels", "top_k"):
+        assert int((s > 0).sum(1).max()) == 1  # labels / top-1 only: no other information leaks
+
+
+def test_rounding_and_labels_hide_score_information():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.001, 0.0]])
+    r = registry.create("postprocessor", "rounding", decimals=1)(logits)
+    assert torch.equal(r[0], r[1])  # a tiny logit change is invisible after rounding
+    assert torch.equal(registry.create("postprocessor", "class_labels")(logits)[0], torch.tensor([1.0, 0, 0]))
+
+
+def _ctx(tmp_path, digits_splits, tiny_model):
+    profile = Profile(training=TrainRecipe(epochs=2, batch_size=64, lr=3e-3, augment="none"),
+                      evaluation=EvaluationSpec(n_eval=64, batch_size=64))
+
+    def fresh():
+        return with_normalization(build_model("tiny_cnn", in_channels=1, num_classes=10, image_size=8),
+                                  digits_splits.mean, digits_splits.std)
+
+    return RunContext(profile=profile, splits=digits_splits, device=torch.device("cpu"), run_dir=tmp_path,
+                      baseline=tiny_model, build_fresh=fresh)
+
+
+def _outcome(tiny_model, eval_batch, n=64):
+    x, y = eval_batch[0][:n], eval_batch[1][:n]
+    spec = {"name": "pgd", "params": {"eps": 0.3, "steps": 10}, "targeted": False}
+    x_adv = registry.create("evasion", "pgd", **spec["params"])(tiny_model, x, y)
+    return AttackOutcome(entry={"id": "pgd", "category": "evasion"},
+                         state={"x": x, "y": y, "x_adv": x_adv, "target": None, "spec": spec})
+
+
+def test_handler_layered_pipeline(tmp_path, digits_splits, tiny_model, eval_batch):
+    assert get_defense_handler("pipeline", "evasion") is evaluate_evasion_defense
+    spec = DefenseSpec(pipeline=[ComponentSpec(name="spatial_smoothing", params={"window": 2}),
+                                 ComponentSpec(name="mahalanobis"),
+                                 ComponentSpec(name="fast_adversarial_training", params={"eps": 0.3})])
+    components = [registry.create(k, c.name, **c.params) for k, c in
+                  zip(("preprocessor", "detector", "trainer"), spec.pipeline)]
+    ctx = _ctx(tmp_path, digits_splits, tiny_model)
+    entry = evaluate_evasion_defense(ctx, spec, components, _outcome(tiny_model, eval_batch, n=32))
+    m = entry["metrics"]
+    json.dumps(entry)  # serialisable
+    for key in ("clean_accuracy", "robust_accuracy", "robust_accuracy_nonadaptive", "latency_added_ms_per_image",
+                "training_time_s", "detection", "detection_adaptive"):
+        assert key in m, key
+    for key in ("tpr_at_fpr_1pct", "tpr_at_fpr_5pct", "auroc"):
+        assert key in m["detection"]
+    assert m["robust_accuracy"]["value"] <= m["robust_accuracy_nonadaptive"]["value"]
+    assert m["robust_accuracy"]["n"] == 32
+    assert any("ADAPTIVE" in s for s in entry["notes"])
+    for rel in entry["artifacts"].values():
+        assert (tmp_path / rel).exists()
+    # the trained model is kept in the stage folder, so another attack against this defense reloads it
+    assert list(tmp_path.glob("stages/defense-models/*/model.pt"))
+
+
+def test_handler_randomized_smoothing(tmp_path, digits_splits, tiny_model, eval_batch):
+    spec = DefenseSpec(name="randomized_smoothing", params={"sigma": 0.25, "n0": 10, "n": 100})
+    comp = registry.create("certifier", "randomized_smoothing", **spec.params)
+    entry = evaluate_evasion_defense(_ctx(tmp_path, digits_splits, tiny_model), spec, [comp],
+                                     _outcome(tiny_model, eval_batch, n=32))
+    cert = entry["metrics"]["certified_accuracy"]
+    vals = [cert[k]["value"] for k in sorted(cert, key=lambda k: float(k.split("_")[1]))]
+    assert vals == sorted(vals, reverse=True)
+    assert "robust_accuracy" in entry["metrics"] and "clean_rejection_rate" in entry["metrics"]

@@ -148,3 +148,24 @@ def test_adversarial_training_choices_validated():
         registry.create("trainer", "adversarial_training", attack="cw")
     with pytest.raises(ConfigError, match="reference_size"):
         registry.create("detector", "lid", k=50, reference_size=20)
+
+
+def test_adversarial_training_ratio_zero_is_plain_training_and_pgd_changes_it(digits_splits):
+    from safedl.models import TrainRecipe, build_model, train_model, with_normalization
+    from safedl.utils.tensors import seed_everything
+
+    data = digits_splits.train.subset(torch.arange(192))
+    recipe = TrainRecipe(epochs=1, batch_size=64, augment="none")
+
+    def fresh():
+        seed_everything(0)
+        return with_normalization(build_model("tiny_cnn", in_channels=1, num_classes=10, image_size=8),
+                                  digits_splits.mean, digits_splits.std)
+
+    plain = fresh()
+    train_model(plain, data, recipe=recipe, seed=0)
+    clean_only = registry.create("trainer", "adversarial_training", ratio=0.0).fit(fresh(), data, recipe=recipe, seed=0)
+    adv = registry.create("trainer", "adversarial_training", ratio=1.0, steps=2).fit(fresh(), data, recipe=recipe, seed=0)
+    same = all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), clean_only.state_dict().values()))
+    differs = any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), adv.state_dict().values()))
+    assert same and differs and not adv.training

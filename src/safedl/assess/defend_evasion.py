@@ -251,7 +251,10 @@ def evaluate_evasion_defense(ctx: RunContext, spec: DefenseSpec, components: lis
     pred_ad, rej_ad = system.decide(x_ad)
     defended_ad = rej_ad | (pred_ad == y)
     x_ad_det = None
-    if detectors:
+    if detectors and not (getattr(attack, "bounded", True) and getattr(attack, "eps", 0) > 0):
+        notes.append(f"{aspec['name']} has no eps budget, so no detector-aware PGD was run (only {aspec['name']} "
+                     "on the defended classifier): the adaptive number may overstate robustness")
+    elif detectors:
         dpgd = DetectorAwarePGD(eps=attack.eps, norm=attack.norm, steps=max(40, int(getattr(attack, "steps", 40))),
                                 seed=ctx.seed)
         clf = defended_model(pre, model, post, adaptive=True)
@@ -270,7 +273,7 @@ def evaluate_evasion_defense(ctx: RunContext, spec: DefenseSpec, components: lis
     if detectors:
         clean_val = ctx.splits.val.x.to(dev)
         metrics["detection"] = _detection(system, clean_val, x, y, x_adv)
-        metrics["detection_adaptive"] = _detection(system, clean_val, x, y, x_ad_det)
+        metrics["detection_adaptive"] = _detection(system, clean_val, x, y, x_ad if x_ad_det is None else x_ad_det)
         notes.append("detection: thresholds for 1%/5% FPR set on the clean validation split; tpr over the adversarial "
                      "examples that fool the classifier; 'tpr'/'fpr' at each detector's own calibrated threshold")
 

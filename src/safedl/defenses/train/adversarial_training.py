@@ -92,11 +92,11 @@ class AdversarialTraining(RobustTrainer):
     def _loss(self, schedule: EpsSchedule, seed: int):
         def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             eps = schedule.next()
+            if self.ratio <= 0.0:
+                return F.cross_entropy(model(x), y)
             x_adv = self._make_attack(eps, seed + schedule.step)(model, x, y) if eps > 0 else x
             if self.ratio >= 1.0:
                 return F.cross_entropy(model(x_adv), y)
-            if self.ratio <= 0.0:
-                return F.cross_entropy(model(x), y)
             both = model(torch.cat([x, x_adv]))
             n = len(x)
             return (1 - self.ratio) * F.cross_entropy(both[:n], y) + self.ratio * F.cross_entropy(both[n:], y)

@@ -1,0 +1,1 @@
+"""Data-side defenses: cleansers that find poisoned training samples."""

@@ -1,0 +1,104 @@
+"""Helpers shared by cleansers: the cleanser call contract, penultimate features and the two-mode decision rules.
+
+Cleanser contract (every module in this package)::
+
+    find_poison(data: Dataset, *, model=None, trusted=None, train_fn=None, device="cpu", **extra) -> DetectionResult
+
+- ``model``: a model trained on ``data`` as given (poisoned). Feature-space cleansers (spectral signatures,
+  activation clustering, anomaly detection, influence) read its penultimate layer; if it is None and ``train_fn`` is
+  given they train one with it.
+- ``trusted``: a small clean set (e.g. the validation split); optional for most cleansers, required by RONI,
+  provenance's source test and influence.
+- ``train_fn(data, **kw) -> model``: trains a fresh model of the right architecture with the baseline recipe (the
+  pipeline passes ``ctx.train_like_baseline``). Cross-validated cleansers (data cleaning) use it to train their own
+  models, so no sample is scored by a model that saw it; influence functions pass ``on_epoch_end`` to collect
+  checkpoints.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from safedl.data.dataset import Dataset
+from safedl.errors import ConfigError
+from safedl.models.normalize import Normalize, unwrap
+from safedl.utils.tensors import eval_mode, model_device
+
+TrainFn = Callable[..., nn.Module]
+
+
+@torch.no_grad()
+def penultimate(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
+    """Penultimate-layer representation ``net.features(normalize(x))`` of a zoo-style model, on CPU."""
+    net = unwrap(model)
+    if not hasattr(net, "features"):
+        raise ConfigError(f"{type(net).__name__} has no features(x) method; feature-space cleansers need one "
+                          "(zoo models have it)")
+    norm = model[0] if net is not model and isinstance(model[0], Normalize) else nn.Identity()
+    dev = model_device(model)
+    outs = []
+    with eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            outs.append(net.features(norm(x[i : i + batch_size].to(dev))).flatten(1).cpu())
+    return torch.cat(outs) if outs else torch.empty(0, 0)
+
+
+def need_model(name: str, data: Dataset, model: nn.Module | None, train_fn: TrainFn | None) -> nn.Module:
+    """The model trained on ``data``: the one given, or one trained with ``train_fn``."""
+    if model is not None:
+        return model
+    if train_fn is None:
+        raise ConfigError(f"{name}: needs a model trained on the data (model=...) or a training function (train_fn=...)")
+    return train_fn(data)
+
+
+def gmm_split(values: np.ndarray, *, seed: int) -> dict[str, Any]:
+    """Fit a two-component Gaussian mixture (full covariances) to N x k values; posteriors, weights, Ashman's D.
+
+    Ashman's D = sqrt(2) |mu1 - mu2| / sqrt(s1^2 + s2^2), measured along the line joining the two means (s_j^2 is
+    component j's variance in that direction); D > 2 is the usual bound for clearly separated modes.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    v = np.asarray(values, dtype=np.float64)
+    v = v.reshape(len(v), -1)
+    if len(v) < 4 or float(v.std()) == 0.0:
+        return {"post": np.zeros((len(v), 2)), "weights": [1.0, 0.0], "D": 0.0, "model": None}
+    gm = GaussianMixture(2, random_state=seed, n_init=3, reg_covar=1e-6 * float(v.var()) + 1e-9).fit(v)
+    diff = gm.means_[0] - gm.means_[1]
+    u = diff / max(float(np.linalg.norm(diff)), 1e-12)
+    var = [float(u @ gm.covariances_[j] @ u) for j in range(2)]
+    d = math.sqrt(2.0) * float(np.linalg.norm(diff)) / max(math.sqrt(var[0] + var[1]), 1e-12)
+    return {"post": gm.predict_proba(v), "weights": gm.weights_.tolist(), "D": float(d), "model": gm}
+
+
+def foreign_mode(data_assign: np.ndarray, trusted_assign: np.ndarray | None) -> dict:
+    """Decide which of two modes of a class (0/1 assignments) is foreign to the trusted samples of that class.
+
+    A legitimate mode (e.g. slanted and upright ones) receives trusted samples in proportion to its share of the
+    data; a mode made of poisons receives (almost) none. For each mode the one-sided binomial probability of seeing
+    at most the observed trusted count, given its data share, is computed; the mode with the smaller probability is
+    the candidate, ``p_value`` is its probability and ``trusted_ratio`` its observed / expected trusted share (train
+    and held-out features of a clean class differ a little, so a foreign mode must also get almost none). Without trusted samples the smaller mode is the candidate and
+    ``p_value`` is None (the usual assumption that poisons are a minority of their class).
+    """
+    from scipy.stats import binom
+
+    sizes = np.bincount(data_assign, minlength=2)
+    if trusted_assign is None or len(trusted_assign) == 0:
+        return {"mode": int(np.argmin(sizes)), "p_value": None, "how": "smaller mode"}
+    share = sizes / max(1, sizes.sum())
+    t_counts = np.bincount(trusted_assign, minlength=2)
+    p = [float(binom.cdf(t_counts[j], len(trusted_assign), share[j])) for j in range(2)]
+    j = int(np.argmin(p))
+    ratio = float(t_counts[j] / len(trusted_assign) / max(share[j], 1e-12))
+    return {"mode": j, "p_value": p[j], "trusted_ratio": ratio, "trusted_counts": t_counts.tolist(),
+            "how": "mode avoided by trusted samples"}
+
+
+def class_indices(y: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
+    return [torch.nonzero(y == c).flatten() for c in range(num_classes)]

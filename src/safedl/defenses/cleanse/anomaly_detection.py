@@ -1,0 +1,62 @@
+"""Anomaly detection on per-class penultimate features: Isolation Forest (Liu, Ting & Zhou, ICDM 2008) or the Local
+Outlier Factor (Breunig et al., SIGMOD 2000), fitted separately in every class of a model trained on the data."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from safedl.data.dataset import Dataset
+from safedl.defenses.cleanse._common import TrainFn, class_indices, need_model, penultimate
+from safedl.defenses.cleanse.result import DetectionResult
+from safedl.registry import register
+from safedl.utils.validate import check_choice, check_range
+
+
+@register("cleanser", "anomaly_detection")
+class AnomalyDetection:
+    """Per-class Isolation Forest or LOF on penultimate features; ``contamination`` 'auto' or the flagged share."""
+
+    def __init__(self, *, type: str = "isolation_forest", contamination: float | str = "auto", n_neighbors: int = 20,
+                 n_estimators: int = 200, seed: int = 0):
+        self.type = check_choice(self, "type", type, ("isolation_forest", "lof"))
+        if contamination != "auto":
+            check_range(self, "contamination", contamination, low=0.0, high=0.5, low_inclusive=False)
+        self.contamination = contamination
+        self.n_neighbors = check_range(self, "n_neighbors", n_neighbors, low=1, integer=True)
+        self.n_estimators = check_range(self, "n_estimators", n_estimators, low=1, integer=True)
+        self.seed = check_range(self, "seed", seed, low=0, integer=True)
+
+    def _fit(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Outlier flags and scores (higher = more anomalous) for one class."""
+        from sklearn.ensemble import IsolationForest
+        from sklearn.neighbors import LocalOutlierFactor
+
+        if self.type == "isolation_forest":
+            est = IsolationForest(n_estimators=self.n_estimators, contamination=self.contamination,
+                                  random_state=self.seed).fit(z)
+            return est.predict(z) == -1, -est.score_samples(z)
+        est = LocalOutlierFactor(n_neighbors=min(self.n_neighbors, len(z) - 1), contamination=self.contamination)
+        flags = est.fit_predict(z) == -1
+        return flags, -est.negative_outlier_factor_
+
+    def find_poison(self, data: Dataset, *, model: nn.Module | None = None, trusted: Dataset | None = None,
+                    train_fn: TrainFn | None = None, device: str | torch.device = "cpu") -> DetectionResult:
+        model = need_model("anomaly_detection", data, model, train_fn)
+        feats = penultimate(model, data.x).double().numpy()
+        flag = np.zeros(len(data), dtype=bool)
+        score = np.zeros(len(data))
+        per_class = []
+        for c, idx_t in enumerate(class_indices(data.y, data.num_classes)):
+            idx = idx_t.numpy()
+            if len(idx) < 3:
+                continue
+            r = feats[idx]
+            z = (r - r.mean(0)) / (r.std(0) + 1e-8)
+            f, s = self._fit(z)
+            flag[idx] = f
+            # scores are standardised per class so that one threshold-free AUROC over all classes is meaningful
+            score[idx] = (s - np.median(s)) / (s.std() + 1e-12)
+            per_class.append({"class": c, "n": len(idx), "flagged": int(f.sum())})
+        return DetectionResult(torch.from_numpy(flag), torch.from_numpy(score).float(),
+                               {"type": self.type, "contamination": self.contamination, "per_class": per_class})

@@ -1,0 +1,106 @@
+"""Influence of each training sample on the loss of a trusted clean set, by TracIn (Pruthi, Liu, Kale & Sundararajan,
+"Estimating Training Data Influence by Tracing Gradient Descent", NeurIPS 2020).
+
+TracInCP(z, z') = sum over checkpoints t of eta_t * grad L(w_t, z) . grad L(w_t, z'). Summing over the trusted set
+gives each training sample's influence on the trusted loss: positive = its gradient steps lowered that loss
+(proponent), negative = they raised it (harmful). As in the paper's practical variant, gradients are taken for the
+last (linear) layer, where per-sample gradients have the closed form (softmax - onehot) x [h, 1], so the sum over the
+trusted set collapses to one C x (D+1) matrix per checkpoint and the whole computation is a few matrix products.
+
+Checkpoints come from ``checkpoints`` (state dicts), or from retraining with ``train_fn(data, on_epoch_end=...)``
+(one per epoch), or else the given model alone (one checkpoint). Step sizes are taken equal across checkpoints.
+Each trusted gradient is normalised to unit length before summing (so the direction of the trusted loss, not a few
+badly fit trusted samples, decides). The score is the harm (-influence) standardised by median/MAD; samples above ``z_threshold`` are flagged, or the
+``flag_fraction`` most harmful if that is set.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from safedl.data.dataset import Dataset
+from safedl.defenses.cleanse._common import TrainFn, penultimate
+from safedl.defenses.cleanse.result import DetectionResult
+from safedl.errors import ConfigError
+from safedl.models.normalize import unwrap
+from safedl.registry import register
+from safedl.utils.validate import check_positive, check_range
+
+
+def _last_layer_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample last-layer gradient factors: r = softmax - onehot (N x C) and h1 = [h, 1] (N x (D+1))."""
+    h = penultimate(model, x).float()
+    lin = unwrap(model).classifier
+    with torch.no_grad():
+        logits = h @ lin.weight.detach().cpu().T + (lin.bias.detach().cpu() if lin.bias is not None else 0.0)
+    r = logits.softmax(1) - F.one_hot(y, num_classes).float()
+    return r, torch.cat([h, torch.ones(len(h), 1)], 1)
+
+
+def tracin_influence(states: list[nn.Module], data: Dataset, trusted: Dataset) -> torch.Tensor:
+    """sum_t sum_j grad_i(w_t) . grad_j(w_t) for every training sample i over trusted samples j."""
+    total = torch.zeros(len(data))
+    for m in states:
+        r_t, h_t = _last_layer_grads(m, trusted.x, trusted.y, data.num_classes)
+        # unit-normalised trusted gradients, so a few badly fit trusted samples do not dominate the sum
+        scale = (r_t.norm(dim=1) * h_t.norm(dim=1)).clamp_min(1e-12)
+        g_sum = (r_t / scale[:, None]).T @ h_t  # C x (D+1): the summed trusted-set gradient of the last layer
+        r, h = _last_layer_grads(m, data.x, data.y, data.num_classes)
+        total += ((r @ g_sum) * h).sum(1)  # <r_i h_i^T, G> = r_i^T G h_i
+    return total
+
+
+@register("cleanser", "influence_functions")
+class InfluenceFunctions:
+    """TracIn influence (Pruthi et al. 2020) of each training sample on a trusted set's loss; flags the most harmful."""
+
+    def __init__(self, *, z_threshold: float = 3.5, flag_fraction: float | None = None, max_checkpoints: int = 8):
+        self.z_threshold = check_positive(self, "z_threshold", z_threshold)
+        if flag_fraction is not None:
+            check_range(self, "flag_fraction", flag_fraction, low=0.0, high=1.0, low_inclusive=False)
+        self.flag_fraction = flag_fraction
+        self.max_checkpoints = check_range(self, "max_checkpoints", max_checkpoints, low=1, integer=True)
+
+    def find_poison(self, data: Dataset, *, model: nn.Module | None = None, trusted: Dataset | None = None,
+                    train_fn: TrainFn | None = None, device: str | torch.device = "cpu",
+                    checkpoints: list[dict] | None = None) -> DetectionResult:
+        if trusted is None or len(trusted) == 0:
+            raise ConfigError("influence_functions: needs a trusted clean set (trusted=...) to measure influence on")
+        states: list[nn.Module] = []
+        if checkpoints is not None:
+            if model is None:
+                raise ConfigError("influence_functions: checkpoints need a model of the same architecture (model=...)")
+            for sd in checkpoints:
+                m = copy.deepcopy(model)
+                m.load_state_dict(sd)
+                states.append(m.eval())
+        elif train_fn is not None:
+            snaps: list[nn.Module] = []
+
+            def keep(epoch: int, m: nn.Module) -> None:
+                snaps.append(copy.deepcopy(m).eval())
+
+            train_fn(data, on_epoch_end=keep)
+            states = snaps
+        elif model is not None:
+            states = [model]
+        else:
+            raise ConfigError("influence_functions: needs model=, checkpoints= or train_fn=")
+        if len(states) > self.max_checkpoints:  # evenly spaced, always including the last
+            step = len(states) / self.max_checkpoints
+            states = [states[min(len(states) - 1, int(round((i + 1) * step)) - 1)] for i in range(self.max_checkpoints)]
+        harm = -tracin_influence(states, data, trusted)
+        med = harm.median()
+        mad = (harm - med).abs().median().clamp_min(1e-12) * 1.4826
+        z = (harm - med) / mad
+        if self.flag_fraction is not None:
+            k = int(round(self.flag_fraction * len(data)))
+            flag = torch.zeros(len(data), dtype=torch.bool)
+            flag[torch.argsort(z, descending=True)[:k]] = True
+        else:
+            flag = z > self.z_threshold
+        return DetectionResult(flag, z, {"method": "tracin_last_layer", "checkpoints": len(states),
+                                         "z_threshold": self.z_threshold, "flag_fraction": self.flag_fraction})

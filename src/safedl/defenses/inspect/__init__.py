@@ -1,0 +1,1 @@
+"""Diagnostics that inspect data or models without changing them."""

@@ -1,0 +1,77 @@
+"""Fine-Pruning (Liu, Dolan-Gavitt & Garg, "Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural
+Networks", RAID 2018).
+
+Backdoor behaviour tends to live in channels of the last convolutional layer that stay dormant on clean inputs.
+Channels are pruned in increasing order of their mean activation on clean data, one ``step`` at a time, until the
+clean accuracy (measured on the clean set) has dropped by more than ``max_accuracy_drop`` below the unpruned model's;
+the last pruning that stayed within the bound is kept. The pruned model is then fine-tuned on the small clean set
+(``epochs`` passes at learning rate ``lr``), with the pruned channels held at zero.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+
+from safedl.data.dataset import Dataset
+from safedl.defenses.repair._common import last_conv, make_permanent, mask_units, mean_activation
+from safedl.models.train import TrainRecipe, accuracy, train_model
+from safedl.registry import register
+from safedl.utils.validate import check_fraction, check_positive, check_range
+
+log = logging.getLogger(__name__)
+
+
+@register("repair", "fine_pruning")
+class FinePruning:
+    """Prune dormant last-conv channels until clean accuracy drops by ``max_accuracy_drop``, then fine-tune."""
+
+    def __init__(self, *, max_accuracy_drop: float = 0.04, step: int = 1, max_ratio: float = 0.95, epochs: int = 5,
+                 lr: float = 5e-4, batch_size: int = 64):
+        self.max_accuracy_drop = check_fraction(self, "max_accuracy_drop", max_accuracy_drop, allow_zero=True)
+        self.step = check_range(self, "step", step, low=1, integer=True)
+        self.max_ratio = check_fraction(self, "max_ratio", max_ratio, allow_one=False)
+        self.epochs = check_range(self, "epochs", epochs, low=0, integer=True)
+        self.lr = check_positive(self, "lr", lr)
+        self.batch_size = check_range(self, "batch_size", batch_size, low=1, integer=True)
+
+    def repair(self, model: nn.Module, *, clean: Dataset, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
+        dev = torch.device(device)
+        m = copy.deepcopy(model).to(dev).eval()
+        conv = last_conv(m)
+        order = torch.argsort(mean_activation(m, conv, clean.x))  # most dormant first
+        base_acc = accuracy(m, clean, device=dev)
+        limit = int(self.max_ratio * len(order))
+        w0 = conv.weight.detach().clone()
+        b0 = None if conv.bias is None else conv.bias.detach().clone()
+        kept, trace = 0, []
+        for k in range(self.step, limit + 1, self.step):
+            # zeroing the weights of the first k channels is the same forward pass as masking them
+            with torch.no_grad():
+                conv.weight.copy_(w0)
+                conv.weight[order[:k]] = 0
+                if b0 is not None:
+                    conv.bias.copy_(b0)
+                    conv.bias[order[:k]] = 0
+            acc = accuracy(m, clean, device=dev)
+            trace.append((k, acc))
+            if base_acc - acc > self.max_accuracy_drop:
+                break
+            kept = k
+        with torch.no_grad():
+            conv.weight.copy_(w0)
+            if b0 is not None:
+                conv.bias.copy_(b0)
+        if kept:
+            mask_units(conv, order[:kept])
+        pruned_acc = accuracy(m, clean, device=dev)
+        if self.epochs:
+            recipe = TrainRecipe(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, schedule="constant",
+                                 augment="none")
+            train_model(m, clean, recipe=recipe, seed=seed, device=dev, description="fine-pruning: fine-tune")
+        self.report_ = {"channels": len(order), "pruned": int(kept), "clean_accuracy_before": base_acc,
+                        "clean_accuracy_pruned": pruned_acc, "prune_trace": trace[-5:]}
+        log.info("fine_pruning: pruned %d/%d channels", kept, len(order))
+        return make_permanent(m).eval()

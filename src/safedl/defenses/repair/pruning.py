@@ -1,0 +1,36 @@
+"""Activation pruning: remove the units of a layer that are least active on clean data (the pruning step of
+Liu, Dolan-Gavitt & Garg, "Fine-Pruning", RAID 2018, without a stopping rule or fine-tuning).
+
+``scope="last_conv"`` prunes output channels of the last convolution; ``scope="penultimate"`` prunes the features
+feeding the classifier. The ``pruning_ratio`` share of units with the lowest mean clean activation is masked to zero.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from safedl.data.dataset import Dataset
+from safedl.defenses.repair._common import classifier, last_conv, make_permanent, mask_units, mean_activation
+from safedl.registry import register
+from safedl.utils.validate import check_choice, check_fraction
+
+
+@register("repair", "pruning")
+class Pruning:
+    """Prune the ``pruning_ratio`` least-active units (on clean data) of the last conv or penultimate layer."""
+
+    def __init__(self, *, pruning_ratio: float = 0.3, scope: str = "last_conv"):
+        self.pruning_ratio = check_fraction(self, "pruning_ratio", pruning_ratio, allow_zero=True, allow_one=False)
+        self.scope = check_choice(self, "scope", scope, ("last_conv", "penultimate"))
+
+    def repair(self, model: nn.Module, *, clean: Dataset, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
+        m = copy.deepcopy(model).to(device).eval()
+        layer = last_conv(m) if self.scope == "last_conv" else classifier(m)
+        act = mean_activation(m, layer, clean.x)
+        k = int(round(self.pruning_ratio * len(act)))
+        pruned = torch.argsort(act)[:k]
+        mask_units(layer, pruned, inputs=self.scope == "penultimate")
+        self.report_ = {"scope": self.scope, "units": len(act), "pruned": int(k), "pruned_units": pruned.tolist()}
+        return make_permanent(m).eval()

@@ -146,7 +146,7 @@ def part_detect(splits, base, n):
               + fmt("defended (rejected or correct)", n - int(evaded.sum()), n) + f" ({time.perf_counter() - t0:.0f}s)")
 
 
-def part_smoothing(splits, base, n, *, samples=6000, n_images=100):
+def part_smoothing(splits, base, n, *, samples=5500, n_images=50):
     cert = registry.create("certifier", "randomized_smoothing", sigma=0.5, n0=100, n=samples, alpha=0.001, seed=SEED)
     model = fresh(splits)
     cert.fit(model, splits.train, recipe=TrainRecipe(), seed=SEED, val=splits.val)

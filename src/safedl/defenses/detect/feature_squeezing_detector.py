@@ -27,7 +27,7 @@ class FeatureSqueezingDetector(Detector):
         self._init_common(fpr, calibration_fraction, batch_size)
 
     def _fit(self, x, model, *, y, seed, **kwargs) -> None:
-        self._squeeze = FeatureSqueezing(bit_depth=self.bit_depth)  # stateless; threshold comes from calibration
+        """Nothing to learn: the squeezers are fixed and the threshold comes from clean calibration images."""
 
     def score_torch(self, x: torch.Tensor) -> torch.Tensor:
         model = self.model_

@@ -11,6 +11,14 @@ from safedl.data import Dataset, PoisonedDataset, load_builtin, stratified_split
 from safedl.errors import ConfigError, DataError, UnknownComponentError
 
 
+# Pinned with scikit-learn's current train_test_split; see test_builtin_and_split_hashes_are_pinned.
+MNIST5K_HASH = "5d0d7eabb8c562dbc8a89ef5735ba50cb9d6e59a5638a3a6f4344ff6858ea468"
+DIGITS_SPLIT_HASHES = {
+    "train": "3097a721ddc9cb9083f3b05b028a899562fdeccf5277de6611d1ab0c1a9c9cef",
+    "val": "08397b32bdd345450aef26fe0f0d526aceecf75bf22f1c5ac49027c719f3ae4e",
+    "test": "5f8da7133d9f8e05ae58768b5dcc40ef2448da0b69ff2ef6d275992d6fac600f",
+}
+
 @pytest.fixture(scope="module")
 def mnist5k():
     return load_builtin("mnist5k")
@@ -131,3 +139,10 @@ def test_builtin_calls_do_not_share_tensors():
     b = load_builtin("digits")
     assert b.x[0].max() == 1.0 or not torch.all(b.x[0] == 0.5)
     assert b.y[0] == 0  # sklearn's first digit is a 0
+
+
+def test_builtin_and_split_hashes_are_pinned(mnist5k):
+    """Run directories record these hashes; a change in loading, scaling or splitting must be noticed here."""
+    assert mnist5k.content_hash() == MNIST5K_HASH
+    s = stratified_split(load_builtin("digits"), test_fraction=0.2, val_fraction=0.1, seed=0)
+    assert s.hashes() == DIGITS_SPLIT_HASHES

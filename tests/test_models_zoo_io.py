@@ -127,6 +127,16 @@ def test_entry_point_builds_user_model(tmp_path, monkeypatch):
         load_entry_point("safedl_no_such_module_xyz:build")
     with pytest.raises(ConfigError, match="module:function"):
         load_entry_point("safedl_user_model_a.build")
+    with pytest.raises(ConfigError, match="rejected its arguments"):
+        load_entry_point("safedl_user_model_a:build", depth=3)
+
+
+def test_entry_point_module_that_fails_on_import(tmp_path, monkeypatch):
+    _write_module(tmp_path, monkeypatch, "safedl_user_model_broken", """
+        raise RuntimeError("needs a GPU driver")
+    """)
+    with pytest.raises(ConfigError, match="needs a GPU driver"):
+        load_entry_point("safedl_user_model_broken:build")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

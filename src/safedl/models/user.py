@@ -18,9 +18,14 @@ def load_entry_point(spec: str, **kwargs: Any) -> nn.Module:
     mod_name, fn_name = spec.split(":", 1)
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"model entry point {spec!r} cannot be imported: {exc}") from None
-    model = fn(**kwargs)
+    except Exception as exc:  # ImportError, AttributeError, or any error raised while the module runs
+        raise ConfigError(f"model entry point {spec!r} cannot be imported: {type(exc).__name__}: {exc}") from None
+    if not callable(fn):
+        raise ConfigError(f"model entry point {spec!r} is a {type(fn).__name__}, not a function")
+    try:
+        model = fn(**kwargs)
+    except TypeError as exc:  # the profile passed arguments the function does not take
+        raise ConfigError(f"model entry point {spec!r} rejected its arguments {sorted(kwargs)}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model entry point {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

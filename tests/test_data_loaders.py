@@ -136,6 +136,17 @@ def test_image_folder_jpeg_is_close(tmp_path):
     assert (d.x - 200 / 255).abs().max() <= 2 / 255
 
 
+def test_image_folder_16_bit_png_keeps_its_range(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    arr = (np.arange(16, dtype=np.uint16) * 4369).reshape(4, 4)  # 0 .. 65535
+    Image.fromarray(arr).save(tmp_path / "a" / "deep.png")
+    d = load_image_folder(tmp_path)
+    assert d.x.shape == (1, 1, 4, 4)
+    assert torch.allclose(d.x[0, 0], torch.from_numpy(arr.astype(np.float32) / 65535.0))  # not clipped at 255
+
+
 def test_image_folder_ignores_hidden_folders_and_other_files(tmp_path):
     _write_images(tmp_path, "L")
     (tmp_path / ".ipynb_checkpoints").mkdir()

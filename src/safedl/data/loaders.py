@@ -84,6 +84,26 @@ def load_npz(path: str | Path) -> Dataset:
     return Dataset(xt, yt, k, path.stem)
 
 
+def _read_image(im, channels: int | None, size: tuple[int, int] | None) -> np.ndarray:
+    """One Pillow image as float32 H x W (grayscale) or H x W x 3 (RGB) in [0, 1]."""
+    from PIL import Image
+
+    gray = im.mode in ("L", "1", "LA") or im.mode.startswith("I") or im.mode == "F"
+    if im.mode.startswith("I") or im.mode == "F":
+        # 16-bit (and 32-bit) grayscale: Pillow's convert("L") would clip every value above 255, so scale here.
+        top = 65535.0 if im.mode.startswith("I;16") or np.asarray(im).max(initial=0) <= 65535 else float(2**32 - 1)
+        g = Image.fromarray(np.asarray(im, dtype=np.float32) / (1.0 if im.mode == "F" else top), mode="F")
+        if size is not None:
+            g = g.resize((size[1], size[0]))
+        arr = np.clip(np.asarray(g, dtype=np.float32), 0.0, 1.0)
+        return np.repeat(arr[..., None], 3, axis=2) if channels == 3 else arr
+    mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if gray else "RGB")
+    im = im.convert(mode)
+    if size is not None:
+        im = im.resize((size[1], size[0]))
+    return np.asarray(im, dtype=np.uint8).astype(np.float32) / 255.0
+
+
 def load_image_folder(path: str | Path, *, size: tuple[int, int] | None = None, channels: int | None = None) -> Dataset:
     """A folder with one subfolder per class holding PNG/JPEG files; classes are the sorted subfolder names."""
     from PIL import Image, UnidentifiedImageError
@@ -103,11 +123,7 @@ def load_image_folder(path: str | Path, *, size: tuple[int, int] | None = None, 
         for f in files:
             try:
                 with Image.open(f) as im:
-                    mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if im.mode in ("L", "1", "I;16", "I") else "RGB")
-                    im = im.convert(mode)
-                    if size is not None:
-                        im = im.resize((size[1], size[0]))
-                    arr = np.asarray(im, dtype=np.uint8)
+                    arr = _read_image(im, channels, size)
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 raise DataError(f"{f}: not a readable image ({type(exc).__name__}: {exc})") from None
             if images and arr.shape != images[0].shape:

@@ -23,6 +23,8 @@ ATTACKS = [
     ("poisoning", "label_flipping", {"strategy": "one_to_one", "flip_rate": 0.5, "source_classes": [7],
                                      "target_class": 1}, False),
     ("poisoning", "clean_label", {"method": "clean_label_backdoor", "eps": 0.1, "steps": 5}, True),
+    ("poisoning", "clean_label", {"method": "clean_label_backdoor", "eps": 0.1, "steps": 3, "eot_shift": 1,
+                                  "eot_samples": 2, "class_fraction": 0.3}, True),
     ("poisoning", "clean_label", {"method": "feature_collision", "n_victims": 3, "poisons_per_victim": 5,
                                   "fc_steps": 20, "source_class": 6}, True),
     ("backdoor", "learned_trigger", {"steps": 20, "batch_size": 32, "patch_size_ratio": 0.1}, True),
@@ -115,20 +117,14 @@ def test_clean_label_backdoor_respects_the_linf_budget(poisoned, digits_splits):
 
 
 def test_feature_collision_pulls_poisons_to_the_victims(poisoned, digits_splits, tiny_model):
-    p = poisoned[IDS[7]]
-    idx = p.info["selected_indices"]
-    owner = p.info["poison_owner"]
-    order = torch.argsort(torch.argsort(idx))  # info keeps owners in crafting order; idx is sorted
-    victims = p.info["victims"]
+    p = poisoned[IDS[8]]
+    idx, owner = p.info["poison_indices"], p.info["poison_owner"]  # crafting order: poison i serves victim owner[i]
     f = feature_fn(tiny_model)
     with torch.no_grad():
-        sel = torch.nonzero(p.is_poison).flatten()
-        fv = f(victims)
-        # each poison (crafting order) vs its victim
-        crafted_idx = idx  # sorted
-        before = (f(p.original_x[crafted_idx]) - fv[owner[order]]).norm(dim=1)
-        after = (f(p.x[crafted_idx]) - fv[owner[order]]).norm(dim=1)
-    assert set(sel.tolist()) <= set(idx.tolist())
+        fv = f(p.info["victims"])[owner]
+        before = (f(p.original_x[idx]) - fv).norm(dim=1)
+        after = (f(p.x[idx]) - fv).norm(dim=1)
+    assert set(torch.nonzero(p.is_poison).flatten().tolist()) <= set(idx.tolist())
     assert float(after.mean()) < 0.7 * float(before.mean())
     assert bool((p.y == p.original_y).all())
 

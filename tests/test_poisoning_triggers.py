@@ -144,3 +144,20 @@ def test_patch_that_does_not_fit_is_a_config_error():
         attack = registry.create("backdoor", "static_patch", patch_size=size, margin=1)
         with pytest.raises(ConfigError, match="does not fit"):
             attack.apply_trigger(torch.rand(2, 1, 8, 8))
+
+
+def test_clean_label_trigger_at_all_four_corners():
+    attack = registry.create("poisoning", "clean_label", all_corners=True, trigger="square", patch_size=3)
+    x = _images(3)
+    xt = attack.apply_trigger(x)
+    changed = (xt != x).any(1).any(0)
+    expected = torch.zeros(12, 12, dtype=torch.bool)
+    for r, c in ((1, 1), (1, 8), (8, 1), (8, 8)):
+        expected[r : r + 3, c : c + 3] = True
+    assert torch.equal(changed, expected)
+
+
+@pytest.mark.parametrize("key,value", [("eot_shift", -1), ("eot_samples", 0), ("all_corners", "yes")])
+def test_invalid_clean_label_trigger_params(key, value):
+    with pytest.raises(ConfigError, match=key):
+        registry.create("poisoning", "clean_label", **{key: value})

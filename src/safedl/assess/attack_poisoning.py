@@ -108,6 +108,9 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
     for key in ("linf_budget", "opacity"):
         if key in info:
             notes.append(f"{key.replace('_', ' ')}: {info[key]}")
+    if info.get("surrogate_success") is not None:
+        notes.append(f"the learned trigger alone sends {info['surrogate_success']:.1%} of non-target images to the "
+                     "target on the surrogate (before any poisoning)")
 
     artifacts = _save_artifacts(ctx, spec, attack, poisoned, model, x_aim, target)
     entry = {"name": spec.name, "id": spec.key, "category": category, "params": dict(spec.params),

@@ -37,7 +37,7 @@ class LearnedTrigger(BackdoorAttack):
     ``train``; ``poison`` calls ``fit`` itself when the attack is not fitted yet.
     """
 
-    def __init__(self, *, target_class: int = 0, patch_size_ratio: float = 0.05, position: str = "center",
+    def __init__(self, *, target_class: int = 0, patch_size_ratio: float = 0.1, position: str = "center",
                  margin: int = 1, poison_fraction: float = 0.05, label_mode: str = "dirty", steps: int = 200,
                  batch_size: int = 128, lr: float = 0.1, lambda_l1: float = 0.01, lambda_tv: float = 0.01,
                  seed: int = 0):

@@ -19,7 +19,6 @@ source class, which it leaves unchanged).
 from __future__ import annotations
 
 import logging
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -45,7 +44,9 @@ class CleanLabel:
 
     Shared: ``target_class`` (the class the attack steers inputs to; poisons are drawn from it), ``seed``.
     clean_label_backdoor: ``class_fraction`` of the target class poisoned, ``eps`` (L-inf PGD radius), ``steps``,
-    and the trigger (``trigger``, ``patch_size``, ``position``, ``trigger_alpha``; see static_patch).
+    and the trigger (``trigger``, ``patch_size``, ``position``, ``trigger_alpha``; see static_patch);
+    ``all_corners`` stamps it at the four corners (Turner et al.); ``eot_shift`` > 0 averages the PGD loss over
+    ``eot_samples`` random translations of up to that many pixels, anticipating shift augmentation.
     feature_collision: ``source_class`` (victims' class; None: any other class), ``n_victims``,
     ``poisons_per_victim``, ``opacity`` (watermark), ``beta0``, ``fc_steps``.
     """
@@ -55,7 +56,7 @@ class CleanLabel:
                  trigger: str = "pattern", patch_size: int = 3, position: str = "bottom_right",
                  trigger_alpha: float = 1.0, source_class: int | None = None, n_victims: int = 10,
                  poisons_per_victim: int = 20, opacity: float = 0.3, beta0: float = 0.25, fc_steps: int = 200,
-                 seed: int = 0):
+                 all_corners: bool = False, eot_shift: int = 0, eot_samples: int = 4, seed: int = 0):
         self.method = check_choice(self, "method", method, METHODS)
         self.target_class = check_range(self, "target_class", target_class, low=0, integer=True)
         self.class_fraction = float(check_fraction(self, "class_fraction", class_fraction, allow_zero=False))
@@ -71,9 +72,16 @@ class CleanLabel:
         self.beta0 = float(check_positive(self, "beta0", beta0, allow_zero=True))
         self.fc_steps = check_positive(self, "fc_steps", fc_steps, integer=True)
         self.seed = check_range(self, "seed", seed, low=0, integer=True)
-        # the trigger is a static patch with these settings (validated by StaticPatch itself)
-        self.stamp = StaticPatch(target_class=target_class, trigger=trigger, patch_size=patch_size, position=position,
-                                 blend_alpha=trigger_alpha, label_mode="clean", seed=seed)
+        if not isinstance(all_corners, bool):
+            raise ConfigError(f"clean_label: all_corners={all_corners!r} must be true or false")
+        self.all_corners = all_corners
+        self.eot_shift = check_range(self, "eot_shift", eot_shift, low=0, high=8, integer=True)
+        self.eot_samples = check_positive(self, "eot_samples", eot_samples, integer=True)
+        # the trigger is a static patch (validated by StaticPatch itself); Turner et al. stamp all four corners so
+        # it survives the flips and crops of data augmentation
+        positions = ("top_left", "top_right", "bottom_left", "bottom_right") if all_corners else (position,)
+        self.stamps = [StaticPatch(target_class=target_class, trigger=trigger, patch_size=patch_size, position=pos,
+                                   blend_alpha=trigger_alpha, label_mode="clean", seed=seed) for pos in positions]
         self.surrogate_: nn.Module | None = None
         self.victims_: torch.Tensor | None = None
         self.victim_labels_: torch.Tensor | None = None
@@ -107,12 +115,14 @@ class CleanLabel:
         """The clean-label backdoor's trigger on test-time inputs (feature collision has no trigger)."""
         if self.method != "clean_label_backdoor":
             raise RuntimeError("clean_label: feature_collision has no trigger; its victims are fixed test instances")
-        return self.stamp.apply_trigger(x, generator=generator)
+        for st in self.stamps:
+            x = st.apply_trigger(x, generator=generator)
+        return x
 
     def trigger(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.method != "clean_label_backdoor":
             raise RuntimeError("clean_label: feature_collision has no trigger")
-        return self.stamp.trigger(shape)
+        return self.stamps[0].trigger(shape)
 
     def poison(self, train: Dataset, *, generator: torch.Generator) -> PoisonedDataset:
         check_class(self, "target_class", self.target_class, train.num_classes)
@@ -146,16 +156,42 @@ class CleanLabel:
         for i in range(0, len(idx), 256):
             b = idx[i : i + 256]
             xb = train.x[b].to(dev)
-            if pgd is not None:  # untargeted: away from the (true) target class, making its features hard to learn
+            if self.eot_shift > 0:
+                xb = self._pgd_eot(model, xb, train.y[b].to(dev), generator)
+            elif pgd is not None:  # untargeted: away from the (true) target class, making its features hard to learn
                 xb = pgd(model, xb, train.y[b].to(dev))
             x[b] = xb.cpu()
-        x[idx] = self.stamp.apply_trigger(x[idx], generator=generator)
+        x[idx] = self.apply_trigger(x[idx], generator=generator)
         info = {"attack": "clean_label", "method": self.method, "target_class": self.target_class,
                 "selected_indices": idx, "class_fraction": self.class_fraction,
-                "linf_budget": f"eps={self.eps:g} (L-inf PGD, {self.steps} steps, before the trigger is stamped)",
-                "trigger": {"pattern": self.stamp.trigger(train.shape)[0], "mask": self.stamp.trigger(train.shape)[1],
-                            "position": self.stamp.position}}
+                "linf_budget": f"eps={self.eps:g} (L-inf PGD, {self.steps} steps"
+                + (f", EOT over shifts of up to {self.eot_shift} px" if self.eot_shift else "")
+                + ", before the trigger is stamped)",
+                "trigger": {"pattern": self.stamps[0].trigger(train.shape)[0],
+                            "mask": self.stamps[0].trigger(train.shape)[1],
+                            "position": [st.position for st in self.stamps]}}
         return PoisonedDataset.from_clean(train, x=x, y=train.y.clone(), info=info, name=f"{train.name}+clean_label")
+
+    def _pgd_eot(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+                 ) -> torch.Tensor:
+        """Untargeted L-inf PGD whose loss is averaged over random translations of up to ``eot_shift`` pixels
+        (expectation over transformation, Athalye et al. 2018), so the hardness survives shift augmentation."""
+        from safedl.models.train import random_shift
+
+        alpha = 2.5 * self.eps / self.steps
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        delta = ((torch.rand(x.shape, generator=g) * 2 - 1) * self.eps).to(x.device)
+        delta = (x + delta).clamp(0, 1) - x
+        yy = y.repeat(self.eot_samples)
+        with eval_mode(model), frozen_params(model):
+            for _ in range(self.steps):
+                xa = (x + delta).requires_grad_(True)
+                xs = torch.cat([random_shift(xa, self.eot_shift, g) for _ in range(self.eot_samples)])
+                loss = torch.nn.functional.cross_entropy(model(xs), yy, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, xa)
+                delta = (delta + alpha * grad.sign()).clamp(-self.eps, self.eps)
+                delta = (x + delta).clamp(0, 1) - x
+        return (x + delta).detach()
 
     def _feature_collision(self, train: Dataset, generator: torch.Generator, holdout: torch.Tensor | None
                            ) -> PoisonedDataset:
@@ -207,7 +243,8 @@ class CleanLabel:
         x = train.x.clone()
         x[idx] = p.detach().cpu()
         info = {"attack": "clean_label", "method": self.method, "target_class": self.target_class,
-                "selected_indices": idx.sort().values, "poison_owner": owner, "victims": victims,
+                "selected_indices": idx.sort().values, "poison_indices": idx, "poison_owner": owner,
+                "victims": victims,
                 "victim_labels": self.victim_labels_ if self.victim_labels_ is not None else
                 torch.full((nv,), -1, dtype=torch.long),
                 "opacity": f"{self.opacity:g} watermark of the victim in each base image", "beta": beta,
@@ -215,9 +252,10 @@ class CleanLabel:
         return PoisonedDataset.from_clean(train, x=x, y=train.y.clone(), info=info, name=f"{train.name}+clean_label")
 
     def params(self) -> dict:
-        out = {k: v for k, v in vars(self).items() if not k.startswith("_") and not k.endswith("_") and k != "stamp"}
-        out.update(trigger=self.stamp.trigger_type, patch_size=self.stamp.patch_size, position=self.stamp.position,
-                   trigger_alpha=self.stamp.blend_alpha)
+        out = {k: v for k, v in vars(self).items() if not k.startswith("_") and not k.endswith("_") and k != "stamps"}
+        st = self.stamps[0]
+        out.update(trigger=st.trigger_type, patch_size=st.patch_size, position=st.position,
+                   trigger_alpha=st.blend_alpha)
         return out
 
     def __repr__(self) -> str:

@@ -179,6 +179,26 @@ def part_post(splits, base, n):
                   + f" ({time.perf_counter() - t0:.0f}s)")
 
 
+def part_at_eval(splits, n, *, path="/tmp/edef_at_model.pt"):
+    """Re-evaluate the adversarially trained model saved by ``at`` against the ``ensemble`` attack, with the
+    AutoAttack suite cut to fit the shared 2-core machine: APGD-CE (100 steps), APGD-DLR (100 steps, untargeted)
+    and Square (1000 queries), per-sample worst case."""
+    model = fresh(splits)
+    model.load_state_dict(torch.load(path))
+    model.eval()
+    x, y = splits.test.x[:n], splits.test.y[:n]
+    attack = registry.create("evasion", "ensemble", eps=EPS, attacks=[
+        {"name": "apgd_ce", "params": {"steps": 100}}, {"name": "apgd_dlr", "params": {"steps": 100}},
+        {"name": "square", "params": {"max_queries": 1000}}])
+    clean = predict(model, x) == y
+    t0 = time.perf_counter()
+    x_adv = batched(lambda a, b: attack(model, a, b), x, y)
+    rob = (predict(model, x_adv) == y) & clean
+    print("[at_eval] " + fmt("clean_accuracy", int(clean.sum()), n))
+    print("[at_eval] " + fmt(f"robust_accuracy vs ensemble(apgd_ce-100, apgd_dlr-100, square-1000) eps {EPS}",
+                             int(rob.sum()), n) + f" ({time.perf_counter() - t0:.0f}s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="at,preprocess,detect,smoothing,post")
@@ -195,6 +215,9 @@ def main() -> None:
     for part in parts:
         if part == "at":
             part_at(splits, args.n)
+            continue
+        if part == "at_eval":
+            part_at_eval(splits, args.n)
             continue
         if base is None:
             base = baseline(splits)

@@ -35,6 +35,10 @@ CONFIGS = {
     "clean_label": ("poisoning", "clean_label",
                     {"method": "clean_label_backdoor", "class_fraction": 0.5, "eps": 0.3, "target_class": 0,
                      "all_corners": True, "eot_shift": 2}),
+    # control: the same four-corner trigger on the same share of the target class, without the PGD perturbation
+    "clean_label_no_pgd": ("poisoning", "clean_label",
+                           {"method": "clean_label_backdoor", "class_fraction": 0.5, "eps": 0.0, "target_class": 0,
+                            "all_corners": True}),
     "label_flipping": ("poisoning", "label_flipping", {"strategy": "many_to_one", "flip_rate": 0.2, "target_class": 0}),
     "feature_collision": ("poisoning", "clean_label",
                           {"method": "feature_collision", "target_class": 0, "source_class": 6}),

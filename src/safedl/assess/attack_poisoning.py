@@ -200,7 +200,10 @@ def _save_artifacts(ctx: RunContext, spec: AttackSpec, attack: Any, p: PoisonedD
     out: dict[str, str] = {}
     folder = ctx.artifact_dir("attacks", spec.key)
     n_ex = max(1, ctx.profile.evaluation.n_examples)
-    idx = torch.nonzero(p.is_poison).flatten()[:n_ex]
+    all_idx = torch.nonzero(p.is_poison).flatten()
+    # evenly spaced over the poisoned samples, so the examples span classes (data sets are often sorted by label)
+    idx = all_idx[torch.linspace(0, len(all_idx) - 1, min(n_ex, len(all_idx))).long().unique()] if len(all_idx) \
+        else all_idx
     cmap = "gray" if p.shape[0] == 1 else None
     if len(idx):
         fig, axes = plt.subplots(3, len(idx), figsize=(1.6 * len(idx), 5),

@@ -244,7 +244,8 @@ class Run:
             "attacks": attacks,
             "defenses": defenses,
         }
-        results["risk"] = assess_risk(p.threat_model, attacks, defenses)
+        results["risk"] = assess_risk(p.threat_model, attacks, defenses,
+                                      baseline_accuracy=baseline_entry["metrics"]["clean_accuracy"]["value"])
         results["gate"] = evaluate_gate(p.evaluation.gate, results)
         atomic_write_json(self.run_dir / "results.json", results)
         from safedl.report.render import write_reports

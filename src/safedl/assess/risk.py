@@ -1,7 +1,8 @@
 """Risk rating: likelihood (what the threat model lets an attacker do) x impact (measured success, data sensitivity).
 
 The rule is deliberately simple and documented so a reader can recompute every rating from results.json:
-score = likelihood * impact, impact = attack success (upper end of its 95% interval) * sensitivity weight;
+score = likelihood * impact, impact = attack success (upper end of its 95% interval; the clean-accuracy drop for
+availability poisoning) * sensitivity weight;
 levels: < 0.1 low, < 0.3 medium, < 0.6 high, else critical. Residual risk uses the best defense's measured
 success after defense in place of the attack's own.
 """
@@ -12,7 +13,8 @@ from typing import Any
 from safedl.profile import ThreatModel
 
 LEVELS = ("low", "medium", "high", "critical")
-RULE = ("score = likelihood x impact; impact = attack success (upper 95% bound) x data-sensitivity weight; "
+RULE = ("score = likelihood x impact; impact = attack success (upper 95% bound; the clean-accuracy drop for "
+        "availability poisoning) x data-sensitivity weight; "
         "levels: <0.1 low, <0.3 medium, <0.6 high, else critical; residual uses the best defense's success after")
 _SENSITIVITY = {"low": 0.5, "medium": 0.75, "high": 1.0}
 _ACCESS = {"white-box": 1.0, "gray-box": 0.6, "black-box": 0.3}
@@ -47,10 +49,21 @@ def _success(metrics: dict[str, Any], *names: str) -> float | None:
     return None
 
 
-def defended_success(defense: dict[str, Any]) -> float | None:
+def attack_impact(attack: dict[str, Any]) -> float:
+    """Attack success (upper 95% bound); for availability poisoning without a success rate, the accuracy drop."""
+    m = attack.get("metrics", {})
+    s = _success(m, "attack_success_rate")
+    if s is None and isinstance(m.get("clean_accuracy_drop"), dict):
+        s = max(0.0, float(m["clean_accuracy_drop"]["value"]))
+    return s or 0.0
+
+
+def defended_success(defense: dict[str, Any], *, baseline_accuracy: float | None = None) -> float | None:
     """An attack's success against a defended system (upper 95% bound), from a defense entry."""
     m = defense.get("metrics", {})
     s = _success(m, "attack_success_rate_after", "attack_success_rate")
+    if s is None and baseline_accuracy is not None and isinstance(m.get("clean_accuracy_after"), dict):
+        s = max(0.0, baseline_accuracy - float(m["clean_accuracy_after"]["value"]))
     if s is None and isinstance(m.get("robust_accuracy"), dict) and isinstance(m.get("clean_accuracy"), dict):
         ra, ca = m["robust_accuracy"], m["clean_accuracy"]
         if ca["value"]:
@@ -58,11 +71,12 @@ def defended_success(defense: dict[str, Any]) -> float | None:
     return s
 
 
-def assess_risk(tm: ThreatModel, attacks: list[dict[str, Any]], defenses: list[dict[str, Any]]) -> dict[str, Any]:
+def assess_risk(tm: ThreatModel, attacks: list[dict[str, Any]], defenses: list[dict[str, Any]], *,
+                baseline_accuracy: float | None = None) -> dict[str, Any]:
     weight = _SENSITIVITY[tm.data_sensitivity]
     rows = []
     for a in attacks:
-        success = _success(a.get("metrics", {}), "attack_success_rate") or 0.0
+        success = attack_impact(a)
         lk = likelihood(tm, a["category"], a.get("access", "white-box"))
         score = lk * success * weight
         row = {"attack": a["id"], "category": a["category"], "likelihood": lk, "impact": success * weight,
@@ -71,7 +85,8 @@ def assess_risk(tm: ThreatModel, attacks: list[dict[str, Any]], defenses: list[d
         for d in defenses:
             if d.get("against") != a["id"]:
                 continue
-            s = defended_success(d)
+            s = defended_success(d, baseline_accuracy=baseline_accuracy if "attack_success_rate" not in a.get("metrics", {})
+                                 else None)
             if s is not None and (best is None or s < best[1]):
                 best = (d["id"], s)
         if best is not None:

@@ -1,0 +1,77 @@
+"""Model repairs on a planted backdoor (8x8 digits, 2x2 patch, target 7): the input model is never mutated."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _poison_planted import TARGET, acc, asr, fit, plant_backdoor
+from safedl import registry
+from safedl.defenses.repair._common import last_conv, mean_activation
+
+
+@pytest.fixture(scope="module")
+def backdoored(digits_splits):
+    p = plant_backdoor(digits_splits.train, 0.1)
+    m = fit(digits_splits, p)
+    assert asr(m, digits_splits) > 0.9
+    return m
+
+
+def _snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _unchanged(m, snap):
+    return all(torch.equal(v, snap[k]) for k, v in m.state_dict().items())
+
+
+def test_neural_cleanse_flags_target_and_unlearns(backdoored, digits_splits):
+    snap = _snapshot(backdoored)
+    nc = registry.create("repair", "neural_cleanse", steps=150)
+    fixed = nc.repair(backdoored, clean=digits_splits.val, seed=0)
+    assert _unchanged(backdoored, snap) and fixed is not backdoored
+    assert nc.report_["infected_classes"] == [TARGET]
+    idx = torch.tensor(nc.report_["anomaly_index"])
+    assert int(idx.argmax()) == TARGET and float(idx[TARGET]) > 2.0
+    # the reversed trigger for the target is the smallest one
+    assert int(torch.tensor(nc.report_["trigger_l1"]).argmin()) == TARGET
+    assert asr(fixed, digits_splits) < 0.3
+    assert acc(fixed, digits_splits.test) > acc(backdoored, digits_splits.test) - 0.1
+
+
+def test_fine_pruning_prunes_dormant_channels_within_accuracy_bound(backdoored, digits_splits):
+    snap = _snapshot(backdoored)
+    fp = registry.create("repair", "fine_pruning", max_accuracy_drop=0.05, epochs=0)
+    pruned = fp.repair(backdoored, clean=digits_splits.val, seed=0)
+    assert _unchanged(backdoored, snap)
+    r = fp.report_
+    assert r["pruned"] > 0
+    assert r["clean_accuracy_before"] - r["clean_accuracy_pruned"] <= 0.05 + 1e-9
+    # the pruned channels are the most dormant ones on clean data, and they are now silent
+    act = mean_activation(backdoored, last_conv(backdoored), digits_splits.val.x)
+    dormant = torch.argsort(act)[: r["pruned"]]
+    w = last_conv(pruned).weight.detach()
+    assert float(w[dormant].abs().sum()) == 0.0
+    assert float(w.flatten(1).abs().sum(1).gt(0).sum()) == len(act) - r["pruned"]
+
+
+def test_fine_pruning_fine_tune_keeps_pruned_channels_zero(backdoored, digits_splits):
+    fp = registry.create("repair", "fine_pruning", max_accuracy_drop=0.05, epochs=2)
+    out = fp.repair(backdoored, clean=digits_splits.val, seed=0)
+    w = last_conv(out).weight.detach().flatten(1).abs().sum(1)
+    assert int((w == 0).sum()) == fp.report_["pruned"]
+    assert set(out.state_dict()) == set(backdoored.state_dict())  # masks folded into plain weights
+
+
+@pytest.mark.parametrize("scope", ["last_conv", "penultimate"])
+def test_pruning_removes_requested_share(backdoored, digits_splits, scope):
+    snap = _snapshot(backdoored)
+    pr = registry.create("repair", "pruning", pruning_ratio=0.5, scope=scope)
+    out = pr.repair(backdoored, clean=digits_splits.val, seed=0)
+    assert _unchanged(backdoored, snap)
+    net = out[1]
+    if scope == "last_conv":
+        w = last_conv(out).weight.detach().flatten(1).abs().sum(1)
+    else:
+        w = net.classifier.weight.detach().abs().sum(0)
+    assert int((w == 0).sum()) == pr.report_["pruned"] == len(w) // 2

@@ -156,7 +156,7 @@ class CleanLabel:
         for i in range(0, len(idx), 256):
             b = idx[i : i + 256]
             xb = train.x[b].to(dev)
-            if self.eot_shift > 0:
+            if self.eot_shift > 0 and self.eps > 0:
                 xb = self._pgd_eot(model, xb, train.y[b].to(dev), generator)
             elif pgd is not None:  # untargeted: away from the (true) target class, making its features hard to learn
                 xb = pgd(model, xb, train.y[b].to(dev))

@@ -43,6 +43,10 @@ CONFIGS = {
     "clean_label_one_corner": ("poisoning", "clean_label",
                                {"method": "clean_label_backdoor", "class_fraction": 0.5, "eps": 0.3, "target_class": 0,
                                 "eot_shift": 2}),
+    # ablation: four corners, plain PGD (no shift-EOT)
+    "clean_label_no_eot": ("poisoning", "clean_label",
+                           {"method": "clean_label_backdoor", "class_fraction": 0.5, "eps": 0.3, "target_class": 0,
+                            "all_corners": True, "eot_shift": 0}),
     "label_flipping": ("poisoning", "label_flipping", {"strategy": "many_to_one", "flip_rate": 0.2, "target_class": 0}),
     "feature_collision": ("poisoning", "clean_label",
                           {"method": "feature_collision", "target_class": 0, "source_class": 6}),

@@ -10,7 +10,7 @@ from safedl.utils.progress import set_enabled
 from safedl.utils.tensors import seed_everything
 
 set_enabled(False)
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: threading costs more than it saves
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -53,8 +54,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _atomic(Path(path), lambda p: p.write_bytes(data))
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become null: strict JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, torch.Tensor) or type(obj).__module__ == "numpy":
+        return _finite(obj.tolist())
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Write strict JSON (NaN/inf as null) atomically."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:

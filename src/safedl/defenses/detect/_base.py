@@ -56,16 +56,19 @@ class Detector:
         return {k: v for k, v in vars(self).items() if not k.startswith("_") and not k.endswith("_")}
 
     def fit(self, x_clean: torch.Tensor, *, model: nn.Module, y: torch.Tensor | None = None,
-            seed: int = 0, **kwargs: Any) -> "Detector":
+            x_calibration: torch.Tensor | None = None, seed: int = 0, **kwargs: Any) -> "Detector":
+        """Fit on clean images; calibrate the threshold on ``x_calibration`` (clean images the model was not trained
+        on, e.g. the validation split: scores of training images are optimistic) or, without it, on a held-out
+        ``calibration_fraction`` of ``x_clean``."""
         g = torch.Generator().manual_seed(int(seed))
         perm = torch.randperm(len(x_clean), generator=g)
-        n_cal = max(1, int(round(self.calibration_fraction * len(x_clean))))
+        n_cal = 0 if x_calibration is not None else max(1, int(round(self.calibration_fraction * len(x_clean))))
         cal, fit_idx = perm[:n_cal], perm[n_cal:]
         self.model_ = model
         self._fit(x_clean[fit_idx], model, y=None if y is None else y[fit_idx], seed=seed, **kwargs)
-        self.calibration_scores_ = self.score(x_clean[cal]).cpu()
+        self.calibration_scores_ = self.score(x_clean[cal] if x_calibration is None else x_calibration).cpu()
         self.threshold_ = self.threshold_at(self.fpr)
-        spread = float(self.calibration_scores_.std()) if len(cal) > 1 else 1.0
+        spread = float(self.calibration_scores_.std()) if len(self.calibration_scores_) > 1 else 1.0
         self.score_scale_ = spread if spread > 0 else 1.0
         return self
 

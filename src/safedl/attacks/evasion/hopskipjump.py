@@ -24,8 +24,8 @@ class HopSkipJump(EvasionAttack):
 
     Every point it keeps is adversarial, so running out of ``max_queries`` mid-iteration is safe. Unbounded (the
     perturbation is minimised) unless ``eps`` is given: then a sample stops once its distance is within eps, and a
-    sample still outside is projected onto the eps-ball at the end. Samples with no adversarial start are returned
-    unchanged.
+    sample still outside is projected onto the eps-ball at the end. Samples already misclassified (one query each)
+    or with no adversarial start are returned unchanged.
     """
 
     access: ClassVar[str] = "labels"
@@ -73,11 +73,13 @@ class HopSkipJump(EvasionAttack):
         def has_budget(idx: torch.Tensor, k: int = 1) -> torch.Tensor:
             return qi.remaining(idx) >= k
 
+        # 0. a sample the model already gets wrong needs no perturbation (one query each)
+        done = adversarial(x, torch.arange(n, device=x.device))
         # 1. adversarial starting points: uniform noise, redrawn for samples that are not yet adversarial
         x_cur = x.clone()
         found = torch.zeros(n, dtype=torch.bool, device=x.device)
         for _ in range(self.init_tries):
-            idx = torch.nonzero(~found & has_budget(torch.arange(n, device=x.device))).flatten()
+            idx = torch.nonzero(~found & ~done & has_budget(torch.arange(n, device=x.device))).flatten()
             if len(idx) == 0:
                 break
             noise = torch.rand(x[idx].shape, generator=gen, device=x.device, dtype=x.dtype)
@@ -110,7 +112,7 @@ class HopSkipJump(EvasionAttack):
             else:
                 rv = torch.rand(shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1
             rv = rv / rv.flatten(2).norm(dim=2).clamp_min(1e-12).view(len(idx), num_evals, *([1] * (x.ndim - 1)))
-            dv = delta.view(-1, 1, *([1] * (x.ndim - 1)))
+            dv = delta.clamp_min(1e-12).view(-1, 1, *([1] * (x.ndim - 1)))
             probes = (xs.unsqueeze(1) + dv * rv).clamp(0, 1)
             rv = (probes - xs.unsqueeze(1)) / dv
             fval = adversarial(probes.flatten(0, 1), idx.repeat_interleave(num_evals)).view(len(idx), num_evals)

@@ -91,7 +91,10 @@ def backdoor(s, base_acc):
 
 
 def flip(train: Dataset, frac: float) -> PoisonedDataset:
-    """fully random label flips: a ``frac`` share gets a uniformly drawn different label."""
+    """label_flipping fully_random at ``frac`` (the registered attack; a seeded uniform flip if it is missing)."""
+    if "label_flipping" in registry.names("poisoning"):
+        atk = registry.create("poisoning", "label_flipping", strategy="fully_random", flip_rate=frac, target_class=None)
+        return atk.poison(train, generator=torch.Generator().manual_seed(SEED))
     g = torch.Generator().manual_seed(SEED)
     n = len(train)
     idx = torch.randperm(n, generator=g)[: int(round(frac * n))]
@@ -103,8 +106,8 @@ def flip(train: Dataset, frac: float) -> PoisonedDataset:
 def labels(s):
     names = registry.names("poisoning")
     p10 = flip(s.train, 0.1)
-    out(stage="label_flip_10", attack="label_flipping" if "label_flipping" in names else "own random flip",
-        n_poison=p10.n_poison)
+    out(stage="label_flip_10", attack="label_flipping fully_random" if "label_flipping" in names else "own random flip",
+        n_poison=p10.n_poison, flip_fraction_of_train=p10.poison_fraction)
     t0 = time.perf_counter()
     dc = registry.create("cleanser", "data_cleaning", n_folds=3)
     res = dc.find_poison(p10, train_fn=lambda d, **kw: train(s, d, **kw))

@@ -13,7 +13,7 @@ Two removal rules (``rule``):
   projections on the top ``n_directions`` singular vectors (poisons on one side, at any share), and another to their
   norm (the outlier score: a small share of poisons far out); default k = 2, as at a 1% poison rate on MNIST the
   poisons spread over two directions. Ashman's D measures how well the modes separate; the better-supported split
-  decides. With a trusted clean set, the trusted samples of the
+  (smallest p-value among those that pass) decides. With a trusted clean set, the trusted samples of the
   class are assigned to the modes: a mode that holds a share s of the class but receives far fewer trusted samples
   than s predicts (one-sided binomial test, p < ``alpha``, and at most ``max_trusted_ratio`` of the expected share) is foreign, and the class is poisoned if also
   D >= ``min_separation``. This works at any poison share, including poisons outnumbering clean samples. Without
@@ -120,6 +120,6 @@ class SpectralSignatures:
                              weights=[round(w, 4) for w in weights.tolist()], poison_mode=fm["how"],
                              p_value=fm["p_value"], trusted_counts=fm.get("trusted_counts"), removed=int(f.sum()))
             per_class.append(entry)
-        info = {"rule": self.rule, "per_class": per_class,
+        info = {"rule": self.rule, "n_directions": self.n_directions, "per_class": per_class,
                 "poisoned_classes": [e["class"] for e in per_class if e.get("poisoned")]}
         return DetectionResult(flag, score, info)

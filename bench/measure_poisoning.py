@@ -2,6 +2,8 @@
 
 The baseline and every poisoned model train with the same recipe and seed (the stage handler's honest rule); the
 numbers come from the same handler the CLI runs. Proportions are printed with n and a 95% Wilson interval.
+``clean_label_no_pgd``, ``clean_label_one_corner`` and ``clean_label_no_eot`` are ablations of the clean-label
+backdoor (what the PGD perturbation, the four-corner trigger and the shift-EOT each contribute).
 
     .venv/bin/python bench/measure_poisoning.py [--attacks static_patch learned_trigger clean_label label_flipping]
         [--seed 0] [--threads 1] [--baseline-cache /tmp/poison_bench_baseline.pt] [--json out.json]

@@ -56,7 +56,7 @@ class CleanLabel:
                  trigger: str = "pattern", patch_size: int = 3, position: str = "bottom_right",
                  trigger_alpha: float = 1.0, source_class: int | None = None, n_victims: int = 10,
                  poisons_per_victim: int = 20, opacity: float = 0.3, beta0: float = 0.25, fc_steps: int = 200,
-                 all_corners: bool = False, eot_shift: int = 0, eot_samples: int = 4, seed: int = 0):
+                 all_corners: bool = True, eot_shift: int = 0, eot_samples: int = 4, seed: int = 0):
         self.method = check_choice(self, "method", method, METHODS)
         self.target_class = check_range(self, "target_class", target_class, low=0, integer=True)
         self.class_fraction = float(check_fraction(self, "class_fraction", class_fraction, allow_zero=False))

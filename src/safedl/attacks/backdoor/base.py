@@ -28,7 +28,7 @@ def check_class(owner: Any, key: str, value: int, num_classes: int) -> int:
     return value
 
 
-def select_indices(y: torch.Tensor, *, candidates: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def select_indices(*, candidates: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """``k`` indices drawn uniformly without replacement from the True entries of ``candidates``, sorted."""
     pool = torch.nonzero(candidates, as_tuple=False).flatten()
     k = min(int(k), len(pool))
@@ -93,7 +93,7 @@ class BackdoorAttack:
             log.warning("%s: %d poisons requested but only %d %s samples exist; poisoning all of them",
                         self.registry_name, k_req, int(candidates.sum()),
                         "non-target" if self.label_mode == "dirty" else "target-class")
-        idx = select_indices(train.y, candidates=candidates, k=k_req, generator=generator)
+        idx = select_indices(candidates=candidates, k=k_req, generator=generator)
         pattern, mask = self.trigger(train.shape)
         rows, cols = triggers.offsets(self.position, len(idx), image_hw=train.shape[1:], patch_hw=tuple(mask.shape[1:]),
                                       margin=self.margin, generator=generator, who=self.registry_name)

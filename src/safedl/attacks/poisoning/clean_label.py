@@ -147,7 +147,7 @@ class CleanLabel:
     def _label_consistent_backdoor(self, train: Dataset, generator: torch.Generator) -> PoisonedDataset:
         in_target = train.y == self.target_class
         k = int(round(self.class_fraction * int(in_target.sum())))
-        idx = select_indices(train.y, candidates=in_target, k=k, generator=generator)
+        idx = select_indices(candidates=in_target, k=k, generator=generator)
         model = self.surrogate_
         assert model is not None
         dev = model_device(model)
@@ -204,7 +204,7 @@ class CleanLabel:
         per = min(self.poisons_per_victim, int(in_target.sum()) // max(1, nv))
         if per == 0:
             raise ConfigError(f"clean_label: class {self.target_class} has too few samples for {nv} victims")
-        idx = select_indices(train.y, candidates=in_target, k=per * nv, generator=generator)
+        idx = select_indices(candidates=in_target, k=per * nv, generator=generator)
         # shuffle before assigning bases to victims so each victim gets a random set of bases
         idx = idx[torch.randperm(len(idx), generator=generator)]
         owner = torch.arange(nv).repeat_interleave(per)

@@ -69,7 +69,7 @@ class LabelFlipping:
         y = train.y.clone()
         if self.strategy == "fully_random":
             n_flip = int(round(self.flip_rate * len(train)))
-            idx = select_indices(train.y, candidates=torch.ones(len(train), dtype=torch.bool), k=n_flip,
+            idx = select_indices(candidates=torch.ones(len(train), dtype=torch.bool), k=n_flip,
                                  generator=generator)
             # an offset in 1..k-1 always lands on another class, uniformly
             offset = torch.randint(1, k, (len(idx),), generator=generator)
@@ -84,7 +84,7 @@ class LabelFlipping:
                 check_class(self, "source_classes", src, k)
                 cand = train.y == src
                 n_flip = int(round(self.flip_rate * int(cand.sum())))
-                chosen.append(select_indices(train.y, candidates=cand, k=n_flip, generator=generator))
+                chosen.append(select_indices(candidates=cand, k=n_flip, generator=generator))
             idx = torch.cat(chosen).sort().values if chosen else torch.zeros(0, dtype=torch.long)
             y[idx] = int(self.target_class)  # type: ignore[arg-type]
         counts = torch.zeros(k, k, dtype=torch.long)

@@ -89,15 +89,17 @@ class DefendedModel(nn.Module):
     """preprocessors -> model -> postprocessors, as one module (see :func:`defended_model`)."""
 
     def __init__(self, preprocessors: Sequence[nn.Module], model: nn.Module, postprocessors: Sequence[Callable] = (),
-                 *, adaptive: bool = True, eot_samples: int = 8):
+                 *, adaptive: bool = True, eot_samples: int = 8, bpda: str = "approx"):
         super().__init__()
+        check_choice("defended_model", "bpda", bpda, ("approx", "identity"))
         self.preprocessors = nn.ModuleList(preprocessors)
         self.model = model
         self.adaptive = adaptive
         self.randomized = any(getattr(p, "randomized", False) for p in preprocessors)
         stages: list[nn.Module] = []
         for p in preprocessors:
-            stages.append(BPDA(p) if adaptive and not getattr(p, "differentiable", True) else p)
+            nondiff = adaptive and not getattr(p, "differentiable", True)
+            stages.append(BPDA(p, identity=bpda == "identity") if nondiff else p)
         inner: nn.Module = nn.Sequential(*stages, model)
         if adaptive and self.randomized:
             inner = EOT(inner, samples=eot_samples)
@@ -110,16 +112,18 @@ class DefendedModel(nn.Module):
 
 
 def defended_model(preprocessors: Sequence[nn.Module], model: nn.Module, postprocessors: Sequence[Callable] | None = None,
-                   *, adaptive: bool = True, eot_samples: int = 8) -> DefendedModel:
+                   *, adaptive: bool = True, eot_samples: int = 8, bpda: str = "approx") -> DefendedModel:
     """The defended system as an ``nn.Module`` that any registered evasion attack can attack.
 
     ``adaptive=True``: non-differentiable preprocessors are wrapped in BPDA, randomized ones are averaged with EOT
     over ``eot_samples`` draws, and postprocessors are straight-through (forward value kept, gradient of the raw
-    log-softmax). ``adaptive=False``: exactly the deployed computation. The output is logits or log-scores, so an
+    log-softmax); ``bpda="identity"`` ignores the preprocessors' own approximations (a smooth surrogate can have
+    vanishing gradients, e.g. JPEG's cubic rounding, so an evaluation should try both). ``adaptive=False``: exactly
+    the deployed computation. The output is logits or log-scores, so an
     attack's softmax/cross-entropy sees the defended scores.
     """
     return DefendedModel(list(preprocessors), model, list(postprocessors or []), adaptive=adaptive,
-                         eot_samples=eot_samples)
+                         eot_samples=eot_samples, bpda=bpda)
 
 
 class DetectorAwarePGD:

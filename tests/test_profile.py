@@ -11,7 +11,8 @@ from safedl.templates import DEFAULT_PROFILE
 
 def test_default_profile_is_valid_and_matches_example():
     p = parse_profile(yaml.safe_load(DEFAULT_PROFILE))
-    assert p.dataset.name == "mnist5k" and [a.name for a in p.attacks.evasion] == ["fgsm", "pgd"]
+    assert p.dataset.name == "mnist5k" and [a.name for a in p.attacks.evasion][:2] == ["fgsm", "pgd"]
+    assert p.attacks.backdoor and p.attacks.poisoning and p.defenses
     with open("examples/default.yaml") as f:
         assert f.read() == DEFAULT_PROFILE
 

@@ -38,8 +38,25 @@ attacks:
       params: {eps: 0.3, norm: linf}
     - name: pgd
       params: {eps: 0.3, norm: linf, steps: 10}
+    - name: square                 # score-based black-box attack through the counted query interface
+      params: {eps: 0.3, norm: linf, max_queries: 5000}
+    - name: ensemble               # AutoAttack-style worst case: apgd_ce, targeted apgd_dlr, square
+      params: {eps: 0.3, norm: linf}
+  poisoning:
+    - name: label_flipping
+      params: {strategy: many_to_one, flip_rate: 0.2}
+  backdoor:
+    - name: static_patch           # BadNets checkerboard trigger, 10% of the training set relabelled
+      params: {trigger: pattern, poison_fraction: 0.1, target_class: 7}
 
-defenses: []
+defenses:
+  - name: feature_squeezing        # evaluated adaptively (BPDA) next to the non-adaptive number
+    params: {bit_depth: 1}
+    against: [pgd]
+  - name: spectral_signatures      # finds the poison, then retrains on the kept data with the baseline recipe
+    against: [static_patch]
+  - name: data_cleaning
+    against: [label_flipping]
 
 evaluation:
   n_eval: 1000                   # test images every evasion attack and defense is measured on

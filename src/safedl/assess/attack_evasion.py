@@ -130,6 +130,13 @@ def simulate_evasion(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOu
     }
     if t_fit:
         entry["notes"].append(f"surrogate/fit time {t_fit:.1f}s included in time_s")
+    fit_queries = getattr(attack, "fit_queries_", None)
+    if fit_queries:
+        metrics["fit_queries_total"] = scalar(float(fit_queries))
+        entry["notes"].append(f"{int(fit_queries)} label queries to the target were spent training the surrogate")
+    if not getattr(attack, "bounded", True):
+        entry["notes"].append("minimum-norm attack with no eps budget: read robust accuracy together with the "
+                              "perturbation norms")
     names = getattr(attack, "attack_names_", None)
     if broken_by is not None and names is not None:
         entry["broken_by"] = {nm: int((broken_by == i).sum()) for i, nm in enumerate(names)}

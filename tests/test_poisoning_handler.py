@@ -98,3 +98,21 @@ def test_surrogate_follows_the_threat_model(digits_splits, tiny_model, tmp_path,
         assert surrogate is tiny_model and not trained
     else:
         assert surrogate is not tiny_model and trained == [surrogate] and "seed 1" in note
+
+
+def test_fraction_of_target_class_counts_poison_among_samples_labelled_target():
+    from safedl.assess.attack_poisoning import _poison_metrics
+    from safedl.data.dataset import Dataset, PoisonedDataset
+
+    clean = Dataset(torch.zeros(8, 1, 2, 2), torch.tensor([0, 0, 1, 1, 1, 1, 2, 2]), num_classes=3)
+    # dirty-label: two class-1 samples relabelled to target 0 -> 2 of the 4 samples labelled 0 are poison
+    dirty_y = clean.y.clone()
+    dirty_y[2:4] = 0
+    dirty = PoisonedDataset.from_clean(clean, x=clean.x, y=dirty_y)
+    assert _poison_metrics(dirty, 0)["fraction_of_target_class"]["value"] == pytest.approx(0.5)
+    # clean-label: one of the two target-class samples perturbed, labels untouched -> 1/2
+    x = clean.x.clone()
+    x[0] += 0.1
+    clean_label = PoisonedDataset.from_clean(clean, x=x, y=clean.y)
+    m = _poison_metrics(clean_label, 0)["fraction_of_target_class"]
+    assert m["value"] == pytest.approx(0.5) and m["n"] == 2

@@ -166,9 +166,12 @@ def _poison_metrics(p: PoisonedDataset, target: int | None) -> dict[str, Any]:
     out: dict[str, Any] = {"count": scalar(p.n_poison, n=n), "fraction": scalar(p.poison_fraction, n=n),
                            "labels_changed": scalar(int(p.label_changed.sum()), n=n)}
     if target is not None:
-        in_target = p.original_y == target
-        out["fraction_of_target_class"] = scalar(int((p.is_poison & in_target).sum()) / max(1, int(in_target.sum())),
-                                                 n=int(in_target.sum()))
+        # Share of the samples the model is *trained* to call the target class that are poison: the clean-label
+        # budget ("at most 50% of the target class") and, for dirty-label attacks, how much of it the poison is.
+        labelled_target = p.y == target
+        out["fraction_of_target_class"] = scalar(
+            int((p.is_poison & labelled_target).sum()) / max(1, int(labelled_target.sum())),
+            n=int(labelled_target.sum()))
     return out
 
 

@@ -133,8 +133,17 @@ _DEF_ORDER = ["clean_accuracy", "clean_accuracy_after", "robust_accuracy", "robu
 def _per_class(per_class: dict[str, list]) -> list[Block]:
     names = list(per_class)
     k = max(len(v) for v in per_class.values())
-    rows = [[str(c)] + [(f"{per_class[n][c]:.3f}" if c < len(per_class[n]) and isinstance(per_class[n][c], (int, float))
-                         else "") for n in names] for c in range(k)]
+    # A column of whole numbers above 1 holds counts (flagged, true_poison): print them as integers.
+    counts = {n: all(isinstance(v, (int, float)) and float(v).is_integer() for v in per_class[n] if v is not None)
+              and any(isinstance(v, (int, float)) and v > 1 for v in per_class[n]) for n in names}
+
+    def cell(n: str, c: int) -> str:
+        v = per_class[n][c] if c < len(per_class[n]) else None
+        if not isinstance(v, (int, float)):
+            return ""
+        return f"{int(v)}" if counts[n] else f"{v:.3f}"
+
+    rows = [[str(c)] + [cell(n, c) for n in names] for c in range(k)]
     return [("table", ["class"] + [f"{n} (per class)" for n in names], rows)]
 
 

@@ -40,6 +40,15 @@ def test_pgd_without_random_start_equals_art(tiny_model, eval_batch, clf):
     np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-5)
 
 
+def test_l2_pgd_without_random_start_equals_art(tiny_model, eval_batch, clf):
+    x, y = eval_batch
+    theirs = ProjectedGradientDescent(clf, norm=2, eps=0.5, eps_step=0.1, max_iter=10, num_random_init=0,
+                                      batch_size=len(x), verbose=False).generate(x.numpy(), y.numpy())
+    ours = registry.create("evasion", "pgd", norm="l2", eps=0.5, alpha=0.1, steps=10, random_start=False)(
+        tiny_model, x, y)
+    np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-4)
+
+
 def _success_and_l2(model, x, y, x_adv):
     x_adv = torch.as_tensor(x_adv)
     ok = (predict(model, x) == y) & (predict(model, x_adv) != y)

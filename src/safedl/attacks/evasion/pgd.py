@@ -60,6 +60,8 @@ class PGD(EvasionAttack):
             x_adv = (x + delta).requires_grad_(True)
             loss = F.cross_entropy(model(x_adv), labels, reduction="sum")
             g = input_grad(loss, x_adv)
-            delta = project(delta + sign * self.alpha * steepest_step(g, self.norm), self.norm, self.eps)
-            delta = (x + delta).clamp(0, 1) - x
+            # Clip to the image box, then project onto the ball (ART's order; for L2 the projection only shrinks
+            # delta towards x, so the result stays in the box; for L-inf both orders agree).
+            delta = (x + delta + sign * self.alpha * steepest_step(g, self.norm)).clamp(0, 1) - x
+            delta = project(delta, self.norm, self.eps)
         return x + delta

@@ -41,6 +41,20 @@ def test_component_names_and_params_are_checked():
     assert "zz" in errs["defenses[0].against"]
 
 
+def test_schema_and_component_errors_are_reported_together():
+    bad = {"training": {"epochs": -3}, "attacks": {"evasion": [{"name": "pgdd"}]},
+           "defenses": [{"name": "feature_squeezing", "against": ["pgd"]}]}
+    with pytest.raises(ProfileError) as exc:
+        parse_profile(bad)
+    errs = dict(exc.value.errors)
+    assert {"training.epochs", "attacks.evasion[0].name", "defenses[0].against"} <= set(errs)
+    # a section with schema errors is not also checked against defaults (no spurious 'no attack with id' errors)
+    with pytest.raises(ProfileError) as exc:
+        parse_profile({"attacks": {"evasion": [{"name": "pgd", "bogus": 1}]},
+                       "defenses": [{"name": "feature_squeezing", "against": ["pgd"]}]})
+    assert [k for k, _ in exc.value.errors] == ["attacks.evasion[0].bogus"]
+
+
 def test_black_box_threat_model_refuses_white_box_attacks():
     with pytest.raises(ProfileError) as exc:
         parse_profile({"threat_model": {"model_access": "black-box"}, "attacks": {"evasion": [{"name": "pgd"}]}})

@@ -221,6 +221,25 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
     return errors
 
 
+def _salvaged_component_errors(data: dict, bad_sections: set) -> list[tuple[str, str]]:
+    """Component errors of the sections that passed the schema, so one pass reports every error.
+
+    The sections with schema errors are replaced by their defaults; checks that depend on a replaced section (the
+    threat model for attack access, the attack ids for ``against``) are left out rather than reported wrongly.
+    """
+    salvaged = {k: v for k, v in data.items() if k not in bad_sections}
+    try:
+        profile = Profile.model_validate(salvaged)
+    except ValidationError:
+        return []
+    errors = _component_errors(profile)
+    if "threat_model" in bad_sections:
+        errors = [(loc, msg) for loc, msg in errors if "threat_model" not in msg]
+    if "attacks" in bad_sections:
+        errors = [(loc, msg) for loc, msg in errors if not loc.endswith(".against")]
+    return errors
+
+
 def parse_profile(data: Any, *, source: str = "<profile>") -> Profile:
     """Validate a profile mapping; every problem is reported at once in one ProfileError."""
     if data is None:
@@ -237,6 +256,7 @@ def parse_profile(data: Any, *, source: str = "<profile>") -> Profile:
             value = e.get("input")
             shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
             errors.append((_loc(e["loc"]), msg + shown))
+        errors += _salvaged_component_errors(data, {e["loc"][0] for e in exc.errors() if e["loc"]})
         raise ProfileError(_format(source, errors), errors=errors, path=source) from None
     errors = _component_errors(profile)
     if errors:

@@ -1,60 +1,94 @@
-"""Summary figures drawn from results.json: robust accuracy per attack and success after each defense, with 95% CIs."""
+"""Summary figures drawn from results.json alone: accuracy under each evasion attack, success of each poisoning
+attack, and each defense next to the undefended system, all with 95% intervals."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
 
-def _bar(path: Path, labels: list[str], metrics: list[dict], title: str, ylabel: str) -> bool:
+
+def _value(m: Any) -> float | None:
+    return float(m["value"]) if isinstance(m, dict) and m.get("value") is not None else None
+
+
+def _grouped_bars(path: Path, groups: list[str], series: dict[str, list[Any]], *, title: str, ylabel: str) -> bool:
+    """One cluster of bars per group, one bar per series; error bars from each metric's ci95. False if nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(lab, m) for lab, m in zip(labels, metrics) if isinstance(m, dict) and m.get("value") is not None]
-    if not pts:
+    if not groups or all(_value(m) is None for ms in series.values() for m in ms):
         return False
-    vals = [float(m["value"]) for _, m in pts]
-    # clamp: a Wilson bound can differ from the value by a rounding error at 0 or 1
-    lo = [max(0.0, v - (m["ci95"][0] if m.get("ci95") else v)) for v, (_, m) in zip(vals, pts)]
-    hi = [max(0.0, (m["ci95"][1] if m.get("ci95") else v) - v) for v, (_, m) in zip(vals, pts)]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(pts) + 2), 3.2))
-    ax.bar(range(len(pts)), vals, yerr=[lo, hi], capsize=3, color="#4c72b0")
-    ax.set_xticks(range(len(pts)), [lab for lab, _ in pts], rotation=30, ha="right", fontsize=8)
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) * (len(series) + 1) + 2.0), 4.0))
+    for k, (name, ms) in enumerate(series.items()):
+        xs, vals, lo, hi = [], [], [], []
+        for i, m in enumerate(ms):
+            v = _value(m)
+            if v is None:
+                continue
+            ci = m.get("ci95") or [v, v]
+            xs.append(i + (k - (len(series) - 1) / 2) * width)
+            vals.append(v)
+            # clamp: a Wilson bound can differ from the value by a rounding error at 0 or 1
+            lo.append(max(0.0, v - (ci[0] if ci[0] is not None else v)))
+            hi.append(max(0.0, (ci[1] if ci[1] is not None else v) - v))
+        ax.bar(xs, vals, width=width, yerr=[lo, hi], capsize=2, color=_COLORS[k % len(_COLORS)], label=name)
+    ax.set_xticks(range(len(groups)), groups, rotation=15, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=9)
+    if len(series) > 1:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=len(series), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return True
+
+
+def _success(metrics: dict[str, Any]) -> Any:
+    """The attack's own success measure: backdoor ASR, or targeted misclassification for label flipping."""
+    return metrics.get("attack_success_rate") or metrics.get("targeted_success_rate")
 
 
 def summary_figures(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
     """Write the summary figures; returns label -> path relative to the run dir."""
     out: dict[str, str] = {}
-    ev = [a for a in results.get("attacks", []) if a["category"] == "evasion"]
+    figdir = run_dir / "artifacts" / "figures"
+    attacks = {a["id"]: a for a in results.get("attacks", [])}
+    ev = [a for a in attacks.values() if a["category"] == "evasion"]
     base = results["baseline"]["metrics"].get("clean_accuracy")
-    if ev:
-        p = run_dir / "artifacts" / "figures" / "robust_accuracy.png"
-        if _bar(p, ["clean"] + [a["id"] for a in ev], [base] + [a["metrics"].get("robust_accuracy") for a in ev],
-                "Accuracy under each evasion attack (95% CI)", "accuracy"):
-            out["Accuracy under each evasion attack"] = str(p.relative_to(run_dir))
-    po = [a for a in results.get("attacks", []) if a["category"] != "evasion"]
-    if po:
-        p = run_dir / "artifacts" / "figures" / "poisoning_success.png"
-        if _bar(p, [a["id"] for a in po], [a["metrics"].get("attack_success_rate") for a in po],
-                "Success of each poisoning / backdoor attack (95% CI)", "attack success rate"):
-            out["Success of each poisoning / backdoor attack"] = str(p.relative_to(run_dir))
-    ds = results.get("defenses", [])
-    if ds:
-        labels, ms = [], []
-        for d in ds:
-            m = d["metrics"].get("attack_success_rate_after") or d["metrics"].get("robust_accuracy")
-            labels.append(f"{d['id']} vs {d['against']}" + ("" if "attack_success_rate_after" in d["metrics"] else " (rob. acc.)"))
-            ms.append(m)
-        p = run_dir / "artifacts" / "figures" / "defenses.png"
-        if _bar(p, labels, ms, "Defenses: attack success after (or robust accuracy), 95% CI", "rate"):
-            out["Defenses"] = str(p.relative_to(run_dir))
+    if ev and _grouped_bars(figdir / "robust_accuracy.png", ["no attack"] + [a["id"] for a in ev],
+                            {"accuracy": [base] + [a["metrics"].get("robust_accuracy") for a in ev]},
+                            title="Accuracy under each evasion attack (95% CI)", ylabel="accuracy"):
+        out["Accuracy under each evasion attack"] = str((figdir / "robust_accuracy.png").relative_to(run_dir))
+    po = [a for a in attacks.values() if a["category"] != "evasion"]
+    if po and _grouped_bars(figdir / "poisoning_success.png", [a["id"] for a in po],
+                            {"baseline model": [a["metrics"].get("baseline", {}).get("attack_success_rate")
+                                                or a["metrics"].get("baseline", {}).get("targeted_success_rate")
+                                                for a in po],
+                             "poisoned model": [_success(a["metrics"]) for a in po]},
+                            title="Success of each poisoning / backdoor attack (95% CI)", ylabel="attack success rate"):
+        out["Success of each poisoning / backdoor attack"] = str((figdir / "poisoning_success.png").relative_to(run_dir))
+
+    defenses = results.get("defenses", [])
+    evd = [d for d in defenses if "robust_accuracy" in d["metrics"]]
+    if evd and _grouped_bars(
+            figdir / "evasion_defenses.png", [f"{d['id']} vs {d['against']}" for d in evd],
+            {"undefended": [attacks.get(d["against"], {}).get("metrics", {}).get("robust_accuracy") for d in evd],
+             "defended, attack on undefended model": [d["metrics"].get("robust_accuracy_nonadaptive") for d in evd],
+             "defended, adaptive attack": [d["metrics"].get("robust_accuracy") for d in evd]},
+            title="Evasion defenses: robust accuracy (higher is better, 95% CI)", ylabel="robust accuracy"):
+        out["Evasion defenses: robust accuracy"] = str((figdir / "evasion_defenses.png").relative_to(run_dir))
+    pod = [d for d in defenses if "attack_success_rate_after" in d["metrics"]]
+    if pod and _grouped_bars(
+            figdir / "poisoning_defenses.png", [f"{d['id']} vs {d['against']}" for d in pod],
+            {"before": [_success(attacks.get(d["against"], {}).get("metrics", {})) for d in pod],
+             "after": [d["metrics"].get("attack_success_rate_after") for d in pod]},
+            title="Poisoning defenses: attack success (lower is better, 95% CI)", ylabel="attack success rate"):
+        out["Poisoning defenses: attack success before and after"] = str(
+            (figdir / "poisoning_defenses.png").relative_to(run_dir))
     return out

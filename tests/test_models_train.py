@@ -10,16 +10,6 @@ from safedl.models import TrainRecipe, build_model, train_model, with_normalizat
 from safedl.models.train import random_shift
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads make these small models ~10x
-    slower. The previous setting is restored for the rest of the session."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _fresh(splits, seed: int = 0):
     torch.manual_seed(seed)
     net = build_model("tiny_cnn", in_channels=1, num_classes=10, image_size=8, width=4, hidden=16)

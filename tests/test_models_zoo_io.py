@@ -12,16 +12,6 @@ from safedl.models import Normalize, build_model, load_checkpoint, model_names, 
 from safedl.models.user import load_entry_point, load_torchscript
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads make these small models ~10x
-    slower. The previous setting is restored for the rest of the session."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name,channels,size", [
     ("small_cnn", 1, 28), ("small_cnn", 3, 32), ("small_cnn", 1, 8),
     ("mlp", 1, 28), ("mlp", 3, 8),

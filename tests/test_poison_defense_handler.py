@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from _poison_planted import TARGET, fit, fresh, plant_backdoor, trigger
+from _poison_planted import TARGET, fresh, plant_backdoor, trigger
 from safedl import registry
 from safedl.assess.context import RunContext
 from safedl.assess.handlers import AttackOutcome, get_defense_handler

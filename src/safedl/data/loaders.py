@@ -117,6 +117,7 @@ def load_image_folder(path: str | Path, *, size: tuple[int, int] | None = None, 
     if not classes:
         raise DataError(f"{root}: no class subfolders found (expected one subfolder of images per class)")
     images, labels = [], []
+    first: Path | None = None  # the file whose shape every other image must match
     for ci, cname in enumerate(classes):
         files = sorted(f for f in (root / cname).iterdir()
                        if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not f.name.startswith("."))
@@ -129,7 +130,7 @@ def load_image_folder(path: str | Path, *, size: tuple[int, int] | None = None, 
             if images and arr.shape != images[0].shape:
                 raise DataError(f"{f}: image shape {arr.shape} differs from {images[0].shape} of the first image "
                                 f"{first}; pass size=(H, W) and/or channels=1|3 to convert all images alike")
-            if not images:
+            if first is None:
                 first = f
             images.append(arr)
             labels.append(ci)

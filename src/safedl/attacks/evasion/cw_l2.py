@@ -36,7 +36,7 @@ class CarliniWagnerL2(EvasionAttack):
         self.abort_early = bool(abort_early)
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-        n, view = len(x), (-1,) + (1,) * (x.ndim - 1)
+        n = len(x)
         # the (1 - 1e-6) keeps atanh finite on pixels at exactly 0 or 1
         w0 = torch.atanh((2 * x - 1) * (1 - 1e-6))
         lower = torch.zeros(n, device=x.device)

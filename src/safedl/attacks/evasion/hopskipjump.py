@@ -100,7 +100,7 @@ class HopSkipJump(EvasionAttack):
             idx = torch.nonzero(keep).flatten()
             if len(idx) == 0:
                 break
-            xs, x0, dd = x_cur[idx], x[idx], dist[idx]
+            xs, dd = x_cur[idx], dist[idx]
             if t == 1:
                 delta = torch.full_like(dd, 0.1)
             else:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from safedl import registry
-from safedl.attacks.base import NORMS, EvasionAttack
+from safedl.attacks.base import EvasionAttack
 from safedl.attacks.query import QueryInterface
 from safedl.data.dataset import Dataset
 from safedl.errors import ConfigError

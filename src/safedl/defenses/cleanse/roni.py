@@ -79,13 +79,13 @@ class RONI:
         flag = torch.zeros(len(data), dtype=torch.bool)
         tested = 0
         rounds = []
+        ref_acc = float("nan")
         for level in range(self.depth + 1):
             accs = torch.tensor([impact_of(gi) for gi in groups])
             tested += len(groups)
-            ref = float(accs.median()) if level == 0 else ref_acc
-            if level == 0:
-                ref_acc = ref
-            impact = accs - ref
+            if level == 0:  # the typical group's accuracy is the reference for every later level
+                ref_acc = float(accs.median())
+            impact = accs - ref_acc
             for gi, imp in zip(groups, impact.tolist()):
                 score[gi] = -imp
             bad = [gi for gi, imp in zip(groups, impact.tolist()) if imp < -self.threshold]

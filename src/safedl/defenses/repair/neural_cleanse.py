@@ -1,15 +1,21 @@
 """Neural Cleanse (Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural Networks",
 IEEE S&P 2019).
 
-1. Reverse engineering: for every class t, find the smallest trigger (mask m in [0,1]^{HxW}, pattern p in
-   [0,1]^{CxHxW}) that sends clean images to t: minimise CE(f((1-m) x + m p), t) + lambda |m|_1 with Adam over
-   tanh-parametrised m and p. lambda follows the paper's schedule: raised (x ``lambda_up``) while the attack succeeds
-   on at least ``success_target`` of the batch, lowered otherwise; the smallest-norm mask that reaches the target is
-   kept.
-2. Detection: anomaly index of each class's mask L1 norm = (median - norm) / (1.4826 MAD); classes with an index
-   above ``anomaly_threshold`` (paper: 2) on the small side are infected.
-3. Mitigation by unlearning: fine-tune on the clean set where a ``unlearn_fraction`` of every batch carries the
-   reversed trigger of an infected class but keeps its true label.
+1. Reverse engineering: for every class t, find the smallest trigger (mask m in [0,1]^{HxW} shared by the channels,
+   pattern p in [0,1]^{CxHxW}) that sends clean images of the other classes to t: minimise
+   CE(f((1-m) x + m p), t) + lambda |m|_1 with Adam (lr 0.1, betas (0.5, 0.9)) over tanh-parametrised m and p, both
+   initialised uniformly at random. One step is a pass over the clean images in mini-batches of ``batch_size``.
+   lambda follows the paper's schedule: it starts at 0 and is set to ``init_cost`` once the attack has succeeded
+   (mean success over a pass >= ``attack_succ_threshold``) for ``patience`` steps; after that it is multiplied by
+   ``cost_multiplier`` after ``patience`` successful steps and divided by ``cost_multiplier ** 1.5`` after
+   ``patience`` failing ones. The mask of the successful step with the smallest norm is kept. Optimisation stops
+   after ``steps`` steps, or once lambda has moved both ways and the best norm has not improved by 1% for
+   ``early_stop_patience`` steps.
+2. Detection: anomaly index of each class's mask L1 norm = (median - norm) / (1.4826 MAD) (median of an even count:
+   the mean of the middle two, as numpy's); classes above ``anomaly_threshold`` (paper: 2) on the small side are
+   infected.
+3. Mitigation by unlearning: fine-tune on the clean set where ``unlearn_fraction`` of every batch (paper: 20%)
+   carries the reversed trigger of an infected class but keeps its true label.
 """
 from __future__ import annotations
 
@@ -28,15 +34,25 @@ from safedl.utils.validate import check_fraction, check_positive, check_range
 
 log = logging.getLogger(__name__)
 
+_EPS = 1e-7  # keeps atanh finite at the initial 0/1 values (the paper's tanh(.) / (2 - eps) + 0.5)
+
 
 def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
     return (1 - mask) * x + mask * pattern
 
 
+def _squash(raw: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(raw) / (2 - _EPS) + 0.5
+
+
+def _unsquash(v: torch.Tensor) -> torch.Tensor:
+    return torch.atanh((v - 0.5) * (2 - _EPS))
+
+
 def anomaly_index(norms: torch.Tensor) -> torch.Tensor:
-    """(median - norm) / (1.4826 * MAD): positive for unusually small triggers."""
-    med = norms.median()
-    mad = (norms - med).abs().median().clamp_min(1e-12) * 1.4826
+    """(median - norm) / (1.4826 * MAD): positive for unusually small triggers (medians as numpy's)."""
+    med = norms.quantile(0.5)
+    mad = (norms - med).abs().quantile(0.5).clamp_min(1e-12) * 1.4826
     return (med - norms) / mad
 
 
@@ -44,14 +60,17 @@ def anomaly_index(norms: torch.Tensor) -> torch.Tensor:
 class NeuralCleanse:
     """Reverse-engineer a minimal trigger per class, flag outliers by MAD anomaly index, unlearn them."""
 
-    def __init__(self, *, steps: int = 300, lr: float = 0.1, init_lambda: float = 1e-3, lambda_up: float = 1.5,
-                 success_target: float = 0.95, batch_size: int = 64, anomaly_threshold: float = 2.0,
-                 unlearn_fraction: float = 0.2, unlearn_epochs: int = 5, unlearn_lr: float = 1e-3):
+    def __init__(self, *, steps: int = 300, lr: float = 0.1, init_cost: float = 1e-3, cost_multiplier: float = 1.5,
+                 patience: int = 5, attack_succ_threshold: float = 0.99, early_stop_patience: int = 20,
+                 batch_size: int = 32, anomaly_threshold: float = 2.0, unlearn_fraction: float = 0.2,
+                 unlearn_epochs: int = 5, unlearn_lr: float = 1e-3):
         self.steps = check_range(self, "steps", steps, low=1, integer=True)
         self.lr = check_positive(self, "lr", lr)
-        self.init_lambda = check_positive(self, "init_lambda", init_lambda)
-        self.lambda_up = check_range(self, "lambda_up", lambda_up, low=1.0, low_inclusive=False)
-        self.success_target = check_fraction(self, "success_target", success_target)
+        self.init_cost = check_positive(self, "init_cost", init_cost)
+        self.cost_multiplier = check_range(self, "cost_multiplier", cost_multiplier, low=1.0, low_inclusive=False)
+        self.patience = check_range(self, "patience", patience, low=1, integer=True)
+        self.attack_succ_threshold = check_fraction(self, "attack_succ_threshold", attack_succ_threshold)
+        self.early_stop_patience = check_range(self, "early_stop_patience", early_stop_patience, low=1, integer=True)
         self.batch_size = check_range(self, "batch_size", batch_size, low=1, integer=True)
         self.anomaly_threshold = check_positive(self, "anomaly_threshold", anomaly_threshold)
         self.unlearn_fraction = check_fraction(self, "unlearn_fraction", unlearn_fraction)
@@ -63,38 +82,60 @@ class NeuralCleanse:
         """The smallest mask (1 x H x W) and pattern (C x H x W) sending x to ``target``; returns (mask, pattern, L1)."""
         dev = x.device
         c, h, w = x.shape[1:]
-        m_raw = torch.full((1, h, w), -2.0, device=dev, requires_grad=True)  # tanh -> small initial mask
-        p_raw = (torch.rand((c, h, w), generator=generator) * 2 - 1).to(dev).requires_grad_(True)
+        m_raw = _unsquash(torch.rand((1, h, w), generator=generator)).to(dev).requires_grad_(True)
+        p_raw = _unsquash(torch.rand((c, h, w), generator=generator)).to(dev).requires_grad_(True)
         opt = torch.optim.Adam([m_raw, p_raw], lr=self.lr, betas=(0.5, 0.9))
-        lam = self.init_lambda
-        best = (None, None, float("inf"))
-        tgt = torch.full((self.batch_size,), target, dtype=torch.long, device=dev)
-        hits = 0
+        n, bs = len(x), self.batch_size
+        tgt = torch.full((n,), target, dtype=torch.long, device=dev)
+        cost, up_flag, down_flag = 0.0, False, False
+        set_count = up_count = down_count = stale = 0
+        best: tuple[torch.Tensor | None, torch.Tensor | None, float] = (None, None, float("inf"))
+        stale_ref = float("inf")
         for step in range(self.steps):
-            idx = torch.randint(0, len(x), (self.batch_size,), generator=generator).to(dev)
-            mask = (torch.tanh(m_raw) + 1) / 2
-            pattern = (torch.tanh(p_raw) + 1) / 2
-            logits = model(stamp(x[idx], mask, pattern))
-            ce = F.cross_entropy(logits, tgt[: len(idx)])
-            l1 = mask.sum()
-            loss = ce + lam * l1
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            success = float((logits.argmax(1) == target).float().mean())
-            if success >= self.success_target:
-                hits += 1
-                if float(l1.detach()) < best[2]:
-                    best = (mask.detach().clone(), pattern.detach().clone(), float(l1.detach()))
-            # the paper's cost schedule, checked every 10 steps
-            if step % 10 == 9:
-                lam = lam * self.lambda_up if hits >= 5 else lam / self.lambda_up ** 1.5
-                lam = max(lam, 1e-5)
-                hits = 0
+            perm = torch.randperm(n, generator=generator).to(dev)
+            hits = 0
+            for i in range(0, n, bs):
+                idx = perm[i : i + bs]
+                mask, pattern = _squash(m_raw), _squash(p_raw)
+                logits = model(stamp(x[idx], mask, pattern))
+                loss = F.cross_entropy(logits, tgt[idx]) + cost * mask.sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                hits += int((logits.argmax(1) == target).sum())
+            success = hits / n
+            with torch.no_grad():
+                mask = _squash(m_raw)
+                l1 = float(mask.sum())
+            if success >= self.attack_succ_threshold and l1 < best[2]:
+                best = (mask.clone(), _squash(p_raw).detach().clone(), l1)
+            # early stop: the best norm has stopped improving after lambda moved both ways
+            if best[2] < float("inf"):
+                stale = stale + 1 if best[2] >= 0.99 * stale_ref else 0
+            stale_ref = min(stale_ref, best[2])
+            if up_flag and down_flag and stale >= self.early_stop_patience:
+                break
+            # the paper's cost schedule
+            if cost == 0.0 and success >= self.attack_succ_threshold:
+                set_count += 1
+                if set_count >= self.patience:
+                    cost, up_count, down_count, up_flag, down_flag = self.init_cost, 0, 0, False, False
+            else:
+                set_count = 0
+            if success >= self.attack_succ_threshold:
+                up_count, down_count = up_count + 1, 0
+            else:
+                up_count, down_count = 0, down_count + 1
+            if cost > 0 and up_count >= self.patience:
+                up_count, cost, up_flag = 0, cost * self.cost_multiplier, True
+            elif cost > 0 and down_count >= self.patience:
+                down_count, cost, down_flag = 0, cost / self.cost_multiplier**1.5, True
+        self.steps_run_.append(step + 1)
         if best[0] is None:  # never reached the target: report the final mask (its norm stays large)
-            mask = ((torch.tanh(m_raw) + 1) / 2).detach()
-            best = (mask, ((torch.tanh(p_raw) + 1) / 2).detach(), float(mask.sum()))
-        return best
+            with torch.no_grad():
+                mask = _squash(m_raw)
+                best = (mask.clone(), _squash(p_raw).clone(), float(mask.sum()))
+        return best  # type: ignore[return-value]
 
     def repair(self, model: nn.Module, *, clean: Dataset, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
         dev = torch.device(device)
@@ -102,20 +143,21 @@ class NeuralCleanse:
         g = torch.Generator().manual_seed(int(seed))
         x = clean.x.to(dev)
         masks, patterns, norms = [], [], []
+        self.steps_run_: list[int] = []
         with eval_mode(m), frozen_params(m):
             for t in range(clean.num_classes):
                 mk, pt, l1 = self.reverse_trigger(m, x[clean.y.to(dev) != t], t, generator=g)
                 masks.append(mk.cpu())
                 patterns.append(pt.cpu())
                 norms.append(l1)
-                log.info("neural_cleanse: class %d trigger L1 %.2f", t, l1)
+                log.info("neural_cleanse: class %d trigger L1 %.2f (%d steps)", t, l1, self.steps_run_[-1])
         norms_t = torch.tensor(norms)
         idx = anomaly_index(norms_t)
         infected = [int(i) for i in torch.nonzero(idx > self.anomaly_threshold).flatten()]
         self.masks_ = torch.stack(masks)
         self.patterns_ = torch.stack(patterns)
         self.report_ = {"trigger_l1": [round(v, 3) for v in norms], "anomaly_index": [round(v, 3) for v in idx.tolist()],
-                        "infected_classes": infected}
+                        "infected_classes": infected, "steps_run": list(self.steps_run_)}
         if not infected or self.unlearn_epochs == 0:
             return m.eval()
         mk = self.masks_[infected].to(dev)

@@ -192,3 +192,68 @@ def test_handler_randomized_smoothing(tmp_path, digits_splits, tiny_model, eval_
     vals = [cert[k]["value"] for k in sorted(cert, key=lambda k: float(k.split("_")[1]))]
     assert vals == sorted(vals, reverse=True)
     assert "robust_accuracy" in entry["metrics"] and "clean_rejection_rate" in entry["metrics"]
+
+
+def test_lid_mle_matches_the_formula_and_orders_dimensions():
+    from safedl.defenses.detect.lid import lid_mle
+
+    g = torch.Generator().manual_seed(0)
+    a, ref, k = torch.randn(5, 7, generator=g), torch.randn(40, 7, generator=g), 10
+    got = lid_mle(a, ref, k)
+    for i in range(5):  # slow reference: -(1/k sum log(r_i / r_k))^-1 over the k nearest distances
+        r = sorted(math.dist(a[i].tolist(), ref[j].tolist()) for j in range(40))[:k]
+        assert float(got[i]) == pytest.approx(-1 / (sum(math.log(v / r[-1]) for v in r) / k), rel=1e-4)
+    # points on a 2-d plane inside 10-d space have a much lower estimated LID than a full 10-d cloud
+    plane = torch.randn(600, 2, generator=g) @ torch.randn(2, 10, generator=g)
+    cloud = torch.randn(600, 10, generator=g)
+    lid_plane = lid_mle(plane[:100], plane[100:], 20).median()
+    lid_cloud = lid_mle(cloud[:100], cloud[100:], 20).median()
+    assert 1.0 < lid_plane < 3.5 < 6.0 < lid_cloud
+
+
+def test_layer_outputs_relu_and_all_layers(tiny_model, eval_batch):
+    from safedl.defenses.detect._base import layer_outputs
+
+    x = eval_batch[0][:4]
+    relu = layer_outputs(tiny_model, x, pool=True)
+    assert [a.shape[1] for a in relu] == [8, 16, 32, 10]  # per-channel means of two conv ReLUs, hidden ReLU, logits
+    every = layer_outputs(tiny_model, x, pool=False, layers="all")
+    # conv, relu, conv, relu, pool, linear, relu (flatten and Normalize skipped), then the logits once
+    assert len(every) == 8 and torch.equal(every[-1], tiny_model(x))
+    assert every[1].shape[1] == 8 * 8 * 8
+
+
+def test_mahalanobis_distances_match_a_slow_reference(fitted, digits_splits):
+    from safedl.defenses.detect.mahalanobis import _features
+
+    det = fitted["mahalanobis"]
+    x = digits_splits.test.x[:5]
+    with torch.no_grad():
+        feats = _features(det.model_, x)
+        got = det._closest(feats)
+    assert len(got) == len(det.means_) == 3  # one Gaussian model per ReLU layer (the feature ensemble)
+    for f, mu, prec, d in zip(feats, det.means_, det.precisions_, got):
+        for i in range(len(x)):
+            ref = min(float((f[i] - mu[c]) @ prec @ (f[i] - mu[c])) for c in range(len(mu)))
+            assert float(d[i]) == pytest.approx(ref, rel=1e-3, abs=1e-3)
+
+
+def test_supervised_detectors_validate_and_use_their_fit_attack(tiny_model, digits_splits, eval_batch, pgd_batch):
+    from safedl.errors import ConfigError, UnknownComponentError
+
+    with pytest.raises(UnknownComponentError, match="fgsm"):
+        registry.create("detector", "lid", attack="not_an_attack")
+    with pytest.raises(ConfigError, match="attack_params"):
+        registry.create("detector", "mahalanobis", attack_params={"eps": 0.1})  # the budget is the detector's eps
+    with pytest.raises(ConfigError, match="attack_params"):
+        registry.create("detector", "mahalanobis", attack="fgsm", attack_params={"steps": 3})
+    x, _ = eval_batch
+    det = registry.create("detector", "mahalanobis", attack="fgsm", noise_magnitude=0.01).fit(
+        digits_splits.train.x, model=tiny_model, y=digits_splits.train.y, seed=0)
+    assert det.attack == "fgsm" and det.fit_accuracy_ > 0.8
+    # fitted on FGSM examples, tested on PGD: a cross-attack number
+    assert auroc(det.score(x), det.score(pgd_batch)) > 0.75
+    # the input-preprocessed score stays differentiable for adaptive attacks (identity gradient through the step)
+    xg = x[:8].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(det.score_torch(xg).sum(), xg)
+    assert float(grad.abs().sum()) > 0

@@ -179,3 +179,21 @@ def test_adversarial_training_ratio_zero_is_plain_training_and_pgd_changes_it(di
     same = all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), clean_only.state_dict().values()))
     differs = any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), adv.state_dict().values()))
     assert same and differs and not adv.training
+
+
+@pytest.mark.parametrize("name", ["adversarial_training", "trades", "fast_adversarial_training"])
+def test_robust_trainers_epochs_override_only_the_passes(name, digits_splits):
+    from safedl.models import TrainRecipe, build_model, with_normalization
+
+    with pytest.raises(ConfigError, match="epochs"):
+        registry.create("trainer", name, epochs=0)
+    data = digits_splits.train.subset(torch.arange(64))
+    recipe = TrainRecipe(epochs=1, batch_size=32, augment="none")
+    model = with_normalization(build_model("tiny_cnn", in_channels=1, num_classes=10, image_size=8),
+                               digits_splits.mean, digits_splits.std)
+    params = {"steps": 1} if name != "fast_adversarial_training" else {}
+    trainer = registry.create("trainer", name, epochs=3, **params)
+    trainer.fit(model, data, recipe=recipe, seed=0)
+    assert trainer.report_.epochs_run == 3 and recipe.epochs == 1  # the caller's recipe is not modified
+    assert trainer.params()["epochs"] == 3
+    assert registry.create("trainer", name).epochs is None  # default: the baseline recipe's epochs

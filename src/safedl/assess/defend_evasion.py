@@ -191,8 +191,10 @@ def evaluate_evasion_defense(ctx: RunContext, spec: DefenseSpec, components: lis
     elif parts["trainer"]:
         trainer = parts["trainer"][0]
         model, train_time, cached = _train(ctx, spec, trainer, trainer.registry_name)
+        epochs = getattr(trainer, "epochs", None)
         notes.append(f"{trainer.registry_name}: a fresh model trained with the baseline recipe and seed"
-                     f"{' (reloaded from the stage folder)' if cached else ''}")
+                     + (f", except epochs={epochs} (the trainer's override)" if epochs is not None else "")
+                     + (" (reloaded from the stage folder)" if cached else ""))
     if len(parts["trainer"]) > 1 or (certifier is not None and parts["trainer"]):
         notes.append("only one model-training component is used (the certifier, else the first trainer)")
     if train_time is not None:

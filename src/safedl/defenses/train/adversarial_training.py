@@ -40,17 +40,29 @@ def total_steps(data: Dataset, recipe: TrainRecipe) -> int:
     return recipe.epochs * max(1, math.ceil(len(data) / recipe.batch_size))
 
 
+def check_epochs(owner: object, epochs: int | None) -> int | None:
+    return None if epochs is None else check_range(owner, "epochs", epochs, low=1, high=1000, integer=True)
+
+
 class RobustTrainer:
-    """Shared plumbing: ``fit`` trains through the shared loop with this trainer's ``loss_fn`` and records timing."""
+    """Shared plumbing: ``fit`` trains through the shared loop with this trainer's ``loss_fn`` and records timing.
+
+    ``epochs`` (None: the baseline recipe's) overrides only the number of passes; every other recipe setting
+    (optimizer, schedule, augmentation, seed) stays the baseline's. Adversarial training needs more passes than
+    clean training (Madry et al. train about 80 epochs on MNIST); bench/measure_evasion_defenses.py uses 20.
+    """
 
     time_s_: float | None = None
     report_ = None
+    epochs: int | None = None
 
     def _loss(self, schedule: EpsSchedule, seed: int):  # pragma: no cover - overridden
         raise NotImplementedError
 
     def fit(self, model: nn.Module, data: Dataset, *, recipe: TrainRecipe, seed: int, device: torch.device | str = "cpu",
             val: Dataset | None = None) -> nn.Module:
+        if self.epochs is not None:
+            recipe = recipe.model_copy(update={"epochs": self.epochs})
         schedule = EpsSchedule(self.eps, self.eps_ramp, total_steps(data, recipe))
         t0 = time.perf_counter()
         self.report_ = train_model(model, data, recipe=recipe, seed=seed, val=val, device=device,
@@ -71,8 +83,8 @@ class AdversarialTraining(RobustTrainer):
     training, ``ratio=0.5`` Goodfellow et al.'s mix. Each batch gets a fresh PGD random start (seed + step).
     """
 
-    def __init__(self, *, attack: str = "pgd", eps: float = 0.3, norm: str = "linf", steps: int = 7,
-                 alpha: float | None = None, ratio: float = 1.0, eps_ramp: float = 0.25):
+    def __init__(self, *, attack: str = "pgd", eps: float = 0.3, norm: str = "linf", steps: int = 10,
+                 alpha: float | None = None, ratio: float = 1.0, eps_ramp: float = 0.25, epochs: int | None = None):
         self.attack = check_choice(self, "attack", attack, ("pgd", "fgsm"))
         self.norm = check_choice(self, "norm", norm, ("linf", "l2"))
         self.eps = float(check_positive(self, "eps", eps))
@@ -82,6 +94,7 @@ class AdversarialTraining(RobustTrainer):
         self.alpha = None if alpha is None else float(check_positive(self, "alpha", alpha))
         self.ratio = float(check_fraction(self, "ratio", ratio, allow_zero=True))
         self.eps_ramp = float(check_fraction(self, "eps_ramp", eps_ramp, allow_zero=True))
+        self.epochs = check_epochs(self, epochs)
 
     def _make_attack(self, eps: float, seed: int):
         if self.attack == "fgsm":

@@ -8,7 +8,7 @@ from torch import nn
 
 from safedl.attacks.base import make_generator
 from safedl.attacks.evasion._lp import project, steepest_step
-from safedl.defenses.train.adversarial_training import EpsSchedule, RobustTrainer
+from safedl.defenses.train.adversarial_training import EpsSchedule, RobustTrainer, check_epochs
 from safedl.registry import register
 from safedl.utils.tensors import eval_mode, frozen_params
 from safedl.utils.validate import check_choice, check_fraction, check_positive
@@ -24,13 +24,14 @@ class TRADES(RobustTrainer):
     """
 
     def __init__(self, *, beta: float = 6.0, eps: float = 0.3, norm: str = "linf", steps: int = 7,
-                 alpha: float | None = None, eps_ramp: float = 0.25):
+                 alpha: float | None = None, eps_ramp: float = 0.25, epochs: int | None = None):
         self.beta = float(check_positive(self, "beta", beta, allow_zero=True))
         self.eps = float(check_positive(self, "eps", eps))
         self.norm = check_choice(self, "norm", norm, ("linf", "l2"))
         self.steps = check_positive(self, "steps", steps, integer=True)
         self.alpha = None if alpha is None else float(check_positive(self, "alpha", alpha))
         self.eps_ramp = float(check_fraction(self, "eps_ramp", eps_ramp, allow_zero=True))
+        self.epochs = check_epochs(self, epochs)
 
     def _inner_max(self, model: nn.Module, x: torch.Tensor, eps: float, gen) -> torch.Tensor:
         alpha = self.alpha if self.alpha is not None else 2.5 * eps / self.steps

@@ -1,14 +1,32 @@
 """Measure issue 5's "Done when" on mnist5k: poison/backdoor defenses scored against the attack's ground truth.
 
-Setup: stratified_split(load_builtin('mnist5k'), test_fraction=0.2, val_fraction=0.1, seed=0), small_cnn,
-TrainRecipe() defaults, seed 0. Backdoor: static_patch, trigger 'pattern', dirty-label, target class 7, 10% and 1%
-of the training set. The trusted clean set for the cleansers and repairs is the validation split.
+Setup: stratified_split(load_builtin('mnist5k'), test_fraction=0.2, val_fraction=0.1, seed=SEED), small_cnn,
+TrainRecipe() defaults, SEED 0 unless --seed. Backdoor: static_patch, trigger 'pattern', dirty-label, target class 7,
+10% and 1% of the training set. The trusted clean set for the cleansers and repairs is the validation split (500);
+ASR is measured on the 900 triggered non-7 test images, clean accuracy on the 1000 test images.
 
     .venv/bin/python bench/measure_poisoning_defenses.py --part backdoor   # SS, AC, fine-pruning, neural cleanse
     .venv/bin/python bench/measure_poisoning_defenses.py --part backdoor --scenarios 0.01 --skip-baseline
-    .venv/bin/python bench/measure_poisoning_defenses.py --part labels     # data cleaning, robust loss, DP-SGD
+    .venv/bin/python bench/measure_poisoning_defenses.py --part backdoor --scenarios 0.1 \
+        --defenses fine_pruning neural_cleanse fine_pruning:prune_only fine_pruning:epochs=5,lr=5e-4   # repairs
+    .venv/bin/python bench/measure_poisoning_defenses.py --seed 1 --part backdoor --scenarios 0.1 \
+        --defenses fine_pruning fine_pruning:prune_only                        # an untuned replicate
+    .venv/bin/python bench/measure_poisoning_defenses.py --part labels     # data cleaning, DP-SGD
+    .venv/bin/python bench/measure_poisoning_defenses.py --part robust_loss --seeds 5   # CE vs robust losses
 
-Each part prints one JSON line per measurement (proportions with n and 95% Wilson intervals).
+Each part prints one JSON line per measurement (proportions with n and 95% Wilson intervals; means over seeds with
+t intervals). Measured (torch single-threaded, CPU):
+- repairs, scenario (a), seed 0 (baseline 0.973, poisoned 0.971 / ASR 1.0): fine_pruning (48/64 last-conv channels
+  pruned at the 4% val-accuracy bound, then 10 epochs at 3e-3) ASR 0.087 [0.070, 0.107] n=900, clean 0.958; pruning
+  alone ASR 1.0; the old fine-tuning (5 epochs at 5e-4) ASR 0.997. Replicate --seed 1 (baseline 0.977): fine_pruning
+  ASR 0.090 [0.073, 0.110] but clean 0.944 (3.3 points down: the fine-tuning on 500 images costs accuracy); with
+  max_accuracy_drop=0.02 seed 0 gives ASR 0.120 / clean 0.947, seed 1 ASR 0.023 / clean 0.949. So the "<= 0.10 ASR
+  within 2 points" target holds at seed 0 only, not robustly across seeds. neural_cleanse: reversed-trigger L1 of class 7
+  is 1.5 against 21-60 for the others, but the clean classes' norms are bimodal (1, 4, 6, 9 near 50-60), so its
+  anomaly index is 1.40 < 2: nothing is flagged and there is no unlearning (ASR stays 1.0).
+- robust_loss, 20% fully_random flips, 5 seeds: CE 0.969; GCE -0.0066 [-0.0125, -0.0007], SCE -0.0064
+  [-0.0114, -0.0014], label smoothing +0.0026 [-0.0005, +0.0057] (paired difference to CE, mean over seeds): with
+  the baseline recipe (8 epochs, shift augmentation) CE does not memorise the flips, so nothing beats it beyond noise.
 """
 from __future__ import annotations
 
@@ -29,14 +47,16 @@ from safedl.utils.tensors import predict, seed_everything
 SEED = 0
 
 
-def fresh(s):
-    seed_everything(SEED)
+def fresh(s, seed=None):
+    seed = SEED if seed is None else seed
+    seed_everything(seed)
     return with_normalization(build_model("small_cnn", in_channels=1, num_classes=10, image_size=28), s.mean, s.std)
 
 
-def train(s, data, **kw):
-    m = fresh(s)
-    train_model(m, data, recipe=TrainRecipe(), seed=SEED, **kw)
+def train(s, data, seed=None, **kw):
+    seed = SEED if seed is None else seed
+    m = fresh(s, seed)
+    train_model(m, data, recipe=TrainRecipe(), seed=seed, **kw)
     return m.eval()
 
 
@@ -64,7 +84,17 @@ def out(**kw):
     print(json.dumps(kw, default=str), flush=True)
 
 
-def backdoor(s, base_acc, scenarios=(0.1, 0.01)):
+REPAIRS = {  # name -> (registry name, params); the fine_pruning:* entries are ablations
+    "fine_pruning": ("fine_pruning", {}),
+    "neural_cleanse": ("neural_cleanse", {}),
+    "fine_pruning:prune_only": ("fine_pruning", {"epochs": 0}),
+    "fine_pruning:epochs=5,lr=5e-4": ("fine_pruning", {"epochs": 5, "lr": 5e-4}),
+    "fine_pruning:max_accuracy_drop=0.02": ("fine_pruning", {"max_accuracy_drop": 0.02}),
+}
+
+
+def backdoor(s, base_acc, scenarios=(0.1, 0.01), defenses=("spectral_signatures", "activation_clustering",
+                                                            "fine_pruning", "neural_cleanse")):
     for frac in scenarios:
         atk = registry.create("backdoor", "static_patch", target_class=7, trigger="pattern", poison_fraction=frac,
                               label_mode="dirty", seed=SEED)
@@ -75,6 +105,8 @@ def backdoor(s, base_acc, scenarios=(0.1, 0.01)):
         out(scenario=frac, stage="poisoned", n_poison=p.n_poison, clean_accuracy=acc(m, s.test), asr=asr(m, xt, 7),
             train_s=round(time.perf_counter() - t0, 1))
         for name in ("spectral_signatures", "activation_clustering"):
+            if name not in defenses:
+                continue
             t0 = time.perf_counter()
             res = registry.create("cleanser", name).find_poison(p, model=m, trusted=s.val)
             det = detection(res, p.is_poison)
@@ -83,20 +115,23 @@ def backdoor(s, base_acc, scenarios=(0.1, 0.01)):
             out(scenario=frac, defense=name, **det, time_s=round(dt, 1), poisoned_classes=res.info["poisoned_classes"],
                 clean_accuracy_after=acc(m2, s.test), asr_after=asr(m2, xt, 7), baseline_accuracy=base_acc)
         if frac == 0.1:
-            for name in ("fine_pruning", "neural_cleanse"):
+            for name in [d for d in defenses if d in REPAIRS]:
+                reg_name, params = REPAIRS[name]
                 t0 = time.perf_counter()
-                rep = registry.create("repair", name)
+                rep = registry.create("repair", reg_name, **params)
                 m3 = rep.repair(m, clean=s.val, seed=SEED)
-                out(scenario=frac, defense=name, time_s=round(time.perf_counter() - t0, 1), report=rep.report_,
-                    clean_accuracy_after=acc(m3, s.test), asr_after=asr(m3, xt, 7), baseline_accuracy=base_acc)
+                out(scenario=frac, defense=name, params=params, time_s=round(time.perf_counter() - t0, 1),
+                    report=rep.report_, clean_accuracy_after=acc(m3, s.test), asr_after=asr(m3, xt, 7),
+                    baseline_accuracy=base_acc)
 
 
-def flip(train: Dataset, frac: float) -> PoisonedDataset:
+def flip(train: Dataset, frac: float, seed: int | None = None) -> PoisonedDataset:
     """label_flipping fully_random at ``frac`` (the registered attack; a seeded uniform flip if it is missing)."""
+    seed = SEED if seed is None else seed
     if "label_flipping" in registry.names("poisoning"):
         atk = registry.create("poisoning", "label_flipping", strategy="fully_random", flip_rate=frac, target_class=None)
-        return atk.poison(train, generator=torch.Generator().manual_seed(SEED))
-    g = torch.Generator().manual_seed(SEED)
+        return atk.poison(train, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
     n = len(train)
     idx = torch.randperm(n, generator=g)[: int(round(frac * n))]
     y = train.y.clone()
@@ -117,16 +152,6 @@ def labels(s):
     losses = res.score
     res2 = registry.create("cleanser", "data_cleaning", method="outlier_detection").find_poison(p10, losses=losses)
     out(defense="data_cleaning", method="outlier_detection", **detection(res2, p10.is_poison))
-    p20 = flip(s.train, 0.2)
-    m_ce = train(s, p20)
-    out(stage="label_flip_20", defense="none (cross-entropy)", clean_accuracy=acc(m_ce, s.test))
-    for loss in ("gce", "symmetric_cross_entropy"):
-        t0 = time.perf_counter()
-        m = fresh(s)
-        registry.create("trainer", "robust_loss", loss=loss).fit(m, p20, recipe=TrainRecipe(), seed=SEED)
-        out(stage="label_flip_20", defense=f"robust_loss:{loss}", clean_accuracy=acc(m, s.test),
-            time_s=round(time.perf_counter() - t0, 1))
-        break  # one robust loss is enough for the target; the others are in the tests
     t0 = time.perf_counter()
     dp = registry.create("trainer", "dp_training", target_epsilon=8.0, target_delta=1e-5, max_grad_norm=1.0)
     m = dp.fit(fresh(s), s.train, recipe=TrainRecipe(), seed=SEED)
@@ -134,12 +159,53 @@ def labels(s):
         clean_accuracy=acc(m, s.test), time_s=round(time.perf_counter() - t0, 1))
 
 
+def robust_losses(s, seeds):
+    """Plain CE vs the robust losses on 20% label_flipping fully_random, the baseline recipe, several seeds.
+
+    Seed k draws the flips, the model's initialisation and the data order; each loss sees the same flipped set and
+    the same initialisation for a given seed, so the per-seed differences to CE are paired."""
+    import numpy as np
+
+    from safedl.utils.stats import mean_metric
+
+    losses = ("cross_entropy", "gce", "symmetric_cross_entropy", "label_smoothing")
+    res: dict[str, list[float]] = {k: [] for k in losses}
+    for seed in seeds:
+        p20 = flip(s.train, 0.2, seed)
+        for loss in losses:
+            t0 = time.perf_counter()
+            if loss == "cross_entropy":
+                m = train(s, p20, seed)
+            else:
+                m = fresh(s, seed)
+                registry.create("trainer", "robust_loss", loss=loss).fit(m, p20, recipe=TrainRecipe(), seed=seed)
+            a = acc(m.eval(), s.test)
+            res[loss].append(a["value"])
+            out(stage="label_flip_20", seed=seed, loss=loss, n_flipped=p20.n_poison, clean_accuracy=a,
+                time_s=round(time.perf_counter() - t0, 1))
+    ce = np.array(res["cross_entropy"])
+    for loss in losses:
+        v = np.array(res[loss])
+        summary = {"clean_accuracy_mean": mean_metric(v)}
+        if loss != "cross_entropy":
+            summary["difference_to_ce"] = mean_metric(v - ce)
+            summary["seeds_better_than_ce"] = int((v > ce).sum())
+        out(stage="label_flip_20_summary", loss=loss, seeds=list(seeds), **summary)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("backdoor", "labels", "all"), default="all")
+    ap.add_argument("--part", choices=("backdoor", "labels", "robust_loss", "all"), default="all")
+    ap.add_argument("--seeds", type=int, default=5, help="robust_loss part: seeds 0..N-1")
     ap.add_argument("--scenarios", type=float, nargs="+", default=[0.1, 0.01], help="backdoor poison fractions")
     ap.add_argument("--skip-baseline", action="store_true", help="do not retrain the clean baseline (backdoor part)")
+    ap.add_argument("--defenses", nargs="+", default=["spectral_signatures", "activation_clustering", "fine_pruning",
+                                                      "neural_cleanse"],
+                    choices=["spectral_signatures", "activation_clustering", *REPAIRS], help="backdoor part")
+    ap.add_argument("--seed", type=int, default=0, help="split, attack, training and defense seed (replicates)")
     args = ap.parse_args()
+    global SEED
+    SEED = args.seed
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     from safedl.utils.progress import set_enabled
@@ -153,9 +219,11 @@ def main() -> None:
             t0 = time.perf_counter()
             base_acc = acc(train(s, s.train), s.test)
             out(stage="baseline", clean_accuracy=base_acc, train_s=round(time.perf_counter() - t0, 1))
-        backdoor(s, base_acc, tuple(args.scenarios))
+        backdoor(s, base_acc, tuple(args.scenarios), tuple(args.defenses))
     if args.part in ("labels", "all"):
         labels(s)
+    if args.part in ("robust_loss", "all"):
+        robust_losses(s, range(args.seeds))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@
 - ``label_smoothing``: CE against (1 - eps) onehot + eps / C (Szegedy et al. 2016; Lukasik et al., ICML 2020 on
   smoothing against label noise).
 The model is trained with the shared training loop and the given recipe; only the loss changes.
+
+Measured (bench/measure_poisoning_defenses.py --part robust_loss, mnist5k, 20% random flips, 5 seeds): under the
+baseline recipe (8 epochs, shift augmentation) cross-entropy does not yet memorise the flipped labels, so GCE and SCE
+converge more slowly and end about 0.6 points below it; label smoothing is +0.3 points, inside the seed noise.
 """
 from __future__ import annotations
 

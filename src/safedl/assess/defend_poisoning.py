@@ -27,7 +27,6 @@ from torch import nn
 from safedl.assess.context import RunContext
 from safedl.assess.handlers import AttackOutcome, defense_handler
 from safedl.data.dataset import Dataset, PoisonedDataset
-from safedl.models.train import accuracy
 from safedl.utils.stats import proportion, scalar
 from safedl.utils.tensors import predict
 

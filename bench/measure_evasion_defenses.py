@@ -238,6 +238,7 @@ def main() -> None:
     ap.add_argument("--parts", default="at,preprocess,detect,smoothing,post")
     ap.add_argument("--n", type=int, default=500, help="test images per evaluation")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--at-model", default="/tmp/edef_at_model.pt", help="state dict that at_eval evaluates")
     ap.add_argument("--detect-runs", default=",".join(DETECT_RUNS), help="subset of: " + ",".join(DETECT_RUNS))
     args = ap.parse_args()
     DETECT_RUNS[:] = args.detect_runs.split(",")
@@ -253,7 +254,7 @@ def main() -> None:
             part_at(splits, args.n)
             continue
         if part == "at_eval":
-            part_at_eval(splits, args.n)
+            part_at_eval(splits, args.n, path=args.at_model)
             continue
         if base is None:
             base = baseline(splits)

@@ -49,7 +49,9 @@ class RobustTrainer:
 
     ``epochs`` (None: the baseline recipe's) overrides only the number of passes; every other recipe setting
     (optimizer, schedule, augmentation, seed) stays the baseline's. Adversarial training needs more passes than
-    clean training (Madry et al. train about 80 epochs on MNIST); bench/measure_evasion_defenses.py uses 20.
+    clean training (Madry et al. train about 80 epochs on MNIST). On mnist5k, ``adversarial_training`` with PGD-10
+    and epochs=20 trains small_cnn in 645 s on one thread to clean accuracy 0.974 and robust accuracy 0.836
+    [0.801, 0.866] (n=500) against the full ``ensemble`` at eps 0.3 (bench/measure_evasion_defenses.py --parts at).
     """
 
     time_s_: float | None = None

@@ -62,13 +62,14 @@ class MahalanobisDetector(SupervisedDetector):
             self.precisions_.append(torch.linalg.pinv(cov, hermitian=True).float())
         self._fit_regression(x[reg_idx], labels[reg_idx], model, seed)
 
+    def _layer_distance(self, layer: int, f: torch.Tensor) -> torch.Tensor:
+        """The Mahalanobis distance (N) of one layer's features to the closest class mean."""
+        d = f.unsqueeze(1) - self.means_[layer].to(f.device).unsqueeze(0)  # N x K x D
+        return torch.einsum("nkd,de,nke->nk", d, self.precisions_[layer].to(f.device), d).min(1).values
+
     def _closest(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per layer, the Mahalanobis distance (N) to the closest class mean."""
-        out = []
-        for f, mu, prec in zip(feats, self.means_, self.precisions_):
-            d = f.unsqueeze(1) - mu.to(f.device).unsqueeze(0)  # N x K x D
-            out.append(torch.einsum("nkd,de,nke->nk", d, prec.to(f.device), d).min(1).values)
-        return out
+        return [self._layer_distance(layer, f) for layer, f in enumerate(feats)]
 
     def _characteristics(self, x: torch.Tensor) -> torch.Tensor:
         if self.noise_magnitude <= 0:
@@ -81,5 +82,5 @@ class MahalanobisDetector(SupervisedDetector):
         for layer, g in enumerate(grads):
             # the step is a fixed function of x for an attacker (BPDA: the identity's gradient through it)
             step = (x.detach() - self.noise_magnitude * g.sign()).clamp(0, 1) - x.detach()
-            out.append(self._closest(_features(self.model_, x + step))[layer])
+            out.append(self._layer_distance(layer, _features(self.model_, x + step)[layer]))
         return torch.stack(out, 1)

@@ -60,10 +60,8 @@ def test_neural_cleanse_cost_schedule_shrinks_a_successful_mask(backdoored, digi
     # lambda starts at 0 and is only set after `patience` successful passes: with patience > steps it never is
     x = digits_splits.val.x[digits_splits.val.y != 3]
     free = registry.create("repair", "neural_cleanse", steps=6, patience=100, batch_size=64)
-    free.steps_run_ = []
     mk0, _, l1_free = free.reverse_trigger(backdoored, x, 3, generator=torch.Generator().manual_seed(0))
     paid = registry.create("repair", "neural_cleanse", steps=40, patience=2, batch_size=64)
-    paid.steps_run_ = []
     mk1, pt1, l1_paid = paid.reverse_trigger(backdoored, x, 3, generator=torch.Generator().manual_seed(0))
     assert l1_paid < 0.5 * l1_free  # the cost schedule shrinks the mask
     hit = (predict(backdoored, stamp(x, mk1, pt1)) == 3).float().mean()

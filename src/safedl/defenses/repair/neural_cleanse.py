@@ -130,7 +130,7 @@ class NeuralCleanse:
                 up_count, cost, up_flag = 0, cost * self.cost_multiplier, True
             elif cost > 0 and down_count >= self.patience:
                 down_count, cost, down_flag = 0, cost / self.cost_multiplier**1.5, True
-        self.steps_run_.append(step + 1)
+        self.last_steps_run_ = step + 1  # passes this class took (repair reports them per class)
         if best[0] is None:  # never reached the target: report the final mask (its norm stays large)
             with torch.no_grad():
                 mask = _squash(m_raw)
@@ -143,21 +143,22 @@ class NeuralCleanse:
         g = torch.Generator().manual_seed(int(seed))
         x = clean.x.to(dev)
         masks, patterns, norms = [], [], []
-        self.steps_run_: list[int] = []
+        steps_run: list[int] = []
         with eval_mode(m), frozen_params(m):
             for t in range(clean.num_classes):
                 mk, pt, l1 = self.reverse_trigger(m, x[clean.y.to(dev) != t], t, generator=g)
                 masks.append(mk.cpu())
                 patterns.append(pt.cpu())
                 norms.append(l1)
-                log.info("neural_cleanse: class %d trigger L1 %.2f (%d steps)", t, l1, self.steps_run_[-1])
+                steps_run.append(self.last_steps_run_)
+                log.info("neural_cleanse: class %d trigger L1 %.2f (%d steps)", t, l1, steps_run[-1])
         norms_t = torch.tensor(norms)
         idx = anomaly_index(norms_t)
         infected = [int(i) for i in torch.nonzero(idx > self.anomaly_threshold).flatten()]
         self.masks_ = torch.stack(masks)
         self.patterns_ = torch.stack(patterns)
         self.report_ = {"trigger_l1": [round(v, 3) for v in norms], "anomaly_index": [round(v, 3) for v in idx.tolist()],
-                        "infected_classes": infected, "steps_run": list(self.steps_run_)}
+                        "infected_classes": infected, "steps_run": steps_run}
         if not infected or self.unlearn_epochs == 0:
             return m.eval()
         mk = self.masks_[infected].to(dev)

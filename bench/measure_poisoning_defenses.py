@@ -84,6 +84,16 @@ def out(**kw):
     print(json.dumps(kw, default=str), flush=True)
 
 
+CLEANSERS = {  # name -> (registry name, params, what find_poison is given besides the data)
+    "spectral_signatures": ("spectral_signatures", {}, "model"),
+    "activation_clustering": ("activation_clustering", {}, "model"),
+    "anomaly_detection": ("anomaly_detection", {}, "model"),
+    "anomaly_detection:lof": ("anomaly_detection", {"type": "lof"}, "model"),
+    "influence_functions": ("influence_functions", {}, "train_fn"),  # TracInCP over the 8 epoch checkpoints
+    "roni": ("roni", {}, "model"),
+    "data_cleaning": ("data_cleaning", {"n_folds": 3}, "train_fn"),
+}
+
 REPAIRS = {  # name -> (registry name, params); the fine_pruning:* entries are ablations
     "fine_pruning": ("fine_pruning", {}),
     "neural_cleanse": ("neural_cleanse", {}),
@@ -91,6 +101,15 @@ REPAIRS = {  # name -> (registry name, params); the fine_pruning:* entries are a
     "fine_pruning:epochs=5,lr=5e-4": ("fine_pruning", {"epochs": 5, "lr": 5e-4}),
     "fine_pruning:max_accuracy_drop=0.02": ("fine_pruning", {"max_accuracy_drop": 0.02}),
 }
+
+
+def cleanse(s, name, data, model):
+    """Run one cleanser on ``data`` (trusted set: the validation split); its result, detection scores and time."""
+    reg_name, params, given = CLEANSERS[name]
+    t0 = time.perf_counter()
+    kw = {"model": model} if given == "model" else {"train_fn": lambda d, **k: train(s, d, **k)}
+    res = registry.create("cleanser", reg_name, **params).find_poison(data, trusted=s.val, **kw)
+    return res, detection(res, data.is_poison), time.perf_counter() - t0
 
 
 def backdoor(s, base_acc, scenarios=(0.1, 0.01), defenses=("spectral_signatures", "activation_clustering",
@@ -104,16 +123,12 @@ def backdoor(s, base_acc, scenarios=(0.1, 0.01), defenses=("spectral_signatures"
         m = train(s, p)
         out(scenario=frac, stage="poisoned", n_poison=p.n_poison, clean_accuracy=acc(m, s.test), asr=asr(m, xt, 7),
             train_s=round(time.perf_counter() - t0, 1))
-        for name in ("spectral_signatures", "activation_clustering"):
-            if name not in defenses:
-                continue
-            t0 = time.perf_counter()
-            res = registry.create("cleanser", name).find_poison(p, model=m, trusted=s.val)
-            det = detection(res, p.is_poison)
-            dt = time.perf_counter() - t0
+        for name in [d for d in defenses if d in CLEANSERS]:
+            res, det, dt = cleanse(s, name, p, m)
             m2 = train(s, p.subset(res.keep))
-            out(scenario=frac, defense=name, **det, time_s=round(dt, 1), poisoned_classes=res.info["poisoned_classes"],
-                clean_accuracy_after=acc(m2, s.test), asr_after=asr(m2, xt, 7), baseline_accuracy=base_acc)
+            out(scenario=frac, defense=name, **det, time_s=round(dt, 1),
+                poisoned_classes=res.info.get("poisoned_classes"), clean_accuracy_after=acc(m2, s.test),
+                asr_after=asr(m2, xt, 7), baseline_accuracy=base_acc)
         if frac == 0.1:
             for name in [d for d in defenses if d in REPAIRS]:
                 reg_name, params = REPAIRS[name]
@@ -152,6 +167,9 @@ def labels(s):
     losses = res.score
     res2 = registry.create("cleanser", "data_cleaning", method="outlier_detection").find_poison(p10, losses=losses)
     out(defense="data_cleaning", method="outlier_detection", **detection(res2, p10.is_poison))
+    for name in ("influence_functions", "roni"):
+        res, det, dt = cleanse(s, name, p10, train(s, p10))
+        out(defense=name, attack="label_flipping fully_random 10%", **det, time_s=round(dt, 1))
     t0 = time.perf_counter()
     dp = registry.create("trainer", "dp_training", target_epsilon=8.0, target_delta=1e-5, max_grad_norm=1.0)
     m = dp.fit(fresh(s), s.train, recipe=TrainRecipe(), seed=SEED)
@@ -159,8 +177,16 @@ def labels(s):
         clean_accuracy=acc(m, s.test), time_s=round(time.perf_counter() - t0, 1))
 
 
-def robust_losses(s, seeds):
-    """Plain CE vs the robust losses on 20% label_flipping fully_random, the baseline recipe, several seeds.
+LOSS_RECIPES = {
+    "baseline": TrainRecipe(),
+    # long enough, with a constant rate and no augmentation, for CE to fit the flipped labels (Zhang et al. 2017,
+    # "Understanding deep learning requires rethinking generalization"): the regime robust losses are meant for
+    "long": TrainRecipe(epochs=30, schedule="constant", augment="none"),
+}
+
+
+def robust_losses(s, seeds, recipe_name="baseline"):
+    """Plain CE vs the robust losses on 20% label_flipping fully_random, one recipe for all losses, several seeds.
 
     Seed k draws the flips, the model's initialisation and the data order; each loss sees the same flipped set and
     the same initialisation for a given seed, so the per-seed differences to CE are paired."""
@@ -170,19 +196,20 @@ def robust_losses(s, seeds):
 
     losses = ("cross_entropy", "gce", "symmetric_cross_entropy", "label_smoothing")
     res: dict[str, list[float]] = {k: [] for k in losses}
+    recipe = LOSS_RECIPES[recipe_name]
     for seed in seeds:
         p20 = flip(s.train, 0.2, seed)
         for loss in losses:
             t0 = time.perf_counter()
+            m = fresh(s, seed)
             if loss == "cross_entropy":
-                m = train(s, p20, seed)
+                train_model(m, p20, recipe=recipe, seed=seed)
             else:
-                m = fresh(s, seed)
-                registry.create("trainer", "robust_loss", loss=loss).fit(m, p20, recipe=TrainRecipe(), seed=seed)
+                registry.create("trainer", "robust_loss", loss=loss).fit(m, p20, recipe=recipe, seed=seed)
             a = acc(m.eval(), s.test)
             res[loss].append(a["value"])
-            out(stage="label_flip_20", seed=seed, loss=loss, n_flipped=p20.n_poison, clean_accuracy=a,
-                time_s=round(time.perf_counter() - t0, 1))
+            out(stage="label_flip_20", recipe=recipe_name, seed=seed, loss=loss, n_flipped=p20.n_poison,
+                clean_accuracy=a, time_s=round(time.perf_counter() - t0, 1))
     ce = np.array(res["cross_entropy"])
     for loss in losses:
         v = np.array(res[loss])
@@ -190,18 +217,20 @@ def robust_losses(s, seeds):
         if loss != "cross_entropy":
             summary["difference_to_ce"] = mean_metric(v - ce)
             summary["seeds_better_than_ce"] = int((v > ce).sum())
-        out(stage="label_flip_20_summary", loss=loss, seeds=list(seeds), **summary)
+        out(stage="label_flip_20_summary", recipe=recipe_name, loss=loss, seeds=list(seeds), **summary)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=("backdoor", "labels", "robust_loss", "all"), default="all")
     ap.add_argument("--seeds", type=int, default=5, help="robust_loss part: seeds 0..N-1")
+    ap.add_argument("--loss-recipe", choices=tuple(LOSS_RECIPES), default="baseline",
+                    help="robust_loss part: the recipe every loss (CE included) is trained with")
     ap.add_argument("--scenarios", type=float, nargs="+", default=[0.1, 0.01], help="backdoor poison fractions")
     ap.add_argument("--skip-baseline", action="store_true", help="do not retrain the clean baseline (backdoor part)")
     ap.add_argument("--defenses", nargs="+", default=["spectral_signatures", "activation_clustering", "fine_pruning",
                                                       "neural_cleanse"],
-                    choices=["spectral_signatures", "activation_clustering", *REPAIRS], help="backdoor part")
+                    choices=[*CLEANSERS, *REPAIRS], help="backdoor part")
     ap.add_argument("--seed", type=int, default=0, help="split, attack, training and defense seed (replicates)")
     args = ap.parse_args()
     global SEED
@@ -223,7 +252,7 @@ def main() -> None:
     if args.part in ("labels", "all"):
         labels(s)
     if args.part in ("robust_loss", "all"):
-        robust_losses(s, range(args.seeds))
+        robust_losses(s, range(args.seeds), args.loss_recipe)
 
 
 if __name__ == "__main__":

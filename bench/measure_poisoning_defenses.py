@@ -167,7 +167,7 @@ def labels(s):
     losses = res.score
     res2 = registry.create("cleanser", "data_cleaning", method="outlier_detection").find_poison(p10, losses=losses)
     out(defense="data_cleaning", method="outlier_detection", **detection(res2, p10.is_poison))
-    for name in ("influence_functions", "roni"):
+    for name in ("influence_functions", "roni", "anomaly_detection"):
         res, det, dt = cleanse(s, name, p10, train(s, p10))
         out(defense=name, attack="label_flipping fully_random 10%", **det, time_s=round(dt, 1))
     t0 = time.perf_counter()

@@ -1,5 +1,14 @@
 """Anomaly detection on per-class penultimate features: Isolation Forest (Liu, Ting & Zhou, ICDM 2008) or the Local
-Outlier Factor (Breunig et al., SIGMOD 2000), fitted separately in every class of a model trained on the data."""
+Outlier Factor (Breunig et al., SIGMOD 2000), fitted separately in every class of a model trained on the data.
+
+Both score isolation, so a poison cluster denser or larger than the neighbourhood looks normal. Measured on the
+static-patch backdoor (bench/measure_poisoning_defenses.py --part backdoor --scenarios 0.1 0.01 --defenses
+anomaly_detection anomaly_detection:lof, mnist5k seed 0): Isolation Forest AUROC 0.571 at 10% poison (the 350
+poisons form half of class 7) and 0.927 at 1% (tpr 0.657, fpr 0.066); LOF (20 neighbours) 0.404 and 0.436 -- worse
+than chance, since the poisons' neighbours are each other. Spectral signatures and activation clustering are the
+backdoor cleansers; these suit scattered outliers: against label_flipping fully_random at 10% (``--part labels``)
+the Isolation Forest reaches AUROC 0.997, tpr 0.949 [0.920, 0.967] (n=350) at fpr 0.013 (n=3150).
+"""
 from __future__ import annotations
 
 import numpy as np

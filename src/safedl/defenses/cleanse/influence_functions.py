@@ -12,6 +12,14 @@ Checkpoints come from ``checkpoints`` (state dicts), or from retraining with ``t
 Each trusted gradient is normalised to unit length before summing (so the direction of the trusted loss, not a few
 badly fit trusted samples, decides). The score is the harm (-influence) standardised by median/MAD; samples above ``z_threshold`` are flagged, or the
 ``flag_fraction`` most harmful if that is set.
+
+Measured (bench/measure_poisoning_defenses.py --part labels, mnist5k seed 0, label_flipping fully_random 10%, the
+8 epoch checkpoints of a baseline-recipe run, trusted = the 500 validation images): AUROC 0.912; at the default
+z > 3.5, tpr 0.677 [0.626, 0.724] (n=350) at fpr 0.003 (n=3150), precision 0.960. Against the 10% patch backdoor
+(``--part backdoor --scenarios 0.1 --defenses influence_functions``) the poison ranks above most clean samples
+(AUROC 0.895) but no poisoned sample reaches z > 3.5 (tpr 0.000, n=350): a dirty-label backdoor barely moves the
+loss on clean data, so use spectral signatures or activation clustering against backdoors. At 1% poison the same
+backdoor stands out more: AUROC 0.988, tpr 0.686 [0.520, 0.814] (n=35) at fpr 0.012, ASR after retraining 0.559.
 """
 from __future__ import annotations
 

@@ -56,6 +56,15 @@ def test_anomaly_index_is_the_papers_mad_with_numpy_median():
     assert float(idx[0]) > 2 > float(idx[1:].max())
 
 
+def test_log_space_anomaly_index_finds_a_tiny_trigger_among_bimodal_clean_norms():
+    # mnist5k's shape: the target's trigger is 14x smaller than the median, the clean norms split into two groups
+    norms = torch.tensor([22.0, 55.0, 24.0, 26.0, 52.0, 21.0, 58.0, 1.5, 28.0, 60.0])
+    assert float(anomaly_index(norms)[7]) < 2  # the paper's L1 index misses it
+    logged = anomaly_index(norms, log=True)
+    assert torch.allclose(logged, anomaly_index(norms.log()))
+    assert int(logged.argmax()) == 7 and float(logged[7]) > 2 > float(logged[torch.arange(10) != 7].max())
+
+
 def test_neural_cleanse_cost_schedule_shrinks_a_successful_mask(backdoored, digits_splits):
     # lambda starts at 0 and is only set after `patience` successful passes: with patience > steps it never is
     x = digits_splits.val.x[digits_splits.val.y != 3]

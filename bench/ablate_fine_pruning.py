@@ -12,7 +12,8 @@ model.
 Measured (seeds 0 and 1, drop = baseline minus repaired clean accuracy in points, ASR on 900 triggered images):
 default .066/1.5, .023/2.4; shift .127/2.1, .117/2.3; shift+20 epochs .028/2.5, .070/2.4; shift+cosine 20 epochs
 .130/1.4, .168/2.3; shift+early stopping .391/2.3, .106/2.4; SGD 1e-2 .592/1.2, .532/1.8; 2% bound+shift .078/1.1,
-.117/2.3; freeze .249/1.2 (seed 0); distillation 0.5 .490/0.1 (seed 0).
+.117/2.3; freezing the earlier layers .249/1.2, .032/1.7; distillation 0.5 .490/0.1, .262/0.5. No variant has
+both ASR <= 0.10 and a drop <= 2 points on both seeds.
 """
 from __future__ import annotations
 

@@ -11,7 +11,10 @@ ASR is measured on the 900 triggered non-7 test images, clean accuracy on the 10
         --defenses fine_pruning neural_cleanse fine_pruning:prune_only fine_pruning:epochs=5,lr=5e-4   # repairs
     .venv/bin/python bench/measure_poisoning_defenses.py --seed 1 --part backdoor --scenarios 0.1 \
         --defenses fine_pruning fine_pruning:prune_only                        # an untuned replicate
-    .venv/bin/python bench/measure_poisoning_defenses.py --part labels     # data cleaning, DP-SGD
+    .venv/bin/python bench/measure_poisoning_defenses.py --part backdoor --scenarios 0.1 --skip-baseline \
+        --defenses neural_cleanse:log_l1                                       # Neural Cleanse, log-space index
+    .venv/bin/python bench/measure_poisoning_defenses.py --part nc_clean   # Neural Cleanse's false alarms
+    .venv/bin/python bench/measure_poisoning_defenses.py --part labels     # data cleaning, DP-SGD, influence, RONI
     .venv/bin/python bench/measure_poisoning_defenses.py --part robust_loss --seeds 5   # CE vs robust losses
     .venv/bin/python bench/measure_poisoning_defenses.py --part robust_loss --seeds 3 --loss-recipe long
 
@@ -101,6 +104,7 @@ CLEANSERS = {  # name -> (registry name, params, what find_poison is given besid
 REPAIRS = {  # name -> (registry name, params); the fine_pruning:* entries are ablations
     "fine_pruning": ("fine_pruning", {}),
     "neural_cleanse": ("neural_cleanse", {}),
+    "neural_cleanse:log_l1": ("neural_cleanse", {"anomaly_space": "log_l1"}),
     "fine_pruning:prune_only": ("fine_pruning", {"epochs": 0}),
     "fine_pruning:epochs=5,lr=5e-4": ("fine_pruning", {"epochs": 5, "lr": 5e-4}),
     "fine_pruning:max_accuracy_drop=0.02": ("fine_pruning", {"max_accuracy_drop": 0.02}),
@@ -224,9 +228,21 @@ def robust_losses(s, seeds, recipe_name="baseline"):
         out(stage="label_flip_20_summary", recipe=recipe_name, loss=loss, seeds=list(seeds), **summary)
 
 
+def neural_cleanse_on_clean(s):
+    """False-positive check: Neural Cleanse on the clean baseline model should flag no class under either rule."""
+    t0 = time.perf_counter()
+    nc = registry.create("repair", "neural_cleanse", unlearn_epochs=0)
+    nc.repair(train(s, s.train), clean=s.val, seed=SEED)
+    r = nc.report_
+    flagged = {r["anomaly_space"]: r["infected_classes"],
+               "log_l1": [c for c, v in enumerate(r["anomaly_index_other_space"]) if v > nc.anomaly_threshold]}
+    out(stage="neural_cleanse_clean_model", trigger_l1=r["trigger_l1"], anomaly_index_l1=r["anomaly_index"],
+        anomaly_index_log_l1=r["anomaly_index_other_space"], flagged=flagged, time_s=round(time.perf_counter() - t0, 1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("backdoor", "labels", "robust_loss", "all"), default="all")
+    ap.add_argument("--part", choices=("backdoor", "labels", "robust_loss", "nc_clean", "all"), default="all")
     ap.add_argument("--seeds", type=int, default=5, help="robust_loss part: seeds 0..N-1")
     ap.add_argument("--loss-recipe", choices=tuple(LOSS_RECIPES), default="baseline",
                     help="robust_loss part: the recipe every loss (CE included) is trained with")
@@ -255,6 +271,8 @@ def main() -> None:
         backdoor(s, base_acc, tuple(args.scenarios), tuple(args.defenses))
     if args.part in ("labels", "all"):
         labels(s)
+    if args.part in ("nc_clean", "all"):
+        neural_cleanse_on_clean(s)
     if args.part in ("robust_loss", "all"):
         robust_losses(s, range(args.seeds), args.loss_recipe)
 

@@ -163,8 +163,10 @@ class NeuralCleanse:
         infected = [int(i) for i in torch.nonzero(idx > self.anomaly_threshold).flatten()]
         self.masks_ = torch.stack(masks)
         self.patterns_ = torch.stack(patterns)
+        other = anomaly_index(norms_t, log=self.anomaly_space != "log_l1")  # shown so the two rules can be compared
         self.report_ = {"trigger_l1": [round(v, 3) for v in norms], "anomaly_space": self.anomaly_space,
                         "anomaly_index": [round(v, 3) for v in idx.tolist()],
+                        "anomaly_index_other_space": [round(v, 3) for v in other.tolist()],
                         "ratio_to_median_l1": [round(v, 3) for v in (norms_t / norms_t.quantile(0.5)).tolist()],
                         "infected_classes": infected, "steps_run": steps_run}
         if not infected or self.unlearn_epochs == 0:

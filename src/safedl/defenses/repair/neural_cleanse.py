@@ -11,13 +11,22 @@ IEEE S&P 2019).
    ``patience`` failing ones. The mask of the successful step with the smallest norm is kept. Optimisation stops
    after ``steps`` steps, or once lambda has moved both ways and the best norm has not improved by 1% for
    ``early_stop_patience`` steps.
-2. Detection: anomaly index of each class's mask L1 norm = (median - norm) / (1.4826 MAD) (median of an even count:
+2. Detection: anomaly index of each class's trigger norm = (median - norm) / (1.4826 MAD) (median of an even count:
    the mean of the middle two, as numpy's); classes above ``anomaly_threshold`` (paper: 2) on the small side are
-   infected. ``anomaly_space="log_l1"`` computes the same index on log norms (not in the paper): norms are scales,
-   and when the clean classes' norms spread over a factor of 2-3 the MAD in L1 grows with them and hides a trigger
-   many times smaller than the median (measured below).
+   infected. The paper takes the index of the L1 norms (``anomaly_space="l1"``); the default takes it of their
+   logarithms (``"log_l1"``), since norms are scales: when the clean classes' norms spread over a factor of 2-3 the
+   L1 MAD grows with them and hides a trigger many times smaller than the median (measured below).
 3. Mitigation by unlearning: fine-tune on the clean set where ``unlearn_fraction`` of every batch (paper: 20%)
    carries the reversed trigger of an infected class but keeps its true label.
+Measured on mnist5k's 10% static-patch backdoor (target 7, 500-image clean set; seeds 0-4, each with its own split,
+poison and model: bench/measure_poisoning_defenses.py --seed k --part backdoor --scenarios 0.1 --defenses
+neural_cleanse): class 7's trigger L1 is 1.3-2.5 against 20-130 for the others. Its L1 index is 1.48, 1.57, 2.42,
+1.16, 2.36 (the paper's rule finds it at 2 seeds of 5); its log index is 4.4, 5.2, 7.0, 4.0, 7.3 with no other class
+above 1.7, so the default flags class 7 alone at every seed. Unlearning then brings the attack success rate from 1.0
+to 0.049, 0.018, 0.037, 0.009, 0.017 (n=900 each; mean 0.026) at 0.3-1.9 points of clean accuracy below the
+baseline (mean 1.2 [0.5, 2.0]). False alarms (``--part nc_clean``, the clean baseline model): at seed 0 both rules
+flag classes 2 and 5 (L1 index 2.03 and 2.10, log 2.49 and 2.59), at seed 1 neither flags anything; the threshold
+of 2 is the paper's and is kept.
 """
 from __future__ import annotations
 
@@ -68,7 +77,7 @@ class NeuralCleanse:
     def __init__(self, *, steps: int = 300, lr: float = 0.1, init_cost: float = 1e-3, cost_multiplier: float = 1.5,
                  patience: int = 5, attack_succ_threshold: float = 0.99, early_stop_patience: int = 20,
                  batch_size: int = 32, anomaly_threshold: float = 2.0, unlearn_fraction: float = 0.2,
-                 unlearn_epochs: int = 5, unlearn_lr: float = 1e-3, anomaly_space: str = "l1"):
+                 unlearn_epochs: int = 5, unlearn_lr: float = 1e-3, anomaly_space: str = "log_l1"):
         self.steps = check_range(self, "steps", steps, low=1, integer=True)
         self.lr = check_positive(self, "lr", lr)
         self.init_cost = check_positive(self, "init_cost", init_cost)

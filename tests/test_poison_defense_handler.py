@@ -65,3 +65,13 @@ def test_repair_detector_inspector_trainer_entries(ctx_outcome):
     assert len(pcm["per_class"]["accuracy"]) == 10
     tr = _run(ctx, outcome, "trainer", "robust_loss", loss="label_smoothing")
     assert tr["metrics"]["clean_accuracy_after"]["n"] == len(ctx.splits.test)
+
+
+def test_neural_cleanse_entry_flags_the_target_and_shows_its_index(ctx_outcome):
+    ctx, outcome = ctx_outcome
+    e = _run(ctx, outcome, "repair", "neural_cleanse", steps=40, batch_size=64, early_stop_patience=10)
+    assert e["metrics"]["target_class_flagged"]["value"] == 1.0
+    note = next(n for n in e["notes"] if n.startswith(f"anomaly index of class {TARGET} (log_l1)"))
+    assert float(note.split(": ")[1].split(" ")[0]) > 2.0
+    assert e["metrics"]["attack_success_rate_after"]["value"] < e["metrics"]["attack_success_rate_before"]["value"]
+    assert "reverse-engineered triggers" in e["artifacts"]

@@ -237,6 +237,9 @@ def evaluate_repair(ctx: RunContext, spec, components: list[Any], outcome: Attac
         notes.append(f"classes flagged as infected: {report['infected_classes']} (attack target: {target})")
         if target is not None:
             metrics["target_class_flagged"] = scalar(float(target in report["infected_classes"]))
+            if "anomaly_index" in report:
+                notes.append(f"anomaly index of class {target} ({report.get('anomaly_space', 'l1')}): "
+                             f"{report['anomaly_index'][target]:.2f} (threshold {comp.anomaly_threshold})")
     if "pruned" in report:
         notes.append(f"pruned {report['pruned']} of {report.get('channels', report.get('units'))} units")
     artifacts: dict[str, str] = {}

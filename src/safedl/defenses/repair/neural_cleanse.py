@@ -18,6 +18,7 @@ IEEE S&P 2019).
    L1 MAD grows with them and hides a trigger many times smaller than the median (measured below).
 3. Mitigation by unlearning: fine-tune on the clean set where ``unlearn_fraction`` of every batch (paper: 20%)
    carries the reversed trigger of an infected class but keeps its true label.
+
 Measured on mnist5k's 10% static-patch backdoor (target 7, 500-image clean set; seeds 0-4, each with its own split,
 poison and model: bench/measure_poisoning_defenses.py --seed k --part backdoor --scenarios 0.1 --defenses
 neural_cleanse): class 7's trigger L1 is 1.3-2.5 against 20-130 for the others. Its L1 index is 1.48, 1.57, 2.42,

@@ -25,9 +25,10 @@ neural_cleanse): class 7's trigger L1 is 1.3-2.5 against 20-130 for the others. 
 1.16, 2.36 (the paper's rule finds it at 2 seeds of 5); its log index is 4.4, 5.2, 7.0, 4.0, 7.3 with no other class
 above 1.7, so the default flags class 7 alone at every seed. Unlearning then brings the attack success rate from 1.0
 to 0.049, 0.018, 0.037, 0.009, 0.017 (n=900 each; mean 0.026) at 0.3-1.9 points of clean accuracy below the
-baseline (mean 1.2 [0.5, 2.0]). False alarms (``--part nc_clean``, the clean baseline model): at seed 0 both rules
-flag classes 2 and 5 (L1 index 2.03 and 2.10, log 2.49 and 2.59), at seed 1 neither flags anything; the threshold
-of 2 is the paper's and is kept.
+baseline (mean 1.2 [0.5, 2.0]). False alarms on the clean baseline model (``--part nc_clean --seed k``, seeds 0-4):
+both rules flag the same classes, 2 and 5 at seed 0 (L1 index 2.03 and 2.10, log 2.49 and 2.59) and 2 at seed 4
+(2.06, log 2.55), nothing at seeds 1-3; the log index of a borderline class runs about 0.5 higher than its L1 index.
+The threshold of 2 is the paper's and is kept; read a flag with an index below 3 as weak evidence.
 """
 from __future__ import annotations
 

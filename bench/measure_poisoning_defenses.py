@@ -178,8 +178,9 @@ def labels(s):
     losses = res.score
     res2 = registry.create("cleanser", "data_cleaning", method="outlier_detection").find_poison(p10, losses=losses)
     out(defense="data_cleaning", method="outlier_detection", **detection(res2, p10.is_poison))
+    m10 = train(s, p10)  # the model trained on the flipped data, shared by the model-reading cleansers
     for name in ("influence_functions", "roni", "anomaly_detection"):
-        res, det, dt = cleanse(s, name, p10, train(s, p10))
+        res, det, dt = cleanse(s, name, p10, m10)
         out(defense=name, attack="label_flipping fully_random 10%", **det, time_s=round(dt, 1))
     t0 = time.perf_counter()
     dp = registry.create("trainer", "dp_training", target_epsilon=8.0, target_delta=1e-5, max_grad_norm=1.0)

@@ -87,7 +87,11 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto"),
         runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="parent folder of run directories (default: profile output.dir)"),
         verbose: bool = typer.Option(False, "--verbose", "-v"), quiet: bool = typer.Option(False, "--quiet", "-q"),
-        no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars")) -> None:
+        no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars"),
+        executor: Optional[str] = typer.Option(None, "--executor", help="serial, process or ray (default: the profile's execution.executor)"),
+        workers: Optional[int] = typer.Option(None, "--workers", min=1, help="stages at a time"),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="existing Ray cluster: auto or ray://HOST:10001"),
+        threads_per_task: Optional[int] = typer.Option(None, "--threads-per-task", min=1, help="torch threads per stage")) -> None:
     """Run the assessment a profile describes; writes RUN_DIR/results.json, report.md and report.html.
 
     Exit codes: 0 gate passed, 1 gate failed, 2 bad input, 130 interrupted (resume with --resume RUN_DIR).
@@ -108,7 +112,8 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
             profile = profile or resume / "profile.yaml"
         if profile is None:
             raise UserError("give a PROFILE (or --resume RUN_DIR)")
-        prof = load_profile(profile)
+        prof = _with_execution(load_profile(profile), executor=executor, workers=workers, ray_address=ray_address,
+                               threads_per_task=threads_per_task)
         dev = resolve_device(device)
         base_dir = profile.parent if resume is None or profile != resume / "profile.yaml" else Path(".")
         run_dir, results = run_assessment(prof, base_dir=base_dir, run_dir=resume, runs_root=runs_dir, device=dev)
@@ -124,6 +129,21 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
     for f in gate["failures"]:
         typer.echo(f"  - {f}")
     raise typer.Exit(0 if gate["passed"] else 1)
+
+
+def _with_execution(prof, **options):
+    """The profile with its ``execution`` section overridden by the command-line options that were given."""
+    from safedl.profile import ExecutionSpec
+
+    given = {k: v for k, v in options.items() if v is not None}
+    if not given:
+        return prof
+    from safedl.executors import EXECUTORS
+
+    if given.get("executor", EXECUTORS[0]) not in EXECUTORS:
+        raise UserError(f"--executor {given['executor']!r}: executors are: {', '.join(EXECUTORS)}")
+    execution = ExecutionSpec.model_validate({**prof.execution.model_dump(), **given})
+    return prof.model_copy(update={"execution": execution})
 
 
 @app.command()

@@ -152,6 +152,18 @@ class OutputSpec(_Strict):
     figures: bool = True
 
 
+class ExecutionSpec(_Strict):
+    """Who runs the stage graph (``safedl run --executor`` etc. override these); results do not depend on it."""
+
+    executor: Literal["serial", "process", "ray"] = Field("serial", description="serial | process (local pool) | ray")
+    workers: Optional[int] = Field(None, ge=1, description="stages at a time (default: CPUs / threads_per_task)")
+    threads_per_task: Optional[int] = Field(None, ge=1, description="torch threads per stage (parallel default: 1)")
+    ray_address: Optional[str] = Field(None, description="ray: an existing cluster ('auto', 'ray://host:10001'); "
+                                                          "unset starts a local Ray")
+    gpus_per_task: Optional[float] = Field(None, gt=0, le=1, description="ray with a cuda device: GPU share per stage "
+                                                                          "(default 1/workers, else 1)")
+
+
 class Profile(_Strict):
     """A whole threat profile."""
 
@@ -165,6 +177,7 @@ class Profile(_Strict):
     defenses: list[DefenseSpec] = Field(default_factory=list)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
 
 
 def _loc(loc: tuple) -> str:

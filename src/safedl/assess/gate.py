@@ -46,3 +46,10 @@ def evaluate_gate(gate: GateSpec, results: dict[str, Any]) -> dict[str, Any]:
         if LEVELS.index(lvl) > LEVELS.index(gate.max_risk):
             failures.append(f"risk level {lvl} > max_risk {gate.max_risk}")
     return {"passed": not failures, "failures": failures, "thresholds": gate.model_dump(), "compared": use}
+
+
+def fail_on_failed_stages(gate: dict[str, Any], failed_stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The gate result with one failure per stage that did not finish: an unmeasured stage never passes."""
+    extra = [f"stage {f['stage']} failed after {f.get('attempts', 0)} attempt(s): {f.get('error')}"
+             for f in failed_stages]
+    return {**gate, "passed": gate["passed"] and not extra, "failures": list(gate["failures"]) + extra}

@@ -11,6 +11,7 @@ import logging
 import platform
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,21 +21,24 @@ from torch import nn
 
 import safedl
 from safedl import registry
-from safedl.assess.context import RunContext
-from safedl.assess.gate import evaluate_gate
-from safedl.assess.handlers import AttackOutcome, get_attack_handler, get_defense_handler, load_handlers
+from safedl.assess.gate import evaluate_gate, fail_on_failed_stages
+from safedl.assess.handlers import get_attack_handler, get_defense_handler, load_handlers
 from safedl.assess.risk import assess_risk
+from safedl.assess.stages import StageResult, StageShared, attack_stage, defense_stage
 from safedl.data.dataset import Splits
 from safedl.data.source import load_dataset
 from safedl.data.split import stratified_split
 from safedl.errors import ProfileError
+from safedl.executors import Executor, Outcome, Task, create_executor
+from safedl.executors.progress import GraphView
 from safedl.models.checkpoint import save_checkpoint
 from safedl.models.normalize import with_normalization
 from safedl.models.train import accuracy, train_model
 from safedl.models.user import load_entry_point, load_torchscript
 from safedl.models.zoo import build_model
 from safedl.profile import DefenseSpec, Profile
-from safedl.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, json_hash
+from safedl.utils import progress
+from safedl.utils.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, json_hash
 from safedl.utils.stats import proportion
 from safedl.utils.tensors import predict, seed_everything
 
@@ -131,6 +135,28 @@ def model_factory(profile: Profile, splits: Splits, *, base_dir: Path):
 
 # ---------------------------------------------------------------------------------------------- the run
 
+@dataclass(frozen=True)
+class _Node:
+    """A stage of the graph: its folder name, content key, kind, component id, attack it is evaluated against."""
+
+    stage: str
+    key: str
+    kind: str
+    id: str
+    against: str | None
+    task: Task
+
+
+def executor_for(profile: Profile, device: torch.device) -> Executor:
+    """The executor the profile's ``execution`` section asks for (``--executor`` etc. override it on the CLI)."""
+    ex = profile.execution
+    gpus = None
+    if ex.executor == "ray" and device.type == "cuda":
+        gpus = ex.gpus_per_task or (1.0 / ex.workers if ex.workers else 1.0)
+    return create_executor(ex.executor, workers=ex.workers, threads_per_task=ex.threads_per_task,
+                           address=ex.ray_address, gpus_per_task=gpus, preload=("safedl.assess._preload",))
+
+
 class Run:
     """One assessment run in its own directory."""
 
@@ -170,9 +196,11 @@ class Run:
         atomic_write_json(d / "stage.json", {"key": key, "entry": entry})  # written last: marks the stage done
 
     # -- stages ----------------------------------------------------------------------------------------
-    def execute(self, *, splits: Splits, fresh, model_meta: dict) -> dict[str, Any]:
+    def execute(self, *, splits: Splits, fresh, model_meta: dict, executor: Executor | None = None) -> dict[str, Any]:
+        """Baseline on this process, then the stage graph on ``executor`` (default: the profile's ``execution``)."""
         p = self.profile
         plan = plan_defenses(p)
+        executor = executor if executor is not None else executor_for(p, self.device)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "profile.yaml", yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
         data_info = {"name": splits.train.name, "shape": list(splits.shape), "num_classes": splits.num_classes,
@@ -181,77 +209,103 @@ class Run:
         baseline_key = json_hash({"data": data_info["hashes"], "dataset": p.dataset.model_dump(),
                                   "model": p.model.model_dump(), "training": p.training.model_dump(), "seed": p.seed})
         baseline, baseline_entry = self._baseline(baseline_key, splits, fresh, model_meta)
-        ctx = RunContext(profile=p, splits=splits, device=self.device, run_dir=self.run_dir, baseline=baseline,
-                         build_fresh=fresh)
-        attack_keys: dict[str, str] = {}
-        attacks = []
-        for cat, spec in p.attacks.all():
-            key = json_hash({"baseline": baseline_key, "category": cat, "spec": spec.model_dump(),
-                             "evaluation": p.evaluation.model_dump(exclude={"gate"}), "output": p.output.figures})
-            attack_keys[spec.key] = key
-            stage = f"attack-{spec.key}"
-            cached = self._cached(stage, key)
-            if cached is not None:
-                log.info("attack %s: reusing finished stage", spec.key)
-                entry = cached["entry"]
-                ctx.outcomes[spec.key] = AttackOutcome(entry=entry, state=_LazyState(self._stage(stage) / "state.pt"))
-            else:
-                log.info("attack %s (%s): running", spec.key, cat)
-                attack = registry.create(cat, spec.name, **spec.params)
-                seed_everything(p.seed)
-                t0 = time.perf_counter()
-                outcome = get_attack_handler(cat)(ctx, spec, attack)
-                entry = outcome.entry
-                entry.setdefault("id", spec.key)
-                entry.setdefault("name", spec.name)
-                entry.setdefault("category", cat)
-                entry.setdefault("time_s", time.perf_counter() - t0)
-                self._finish(stage, key, entry, outcome.state)
-                ctx.outcomes[spec.key] = outcome
-            attacks.append(entry)
-        defenses = []
-        for dspec, aid, kind in plan:
-            key = json_hash({"attack": attack_keys[aid], "defense": dspec.model_dump(), "kind": kind})
-            stage = f"defense-{dspec.key}-vs-{aid}"
-            cached = self._cached(stage, key)
-            if cached is not None:
-                log.info("defense %s vs %s: reusing finished stage", dspec.key, aid)
-                entry = cached["entry"]
-            else:
-                log.info("defense %s vs %s: running", dspec.key, aid)
-                components = [registry.create(k, n, **prm) for k, n, prm in defense_kinds(dspec)]
-                handler = get_defense_handler(kind, ctx.outcomes[aid].entry["category"])
-                seed_everything(p.seed)
-                t0 = time.perf_counter()
-                entry = handler(ctx, dspec, components, ctx.outcomes[aid])
-                entry.setdefault("id", dspec.key)
-                entry.setdefault("name", dspec.name or "pipeline")
-                entry.setdefault("kind", kind)
-                entry["against"] = aid
-                entry.setdefault("params", dspec.params if dspec.name else
-                                 {"pipeline": [c.model_dump() for c in dspec.pipeline or []]})
-                entry.setdefault("time_s", time.perf_counter() - t0)
-                self._finish(stage, key, entry)
-            defenses.append(entry)
+        graph = self._graph(plan, baseline_key)
+        if executor.in_process:
+            shared = StageShared(profile=p, splits=splits, device=str(self.device), base_dir=str(self.base_dir),
+                                 baseline=baseline, fresh=fresh, run_dir=str(self.run_dir))
+        else:
+            shared = StageShared(profile=p, splits=splits, device=str(self.device),
+                                 base_dir=str(Path(self.base_dir).resolve()),
+                                 baseline_state={k: v.detach().cpu() for k, v in baseline.state_dict().items()})
+        entries, failed = self._run_graph(graph, executor, shared)
+        attacks = [entries[n.stage] for n in graph if n.kind == "attack" and n.stage in entries]
+        defenses = [entries[n.stage] for n in graph if n.kind == "defense" and n.stage in entries]
         results: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "run_id": self.run_dir.name,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "profile": p.model_dump(mode="json"),
             "environment": environment(self.device, p.seed),
+            "execution": {"executor": executor.name, "workers": executor.workers,
+                          "threads_per_task": executor.threads_per_task},
             "data": data_info,
             "baseline": baseline_entry,
             "attacks": attacks,
             "defenses": defenses,
+            "failed_stages": failed,
         }
         results["risk"] = assess_risk(p.threat_model, attacks, defenses,
                                       baseline_accuracy=baseline_entry["metrics"]["clean_accuracy"]["value"])
-        results["gate"] = evaluate_gate(p.evaluation.gate, results)
+        results["gate"] = fail_on_failed_stages(evaluate_gate(p.evaluation.gate, results), failed)
         atomic_write_json(self.run_dir / "results.json", results)
         from safedl.report.render import write_reports
 
         write_reports(results, self.run_dir, html=p.output.html, figures=p.output.figures)
         return results
+
+    def _graph(self, plan: list[tuple[DefenseSpec, str, str]], baseline_key: str) -> list[_Node]:
+        """One node per attack and per (defense, attack) pair, with the content key its stage is saved under."""
+        p = self.profile
+        nodes, attack_keys = [], {}
+        for cat, spec in p.attacks.all():
+            key = json_hash({"baseline": baseline_key, "category": cat, "spec": spec.model_dump(),
+                             "evaluation": p.evaluation.model_dump(exclude={"gate"}), "output": p.output.figures})
+            attack_keys[spec.key] = key
+            nodes.append(_Node(f"attack-{spec.key}", key, "attack", spec.key, None,
+                               Task(f"attack-{spec.key}", attack_stage, {"category": cat, "spec": spec})))
+        for dspec, aid, kind in plan:
+            key = json_hash({"attack": attack_keys[aid], "defense": dspec.model_dump(), "kind": kind})
+            stage = f"defense-{dspec.key}-vs-{aid}"
+            kwargs = {"dspec": dspec, "kind": kind, "attack_id": aid, "components": defense_kinds(dspec)}
+            nodes.append(_Node(stage, key, "defense", dspec.key, aid,
+                               Task(stage, defense_stage, kwargs, deps=(f"attack-{aid}",))))
+        return nodes
+
+    def _run_graph(self, graph: list[_Node], executor: Executor, shared: StageShared
+                   ) -> tuple[dict[str, dict], list[dict]]:
+        """Reuse finished stages, run the others on ``executor`` and save each the moment it finishes."""
+        entries: dict[str, dict] = {}
+        todo = []
+        view = GraphView(title=f"stages ({executor.name})", enabled=progress.enabled())
+        for n in graph:
+            cached = self._cached(n.stage, n.key)
+            if cached is None:
+                todo.append(n)
+                continue
+            log.info("%s: reusing finished stage", n.stage)
+            entries[n.stage] = cached["entry"]
+            view.mark_reused(n.stage)
+        given: dict[str, StageResult] = {}
+        for d in {d for n in todo for d in n.task.deps} - {n.stage for n in todo}:  # finished attacks still needed
+            state = _LazyState(self._stage(d) / "state.pt")
+            given[d] = StageResult(entry=entries[d], state=state if executor.in_process else dict(state))
+        by_stage = {n.stage: n for n in graph}
+        failed: dict[str, dict] = {}
+
+        def save(out: Outcome) -> None:
+            n = by_stage[out.id]
+            if not out.ok:
+                failed[n.stage] = {"stage": n.stage, "kind": n.kind, "id": n.id, "against": n.against,
+                                   "error": out.error, "attempts": out.attempts}
+                return
+            for rel, data in out.value.files.items():
+                self._write_file(rel, data)
+            self._finish(n.stage, n.key, out.value.entry, out.value.state if n.kind == "attack" else None)
+            entries[n.stage] = out.value.entry
+            log.info("%s: finished in %.1f s", n.stage, out.time_s)
+
+        if todo:
+            with view:
+                executor.run([n.task for n in todo], shared=shared, given=given, on_result=save,
+                             on_event=view.update)
+        return entries, [failed[n.stage] for n in graph if n.stage in failed]
+
+    def _write_file(self, rel: str, data: bytes) -> None:
+        """Write a file a stage made in its private folder to the same place in the run directory."""
+        path = (self.run_dir / rel).resolve()
+        if not path.is_relative_to(self.run_dir.resolve()):
+            raise ValueError(f"a stage returned a file outside the run directory: {rel!r}")
+        atomic_write_bytes(path, data)
 
     def _baseline(self, key: str, splits: Splits, fresh, model_meta: dict) -> tuple[nn.Module, dict]:
         p = self.profile

@@ -108,6 +108,11 @@ def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block
             if dd.get("notes"):
                 b.append(("list", list(dd["notes"])))
             b += [("img", label, path) for label, path in dd.get("artifacts", {}).items()]
+    if results.get("failed_stages"):
+        b.append(("h", 2, "Failed stages"))
+        b.append(("p", "These stages raised, or lost their worker, on every attempt; they are not measured."))
+        b.append(("table", ["stage", "attempts", "error"],
+                  [[f["stage"], str(f.get("attempts", "")), f.get("error") or ""] for f in results["failed_stages"]]))
     risk = results["risk"]
     b.append(("h", 2, "Risk"))
     b.append(("p", f"Rule: {risk['rule']}."))

@@ -51,3 +51,14 @@ def progress_bar(total: float | None, description: str) -> Iterator[_Null | _Bar
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), transient=True) as p:
         yield _Bar(p, p.add_task(description, total=total))
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Progress bars off inside the block (e.g. under a live view that already shows the work), restored after."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before

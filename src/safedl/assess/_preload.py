@@ -1,0 +1,16 @@
+"""Imported once by a process pool's fork server (``ProcessExecutor(preload=...)``): loads torch, matplotlib,
+every stage handler and every registered component, so each worker process forks with them instead of importing them again."""
+from __future__ import annotations
+
+import matplotlib
+import torch  # noqa: F401
+
+matplotlib.use("Agg")  # stages draw their figures off-screen, as the serial run does
+import matplotlib.pyplot  # noqa: E402,F401
+
+from safedl import registry
+from safedl.assess import stages  # noqa: F401
+from safedl.assess.handlers import load_handlers
+
+load_handlers()
+registry.names("evasion")  # imports every component module

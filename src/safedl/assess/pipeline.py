@@ -83,6 +83,10 @@ def plan_defenses(profile: Profile) -> list[tuple[DefenseSpec, str, str]]:
     for i, d in enumerate(profile.defenses):
         kinds = defense_kinds(d)
         kind = kinds[0][0] if len(kinds) == 1 else "pipeline"
+        present = {k for k, _, _ in kinds}
+        if "certifier" in present and present & {"preprocessor", "postprocessor", "trainer"}:
+            errors.append((f"defenses[{i}].pipeline", "a certifier (randomized smoothing) certifies the noise-"
+                           "trained model alone; list it without preprocessors, postprocessors or trainers"))
         targets = list(attacks) if "all" in d.against else d.against
         matched = 0
         for aid in targets:
@@ -212,9 +216,9 @@ class Run:
         graph = self._graph(plan, baseline_key)
         if executor.in_process:
             shared = StageShared(profile=p, splits=splits, device=str(self.device), base_dir=str(self.base_dir),
-                                 baseline=baseline, fresh=fresh, run_dir=str(self.run_dir))
+                                 model_meta=model_meta, baseline=baseline, fresh=fresh, run_dir=str(self.run_dir))
         else:
-            shared = StageShared(profile=p, splits=splits, device=str(self.device),
+            shared = StageShared(profile=p, splits=splits, device=str(self.device), model_meta=model_meta,
                                  base_dir=str(Path(self.base_dir).resolve()),
                                  baseline_state={k: v.detach().cpu() for k, v in baseline.state_dict().items()})
         entries, failed = self._run_graph(graph, executor, shared)

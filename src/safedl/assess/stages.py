@@ -42,6 +42,7 @@ class StageShared:
     splits: Splits
     device: str
     base_dir: str
+    model_meta: dict[str, Any] = field(default_factory=dict)
     baseline_state: dict[str, torch.Tensor] | None = None
     baseline: nn.Module | None = None
     fresh: Callable[[], nn.Module] | None = None
@@ -86,7 +87,8 @@ def _stage_context(shared: StageShared) -> Iterator[RunContext]:
     try:
         with progress.disabled():  # the graph view replaces per-stage bars; workers have no terminal of their own
             yield RunContext(profile=shared.profile, splits=shared.splits, device=torch.device(shared.device),
-                             run_dir=run_dir, baseline=baseline, build_fresh=fresh)
+                             run_dir=run_dir, baseline=baseline, build_fresh=fresh,
+                             model_meta=shared.model_meta)
     finally:
         if private:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -58,3 +58,13 @@ def sleep_then(shared, inputs, *, seconds: float, value):
 
 def empty(shared, inputs):
     return None
+
+
+def on_node(shared, inputs, *, seconds: float, markers: str, name: str):
+    """Leave a marker naming this task and its node, sleep, return the node id (a task to lose a node under)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    (Path(markers) / f"{name}@{node}").write_text("")
+    time.sleep(seconds)
+    return node

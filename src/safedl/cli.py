@@ -88,10 +88,13 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
         runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="parent folder of run directories (default: profile output.dir)"),
         verbose: bool = typer.Option(False, "--verbose", "-v"), quiet: bool = typer.Option(False, "--quiet", "-q"),
         no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars"),
-        executor: Optional[str] = typer.Option(None, "--executor", help="serial, process or ray (default: the profile's execution.executor)"),
+        executor: Optional[str] = typer.Option(None, "--executor",
+                                               help="serial, process or ray (default: the profile's execution.executor)"),
         workers: Optional[int] = typer.Option(None, "--workers", min=1, help="stages at a time"),
-        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="existing Ray cluster: auto or ray://HOST:10001"),
-        threads_per_task: Optional[int] = typer.Option(None, "--threads-per-task", min=1, help="torch threads per stage")) -> None:
+        ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                                  help="existing Ray cluster: auto or ray://HOST:10001"),
+        threads_per_task: Optional[int] = typer.Option(None, "--threads-per-task", min=1,
+                                                       help="torch threads per stage")) -> None:
     """Run the assessment a profile describes; writes RUN_DIR/results.json, report.md and report.html.
 
     Exit codes: 0 gate passed, 1 gate failed, 2 bad input, 130 interrupted (resume with --resume RUN_DIR).

@@ -1,5 +1,5 @@
 """Imported once by a process pool's fork server (``ProcessExecutor(preload=...)``): loads torch, matplotlib,
-every stage handler and every registered component, so each worker process forks with them instead of importing them again."""
+every stage handler and every registered component, so each worker forks with them instead of importing them."""
 from __future__ import annotations
 
 import matplotlib

@@ -296,7 +296,7 @@ class Run:
                 self._write_file(rel, data)
             self._finish(n.stage, n.key, out.value.entry, out.value.state if n.kind == "attack" else None)
             entries[n.stage] = out.value.entry
-            log.info("%s: finished in %.1f s", n.stage, out.time_s)
+            log.debug("%s: finished in %.1f s", n.stage, out.time_s)
 
         if todo:
             with view:

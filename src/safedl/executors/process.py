@@ -35,6 +35,7 @@ def _worker_main(conn: Connection, threads: int | None) -> None:  # pragma: no c
         if msg is None:
             return
         tid, fn, deps, kwargs = msg
+        set_threads(threads)  # per task: a task may have changed it
         t0 = time.perf_counter()
         try:
             reply = (tid, True, fn(shared, deps, **kwargs), None, 0.0)
@@ -59,7 +60,8 @@ class _Worker:
 
 
 class ProcessExecutor(Executor):
-    """A local process pool; ``workers`` defaults to the number of CPUs divided by ``threads_per_task``."""
+    """A local process pool; ``workers`` defaults to the number of CPUs divided by ``threads_per_task``, which
+    defaults to the number of CPUs divided by ``workers``."""
 
     name = "process"
 
@@ -69,7 +71,9 @@ class ProcessExecutor(Executor):
         self.preload = tuple(preload)  # modules the fork server imports once; workers fork with them loaded
 
     def _start(self, shared: Any, given: Mapping[str, Any]) -> None:
-        n = self.workers or max(1, (os.cpu_count() or 1) // (self.threads_per_task or 1))
+        cpus = os.cpu_count() or 1
+        n = self.workers or max(1, cpus // (self.threads_per_task or 1))
+        self._threads = self.threads_per_task or max(1, cpus // n)  # never more threads than cores in all
         self._ctx = mp.get_context("forkserver")
         self._ctx.set_forkserver_preload(list(self.preload))
         self._payload = pickle.dumps(shared, protocol=pickle.HIGHEST_PROTOCOL)  # pickled once for every worker
@@ -81,7 +85,7 @@ class ProcessExecutor(Executor):
             if w.task is None:
                 return w
         if len(self._pool) < self._n:
-            self._pool.append(_Worker(self._ctx, self._payload, self.threads_per_task))
+            self._pool.append(_Worker(self._ctx, self._payload, self._threads))
             return self._pool[-1]
         return None
 

@@ -69,8 +69,9 @@ class RayExecutor(Executor):
         self._owns = not ray.is_initialized()
         if self._owns:
             if self.address is None:
-                ray.init(num_cpus=self.workers or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
-                         object_store_memory=LOCAL_OBJECT_STORE_BYTES, configure_logging=False)
+                ray.init(num_cpus=self.workers or os.cpu_count(), include_dashboard=False,
+                         logging_level=logging.WARNING, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                         configure_logging=False)
             else:
                 try:
                     ray.init(address=self.address, logging_level=logging.WARNING, configure_logging=False)
@@ -110,7 +111,8 @@ class RayExecutor(Executor):
                 try:
                     values.append(ray.get(ref))
                 except ray.exceptions.RayError as exc:
-                    values.append((False, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - self._refs[ref][1]))
+                    secs = time.perf_counter() - self._refs[ref][1]
+                    values.append((False, None, f"{type(exc).__name__}: {exc}", secs))
         out = []
         for ref, (ok, value, error, secs) in zip(ready, values):
             out.append((self._refs.pop(ref)[0], ok, value, error, secs))

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -147,10 +149,13 @@ def main() -> None:
                  prof["evaluation"]["n_eval"])
         rows, first = {}, None
         for ex in args.executors.split(","):
+            log.info("  %-8s starting (load average %.1f)", ex, os.getloadavg()[0])
             wall, results = run_one(prof, ex, workers=args.workers, threads=args.threads_per_task, root=args.runs)
             nums = numbers(results)
             first = first or nums
             rows[ex] = {"wall_s": wall, "baseline_s": results["baseline"]["time_s"],
+                        "load_avg_1m_after": os.getloadavg()[0],
+                        "metrics_sha256": hashlib.sha256(json.dumps(nums, sort_keys=True).encode()).hexdigest()[:16],
                         "stages": len(results["attacks"]) + len(results["defenses"]),
                         "failed": len(results["failed_stages"]), "identical_to_first": nums == first}
             log.info("  %-8s wall %7.1f s (baseline %.1f s), %d stages, %d failed, metrics identical to %s: %s", ex,

@@ -148,3 +148,20 @@ def test_interrupted_process_run_exits_130_and_resumes_reusing_finished_stages(t
     r = json.loads((run_dir / "results.json").read_text())
     assert [d["id"] for d in r["defenses"]] == ["adversarial_training"] and r["failed_stages"] == []
     assert numbers(r)["attacks"] == numbers(serial_run[1])["attacks"]
+
+
+def test_bad_execution_options_exit_2_and_write_nothing(tmp_path):
+    for args in (["--executor", "gpu"], ["--executor", "process", "--ray-address", "auto"], ["--workers", "0"]):
+        res = CliRunner().invoke(app, ["run", str(_profile_file(tmp_path, TINY)), "--runs-dir", str(tmp_path / "runs"),
+                                       *args])
+        assert res.exit_code == 2, (args, res.output)
+    res = CliRunner().invoke(app, ["run", str(_profile_file(tmp_path, dict(TINY, execution={"executor": "gpu"}))),
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert res.exit_code == 2 and "execution.executor" in res.output
+    assert not (tmp_path / "runs").exists()
+
+
+def _profile_file(tmp_path, prof):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    return path

@@ -141,6 +141,9 @@ def _with_execution(prof, **options):
     given = {k: v for k, v in options.items() if v is not None}
     if not given:
         return prof
+    if "ray_address" in given:
+        if given.setdefault("executor", "ray") != "ray":
+            raise UserError(f"--ray-address is for --executor ray, not --executor {given['executor']}")
     from safedl.executors import EXECUTORS
 
     if given.get("executor", EXECUTORS[0]) not in EXECUTORS:

@@ -157,7 +157,8 @@ class ExecutionSpec(_Strict):
 
     executor: Literal["serial", "process", "ray"] = Field("serial", description="serial | process (local pool) | ray")
     workers: Optional[int] = Field(None, ge=1, description="stages at a time (default: CPUs / threads_per_task)")
-    threads_per_task: Optional[int] = Field(None, ge=1, description="torch threads per stage (parallel default: 1)")
+    threads_per_task: Optional[int] = Field(None, ge=1,
+                                            description="torch threads per stage (default: CPUs / workers; Ray: 1)")
     ray_address: Optional[str] = Field(None, description="ray: an existing cluster ('auto', 'ray://host:10001'); "
                                                           "unset starts a local Ray")
     gpus_per_task: Optional[float] = Field(None, gt=0, le=1, description="ray with a cuda device: GPU share per stage "

@@ -68,6 +68,12 @@ output:
   dir: runs
   html: true
   figures: true
+
+execution:                       # who runs the stages; the numbers do not depend on it
+  executor: serial               # serial | process (local process pool) | ray (local Ray, or ray_address)
+  workers: null                  # stages at a time (null: CPUs / threads_per_task)
+  threads_per_task: null         # torch threads per stage (null: CPUs / workers; 1 per Ray task)
+  ray_address: null              # an existing Ray cluster: auto | ray://HOST:10001
 """
 
 

@@ -94,7 +94,7 @@ class RayExecutor(Executor):
         opts: dict[str, Any] = {"num_cpus": self.threads_per_task or 1, "max_retries": 0, "name": task.id}
         if self.gpus_per_task:
             opts["num_gpus"] = self.gpus_per_task
-        ref = self._remote.options(**opts).remote(task.fn, [self._shared], list(deps), self.threads_per_task,
+        ref = self._remote.options(**opts).remote(task.fn, [self._shared], list(deps), self.threads_per_task or 1,
                                                   dict(task.kwargs), *deps.values())
         self._refs[ref] = (task.id, time.perf_counter())
 

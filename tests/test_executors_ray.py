@@ -15,7 +15,7 @@ import pytest
 
 import _executor_tasks as T
 from safedl.executors import Task, create_executor
-from test_executors_run import TINY, numbers, run_cli
+from test_executors_run import TINY, numbers, run_cli, serial_reference
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
@@ -86,9 +86,11 @@ def test_assessment_on_two_nodes_gives_the_serial_numbers(cluster, tmp_path):
     c, _ = cluster
     c.add_node(num_cpus=1, object_store_memory=STORE)  # the previous test removed one
     c.wait_for_nodes()
-    res, serial_dir = run_cli(tmp_path / "s", TINY, "--threads-per-task", "1")
-    assert res.exit_code == 0, res.output
     res, ray_dir = run_cli(tmp_path / "r", TINY, "--executor", "ray", "--threads-per-task", "1")
     assert res.exit_code == 0, res.output
     r = json.loads((ray_dir / "results.json").read_text())
-    assert r["failed_stages"] == [] and numbers(r) == numbers(json.loads((serial_dir / "results.json").read_text()))
+    assert r["execution"]["executor"] == "ray" and r["failed_stages"] == []
+    assert numbers(r) == numbers(serial_reference()[1])
+    for a in r["attacks"] + r["defenses"]:  # figures made on the nodes were sent back and written by the driver
+        for path in a.get("artifacts", {}).values():
+            assert (ray_dir / path).is_file()

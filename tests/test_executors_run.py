@@ -1,13 +1,12 @@
 """The run spine on an executor: the same numbers serial and in a process pool, a failed stage reported while the
-others finish (and redone on resume), and a parallel run killed with Ctrl-C resumed without redoing finished stages."""
+others finish (and redone on resume), and a parallel run stopped by Ctrl-C (KeyboardInterrupt in the driver, as
+SIGINT raises it) resumed without redoing finished stages."""
 from __future__ import annotations
 
+import functools
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
+import multiprocessing as mp
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from safedl.assess import handlers
+from safedl.assess.pipeline import Run
 from safedl.cli import app
 
 TINY = {
@@ -52,12 +52,17 @@ def run_cli(tmp_path, prof, *args):
     return res, runs[-1]
 
 
-@pytest.fixture(scope="module")
-def serial_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serial")
-    res, run_dir = run_cli(tmp, TINY, "--threads-per-task", "1")
+@functools.lru_cache(maxsize=1)
+def serial_reference() -> tuple[Path, dict]:
+    """The tiny profile run serially once per test session (the Ray tests compare with it too)."""
+    res, run_dir = run_cli(Path(tempfile.mkdtemp(prefix="safedl-serial-")), TINY, "--threads-per-task", "1")
     assert res.exit_code == 0, res.output
     return run_dir, json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.fixture
+def serial_run():
+    return serial_reference()
 
 
 def test_process_pool_gives_the_serial_numbers_and_files(tmp_path, serial_run):
@@ -112,41 +117,33 @@ def test_failed_stage_is_reported_the_others_finish_and_resume_redoes_it(tmp_pat
     assert (run_dir / "stages" / "attack-pgd" / "stage.json").stat().st_mtime_ns == stamp
 
 
-def test_interrupted_process_run_exits_130_and_resumes_reusing_finished_stages(tmp_path, serial_run):
-    prof = json.loads(json.dumps(TINY))  # a defense that trains a model: slow enough to be interrupted
-    prof["defenses"] = [{"name": "adversarial_training", "params": {"eps": 0.2, "steps": 2, "epochs": 1},
-                         "against": ["pgd"]}]
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(prof))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"), SAFEDL_NO_PROGRESS="1")
-    cmd = [sys.executable, "-m", "safedl.cli", "run", str(path), "--runs-dir", str(tmp_path / "runs"), "-q",
-           "--executor", "process", "--workers", "1", "--threads-per-task", "1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    marker = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = list((tmp_path / "runs").glob("*/stages/attack-pgd/stage.json"))
-        if found:
-            marker = found[0]
-            break
-        time.sleep(0.05)
-    assert marker is not None, proc.communicate()
-    proc.send_signal(signal.SIGINT)  # Ctrl-C while the defense stage runs in its worker
-    out, err = proc.communicate(timeout=60)
-    run_dir = marker.parents[2]
-    assert proc.returncode == 130, err
+def test_interrupted_process_run_exits_130_and_resumes_reusing_finished_stages(tmp_path, serial_run, monkeypatch):
+    prof = json.loads(json.dumps(TINY))
+    prof["defenses"] = [{"name": "spatial_smoothing", "params": {"window": 3}, "against": ["pgd"]}]
+    finish = Run._finish
+
+    def ctrl_c_after_pgd(self, name, key, entry, state=None):  # Ctrl-C reaches the driver right after it saved pgd
+        finish(self, name, key, entry, state)
+        if name == "attack-pgd":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "_finish", ctrl_c_after_pgd)
+    args = ["--executor", "process", "--workers", "1", "--threads-per-task", "1"]
+    before = {p.pid for p in mp.active_children()}
+    res, run_dir = run_cli(tmp_path, prof, *args)
+    assert res.exit_code == 130, res.output
+    assert [p for p in mp.active_children() if p.pid not in before] == []  # the workers were stopped
     assert not (run_dir / "results.json").exists()
-    assert not (run_dir / "stages" / "defense-adversarial_training-vs-pgd" / "stage.json").exists()
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("*/stage.json")}
     assert set(stamps) == {"baseline", "attack-fgsm", "attack-pgd"}
 
-    res = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--no-progress", "-q", "--executor", "process",
-                                   "--workers", "1", "--threads-per-task", "1"])
+    monkeypatch.setattr(Run, "_finish", finish)
+    res = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--no-progress", "-q", *args])
     assert res.exit_code == 0, res.output
     for stage, ns in stamps.items():  # finished stages reused, not redone
         assert (run_dir / "stages" / stage / "stage.json").stat().st_mtime_ns == ns
     r = json.loads((run_dir / "results.json").read_text())
-    assert [d["id"] for d in r["defenses"]] == ["adversarial_training"] and r["failed_stages"] == []
+    assert [d["id"] for d in r["defenses"]] == ["spatial_smoothing"] and r["failed_stages"] == []
     assert numbers(r)["attacks"] == numbers(serial_run[1])["attacks"]
 
 

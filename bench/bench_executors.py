@@ -5,6 +5,7 @@ an empty stage on each executor.
     PYTHONPATH=src nice -n 10 .venv/bin/python bench/bench_executors.py --profile grid [--profile default]
         [--executors serial,process,ray] [--workers 2] [--threads-per-task 1] [--epochs N] [--n-eval N]
         [--seed 0] [--overhead 40] [--out bench_executors.json]
+    PYTHONPATH=src .venv/bin/python bench/bench_executors.py --profile none --overhead 40     # overhead only
 
 Profiles: ``default`` is examples/default.yaml; ``grid`` is 4 evasion attacks x 5 evasion defenses plus a
 label-flipping and a backdoor attack with one cleanser each (28 stages). ``--epochs`` / ``--n-eval`` /
@@ -122,7 +123,7 @@ def numbers(r: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", action="append", choices=["default", "grid"])
+    ap.add_argument("--profile", action="append", choices=["default", "grid", "none"], help="none: overhead only")
     ap.add_argument("--executors", default="serial,process,ray")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads-per-task", type=int, default=1)
@@ -139,7 +140,7 @@ def main() -> None:
     set_enabled(False)
     torch.set_num_threads(args.threads_per_task)  # the baseline on the driver, same in every run
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "profiles": {}}
-    for name in args.profile or ["grid"]:
+    for name in [p for p in args.profile or ["grid"] if p != "none"]:
         base = yaml.safe_load((ROOT / "examples" / "default.yaml").read_text()) if name == "default" \
             else grid_profile(args.seed)
         base["seed"] = args.seed

@@ -162,3 +162,16 @@ def _profile_file(tmp_path, prof):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(prof))
     return path
+
+
+def test_ray_tasks_ask_for_a_gpu_share_only_on_cuda():
+    import torch
+
+    from safedl.assess.pipeline import executor_for
+    from safedl.profile import parse_profile
+
+    prof = parse_profile(dict(TINY, execution={"executor": "ray", "workers": 4}))
+    assert executor_for(prof, torch.device("cuda")).gpus_per_task == 0.25
+    assert executor_for(prof, torch.device("cpu")).gpus_per_task is None
+    prof = parse_profile(dict(TINY, execution={"executor": "ray", "gpus_per_task": 0.5}))
+    assert executor_for(prof, torch.device("cuda")).gpus_per_task == 0.5

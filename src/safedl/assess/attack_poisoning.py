@@ -91,13 +91,19 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
         name = "targeted_success_rate" if "flip_map" in info else "attack_success_rate"
         metrics[name] = proportion(hit_p, len(x_aim))
         metrics["baseline"][name] = proportion(hit_b, len(x_aim))
+        tname = _class_label(test, target)
         if "flip_map" in info:
-            notes.append(f"targeted_success_rate: source-class test images predicted as class {target}")
+            notes.append(f"targeted_success_rate: test images of the flipped source classes predicted as {tname}, "
+                         "the class their training labels were flipped to (the attack's target_class)")
+            if info.get("strategy") == "many_to_one" and info.get("flip_rate") is not None:
+                notes.append(f"poison fraction: flip_rate {info['flip_rate']:g} of each source class (every class but "
+                             f"{tname}) is flipped, so {poisoned.poison_fraction:.3f} of the whole training set "
+                             "is poisoned")
         elif info.get("victims") is not None:
-            notes.append(f"attack_success_rate: victim test instances predicted as class {target}")
+            notes.append(f"attack_success_rate: victim test instances predicted as {tname} (the attack's target)")
         else:
-            notes.append(f"attack_success_rate: triggered test images of classes other than {target} "
-                         f"predicted as {target}")
+            notes.append(f"attack_success_rate: triggered test images of classes other than {tname} "
+                         f"predicted as {tname} (the attack's target)")
         pred_t = predict(model, x_aim.to(dev)).cpu()
         per_class["predicted_as_target_poisoned"] = [
             float((pred_t[y_aim == c] == target).float().mean()) if bool((y_aim == c).any()) else None
@@ -159,6 +165,12 @@ def _aimed_inputs(attack: Any, info: dict, test: Dataset, target: int | None
         keep = test.y != target
         return attack.apply_trigger(test.x[keep]).cpu(), test.y[keep]
     return None, None
+
+
+def _class_label(data, c: int) -> str:
+    """'class 3 ("cat")' when the data set has class names, else 'class 3'."""
+    names = data.class_names or []
+    return f'class {c} ("{names[c]}")' if 0 <= c < len(names) and names[c] != str(c) else f"class {c}"
 
 
 def _poison_metrics(p: PoisonedDataset, target: int | None) -> dict[str, Any]:

@@ -78,14 +78,27 @@ def _device(name: str):
 
     try:
         dev = resolve_device(name)
-    except RuntimeError as exc:
-        raise UserError(f"--device {name!r} is not a device ({exc}); use cpu, cuda, cuda:N or auto") from None
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device safedl can use; use cpu, cuda, cuda:N or auto") from None
     if dev.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name!r}: safedl runs on cpu or cuda; use cpu, cuda, cuda:N or auto")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UserError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+@contextmanager
+def _naming(profile: Path) -> Iterator[None]:
+    """Profile errors found after loading (plan, data, model checks) name the profile file too."""
+    from safedl.errors import ProfileError
+
+    try:
+        yield
+    except ProfileError as exc:
+        if exc.path is None:
+            raise ProfileError(f"{profile}: {exc}", errors=exc.errors, path=str(profile)) from None
+        raise
 
 
 def _require_gate(prof, source: Path) -> None:
@@ -127,7 +140,8 @@ def validate(profile: Path = typer.Argument(..., help="threat profile (YAML)"),
     if check_data:
         from safedl.assess.pipeline import prepare, resolve_paths
 
-        prepare(resolve_paths(prof, profile.parent), base_dir=profile.parent)
+        with _naming(profile):
+            prepare(resolve_paths(prof, profile.parent), base_dir=profile.parent)
     typer.echo(f"{profile}: valid")
 
 
@@ -202,7 +216,7 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
     base_dir = profile.parent if resume is None or profile != resume / "profile.yaml" else Path(".")
     run_dir = resume if resume is not None else Run.new_run_dir(prof, runs_dir)
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), _naming(profile):
             run_dir, results = run_assessment(prof, base_dir=base_dir, run_dir=run_dir, device=dev)
     except KeyboardInterrupt:
         if run_dir.is_dir():

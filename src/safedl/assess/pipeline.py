@@ -467,9 +467,15 @@ def _with_feature_layer(fresh, layer: str | None):
 def prepare(profile: Profile, *, base_dir: Path) -> tuple[Splits, Any, dict]:
     """Load and split the data, build the model and check that every defense can use it: everything that can fail
     before a run dir exists (nothing is written)."""
+    from safedl.errors import DataError
+
     data = load_dataset(profile.dataset, base_dir=base_dir)
-    splits = stratified_split(data, test_fraction=profile.dataset.test_fraction,
-                              val_fraction=profile.dataset.val_fraction, seed=profile.seed)
+    try:
+        splits = stratified_split(data, test_fraction=profile.dataset.test_fraction,
+                                  val_fraction=profile.dataset.val_fraction, seed=profile.seed)
+    except DataError as exc:
+        where = profile.dataset.path or profile.dataset.name
+        raise DataError(f"dataset {where}: {str(exc).removeprefix(data.name + ': ')}") from None
     fresh, meta = model_factory(profile, splits, base_dir=base_dir)
     fresh = _with_feature_layer(fresh, profile.model.feature_layer)
     model = fresh()  # a broken entry point or architecture fails here, before anything is written

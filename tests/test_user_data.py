@@ -203,3 +203,35 @@ def test_resume_from_another_directory_verifies_stages_and_data(photo_run, tmp_p
     res = CliRunner().invoke(app, ["run", "--resume", str(foreign), "--no-progress", "-q"])
     assert res.exit_code == 2 and "not a safedl run directory" in res.output
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt", "profile.yaml"]  # nothing written into it
+
+
+def test_stage_state_packing_is_lossless_and_smaller(digits_splits, tmp_path):
+    import io
+
+    from safedl.assess.pipeline import load_stage_state, pack_state
+    from safedl.data.dataset import PoisonedDataset
+
+    train = digits_splits.train
+    x = train.x.clone()
+    x[:5, :, :2, :2] = 1.0  # a patch on five images
+    y = train.y.clone()
+    y[5:9] = 0
+    poisoned = PoisonedDataset.from_clean(train, x=x, y=y, info={"target_class": 0})
+    adv = (train.x[:50] + 0.1234).clamp(0, 1)  # not 8-bit values: stored as is
+    x8 = torch.randint(0, 256, (500, 3, 8, 8), generator=torch.Generator().manual_seed(0)).float() / 255  # 8-bit
+    state = {"poisoned": poisoned, "x": x8, "x_adv": adv, "model_state": {"w": torch.randn(3, 3)}}
+    path = tmp_path / "state.pt"
+    torch.save(pack_state(state), path)
+    back = load_stage_state(path)
+    p = back["poisoned"]
+    assert isinstance(p, PoisonedDataset) and p.n_poison == 9 and p.info == {"target_class": 0}
+    for field in ("x", "y", "original_x", "original_y", "is_poison"):
+        assert torch.equal(getattr(p, field), getattr(poisoned, field)), field
+    assert torch.equal(back["x"], state["x"]) and torch.equal(back["x_adv"], adv)
+    assert torch.equal(back["model_state"]["w"], state["model_state"]["w"])
+    plain = io.BytesIO()
+    torch.save(state, plain)
+    assert path.stat().st_size < plain.tell() / 2
+    x8_alone = io.BytesIO()
+    torch.save(pack_state({"x": x8}), x8_alone)
+    assert x8_alone.tell() < x8.numel() * 4 / 3  # stored as uint8, not float32

@@ -29,6 +29,12 @@ def _error(message: str) -> None:
     sys.stderr.write(f"error: {message}\n")
 
 
+def _fail(exc: BaseException, code: int = EXIT_BAD_INPUT) -> None:
+    """Print one error line and exit (commands may also just raise UserError: the group does the same)."""
+    _error(str(exc))
+    raise typer.Exit(code)
+
+
 class _Commands(TyperGroup):
     """Every registered command runs under one error policy: a user mistake is one line and exit 2."""
 

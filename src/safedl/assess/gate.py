@@ -72,7 +72,7 @@ def _per_subject(key: str, limit: float | None, subjects: Iterable[tuple[str, di
         value, used = _pick(_get(metrics, p), bound)
         out.append(_check(f"{key}: {label}", f"{label}.{p}", op, limit, value, used))
     if not out:
-        out.append(_check(key, "(none)", op, limit, None, bound, f"{key} applies to nothing in this run: {nothing}"))
+        out.append(_check(key, "(none)", op, limit, None, bound, f"applies to nothing in this run: {nothing}"))
     return out
 
 
@@ -95,7 +95,7 @@ def _drop_checks(limit: float | None, evasion_defenses: list[tuple[str, dict]]) 
         out.append(_check(f"max_clean_accuracy_drop: {label}", f"{label}.clean_accuracy_drop", "<=", limit, value,
                           "point", f"{label}: clean_accuracy or clean_accuracy_undefended missing"))
     return out or [_check("max_clean_accuracy_drop", "(none)", "<=", limit, None, "point",
-                          "max_clean_accuracy_drop applies to nothing in this run: no evasion defense")]
+                          "applies to nothing in this run: no evasion defense")]
 
 
 def _risk_check(gate: GateSpec, results: dict[str, Any]) -> list[Check]:

@@ -220,13 +220,15 @@ def _save_artifacts(ctx: RunContext, spec: AttackSpec, attack: Any, p: PoisonedD
     idx = all_idx[torch.linspace(0, len(all_idx) - 1, min(n_ex, len(all_idx))).long().unique()] if len(all_idx) \
         else all_idx
     cmap = "gray" if p.shape[0] == 1 else None
+    names = p.class_names or []
+    cn = lambda c: names[c] if 0 <= c < len(names) else str(c)  # noqa: E731 - class names in every figure
     if len(idx):
         fig, axes = plt.subplots(3, len(idx), figsize=(1.6 * len(idx), 5),
                                  squeeze=False)
         for j, i in enumerate(idx.tolist()):
             diff = (p.x[i] - p.original_x[i]).abs().amax(0, keepdim=True)
-            for r, (img, title) in enumerate(((p.original_x[i], f"orig y={int(p.original_y[i])}"),
-                                              (p.x[i], f"poison y={int(p.y[i])}"), (diff, "|diff|"))):
+            for r, (img, title) in enumerate(((p.original_x[i], f"orig y={cn(int(p.original_y[i]))}"),
+                                              (p.x[i], f"poison y={cn(int(p.y[i]))}"), (diff, "|diff|"))):
                 ax = axes[r][j]
                 ax.imshow(_to_img(img), cmap=cmap if r < 2 else "magma", vmin=0, vmax=1)
                 ax.set_title(title, fontsize=7)
@@ -260,9 +262,9 @@ def _save_artifacts(ctx: RunContext, spec: AttackSpec, attack: Any, p: PoisonedD
         fig, axes = plt.subplots(1, len(xs), figsize=(1.6 * len(xs), 2), squeeze=False)
         for j in range(len(xs)):
             axes[0][j].imshow(_to_img(xs[j]), cmap=cmap, vmin=0, vmax=1)
-            axes[0][j].set_title(f"pred {int(pred[j])}", fontsize=7, color="red" if int(pred[j]) == target else "black")
+            axes[0][j].set_title(f"pred {cn(int(pred[j]))}", fontsize=7, color="red" if int(pred[j]) == target else "black")
             axes[0][j].axis("off")
-        fig.suptitle(f"attacked test inputs (target {target}), poisoned model's predictions", fontsize=9)
+        fig.suptitle(f"attacked test inputs (target {cn(target)}), poisoned model's predictions", fontsize=9)
         fig.tight_layout()
         path = folder / "attacked_test_inputs.png"
         fig.savefig(path, dpi=100)

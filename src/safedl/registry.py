@@ -161,6 +161,6 @@ def creation_params(obj: Any) -> dict[str, Any]:
 
 
 def summary(cls: type) -> str:
-    """First line of a component's docstring."""
+    """The first paragraph of a component's docstring on one line (whole sentences, never cut mid-sentence)."""
     doc = inspect.getdoc(cls) or ""
-    return doc.splitlines()[0] if doc else ""
+    return " ".join(doc.split("\n\n")[0].split())

@@ -4,9 +4,10 @@ benign false-alarm rate, and the extraction curves with and without each output 
 No HTTP: each API key is simulated by wrapping the victim in ``ObservedModel``, which the counted query interface
 calls once per query batch, so every detector sees exactly the stream that key would send.
 
-- Detectors: ``StatefulDetector`` (Chen et al.; k=50, history 1000, flattened pixels, threshold = the 0.1% quantile
-  of per-query k-NN distances on benign calibration streams) and ``PRADA`` (Juuti et al.; delta = the 1% quantile of
-  W on the same calibration streams). Calibration streams use train-split images; evaluation streams use
+- Detectors: ``StatefulDetector`` (Chen et al.; k=50, history 1000, threshold = the 0.1% quantile of per-query k-NN
+  distances on benign calibration streams), once on flattened pixels and once on the victim's penultimate features
+  ("stateful_features"), and ``PRADA`` (Juuti et al.; grouped by the victim's
+  label, delta = the 1% quantile of W on the same calibration streams). Calibration streams use train-split images; evaluation streams use
   test+val images only.
 - Attack keys: square (L-inf 0.3, scores), nes (L-inf 0.3, scores), hopskipjump (L2, labels, 1000 queries per image):
   each key attacks consecutive test images one at a time until it has sent ``--attack-budget`` queries; copycat
@@ -19,9 +20,15 @@ calls once per query batch, so every detector sees exactly the stream that key w
   copycat with scores and jacobian_augmentation with labels, undefended and under rounding (1 decimal), top_k (k=1),
   class_labels, reverse_sigmoid (beta 0.7, gamma 0.1) and a dp_training victim (epsilon 8).
 
-Rerun (seed 0, about 20-25 min on 2 busy cores):
+The README numbers (seed 0) ran on one CUDA GPU (torch 2.11, 12 CPU threads), the two parts as two processes
+(wall 127 s and 100 s there):
 
-    nice -n 10 env PYTHONPATH=src .venv/bin/python bench/measure_query_detection.py --out /tmp/qd.json
+    PYTHONPATH=src python bench/measure_query_detection.py --device cuda --threads 12 --skip curves --out det.json
+    PYTHONPATH=src python bench/measure_query_detection.py --device cuda --threads 12 --skip detection --out cur.json
+
+On a CPU use ``--device cpu`` under ``nice -n 10``; the curves part trains 45 small_cnn surrogates and a DP-SGD
+victim, far beyond 25 minutes on 2 shared cores, so there add ``--surrogate tiny_cnn --surrogate-params
+'{"width": 16, "hidden": 64}' --epochs 10`` (weaker copies: not the README numbers).
 
 ``--quick`` runs a small version (fewer keys, budgets, curves) for a smoke check.
 """
@@ -38,7 +45,7 @@ import torch
 
 from measure_evasion import default_model  # noqa: E402  (bench/ is on sys.path when run as a script)
 from safedl import registry
-from safedl.assess.attack_extraction import extraction_curve, transfer_success
+from safedl.assess.attack_extraction import deployed_labels, extraction_curve, transfer_success
 from safedl.attacks.extraction.base import ExtractionOracle
 from safedl.defenses.query import PRADA, ObservedModel, StatefulDetector
 from safedl.models import TrainRecipe, build_model, with_normalization
@@ -78,13 +85,25 @@ def burst_stream(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return torch.cat(out)[:n]
 
 
-def make_detectors(calib: list[torch.Tensor]) -> dict[str, Any]:
+class VictimFeatures(torch.nn.Module):
+    """The victim's penultimate features (its own normalization first): an encoder for the stateful detector."""
+
+    def __init__(self, model: torch.nn.Sequential):
+        super().__init__()
+        self.norm, self.net = model[0], model[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(self.norm(x))
+
+
+def make_detectors(calib: list[torch.Tensor], model) -> dict[str, Any]:
     t0 = time.perf_counter()
     sd = StatefulDetector(k=50, history=1000).calibrate(calib, fpr=1e-3)
-    pr = PRADA().calibrate(calib, fpr=0.01)
-    log.info("calibrated on %d benign streams in %.0fs: stateful threshold %.4f, PRADA delta %.4f", len(calib),
-             time.perf_counter() - t0, sd.threshold_, pr.delta_)
-    return {"stateful": sd, "prada": pr}
+    sf = StatefulDetector(k=50, history=1000, encoder=VictimFeatures(model)).calibrate(calib, fpr=1e-3)
+    pr = PRADA(classify=lambda x: model(x).argmax(1)).calibrate(calib, fpr=0.01)
+    log.info("calibrated on %d benign streams in %.0fs: stateful threshold %.4f (pixels), %.4f (victim features), "
+             "PRADA delta %.4f", len(calib), time.perf_counter() - t0, sd.threshold_, sf.threshold_, pr.delta_)
+    return {"stateful": sd, "stateful_features": sf, "prada": pr}
 
 
 def feed(model, dets, key: str, stream: torch.Tensor, chunk: int = 16) -> dict[str, int]:
@@ -145,10 +164,11 @@ def detection_part(model, splits, args) -> dict[str, Any]:
     tr = splits.train.x
     calib = [s.to(DEVICE) for s in [in_order_stream(tr, 3500, seed=100)] +
              [burst_stream(tr, 2000, seed=200 + s) for s in range(2)]]
-    dets = make_detectors(calib)
+    dets = make_detectors(calib, model)
     names = list(dets)
     benign_x = torch.cat([splits.test.x, splits.val.x])
-    res: dict[str, Any] = {"thresholds": {"stateful": dets["stateful"].threshold_, "prada": dets["prada"].delta_}}
+    res: dict[str, Any] = {"thresholds": {n: getattr(d, "threshold_", None) or getattr(d, "delta_", None)
+                                          for n, d in dets.items()}}
     for kind, fn in (("in_order", in_order_stream), ("bursts", burst_stream)):
         flagged = {d: 0 for d in names + ["any"]}
         for j in range(args.benign_keys):
@@ -190,7 +210,8 @@ def dp_victim(splits, seed: int):
                                splits.mean, splits.std)
     trainer = registry.create("trainer", "dp_training", **DEFENSES["dp_training"])
     t0 = time.perf_counter()
-    model = trainer.fit(model, splits.train, recipe=TrainRecipe(), seed=seed, val=splits.val, device=DEVICE)
+    # on the CPU: safedl's dp_training passes a CPU generator that Opacus cannot use for noise on CUDA (torch 2.11)
+    model = trainer.fit(model, splits.train, recipe=TrainRecipe(), seed=seed, val=splits.val).to(DEVICE)
     log.info("dp_training victim: %.0fs, epsilon spent %.2f", time.perf_counter() - t0, trainer.epsilon_spent_)
     return model.eval(), trainer.epsilon_spent_
 
@@ -217,7 +238,9 @@ def curves_part(model, splits, args) -> dict[str, Any]:
                                                  output=output, num_classes=10, device=DEVICE,
                                                  postprocess=post, description=f"{name}/{output}/{dname}")
             transfer = transfer_success(victim, surrogate, x_eval, y_eval, eps=0.3, postprocess=post)
+            correct = deployed_labels(victim, test_x, post).cpu() == splits.test.y
             res[f"{name}/{output}/{dname}"] = {"curve": points, "transfer_success_rate": transfer,
+                                               "victim_accuracy": proportion(int(correct.sum()), len(correct)),
                                                "time_s": time.perf_counter() - t0}
             log.info("%s/%s/%s (%.0fs): %s; transfer %.3f", name, output, dname, time.perf_counter() - t0,
                      " ".join(f"{p['budget']}:{p['fidelity']['value']:.3f}/{p['surrogate_accuracy']['value']:.3f}"
@@ -240,13 +263,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/measure_query_detection.json")
-    ap.add_argument("--benign-keys", type=int, default=20)
+    ap.add_argument("--benign-keys", type=int, default=30)
     ap.add_argument("--benign-queries", type=int, default=5000)
     ap.add_argument("--attack-keys", type=int, default=10)
     ap.add_argument("--attack-budget", type=int, default=2000)
-    ap.add_argument("--surrogate", default="tiny_cnn")
-    ap.add_argument("--surrogate-params", type=json.loads, default={"width": 16, "hidden": 64})
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--surrogate", default="small_cnn")
+    ap.add_argument("--surrogate-params", type=json.loads, default={})
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--budgets", type=int, nargs="+", default=[250, 500, 1000, 2000, 4000])
     ap.add_argument("--defenses", nargs="+", default=list(DEFENSES))
     ap.add_argument("--skip", choices=["detection", "curves"], default=None)

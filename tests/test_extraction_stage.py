@@ -17,7 +17,8 @@ PROFILE = {
     "training": {"epochs": 8, "batch_size": 64, "lr": 0.003, "augment": "none"},
     "attacks": {"extraction": [{"name": "copycat", "params": {"surrogate": "tiny_cnn", "epochs": 15, "lr": 0.003,
                                                               "budgets": [60, 300], "transfer_eps": 0.3}}]},
-    "defenses": [{"name": "class_labels"}, {"name": "reverse_sigmoid", "params": {"beta": 0.7}}],
+    "defenses": [{"name": "class_labels"}, {"name": "reverse_sigmoid", "params": {"beta": 0.7}},
+                 {"name": "dp_training", "params": {"epochs": 2}}],
     "evaluation": {"n_eval": 100, "n_examples": 0},
 }
 
@@ -52,10 +53,12 @@ def test_attack_entry_has_the_curve_with_intervals_and_transfer(results):
 def test_defense_entries_compare_curves_with_and_without(results):
     _, r = results
     d = {e["id"]: e for e in r["defenses"]}
-    assert set(d) == {"class_labels", "reverse_sigmoid"}
+    assert set(d) == {"class_labels", "reverse_sigmoid", "dp_training"}
     for e in d.values():
         assert e["against"] == "copycat" and len(e["curve_after"]) == 2 and e["curve_before"] == r["attacks"][0]["curve"]
         assert e["metrics"]["attack_success_rate_after"] == e["curve_after"][-1]["fidelity"]
     # class_labels keeps every label: users lose nothing
     base = r["baseline"]["metrics"]["clean_accuracy"]["value"]
     assert d["class_labels"]["metrics"]["clean_accuracy_after"]["value"] == pytest.approx(base)
+    # the DP-SGD victim is a different, retrained model: its privacy budget is reported next to its curve
+    assert d["dp_training"]["kind"] == "trainer" and d["dp_training"]["metrics"]["epsilon_spent"]["value"] > 0

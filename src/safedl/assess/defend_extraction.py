@@ -18,10 +18,10 @@ from torch import nn
 from safedl.assess.attack_extraction import (attacker_pool, curve_metrics, deployed_labels, extraction_curve,
                                              transfer_success)
 from safedl.assess.context import RunContext
-from safedl.assess.defend_evasion import _train
+from safedl.assess.defense_models import train_defense_model
 from safedl.assess.handlers import AttackOutcome, defense_handler
 from safedl.profile import DefenseSpec
-from safedl.utils.stats import proportion
+from safedl.utils.stats import proportion, scalar
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ def _evaluate(ctx: RunContext, spec: DefenseSpec, outcome: AttackOutcome, victim
     from safedl import registry
 
     a = outcome.entry
-    attack = registry.create("extraction", a["name"], **a["params"])
+    spec_a = next(s for s in ctx.profile.attacks.extraction if s.key == a["id"])
+    attack = registry.create("extraction", spec_a.name, **spec_a.params)  # the same attack, run on the defended system
     output = ctx.profile.threat_model.interface_exposed
     test = ctx.splits.test
     tx = test.x.to(ctx.device)
@@ -70,10 +71,11 @@ def defend_extraction_postprocessor(ctx: RunContext, spec: DefenseSpec, componen
 def defend_extraction_trainer(ctx: RunContext, spec: DefenseSpec, components: Sequence[Any],
                               outcome: AttackOutcome) -> dict[str, Any]:
     """A victim trained by the defense (e.g. DP-SGD) with the baseline's recipe and seed, stolen the same way."""
-    model, train_s, reused = _train(ctx, spec, components[0], components[0].registry_name)
-    entry = _evaluate(ctx, spec, outcome, model, None)
-    entry["notes"].append(f"defended model training {'reused' if reused else 'took'} {train_s:.1f}s")
-    eps = getattr(components[0], "epsilon_spent_", None)
-    if eps is not None:
-        entry["metrics"]["epsilon_spent"] = {"value": float(eps), "ci95": None, "n": None}
+    trainer = components[0]
+    trained = train_defense_model(ctx, trainer, architecture=trainer.architecture, facts=trainer.facts)
+    entry = _evaluate(ctx, spec, outcome, trained.model, None)
+    entry["notes"].append(f"{trainer.registry_name}: a fresh model trained with the baseline recipe and seed"
+                          f"{' (reloaded from the stage folder)' if trained.reloaded else ''}")
+    for name, value in trained.facts.items():
+        entry["metrics"][name] = scalar(float(value))
     return entry

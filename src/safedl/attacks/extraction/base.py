@@ -127,8 +127,8 @@ class ExtractionAttack:
         raise NotImplementedError
 
     def params(self) -> dict:
-        """The validated config (public attributes not ending in '_')."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and not k.endswith("_")}
+        """The validated config (public attributes not ending in '_'; not the registry's own bookkeeping)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith(("_", "registry_")) and not k.endswith("_")}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"

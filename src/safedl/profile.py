@@ -136,9 +136,10 @@ class AttacksSection(_Strict):
     evasion: list[AttackSpec] = Field(default_factory=list)
     poisoning: list[AttackSpec] = Field(default_factory=list)
     backdoor: list[AttackSpec] = Field(default_factory=list)
+    extraction: list[AttackSpec] = Field(default_factory=list, description="model stealing through the query interface")
 
     def all(self) -> list[tuple[str, AttackSpec]]:
-        return [(cat, a) for cat in ("evasion", "poisoning", "backdoor") for a in getattr(self, cat)]
+        return [(cat, a) for cat in ("evasion", "poisoning", "backdoor", "extraction") for a in getattr(self, cat)]
 
 
 class DefenseSpec(_Strict):
@@ -233,7 +234,7 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
 
     errors: list[tuple[str, str]] = []
     ids: dict[str, str] = {}
-    for cat in ("evasion", "poisoning", "backdoor"):
+    for cat in ("evasion", "poisoning", "backdoor", "extraction"):
         for i, spec in enumerate(getattr(profile.attacks, cat)):
             where = f"attacks.{cat}[{i}]"
             if spec.key in ids:
@@ -244,7 +245,7 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
             except UserError as exc:
                 errors.append((f"{where}.name" if "unknown" in str(exc) else f"{where}.params", str(exc)))
                 continue
-            if cat == "evasion":
+            if cat in ("evasion", "extraction"):
                 access = getattr(attack, "access", "white-box")
                 tm = profile.threat_model
                 if tm.model_access == "black-box" and access == "white-box":

@@ -297,6 +297,9 @@ def write_reports(results: dict[str, Any], run_dir: Path, *, html: bool = True, 
         from safedl.report.figures import summary_figures
 
         figs = summary_figures(results, run_dir)
+        from safedl.report.extraction_figures import extraction_figures  # model-extraction curves (issue 13)
+
+        figs.update(extraction_figures(results, run_dir))
     blocks = build_blocks(results, figs)
     atomic_write_text(run_dir / "report.md", to_markdown(blocks))
     if html:

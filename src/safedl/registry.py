@@ -143,9 +143,12 @@ def create(kind: str, name: str, /, **kwargs: Any) -> Any:
             f"its parameters are: {', '.join(sorted(valid)) or '(none)'}"
         )
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except TypeError as exc:  # a missing required parameter
         raise ConfigError(f"{kind} {name!r}: {exc}") from None
+    # the exact constructor arguments, so a deployed bundle can rebuild the component without pickling it
+    object.__setattr__(obj, "registry_params", dict(kwargs))
+    return obj
 
 
 def summary(cls: type) -> str:

@@ -36,36 +36,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# --- temporary stand-in for safedl.deploy until it lands on main -------------------------------------------------
-@dataclass(frozen=True)
-class FakeDecision:
-    labels: torch.Tensor
-    probs: torch.Tensor
-    rejected: torch.Tensor
-    reasons: list
-    detector_scores: dict
-    thresholds: dict
+def make_bundle(model, splits, out, *, fpr: float = 0.1):
+    """Export the default deployed system of the tests (feature squeezing + its detector around ``model``, digits)
+    as a real bundle at ``out``, through ``safedl.deploy.export_bundle``."""
+    from safedl import registry
+    from safedl.deploy import SecurePipeline, export_bundle
 
-
-class FakePipeline:
-    """model -> softmax; one 'brightness' detector (mean pixel over 0.9 is rejected)."""
-
-    def __init__(self, model, shape=(1, 8, 8), num_classes=10):
-        self.model, self.input_shape = model, shape
-        self.class_names = [f"digit_{i}" for i in range(num_classes)]
-        self.num_classes = num_classes
-
-    def decide(self, x):
-        with torch.no_grad():
-            p = self.model(x).softmax(1)
-        score = x.mean((1, 2, 3))
-        rej = score > 0.9
-        return FakeDecision(p.argmax(1), p, rej, ["detector:brightness" if r else None for r in rej.tolist()],
-                            {"brightness": score}, {"brightness": 0.9})
-
-
-@dataclass
-class FakeBundle:
-    pipeline: object
-    manifest: dict = field(default_factory=lambda: {"data": {"shape": [1, 8, 8]}, "metrics": {"clean_accuracy": 0.95}})
-    version: str = "fakefake0001"
+    squeeze = registry.create("preprocessor", "feature_squeezing", bit_depth=4)
+    det = registry.create("detector", "feature_squeezing_detector", bit_depth=2, fpr=fpr)
+    det.fit(splits.train.x[:300], model=model, x_calibration=splits.val.x, seed=0)
+    pipe = SecurePipeline(model=model, preprocessors=[squeeze], detectors=[det],
+                          class_names=splits.train.class_names, input_shape=splits.shape)
+    spec = {"arch": "tiny_cnn", "arch_params": {}, "in_channels": 1, "num_classes": 10, "image_size": 8,
+            "mean": list(splits.mean), "std": list(splits.std)}
+    data = {"name": "digits", "shape": list(splits.shape), "num_classes": 10, "class_names": splits.train.class_names}
+    return export_bundle(pipe, out, model_spec=spec, data=data,
+                         metrics={"pgd": {"metrics": {"robust_accuracy": {"value": 0.5, "ci95": [0.4, 0.6], "n": 100}}}})

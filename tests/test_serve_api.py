@@ -18,16 +18,21 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from _serve_helpers import FakeBundle, FakePipeline, npy_bytes, png_bytes, quantized  # noqa: E402
+from _serve_helpers import make_bundle, npy_bytes, png_bytes, quantized  # noqa: E402
+from safedl.deploy import load_bundle  # noqa: E402
 from safedl.serve import ServeConfig, create_app  # noqa: E402
 from safedl.serve.audit import AuditStore  # noqa: E402
 from safedl.serve.keys import KeyStore  # noqa: E402
 from safedl.serve.schemas import ErrorResponse, PredictResponse  # noqa: E402
 
 
+DET = "feature_squeezing_detector"
+
+
 @pytest.fixture(scope="module")
-def bundle(tiny_model):
-    return FakeBundle(pipeline=FakePipeline(tiny_model))
+def bundle(tiny_model, digits_splits, tmp_path_factory):
+    """A real bundle (feature squeezing + its detector around the tiny digits CNN), loaded and verified."""
+    return load_bundle(make_bundle(tiny_model, digits_splits, tmp_path_factory.mktemp("serve") / "bundle"))
 
 
 class Svc:
@@ -65,38 +70,45 @@ def _post_png(svc, img, tier="full", fmt="PNG", **kw):
     return svc.client.post("/v1/predict", files=files, headers=_auth(svc.tokens[tier]), **kw)
 
 
-def _correct_digits(model, x, y, n=4):
-    pred = model(quantized(x)).argmax(1)
+def _correct_digits(pipeline, x, y, n=4):
+    d = pipeline.decide(quantized(x))
+    pred = torch.where(d.rejected, -1, d.labels)
     idx = (pred == y).nonzero().flatten()[:n]
     return x[idx], y[idx]
 
 
-def test_png_of_a_test_digit_gets_its_label_and_an_audit_row_first(svc, tiny_model, eval_batch):
-    x, y = _correct_digits(tiny_model, *eval_batch)
+def test_png_of_a_test_digit_gets_its_label_and_an_audit_row_first(svc, bundle, eval_batch):
+    x, y = _correct_digits(bundle.pipeline, *eval_batch)
     r = _post_png(svc, x[0])
     assert r.status_code == 200, r.text
     body = PredictResponse.model_validate(r.json())
     res = body.results[0]
-    assert res.label == int(y[0]) and res.class_name == f"digit_{int(y[0])}" and not res.rejected
-    assert abs(sum(res.probabilities) - 1) < 1e-4 and set(res.detector_scores) == {"brightness"}
-    assert body.bundle_version == "fakefake0001" and r.headers["x-request-id"] == body.request_id
+    assert res.label == int(y[0]) and res.class_name == str(int(y[0])) and not res.rejected
+    assert abs(sum(res.probabilities) - 1) < 1e-4 and set(res.detector_scores) == {DET}
+    assert body.bundle_version == bundle.version and r.headers["x-request-id"] == body.request_id
     rows = svc.rows(f"request_id='{body.request_id}'")
     assert len(rows) == 1 and rows[0]["http_status"] == 200 and rows[0]["label"] == int(y[0])
     assert rows[0]["input_sha256"] == res.input_sha256 and json.loads(rows[0]["shape"]) == [1, 8, 8]
-    assert rows[0]["key_id"] is not None and rows[0]["bundle_version"] == "fakefake0001"
+    assert rows[0]["key_id"] is not None and rows[0]["bundle_version"] == bundle.version
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "BMP", "WEBP"])
-def test_other_image_formats_decode(svc, tiny_model, eval_batch, fmt):
+def test_other_image_formats_decode(svc, bundle, eval_batch, fmt):
     x, _ = eval_batch
     r = _post_png(svc, x[0], fmt=fmt)
     assert r.status_code == 200, r.text
-    assert r.json()["results"][0]["label"] == int(tiny_model(quantized(x[:1])).argmax(1)) or fmt == "JPEG"
+    if fmt != "JPEG":  # lossless: exactly what the bundle answers for the 8-bit image
+        assert r.json()["results"][0]["label"] == int(bundle.pipeline.decide(quantized(x[:1])).labels[0])
 
 
-def test_json_base64_and_npy_batches_match_the_model(svc, tiny_model, eval_batch):
+def _answers(pipeline, x):
+    d = pipeline.decide(x)
+    return [None if r else int(lab) for lab, r in zip(d.labels, d.rejected)]
+
+
+def test_json_base64_and_npy_batches_match_the_bundle(svc, bundle, eval_batch):
     x, _ = eval_batch
-    expected = tiny_model(x[:5]).argmax(1).tolist()
+    expected = _answers(bundle.pipeline, x[:5])
     r = svc.client.post("/v1/predict", content=npy_bytes(x[:5].numpy()), headers={
         **_auth(svc.tokens["full"]), "Content-Type": "application/x-npy"})
     assert r.status_code == 200, r.text
@@ -107,7 +119,7 @@ def test_json_base64_and_npy_batches_match_the_model(svc, tiny_model, eval_batch
                                                         base64.b64encode(png_bytes(x[3])).decode()]},
                         headers=_auth(svc.tokens["full"]))
     assert r.status_code == 200, r.text
-    assert [res["label"] for res in r.json()["results"]] == tiny_model(quantized(x[:4])).argmax(1).tolist()
+    assert [res["label"] for res in r.json()["results"]] == _answers(bundle.pipeline, quantized(x[:4]))
 
 
 def test_auth_missing_wrong_revoked_and_scope(svc, eval_batch):
@@ -155,15 +167,20 @@ def test_tiers_harden_the_output_per_key(svc, eval_batch):
     assert label["probabilities"] is None and label["top_k"] is None and label["detector_scores"] is None
 
 
-def test_rejected_image_has_no_label_and_is_counted(svc):
-    r = _post_png(svc, torch.ones(1, 8, 8), "full")
+def test_rejected_image_has_no_label_and_is_counted(svc, bundle, eval_batch):
+    x = quantized(eval_batch[0])
+    d = bundle.pipeline.decide(x)
+    i = int(d.rejected.nonzero()[0])  # a test image the bundle's detector flags
+    r = _post_png(svc, x[i], "full")
     res = r.json()["results"][0]
-    assert r.status_code == 200 and res["rejected"] and res["reason"] == "detector:brightness"
-    assert res["label"] is None and res["probabilities"] is None and res["detector_scores"]["brightness"] > 0.9
+    assert r.status_code == 200 and res["rejected"] and res["reason"] == f"detector:{DET}"
+    assert res["label"] is None and res["probabilities"] is None
+    assert res["detector_scores"][DET] == pytest.approx(float(d.detector_scores[DET][i]), abs=1e-5)
+    assert res["detector_scores"][DET] > d.thresholds[DET]
     row = svc.rows(f"request_id='{r.json()['request_id']}'")[0]
     assert row["rejected"] == 1 and row["label"] is not None  # the audit keeps the model's label for forensics
     text = svc.client.get("/metrics").text
-    assert 'safedl_images_rejected_total{reason="detector:brightness"} 1.0' in text
+    assert f'safedl_images_rejected_total{{reason="detector:{DET}"}} 1.0' in text
 
 
 def _png_header_only(w: int, h: int) -> bytes:
@@ -241,7 +258,7 @@ def test_body_and_image_count_limits(tmp_path, bundle, eval_batch):
         assert r.status_code == 200 and len(r.json()["results"]) == 3
 
 
-def test_resize_policy_converts_or_refuses(tmp_path, bundle, tiny_model, eval_batch):
+def test_resize_policy_converts_or_refuses(tmp_path, bundle, eval_batch):
     x, _ = eval_batch
     big = torch.nn.functional.interpolate(x[:1], size=(32, 32), mode="nearest")[0]
     rgb = x[0].expand(3, 8, 8)
@@ -249,10 +266,12 @@ def test_resize_policy_converts_or_refuses(tmp_path, bundle, tiny_model, eval_ba
     with TestClient(s.app) as c:
         s.client = c
         r = _post_png(s, big)
-        assert r.status_code == 200 and r.json()["results"][0]["label"] == int(tiny_model(quantized(x[:1])).argmax(1))
+        pil = Image.open(io.BytesIO(png_bytes(big))).resize((8, 8), Image.Resampling.BILINEAR)  # the documented policy
+        resized = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).float().div(255)[None, None]
+        assert r.status_code == 200 and r.json()["results"][0]["label"] == _answers(bundle.pipeline, resized)[0]
         assert json.loads(s.rows(f"request_id='{r.json()['request_id']}'")[0]["shape"]) == [1, 32, 32]
         r = _post_png(s, rgb)
-        assert r.status_code == 200 and r.json()["results"][0]["label"] == int(tiny_model(quantized(x[:1])).argmax(1))
+        assert r.status_code == 200 and r.json()["results"][0]["label"] == _answers(bundle.pipeline, quantized(x[:1]))[0]
     s2 = Svc(tmp_path / "b", bundle, config=ServeConfig(resize=False))
     with TestClient(s2.app) as c:
         s2.client = c
@@ -260,18 +279,19 @@ def test_resize_policy_converts_or_refuses(tmp_path, bundle, tiny_model, eval_ba
         assert r.status_code == 422 and "expected 1x8x8" in r.json()["error"]["message"]
 
 
-def test_health_ready_model_metrics(svc, eval_batch):
+def test_health_ready_model_metrics(svc, bundle, eval_batch):
     assert svc.client.get("/v1/health").json() == {"status": "ok"}
     r = svc.client.get("/v1/ready")
     assert r.status_code == 200 and r.json()["ready"] is True
     m = svc.client.get("/v1/model", headers=_auth(svc.tokens["label"]))
-    assert m.status_code == 200 and m.json()["manifest"]["metrics"]["clean_accuracy"] == 0.95
+    assert m.status_code == 200 and m.json()["manifest"] == bundle.manifest and m.json()["bundle_version"] == bundle.version
+    assert m.json()["manifest"]["metrics"]["pgd"]["metrics"]["robust_accuracy"]["n"] == 100
     assert m.json()["input_shape"] == [1, 8, 8] and svc.client.get("/v1/model").status_code == 401
     _post_png(svc, eval_batch[0][0], "topk")
     text = svc.client.get("/metrics").text
     for needle in ('safedl_requests_total{endpoint="/v1/predict",status="200"} 1.0', "safedl_request_latency_seconds_bucket",
                    "safedl_images_predicted_total 1.0", 'safedl_tier_requests_total{tier="topk"} 1.0',
-                   'safedl_detector_score_bucket{detector="brightness"', "safedl_ready 1.0"):
+                   f'safedl_detector_score_bucket{{detector="{DET}"', "safedl_ready 1.0"):
         assert needle in text, needle
     schema = svc.client.get("/openapi.json").json()
     assert {"/v1/predict", "/v1/health", "/v1/ready", "/v1/model"} <= set(schema["paths"])

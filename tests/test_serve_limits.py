@@ -11,7 +11,8 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from _serve_helpers import FakeBundle, FakePipeline, png_bytes  # noqa: E402
+from _serve_helpers import make_bundle, png_bytes  # noqa: E402
+from safedl.deploy import load_bundle  # noqa: E402
 from safedl.cli import app as cli  # noqa: E402
 from safedl.serve import create_app  # noqa: E402
 from safedl.serve.audit import AuditStore  # noqa: E402
@@ -77,11 +78,11 @@ def test_limits_hold_across_threads_and_connections(tmp_path):
     assert len(allowed) == 80 and sum(allowed) == 25
 
 
-def test_http_429_with_retry_after_and_metrics(tmp_path, tiny_model, eval_batch):
+def test_http_429_with_retry_after_and_metrics(tmp_path, tiny_model, digits_splits, eval_batch):
     keys = KeyStore(tmp_path / "k.db", create=True)
     _, slow = keys.create(name="slow", rate_per_s=0.01, burst=2)
     _, small = keys.create(name="small", rate_per_s=100, burst=100, daily_quota=3)
-    app = create_app(bundle=FakeBundle(pipeline=FakePipeline(tiny_model)), keys=keys,
+    app = create_app(bundle=load_bundle(make_bundle(tiny_model, digits_splits, tmp_path / "b")), keys=keys,
                      audit=AuditStore(tmp_path / "a.db"))
     img = png_bytes(eval_batch[0][0])
     with TestClient(app) as c:
@@ -98,7 +99,7 @@ def test_http_429_with_retry_after_and_metrics(tmp_path, tiny_model, eval_batch)
         assert 'safedl_rate_limited_total{kind="rate"} 2.0' in text and 'safedl_rate_limited_total{kind="quota"} 1.0' in text
 
 
-def test_keys_and_audit_cli(tmp_path, tiny_model, eval_batch):
+def test_keys_and_audit_cli(tmp_path):
     run = CliRunner().invoke
     db = tmp_path / "k.db"
     r = run(cli, ["keys", "create", "--db", str(db), "--name", "ci", "--tier", "label"])

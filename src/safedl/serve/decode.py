@@ -158,6 +158,8 @@ def _decode_npy(data: bytes, *, shape: tuple[int, int, int], config: ServeConfig
     else:
         raise InputError(422, "bad_shape", f"{where}: array of shape {list(dims)}; expected CxHxW = {c}x{h}x{w} "
                                            f"or NxCxHxW")
+    if dims4[0] == 0:
+        raise InputError(422, "no_images", f"{where}: the array holds no image (shape {list(dims)})")
     if dims4[0] > config.max_images:
         raise InputError(413, "too_many_images", f"{where}: {dims4[0]} images; at most {config.max_images}")
     if dims4[2] * dims4[3] > config.max_pixels:

@@ -219,14 +219,17 @@ async def _predict(svc: Service, request: Request, ctx: dict) -> tuple[int, dict
     key = await anyio.to_thread.run_sync(svc.admit, _token(request), "predict")
     ctx["key_id"], ctx["tier"] = key.key_id, key.tier
     await anyio.to_thread.run_sync(svc.limit, key)
+    _mark(ctx, "admit")
     svc.batcher.expect()
     submitted = False
     try:
         items = await _items(request, svc)
         decoded = await anyio.to_thread.run_sync(svc.decode_and_charge, items, key)
+        _mark(ctx, "decode")
         fut = svc.batcher.submit(decoded.x)
         submitted = True
         d = await asyncio.wrap_future(fut)
+        _mark(ctx, "model")
     finally:
         if not submitted:
             svc.batcher.cancel()
@@ -252,6 +255,7 @@ async def _audited(svc: Service, ctx: dict, status: int, body: dict, headers: di
     rows = [{**base, **f} for f in fields] or [base]
     try:
         await asyncio.wrap_future(svc.audit.submit(rows))
+        _mark(ctx, "audit")
     except AuditUnavailable as exc:
         svc.metrics.audit_failures.inc()
         log.error("request %s not answered: audit log unavailable (%s)", ctx["request_id"], exc,
@@ -264,14 +268,22 @@ async def _audited(svc: Service, ctx: dict, status: int, body: dict, headers: di
     log.info("%s %s %d", ctx["method"], ctx["endpoint"], status,
              extra={"event": "request", "request_id": ctx["request_id"], "key_id": ctx.get("key_id"),
                     "client": ctx.get("client"), "status": status, "latency_ms": round(elapsed * 1000.0, 3),
-                    "images": len(fields)})
+                    "images": len(fields), "stages_ms": ctx["stages_ms"]})
     return JSONResponse(body, status_code=status, headers={**headers, "X-Request-ID": ctx["request_id"]})
 
 
 def _context(request: Request, endpoint: str) -> dict:
-    return {"request_id": uuid.uuid4().hex, "t0": time.perf_counter(), "ts": time.time(), "endpoint": endpoint,
+    t0 = time.perf_counter()
+    return {"request_id": uuid.uuid4().hex, "t0": t0, "ts": time.time(), "endpoint": endpoint,
             "client": request.client.host if request.client else None, "method": request.method,
-            "key_id": None, "tier": None}
+            "key_id": None, "tier": None, "stages_ms": {}, "_last": t0}
+
+
+def _mark(ctx: dict, stage: str) -> None:
+    """Time spent since the previous stage (in the request log: where the latency goes)."""
+    now = time.perf_counter()
+    ctx["stages_ms"][stage] = round((now - ctx["_last"]) * 1000.0, 3)
+    ctx["_last"] = now
 
 
 async def _handle(svc: Service, request: Request, endpoint: str, work) -> Response:

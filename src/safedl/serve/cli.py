@@ -38,21 +38,25 @@ def serve_command(
         device: str = typer.Option("cpu", "--device"),
         torch_threads: int = typer.Option(1, "--torch-threads", help="intra-op threads of the model"),
         graceful_s: float = typer.Option(30.0, "--graceful-s", help="how long shutdown waits for in-flight requests"),
+        signing_key_file: Optional[Path] = typer.Option(None, "--signing-key-file",
+                                                        help="require the bundle's HMAC signature with this key"),
 ) -> None:
     """Serve a bundle over HTTP: API keys, rate limits, input limits, audit log, Prometheus metrics.
 
     Exit code 2 when the bundle fails verification or an option is wrong.
     """
+    from safedl.cli import _read_key
     from safedl.serve.config import ServeConfig
     from safedl.serve.server import run_server
 
     try:
+        signing_key = _read_key(signing_key_file)
         config = ServeConfig(max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_pixels=max_pixels,
                              resize=not no_resize, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              quarantine_dir=quarantine, quarantine_max_bytes=int(quarantine_mb * 2**20),
                              quarantine_retention_days=quarantine_days)
         run_server(bundle_path=bundle, keys_db=keys, audit_db=audit, host=host, port=port, config=config,
-                   device=device, torch_threads=torch_threads, graceful_s=graceful_s)
+                   device=device, torch_threads=torch_threads, graceful_s=graceful_s, signing_key=signing_key)
     except UserError as exc:
         _fail(exc)
 

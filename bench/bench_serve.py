@@ -150,14 +150,15 @@ def _summary(samples: list, wall: float) -> dict:
             "non_200": sum(s != 200 for s in statuses), "5xx": sum(s >= 500 for s in statuses)}
 
 
-def _start(cmd: list[str], port: int, env: dict) -> subprocess.Popen:
+def _start(cmd: list[str], port: int, env: dict, log_path: Path) -> subprocess.Popen:
     import httpx
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(log_path, "ab") as fh:  # a file, not a pipe: an undrained pipe would block the server's logging
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=fh)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[:4]} exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"{cmd[:4]} exited: {log_path.read_text()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/ready", timeout=1).status_code == 200:
                 return proc
@@ -186,9 +187,9 @@ def _free_port() -> int:
 
 
 def measure(name: str, cmd: list[str], port: int, reqs: list[bytes], levels: list[int], seconds: float,
-            max_n: int, env: dict) -> tuple[dict, int, int]:
+            max_n: int, env: dict, log_path: Path) -> tuple[dict, int, int]:
     """Per level: summary; plus the total requests answered 200 and answered at all (warm-up included)."""
-    proc = _start(cmd, port, env)
+    proc = _start(cmd, port, env, log_path)
     out, answered_200, answered = {}, 0, 0
     try:
         for c in levels:
@@ -229,13 +230,13 @@ def main(argv: list[str] | None = None) -> dict:
         bundle, token, pngs = prepare(work, args.seed)
         port = _free_port()
         bare, _, _ = measure("bare", [sys.executable, __file__, "--bare-server", str(bundle), str(port)], port,
-                             _requests(pngs, None), levels, args.seconds, args.max_requests, env)
+                             _requests(pngs, None), levels, args.seconds, args.max_requests, env, work / "bare.log")
         port = _free_port()
         audit = work / "audit.db"
         cmd = [sys.executable, "-m", "safedl.cli", "serve", str(bundle), "--keys", str(work / "keys.db"),
                "--audit", str(audit), "--port", str(port), "--max-wait-ms", str(args.max_wait_ms)]
         served, ok200, answered = measure("safedl", cmd, port, _requests(pngs, token), levels, args.seconds,
-                                          args.max_requests, env)
+                                          args.max_requests, env, work / "safedl.log")
         conn = sqlite3.connect(audit)
         rows = conn.execute("SELECT COUNT(*), SUM(http_status = 200) FROM audit WHERE endpoint='/v1/predict'").fetchone()
         conn.close()

@@ -69,7 +69,16 @@ class ServerProcess:
         env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.cmd = [sys.executable, "-m", "safedl.cli", "serve", str(bundle), "--keys", str(keys), "--audit",
                     str(audit), "--port", str(self.port), *extra]
-        self.proc = subprocess.Popen(self.cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        import tempfile
+
+        # stderr to a file, not a pipe: an undrained pipe would block the server's logging under load
+        self.log = tempfile.NamedTemporaryFile(prefix="safedl-serve-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
+
+    def log_text(self) -> str:
+        from pathlib import Path
+
+        return Path(self.log.name).read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 90.0) -> "ServerProcess":
         import time
@@ -79,7 +88,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
             try:
                 if httpx.get(self.url + "/v1/ready", timeout=1.0).status_code == 200:
                     return self
@@ -104,7 +113,8 @@ class ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:
+        import os
+
         self.stop()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        self.log.close()
+        os.unlink(self.log.name)

@@ -99,7 +99,7 @@ def test_cli_serve_end_to_end_kill_9_restart_and_graceful_shutdown(setup, eval_b
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(60) == -signal.SIGTERM  # uvicorn re-raises the signal after its graceful shutdown
         _join(threads, stop)
-        logs = [json.loads(line) for line in srv.proc.stderr.read().splitlines() if line.startswith("{")]
+        logs = [json.loads(line) for line in srv.log_text().splitlines() if line.startswith("{")]
     ok2 = {rid for status, rid in answered if status == 200}
     assert ok2 and {s for s, _ in answered} <= {200, 503}
     assert ok2 <= _audit_ids(audit) and ok <= _audit_ids(audit)
@@ -119,6 +119,6 @@ def test_tampered_bundle_refuses_to_start(setup, tmp_path):
     srv = ServerProcess(bad, tmp / "k.db", tmp_path / "a.db")
     with srv:
         assert srv.proc.wait(120) == 2
-        err = srv.proc.stderr.read()
+        err = srv.log_text()
     assert "model.safetensors" in err and "sha256" in err
     assert not (tmp_path / "a.db").exists()

@@ -4,10 +4,12 @@ One run, one process tree: this script trains the default model (``small_cnn`` o
 accuracy is not the point), exports the default deployed system as a bundle (feature squeezing bit depth 4 + the
 feature-squeezing detector, fpr 0.05), then starts, one after the other, (a) a bare FastAPI app that decodes the PNG
 and runs the model's forward pass (nothing else) and (b) ``safedl serve`` on that bundle (API key, rate limits,
-decoding limits, detector, audit log, metrics, micro-batching). Each is loaded by 1, 8 and 32 concurrent
+decoding limits, detector, audit log, metrics, micro-batching), and (c) ``safedl serve`` on the undefended bundle
+of the same model (the service's own cost, apples to apples with (a)). Each is loaded by 1, 8 and 32 concurrent
 keep-alive clients sending PNGs of test digits for ``--seconds`` each (bounded by ``--max-requests`` too), after
 a warm-up. Reports throughput, p50/p95/p99 latency, non-200 and 5xx counts, and for safedl serve whether the audit
-rows equal the answered requests. Targets (2 cores): safedl >= 0.7x the bare throughput at 32 clients, p99 <= 50 ms
+rows equal the answered requests. It also reports the defended pipeline's own ``decide`` throughput at those
+batch sizes (the ceiling any server of it can reach). Targets (2 cores): safedl >= 0.7x the bare throughput at 32 clients, p99 <= 50 ms
 at 32 clients, zero 5xx, audit rows == answered.
 
     PYTHONPATH=src nice -n 10 .venv/bin/python bench/bench_serve.py --seconds 8 --levels 1,8,32 --seed 0
@@ -91,6 +93,9 @@ def prepare(workdir: Path, seed: int) -> tuple[Path, str, list[bytes]]:
     bundle = export_bundle(pipe, workdir / "bundle", model_spec=spec,
                            data={"name": "mnist5k", "shape": list(splits.shape), "num_classes": splits.num_classes,
                                  "class_names": names})
+    export_bundle(SecurePipeline(model=model, class_names=names, input_shape=splits.shape), workdir / "bundle_plain",
+                  model_spec=spec, data={"name": "mnist5k", "shape": list(splits.shape),
+                                         "num_classes": splits.num_classes, "class_names": names})
     _, token = KeyStore(workdir / "keys.db", create=True).create(name="bench", tier="rounded", rate_per_s=1e6,
                                                                  burst=10**6, daily_quota=10**9)
     pngs = []
@@ -148,6 +153,26 @@ def _summary(samples: list, wall: float) -> dict:
     return {"requests": len(samples), "seconds": round(wall, 3), "throughput_rps": round(len(samples) / wall, 1),
             "p50_ms": round(q[0], 2), "p95_ms": round(q[1], 2), "p99_ms": round(q[2], 2),
             "non_200": sum(s != 200 for s in statuses), "5xx": sum(s >= 500 for s in statuses)}
+
+
+def pipeline_ceiling(bundle: Path, pngs: list[bytes], sizes: list[int], repeats: int = 10) -> dict:
+    """Images/s of the bundle's own ``decide`` at each batch size, in this process: what the defended system can
+    compute at most, whatever serves it (the defense costs forward passes the bare endpoint does not run)."""
+    from safedl.deploy import load_bundle
+    from safedl.serve.config import ServeConfig
+    from safedl.serve.decode import decode_items
+
+    b = load_bundle(bundle)
+    x = decode_items(pngs, shape=tuple(b.pipeline.input_shape), config=ServeConfig()).x
+    out = {}
+    for n in sizes:
+        xb = x[torch.arange(n) % len(x)]
+        b.pipeline.decide(xb)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            b.pipeline.decide(xb)
+        out[str(n)] = round(n * repeats / (time.perf_counter() - t0), 1)
+    return out
 
 
 def _start(cmd: list[str], port: int, env: dict, log_path: Path) -> subprocess.Popen:
@@ -231,20 +256,31 @@ def main(argv: list[str] | None = None) -> dict:
         port = _free_port()
         bare, _, _ = measure("bare", [sys.executable, __file__, "--bare-server", str(bundle), str(port)], port,
                              _requests(pngs, None), levels, args.seconds, args.max_requests, env, work / "bare.log")
-        port = _free_port()
-        audit = work / "audit.db"
-        cmd = [sys.executable, "-m", "safedl.cli", "serve", str(bundle), "--keys", str(work / "keys.db"),
-               "--audit", str(audit), "--port", str(port), "--max-wait-ms", str(args.max_wait_ms)]
-        served, ok200, answered = measure("safedl", cmd, port, _requests(pngs, token), levels, args.seconds,
-                                          args.max_requests, env, work / "safedl.log")
-        conn = sqlite3.connect(audit)
-        rows = conn.execute("SELECT COUNT(*), SUM(http_status = 200) FROM audit WHERE endpoint='/v1/predict'").fetchone()
-        conn.close()
+        ceiling = {"default": pipeline_ceiling(bundle, pngs, levels), "undefended": pipeline_ceiling(
+            work / "bundle_plain", pngs, levels)}
+        served, audit = {}, {}
+        for name, path in (("safedl", bundle), ("safedl_undefended", work / "bundle_plain")):
+            port = _free_port()
+            db = work / f"audit_{name}.db"
+            cmd = [sys.executable, "-m", "safedl.cli", "serve", str(path), "--keys", str(work / "keys.db"),
+                   "--audit", str(db), "--port", str(port), "--max-wait-ms", str(args.max_wait_ms)]
+            served[name], ok200, answered = measure(name, cmd, port, _requests(pngs, token), levels, args.seconds,
+                                                    args.max_requests, env, work / f"{name}.log")
+            conn = sqlite3.connect(db)
+            rows = conn.execute("SELECT COUNT(*), SUM(http_status = 200) FROM audit WHERE endpoint='/v1/predict'"
+                                ).fetchone()
+            conn.close()
+            audit[name] = {"answered": answered, "answered_200": ok200, "rows": rows[0], "rows_200": rows[1] or 0,
+                           "rows_equal_answered": rows[0] == answered and (rows[1] or 0) == ok200}
+    ratio = {name: {c: round(r[c]["throughput_rps"] / bare[c]["throughput_rps"], 3) for c in bare}
+             for name, r in served.items()}
     result = {"seed": args.seed, "seconds_per_level": args.seconds, "cpu_count": os.cpu_count(),
-              "load_avg_at_end": os.getloadavg(), "bare": bare, "safedl": served,
-              "throughput_ratio": {c: round(served[c]["throughput_rps"] / bare[c]["throughput_rps"], 3) for c in bare},
-              "audit": {"answered": answered, "answered_200": ok200, "rows": rows[0], "rows_200": rows[1] or 0,
-                        "rows_equal_answered": rows[0] == answered and (rows[1] or 0) == ok200}}
+              "load_avg_at_end": os.getloadavg(), "bare": bare, **served, "throughput_ratio_vs_bare": ratio,
+              "pipeline_ceiling_images_per_s": ceiling, "audit": audit,
+              "targets": {"ratio_32_ge_0.7": ratio["safedl"].get("32", 0) >= 0.7,
+                          "p99_32_le_50ms": served["safedl"].get("32", {}).get("p99_ms", 1e9) <= 50,
+                          "zero_5xx": all(v["5xx"] == 0 for r in served.values() for v in r.values()),
+                          "audit_rows_equal_answered": all(a["rows_equal_answered"] for a in audit.values())}}
     print(json.dumps(result, indent=2))
     if args.out:
         from safedl.utils.io import atomic_write_json

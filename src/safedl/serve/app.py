@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
@@ -25,7 +26,7 @@ from safedl.serve.audit import AuditStore, AuditUnavailable
 from safedl.serve.batcher import MicroBatcher
 from safedl.serve.config import ServeConfig
 from safedl.serve.decode import InputError, decode_items, items_from_json, raw_content_type_ok
-from safedl.serve.keys import ApiKey, KeyStore
+from safedl.serve.keys import ApiKey, KeyStore, well_formed
 from safedl.serve.limits import RateLimiter
 from safedl.serve.metrics import CONTENT_TYPE, Metrics
 from safedl.serve.quarantine import Quarantine
@@ -67,11 +68,20 @@ class Service:
         self.class_names = [str(n) for n in names] if names else [str(i) for i in range(int(data.get("num_classes", 0)))]
         self.limiter = RateLimiter(keys)
         self.metrics = Metrics()
-        self.batcher = MicroBatcher(self.pipeline.decide, max_batch=config.max_batch,
+        self.batcher = MicroBatcher(self._decide, max_batch=config.max_batch,
                                     max_wait_s=config.max_wait_ms / 1000.0, on_batch=self.metrics.batch_size.observe)
         self.quarantine = (Quarantine(config.quarantine_dir, max_bytes=config.quarantine_max_bytes,
                                       retention_days=config.quarantine_retention_days)
                            if config.quarantine_dir is not None else None)
+
+    def _decide(self, x):
+        """The pipeline on its own device (decoded images are on the CPU); the answer comes back to the CPU."""
+        dev = getattr(self.pipeline, "device", None)
+        if dev is None or torch.device(dev).type == "cpu":
+            return self.pipeline.decide(x)
+        d = self.pipeline.decide(x.to(dev))
+        return type(d)(labels=d.labels.cpu(), probs=d.probs.cpu(), rejected=d.rejected.cpu(), reasons=d.reasons,
+                       detector_scores={k: v.cpu() for k, v in d.detector_scores.items()}, thresholds=d.thresholds)
 
     def problems(self) -> list[str]:
         out = []
@@ -99,6 +109,12 @@ class Service:
             what = "rate limit" if v.kind == "rate" else "daily image quota"
             raise ApiError(429, f"{v.kind}_limited", f"{what} exceeded for this key; retry after {v.retry_after_s} s",
                            {"Retry-After": str(v.retry_after_s)})
+
+    def admit_and_decode(self, token: str | None, items: list[bytes], ctx: dict):
+        key = self.admit(token, "predict")
+        ctx["key_id"], ctx["tier"] = key.key_id, key.tier
+        self.limit(key)
+        return key, self.decode_and_charge(items, key)
 
     def decode_and_charge(self, items: list[bytes], key: ApiKey):
         try:
@@ -215,17 +231,20 @@ def _quarantine(svc: Service, decoded, audit_fields: list[dict], ctx: dict) -> N
 
 
 async def _predict(svc: Service, request: Request, ctx: dict) -> tuple[int, dict, dict, list[dict]]:
-    """(status, body, headers, per-image audit fields); raises ApiError for refusals."""
-    key = await anyio.to_thread.run_sync(svc.admit, _token(request), "predict")
-    ctx["key_id"], ctx["tier"] = key.key_id, key.tier
-    await anyio.to_thread.run_sync(svc.limit, key)
-    _mark(ctx, "admit")
+    """(status, body, headers, per-image audit fields); raises ApiError for refusals.
+
+    A missing or malformed key is refused before the body is read; the rest of the admission (key lookup, token
+    bucket) runs with decoding in one thread-pool call, so a request crosses threads as few times as possible.
+    """
+    token = _token(request)
+    if not well_formed(token):
+        svc.admit(None, "predict")  # raises the 401
     svc.batcher.expect()
     submitted = False
     try:
         items = await _items(request, svc)
-        decoded = await anyio.to_thread.run_sync(svc.decode_and_charge, items, key)
-        _mark(ctx, "decode")
+        key, decoded = await anyio.to_thread.run_sync(svc.admit_and_decode, token, items, ctx)
+        _mark(ctx, "admit_decode")
         fut = svc.batcher.submit(decoded.x)
         submitted = True
         d = await asyncio.wrap_future(fut)

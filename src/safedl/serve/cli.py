@@ -24,6 +24,8 @@ def serve_command(
         bundle: Path = typer.Argument(..., help="a bundle directory from `safedl export` (verified at start)"),
         keys: Path = typer.Option(..., "--keys", help="API key database (`safedl keys create --db PATH`)"),
         audit: Path = typer.Option(Path("audit.db"), "--audit", help="audit log (SQLite, WAL)"),
+        audit_max_mb: Optional[float] = typer.Option(None, "--audit-max-mb",
+                                                      help="cap of the audit database; above it requests get 503"),
         host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on"),
         port: int = typer.Option(8000, "--port"),
         max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="largest request body (413 above)"),
@@ -55,8 +57,10 @@ def serve_command(
                              resize=not no_resize, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              quarantine_dir=quarantine, quarantine_max_bytes=int(quarantine_mb * 2**20),
                              quarantine_retention_days=quarantine_days)
-        run_server(bundle_path=bundle, keys_db=keys, audit_db=audit, host=host, port=port, config=config,
-                   device=device, torch_threads=torch_threads, graceful_s=graceful_s, signing_key=signing_key)
+        audit_max = None if audit_max_mb is None else int(audit_max_mb * 2**20)
+        run_server(bundle_path=bundle, keys_db=keys, audit_db=audit, audit_max_bytes=audit_max, host=host, port=port,
+                   config=config, device=device, torch_threads=torch_threads, graceful_s=graceful_s,
+                   signing_key=signing_key)
     except UserError as exc:
         _fail(exc)
 

@@ -33,6 +33,11 @@ CREATE TABLE IF NOT EXISTS rate_state (
 """
 
 
+def well_formed(token: str | None) -> bool:
+    """Whether ``token`` has the shape of a key at all (a cheap check before any lookup)."""
+    return token is not None and len(token) <= 160 and _TOKEN.match(token) is not None
+
+
 @dataclass(frozen=True)
 class ApiKey:
     key_id: str
@@ -124,7 +129,7 @@ class KeyStore:
         The secret's hash is compared with ``hmac.compare_digest``, and an unknown id is compared against a dummy
         hash, so timing does not tell a wrong secret from an unknown key.
         """
-        m = _TOKEN.match(token or "") if token is not None and len(token) <= 160 else None
+        m = _TOKEN.match(token) if well_formed(token) else None
         key_id, secret = (m.group(1), m.group(2)) if m else ("", "x")
         row = None
         if m:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import socket
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch

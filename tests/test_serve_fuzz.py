@@ -23,7 +23,7 @@ from safedl.serve.audit import AuditStore  # noqa: E402
 from safedl.serve.keys import KeyStore  # noqa: E402
 from safedl.serve import schemas  # noqa: E402
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 CTYPES = ["image/png", "image/jpeg", "image/bmp", "image/webp", "application/x-npy", "application/octet-stream",
           "application/json", "multipart/form-data; boundary=xyz", "text/plain", ""]
 

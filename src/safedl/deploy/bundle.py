@@ -77,12 +77,13 @@ def _load_tensors(path: Path, rel: str) -> dict[str, torch.Tensor]:
 
 
 def _component_record(index: int, comp: Any, folder: Path) -> dict[str, Any]:
-    if not hasattr(comp, "registry_params"):
-        raise BundleError(f"{type(comp).__name__}: only components created with safedl.registry.create can be "
-                          "exported (their constructor parameters are recorded there)")
+    try:
+        params = registry.creation_params(comp)
+    except UserError as exc:
+        raise BundleError(f"cannot export: {exc}") from None
     tensors, meta = fitted_state(comp)
     rec: dict[str, Any] = {"kind": comp.registry_kind, "name": comp.registry_name,
-                           "params": comp.registry_params, "fitted": meta, "state": None}
+                           "params": params, "fitted": meta, "state": None}
     if tensors:
         rel = f"state/{index:02d}-{comp.registry_name}.safetensors"
         (folder / "state").mkdir(exist_ok=True)

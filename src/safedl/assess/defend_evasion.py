@@ -66,7 +66,7 @@ def _defense_model(ctx: RunContext, parts: dict[str, list[Any]], metrics: dict, 
     elif parts["trainer"]:
         trainer = parts["trainer"][0]
         trained = train_defense_model(ctx, trainer, architecture=trainer.architecture, facts=trainer.facts)
-        epochs = trainer.registry_params.get("epochs")
+        epochs = registry.creation_params(trainer).get("epochs")
         notes.append(f"{trainer.registry_name}: a fresh model trained with the baseline recipe and seed"
                      + (f", except epochs={epochs} (the trainer's override)" if epochs is not None else "")
                      + (" (reloaded from the stage folder)" if trained.reloaded else ""))
@@ -298,7 +298,7 @@ def evaluate_evasion_defense(ctx: RunContext, spec: DefenseSpec, components: lis
         _certification(system, st, metrics, notes)
     entry: dict[str, Any] = {
         "id": spec.key, "name": spec.name or "pipeline",
-        "components": [{"kind": c.registry_kind, "name": c.registry_name, "params": c.registry_params}
+        "components": [{"kind": c.registry_kind, "name": c.registry_name, "params": registry.creation_params(c)}
                        for c in components],
         "metrics": metrics, "notes": notes, "artifacts": {}, "time_s": time.perf_counter() - t_start,
     }
@@ -321,5 +321,5 @@ def _trainer_spec(components: Sequence[Any]) -> dict[str, Any] | None:
         return None
     for c in components:
         if c.registry_kind == "trainer":
-            return {"name": c.registry_name, "params": c.registry_params}
+            return {"name": c.registry_name, "params": registry.creation_params(c)}
     return None

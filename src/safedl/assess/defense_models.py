@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from safedl import registry
 from safedl.assess.context import RunContext
 from safedl.utils.io import atomic_torch_save, atomic_write_json, json_hash
 
@@ -32,7 +33,7 @@ class TrainedModel:
 
 def defense_model_key(ctx: RunContext, component: Any) -> str:
     return json_hash({"kind": component.registry_kind, "name": component.registry_name,
-                      "params": component.registry_params, "recipe": ctx.recipe.model_dump(), "seed": ctx.seed,
+                      "params": registry.creation_params(component), "recipe": ctx.recipe.model_dump(), "seed": ctx.seed,
                       "data": ctx.splits.train.content_hash(), "model": ctx.profile.model.model_dump()})
 
 

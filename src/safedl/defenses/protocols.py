@@ -1,6 +1,6 @@
 """One protocol per defense kind, written down once. Handlers and the deployed pipeline rely on these, never on
 component names or ``hasattr`` probes. Every registered component also carries ``registry_kind``,
-``registry_name`` and ``registry_params`` (the keyword arguments it was created with, set by ``registry.create``).
+``registry_name``, and ``registry.creation_params(component)`` gives the keyword arguments it was created with.
 """
 from __future__ import annotations
 

@@ -102,7 +102,9 @@ def test_failed_stage_is_reported_the_others_finish_and_resume_redoes_it(tmp_pat
                                      "error": "RuntimeError: planted stage failure", "attempts": 2}
     assert failed["defense-feature_squeezing-vs-fgsm"]["attempts"] == 0  # never run: its attack failed
     assert [a["id"] for a in r["attacks"]] == ["pgd"] and [d["against"] for d in r["defenses"]] == ["pgd"]
-    assert not r["gate"]["passed"] and any("attack-fgsm failed" in f for f in r["gate"]["failures"])
+    assert not r["gate"]["passed"]
+    assert any(f.startswith("stage attack-fgsm: failed after 2") for f in r["gate"]["failures"])
+    assert [c["passed"] for c in r["gate"]["checks"] if c["name"] == "stage attack-fgsm"] == [False]
     md = (run_dir / "report.md").read_text()
     assert "Failed stages" in md and "planted stage failure" in md
     assert not (run_dir / "stages" / "attack-fgsm" / "stage.json").exists()  # a failure is never cached

@@ -23,6 +23,8 @@ classes not judged poisoned, so one ranking over all classes gives an AUROC.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -38,6 +40,10 @@ from safedl.utils.validate import check_choice, check_positive, check_range
 @register("cleanser", "activation_clustering")
 class ActivationClustering:
     """Activation clustering (Chen et al. 2018): per-class 2-means on reduced activations, silhouette or size rule."""
+
+    inputs: ClassVar[frozenset[str]] = frozenset({"model", "trusted", "train_fn"})
+    trusted_data: ClassVar[str] = "optional"
+    trusted_role: ClassVar[str] = "decides which cluster of a class is foreign"
 
     def __init__(self, *, n_dims: int = 10, reduce: str = "pca", rule: str = "silhouette",
                  silhouette_threshold: float = 0.15, alpha: float = 0.05, max_trusted_ratio: float = 0.25, untrusted_silhouette: float = 0.5,

@@ -11,6 +11,8 @@ the Isolation Forest reaches AUROC 0.997, tpr 0.949 [0.920, 0.967] (n=350) at fp
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -25,6 +27,10 @@ from safedl.utils.validate import check_choice, check_range
 @register("cleanser", "anomaly_detection")
 class AnomalyDetection:
     """Per-class Isolation Forest or LOF on penultimate features; ``contamination`` 'auto' or the flagged share."""
+
+    inputs: ClassVar[frozenset[str]] = frozenset({"model", "train_fn"})
+    trusted_data: ClassVar[str] = "unused"
+    trusted_role: ClassVar[str] = "not used"
 
     def __init__(self, *, type: str = "isolation_forest", contamination: float | str = "auto", n_neighbors: int = 20,
                  n_estimators: int = 200, seed: int = 0):

@@ -23,6 +23,8 @@ backdoor stands out more: AUROC 0.988, tpr 0.686 [0.520, 0.814] (n=35) at fpr 0.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import copy
 
 import torch
@@ -64,6 +66,10 @@ def tracin_influence(states: list[nn.Module], data: Dataset, trusted: Dataset) -
 @register("cleanser", "influence_functions")
 class InfluenceFunctions:
     """TracIn influence (Pruthi et al. 2020) of each training sample on a trusted set's loss; flags the most harmful."""
+
+    inputs: ClassVar[frozenset[str]] = frozenset({"model", "trusted", "train_fn"})
+    trusted_data: ClassVar[str] = "required"
+    trusted_role: ClassVar[str] = "the loss whose influence is traced"
 
     def __init__(self, *, z_threshold: float = 3.5, flag_fraction: float | None = None, max_checkpoints: int = 8):
         self.z_threshold = check_positive(self, "z_threshold", z_threshold)

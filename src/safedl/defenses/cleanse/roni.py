@@ -16,6 +16,8 @@ group carries about the same share of flipped labels, so the impacts are noise: 
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import copy
 import logging
 
@@ -44,6 +46,10 @@ def _reset(model: nn.Module) -> nn.Module:
 @register("cleanser", "roni")
 class RONI:
     """Batched Reject On Negative Impact with a trusted validation set (group testing with recursive splits)."""
+
+    inputs: ClassVar[frozenset[str]] = frozenset({"model", "trusted"})
+    trusted_data: ClassVar[str] = "required"
+    trusted_role: ClassVar[str] = "calibration and evaluation sets of the removal test"
 
     def __init__(self, *, n_groups: int = 20, depth: int = 2, threshold: float = 0.01, epochs: int = 3,
                  base_epochs: int = 10, lr: float = 1e-3, seed: int = 0):

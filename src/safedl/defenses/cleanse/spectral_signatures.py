@@ -23,6 +23,8 @@ Two removal rules (``rule``):
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -37,6 +39,10 @@ from safedl.utils.validate import check_choice, check_fraction, check_positive, 
 @register("cleanser", "spectral_signatures")
 class SpectralSignatures:
     """Spectral signatures (Tran et al. 2018) with a data-driven per-class removal rule (or the paper's fixed one)."""
+
+    inputs: ClassVar[frozenset[str]] = frozenset({"model", "trusted", "train_fn"})
+    trusted_data: ClassVar[str] = "optional"
+    trusted_role: ClassVar[str] = "decides which mode of a class is foreign"
 
     def __init__(self, *, rule: str = "auto", expected_fraction: float = 0.1, eps_multiplier: float = 1.5,
                  n_directions: int = 2, min_separation: float = 2.0, alpha: float = 0.05, max_trusted_ratio: float = 0.25, untrusted_separation: float = 4.0,

@@ -76,6 +76,10 @@ class RobustTrainer:
     def params(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_") and not k.endswith("_")}
 
+    def report(self) -> dict:
+        """Facts for results.json (TrainerProtocol): training time."""
+        return {"metrics": {} if self.time_s_ is None else {"train_time_s": self.time_s_}, "notes": []}
+
 
 @register("trainer", "adversarial_training")
 class AdversarialTraining(RobustTrainer):

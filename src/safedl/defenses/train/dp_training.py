@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 class DPTraining:
     """DP-SGD via Opacus: target epsilon and delta, per-sample clip norm; reports the epsilon spent."""
 
+    epsilon_spent_: float | None = None  # set by fit
+
     def __init__(self, *, target_epsilon: float = 8.0, target_delta: float = 1e-5, max_grad_norm: float = 1.0,
                  lr: float | None = None, epochs: int | None = None):
         self.target_epsilon = check_positive(self, "target_epsilon", target_epsilon)
@@ -95,3 +97,12 @@ class DPTraining:
         if val is not None and len(val):
             self.val_accuracy_ = accuracy(trained, val, device=dev)
         return trained
+
+    def report(self) -> dict:
+        """Facts for results.json (TrainerProtocol): the privacy actually spent."""
+        if self.epsilon_spent_ is None:
+            return {"metrics": {}, "notes": []}
+        note = (f"DP-SGD: epsilon spent {self.epsilon_spent_:.3g} (target {self.target_epsilon}), delta "
+                f"{self.target_delta}, clip {self.max_grad_norm}, noise multiplier {self.noise_multiplier_:.3g}"
+                + ("; BatchNorm replaced by GroupNorm" if self.batchnorm_replaced_ else ""))
+        return {"metrics": {"epsilon_spent": self.epsilon_spent_}, "notes": [note]}

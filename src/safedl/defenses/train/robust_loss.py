@@ -60,3 +60,7 @@ class RobustLoss:
         self.report_ = train_model(model, data, recipe=recipe, seed=seed, val=val, device=device, loss_fn=loss_fn,
                                    description=f"robust loss ({self.loss})")
         return model.eval()
+
+    def report(self) -> dict:
+        """Facts for results.json (TrainerProtocol)."""
+        return {"metrics": {}, "notes": [f"robust loss: {self.loss}"]}

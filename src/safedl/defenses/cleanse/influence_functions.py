@@ -1,5 +1,9 @@
 """Influence of each training sample on the loss of a trusted clean set, by TracIn (Pruthi, Liu, Kale & Sundararajan,
-"Estimating Training Data Influence by Tracing Gradient Descent", NeurIPS 2020).
+"Estimating Training Data Influence by Tracing Gradient Descent", NeurIPS 2020), on the last layer only.
+
+The registry name is historical: this is not Koh & Liang's influence functions ("Understanding Black-box
+Predictions via Influence Functions", ICML 2017; inverse-Hessian-vector products at the final parameters), and it
+traces only the last (linear) layer's gradients, not the whole network's.
 
 TracInCP(z, z') = sum over checkpoints t of eta_t * grad L(w_t, z) . grad L(w_t, z'). Summing over the trusted set
 gives each training sample's influence on the trusted loss: positive = its gradient steps lowered that loss

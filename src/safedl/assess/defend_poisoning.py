@@ -35,7 +35,8 @@ from safedl.assess.context import RunContext
 from safedl.assess.handlers import AttackOutcome, defense_handler
 from safedl.data.dataset import Dataset, PoisonedDataset
 from safedl.defenses.detect._base import auroc
-from safedl.defenses.protocols import CleanserProtocol, InspectorProtocol, RepairProtocol, TrainerProtocol
+from safedl.defenses.protocols import (CleanserProtocol, InspectorProtocol, RepairProtocol, TrainerProtocol,
+                                       poison_setting)
 from safedl.utils.stats import proportion, scalar
 from safedl.utils.tensors import predict
 
@@ -155,6 +156,13 @@ def _provenance_scenarios(ctx: RunContext, comp: Any, poisoned: PoisonedDataset,
     return res, extra
 
 
+def known_weak_warnings(comp: CleanserProtocol, info: dict, *, trusted: bool) -> list[str]:
+    """Warnings for the settings of this run in which the cleanser is measured to fail (its ``known_weak``)."""
+    keys = poison_setting(info, trusted=trusted) | {"any"}
+    return [f"warning: {comp.registry_name} is known to fail here ({k}): {comp.known_weak[k]}"  # type: ignore[attr-defined]
+            for k in sorted(keys & set(comp.known_weak))]
+
+
 def _cleanser_figures(ctx: RunContext, spec, outcome: AttackOutcome, res, poisoned: PoisonedDataset) -> dict:
     if not ctx.profile.output.figures:
         return {}
@@ -183,6 +191,7 @@ def evaluate_cleanser(ctx: RunContext, spec, components: list[Any], outcome: Att
     notes: list[str] = []
     if "trusted" in comp.inputs:
         notes.append(f"{trusted_note} ({comp.trusted_role})")
+    notes.extend(known_weak_warnings(comp, poisoned.info, trusted=trusted is not None or "trusted" not in comp.inputs))
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     if "provenance" in comp.inputs:

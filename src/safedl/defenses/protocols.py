@@ -26,11 +26,14 @@ class CleanserProtocol(Protocol):
     data; ``trusted``: a trusted clean set; ``train_fn(data) -> model``: trains with the baseline recipe;
     ``provenance``: ``manifest``/``key``/``sources`` of named contributors). ``trusted_data``: ``required`` (refused
     at validation when the profile has no trusted clean set), ``optional`` (used when present) or ``unused``.
-    ``trusted_role``: one line on what the trusted set does for it (shown in the report)."""
+    ``trusted_role``: one line on what the trusted set does for it (shown in the report). ``known_weak``: settings
+    (keys from :func:`poison_setting`) where it is measured to fail, each with the measurement; the report warns
+    when a run is in one."""
 
     inputs: ClassVar[frozenset[str]]
     trusted_data: ClassVar[TrustedNeed]
     trusted_role: ClassVar[str]
+    known_weak: ClassVar[dict[str, str]]
 
     def find_poison(self, data: Dataset, **inputs: Any) -> DetectionResult: ...
 
@@ -72,6 +75,25 @@ class TrainerProtocol(Protocol):
             val: Any = None) -> nn.Module: ...
 
     def report(self) -> dict[str, Any]: ...
+
+
+def poison_setting(info: dict[str, Any], *, trusted: bool) -> set[str]:
+    """The setting keys of a poisoning run that cleansers' ``known_weak`` refer to: ``trusted:none``,
+    ``mapping:all_to_all``, ``trigger:blended`` (a full-image blended trigger), ``trigger:random_position``,
+    ``trigger:single_pixel``."""
+    keys = set() if trusted else {"trusted:none"}
+    if info.get("mapping") == "all_to_all":
+        keys.add("mapping:all_to_all")
+    trig = info.get("trigger")
+    if isinstance(trig, dict):
+        mask = trig.get("mask")
+        if trig.get("blend_alpha", 1.0) < 1.0:
+            keys.add("trigger:blended")
+        if trig.get("position") == "random":
+            keys.add("trigger:random_position")
+        if mask is not None and tuple(mask.shape[-2:]) == (1, 1):
+            keys.add("trigger:single_pixel")
+    return keys
 
 
 POISONING_PROTOCOLS: dict[str, type] = {

@@ -31,6 +31,7 @@ class AnomalyDetection:
     inputs: ClassVar[frozenset[str]] = frozenset({"model", "train_fn"})
     trusted_data: ClassVar[str] = "unused"
     trusted_role: ClassVar[str] = "not used"
+    known_weak: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, type: str = "isolation_forest", contamination: float | str = "auto", n_neighbors: int = 20,
                  n_estimators: int = 200, seed: int = 0):

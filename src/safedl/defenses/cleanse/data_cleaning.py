@@ -56,6 +56,7 @@ class DataCleaning:
     inputs: ClassVar[frozenset[str]] = frozenset({"train_fn"})
     trusted_data: ClassVar[str] = "unused"
     trusted_role: ClassVar[str] = "not used: losses come from cross-validated models"
+    known_weak: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, method: str = "loss_filtering", threshold: float | None = None, n_folds: int = 4,
                  seed: int = 0):

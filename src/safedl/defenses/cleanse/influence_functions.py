@@ -74,6 +74,7 @@ class InfluenceFunctions:
     inputs: ClassVar[frozenset[str]] = frozenset({"model", "trusted", "train_fn"})
     trusted_data: ClassVar[str] = "required"
     trusted_role: ClassVar[str] = "the loss whose influence is traced"
+    known_weak: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, z_threshold: float = 3.5, flag_fraction: float | None = None, max_checkpoints: int = 8):
         self.z_threshold = check_positive(self, "z_threshold", z_threshold)

@@ -62,6 +62,7 @@ class ProvenanceTracking:
     inputs: ClassVar[frozenset[str]] = frozenset({"trusted", "train_fn", "provenance"})
     trusted_data: ClassVar[str] = "required"
     trusted_role: ClassVar[str] = "judges each contributor by accuracy without it"
+    known_weak: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, eps: float = 0.01, source_test: bool = True, min_source_size: int = 1):
         self.eps = check_range(self, "eps", eps, low=0.0, high=1.0)

@@ -98,6 +98,9 @@ def test_model_inspection_flags_planted_large_weights_against_the_reference(tiny
     insp = registry.create("inspector", "model_inspection")
     before = insp.inspect(m, reference=tiny_model, data=digits_splits.val)
     assert not before["suspicious"]
+    other_seed = insp.inspect(fit(digits_splits, digits_splits.train, seed=1), reference=tiny_model,
+                              data=digits_splits.val)
+    assert not other_seed["suspicious"], other_seed["flagged_statistics"]  # no false alarm on a clean model
     name = [n for n, p in m.named_parameters() if n.endswith("weight") and p.ndim >= 2][1]
     with torch.no_grad():
         w = dict(m.named_parameters())[name]

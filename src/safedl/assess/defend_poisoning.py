@@ -245,6 +245,10 @@ def _repair_notes(report: dict, target: int | None, metrics: dict) -> list[str]:
             if "anomaly_index" in report:
                 notes.append(f"anomaly index of class {target} ({report.get('anomaly_space', 'l1')}): "
                              f"{report['anomaly_index'][target]:.2f} (threshold {report.get('anomaly_threshold')})")
+            if "anomaly_index_other_space" in report:  # the paper's rule next to ours, or ours next to the paper's
+                other = [c for c, v in enumerate(report["anomaly_index_other_space"])
+                         if v > report.get("anomaly_threshold", 2.0)]
+                notes.append(f"with the other anomaly space, classes flagged would be: {other}")
     if "pruned" in report:
         notes.append(f"pruned {report['pruned']} of {report.get('channels', report.get('units'))} units")
     return notes

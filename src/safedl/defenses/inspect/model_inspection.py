@@ -6,9 +6,11 @@ the penultimate features: the share of dormant units (mean activation below 1% o
 mean activation. A statistic is flagged when the inspected model's value differs from the reference's by more than a
 factor ``max_ratio`` (``|log(model / reference)| > log(max_ratio)``); the model is suspicious when any is flagged.
 Backdoors are claimed to leave unusually large weights and dormant units that only the trigger uses (Liu et al.,
-"Fine-Pruning", RAID 2018); how well this separates a backdoored model from a clean model of another seed is
-measured in ``tests/test_poison_inspectors.py``, not assumed. Diagnostics only; ``histograms`` hold per-layer
-weight counts for plotting.
+"Fine-Pruning", RAID 2018). Measured (8x8 digits, tiny_cnn, the test recipe, reference = the seed-0 clean model):
+clean models of seeds 1 and 2 are not flagged (largest |log ratio| 0.32, the dormant share), but neither are models
+backdoored with a 10% 2x2 patch at seeds 0 and 1 (largest 0.41 / 0.22 vs the 0.405 cut): these statistics do not
+reveal a backdoor trained in from scratch; they do reveal tampered weights (a test plants them). Diagnostics only;
+``histograms`` hold per-layer weight counts for plotting.
 """
 from __future__ import annotations
 

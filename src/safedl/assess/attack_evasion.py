@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from safedl.assess.context import RunContext
-from safedl.assess.handlers import AttackOutcome, attack_handler
+from safedl.assess.handlers import AttackOutcome, EvasionState, attack_handler
 from safedl.profile import AttackSpec
 from safedl.utils.progress import progress_bar
 from safedl.utils.stats import mean_metric, proportion, scalar
@@ -128,7 +128,7 @@ def simulate_evasion(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOu
         "params": attack.params() if hasattr(attack, "params") else dict(spec.params),
         "targeted": spec.targeted, "metrics": metrics, "time_s": elapsed + t_fit, "notes": [], "artifacts": {},
     }
-    if t_fit:
+    if t_fit >= 0.05:  # attacks whose fit does nothing measurable get no note
         entry["notes"].append(f"surrogate/fit time {t_fit:.1f}s included in time_s")
     fit_queries = getattr(attack, "fit_queries_", None)
     if fit_queries:
@@ -148,7 +148,6 @@ def simulate_evasion(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOu
                        n=ctx.profile.evaluation.n_examples)
         if path.exists():
             entry["artifacts"]["clean (top) vs adversarial (bottom) examples"] = ctx.rel(path)
-    state = {"x": x.cpu(), "y": y.cpu(), "x_adv": x_adv.cpu(), "target": None if target is None else target.cpu(),
-             "spec": spec.model_dump()}
+    state = EvasionState(x=x, y=y, x_adv=x_adv, target=target, spec=spec.model_dump()).to_state()
     return AttackOutcome(entry=entry, state=state)
 

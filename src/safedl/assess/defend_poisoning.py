@@ -11,7 +11,7 @@ One function per defense kind, each relying only on its kind's protocol (``safed
   architecture is retrained with the baseline recipe and seed on the kept samples. The cleanser gets only the
   inputs it declares (``inputs``); a provenance cleanser is measured in two labelled scenarios (see
   :func:`_provenance_scenarios`).
-- trainer: the baseline architecture trained on the poisoned data with the defense's training; ``report()``.
+- trainer: the baseline architecture trained on the poisoned data with the defense's training; ``facts()``.
 - repair: the poisoned model repaired with the trusted clean set; ``report_`` and ``diagnostic_images()``.
 - detector: fitted on the trusted clean set with the poisoned model; tpr on triggered test images, fpr on clean ones.
 - inspector: the poisoned model compared with the clean baseline (same recipe) on the trusted set; its verdict is
@@ -227,9 +227,10 @@ def evaluate_trainer(ctx: RunContext, spec, components: list[Any], outcome: Atta
                  val=ctx.splits.val)
     metrics = _outcome_metrics(ctx, m, state)
     notes = [f"trained on the poisoned data with the baseline recipe ({ctx.recipe.epochs} epochs, seed {ctx.seed})"]
-    rep = comp.report()
-    metrics.update({k: scalar(v) for k, v in rep.get("metrics", {}).items()})
-    notes.extend(rep.get("notes", []))
+    facts = comp.facts()
+    metrics.update({k: scalar(float(v)) for k, v in facts.items()})
+    if facts:
+        notes.append(f"{comp.registry_name}: " + ", ".join(f"{k} {float(v):.3g}" for k, v in facts.items()))  # type: ignore[attr-defined]
     return {"name": spec.name, "metrics": metrics, "notes": notes, "artifacts": {},
             "time_s": time.perf_counter() - t_start}
 

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from safedl.data.dataset import Dataset
-from safedl.defenses.cleanse._common import TrainFn, class_indices, need_model, penultimate
+from safedl.defenses.cleanse._common import TrainFn, class_indices, need_model
+from safedl.models.features import extract_features
 from safedl.defenses.cleanse.result import DetectionResult
 from safedl.registry import register
 from safedl.utils.validate import check_choice, check_range
@@ -28,6 +29,7 @@ from safedl.utils.validate import check_choice, check_range
 class AnomalyDetection:
     """Per-class Isolation Forest or LOF on penultimate features; ``contamination`` 'auto' or the flagged share."""
 
+    model_needs: tuple[str, ...] = ("features",)  # what the model must offer (safedl.models.features.model_problems)
     inputs: ClassVar[frozenset[str]] = frozenset({"model", "train_fn"})
     trusted_data: ClassVar[str] = "unused"
     trusted_role: ClassVar[str] = "not used"
@@ -59,7 +61,7 @@ class AnomalyDetection:
     def find_poison(self, data: Dataset, *, model: nn.Module | None = None, trusted: Dataset | None = None,
                     train_fn: TrainFn | None = None, device: str | torch.device = "cpu") -> DetectionResult:
         model = need_model("anomaly_detection", data, model, train_fn)
-        feats = penultimate(model, data.x).double().numpy()
+        feats = extract_features(model, data.x).double().numpy()
         flag = np.zeros(len(data), dtype=bool)
         score = np.zeros(len(data))
         per_class = []

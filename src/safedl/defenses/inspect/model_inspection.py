@@ -38,9 +38,9 @@ def _weight_stats(model: nn.Module) -> dict[str, dict[str, float]]:
 
 
 def _activation_stats(model: nn.Module, data: Dataset, device) -> dict[str, float]:
-    from safedl.defenses.cleanse._common import penultimate
+    from safedl.models.features import extract_features
 
-    f = penultimate(model.to(device), data.x).float()
+    f = extract_features(model.to(device), data.x).float()
     mean = f.mean(0)
     dormant = float((mean < 0.01 * mean.max().clamp_min(1e-12)).float().mean())
     return {"dormant_share": max(dormant, 1.0 / f.shape[1]), "mean_activation": max(float(mean.mean()), 1e-12)}
@@ -51,6 +51,7 @@ class ModelInspection:
     """Weight and penultimate-activation statistics of a model against a clean reference model."""
 
     trusted_data: ClassVar[str] = "required"
+    model_needs: tuple[str, ...] = ("features",)  # what the model must offer (safedl.models.features.model_problems)
 
     def __init__(self, *, max_ratio: float = 1.5, bins: int = 50):
         self.max_ratio = check_range(self, "max_ratio", max_ratio, low=1.0, low_inclusive=False)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 class FinePruning:
     """Prune dormant last-conv channels until clean accuracy drops by ``max_accuracy_drop``, then fine-tune."""
 
+    model_needs: tuple[str, ...] = ("conv",)  # what the model must offer (safedl.models.features.model_problems)
     trusted_data: ClassVar[str] = "required"
     report_: dict = {}
 

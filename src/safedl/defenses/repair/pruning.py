@@ -23,6 +23,10 @@ from safedl.utils.validate import check_choice, check_fraction
 class Pruning:
     """Prune the ``pruning_ratio`` least-active units (on clean data) of the last conv or penultimate layer."""
 
+    @property
+    def model_needs(self) -> tuple[str, ...]:
+        """What the model must offer (safedl.models.features.model_problems): a conv layer or a linear head."""
+        return ("conv",) if self.scope == "last_conv" else ("head",)
     trusted_data: ClassVar[str] = "required"
     report_: dict = {}
 

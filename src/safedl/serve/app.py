@@ -110,11 +110,14 @@ class Service:
             raise ApiError(429, f"{v.kind}_limited", f"{what} exceeded for this key; retry after {v.retry_after_s} s",
                            {"Retry-After": str(v.retry_after_s)})
 
-    def admit_and_decode(self, token: str | None, items: list[bytes], ctx: dict):
+    def admit_decode_run(self, token: str | None, items: list[bytes], ctx: dict):
+        """(key, decoded images, Decision slice or None): admission, decoding and, when the model is idle, the
+        forward pass too, all in one worker thread."""
         key = self.admit(token, "predict")
         ctx["key_id"], ctx["tier"] = key.key_id, key.tier
         self.limit(key)
-        return key, self.decode_and_charge(items, key)
+        decoded = self.decode_and_charge(items, key)
+        return key, decoded, self.batcher.try_inline(decoded.x)
 
     def decode_and_charge(self, items: list[bytes], key: ApiKey):
         try:
@@ -243,11 +246,13 @@ async def _predict(svc: Service, request: Request, ctx: dict) -> tuple[int, dict
     submitted = False
     try:
         items = await _items(request, svc)
-        key, decoded = await anyio.to_thread.run_sync(svc.admit_and_decode, token, items, ctx)
-        _mark(ctx, "admit_decode")
-        fut = svc.batcher.submit(decoded.x)
-        submitted = True
-        d = await asyncio.wrap_future(fut)
+        key, decoded, d = await anyio.to_thread.run_sync(svc.admit_decode_run, token, items, ctx)
+        submitted = d is not None
+        if d is None:  # the model is busy or other requests are coming: join the next micro-batch
+            _mark(ctx, "admit_decode")
+            fut = svc.batcher.submit(decoded.x)
+            submitted = True
+            d = await asyncio.wrap_future(fut)
         _mark(ctx, "model")
     finally:
         if not submitted:

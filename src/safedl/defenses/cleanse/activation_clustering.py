@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from safedl.data.dataset import Dataset
-from safedl.defenses.cleanse._common import TrainFn, class_indices, foreign_mode, need_model, penultimate
+from safedl.defenses.cleanse._common import TrainFn, class_indices, foreign_mode, need_model
+from safedl.models.features import extract_features
 from safedl.defenses.cleanse.result import DetectionResult
 from safedl.registry import register
 from safedl.utils.tensors import predict
@@ -38,6 +39,8 @@ from safedl.utils.validate import check_choice, check_positive, check_range
 @register("cleanser", "activation_clustering")
 class ActivationClustering:
     """Activation clustering (Chen et al. 2018): per-class 2-means on reduced activations, silhouette or size rule."""
+
+    model_needs: tuple[str, ...] = ("features",)  # what the model must offer (safedl.models.features.model_problems)
 
     def __init__(self, *, n_dims: int = 10, reduce: str = "pca", rule: str = "silhouette",
                  silhouette_threshold: float = 0.15, alpha: float = 0.05, max_trusted_ratio: float = 0.25, untrusted_silhouette: float = 0.5,
@@ -73,8 +76,8 @@ class ActivationClustering:
         from sklearn.metrics import silhouette_score
 
         model = need_model("activation_clustering", data, model, train_fn)
-        feats = penultimate(model, data.x).double().numpy()
-        t_feats = penultimate(model, trusted.x).double().numpy() if trusted is not None and len(trusted) else None
+        feats = extract_features(model, data.x).double().numpy()
+        t_feats = extract_features(model, trusted.x).double().numpy() if trusted is not None and len(trusted) else None
         n = len(data)
         flag = np.zeros(n, dtype=bool)
         score = np.zeros(n)

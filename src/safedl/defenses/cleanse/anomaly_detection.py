@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from safedl.data.dataset import Dataset
-from safedl.defenses.cleanse._common import TrainFn, class_indices, need_model, penultimate
+from safedl.defenses.cleanse._common import TrainFn, class_indices, need_model
+from safedl.models.features import extract_features
 from safedl.defenses.cleanse.result import DetectionResult
 from safedl.registry import register
 from safedl.utils.validate import check_choice, check_range
@@ -25,6 +26,8 @@ from safedl.utils.validate import check_choice, check_range
 @register("cleanser", "anomaly_detection")
 class AnomalyDetection:
     """Per-class Isolation Forest or LOF on penultimate features; ``contamination`` 'auto' or the flagged share."""
+
+    model_needs: tuple[str, ...] = ("features",)  # what the model must offer (safedl.models.features.model_problems)
 
     def __init__(self, *, type: str = "isolation_forest", contamination: float | str = "auto", n_neighbors: int = 20,
                  n_estimators: int = 200, seed: int = 0):
@@ -52,7 +55,7 @@ class AnomalyDetection:
     def find_poison(self, data: Dataset, *, model: nn.Module | None = None, trusted: Dataset | None = None,
                     train_fn: TrainFn | None = None, device: str | torch.device = "cpu") -> DetectionResult:
         model = need_model("anomaly_detection", data, model, train_fn)
-        feats = penultimate(model, data.x).double().numpy()
+        feats = extract_features(model, data.x).double().numpy()
         flag = np.zeros(len(data), dtype=bool)
         score = np.zeros(len(data))
         per_class = []

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from safedl.data.dataset import Dataset
-from safedl.defenses.cleanse._common import TrainFn, class_indices, foreign_mode, gmm_split, need_model, penultimate
+from safedl.defenses.cleanse._common import TrainFn, class_indices, foreign_mode, gmm_split, need_model
+from safedl.models.features import extract_features
 from safedl.defenses.cleanse.result import DetectionResult
 from safedl.registry import register
 from safedl.utils.validate import check_choice, check_fraction, check_positive, check_range
@@ -37,6 +38,8 @@ from safedl.utils.validate import check_choice, check_fraction, check_positive, 
 @register("cleanser", "spectral_signatures")
 class SpectralSignatures:
     """Spectral signatures (Tran et al. 2018) with a data-driven per-class removal rule (or the paper's fixed one)."""
+
+    model_needs: tuple[str, ...] = ("features",)  # what the model must offer (safedl.models.features.model_problems)
 
     def __init__(self, *, rule: str = "auto", expected_fraction: float = 0.1, eps_multiplier: float = 1.5,
                  n_directions: int = 2, min_separation: float = 2.0, alpha: float = 0.05, max_trusted_ratio: float = 0.25, untrusted_separation: float = 4.0,
@@ -55,8 +58,8 @@ class SpectralSignatures:
     def find_poison(self, data: Dataset, *, model: nn.Module | None = None, trusted: Dataset | None = None,
                     train_fn: TrainFn | None = None, device: str | torch.device = "cpu") -> DetectionResult:
         model = need_model("spectral_signatures", data, model, train_fn)
-        feats = penultimate(model, data.x)
-        t_feats = penultimate(model, trusted.x) if trusted is not None and len(trusted) else None
+        feats = extract_features(model, data.x)
+        t_feats = extract_features(model, trusted.x) if trusted is not None and len(trusted) else None
         n = len(data)
         flag = torch.zeros(n, dtype=torch.bool)
         score = torch.zeros(n)

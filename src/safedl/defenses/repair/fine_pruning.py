@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 class FinePruning:
     """Prune dormant last-conv channels until clean accuracy drops by ``max_accuracy_drop``, then fine-tune."""
 
+    model_needs: tuple[str, ...] = ("conv",)  # what the model must offer (safedl.models.features.model_problems)
+
     def __init__(self, *, max_accuracy_drop: float = 0.04, step: int = 1, max_ratio: float = 0.95, epochs: int = 10,
                  lr: float = 3e-3, batch_size: int = 64):
         self.max_accuracy_drop = check_fraction(self, "max_accuracy_drop", max_accuracy_drop, allow_zero=True)

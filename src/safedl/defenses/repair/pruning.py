@@ -21,6 +21,11 @@ from safedl.utils.validate import check_choice, check_fraction
 class Pruning:
     """Prune the ``pruning_ratio`` least-active units (on clean data) of the last conv or penultimate layer."""
 
+    @property
+    def model_needs(self) -> tuple[str, ...]:
+        """What the model must offer (safedl.models.features.model_problems): a conv layer or a linear head."""
+        return ("conv",) if self.scope == "last_conv" else ("head",)
+
     def __init__(self, *, pruning_ratio: float = 0.3, scope: str = "last_conv"):
         self.pruning_ratio = check_fraction(self, "pruning_ratio", pruning_ratio, allow_zero=True, allow_one=False)
         self.scope = check_choice(self, "scope", scope, ("last_conv", "penultimate"))

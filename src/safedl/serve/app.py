@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -244,8 +245,19 @@ def _answer(svc: Service, ctx: dict, key: ApiKey, decoded, d: dict, *, in_thread
         else:
             asyncio.get_running_loop().run_in_executor(None, _quarantine, svc, decoded, audit_fields, dict(ctx))
     body = {"request_id": ctx["request_id"], "bundle_version": svc.bundle.version, "tier": key.tier,
-            "results": results}
+            "results": _finite(results)}
     return 200, body, {}, audit_fields
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf (a broken model or detector) become null: strict JSON has no NaN, and the answer must not fail."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _work_in_thread(svc: Service, token: str | None, items: list[bytes], ctx: dict):

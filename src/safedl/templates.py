@@ -42,7 +42,7 @@ attacks:
       params: {eps: 0.3, norm: linf, steps: 10}
     - name: square                 # score-based black-box attack through the counted query interface
       params: {eps: 0.3, norm: linf, max_queries: 5000}
-    - name: ensemble               # AutoAttack-style worst case: apgd_ce, targeted apgd_dlr, square
+    - name: ensemble               # AutoAttack's standard suite: apgd_ce, apgd-t, fab-t, square
       params: {eps: 0.3, norm: linf}
   poisoning:
     - name: label_flipping

@@ -108,13 +108,9 @@ def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block
             if dd.get("notes"):
                 b.append(("list", list(dd["notes"])))
             b += [("img", label, path) for label, path in dd.get("artifacts", {}).items()]
-    risk = results["risk"]
-    b.append(("h", 2, "Risk"))
-    b.append(("p", f"Rule: {risk['rule']}."))
-    rows = [[r["attack"], r["category"], f"{r['likelihood']:.2f}", f"{r['impact']:.2f}", f"{r['score']:.2f}", r["level"],
-             r.get("best_defense", ""), f"{r['residual_score']:.2f}" if "residual_score" in r else "", r.get("residual_level", "")]
-            for r in risk["per_attack"]]
-    b.append(("table", ["attack", "category", "likelihood", "impact", "score", "level", "best defense", "residual", "residual level"], rows))
+    from safedl.report.risk_section import risk_blocks
+
+    b += risk_blocks(results["risk"])
     b.append(("h", 2, "Release gate"))
     b.append(("p", f"**{'PASSED' if gate['passed'] else 'FAILED'}** (compared: {gate.get('compared', 'value')})."))
     if gate["failures"]:

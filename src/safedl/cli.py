@@ -37,14 +37,26 @@ def _fail(exc: BaseException, code: int = 2) -> None:
 
 @app.command()
 def init(path: Path = typer.Argument(Path("profile.yaml"), help="where to write the profile"),
-         force: bool = typer.Option(False, "--force", help="overwrite an existing file")) -> None:
-    """Write a commented default threat profile."""
-    from safedl.templates import default_profile_text
-    from safedl.utils.io import atomic_write_text
+         force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
+         interactive: bool = typer.Option(False, "--interactive", "-i", help="answer the threat questionnaire"),
+         access: Optional[str] = typer.Option(None, help="white-box | gray-box | black-box"),
+         outputs: Optional[str] = typer.Option(None, help="what a query returns: scores | labels | none"),
+         data_source: Optional[str] = typer.Option(None, help="trusted | curated | third_party | crowdsourced | scraped"),
+         goal: Optional[str] = typer.Option(None, help="untargeted | targeted | availability | backdoor | copy | any"),
+         sensitivity: Optional[str] = typer.Option(None, help="cost of a mistake: low | medium | high"),
+         deployment: Optional[str] = typer.Option(None, help="cloud_api | edge_device | internal | research"),
+         dataset: Optional[str] = typer.Option(None, help="data set name (default mnist5k)"),
+         model: Optional[str] = typer.Option(None, help="zoo architecture (default small_cnn)")) -> None:
+    """Write a threat profile: the commented default, or one that follows from the questionnaire's answers."""
+    from safedl.questionnaire import write_profile
 
-    if path.exists() and not force:
-        _fail(UserError(f"{path} exists; pass --force to overwrite it"))
-    atomic_write_text(path, default_profile_text())
+    flags = {k: v for k, v in dict(access=access, outputs=outputs, data_source=data_source, goal=goal,
+                                   sensitivity=sensitivity, deployment=deployment, dataset=dataset,
+                                   model=model).items() if v is not None}
+    try:
+        write_profile(path, flags=flags, interactive=interactive, force=force)
+    except UserError as exc:
+        _fail(exc)
     typer.echo(f"wrote {path}")
 
 

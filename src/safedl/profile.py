@@ -181,6 +181,7 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
 
     errors: list[tuple[str, str]] = []
     ids: dict[str, str] = {}
+    built: dict[tuple[str, int], Any] = {}
     for cat in ("evasion", "poisoning", "backdoor"):
         for i, spec in enumerate(getattr(profile.attacks, cat)):
             where = f"attacks.{cat}[{i}]"
@@ -192,17 +193,10 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
             except UserError as exc:
                 errors.append((f"{where}.name" if "unknown" in str(exc) else f"{where}.params", str(exc)))
                 continue
-            if cat == "evasion":
-                access = getattr(attack, "access", "white-box")
-                tm = profile.threat_model
-                if tm.model_access == "black-box" and access == "white-box":
-                    errors.append((f"{where}.name", f"{spec.name!r} needs white-box (gradient) access but "
-                                   "threat_model.model_access is 'black-box'; use a black-box or transfer attack"))
-                if access == "scores" and tm.interface_exposed != "scores":
-                    errors.append((f"{where}.name", f"{spec.name!r} needs scores but threat_model.interface_exposed is "
-                                   f"{tm.interface_exposed!r}; use a decision-based (labels-only) attack"))
-                if access == "labels" and tm.interface_exposed == "none":
-                    errors.append((f"{where}.name", "threat_model.interface_exposed is 'none': no query attack is possible"))
+            built[(cat, i)] = attack
+    from safedl.threat import threat_errors
+
+    errors += threat_errors(profile, built)
     from safedl.registry import DEFENSE_KINDS
 
     for i, d in enumerate(profile.defenses):

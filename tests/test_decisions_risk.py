@@ -65,7 +65,8 @@ def test_label_flipping_is_not_compared_on_a_different_quantity():
     row = assess_risk(TM, [_flip(60, 186)], [cleaning])["per_attack"][0]
     assert row["quantity"] == "targeted_success_rate"
     assert "residual_score" not in row and row["not_comparable"] == ["data_cleaning"]
-    measured = dict(cleaning, metrics={**cleaning["metrics"], "targeted_success_rate_after": proportion(10, 200)})
+    # poisoning defenses report the targeted rate on the same aimed inputs as attack_success_rate_after
+    measured = dict(cleaning, metrics={**cleaning["metrics"], "attack_success_rate_after": proportion(10, 200)})
     row = assess_risk(TM, [_flip(60, 186)], [measured])["per_attack"][0]
     assert row["best_defense"] == "data_cleaning" and row["residual_score"] < row["score"]
 

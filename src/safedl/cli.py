@@ -99,7 +99,11 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto"),
         runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="parent folder of run directories (default: profile output.dir)"),
         verbose: bool = typer.Option(False, "--verbose", "-v"), quiet: bool = typer.Option(False, "--quiet", "-q"),
-        no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars")) -> None:
+        no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars"),
+        junit: Optional[Path] = typer.Option(None, "--junit", help="write a JUnit XML file: one testcase per gate check"),
+        slo: Optional[Path] = typer.Option(None, "--slo", help="SLO file whose objectives become gate thresholds"),
+        recommend: bool = typer.Option(False, "--recommend", help="also rank defenses and write RUN_DIR/recommended.yaml")
+        ) -> None:
     """Run the assessment a profile describes; writes RUN_DIR/results.json, report.md and report.html.
 
     Exit codes: 0 gate passed, 1 gate failed, 2 bad input, 130 interrupted (resume with --resume RUN_DIR).
@@ -121,6 +125,10 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
         if profile is None:
             raise UserError("give a PROFILE (or --resume RUN_DIR)")
         prof = load_profile(profile)
+        if slo is not None:
+            from safedl.assess.slo import profile_with_slo
+
+            prof = profile_with_slo(prof, slo)
         dev = resolve_device(device)
         base_dir = profile.parent if resume is None or profile != resume / "profile.yaml" else Path(".")
         run_dir, results = run_assessment(prof, base_dir=base_dir, run_dir=resume, runs_root=runs_dir, device=dev)
@@ -129,6 +137,7 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: finished stages are saved; continue with `safedl run --resume RUN_DIR`\n")
         raise typer.Exit(130)
+    _decision_artifacts(run_dir, results, junit=junit, recommend=recommend)
     gate = results["gate"]
     typer.echo(f"run directory: {run_dir}")
     typer.echo(f"report: {run_dir / 'report.md'}")
@@ -136,6 +145,20 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
     for f in gate["failures"]:
         typer.echo(f"  - {f}")
     raise typer.Exit(0 if gate["passed"] else 1)
+
+
+def _decision_artifacts(run_dir: Path, results: dict, *, junit: Optional[Path], recommend: bool) -> None:
+    """gate.json (and --junit, --recommend) for a finished run."""
+    from safedl.report.junit import write_ci_artifacts
+
+    write_ci_artifacts(results, run_dir, junit=junit)
+    if junit is not None:
+        typer.echo(f"junit: {junit}")
+    if recommend:
+        from safedl.assess.recommend import write_recommendations
+
+        out = write_recommendations(run_dir, results)
+        typer.echo(f"recommendations: {out['markdown']}; profile with them: {out['profile']}")
 
 
 @app.command()
@@ -152,6 +175,62 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory holding res
         _fail(UserError(f"{path}: not valid JSON ({exc})"))
     write_reports(results, run_dir)
     typer.echo(f"wrote {run_dir / 'report.md'}")
+
+
+def _load_results(run_dir: Path) -> dict:
+    """A run directory's results.json, or a UserError naming what is wrong."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise UserError(f"{path}: not found (give a run directory written by `safedl run`)")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(results, dict) or not {"profile", "attacks", "baseline"} <= set(results):
+        raise UserError(f"{path}: not a safedl results file (needs profile, baseline and attacks)")
+    return results
+
+
+@app.command(name="recommend")
+def recommend_cmd(run_dir: Path = typer.Argument(..., help="a run directory holding results.json"),
+                  out: Optional[Path] = typer.Option(None, "--out", help="profile to write (default RUN_DIR/recommended.yaml)")
+                  ) -> None:
+    """Rank defenses for every attack that succeeded, with the evidence; write a profile with them added."""
+    from safedl.assess.recommend import write_recommendations
+
+    try:
+        paths = write_recommendations(run_dir, _load_results(run_dir), out=out)
+    except UserError as exc:
+        _fail(exc)
+    typer.echo(paths["markdown"].read_text())
+    typer.echo(f"profile with the recommended defenses: {paths['profile']}\n"
+               f"measure them: safedl run {paths['profile']} --resume {run_dir}")
+
+
+@app.command()
+def compare(run_dirs: list[Path] = typer.Argument(..., help="run directories; the first is the reference"),
+            out: Path = typer.Option(Path("comparison"), "--out", help="folder for comparison.md/.html/.json"),
+            fail_on_regression: bool = typer.Option(False, "--fail-on-regression",
+                                                    help="exit 1 when any metric got significantly worse")) -> None:
+    """Compare runs on the same test images: differences, paired tests (McNemar) and verdicts per metric."""
+    from safedl.assess.compare import compare_runs
+    from safedl.report.compare_report import write_comparison
+
+    try:
+        runs = [(d.name, _load_results(d)) for d in run_dirs]
+        cmp = compare_runs(runs)
+    except UserError as exc:
+        _fail(exc)
+    paths = write_comparison(cmp, runs, out)
+    for c in cmp["comparisons"]:
+        typer.echo(f"{c['run']} vs {cmp['reference']}:")
+        for r in c["rows"]:
+            typer.echo(f"  {r['metric']}: {r['a']['value']:.4f} -> {r['b']['value']:.4f} ({r['diff']:+.4f}, "
+                       f"p_holm={r['p_holm']:.3g}) {r['verdict']}")
+    typer.echo(f"wrote {paths['markdown']} and {paths['html']}")
+    if fail_on_regression and cmp["regressions"]:
+        typer.echo(f"regression: {len(cmp['regressions'])} metric(s) significantly worse")
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover

@@ -35,6 +35,7 @@ from safedl.models.user import load_entry_point, load_torchscript
 from safedl.models.zoo import build_model
 from safedl.profile import DefenseSpec, Profile
 from safedl.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, json_hash
+from safedl.utils.bits import pack as pack_bits
 from safedl.utils.stats import proportion
 from safedl.utils.tensors import predict, seed_everything
 
@@ -293,6 +294,7 @@ class Run:
                         "val_accuracy": proportion(round(accuracy(model, splits.val, device=self.device) * len(splits.val)),
                                                    len(splits.val)) if len(splits.val) else None},
             "per_class": {"clean_accuracy": per_class},
+            "per_image": {"clean_correct": pack_bits(correct)},  # test split order; for paired comparisons
             "history": history,
             "time_s": time.perf_counter() - t0,
             "recipe": p.training.model_dump(),

@@ -80,10 +80,14 @@ class Quantity:
     after: Callable[[dict[str, Any], Optional[float]], Optional[tuple[float, float]]]
 
 
-def _rate(name: str) -> Callable[[dict[str, Any], Optional[float]], Optional[tuple[float, float]]]:
+def _rate(*names: str) -> Callable[[dict[str, Any], Optional[float]], Optional[tuple[float, float]]]:
+    """The first of ``names`` present (aliases of one quantity on the same inputs)."""
     def read(metrics: dict[str, Any], _base: Optional[float]) -> Optional[tuple[float, float]]:
-        m = _metric(metrics, name)
-        return None if m is None else (float(m["value"]), _upper(m))
+        for name in names:
+            m = _metric(metrics, name)
+            if m is not None:
+                return float(m["value"]), _upper(m)
+        return None
     return read
 
 
@@ -106,7 +110,9 @@ QUANTITIES = {
     "attack_success_rate": Quantity("attack_success_rate", _rate("attack_success_rate"),
                                     _rate("attack_success_rate_after")),
     "targeted_success_rate": Quantity("targeted_success_rate", _rate("targeted_success_rate"),
-                                      _rate("targeted_success_rate_after")),
+                                      # poisoning defenses report it as attack_success_rate_after, measured on the
+                                      # same aimed inputs (attack_poisoning: test_triggered_x)
+                                      _rate("targeted_success_rate_after", "attack_success_rate_after")),
     "clean_accuracy_drop": Quantity("clean-accuracy drop (baseline - clean_accuracy)", _drop("clean_accuracy"),
                                     _drop("clean_accuracy_after")),
 }

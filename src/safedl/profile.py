@@ -36,6 +36,8 @@ class DatasetSpec(_Strict):
     image_size: Optional[int] = Field(None, ge=4, le=1024, description="resize image_folder images to this square size")
     test_fraction: float = Field(0.2, gt=0, lt=1)
     val_fraction: float = Field(0.1, ge=0, lt=1)
+    split_seed: Optional[int] = Field(None, ge=0, description="seed of the train/val/test split (default: the "
+                                      "profile's seed); fix it to compare model versions on the same test images")
     limit: Optional[int] = Field(None, ge=10, description="use only the first N samples (quick runs)")
 
     @model_validator(mode="after")

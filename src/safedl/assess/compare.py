@@ -4,7 +4,8 @@ Every later run is compared with the first (the reference). A metric with a per-
 (``per_image`` in results.json: the baseline's and poisoned models' clean correctness, each evasion attack's robust
 images, each poisoning attack's hits on its aimed inputs) is tested with the exact McNemar test on the discordant
 pairs (McNemar 1947; the exact binomial form, Fagerland et al. 2013); a metric without one (defense entries) with
-Fisher's exact test on the two proportions, labelled "unpaired". The p-values of one comparison are adjusted with
+Fisher's exact test on the two proportions, labelled "unpaired"; so is every metric when the runs' test splits
+differ (same data set, another split seed: fix ``dataset.split_seed`` to compare on the same images). The p-values of one comparison are adjusted with
 Holm's step-down method (Holm 1979), so the chance of calling any metric changed when none is stays below ``alpha``.
 Verdict: "better" / "worse" (by the metric's direction) when the adjusted p < alpha, else "no significant change".
 """
@@ -93,29 +94,33 @@ def holm(pvalues: list[float]) -> list[float]:
     return adj
 
 
-def _same_data(ref: dict[str, Any], new: dict[str, Any], names: tuple[str, str]) -> None:
-    ha = (ref.get("data") or {}).get("hashes", {}).get("test")
-    hb = (new.get("data") or {}).get("hashes", {}).get("test")
-    if ha and hb and ha != hb:
-        raise UserError(f"{names[0]} and {names[1]} were not evaluated on the same test data (test split hashes "
-                        f"{ha[:12]} vs {hb[:12]}); a paired comparison needs the same images")
+def _same_test_images(ref: dict[str, Any], new: dict[str, Any], names: tuple[str, str]) -> bool:
+    """True when both runs hold the same test split (paired tests allowed); refuses different data sets."""
+    da, db = ref.get("data") or {}, new.get("data") or {}
+    for key in ("name", "shape", "num_classes"):
+        if key in da and key in db and da[key] != db[key]:
+            raise UserError(f"{names[0]} and {names[1]} assess different data ({key}: {da[key]!r} vs {db[key]!r}); "
+                            "compare runs of model versions on the same data set")
+    ha, hb = da.get("hashes", {}).get("test"), db.get("hashes", {}).get("test")
+    return bool(ha) and ha == hb
 
 
 def compare_pair(ref: dict[str, Any], new: dict[str, Any], *, names: tuple[str, str] = ("A", "B"),
                  alpha: float = ALPHA) -> list[dict[str, Any]]:
     """One row per metric both runs measured: values, difference (B - A), test, p, Holm-adjusted p, verdict."""
-    _same_data(ref, new, names)
+    paired = _same_test_images(ref, new, names)
     ma, mb = run_metrics(ref), run_metrics(new)
     rows = []
     for key in [k for k in ma if k in mb]:
         a, b = ma[key], mb[key]
         row = {"metric": key, "a": a.value, "b": b.value, "diff": float(b.value["value"]) - float(a.value["value"]),
                "higher_is_better": a.higher_is_better}
-        if a.per_image is not None and b.per_image is not None and len(a.per_image) == len(b.per_image):
+        if paired and a.per_image is not None and b.per_image is not None and len(a.per_image) == len(b.per_image):
             only_a, only_b, p = mcnemar_exact(a.per_image, b.per_image)
             row.update(test="McNemar exact (paired)", discordant={"only_a": only_a, "only_b": only_b}, p=p)
         else:
-            row.update(test="Fisher exact (unpaired: no per-image record)", p=fisher_p(a.value, b.value))
+            why = "no per-image record" if paired else "different test images (set dataset.split_seed to pair)"
+            row.update(test=f"Fisher exact (unpaired: {why})", p=fisher_p(a.value, b.value))
         rows.append(row)
     for row, p_adj in zip(rows, holm([r["p"] for r in rows])):
         row["p_holm"] = p_adj

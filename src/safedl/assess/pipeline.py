@@ -319,7 +319,8 @@ def prepare(profile: Profile, *, base_dir: Path) -> tuple[Splits, Any, dict]:
     """Load and split the data and check the model can be built: everything that can fail before a run dir exists."""
     data = load_dataset(profile.dataset, base_dir=base_dir)
     splits = stratified_split(data, test_fraction=profile.dataset.test_fraction,
-                              val_fraction=profile.dataset.val_fraction, seed=profile.seed)
+                              val_fraction=profile.dataset.val_fraction,
+                              seed=profile.seed if profile.dataset.split_seed is None else profile.dataset.split_seed)
     fresh, meta = model_factory(profile, splits, base_dir=base_dir)
     fresh()  # a broken entry point or architecture fails here, before anything is written
     plan_defenses(profile)

@@ -76,8 +76,9 @@ def junit_xml(results: dict[str, Any]) -> str:
                        ("residual_risk", results.get("risk", {}).get("residual_level"))):
         ET.SubElement(props, "property", name=key, value=str(value))
     for c in checks:
+        group = c["name"].split(":")[0].strip().replace(" ", "_") if gate.get("checks") is not None else ""
         case = ET.SubElement(suite, "testcase", name=c["name"], time="0",
-                             classname=f"safedl.gate.{c['name'].split(':')[0].strip().replace(' ', '_')}")
+                             classname="safedl.gate" + (f".{group}" if group else ""))
         if not c["passed"]:
             fail = ET.SubElement(case, "failure", message=c.get("reason", ""), type="GateCheckFailed")
             fail.text = _detail(c, results)

@@ -28,6 +28,15 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def _cli(*args) -> "object":
+    """In-process CLI call (no interpreter start-up) for the commands that are not the workflow's own."""
+    from typer.testing import CliRunner
+
+    from safedl.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 def _workflow_commands() -> tuple[dict[str, str], list[str]]:
     wf = yaml.safe_load((CI / "github-actions.yml").read_text())
     job = wf["jobs"]["safedl"]
@@ -121,8 +130,8 @@ def test_recommend_names_a_measured_defense_and_its_profile_resumes_every_stage(
         assert pgd["recommended"]["defense"] == "fast_adversarial_training" and "measured in this run" in pgd[
             "recommended"]["why"]
     stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "stages").rglob("stage.json")}
-    res = _sh(f"safedl recommend {run_dir} && safedl run {run_dir}/recommended.yaml --resume {run_dir} --no-progress",
-              tmp, env)
+    assert _cli("recommend", run_dir).exit_code == 0
+    res = _sh(f"safedl run {run_dir}/recommended.yaml --resume {run_dir} --no-progress", tmp, env)
     assert res.returncode in (0, 1), res.stderr
     # baseline, 2 attacks, 1 defense against each: every stage reused, none rewritten
     assert " ".join(res.stderr.split()).count("reusing finished stage") == len(stamps) == 5
@@ -140,17 +149,17 @@ def test_compare_seeds_adversarial_training_and_regression_gate(ci):
     robust = dict(prof, model={"arch": "tiny_cnn", "checkpoint": str(ckpt)}, defenses=[])
     (tmp / "robust.yaml").write_text(yaml.safe_dump(robust))
     for name in ("seed1", "robust"):
-        res = _sh(f"safedl run {name}.yaml --runs-dir runs-{name} --no-progress -q", tmp, env)
-        assert res.returncode in (0, 1), res.stderr
+        res = _cli("run", tmp / f"{name}.yaml", "--runs-dir", tmp / f"runs-{name}", "--no-progress", "-q")
+        assert res.exit_code in (0, 1), res.output
     s1, rb = next((tmp / "runs-seed1").iterdir()), next((tmp / "runs-robust").iterdir())
-    res = _sh(f"safedl compare {run_a} {s1} --out cmp-seeds --fail-on-regression", tmp, env)
-    assert res.returncode == 0, res.stdout + res.stderr
+    res = _cli("compare", run_a, s1, "--out", tmp / "cmp-seeds", "--fail-on-regression")
+    assert res.exit_code == 0, res.output
     rows = json.loads((tmp / "cmp-seeds" / "comparison.json").read_text())["comparisons"][0]["rows"]
     assert rows and all(r["verdict"] == "no significant change" for r in rows), rows
     assert any(r["test"].startswith("McNemar") for r in rows)  # split_seed fixed: paired on the same images
-    res = _sh(f"safedl compare {run_a} {rb} --out cmp-at", tmp, env)
+    _cli("compare", run_a, rb, "--out", tmp / "cmp-at")
     rows = {r["metric"]: r for r in json.loads((tmp / "cmp-at" / "comparison.json").read_text())["comparisons"][0]["rows"]}
     assert rows["pgd.robust_accuracy"]["verdict"] == "better" and rows["pgd.robust_accuracy"]["test"].startswith("McNemar")
-    res = _sh(f"safedl compare {rb} {run_a} {s1} --out cmp-swapped --fail-on-regression", tmp, env)
-    assert res.returncode == 1 and "pgd.robust_accuracy" in res.stdout
+    res = _cli("compare", rb, run_a, s1, "--out", tmp / "cmp-swapped", "--fail-on-regression")
+    assert res.exit_code == 1 and "pgd.robust_accuracy" in res.output
     assert (tmp / "cmp-swapped" / "trend.png").is_file() and "<img" in (tmp / "cmp-swapped" / "comparison.html").read_text()

@@ -188,7 +188,8 @@ def to_html(blocks: list[Block], title: str) -> str:
             rows = "".join("<tr>" + "".join(f"<td>{_html.escape(str(c))}</td>" for c in r) + "</tr>" for r in blk[2])
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em;display:block;max-width:100%;overflow-x:auto}"
+             "td,th{overflow-wrap:anywhere}td,th{border:1px solid #ccc;padding:4px 8px;"
              "text-align:left}th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}code{background:#f3f3f3}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_html.escape(title)}</title>"
             f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
@@ -202,6 +203,9 @@ def write_reports(results: dict[str, Any], run_dir: Path, *, html: bool = True, 
         from safedl.report.figures import summary_figures
 
         figs = summary_figures(results, run_dir)
+        from safedl.report.tradeoff import tradeoff_figures
+
+        figs.update(tradeoff_figures(results, run_dir))
     blocks = build_blocks(results, figs)
     atomic_write_text(run_dir / "report.md", to_markdown(blocks))
     if html:

@@ -23,7 +23,7 @@ def _sh(cmd: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               COLUMNS="400")
+               COLUMNS="400", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # tiny models: threads only contend
     env.update(extra)
     return env
 
@@ -122,8 +122,9 @@ def test_recommend_names_a_measured_defense_and_its_profile_resumes_every_stage(
     pgd = next(r for r in rec["attacks"] if r["attack"] == "pgd")
     results = json.loads((run_dir / "results.json").read_text())
     fat = next(d for d in results["defenses"] if d["id"] == "fast_adversarial_training" and d["against"] == "pgd")
+    # the documented rule, recomputed from results.json: the 95% intervals of 1 - robust_accuracy are separate
     measured_helps = 1 - fat["metrics"]["robust_accuracy"]["ci95"][0] < 1 - results["attacks"][1]["metrics"][
-        "robust_accuracy"]["value"]
+        "robust_accuracy"]["ci95"][1]
     assert pgd["succeeded"] and pgd["candidates"][0]["evidence"] == "measured"
     assert (pgd["recommended"] is not None) == measured_helps
     if measured_helps:

@@ -8,8 +8,8 @@ Ranking rule (reproducible from results.json and ``priors.yaml`` alone):
 2. Candidates are the defenses evaluated against that attack in this run (evidence: *measured*), then the knowledge
    base's entries for the attack's registry name that this run did not evaluate (evidence: *prior*, with the bench
    command and data it comes from).
-3. A measured defense *helps* when the upper 95% bound of the attack's quantity with the defense is below the point
-   value without it. Measured candidates that help come first, ordered by that upper bound, then by clean cost
+3. A measured defense *helps* when the 95% intervals of the attack's quantity with and without it are separate
+   (the upper bound with the defense is below the lower bound without it). Measured candidates that help come first, ordered by that upper bound, then by clean cost
    (clean accuracy lost), then by added latency; then the priors in the same order (the prior's bound, or its value
    when the bench gave no interval); measured candidates that do not help come last and are never recommended.
 4. The recommendation is the first candidate. When it is a prior, the written profile adds that defense against the
@@ -53,7 +53,7 @@ def _clean_cost(defense: dict[str, Any], attack: dict[str, Any], baseline: Optio
     return None
 
 
-def _measured(attack: dict[str, Any], d: dict[str, Any], before: float, qname: str,
+def _measured(attack: dict[str, Any], d: dict[str, Any], before: tuple[float, float, float], qname: str,
               baseline: Optional[float]) -> Optional[dict[str, Any]]:
     after = defended_success(d, attack, baseline_accuracy=baseline)
     if after is None:
@@ -61,9 +61,10 @@ def _measured(attack: dict[str, Any], d: dict[str, Any], before: float, qname: s
     m = d.get("metrics", {})
     cost, lat = _clean_cost(d, attack, baseline), _v(m.get("latency_added_ms_per_image"))
     train = _v(m.get("training_time_s"))
-    helps = after[1] < before
-    why = (f"measured in this run: {qname} {before:.3f} -> {after[0]:.3f} with {d['id']} (upper 95% bound "
-           f"{after[1]:.3f}{' < ' if helps else ' >= '}{before:.3f} without it)")
+    helps = after[1] < before[2]
+    why = (f"measured in this run: {qname} {before[0]:.3f} -> {after[0]:.3f} with {d['id']} (95% intervals "
+           f"{'separate' if helps else 'overlap'}: upper bound with it {after[1]:.3f}, lower bound without it "
+           f"{before[2]:.3f})")
     why += "".join(s for s in (f"; clean accuracy {-cost:+.3f}" if cost is not None else "",
                                f"; latency {lat:+.2f} ms/image" if lat is not None else "",
                                f"; training {train:.0f} s" if train is not None else "") if s)
@@ -102,9 +103,10 @@ def recommend(results: dict[str, Any], *, priors: Optional[list[dict[str, Any]]]
         qname = QUANTITIES[key].name
         got = QUANTITIES[key].before(a.get("metrics", {}), _v(a.get("metrics", {}).get("baseline", {})
                                                               .get("clean_accuracy")) or baseline)
-        before = got[0] if got else 0.0
+        before = got if got else (0.0, 0.0, 0.0)
         row: dict[str, Any] = {"attack": a["id"], "name": a.get("name", a["id"]), "category": a["category"],
-                               "quantity": qname, "before": before, "succeeded": before >= SUCCESS_MIN,
+                               "quantity": qname, "before": before[0], "before_ci95": [before[2], before[1]],
+                               "succeeded": before[0] >= SUCCESS_MIN,
                                "candidates": [], "recommended": None}
         if row["succeeded"]:
             cands = [c for d in results.get("defenses", []) if d.get("against") == a["id"]

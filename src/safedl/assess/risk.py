@@ -73,35 +73,35 @@ def _lower(m: dict[str, Any]) -> float:
 
 @dataclass(frozen=True)
 class Quantity:
-    """One measured success quantity: how to read it (upper 95% bound) from an attack and from a defense entry."""
+    """One measured success quantity: how to read (point, upper, lower 95% bound) from an attack and a defense entry."""
 
     name: str
-    before: Callable[[dict[str, Any], Optional[float]], Optional[tuple[float, float]]]
-    after: Callable[[dict[str, Any], Optional[float]], Optional[tuple[float, float]]]
+    before: Callable[[dict[str, Any], Optional[float]], Optional[tuple[float, float, float]]]
+    after: Callable[[dict[str, Any], Optional[float]], Optional[tuple[float, float, float]]]
 
 
-def _rate(*names: str) -> Callable[[dict[str, Any], Optional[float]], Optional[tuple[float, float]]]:
+def _rate(*names: str) -> Callable[[dict[str, Any], Optional[float]], Optional[tuple[float, float, float]]]:
     """The first of ``names`` present (aliases of one quantity on the same inputs)."""
-    def read(metrics: dict[str, Any], _base: Optional[float]) -> Optional[tuple[float, float]]:
+    def read(metrics: dict[str, Any], _base: Optional[float]) -> Optional[tuple[float, float, float]]:
         for name in names:
             m = _metric(metrics, name)
             if m is not None:
-                return float(m["value"]), _upper(m)
+                return float(m["value"]), _upper(m), _lower(m)
         return None
     return read
 
 
-def _robust_error(metrics: dict[str, Any], _base: Optional[float]) -> Optional[tuple[float, float]]:
+def _robust_error(metrics: dict[str, Any], _base: Optional[float]) -> Optional[tuple[float, float, float]]:
     m = _metric(metrics, "robust_accuracy")
-    return None if m is None else (1.0 - float(m["value"]), 1.0 - _lower(m))
+    return None if m is None else (1.0 - float(m["value"]), 1.0 - _lower(m), 1.0 - _upper(m))
 
 
-def _drop(name: str) -> Callable[[dict[str, Any], Optional[float]], Optional[tuple[float, float]]]:
-    def read(metrics: dict[str, Any], base: Optional[float]) -> Optional[tuple[float, float]]:
+def _drop(name: str) -> Callable[[dict[str, Any], Optional[float]], Optional[tuple[float, float, float]]]:
+    def read(metrics: dict[str, Any], base: Optional[float]) -> Optional[tuple[float, float, float]]:
         m = _metric(metrics, name)
         if m is None or base is None:
             return None
-        return max(0.0, base - float(m["value"])), max(0.0, base - _lower(m))
+        return max(0.0, base - float(m["value"])), max(0.0, base - _lower(m)), max(0.0, base - _upper(m))
     return read
 
 
@@ -143,8 +143,8 @@ def attack_impact(attack: dict[str, Any], *, baseline_accuracy: Optional[float] 
 
 
 def defended_success(defense: dict[str, Any], attack: dict[str, Any], *,
-                     baseline_accuracy: Optional[float] = None) -> Optional[tuple[float, float]]:
-    """(point, upper 95% bound) of the attack's own quantity on the defended system, or None if not measured."""
+                     baseline_accuracy: Optional[float] = None) -> Optional[tuple[float, float, float]]:
+    """(point, upper, lower 95% bound) of the attack's own quantity on the defended system, or None."""
     return QUANTITIES[quantity(attack)].after(defense.get("metrics", {}), _baseline_of(attack, baseline_accuracy))
 
 
@@ -156,7 +156,7 @@ def _row(tm: ThreatModel, a: dict[str, Any], defenses: list[dict[str, Any]], wei
     q = QUANTITIES[key]
     base = _baseline_of(a, baseline_accuracy)
     got = q.before(a.get("metrics", {}), base)
-    value, upper = got if got else (0.0, 0.0)
+    value, upper = (got[0], got[1]) if got else (0.0, 0.0)
     lk = likelihood(tm, a["category"], a.get("access", "white-box"))
     score = lk * upper * weight
     row: dict[str, Any] = {
@@ -178,7 +178,7 @@ def _row(tm: ThreatModel, a: dict[str, Any], defenses: list[dict[str, Any]], wei
         row["not_comparable"] = skipped
         row["not_comparable_reason"] = f"did not measure {q.name} on the defended system"
     if best is not None:
-        did, (v_after, u_after) = best
+        did, (v_after, u_after, _) = best
         row["best_defense"] = did
         row["residual_q_value"], row["residual_q_upper"] = v_after, u_after
         row["residual_score"] = min(score, lk * u_after * weight)

@@ -134,3 +134,26 @@ def test_tensor_hash_is_stable_and_sensitive():
 def test_json_hash_ignores_key_order():
     assert json_hash({"a": 1, "b": [1, 2]}) == json_hash({"b": [1, 2], "a": 1})
     assert json_hash({"a": 1}) != json_hash({"a": 2})
+
+
+def test_auroc_matches_pairwise_definition_with_ties():
+    import torch
+
+    from safedl.utils.stats import auroc
+
+    g = torch.Generator().manual_seed(0)
+    neg = torch.randint(0, 5, (40,), generator=g).float()
+    pos = torch.randint(2, 8, (30,), generator=g).float()
+    pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+    assert abs(auroc(neg, pos) - float(pairs.mean())) < 1e-12
+    assert auroc(neg, pos[:0]) != auroc(neg, pos[:0])  # nan
+
+
+def test_robust_z_flags_the_outlier_that_a_plain_z_score_misses():
+    import torch
+
+    from safedl.utils.stats import robust_z
+
+    v = torch.tensor([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 30.0, 32.0])
+    plain = (v - v.mean()) / v.std()
+    assert float(plain.max()) < 2.0 and float(robust_z(v).max()) > 100

@@ -233,6 +233,52 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="run directories; th
         raise typer.Exit(1)
 
 
+@app.command()
+def export(run_dir: Path = typer.Argument(..., help="a finished run directory"),
+           out: Path = typer.Option(..., "--out", help="bundle directory to write (must not exist)"),
+           defense: Optional[str] = typer.Option(None, "--defense", help="id of an evaluated evasion defense"),
+           baseline: bool = typer.Option(False, "--baseline", help="export the undefended baseline model"),
+           signing_key_file: Optional[Path] = typer.Option(None, "--signing-key-file",
+                                                           help="sign the manifest with HMAC-SHA256 and this key")) -> None:
+    """Export the defended system of one evaluated defense (or the baseline) as a verified bundle."""
+    from safedl.deploy.run_export import export_from_run
+
+    try:
+        if (defense is None) == (not baseline):
+            raise UserError("give exactly one of --defense ID or --baseline")
+        key = _read_key(signing_key_file)
+        path = export_from_run(run_dir, out=out, defense=defense, signing_key=key)
+    except UserError as exc:
+        _fail(exc)
+    typer.echo(f"wrote bundle {path}")
+
+
+@app.command(name="verify")
+def verify_bundle(bundle: Path = typer.Argument(..., help="bundle directory"),
+                  signing_key_file: Optional[Path] = typer.Option(None, "--signing-key-file",
+                                                                  help="require a valid HMAC signature")) -> None:
+    """Verify a bundle (schema, manifest digest or signature, every file's sha256) and rebuild its system."""
+    from safedl.deploy import load_bundle
+
+    try:
+        b = load_bundle(bundle, signing_key=_read_key(signing_key_file))
+    except UserError as exc:
+        _fail(exc)
+    names = [f"{c['kind']}:{c['name']}" for c in b.manifest["components"]] or ["(undefended model)"]
+    typer.echo(f"{bundle}: verified, version {b.version}; components: {', '.join(names)}")
+
+
+def _read_key(path: Optional[Path]) -> Optional[bytes]:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UserError(f"--signing-key-file {path}: not found")
+    key = path.read_bytes().strip()
+    if len(key) < 16:
+        raise UserError(f"--signing-key-file {path}: the key must be at least 16 bytes")
+    return key
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -46,3 +46,7 @@ class QueryBudgetExceeded(SafedlError, RuntimeError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded or does not match the expected model."""
+
+
+class BundleError(UserError, ValueError):
+    """A deployment bundle that is missing, tampered with, truncated or of another schema; names the file."""

@@ -143,9 +143,21 @@ def create(kind: str, name: str, /, **kwargs: Any) -> Any:
             f"its parameters are: {', '.join(sorted(valid)) or '(none)'}"
         )
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except TypeError as exc:  # a missing required parameter
         raise ConfigError(f"{kind} {name!r}: {exc}") from None
+    # the exact constructor arguments, so a deployed bundle can rebuild the component without pickling it
+    object.__setattr__(obj, "_registry_params", dict(kwargs))
+    return obj
+
+
+def creation_params(obj: Any) -> dict[str, Any]:
+    """The keyword arguments ``create`` built ``obj`` with; raises ConfigError for objects made otherwise."""
+    try:
+        return dict(obj._registry_params)
+    except AttributeError:
+        raise ConfigError(f"{type(obj).__name__} was not created with safedl.registry.create, so its constructor "
+                          "parameters are unknown") from None
 
 
 def summary(cls: type) -> str:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from safedl.assess.context import RunContext
-from safedl.assess.handlers import AttackOutcome, attack_handler
+from safedl.assess.handlers import AttackOutcome, EvasionState, attack_handler
 from safedl.profile import AttackSpec
 from safedl.utils.bits import pack as pack_bits
 from safedl.utils.progress import progress_bar
@@ -151,7 +151,6 @@ def simulate_evasion(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOu
                        n=ctx.profile.evaluation.n_examples)
         if path.exists():
             entry["artifacts"]["clean (top) vs adversarial (bottom) examples"] = ctx.rel(path)
-    state = {"x": x.cpu(), "y": y.cpu(), "x_adv": x_adv.cpu(), "target": None if target is None else target.cpu(),
-             "spec": spec.model_dump()}
+    state = EvasionState(x=x, y=y, x_adv=x_adv, target=target, spec=spec.model_dump()).to_state()
     return AttackOutcome(entry=entry, state=state)
 

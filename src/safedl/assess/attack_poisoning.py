@@ -49,17 +49,7 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
     notes: list[str] = []
 
     if hasattr(attack, "fit"):
-        surrogate, note = _surrogate(ctx, train)
-        notes.append(note)
-        fit_kwargs: dict[str, Any] = {}
-        if getattr(attack, "needs_victims", False):
-            vmask = attack.victim_mask(test.y)
-            vidx = torch.nonzero(vmask).flatten()[: attack.n_victims]
-            fit_kwargs["victims"] = test.x[vidx]
-            fit_kwargs["victim_labels"] = test.y[vidx]
-            notes.append(f"{len(vidx)} victim instances: the first test images of the source class(es); they stay "
-                         "in the clean-accuracy test set")
-        attack.fit(train, surrogate=surrogate, **fit_kwargs)
+        _fit_on_surrogate(ctx, attack, notes)
 
     gen = torch.Generator().manual_seed(int(ctx.seed))
     poisoned: PoisonedDataset = attack.poison(train, generator=gen)
@@ -87,22 +77,7 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
     target = info.get("target_class")
     x_aim, y_aim = _aimed_inputs(attack, info, test, target)
     if x_aim is not None and target is not None:
-        hit_b = int((predict(ctx.baseline, x_aim.to(dev)).cpu() == target).sum())
-        hit_p = int((predict(model, x_aim.to(dev)).cpu() == target).sum())
-        name = "targeted_success_rate" if "flip_map" in info else "attack_success_rate"
-        metrics[name] = proportion(hit_p, len(x_aim))
-        metrics["baseline"][name] = proportion(hit_b, len(x_aim))
-        if "flip_map" in info:
-            notes.append(f"targeted_success_rate: source-class test images predicted as class {target}")
-        elif info.get("victims") is not None:
-            notes.append(f"attack_success_rate: victim test instances predicted as class {target}")
-        else:
-            notes.append(f"attack_success_rate: triggered test images of classes other than {target} "
-                         f"predicted as {target}")
-        pred_t = predict(model, x_aim.to(dev)).cpu()
-        per_class["predicted_as_target_poisoned"] = [
-            float((pred_t[y_aim == c] == target).float().mean()) if bool((y_aim == c).any()) else None
-            for c in range(k)]
+        _success_metrics(ctx, model, info, x_aim, y_aim, int(target), metrics, per_class, notes)
 
     metrics["poison"] = _poison_metrics(poisoned, target)
     metrics["visibility"] = _visibility_metrics(poisoned)
@@ -126,6 +101,43 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
              "test_triggered_x": None if x_aim is None else x_aim.cpu(),
              "test_triggered_y": None if y_aim is None else y_aim.cpu()}
     return AttackOutcome(entry=entry, state=state)
+
+
+def _fit_on_surrogate(ctx: RunContext, attack: Any, notes: list[str]) -> None:
+    """Attacks that optimise against a model fit on a surrogate (and on victim test instances when they aim at
+    some)."""
+    train, test = ctx.splits.train, ctx.splits.test
+    surrogate, note = _surrogate(ctx, train)
+    notes.append(note)
+    fit_kwargs: dict[str, Any] = {}
+    if getattr(attack, "needs_victims", False):
+        vidx = torch.nonzero(attack.victim_mask(test.y)).flatten()[: attack.n_victims]
+        fit_kwargs["victims"] = test.x[vidx]
+        fit_kwargs["victim_labels"] = test.y[vidx]
+        notes.append(f"{len(vidx)} victim instances: the first test images of the source class(es); they stay "
+                     "in the clean-accuracy test set")
+    attack.fit(train, surrogate=surrogate, **fit_kwargs)
+
+
+def _success_metrics(ctx: RunContext, model: torch.nn.Module, info: dict, x_aim: torch.Tensor, y_aim: torch.Tensor,
+                     target: int, metrics: dict, per_class: dict, notes: list[str]) -> None:
+    """How often the aimed-at inputs land on the target class, poisoned model vs baseline."""
+    dev = ctx.device
+    pred_t = predict(model, x_aim.to(dev)).cpu()
+    hit_b = int((predict(ctx.baseline, x_aim.to(dev)).cpu() == target).sum())
+    name = "targeted_success_rate" if "flip_map" in info else "attack_success_rate"
+    metrics[name] = proportion(int((pred_t == target).sum()), len(x_aim))
+    metrics["baseline"][name] = proportion(hit_b, len(x_aim))
+    if "flip_map" in info:
+        notes.append(f"targeted_success_rate: source-class test images predicted as class {target}")
+    elif info.get("victims") is not None:
+        notes.append(f"attack_success_rate: victim test instances predicted as class {target}")
+    else:
+        notes.append(f"attack_success_rate: triggered test images of classes other than {target} "
+                     f"predicted as {target}")
+    per_class["predicted_as_target_poisoned"] = [
+        float((pred_t[y_aim == c] == target).float().mean()) if bool((y_aim == c).any()) else None
+        for c in range(ctx.splits.test.num_classes)]
 
 
 def _surrogate(ctx: RunContext, train: Dataset) -> tuple[torch.nn.Module, str]:

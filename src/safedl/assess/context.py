@@ -33,6 +33,7 @@ class RunContext:
     baseline: nn.Module
     build_fresh: Callable[[], nn.Module]
     outcomes: dict[str, Any] = field(default_factory=dict)  # attack id -> AttackOutcome (filled by the spine)
+    model_meta: dict[str, Any] = field(default_factory=dict)  # how to rebuild the architecture (checkpoint meta)
 
     @property
     def seed(self) -> int:

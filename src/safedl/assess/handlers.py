@@ -13,6 +13,8 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 ATTACK_HANDLERS: dict[str, Callable] = {}
 DEFENSE_HANDLERS: dict[tuple[str, str], Callable] = {}
 _loaded = False
@@ -29,6 +31,29 @@ class AttackOutcome:
 
     entry: dict[str, Any]
     state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvasionState:
+    """What an evasion attack stage leaves for the defenses evaluated against it (typed view of its saved state):
+    the evaluation images and labels, the adversarial examples made on the undefended baseline, the targets of a
+    targeted attack, and the attack's profile entry (to re-run it adaptively on a defended system)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_adv: torch.Tensor
+    target: torch.Tensor | None
+    spec: dict[str, Any]
+
+    def to_state(self) -> dict[str, Any]:
+        return {"x": self.x.cpu(), "y": self.y.cpu(), "x_adv": self.x_adv.cpu(),
+                "target": None if self.target is None else self.target.cpu(), "spec": dict(self.spec)}
+
+    @classmethod
+    def from_state(cls, state: Any, device: torch.device | str = "cpu") -> "EvasionState":
+        target = state["target"]
+        return cls(x=state["x"].to(device), y=state["y"].to(device), x_adv=state["x_adv"].to(device),
+                   target=None if target is None else target.to(device), spec=dict(state["spec"]))
 
 
 def attack_handler(category: str) -> Callable:

@@ -34,8 +34,8 @@ from safedl.models.train import accuracy, train_model
 from safedl.models.user import load_entry_point, load_torchscript
 from safedl.models.zoo import build_model
 from safedl.profile import DefenseSpec, Profile
-from safedl.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, json_hash
 from safedl.utils.bits import pack as pack_bits
+from safedl.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, json_hash
 from safedl.utils.stats import proportion
 from safedl.utils.tensors import predict, seed_everything
 
@@ -80,6 +80,10 @@ def plan_defenses(profile: Profile) -> list[tuple[DefenseSpec, str, str]]:
     for i, d in enumerate(profile.defenses):
         kinds = defense_kinds(d)
         kind = kinds[0][0] if len(kinds) == 1 else "pipeline"
+        present = {k for k, _, _ in kinds}
+        if "certifier" in present and present & {"preprocessor", "postprocessor", "trainer"}:
+            errors.append((f"defenses[{i}].pipeline", "a certifier (randomized smoothing) certifies the noise-"
+                           "trained model alone; list it without preprocessors, postprocessors or trainers"))
         targets = list(attacks) if "all" in d.against else d.against
         matched = 0
         for aid in targets:
@@ -183,7 +187,7 @@ class Run:
                                   "model": p.model.model_dump(), "training": p.training.model_dump(), "seed": p.seed})
         baseline, baseline_entry = self._baseline(baseline_key, splits, fresh, model_meta)
         ctx = RunContext(profile=p, splits=splits, device=self.device, run_dir=self.run_dir, baseline=baseline,
-                         build_fresh=fresh)
+                         build_fresh=fresh, model_meta=model_meta)
         attack_keys: dict[str, str] = {}
         attacks = []
         for cat, spec in p.attacks.all():

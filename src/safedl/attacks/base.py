@@ -26,6 +26,7 @@ class EvasionAttack:
     """
 
     access: ClassVar[str] = "white-box"
+    bounded: ClassVar[bool] = True  # False: a minimum-norm attack with no eps budget
     norm: str = "linf"
     eps: float = 0.0
     queries_: torch.Tensor | None = None

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safedl.attacks.base import input_grad, make_generator
-from safedl.attacks.evasion._lp import project, random_start, steepest_step
+from safedl.attacks.base import make_generator
+from safedl.attacks.evasion._lp import pgd_steps, random_start
 from safedl.utils.tensors import eval_mode, frozen_params
 from safedl.utils.validate import check_choice, check_positive
 
@@ -172,14 +172,14 @@ class DetectorAwarePGD:
             delta = random_start(x, self.norm, self.eps, gen)
             best = (x + delta).clone()
             found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-            for _ in range(self.steps):
-                xa = (x + delta).requires_grad_(True)
-                loss, ok = self._status(model, detectors, xa, y, target)
-                best = torch.where(ok.view(-1, 1, 1, 1), xa.detach(), best)
+
+            def keep_successes(xa: torch.Tensor, ok: torch.Tensor) -> None:
+                nonlocal best, found
+                best = torch.where(ok.view(-1, 1, 1, 1), xa, best)
                 found |= ok
-                g = input_grad(loss.sum(), xa)
-                delta = project(delta - self.alpha * steepest_step(g, self.norm), self.norm, self.eps)
-                delta = (x + delta).clamp(0, 1) - x
+
+            delta = pgd_steps(x, delta, lambda xa: self._status(model, detectors, xa, y, target), steps=self.steps,
+                              alpha=self.alpha, norm=self.norm, eps=self.eps, ascend=False, on_step=keep_successes)
             xa = x + delta
             with torch.no_grad():
                 _, ok = self._status(model, detectors, xa, y, target)

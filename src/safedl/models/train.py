@@ -81,7 +81,12 @@ def _scheduler(opt: torch.optim.Optimizer, recipe: TrainRecipe, steps_per_epoch:
     if recipe.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, total // 3), gamma=0.1)
     if recipe.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=0.2)
+        if total < 4:  # one-cycle needs a warm-up and an annealing phase of at least two steps each
+            log.warning("onecycle schedule over %d optimizer steps is too short; training at a constant lr", total)
+            return None
+        # the warm-up must span at least two steps (torch divides by its length); 20% once there are >= 10
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total,
+                                                   pct_start=max(0.2, 2 / total))
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from scipy import stats as _st
 
 Z95 = 1.959963984540054
@@ -55,3 +56,29 @@ def mean_metric(values: Any) -> dict[str, Any]:
 def scalar(value: float, *, n: int | None = None) -> dict[str, Any]:
     """A results.json metric with no sampling interval (a max, a median, a time)."""
     return {"value": float(value), "ci95": None, "n": n}
+
+
+def auroc(neg: torch.Tensor, pos: torch.Tensor) -> float:
+    """Area under the ROC curve of scores (higher = positive), ties counted half (the Mann-Whitney U statistic
+    over average ranks); nan when either side is empty. The one AUROC every detector and cleanser reports."""
+    if len(neg) == 0 or len(pos) == 0:
+        return float("nan")
+    allv = torch.cat([neg.flatten(), pos.flatten()]).double().cpu()
+    uniq, inv = torch.unique(allv, return_inverse=True)
+    order = allv.argsort()
+    ranks = torch.empty_like(allv)
+    ranks[order] = torch.arange(1, len(allv) + 1, dtype=torch.double)
+    sums = torch.zeros(len(uniq), dtype=torch.double).index_add_(0, inv, ranks)
+    counts = torch.zeros(len(uniq), dtype=torch.double).index_add_(0, inv, torch.ones_like(ranks))
+    avg = (sums / counts)[inv]
+    u = avg[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+def robust_z(values: torch.Tensor) -> torch.Tensor:
+    """(v - median) / (1.4826 * MAD): a z-score that a few outliers cannot hide behind (the MAD of normal data
+    times 1.4826 estimates its standard deviation). Uses the lower median, as torch.median does."""
+    v = values.double()
+    med = v.median()
+    mad = (v - med).abs().median().clamp_min(1e-12) * 1.4826
+    return ((v - med) / mad).to(values.dtype if values.is_floating_point() else torch.float64)

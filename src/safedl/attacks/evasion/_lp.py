@@ -1,6 +1,8 @@
 """L-inf / L2 geometry shared by gradient attacks: steepest-ascent steps, projections, random starts."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 
@@ -31,3 +33,26 @@ def random_start(x: torch.Tensor, norm: str, eps: float, generator: torch.Genera
         r = torch.rand((len(x),) + (1,) * (x.ndim - 1), generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / d)
         delta = v / _flat_norm(v) * r * eps
     return (x + delta).clamp(0, 1) - x
+
+
+def pgd_steps(x: torch.Tensor, delta: torch.Tensor, loss_fn: Callable[[torch.Tensor], Any], *, steps: int,
+              alpha: float, norm: str, eps: float, ascend: bool = True,
+              on_step: Callable[[torch.Tensor, Any], None] | None = None) -> torch.Tensor:
+    """The one projected-gradient loop every PGD-style method shares (Madry et al. 2018).
+
+    Each step takes the gradient of ``loss_fn(x + delta)`` (a per-sample or scalar loss; or a tuple whose first
+    item is the loss and whose second is passed to ``on_step`` with the detached iterate), moves ``alpha`` along
+    the steepest ascent (``ascend``) or descent direction of ``norm``, clips to the [0, 1] box and projects onto
+    the eps-ball (ART's order). Returns the final perturbation. The caller sets eval mode and freezes parameters.
+    """
+    sign = 1.0 if ascend else -1.0
+    for _ in range(steps):
+        xa = (x + delta).requires_grad_(True)
+        out = loss_fn(xa)
+        loss, aux = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+        if on_step is not None:
+            on_step(xa.detach(), aux)
+        (g,) = torch.autograd.grad(loss.sum(), xa)
+        delta = (x + delta + sign * alpha * steepest_step(g, norm)).clamp(0, 1) - x
+        delta = project(delta, norm, eps)
+    return delta.detach()

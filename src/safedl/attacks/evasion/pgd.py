@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safedl.attacks.base import EvasionAttack, input_grad, make_generator
-from safedl.attacks.evasion._lp import project, random_start, steepest_step
+from safedl.attacks.base import EvasionAttack, make_generator
+from safedl.attacks.evasion._lp import pgd_steps, random_start
 from safedl.registry import register
 from safedl.utils.validate import check_positive
 
@@ -54,14 +54,8 @@ class PGD(EvasionAttack):
     def _one_run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
                  gen: torch.Generator | None) -> torch.Tensor:
         delta = random_start(x, self.norm, self.eps, gen) if self.random_start else torch.zeros_like(x)
-        sign = 1.0 if target is None else -1.0
         labels = y if target is None else target
-        for _ in range(self.steps):
-            x_adv = (x + delta).requires_grad_(True)
-            loss = F.cross_entropy(model(x_adv), labels, reduction="sum")
-            g = input_grad(loss, x_adv)
-            # Clip to the image box, then project onto the ball (ART's order; for L2 the projection only shrinks
-            # delta towards x, so the result stays in the box; for L-inf both orders agree).
-            delta = (x + delta + sign * self.alpha * steepest_step(g, self.norm)).clamp(0, 1) - x
-            delta = project(delta, self.norm, self.eps)
+        # untargeted: ascend the loss of the true label; targeted: descend the loss of the target
+        delta = pgd_steps(x, delta, lambda xa: F.cross_entropy(model(xa), labels, reduction="sum"),
+                          steps=self.steps, alpha=self.alpha, norm=self.norm, eps=self.eps, ascend=target is None)
         return x + delta

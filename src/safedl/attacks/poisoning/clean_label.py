@@ -176,6 +176,7 @@ class CleanLabel:
                  ) -> torch.Tensor:
         """Untargeted L-inf PGD whose loss is averaged over random translations of up to ``eot_shift`` pixels
         (expectation over transformation, Athalye et al. 2018), so the hardness survives shift augmentation."""
+        from safedl.attacks.evasion._lp import pgd_steps
         from safedl.models.train import random_shift
 
         alpha = 2.5 * self.eps / self.steps
@@ -183,14 +184,12 @@ class CleanLabel:
         delta = ((torch.rand(x.shape, generator=g) * 2 - 1) * self.eps).to(x.device)
         delta = (x + delta).clamp(0, 1) - x
         yy = y.repeat(self.eot_samples)
+        def eot_loss(xa: torch.Tensor) -> torch.Tensor:
+            xs = torch.cat([random_shift(xa, self.eot_shift, g) for _ in range(self.eot_samples)])
+            return torch.nn.functional.cross_entropy(model(xs), yy, reduction="sum")
+
         with eval_mode(model), frozen_params(model):
-            for _ in range(self.steps):
-                xa = (x + delta).requires_grad_(True)
-                xs = torch.cat([random_shift(xa, self.eot_shift, g) for _ in range(self.eot_samples)])
-                loss = torch.nn.functional.cross_entropy(model(xs), yy, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, xa)
-                delta = (delta + alpha * grad.sign()).clamp(-self.eps, self.eps)
-                delta = (x + delta).clamp(0, 1) - x
+            delta = pgd_steps(x, delta, eot_loss, steps=self.steps, alpha=alpha, norm="linf", eps=self.eps)
         return (x + delta).detach()
 
     def _feature_collision(self, train: Dataset, generator: torch.Generator, holdout: torch.Tensor | None

@@ -118,12 +118,18 @@ class RandomizedSmoothing:
     def predict(self, x: torch.Tensor, *, n: int | None = None) -> torch.Tensor:
         """Smoothed prediction (-1 = abstain): the top class if a two-sided binomial test separates it from the
         runner-up at level ``alpha`` (Cohen et al.'s PREDICT), from ``n`` samples (default ``self.n``)."""
-        counts = self.sample_counts(x, n or self.n, self._gen())
+        return self.predict_with_shares(x, n=n)[0]
+
+    def predict_with_shares(self, x: torch.Tensor, *, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """PREDICT's labels (-1 = abstain) and the vote shares (N x K) of the ``n`` noisy samples it drew."""
+        num = n or self.n
+        counts = self.sample_counts(x, num, self._gen())
         top2 = counts.topk(2, dim=1)
         n_a, n_b = top2.values[:, 0], top2.values[:, 1]
         pvals = torch.tensor([binomtest(int(a), int(a + b), 0.5).pvalue if a + b > 0 else 1.0
                               for a, b in zip(n_a.tolist(), n_b.tolist())])
-        return torch.where(pvals <= self.alpha, top2.indices[:, 0], torch.full_like(n_a, ABSTAIN))
+        labels = torch.where(pvals <= self.alpha, top2.indices[:, 0], torch.full_like(n_a, ABSTAIN))
+        return labels, counts.float() / num
 
     def certified_accuracy(self, x: torch.Tensor, y: torch.Tensor, radii: Sequence[float]) -> dict[float, tuple[int, int]]:
         """For each radius r: (number of images certified correct with radius >= r, n)."""

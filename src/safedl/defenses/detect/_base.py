@@ -13,6 +13,7 @@ from torch import nn
 from safedl import registry
 from safedl.errors import ConfigError
 from safedl.models.normalize import Normalize
+from safedl.utils.stats import auroc  # noqa: F401  (re-exported: detectors' callers import it here)
 from safedl.utils.tensors import eval_mode, frozen_params, model_device
 from safedl.utils.validate import check_fraction, check_positive
 
@@ -56,24 +57,6 @@ def layer_outputs(model: nn.Module, x: torch.Tensor, *, pool: bool, layers: str 
     if layers == "all" and acts and acts[-1].shape == logits.flatten(1).shape and torch.equal(acts[-1], logits.flatten(1)):
         acts.pop()  # the last leaf is the classifier itself
     return acts + [logits.flatten(1)]
-
-
-def auroc(neg: torch.Tensor, pos: torch.Tensor) -> float:
-    """Area under the ROC curve of scores (higher = positive), ties counted half (Mann-Whitney U)."""
-    if len(neg) == 0 or len(pos) == 0:
-        return float("nan")
-    allv = torch.cat([neg, pos]).double()
-    ranks = torch.empty_like(allv)
-    order = allv.argsort()
-    ranks[order] = torch.arange(1, len(allv) + 1, dtype=torch.double)
-    # average ranks of ties
-    uniq, inv = torch.unique(allv, return_inverse=True)
-    sums = torch.zeros(len(uniq), dtype=torch.double).index_add_(0, inv, ranks)
-    cnts = torch.zeros(len(uniq), dtype=torch.double).index_add_(0, inv, torch.ones_like(ranks))
-    ranks = (sums / cnts)[inv]
-    r_pos = ranks[len(neg):].sum()
-    u = r_pos - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
 
 
 class Detector:

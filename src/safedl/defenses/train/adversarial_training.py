@@ -13,6 +13,7 @@ from torch import nn
 from safedl import registry
 from safedl.data.dataset import Dataset
 from safedl.models.train import TrainRecipe, train_model
+from safedl.defenses.train._base import Trainer
 from safedl.registry import register
 from safedl.utils.validate import check_choice, check_fraction, check_positive, check_range
 
@@ -44,7 +45,7 @@ def check_epochs(owner: object, epochs: int | None) -> int | None:
     return None if epochs is None else check_range(owner, "epochs", epochs, low=1, high=1000, integer=True)
 
 
-class RobustTrainer:
+class RobustTrainer(Trainer):
     """Shared plumbing: ``fit`` trains through the shared loop with this trainer's ``loss_fn`` and records timing.
 
     ``epochs`` (None: the baseline recipe's) overrides only the number of passes; every other recipe setting
@@ -73,8 +74,6 @@ class RobustTrainer:
         log.info("%s: trained in %.1fs", self.registry_name, self.time_s_)
         return model.eval()
 
-    def params(self) -> dict:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and not k.endswith("_")}
 
 
 @register("trainer", "adversarial_training")

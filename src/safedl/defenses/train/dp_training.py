@@ -19,6 +19,7 @@ from torch import nn
 
 from safedl.data.dataset import Dataset
 from safedl.models.train import TrainRecipe, accuracy, make_optimizer
+from safedl.defenses.train._base import Trainer
 from safedl.registry import register
 from safedl.utils.progress import progress_bar
 from safedl.utils.validate import check_positive, check_range
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 @register("trainer", "dp_training")
-class DPTraining:
+class DPTraining(Trainer):
     """DP-SGD via Opacus: target epsilon and delta, per-sample clip norm; reports the epsilon spent."""
 
     def __init__(self, *, target_epsilon: float = 8.0, target_delta: float = 1e-5, max_grad_norm: float = 1.0,
@@ -43,6 +44,19 @@ class DPTraining:
             check_range(self, "epochs", epochs, low=1, integer=True)
         self.epochs = epochs
 
+    def architecture(self, model: nn.Module) -> nn.Module:
+        """The model with every layer DP-SGD cannot train (BatchNorm) replaced, as Opacus' validator does."""
+        from opacus.validators import ModuleValidator
+
+        return model if ModuleValidator.is_valid(model) else ModuleValidator.fix(model)
+
+    def facts(self) -> dict[str, float]:
+        """Epsilon actually spent (RDP accountant) at ``target_delta``, after ``fit``."""
+        if getattr(self, "epsilon_spent_", None) is None:
+            return {}
+        return {"epsilon_spent": self.epsilon_spent_, "target_epsilon": float(self.target_epsilon),
+                "delta": float(self.target_delta), "noise_multiplier": self.noise_multiplier_}
+
     def fit(self, model: nn.Module, data: Dataset, *, recipe: TrainRecipe, seed: int,
             device: str | torch.device = "cpu", val: Dataset | None = None) -> nn.Module:
         from opacus import PrivacyEngine
@@ -50,8 +64,7 @@ class DPTraining:
 
         dev = torch.device(device)
         replaced = not ModuleValidator.is_valid(model)
-        if replaced:
-            model = ModuleValidator.fix(model)
+        model = self.architecture(model)
         model = model.to(dev).train()  # Opacus validates in training mode
         epochs = self.epochs or recipe.epochs
         update = {"lr": self.lr} if self.lr is not None else {}

@@ -25,12 +25,13 @@ from torch import nn
 
 from safedl.data.dataset import Dataset
 from safedl.models.train import TrainRecipe, train_model
+from safedl.defenses.train._base import Trainer
 from safedl.registry import register
 from safedl.utils.validate import check_choice, check_fraction, check_positive, check_range
 
 
 @register("trainer", "robust_loss")
-class RobustLoss:
+class RobustLoss(Trainer):
     """Train with a noise-robust loss: generalized CE, symmetric CE or label smoothing."""
 
     def __init__(self, *, loss: str = "gce", q: float = 0.7, alpha: float = 0.01, beta: float = 1.0,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from safedl.attacks.base import make_generator
-from safedl.attacks.evasion._lp import project, steepest_step
+from safedl.attacks.evasion._lp import pgd_steps
 from safedl.defenses.train.adversarial_training import EpsSchedule, RobustTrainer, check_epochs
 from safedl.registry import register
 from safedl.utils.tensors import eval_mode, frozen_params
@@ -39,12 +39,8 @@ class TRADES(RobustTrainer):
             p_clean = model(x).softmax(1).detach()
             noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
             delta = ((x + 0.001 * noise).clamp(0, 1) - x)
-            for _ in range(self.steps):
-                xa = (x + delta).requires_grad_(True)
-                kl = F.kl_div(model(xa).log_softmax(1), p_clean, reduction="sum")
-                (g,) = torch.autograd.grad(kl, xa)
-                delta = project(delta + alpha * steepest_step(g, self.norm), self.norm, eps)
-                delta = (x + delta).clamp(0, 1) - x
+            delta = pgd_steps(x, delta, lambda xa: F.kl_div(model(xa).log_softmax(1), p_clean, reduction="sum"),
+                              steps=self.steps, alpha=alpha, norm=self.norm, eps=eps)
         return (x + delta).detach()
 
     def _loss(self, schedule: EpsSchedule, seed: int):

@@ -1,0 +1,183 @@
+"""The defended system as one object: preprocessors -> detectors -> model -> postprocessors (the layered pipeline
+of ART's documentation and of production secure-vision services).
+
+The offline defense evaluation measures exactly this object, a bundle stores it, and the HTTP service serves it,
+so what is deployed is what was measured.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from safedl.defenses.adaptive import BPDA, defended_model
+from safedl.defenses.protocols import (CertifierProtocol, DetectorProtocol, PostprocessorProtocol,
+                                       PreprocessorProtocol)
+from safedl.errors import ConfigError
+from safedl.utils.tensors import eval_mode, model_device
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the defended system answers for a batch of N images.
+
+    ``labels``: the model's label (also for rejected images); ``probs``: N x K scores after the postprocessors
+    (vote shares under randomized smoothing); ``rejected``: a detector flagged the image or the certifier
+    abstained; ``reasons``: None, ``"detector:<name>"`` (the first detector over its threshold) or
+    ``"abstain:<certifier>"``; ``detector_scores`` / ``thresholds``: per detector name.
+    """
+
+    labels: torch.Tensor
+    probs: torch.Tensor
+    rejected: torch.Tensor
+    reasons: list[str | None]
+    detector_scores: dict[str, torch.Tensor]
+    thresholds: dict[str, float]
+
+    def accepted_correct(self, y: torch.Tensor) -> torch.Tensor:
+        """Per image: accepted and classified as ``y`` (clean accuracy counts these)."""
+        return (self.labels == y.to(self.labels.device)) & ~self.rejected
+
+    def defended(self, y: torch.Tensor) -> torch.Tensor:
+        """Per image: rejected or classified as ``y`` (robust accuracy counts these)."""
+        return self.rejected | (self.labels == y.to(self.labels.device))
+
+
+class PreprocessedDetector:
+    """A detector that sees the output of the preprocessors in front of it: the deployed score runs the real
+    preprocessors, the differentiable ``score_torch`` goes through BPDA for non-differentiable ones, so
+    detector-aware attacks get gradients."""
+
+    def __init__(self, detector: Any, preprocessors: Sequence[nn.Module]):
+        self.detector = detector
+        self.real = nn.Sequential(*preprocessors)
+        self.adaptive = nn.Sequential(*[p if p.differentiable else BPDA(p) for p in preprocessors])
+
+    @property
+    def name(self) -> str:
+        return self.detector.registry_name
+
+    @property
+    def threshold_(self) -> float:
+        return self.detector.threshold_
+
+    @property
+    def score_scale_(self) -> float:
+        return self.detector.score_scale_
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.detector.score(self.real(x))
+
+    def score_torch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.detector.score_torch(self.adaptive(x))
+
+
+def _check(components: Sequence[Any], protocol: type, kind: str) -> list[Any]:
+    for c in components:
+        if not isinstance(c, protocol):
+            raise ConfigError(f"SecurePipeline: {type(c).__name__} is not a {kind} (it lacks the {protocol.__name__} "
+                              "interface)")
+    return list(components)
+
+
+class SecurePipeline:
+    """preprocessors -> detectors -> model -> postprocessors, or a certifier around the model.
+
+    ``decide(x)`` answers a batch (:class:`Decision`). Detectors score the preprocessed input and must be fitted
+    already. Inference is thread-safe (one lock around a decision) and deterministic for a given input batch:
+    randomized preprocessors restart their seeded generators at every decision. A certifier (randomized smoothing)
+    replaces the plain forward pass with its PREDICT and cannot be combined with pre- or postprocessors.
+    """
+
+    def __init__(self, *, model: nn.Module, preprocessors: Sequence[nn.Module] = (), detectors: Sequence[Any] = (),
+                 postprocessors: Sequence[nn.Module] = (), certifier: Any = None,
+                 class_names: Sequence[str] | None = None, input_shape: Sequence[int] | None = None,
+                 batch_size: int = 256):
+        self.preprocessors = _check(preprocessors, PreprocessorProtocol, "preprocessor")
+        self.postprocessors = _check(postprocessors, PostprocessorProtocol, "postprocessor")
+        self.detectors = [PreprocessedDetector(d, self.preprocessors)
+                          for d in _check(detectors, DetectorProtocol, "detector")]
+        if certifier is not None:
+            _check([certifier], CertifierProtocol, "certifier")
+            if self.preprocessors or self.postprocessors:
+                raise ConfigError("SecurePipeline: a certifier (randomized smoothing) certifies the model alone; it "
+                                  "cannot be combined with preprocessors or postprocessors")
+            certifier.with_model(model)
+        self.model, self.certifier = model.eval(), certifier
+        self.deployed = defended_model(self.preprocessors, self.model, self.postprocessors, adaptive=False)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.input_shape = tuple(int(v) for v in input_shape) if input_shape is not None else None
+        self.batch_size = int(batch_size)
+        self._lock = threading.Lock()
+
+    # -- what the pipeline holds ------------------------------------------------------------------------------
+    @property
+    def components(self) -> list[Any]:
+        """Every defense component in deployment order (input side first)."""
+        cert = [self.certifier] if self.certifier is not None else []
+        return [*self.preprocessors, *(d.detector for d in self.detectors), *cert, *self.postprocessors]
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    def to(self, device: torch.device | str) -> "SecurePipeline":
+        self.model.to(device)
+        for d in self.detectors:
+            fitted = getattr(d.detector, "model_", None)
+            if isinstance(fitted, nn.Module):
+                fitted.to(device)
+        return self
+
+    def attack_surface(self, *, eot_samples: int = 8, bpda: str = "approx") -> nn.Module:
+        """The classifier as an adaptive attacker sees it (BPDA, EOT, straight-through postprocessors)."""
+        return defended_model(self.preprocessors, self.model, self.postprocessors, adaptive=True,
+                              eot_samples=eot_samples, bpda=bpda)
+
+    # -- inference --------------------------------------------------------------------------------------------
+    def decide(self, x: torch.Tensor, *, with_detectors: bool = True) -> Decision:
+        """Classify and screen a batch x (float N x C x H x W in [0, 1]); ``with_detectors=False`` skips the
+        detectors (the classifier's own answer, as the metrics of detection need)."""
+        if x.ndim != 4 or not x.is_floating_point():
+            raise ValueError(f"SecurePipeline.decide: x must be a float N x C x H x W tensor, got {tuple(x.shape)}")
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"SecurePipeline.decide: images must be {self.input_shape} (C, H, W), got "
+                             f"{tuple(x.shape[1:])}")
+        with self._lock, torch.no_grad():
+            self._restart_randomness()
+            labels, probs, abstain = self._classify(x)
+            scores = {d.name: d.score(x).to(x.device) for d in self.detectors} if with_detectors else {}
+        thresholds = {d.name: float(d.threshold_) for d in self.detectors} if with_detectors else {}
+        rejected = abstain.clone()
+        reasons: list[str | None] = [f"abstain:{self.certifier.registry_name}" if a else None for a in abstain.tolist()]
+        for name, s in scores.items():
+            flagged = s > thresholds[name]
+            for i in torch.nonzero(flagged & ~rejected).flatten().tolist():
+                reasons[i] = f"detector:{name}"
+            rejected |= flagged
+        return Decision(labels=labels, probs=probs, rejected=rejected, reasons=reasons, detector_scores=scores,
+                        thresholds=thresholds)
+
+    def _classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.certifier is not None:
+            labels, probs = self.certifier.predict_with_shares(x)
+            labels, probs = labels.to(x.device), probs.to(x.device)
+            abstain = labels < 0
+            return torch.where(abstain, probs.argmax(1), labels), probs, abstain
+        dev = model_device(self.model)
+        outs = []
+        with eval_mode(self.deployed):
+            for i in range(0, len(x), self.batch_size):
+                outs.append(self.deployed(x[i:i + self.batch_size].to(dev)).to(x.device))
+        out = torch.cat(outs) if outs else torch.empty(0, 0, device=x.device)
+        # the deployed module returns logits (no postprocessors) or log-scores (postprocessors)
+        probs = out.softmax(1) if not self.postprocessors else out.exp()
+        return out.argmax(1), probs, torch.zeros(len(x), dtype=torch.bool, device=x.device)
+
+    def _restart_randomness(self) -> None:
+        for p in self.preprocessors:
+            p.__dict__.pop("_gens", None)

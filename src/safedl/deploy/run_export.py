@@ -1,0 +1,101 @@
+"""From a run to bundles: each evasion-defense stage saves the system it measured (``save_system``), and
+``safedl export`` turns one defense's saved system, or the undefended baseline, into a deployable bundle with the
+run's measured metrics in its manifest (``export_from_run``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safedl.deploy.bundle import export_bundle, load_bundle
+from safedl.deploy.pipeline import SecurePipeline
+from safedl.errors import BundleError, UserError
+
+
+def _data_info(splits: Any) -> dict[str, Any]:
+    names = splits.train.class_names or [str(i) for i in range(splits.num_classes)]
+    return {"name": splits.train.name, "shape": list(splits.shape), "num_classes": splits.num_classes,
+            "class_names": list(names)}
+
+
+def save_system(ctx: Any, system: SecurePipeline, *, name: str, trainer: dict[str, Any] | None,
+                metrics: dict[str, Any], against: str, attack_params: dict[str, Any]) -> str:
+    """Write the measured system as a bundle under ``RUN_DIR/stages/systems/<name>``; returns its relative path."""
+    if not (ctx.model_meta.get("arch") or ctx.model_meta.get("entry_point")):
+        return ""  # a TorchScript model is not rebuilt from a spec: such systems are not exportable (yet)
+    folder = ctx.run_dir / "stages" / "systems" / name.replace("/", "_")
+    spec = {k: v for k, v in ctx.model_meta.items()}
+    if trainer is not None:
+        spec["trainer"] = trainer
+    export_bundle(system, folder, model_spec=spec, data=_data_info(ctx.splits), overwrite=True,
+                  metrics={against: {"metrics": metrics, "attack_params": attack_params}},
+                  run={"run_id": ctx.run_dir.name, "against": [against]})
+    return ctx.rel(folder)
+
+
+def _results(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise UserError(f"{path}: not found; RUN_DIR must be a finished safedl run")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _baseline_pipeline(run_dir: Path, results: dict[str, Any]) -> tuple[SecurePipeline, dict[str, Any]]:
+    from safedl.deploy.bundle import build_model
+
+    ckpt = run_dir / "stages" / "baseline" / "model.pt"
+    if not ckpt.is_file():
+        raise UserError(f"{ckpt}: not found; the run has no saved baseline model")
+    blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+    meta = blob["meta"]
+    spec = {k: meta[k] for k in ("arch", "arch_params", "in_channels", "num_classes", "image_size", "mean", "std",
+                                 "entry_point") if k in meta}
+    if not (spec.get("arch") or spec.get("entry_point")):
+        raise BundleError(f"{ckpt}: a TorchScript baseline cannot be exported as a bundle yet")
+    model = build_model(spec)
+    model.load_state_dict(blob["state_dict"])
+    data = results.get("data", {})
+    pipe = SecurePipeline(model=model.eval(), input_shape=data.get("shape"),
+                          batch_size=results["profile"]["evaluation"]["batch_size"])
+    return pipe, spec
+
+
+def export_from_run(run_dir: str | Path, *, out: str | Path, defense: str | None = None,
+                    signing_key: bytes | None = None) -> Path:
+    """Export the system of defense ``defense`` (its id in the run), or the undefended baseline when None."""
+    run_dir = Path(run_dir)
+    results = _results(run_dir)
+    run = {"run_id": results.get("run_id", run_dir.name), "profile_name": results["profile"].get("name")}
+    if defense is None:
+        pipe, spec = _baseline_pipeline(run_dir, results)
+        metrics = {"baseline": results["baseline"]["metrics"]}
+        metrics.update({a["id"]: {"metrics": a["metrics"], "attack_params": a.get("params", {})}
+                        for a in results.get("attacks", []) if a.get("category") == "evasion"})
+        data = dict(results.get("data", {}))
+        data.setdefault("class_names", [str(i) for i in range(int(data.get("num_classes", 0)))])
+        return export_bundle(pipe, out, model_spec=spec, data=data, metrics=metrics,
+                             run=dict(run, defense=None, against=sorted(metrics.keys() - {"baseline"})),
+                             signing_key=signing_key)
+    entries = [d for d in results.get("defenses", []) if d.get("id") == defense]
+    if not entries:
+        ids = sorted({d.get("id") for d in results.get("defenses", [])})
+        raise UserError(f"--defense {defense!r}: no such defense in {run_dir / 'results.json'}; its defenses are: "
+                        f"{', '.join(ids) or '(none)'} (or use --baseline)")
+    saved = [d for d in entries if d.get("system")]
+    if not saved:
+        raise UserError(f"--defense {defense!r}: only evasion defenses measured on a zoo or entry-point model are "
+                        "exportable; this one has no saved system")
+    bundle = load_bundle(run_dir / saved[0]["system"])
+    attack_params = {a["id"]: a.get("params", {}) for a in results.get("attacks", [])}
+    metrics = {d["against"]: {"metrics": d["metrics"], "attack_params": attack_params.get(d["against"], {})}
+               for d in saved}
+    return export_bundle(bundle.pipeline, out, model_spec={k: v for k, v in bundle.manifest["model"].items()
+                                                           if k != "file"},
+                         data=bundle.manifest["data"], metrics=metrics,
+                         run=dict(run, defense=defense, against=[d["against"] for d in saved]),
+                         signing_key=signing_key)

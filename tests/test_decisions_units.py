@@ -110,3 +110,13 @@ def test_per_image_bits_roundtrip():
         m = torch.rand(n) < 0.5
         assert torch.equal(unpack(pack(m)), m)
     assert len(pack(torch.ones(1000, dtype=torch.bool))["bits"]) == 168
+
+
+def test_one_recommended_prior_covers_every_attack_it_is_recommended_for():
+    results = _results()
+    results["defenses"] = []
+    results["attacks"][1]["metrics"]["robust_accuracy"] = proportion(0, 200)  # fgsm now succeeds too
+    prof = recommended_profile(results, recommend(results))
+    at = [d for d in prof["defenses"] if d["name"] == "adversarial_training"]
+    assert at == [{"name": "adversarial_training", "params": {"eps": 0.2}, "against": ["pgd", "fgsm"]}]
+    parse_profile(prof)

@@ -124,18 +124,25 @@ def recommend(results: dict[str, Any], *, priors: Optional[list[dict[str, Any]]]
 
 
 def recommended_profile(results: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
-    """The run's profile with every recommended prior defense added against its attack (measured ones are in it)."""
+    """The run's profile with every recommended prior defense added (measured ones are in it already); one entry per
+    defense and parameters, against every attack it is recommended for, so a trained defense is trained once."""
     prof = copy.deepcopy(results["profile"])
     defenses = prof.setdefault("defenses", [])
     names = {d.get("name") for d in defenses}
+    added: dict[str, dict[str, Any]] = {}
     for row in rec["attacks"]:
         r = row["recommended"]
         if r is None or r["evidence"] != "prior":
             continue
         cand = next(c for c in row["candidates"] if c["defense"] == r["defense"] and c["evidence"] == "prior")
+        key = yaml.safe_dump([cand["defense"], cand["params"]], sort_keys=True)
+        if key in added:
+            added[key]["against"].append(row["attack"])
+            continue
         spec = {"name": cand["defense"], "params": dict(cand["params"]), "against": [row["attack"]]}
         if cand["defense"] in names:
             spec["id"] = f"{cand['defense']}_{row['attack']}"
+        added[key] = spec
         defenses.append(spec)
         names.add(cand["defense"])
     return prof

@@ -139,7 +139,7 @@ def _defenses(ev: list, po: list, bd: list, a: Answers) -> list[tuple[dict[str, 
     return out
 
 
-def _dump(obj: Any, indent: int) -> str:
+def _dump(obj: Any) -> str:
     return yaml.safe_dump(obj, default_flow_style=True, sort_keys=False, width=1000).strip().replace("\n", " ")
 
 
@@ -147,7 +147,7 @@ def _section(items: list[tuple[dict, str]], indent: int) -> list[str]:
     pad = " " * indent
     lines = []
     for spec, why in items:
-        lines.append(f"{pad}- {_dump(spec, indent)}")
+        lines.append(f"{pad}- {_dump(spec)}")
         lines.append(f"{pad}  # ^ {why}")
     return lines
 

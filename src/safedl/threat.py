@@ -34,14 +34,14 @@ GOAL_CATEGORIES: dict[str, tuple[str, ...]] = {
 QUERY_BUDGET = {"cloud_api": 5000, "edge_device": 10000, "internal": 1000, "research": 5000}
 
 
-def _access(spec: Any, attack: Any) -> tuple[str, str | None]:
+def _access(attack: Any) -> tuple[str, str | None]:
     """(access kind, transfer source or None) of a built evasion attack."""
     access = getattr(attack, "access", "white-box")
     return access, getattr(attack, "source", None) if access == "transfer" else None
 
 
 def _evasion_errors(tm: Any, where: str, spec: Any, attack: Any) -> list[tuple[str, str]]:
-    access, source = _access(spec, attack)
+    access, source = _access(attack)
     out = []
     if access == "white-box" and tm.model_access != "white-box":
         hint = ("use `transfer` with source: train (the gray-box attacker's surrogate: same architecture, trained on "

@@ -158,8 +158,8 @@ def to_markdown(rec: dict[str, Any]) -> str:
             continue
         r = row["recommended"]
         lines.append(f"**Recommended: {r['defense']}** ({r['evidence']}): {r['why']}." if r else
-                     "No candidate defense helps: none measured in this run lowers it and the knowledge base has "
-                     "no prior for this attack.")
+                     "No candidate is shown to help: every defense measured against it in this run leaves 95% "
+                     "intervals that overlap the undefended one, and the knowledge base has no other prior for it.")
         lines.append("")
         if row["candidates"]:
             lines += ["| rank | defense | evidence | after | upper 95% | clean cost | latency ms/image | why |",

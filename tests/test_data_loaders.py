@@ -175,7 +175,7 @@ def test_image_folder_mixed_sizes_name_the_odd_file(tmp_path):
     _write_images(tmp_path, "L")
     odd = tmp_path / "dog" / "z.png"
     Image.fromarray(np.zeros((9, 9), dtype=np.uint8)).save(odd)
-    _raises_naming(odd, load_image_folder, tmp_path, match="size=")
+    _raises_naming(odd, load_image_folder, tmp_path, match="dataset.image_size")
     assert load_image_folder(tmp_path, size=(6, 5)).x.shape == (7, 1, 6, 5)
 
 

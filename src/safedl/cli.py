@@ -1,38 +1,117 @@
-"""The `safedl` command line: init, validate, list, run, report."""
+"""The `safedl` command line: init, validate, list, run, report.
+
+Exit codes of every command: 0 success (``run``: gate passed or not configured), 1 release gate failed (and nothing
+else), 2 bad input (one message naming the file/key/value and what is allowed, no traceback), 3 internal error (a
+bug: the traceback is printed), 130 interrupted (Ctrl-C or SIGTERM; ``run`` says how to resume).
+"""
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
-from safedl.errors import ProfileError, UserError
+from safedl.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                  help="Assess and harden PyTorch image classifiers against evasion, poisoning and backdoor attacks.")
 log = logging.getLogger("safedl")
+EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+
+
+def _fail(exc: BaseException, code: int = EXIT_BAD_INPUT) -> None:
+    """Print one error line and exit (commands may also just raise UserError: the group does the same)."""
+    _error(str(exc))
+    raise typer.Exit(code)
+
+
+class _Commands(TyperGroup):
+    """Every registered command runs under one error policy: a user mistake is one line and exit 2."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, TyperException):  # typer's own exits and usage errors (exit 2)
+            raise
+        except UserError as exc:
+            _error(str(exc))
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except OSError as exc:  # a path the user gave cannot be read or written (permissions, a folder, disk full)
+            where = f"{exc.filename}: " if exc.filename else ""
+            _error(f"{where}{exc.strerror or exc}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted\n")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception:  # noqa: BLE001 - a bug: show it, but never with the gate's exit code
+            traceback.print_exc()
+            _error("internal error (a bug in safedl; the traceback is above)")
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Assess and harden PyTorch image classifiers against evasion, poisoning and backdoor attacks.")
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
+    """safedl's own log lines at INFO (DEBUG with -v, WARNING with -q); other libraries' only from WARNING up."""
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, console=_err_console())], force=True)
+    handler = RichHandler(show_path=False, console=Console(stderr=True, highlight=False))
+    handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
-def _err_console():
-    from rich.console import Console
+def _device(name: str):
+    """--device as a torch.device, or a UserError naming what is allowed."""
+    import torch
 
-    return Console(stderr=True, highlight=False)
+    from safedl.utils.tensors import resolve_device
+
+    try:
+        dev = resolve_device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device safedl can use; use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: safedl runs on cpu or cuda; use cpu, cuda, cuda:N or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                        f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return dev
 
 
-def _fail(exc: BaseException, code: int = 2) -> None:
-    sys.stderr.write(f"error: {exc}\n")
-    raise typer.Exit(code)
+@contextmanager
+def _naming(profile: Path) -> Iterator[None]:
+    """Profile errors found after loading (plan, data, model checks) name the profile file too."""
+    from safedl.errors import ProfileError
+
+    try:
+        yield
+    except ProfileError as exc:
+        if exc.path is None:
+            raise ProfileError(f"{profile}: {exc}", errors=exc.errors, path=str(profile)) from None
+        raise
+
+
+def _require_gate(prof, source: Path) -> None:
+    if not prof.evaluation.gate.thresholds():
+        raise UserError(f"{source}: --require-gate: evaluation.gate sets no threshold, so the release gate would "
+                        "check nothing; set at least one (e.g. min_clean_accuracy, min_robust_accuracy, "
+                        "min_adaptive_robust_accuracy, max_attack_success_rate_after, max_risk)")
 
 
 @app.command()
@@ -50,25 +129,34 @@ def init(path: Path = typer.Argument(Path("profile.yaml"), help="where to write 
     """Write a threat profile: the commented default, or one that follows from the questionnaire's answers."""
     from safedl.questionnaire import write_profile
 
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give the path of the profile file to write (e.g. {path / 'profile.yaml'})")
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: folder {path.parent} does not exist")
     flags = {k: v for k, v in dict(access=access, outputs=outputs, data_source=data_source, goal=goal,
                                    sensitivity=sensitivity, deployment=deployment, dataset=dataset,
                                    model=model).items() if v is not None}
-    try:
-        write_profile(path, flags=flags, interactive=interactive, force=force)
-    except UserError as exc:
-        _fail(exc)
+    write_profile(path, flags=flags, interactive=interactive, force=force)
     typer.echo(f"wrote {path}")
 
 
 @app.command()
-def validate(profile: Path = typer.Argument(..., help="threat profile (YAML)")) -> None:
+def validate(profile: Path = typer.Argument(..., help="threat profile (YAML)"),
+             require_gate: bool = typer.Option(False, "--require-gate", help="an error if the gate sets no threshold"),
+             check_data: bool = typer.Option(True, "--check-data/--schema-only",
+                                             help="also load the data and build the model (class counts, shapes, "
+                                                  "whether every defense can work with the model)")) -> None:
     """Check a profile and report every error at once (exit code 2 if any)."""
     from safedl.profile import load_profile
 
-    try:
-        load_profile(profile)
-    except ProfileError as exc:
-        _fail(exc)
+    prof = load_profile(profile)
+    if require_gate:
+        _require_gate(prof, profile)
+    if check_data:
+        from safedl.assess.pipeline import prepare, resolve_paths
+
+        with _naming(profile):
+            prepare(resolve_paths(prof, profile.parent), base_dir=profile.parent)
     typer.echo(f"{profile}: valid")
 
 
@@ -79,10 +167,7 @@ def list_components(kind: Optional[str] = typer.Argument(None, help="component k
 
     kinds = registry.KINDS if kind is None else (kind,)
     for k in kinds:
-        try:
-            names = registry.names(k)
-        except UserError as exc:
-            _fail(exc)
+        names = registry.names(k)
         typer.echo(f"{k}:")
         if not names:
             typer.echo("  (none)")
@@ -93,11 +178,30 @@ def list_components(kind: Optional[str] = typer.Argument(None, help="component k
                 typer.echo(f"      {p.name}: {p.type or 'any'} ({default})")
 
 
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a CI job cancelled, `kill`) is handled exactly like Ctrl-C."""
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. some test runners): leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 @app.command()
 def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAML); with --resume defaults to the run's copy"),
         resume: Optional[Path] = typer.Option(None, "--resume", help="finish or update this run directory"),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto"),
         runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="parent folder of run directories (default: profile output.dir)"),
+        require_gate: bool = typer.Option(False, "--require-gate",
+                                          help="CI: refuse (exit 2) a profile whose release gate sets no threshold"),
         verbose: bool = typer.Option(False, "--verbose", "-v"), quiet: bool = typer.Option(False, "--quiet", "-q"),
         no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars"),
         junit: Optional[Path] = typer.Option(None, "--junit", help="write a JUnit XML file: one testcase per gate check"),
@@ -106,45 +210,62 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
         ) -> None:
     """Run the assessment a profile describes; writes RUN_DIR/results.json, report.md and report.html.
 
-    Exit codes: 0 gate passed, 1 gate failed, 2 bad input, 130 interrupted (resume with --resume RUN_DIR).
+    Exit codes: 0 gate passed (or not configured), 1 gate failed, 2 bad input, 3 internal error, 130 interrupted
+    (Ctrl-C or SIGTERM; resume with --resume RUN_DIR).
     """
     _setup_logging(verbose, quiet)
     from safedl.utils.progress import set_enabled
 
     if no_progress:
         set_enabled(False)
-    from safedl.assess.pipeline import run_assessment
+    from safedl.assess.pipeline import Run, is_run_dir, run_assessment
     from safedl.profile import load_profile
-    from safedl.utils.tensors import resolve_device
 
+    dev = _device(device)
+    if resume is not None:
+        if not resume.is_dir() or not is_run_dir(resume):
+            raise UserError(f"--resume {resume}: not a safedl run directory (a folder that `safedl run` created, "
+                            "holding safedl-run.json and profile.yaml)")
+        profile = profile or resume / "profile.yaml"
+    if profile is None:
+        raise UserError("give a PROFILE (or --resume RUN_DIR)")
+    prof = load_profile(profile)
+    if slo is not None:
+        from safedl.assess.slo import profile_with_slo
+
+        prof = profile_with_slo(prof, slo)
+    if require_gate:
+        _require_gate(prof, profile)
+    base_dir = profile.parent if resume is None or profile != resume / "profile.yaml" else Path(".")
+    run_dir = resume if resume is not None else Run.new_run_dir(prof, runs_dir)
     try:
-        if resume is not None:
-            if not (resume / "profile.yaml").is_file():
-                raise UserError(f"--resume {resume}: not a safedl run directory (no profile.yaml in it)")
-            profile = profile or resume / "profile.yaml"
-        if profile is None:
-            raise UserError("give a PROFILE (or --resume RUN_DIR)")
-        prof = load_profile(profile)
-        if slo is not None:
-            from safedl.assess.slo import profile_with_slo
-
-            prof = profile_with_slo(prof, slo)
-        dev = resolve_device(device)
-        base_dir = profile.parent if resume is None or profile != resume / "profile.yaml" else Path(".")
-        run_dir, results = run_assessment(prof, base_dir=base_dir, run_dir=resume, runs_root=runs_dir, device=dev)
-    except UserError as exc:
-        _fail(exc)
+        with _sigterm_as_interrupt(), _naming(profile):
+            run_dir, results = run_assessment(prof, base_dir=base_dir, run_dir=run_dir, device=dev)
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted: finished stages are saved; continue with `safedl run --resume RUN_DIR`\n")
-        raise typer.Exit(130)
+        if run_dir.is_dir():
+            sys.stderr.write(f"interrupted: finished stages are saved in {run_dir}; continue with "
+                             f"`safedl run --resume {run_dir}`\n")
+        else:
+            sys.stderr.write("interrupted before the run directory was created; nothing was written\n")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     _decision_artifacts(run_dir, results, junit=junit, recommend=recommend)
-    gate = results["gate"]
+    _print_outcome(run_dir, results["gate"])
+
+
+def _print_outcome(run_dir: Path, gate: dict) -> None:
+    from safedl.assess.gate import gate_summary
+
     typer.echo(f"run directory: {run_dir}")
     typer.echo(f"report: {run_dir / 'report.md'}")
+    if not gate.get("configured", True):
+        typer.echo("release gate: NOT CONFIGURED (evaluation.gate sets no threshold; nothing was checked; "
+                   "use --require-gate in CI to make this an error)")
+        raise typer.Exit(0)
     typer.echo(f"release gate: {'PASSED' if gate['passed'] else 'FAILED'}")
+    typer.echo(f"  {gate_summary(gate)}")
     for f in gate["failures"]:
         typer.echo(f"  - {f}")
-    raise typer.Exit(0 if gate["passed"] else 1)
+    raise typer.Exit(0 if gate["passed"] else EXIT_GATE_FAILED)
 
 
 def _decision_artifacts(run_dir: Path, results: dict, *, junit: Optional[Path], recommend: bool) -> None:
@@ -162,19 +283,20 @@ def _decision_artifacts(run_dir: Path, results: dict, *, junit: Optional[Path], 
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="a run directory holding results.json")) -> None:
-    """Re-render report.md / report.html from a run's results.json."""
-    from safedl.report.render import write_reports
+def report(run_dir: Path = typer.Argument(..., help="a run directory holding results.json (or the results.json file)"),
+           html: Optional[bool] = typer.Option(None, "--html/--no-html", help="default: the run's output.html"),
+           figures: Optional[bool] = typer.Option(None, "--figures/--no-figures",
+                                                  help="default: the run's output.figures")) -> None:
+    """Re-render report.md / report.html from a run's results.json (honours the profile's output.html/figures)."""
+    from safedl.report.render import load_results, write_reports
 
-    path = run_dir / "results.json"
-    if not path.is_file():
-        _fail(UserError(f"{path}: not found"))
-    try:
-        results = json.loads(path.read_text())
-    except ValueError as exc:
-        _fail(UserError(f"{path}: not valid JSON ({exc})"))
-    write_reports(results, run_dir)
-    typer.echo(f"wrote {run_dir / 'report.md'}")
+    path = run_dir if run_dir.is_file() else run_dir / "results.json"
+    results = load_results(path)
+    out = (results.get("profile") or {}).get("output") or {}
+    html = bool(out.get("html", True)) if html is None else html
+    figures = bool(out.get("figures", True)) if figures is None else figures
+    write_reports(results, path.parent, html=html, figures=figures)
+    typer.echo(f"wrote {path.parent / 'report.md'}" + (f" and {path.parent / 'report.html'}" if html else ""))
 
 
 def _load_results(run_dir: Path) -> dict:
@@ -277,6 +399,14 @@ def _read_key(path: Optional[Path]) -> Optional[bytes]:
     if len(key) < 16:
         raise UserError(f"--signing-key-file {path}: the key must be at least 16 bytes")
     return key
+
+
+# `safedl serve`, `safedl keys ...`, `safedl audit export`: the HTTP service (logic in safedl.serve.cli)
+from safedl.serve.cli import audit_app, keys_app, serve_command  # noqa: E402
+
+app.command(name="serve")(serve_command)
+app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
 
 
 def main() -> None:  # pragma: no cover

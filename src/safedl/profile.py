@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,13 +27,25 @@ class ThreatModel(_Strict):
 
 
 class DatasetSpec(_Strict):
-    """A built-in data set by name, or files by format and path."""
+    """A built-in data set by name, or files by format and path.
 
-    name: str = Field("mnist5k", description="built-in: mnist5k | digits; or a label for file data")
+    Image folders: ``image_size`` (one int for a square, or [H, W]), ``channels`` (1 or 3: grayscale, RGBA and
+    palette images are converted) and ``resize`` (stretch | center_crop | letterbox) bring images of different
+    sizes and modes to one shape; without them every image must already have the first image's shape and mode.
+    """
+
+    name: Optional[str] = Field(None, description="built-in: mnist5k | digits; for file data a label "
+                                                  "(default: the file or folder name)")
     format: Literal["builtin", "npz", "image_folder", "idx", "cifar10"] = "builtin"
     path: Optional[str] = Field(None, description="file or folder for npz / image_folder / cifar10; images file for idx")
     labels_path: Optional[str] = Field(None, description="labels file for idx")
-    image_size: Optional[int] = Field(None, ge=4, le=1024, description="resize image_folder images to this square size")
+    image_size: Optional[Union[int, list[int]]] = Field(
+        None, description="image_folder: target size, one int (square) or [H, W], each 4..1024")
+    channels: Optional[Literal[1, 3]] = Field(None, description="image_folder: 1 (grayscale) or 3 (RGB); "
+                                                                "default: as stored (all images must agree)")
+    resize: Literal["stretch", "center_crop", "letterbox"] = Field(
+        "stretch", description="image_folder with image_size: stretch to the size, scale and crop the centre, "
+                               "or scale to fit and pad with black (letterbox)")
     test_fraction: float = Field(0.2, gt=0, lt=1)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     split_seed: Optional[int] = Field(None, ge=0, description="seed of the train/val/test split (default: the "
@@ -45,6 +57,8 @@ class DatasetSpec(_Strict):
         if self.format == "builtin":
             from safedl.data.builtin import BUILTIN
 
+            if self.name is None:
+                self.name = "mnist5k"
             if self.name not in BUILTIN:
                 raise ValueError(f"unknown built-in data set {self.name!r}; built-in data sets are: {', '.join(BUILTIN)}")
         elif not self.path:
@@ -53,7 +67,26 @@ class DatasetSpec(_Strict):
             raise ValueError("format 'idx' needs 'labels_path'")
         if self.test_fraction + self.val_fraction >= 0.9:
             raise ValueError("test_fraction + val_fraction must leave at least 10% for training")
+        if self.format != "image_folder":
+            for key, unset in (("image_size", None), ("channels", None), ("resize", "stretch")):
+                if getattr(self, key) != unset:
+                    raise ValueError(f"'{key}' applies to format 'image_folder' only (format is {self.format!r})")
+        if self.image_size is not None:
+            size = [self.image_size] * 2 if isinstance(self.image_size, int) else list(self.image_size)
+            if len(size) != 2 or not all(4 <= v <= 1024 for v in size):
+                raise ValueError(f"image_size must be one int or [H, W], each between 4 and 1024 (got {self.image_size!r})")
+        elif self.resize != "stretch":
+            raise ValueError(f"resize {self.resize!r} needs image_size (the target size)")
         return self
+
+    @property
+    def target_size(self) -> tuple[int, int] | None:
+        """(H, W) from ``image_size``, or None to keep every image's own size."""
+        if self.image_size is None:
+            return None
+        if isinstance(self.image_size, int):
+            return (self.image_size, self.image_size)
+        return (int(self.image_size[0]), int(self.image_size[1]))
 
 
 class ModelSpec(_Strict):
@@ -64,6 +97,9 @@ class ModelSpec(_Strict):
     entry_point: Optional[str] = Field(None, description="'package.module:function' returning an nn.Module")
     torchscript: Optional[str] = Field(None, description="path of a TorchScript model file")
     checkpoint: Optional[str] = Field(None, description="load these weights instead of training the baseline")
+    feature_layer: Optional[str] = Field(
+        None, description="module path (as in model.named_modules()) whose output feature-space defenses read; "
+                          "default: the input of the last nn.Linear")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
@@ -102,9 +138,10 @@ class AttacksSection(_Strict):
     evasion: list[AttackSpec] = Field(default_factory=list)
     poisoning: list[AttackSpec] = Field(default_factory=list)
     backdoor: list[AttackSpec] = Field(default_factory=list)
+    extraction: list[AttackSpec] = Field(default_factory=list, description="model stealing through the query interface")
 
     def all(self) -> list[tuple[str, AttackSpec]]:
-        return [(cat, a) for cat in ("evasion", "poisoning", "backdoor") for a in getattr(self, cat)]
+        return [(cat, a) for cat in ("evasion", "poisoning", "backdoor", "extraction") for a in getattr(self, cat)]
 
 
 class DefenseSpec(_Strict):
@@ -129,16 +166,59 @@ class DefenseSpec(_Strict):
         return self.name if self.name else "+".join(c.name for c in self.pipeline or [])
 
 
-class GateSpec(_Strict):
-    """Release-gate thresholds; a run fails the gate if any is violated (unset ones are not checked)."""
+class TrustedDataSpec(_Strict):
+    """The trusted clean set poisoning defenses rely on (an assumption: say where it comes from).
 
-    min_clean_accuracy: Optional[float] = Field(None, ge=0, le=1)
+    ``validation`` (default): the validation split, clean in the simulation because only the training split is
+    poisoned (a real user's data may be poisoned before splitting); ``path``: an ``.npz`` file of images the user
+    vouches for; ``none``: no trusted data (defenses that need it are refused at validation). ``size`` keeps only the
+    first ``size`` images (e.g. 100: a small hand-checked set)."""
+
+    source: Literal["validation", "path", "none"] = "validation"
+    path: Optional[str] = Field(None, description="the trusted .npz file (source: path)")
+    size: Optional[int] = Field(None, ge=1, description="use only the first SIZE trusted images")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrustedDataSpec":
+        if (self.source == "path") != (self.path is not None):
+            raise ValueError("trusted_clean_set.path is required with source 'path' and allowed only with it")
+        return self
+
+
+class GateSpec(_Strict):
+    """Release-gate thresholds. A run fails the gate if any set threshold is violated or applies to nothing in the run
+    (e.g. ``min_robust_accuracy`` without an evasion attack); with no threshold set, the gate is "not configured"."""
+
+    min_clean_accuracy: Optional[float] = Field(None, ge=0, le=1, description="the baseline's clean accuracy")
     min_robust_accuracy: Optional[float] = Field(None, ge=0, le=1, description="for every evasion attack")
     max_attack_success_rate: Optional[float] = Field(None, ge=0, le=1, description="for every attack")
-    max_attack_success_rate_after: Optional[float] = Field(None, ge=0, le=1, description="for every defense")
+    max_attack_success_rate_after: Optional[float] = Field(None, ge=0, le=1, description="for every poisoning defense")
+    min_adaptive_robust_accuracy: Optional[float] = Field(
+        None, ge=0, le=1, description="for every evasion defense: robust accuracy under the adaptive attack")
+    max_clean_accuracy_drop: Optional[float] = Field(
+        None, ge=0, le=1, description="for every evasion defense: undefended minus defended clean accuracy "
+                                      "(point values, same evaluation images)")
+    min_detection_recall: Optional[float] = Field(
+        None, ge=0, le=1, description="for every defense with detectors: recall (TPR) on successful adversarial "
+                                      "examples at the detectors' calibrated FPR (adaptive attack when run)")
     max_risk: Optional[Literal["low", "medium", "high", "critical"]] = None
     use_interval: Literal["value", "lower", "upper"] = Field(
-        "value", description="compare the point estimate, or the conservative end of the 95% interval")
+        "value", description="compare the point estimate ('value'), the conservative end of the 95% interval "
+                             "('lower': lower bound for minimums, upper bound for maximums) or the other end ('upper')")
+
+    def thresholds(self) -> dict[str, Any]:
+        """The thresholds that are set (name -> limit)."""
+        return {k: v for k, v in self.model_dump().items() if k != "use_interval" and v is not None}
+
+
+class StrongAdaptiveSpec(_Strict):
+    """The strong adaptive suite every input- or model-changing evasion defense is also evaluated with (APGD-CE and
+    APGD-DLR with restarts through BPDA/EOT, within the paired attack's norm and eps)."""
+
+    enabled: bool = True
+    steps: int = Field(100, ge=1, le=10000)
+    restarts: int = Field(3, ge=1, le=100)
+    eot_samples: int = Field(8, ge=1, le=256, description="EOT draws per step for randomized preprocessors")
 
 
 class EvaluationSpec(_Strict):
@@ -146,6 +226,7 @@ class EvaluationSpec(_Strict):
     batch_size: int = Field(250, ge=1)
     n_examples: int = Field(8, ge=0, le=64, description="example images saved per attack")
     gate: GateSpec = Field(default_factory=GateSpec)
+    strong_adaptive: StrongAdaptiveSpec = Field(default_factory=StrongAdaptiveSpec)
 
 
 class OutputSpec(_Strict):
@@ -159,12 +240,15 @@ class Profile(_Strict):
 
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = Field(0, ge=0)
+    baseline_only: bool = Field(False, description="allow a profile without attacks: train and measure the baseline "
+                                                   "only (the report and gate say that nothing was attacked)")
     threat_model: ThreatModel = Field(default_factory=ThreatModel)
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: TrainRecipe = Field(default_factory=TrainRecipe)
     attacks: AttacksSection = Field(default_factory=AttacksSection)
     defenses: list[DefenseSpec] = Field(default_factory=list)
+    trusted_clean_set: TrustedDataSpec = Field(default_factory=TrustedDataSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
@@ -184,7 +268,7 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
     errors: list[tuple[str, str]] = []
     ids: dict[str, str] = {}
     built: dict[tuple[str, int], Any] = {}
-    for cat in ("evasion", "poisoning", "backdoor"):
+    for cat in ("evasion", "poisoning", "backdoor", "extraction"):
         for i, spec in enumerate(getattr(profile.attacks, cat)):
             where = f"attacks.{cat}[{i}]"
             if spec.key in ids:
@@ -196,9 +280,23 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
                 errors.append((f"{where}.name" if "unknown" in str(exc) else f"{where}.params", str(exc)))
                 continue
             built[(cat, i)] = attack
+            if cat == "extraction":  # query-only attacks: what the interface returns (evasion: safedl.threat)
+                access = getattr(attack, "access", "white-box")
+                tm = profile.threat_model
+                if access == "scores" and tm.interface_exposed != "scores":
+                    errors.append((f"{where}.name", f"{spec.name!r} needs scores but threat_model.interface_exposed is "
+                                   f"{tm.interface_exposed!r}; use a decision-based (labels-only) attack"))
+                if access == "labels" and tm.interface_exposed == "none":
+                    errors.append((f"{where}.name", "threat_model.interface_exposed is 'none': no query attack is possible"))
     from safedl.threat import threat_errors
 
     errors += threat_errors(profile, built)
+    if not ids and not profile.baseline_only:
+        errors.append(("attacks", "the profile lists no attack, so the run would assess nothing; add at least one "
+                       "under attacks.evasion, attacks.poisoning or attacks.backdoor (`safedl list` names them), or set "
+                       "baseline_only: true to train and measure the baseline only"))
+    if ids and profile.baseline_only:
+        errors.append(("baseline_only", "is true but the profile lists attacks; remove baseline_only or the attacks"))
     from safedl.registry import DEFENSE_KINDS
 
     for i, d in enumerate(profile.defenses):
@@ -208,13 +306,27 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
         for name, params, w in parts:
             try:
                 kind = registry.find_kind(name, DEFENSE_KINDS)
-                registry.create(kind, name, **params)
+                comp = registry.create(kind, name, **params)
             except UserError as exc:
                 errors.append((f"{w}.name" if "unknown" in str(exc) else f"{w}.params", str(exc)))
+                continue
+            if profile.trusted_clean_set.source == "none" and _needs_trusted(kind, comp, profile):
+                errors.append((f"{w}.name", f"{name!r} needs a trusted clean set but trusted_clean_set.source is "
+                               "'none'; name one (source: validation or path) or remove this defense"))
         for a in d.against:
             if a != "all" and a not in ids:
                 errors.append((f"{where}.against", f"no attack with id {a!r}; attack ids are: {', '.join(ids) or '(none)'}"))
     return errors
+
+
+def _needs_trusted(kind: str, comp: Any, profile: Profile) -> bool:
+    """Whether a poisoning-side defense cannot work without trusted clean data (its protocol's ``trusted_data``;
+    a detector against poisoning fits on clean images)."""
+    if not (profile.attacks.poisoning or profile.attacks.backdoor):
+        return False
+    if kind == "detector":
+        return True
+    return kind in ("cleanser", "repair", "inspector") and comp.trusted_data == "required"
 
 
 def _salvaged_component_errors(data: dict, bad_sections: set) -> list[tuple[str, str]]:
@@ -232,7 +344,7 @@ def _salvaged_component_errors(data: dict, bad_sections: set) -> list[tuple[str,
     if "threat_model" in bad_sections:
         errors = [(loc, msg) for loc, msg in errors if "threat_model" not in msg]
     if "attacks" in bad_sections:
-        errors = [(loc, msg) for loc, msg in errors if not loc.endswith(".against")]
+        errors = [(loc, msg) for loc, msg in errors if not loc.endswith(".against") and loc not in ("attacks", "baseline_only")]
     return errors
 
 
@@ -272,7 +384,16 @@ def load_profile(path: str | Path) -> Profile:
     if not p.is_file():
         raise ProfileError(f"{p}: profile file not found", errors=[("(file)", "not found")], path=str(p))
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"{p}: not a text (UTF-8 YAML) file; a threat profile is YAML text (`safedl init` writes "
+                           f"one) ({exc.reason} at byte {exc.start})", errors=[("(file)", "not UTF-8 text")],
+                           path=str(p)) from None
+    except OSError as exc:
+        raise ProfileError(f"{p}: cannot read the profile ({exc.strerror or exc})", errors=[("(file)", str(exc))],
+                           path=str(p)) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ProfileError(f"{p}: not valid YAML ({exc})", errors=[("(file)", str(exc))], path=str(p)) from None
     return parse_profile(data, source=str(p))

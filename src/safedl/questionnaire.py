@@ -126,6 +126,15 @@ def _poisoning(a: Answers, goal: str) -> tuple[list, list]:
     return poison, backdoor
 
 
+def _extraction(a: Answers, goal: str) -> list[tuple[dict[str, Any], str]]:
+    if "extraction" not in GOAL_CATEGORIES[goal] or a.outputs == "none":
+        return []
+    budget = QUERY_BUDGET[a.deployment]
+    budgets = [b for b in (250, 500, 1000, 2000, 4000) if b <= budget]
+    return [_item("copycat", {"budgets": budgets}, f"a copy of the model through the {a.outputs} interface, up to "
+                  f"{budgets[-1]} queries ({a.deployment})")]
+
+
 def _defenses(ev: list, po: list, bd: list, a: Answers) -> list[tuple[dict[str, Any], str]]:
     out = []
     grad = [e for e, _ in ev if e["name"] in ("pgd", "transfer")]
@@ -167,10 +176,9 @@ def profile_text(a: Answers, *, name: str = "threat") -> str:
         meaning = QUESTIONS["goal" if key is None else key][1][a.goal if key is None else value]
         lines.append(f"  {field}: {value}  # {meaning}")
     if a.goal == "copy":
-        lines.append("  # model extraction is not assessed by this version: no extraction attack is registered;"
-                     " every other attack is planned (attack_goal: any)")
+        lines.append("  # a copy of the model: attack_goal 'any' is the goal that plans model extraction")
     lines += ["", "dataset:", f"  name: {a.dataset}", "model:", f"  arch: {a.model}", "", "attacks:"]
-    for cat, items in (("evasion", ev), ("poisoning", po), ("backdoor", bd)):
+    for cat, items in (("evasion", ev), ("poisoning", po), ("backdoor", bd), ("extraction", _extraction(a, goal))):
         lines.append(f"  {cat}:" + ("" if items else " []  # not planned under these answers"))
         lines += _section(items, 4)
     defs = _defenses(ev, po, bd, a)

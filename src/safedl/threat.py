@@ -10,8 +10,8 @@ docs/threat-model.md; the risk weights of the same answers are in docs/risk.md):
   (``source: queries``) when the interface returns anything (the attacker has no labelled training data).
 - ``interface_exposed``: ``scores``: every query attack; ``labels``: decision-based attacks only; ``none``: no query
   attack, and no transfer surrogate trained from queries.
-- ``attack_goal``: which attack categories serve the goal (``GOAL_CATEGORIES``); ``targeted`` also requires every
-  evasion attack to be ``targeted: true``.
+- ``attack_goal``: which attack categories serve the goal (``GOAL_CATEGORIES``; model extraction only under
+  ``any``); ``targeted`` also requires every evasion attack to be ``targeted: true``.
 - ``deployment_scenario``: ``edge_device`` ships the weights to the attacker's hardware, so ``model_access`` must be
   ``white-box``; ``cloud_api`` exposes the model through an API, so ``interface_exposed`` cannot be ``none``;
   ``internal`` and ``research`` add no constraint (their effect is on the budgets the questionnaire writes:
@@ -28,7 +28,7 @@ GOAL_CATEGORIES: dict[str, tuple[str, ...]] = {
     "targeted": ("evasion", "poisoning", "backdoor"),
     "availability": ("poisoning",),
     "backdoor": ("backdoor",),
-    "any": ("evasion", "poisoning", "backdoor"),
+    "any": ("evasion", "poisoning", "backdoor", "extraction"),
 }
 # Queries per image an attacker is assumed to afford, by where the model runs (written by the questionnaire).
 QUERY_BUDGET = {"cloud_api": 5000, "edge_device": 10000, "internal": 1000, "research": 5000}
@@ -79,8 +79,8 @@ def threat_errors(profile: Any, attacks: dict[tuple[str, int], Any]) -> list[tup
         errors.append(("threat_model.interface_exposed", "deployment_scenario 'cloud_api' answers queries, so "
                        "interface_exposed must be 'scores' or 'labels' (got 'none')"))
     allowed = GOAL_CATEGORIES[tm.attack_goal]
-    for cat in ("evasion", "poisoning", "backdoor"):
-        for i, spec in enumerate(getattr(profile.attacks, cat)):
+    for cat in ("evasion", "poisoning", "backdoor", "extraction"):
+        for i, spec in enumerate(getattr(profile.attacks, cat, [])):
             where = f"attacks.{cat}[{i}]"
             if cat not in allowed:
                 errors.append((where, f"threat_model.attack_goal {tm.attack_goal!r} is served by "

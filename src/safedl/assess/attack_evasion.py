@@ -129,7 +129,7 @@ def simulate_evasion(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOu
         "params": attack.params() if hasattr(attack, "params") else dict(spec.params),
         "targeted": spec.targeted, "metrics": metrics, "time_s": elapsed + t_fit, "notes": [], "artifacts": {},
     }
-    if t_fit:
+    if t_fit >= 0.05:  # attacks whose fit does nothing measurable get no note
         entry["notes"].append(f"surrogate/fit time {t_fit:.1f}s included in time_s")
     fit_queries = getattr(attack, "fit_queries_", None)
     if fit_queries:

@@ -78,6 +78,10 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
     x_aim, y_aim = _aimed_inputs(attack, info, test, target)
     if x_aim is not None and target is not None:
         _success_metrics(ctx, model, info, x_aim, y_aim, int(target), metrics, per_class, notes)
+        if "flip_map" in info and info.get("strategy") == "many_to_one" and info.get("flip_rate") is not None:
+            notes.append(f"poison fraction: flip_rate {info['flip_rate']:g} of each source class (every class but "
+                         f"{_class_label(test, int(target))}) is flipped, so {poisoned.poison_fraction:.3f} of the "
+                         "whole training set is poisoned")
 
     metrics["poison"] = _poison_metrics(poisoned, target)
     metrics["visibility"] = _visibility_metrics(poisoned)
@@ -128,13 +132,15 @@ def _success_metrics(ctx: RunContext, model: torch.nn.Module, info: dict, x_aim:
     name = "targeted_success_rate" if "flip_map" in info else "attack_success_rate"
     metrics[name] = proportion(int((pred_t == target).sum()), len(x_aim))
     metrics["baseline"][name] = proportion(hit_b, len(x_aim))
+    tname = _class_label(ctx.splits.test, target)
     if "flip_map" in info:
-        notes.append(f"targeted_success_rate: source-class test images predicted as class {target}")
+        notes.append(f"targeted_success_rate: test images of the flipped source classes predicted as {tname}, "
+                     "the class their training labels were flipped to (the attack's target_class)")
     elif info.get("victims") is not None:
-        notes.append(f"attack_success_rate: victim test instances predicted as class {target}")
+        notes.append(f"attack_success_rate: victim test instances predicted as {tname} (the attack's target)")
     else:
-        notes.append(f"attack_success_rate: triggered test images of classes other than {target} "
-                     f"predicted as {target}")
+        notes.append(f"attack_success_rate: triggered test images of classes other than {tname} "
+                     f"predicted as {tname} (the attack's target)")
     per_class["predicted_as_target_poisoned"] = [
         float((pred_t[y_aim == c] == target).float().mean()) if bool((y_aim == c).any()) else None
         for c in range(ctx.splits.test.num_classes)]
@@ -176,6 +182,12 @@ def _aimed_inputs(attack: Any, info: dict, test: Dataset, target: int | None
         keep = test.y != target
         return attack.apply_trigger(test.x[keep]).cpu(), test.y[keep]
     return None, None
+
+
+def _class_label(data, c: int) -> str:
+    """'class 3 ("cat")' when the data set has class names, else 'class 3'."""
+    names = data.class_names or []
+    return f'class {c} ("{names[c]}")' if 0 <= c < len(names) and names[c] != str(c) else f"class {c}"
 
 
 def _poison_metrics(p: PoisonedDataset, target: int | None) -> dict[str, Any]:
@@ -225,13 +237,15 @@ def _save_artifacts(ctx: RunContext, spec: AttackSpec, attack: Any, p: PoisonedD
     idx = all_idx[torch.linspace(0, len(all_idx) - 1, min(n_ex, len(all_idx))).long().unique()] if len(all_idx) \
         else all_idx
     cmap = "gray" if p.shape[0] == 1 else None
+    names = p.class_names or []
+    cn = lambda c: names[c] if 0 <= c < len(names) else str(c)  # noqa: E731 - class names in every figure
     if len(idx):
         fig, axes = plt.subplots(3, len(idx), figsize=(1.6 * len(idx), 5),
                                  squeeze=False)
         for j, i in enumerate(idx.tolist()):
             diff = (p.x[i] - p.original_x[i]).abs().amax(0, keepdim=True)
-            for r, (img, title) in enumerate(((p.original_x[i], f"orig y={int(p.original_y[i])}"),
-                                              (p.x[i], f"poison y={int(p.y[i])}"), (diff, "|diff|"))):
+            for r, (img, title) in enumerate(((p.original_x[i], f"orig y={cn(int(p.original_y[i]))}"),
+                                              (p.x[i], f"poison y={cn(int(p.y[i]))}"), (diff, "|diff|"))):
                 ax = axes[r][j]
                 ax.imshow(_to_img(img), cmap=cmap if r < 2 else "magma", vmin=0, vmax=1)
                 ax.set_title(title, fontsize=7)
@@ -265,9 +279,9 @@ def _save_artifacts(ctx: RunContext, spec: AttackSpec, attack: Any, p: PoisonedD
         fig, axes = plt.subplots(1, len(xs), figsize=(1.6 * len(xs), 2), squeeze=False)
         for j in range(len(xs)):
             axes[0][j].imshow(_to_img(xs[j]), cmap=cmap, vmin=0, vmax=1)
-            axes[0][j].set_title(f"pred {int(pred[j])}", fontsize=7, color="red" if int(pred[j]) == target else "black")
+            axes[0][j].set_title(f"pred {cn(int(pred[j]))}", fontsize=7, color="red" if int(pred[j]) == target else "black")
             axes[0][j].axis("off")
-        fig.suptitle(f"attacked test inputs (target {target}), poisoned model's predictions", fontsize=9)
+        fig.suptitle(f"attacked test inputs (target {cn(target)}), poisoned model's predictions", fontsize=9)
         fig.tight_layout()
         path = folder / "attacked_test_inputs.png"
         fig.savefig(path, dpi=100)

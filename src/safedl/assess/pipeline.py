@@ -35,12 +35,74 @@ from safedl.models.user import load_entry_point, load_torchscript
 from safedl.models.zoo import build_model
 from safedl.profile import DefenseSpec, Profile
 from safedl.utils.bits import pack as pack_bits
-from safedl.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, json_hash
+from safedl.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, file_sha256, json_hash
 from safedl.utils.stats import proportion
 from safedl.utils.tensors import predict, seed_everything
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
+
+
+RUN_MARKER = "safedl-run.json"  # written into every run directory; --resume adopts only folders that have one
+_U8 = "__safedl_uint8__"
+_POISONED = "__safedl_poisoned__"
+
+
+def _as_uint8(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` as uint8 when it holds exactly k/255 values (8-bit images), so the round trip is lossless; else None."""
+    if t.dtype != torch.float32 or t.numel() < 256:
+        return None
+    q = (t * 255).round()
+    if bool(((q < 0) | (q > 255)).any()):
+        return None
+    u = q.to(torch.uint8)
+    return u if torch.equal(u.float() / 255, t) else None
+
+
+def pack_state(obj: Any) -> Any:
+    """A smaller, lossless form of a stage's state for ``torch.save``: float images that are exact 8-bit values are
+    stored as uint8, and a poisoned data set keeps only the rows the attack changed next to the originals."""
+    from safedl.data.dataset import PoisonedDataset
+
+    if isinstance(obj, PoisonedDataset):
+        changed = (obj.x != obj.original_x).flatten(1).any(1)
+        fields = {"rows": changed.nonzero().flatten(), "x_rows": obj.x[changed], "y": obj.y,
+                  "num_classes": obj.num_classes, "name": obj.name, "class_names": obj.class_names,
+                  "is_poison": obj.is_poison, "original_x": obj.original_x, "original_y": obj.original_y,
+                  "info": obj.info}
+        return {_POISONED: pack_state(fields)}
+    if isinstance(obj, torch.Tensor):
+        u = _as_uint8(obj)
+        return obj if u is None else {_U8: u}
+    if isinstance(obj, dict):
+        return {k: pack_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(pack_state(v) for v in obj)
+    return obj
+
+
+def unpack_state(obj: Any) -> Any:
+    """The inverse of ``pack_state`` (states saved unpacked by older versions pass through unchanged)."""
+    from safedl.data.dataset import PoisonedDataset
+
+    if isinstance(obj, dict) and set(obj) == {_U8}:
+        return obj[_U8].float() / 255
+    if isinstance(obj, dict) and set(obj) == {_POISONED}:
+        f = unpack_state(obj[_POISONED])
+        x = f["original_x"].clone()
+        x[f["rows"]] = f["x_rows"]
+        return PoisonedDataset(x, f["y"], f["num_classes"], f["name"], f["class_names"], is_poison=f["is_poison"],
+                               original_x=f["original_x"], original_y=f["original_y"], info=f["info"])
+    if isinstance(obj, dict):
+        return {k: unpack_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(unpack_state(v) for v in obj)
+    return obj
+
+
+def load_stage_state(path: Path) -> dict:
+    """Read a stage's ``state.pt`` (written by ``Run._finish``)."""
+    return unpack_state(torch.load(path, map_location="cpu", weights_only=False))
 
 
 class _LazyState(Mapping):
@@ -51,7 +113,7 @@ class _LazyState(Mapping):
 
     def _load(self) -> dict:
         if self._data is None:
-            self._data = torch.load(self._path, map_location="cpu", weights_only=False)
+            self._data = load_stage_state(self._path)
         return self._data
 
     def __getitem__(self, key: str) -> Any:
@@ -157,6 +219,7 @@ class Run:
         return self.run_dir / "stages" / name
 
     def _cached(self, name: str, key: str) -> dict | None:
+        """The finished stage's record when its key matches and every file it recorded is intact, else None (redo)."""
         marker = self._stage(name) / "stage.json"
         if not marker.is_file():
             return None
@@ -164,15 +227,26 @@ class Run:
 
         try:
             blob = json.loads(marker.read_text())
-        except ValueError:
+        except (ValueError, OSError):
             return None
-        return blob if blob.get("key") == key else None
+        if not isinstance(blob, dict) or blob.get("key") != key:
+            return None
+        for rel, digest in (blob.get("files") or {}).items():
+            f = self._stage(name) / rel
+            if not f.is_file() or file_sha256(f) != digest:
+                log.warning("stage %s: %s is missing or does not match the sha256 recorded in stage.json; "
+                            "redoing the stage", name, f)
+                return None
+        return blob
 
     def _finish(self, name: str, key: str, entry: dict, state: dict | None = None) -> None:
+        """Save the stage's state (packed, lossless), then stage.json with the sha256 of every file in the stage."""
         d = self._stage(name)
         if state is not None:
-            atomic_torch_save(d / "state.pt", state)
-        atomic_write_json(d / "stage.json", {"key": key, "entry": entry})  # written last: marks the stage done
+            atomic_torch_save(d / "state.pt", pack_state(state))
+        files = {f.relative_to(d).as_posix(): file_sha256(f) for f in sorted(d.rglob("*"))
+                 if f.is_file() and f.name != "stage.json" and not f.name.startswith(".")}
+        atomic_write_json(d / "stage.json", {"key": key, "entry": entry, "files": files})  # last: marks the stage done
 
     # -- stages ----------------------------------------------------------------------------------------
     def execute(self, *, splits: Splits, fresh, model_meta: dict) -> dict[str, Any]:
@@ -180,9 +254,7 @@ class Run:
         plan = plan_defenses(p)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "profile.yaml", yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
-        data_info = {"name": splits.train.name, "shape": list(splits.shape), "num_classes": splits.num_classes,
-                     "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
-                     "hashes": splits.hashes()}
+        data_info = data_summary(p, splits)
         baseline_key = json_hash({"data": data_info["hashes"], "dataset": p.dataset.model_dump(),
                                   "model": p.model.model_dump(), "training": p.training.model_dump(), "seed": p.seed})
         baseline, baseline_entry = self._baseline(baseline_key, splits, fresh, model_meta)
@@ -274,8 +346,7 @@ class Run:
         if p.model.checkpoint:
             path = Path(p.model.checkpoint)
             path = path if path.is_absolute() else self.base_dir / path
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(blob.get("state_dict", blob))
+            load_user_checkpoint(model, path)
             source = f"checkpoint {path}"
         elif p.model.torchscript:
             source = "TorchScript model as given (not retrained)"
@@ -302,12 +373,33 @@ class Run:
             "history": history,
             "time_s": time.perf_counter() - t0,
             "recipe": p.training.model_dump(),
+            "notes": _baseline_notes(p, splits),
         }
         meta = dict(model_meta, data_hash=splits.hashes()["train"], recipe=p.training.model_dump(),
                     clean_accuracy=entry["metrics"]["clean_accuracy"]["value"])
         save_checkpoint(ckpt, model, meta)
         self._finish("baseline", key, entry)
         return model, entry
+
+
+def _baseline_notes(profile: Profile, splits: Splits) -> list[str]:
+    n_eval, n_test = profile.evaluation.n_eval, len(splits.test)
+    if n_eval > n_test:
+        msg = (f"evaluation.n_eval = {n_eval} is larger than the test split ({n_test} images): attacks and defenses "
+               f"are measured on all {n_test} test images")
+        log.warning(msg)
+        return [msg]
+    return []
+
+
+def data_summary(profile: Profile, splits: Splits) -> dict[str, Any]:
+    """results.json "data": the data set's name, where it came from, its class names, shape, sizes and hashes."""
+    names = splits.train.class_names or [str(i) for i in range(splits.num_classes)]
+    return {"name": splits.train.name, "format": profile.dataset.format, "path": profile.dataset.path,
+            "class_names": list(names), "shape": list(splits.shape), "num_classes": splits.num_classes,
+            "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+            "class_counts": {"train": splits.train.class_counts(), "test": splits.test.class_counts()},
+            "hashes": splits.hashes()}
 
 
 def environment(device: torch.device, seed: int) -> dict[str, Any]:
@@ -319,22 +411,168 @@ def environment(device: torch.device, seed: int) -> dict[str, Any]:
             "device": str(device), "threads": torch.get_num_threads(), "seed": seed}
 
 
+def resolve_paths(profile: Profile, base_dir: Path) -> Profile:
+    """A copy of ``profile`` with every file path absolute (relative ones resolved against ``base_dir``, the profile's
+    folder), so the copy saved in the run directory resumes from any working directory."""
+    def absolute(p: str | None) -> str | None:
+        if p is None:
+            return None
+        q = Path(p).expanduser()
+        return str((q if q.is_absolute() else Path(base_dir) / q).resolve())
+
+    ds = profile.dataset.model_copy(update={"path": absolute(profile.dataset.path),
+                                            "labels_path": absolute(profile.dataset.labels_path)})
+    md = profile.model.model_copy(update={"torchscript": absolute(profile.model.torchscript),
+                                          "checkpoint": absolute(profile.model.checkpoint)})
+    return profile.model_copy(update={"dataset": ds, "model": md})
+
+
+def check_model_support(profile: Profile, model: nn.Module, sample: torch.Tensor) -> None:
+    """Before anything runs: every listed defense can work with this model (features, head, conv layer, hooks);
+    one ProfileError naming each defense that cannot and why."""
+    from safedl.models.features import model_problems
+
+    errors = []
+    for i, d in enumerate(profile.defenses):
+        for kind, name, params in defense_kinds(d):
+            needs = getattr(registry.create(kind, name, **params), "model_needs", ())
+            for why in model_problems(model, needs, sample, layer=profile.model.feature_layer):
+                errors.append((f"defenses[{i}]", f"{name} cannot work with this model: {why}"))
+    if profile.model.feature_layer is not None and not errors:
+        from safedl.models.features import feature_problem
+
+        why = feature_problem(model, sample, layer=profile.model.feature_layer)
+        if why:
+            errors.append(("model.feature_layer", why))
+    if errors:
+        lines = [f"{len(errors)} error(s) in the threat profile"] + [f"  {k}: {m}" for k, m in errors]
+        raise ProfileError("\n".join(lines), errors=errors)
+
+
+def _with_feature_layer(fresh, layer: str | None):
+    from safedl.models.features import set_feature_layer
+
+    if layer is None:
+        return fresh
+
+    def tagged() -> nn.Module:
+        return set_feature_layer(fresh(), layer)
+    return tagged
+
+
 def prepare(profile: Profile, *, base_dir: Path) -> tuple[Splits, Any, dict]:
-    """Load and split the data and check the model can be built: everything that can fail before a run dir exists."""
+    """Load and split the data, build the model and check that every defense can use it: everything that can fail
+    before a run dir exists (nothing is written)."""
+    from safedl.errors import DataError
+
     data = load_dataset(profile.dataset, base_dir=base_dir)
-    splits = stratified_split(data, test_fraction=profile.dataset.test_fraction,
-                              val_fraction=profile.dataset.val_fraction,
-                              seed=profile.seed if profile.dataset.split_seed is None else profile.dataset.split_seed)
+    try:
+        splits = stratified_split(data, test_fraction=profile.dataset.test_fraction,
+                                  val_fraction=profile.dataset.val_fraction,
+                                  seed=profile.seed if profile.dataset.split_seed is None
+                                  else profile.dataset.split_seed)
+    except DataError as exc:
+        where = profile.dataset.path or profile.dataset.name
+        raise DataError(f"dataset {where}: {str(exc).removeprefix(data.name + ': ')}") from None
     fresh, meta = model_factory(profile, splits, base_dir=base_dir)
-    fresh()  # a broken entry point or architecture fails here, before anything is written
+    fresh = _with_feature_layer(fresh, profile.model.feature_layer)
+    model = fresh()  # a broken entry point or architecture fails here, before anything is written
     plan_defenses(profile)
+    if profile.model.checkpoint:
+        load_user_checkpoint(model, Path(profile.model.checkpoint))
+    _check_forward(model, splits)
+    check_model_support(profile, model, splits.train.x[:2])
     return splits, fresh, meta
+
+
+def load_user_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load ``path`` (a state_dict, or safedl's {"state_dict", "meta"}) into ``model``; CheckpointError if it cannot."""
+    from safedl.errors import CheckpointError
+
+    if not path.is_file():
+        raise CheckpointError(f"model.checkpoint {path}: file not found")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(blob.get("state_dict", blob) if isinstance(blob, dict) else blob)
+    except Exception as exc:  # noqa: BLE001 - unpickling refusal, corrupt zip, key/shape mismatch ...
+        raise CheckpointError(f"model.checkpoint {path}: cannot load it into the model "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def _check_forward(model: nn.Module, splits: Splits) -> None:
+    """The model takes the data's images and gives one logit per class (a user model built for other data fails
+    here with the shapes, not later inside an attack)."""
+    from safedl.errors import ConfigError
+
+    x = splits.train.x[:2]
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward on our data
+        raise ConfigError(f"the model cannot take the data's images (shape {tuple(x.shape)}, float32 in [0, 1]): "
+                          f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != splits.num_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"the model must return N x {splits.num_classes} logits (one per class: "
+                          f"{', '.join((splits.train.class_names or [])[:10])}); it returned {shape}")
+
+
+def data_fingerprint(splits: Splits) -> str:
+    """One content hash of the train/val/test splits."""
+    return json_hash(splits.hashes())
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder safedl made: it holds the run marker (or, from older versions, a stage record or results.json)."""
+    import json
+
+    path = Path(path)
+    marker = path / RUN_MARKER
+    if marker.is_file():
+        try:
+            return json.loads(marker.read_text()).get("format") == "safedl-run"
+        except (ValueError, OSError, AttributeError):
+            return False
+    return (path / "profile.yaml").is_file() and (
+        (path / "stages" / "baseline" / "stage.json").is_file() or (path / "results.json").is_file())
+
+
+def adopt_run_dir(run_dir: Path, profile: Profile, splits: Splits) -> None:
+    """Refuse a non-empty folder that is not a safedl run, or a run made on other data; then write the marker."""
+    import json
+
+    from safedl.errors import UserError
+
+    run_dir = Path(run_dir)
+    fingerprint = data_fingerprint(splits)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder; give a run directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not is_run_dir(run_dir):
+            raise UserError(f"{run_dir}: not a safedl run directory (no {RUN_MARKER}); refusing to write into it. "
+                            "Give a folder that `safedl run` created, or leave out --resume to start a new run")
+        marker = run_dir / RUN_MARKER
+        old = json.loads(marker.read_text()).get("data_hash") if marker.is_file() else None
+        if old is not None and old != fingerprint:
+            raise UserError(f"{run_dir}: the data changed since this run was made (content hash {old[:12]}, now "
+                            f"{fingerprint[:12]}; data: {profile.dataset.path or profile.dataset.name}); refusing "
+                            "to resume on other data. Start a new run (leave out --resume)")
+    atomic_write_json(run_dir / RUN_MARKER, {
+        "format": "safedl-run", "version": 1, "safedl": safedl.__version__, "data_hash": fingerprint,
+        "data": {"name": splits.train.name, "format": profile.dataset.format, "path": profile.dataset.path,
+                 "labels_path": profile.dataset.labels_path}})
 
 
 def run_assessment(profile: Profile, *, base_dir: Path = Path("."), run_dir: Path | None = None,
                    runs_root: Path | None = None, device: torch.device | str = "cpu") -> tuple[Path, dict]:
-    """Run (or resume, when ``run_dir`` exists) a whole assessment; returns (run dir, results)."""
+    """Run (or resume, when ``run_dir`` is an existing run) a whole assessment; returns (run dir, results).
+
+    Paths in the profile are resolved against ``base_dir`` and saved absolute; resuming refuses a folder that is
+    not a safedl run and a run whose data changed.
+    """
+    profile = resolve_paths(profile, Path(base_dir))
     splits, fresh, meta = prepare(profile, base_dir=base_dir)
     run_dir = Path(run_dir) if run_dir is not None else Run.new_run_dir(profile, runs_root)
+    adopt_run_dir(run_dir, profile, splits)
     run = Run(profile, run_dir=run_dir, device=torch.device(device), base_dir=base_dir)
     return run_dir, run.execute(splits=splits, fresh=fresh, model_meta=meta)

@@ -16,7 +16,7 @@ import torch
 from safedl.data.dataset import Dataset
 from safedl.errors import DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def _to_nchw(x: np.ndarray, source: Path, *, channels_last: bool | None = None) -> torch.Tensor:
@@ -84,33 +84,75 @@ def load_npz(path: str | Path) -> Dataset:
     return Dataset(xt, yt, k, path.stem)
 
 
-def _read_image(im, channels: int | None, size: tuple[int, int] | None) -> np.ndarray:
-    """One Pillow image as float32 H x W (grayscale) or H x W x 3 (RGB) in [0, 1]."""
+RESIZE_POLICIES = ("stretch", "center_crop", "letterbox")
+_HINT = ("set dataset.image_size (one int or [H, W]), dataset.channels (1 or 3) and dataset.resize "
+         "(stretch | center_crop | letterbox) in the profile to convert every image alike")
+
+
+def _fit(im, size: tuple[int, int] | None, resize: str):
+    """Bring a Pillow image to ``size`` = (H, W): stretch, scale and crop the centre, or scale and pad with black."""
+    from PIL import ImageOps
+
+    if size is None or im.size == (size[1], size[0]):
+        return im
+    wh = (size[1], size[0])
+    if resize == "center_crop":
+        return ImageOps.fit(im, wh)
+    if resize == "letterbox":
+        return ImageOps.pad(im, wh, color=0)
+    return im.resize(wh)
+
+
+def _flatten_alpha(im):
+    """RGBA / LA / palette-with-transparency: composite over black (the letterbox colour), keeping the colour mode."""
     from PIL import Image
 
-    gray = im.mode in ("L", "1", "LA") or im.mode.startswith("I") or im.mode == "F"
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        gray = im.mode in ("LA", "La")
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L" if gray else "RGB")
+    return im
+
+
+def _read_image(im, channels: int | None, size: tuple[int, int] | None, resize: str = "stretch") -> np.ndarray:
+    """One Pillow image as float32 H x W (grayscale) or H x W x 3 (RGB) in [0, 1].
+
+    The EXIF orientation is applied first (a phone photo stored sideways is read upright); transparent pixels are
+    composited over black; grayscale modes (L, 1, I, I;16, F) become H x W unless ``channels=3``.
+    """
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I") or im.mode == "F":
         # 16-bit (and 32-bit) grayscale: Pillow's convert("L") would clip every value above 255, so scale here.
         top = 65535.0 if im.mode.startswith("I;16") or np.asarray(im).max(initial=0) <= 65535 else float(2**32 - 1)
-        g = Image.fromarray(np.asarray(im, dtype=np.float32) / (1.0 if im.mode == "F" else top), mode="F")
-        if size is not None:
-            g = g.resize((size[1], size[0]))
+        g = _fit(Image.fromarray(np.asarray(im, dtype=np.float32) / (1.0 if im.mode == "F" else top), mode="F"),
+                 size, resize)
         arr = np.clip(np.asarray(g, dtype=np.float32), 0.0, 1.0)
         return np.repeat(arr[..., None], 3, axis=2) if channels == 3 else arr
+    im = _flatten_alpha(im)
+    gray = im.mode in ("L", "1")
     mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if gray else "RGB")
-    im = im.convert(mode)
-    if size is not None:
-        im = im.resize((size[1], size[0]))
+    im = _fit(im.convert(mode), size, resize)
     return np.asarray(im, dtype=np.uint8).astype(np.float32) / 255.0
 
 
-def load_image_folder(path: str | Path, *, size: tuple[int, int] | None = None, channels: int | None = None) -> Dataset:
-    """A folder with one subfolder per class holding PNG/JPEG files; classes are the sorted subfolder names."""
+def load_image_folder(path: str | Path, *, size: tuple[int, int] | None = None, channels: int | None = None,
+                      resize: str = "stretch") -> Dataset:
+    """A folder with one subfolder per class holding image files; classes are the sorted subfolder names.
+
+    ``size`` = (H, W) with ``resize`` (stretch | center_crop | letterbox) and ``channels`` (1 or 3) convert images
+    of any size and mode (RGB, L, RGBA, LA, P, I;16) alike; without them every image must match the first one.
+    """
     from PIL import Image, UnidentifiedImageError
 
     root = Path(path)
     if channels not in (None, 1, 3):
         raise DataError(f"{root}: channels={channels!r} is not allowed; use 1 (grayscale), 3 (RGB) or None (as stored)")
+    if resize not in RESIZE_POLICIES:
+        raise DataError(f"{root}: resize={resize!r} is not allowed; use one of {', '.join(RESIZE_POLICIES)}")
     if not root.is_dir():
         raise DataError(f"{root}: folder not found")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -124,18 +166,19 @@ def load_image_folder(path: str | Path, *, size: tuple[int, int] | None = None, 
         for f in files:
             try:
                 with Image.open(f) as im:
-                    arr = _read_image(im, channels, size)
+                    arr = _read_image(im, channels, size, resize)
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 raise DataError(f"{f}: not a readable image ({type(exc).__name__}: {exc})") from None
             if images and arr.shape != images[0].shape:
-                raise DataError(f"{f}: image shape {arr.shape} differs from {images[0].shape} of the first image "
-                                f"{first}; pass size=(H, W) and/or channels=1|3 to convert all images alike")
+                raise DataError(f"{f}: image shape {arr.shape} (H x W [x C]) differs from {images[0].shape} of the "
+                                f"first image {first}; {_HINT}")
             if first is None:
                 first = f
             images.append(arr)
             labels.append(ci)
     if not images:
-        raise DataError(f"{root}: no PNG/JPEG images in the class subfolders {', '.join(classes)}")
+        raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class subfolders "
+                        f"{', '.join(classes)}")
     x = _to_nchw(np.stack(images), root, channels_last=True)  # Pillow gives H x W (x C)
     return Dataset(x, torch.tensor(labels, dtype=torch.int64), len(classes), root.name, classes)
 

@@ -21,8 +21,7 @@ def load_dataset(spec, *, base_dir: str | Path = ".") -> Dataset:
     elif spec.format == "npz":
         data = load_npz(resolve(spec.path))
     elif spec.format == "image_folder":
-        size = (spec.image_size, spec.image_size) if spec.image_size else None
-        data = load_image_folder(resolve(spec.path), size=size)
+        data = load_image_folder(resolve(spec.path), size=spec.target_size, channels=spec.channels, resize=spec.resize)
     elif spec.format == "idx":
         data = load_idx(resolve(spec.path), resolve(spec.labels_path))
     elif spec.format == "cifar10":
@@ -33,6 +32,6 @@ def load_dataset(spec, *, base_dir: str | Path = ".") -> Dataset:
         import torch
 
         data = data.subset(torch.arange(spec.limit))
-    if spec.format != "builtin":
+    if spec.format != "builtin" and spec.name:
         data.name = spec.name
     return data

@@ -13,6 +13,23 @@ from safedl.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 
+def check_class_counts(data: Dataset, *, val_fraction: float) -> None:
+    """Refuse data a classifier cannot honestly be assessed on: fewer than two classes, or a class with too few
+    samples for every split to hold it (3 with a validation split, else 2). The message lists every class count."""
+    counts = torch.bincount(data.y, minlength=data.num_classes).tolist()
+    names = data.class_names or [str(i) for i in range(len(counts))]
+    shown = ", ".join(f"{names[i] if i < len(names) else i}: {c}" for i, c in enumerate(counts))
+    need = 3 if val_fraction > 0 else 2
+    if sum(c > 0 for c in counts) < 2:
+        raise DataError(f"{data.name}: {sum(c > 0 for c in counts)} class(es) with samples (class counts: {shown}); "
+                        "a classifier needs at least two classes, each with samples")
+    few = [names[i] if i < len(names) else str(i) for i, c in enumerate(counts) if c < need]
+    if few:
+        raise DataError(f"{data.name}: class(es) {', '.join(few)} have fewer than {need} samples, too few for the "
+                        f"train/{'validation/' if val_fraction > 0 else ''}test splits (class counts: {shown}); "
+                        "add samples, remove the class, or lower val_fraction")
+
+
 def stratified_split(data: Dataset, *, test_fraction: float, val_fraction: float, seed: int) -> Splits:
     """Split ``data`` stratified by label with a fixed seed; mean/std per channel come from the train split.
 
@@ -24,15 +41,13 @@ def stratified_split(data: Dataset, *, test_fraction: float, val_fraction: float
                           "0 < test_fraction < 1, 0 <= val_fraction and test_fraction + val_fraction < 1")
     idx = np.arange(len(data))
     y = data.y.numpy()
-    counts = np.bincount(y)
-    strat = y if len(y) and counts[counts > 0].min() >= 3 else None
-    if strat is None:
-        log.warning("%s: a class has fewer than 3 samples; splitting without stratification", data.name)
+    check_class_counts(data, val_fraction=val_fraction)
+    strat = y
     try:
         rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=strat)
         val_rel = val_fraction / (1.0 - test_fraction)
         if val_fraction > 0:
-            train, val = train_test_split(rest, test_size=val_rel, random_state=seed, stratify=None if strat is None else y[rest])
+            train, val = train_test_split(rest, test_size=val_rel, random_state=seed, stratify=y[rest])
         else:
             train, val = rest, rest[:0]
     except ValueError as exc:

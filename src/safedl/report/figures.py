@@ -12,7 +12,8 @@ def _value(m: Any) -> float | None:
     return float(m["value"]) if isinstance(m, dict) and m.get("value") is not None else None
 
 
-def _grouped_bars(path: Path, groups: list[str], series: dict[str, list[Any]], *, title: str, ylabel: str) -> bool:
+def _grouped_bars(path: Path, groups: list[str], series: dict[str, list[Any]], *, title: str, ylabel: str,
+                  xlabel: str) -> bool:
     """One cluster of bars per group, one bar per series; error bars from each metric's ci95. False if nothing to draw."""
     import matplotlib
 
@@ -39,6 +40,7 @@ def _grouped_bars(path: Path, groups: list[str], series: dict[str, list[Any]], *
     ax.set_xticks(range(len(groups)), groups, rotation=15, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(ylabel)
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_title(title, fontsize=9)
     if len(series) > 1:
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=len(series), frameon=False)
@@ -58,12 +60,15 @@ def summary_figures(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
     """Write the summary figures; returns label -> path relative to the run dir."""
     out: dict[str, str] = {}
     figdir = run_dir / "artifacts" / "figures"
+    data = (results.get("data") or {}).get("name")
+    on = f" on {data}" if data else ""
     attacks = {a["id"]: a for a in results.get("attacks", [])}
     ev = [a for a in attacks.values() if a["category"] == "evasion"]
     base = results["baseline"]["metrics"].get("clean_accuracy")
     if ev and _grouped_bars(figdir / "robust_accuracy.png", ["no attack"] + [a["id"] for a in ev],
                             {"accuracy": [base] + [a["metrics"].get("robust_accuracy") for a in ev]},
-                            title="Accuracy under each evasion attack (95% CI)", ylabel="accuracy"):
+                            title=f"Accuracy under each evasion attack{on} (95% CI)", ylabel="accuracy",
+                            xlabel="evasion attack (eval images)"):
         out["Accuracy under each evasion attack"] = str((figdir / "robust_accuracy.png").relative_to(run_dir))
     po = [a for a in attacks.values() if a["category"] != "evasion"]
     if po and _grouped_bars(figdir / "poisoning_success.png", [a["id"] for a in po],
@@ -71,7 +76,8 @@ def summary_figures(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
                                                 or a["metrics"].get("baseline", {}).get("targeted_success_rate")
                                                 for a in po],
                              "poisoned model": [_success(a["metrics"]) for a in po]},
-                            title="Success of each poisoning / backdoor attack (95% CI)", ylabel="attack success rate"):
+                            title=f"Success of each poisoning / backdoor attack{on} (95% CI)",
+                            ylabel="attack success rate", xlabel="poisoning / backdoor attack"):
         out["Success of each poisoning / backdoor attack"] = str((figdir / "poisoning_success.png").relative_to(run_dir))
 
     defenses = results.get("defenses", [])
@@ -81,14 +87,16 @@ def summary_figures(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
             {"undefended": [attacks.get(d["against"], {}).get("metrics", {}).get("robust_accuracy") for d in evd],
              "defended, attack on undefended model": [d["metrics"].get("robust_accuracy_nonadaptive") for d in evd],
              "defended, adaptive attack": [d["metrics"].get("robust_accuracy") for d in evd]},
-            title="Evasion defenses: robust accuracy (higher is better, 95% CI)", ylabel="robust accuracy"):
+            title=f"Evasion defenses{on}: robust accuracy (higher is better, 95% CI)", ylabel="robust accuracy",
+            xlabel="defense vs attack"):
         out["Evasion defenses: robust accuracy"] = str((figdir / "evasion_defenses.png").relative_to(run_dir))
     pod = [d for d in defenses if "attack_success_rate_after" in d["metrics"]]
     if pod and _grouped_bars(
             figdir / "poisoning_defenses.png", [f"{d['id']} vs {d['against']}" for d in pod],
             {"before": [_success(attacks.get(d["against"], {}).get("metrics", {})) for d in pod],
              "after": [d["metrics"].get("attack_success_rate_after") for d in pod]},
-            title="Poisoning defenses: attack success (lower is better, 95% CI)", ylabel="attack success rate"):
+            title=f"Poisoning defenses{on}: attack success (lower is better, 95% CI)", ylabel="attack success rate",
+            xlabel="defense vs attack"):
         out["Poisoning defenses: attack success before and after"] = str(
             (figdir / "poisoning_defenses.png").relative_to(run_dir))
     return out

@@ -43,29 +43,52 @@ _ATTACK_COLS = ("clean_accuracy", "robust_accuracy", "attack_success_rate", "tar
                 "perturbation.linf_mean", "perturbation.l2_mean", "queries_median")
 
 
+def _gate_label(gate: dict[str, Any]) -> str:
+    if not gate.get("configured", True):
+        return "NOT CONFIGURED"
+    return "PASSED" if gate["passed"] else "FAILED"
+
+
+def _data_sentence(results: dict[str, Any]) -> str:
+    prof, d = results["profile"], results["data"]
+    names = d.get("class_names") or []
+    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+    source = f" from `{d['path']}`" if d.get("path") else ""
+    model = prof["model"].get("arch") or prof["model"].get("entry_point") or prof["model"].get("torchscript")
+    return (f"Data: **{d['name']}**{source}, {'x'.join(map(str, d['shape']))}, {d['num_classes']} classes"
+            + (f" ({shown})" if names else "")
+            + f"; train/val/test = {d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']} "
+              f"(seed {prof['seed']}). Model: {model}. "
+              "Every interval is a 95% interval (Wilson for proportions); n is the number of samples it rests on.")
+
+
 def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block]:
+    from safedl.assess.gate import gate_summary
+
     b: list[Block] = []
     prof = results["profile"]
     gate = results["gate"]
+    names = (results.get("data") or {}).get("class_names")
     b.append(("h", 1, f"safedl report: {prof['name']}"))
     b.append(("p", f"Run `{results['run_id']}`, created {results.get('created', '')}. "
-                   f"Release gate: **{'PASSED' if gate['passed'] else 'FAILED'}**. "
+                   f"Release gate: **{_gate_label(gate)}**. "
                    f"Overall risk: **{results['risk']['overall_level']}**"
-                   + (f", residual after defenses: **{results['risk']['residual_level']}**." if results["defenses"] else ".")))
+                   + (f", residual after defenses: **{results['risk']['residual_level']}**." if results["defenses"] else ".")
+                   + f" {gate_summary(gate)}"
+                   + ("" if results["attacks"] else " **No attack was run** (baseline_only): this run measures the "
+                      "baseline alone and says nothing about robustness.")))
     tm = prof["threat_model"]
     b.append(("p", "Threat model: " + ", ".join(f"{k}={v}" for k, v in tm.items()) + "."))
-    d = results["data"]
-    b.append(("p", f"Data: {d['name']} {'x'.join(map(str, d['shape']))}, {d['num_classes']} classes, "
-                   f"train/val/test = {d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']} "
-                   f"(seed {prof['seed']}). Model: {prof['model'].get('arch') or prof['model'].get('entry_point') or prof['model'].get('torchscript')}. "
-                   "Every interval is a 95% interval (Wilson for proportions); n is the number of samples it rests on."))
+    b.append(("p", _data_sentence(results)))
     b.append(("h", 2, "Baseline"))
     base = results["baseline"]
     rows = [[k, fmt_metric(v)] for k, v in flatten(base["metrics"]).items()]
     rows.append(["training time (s)", f"{base.get('time_s', 0):.1f}"])
     b.append(("table", ["metric", "value"], rows))
     if base.get("per_class"):
-        b += _per_class(base["per_class"])
+        b += _per_class(base["per_class"], names)
+    if base.get("notes"):
+        b.append(("list", list(base["notes"])))
     if figures:
         b.append(("h", 2, "Summary figures"))
         b += [("img", label, path) for label, path in figures.items()]
@@ -84,9 +107,9 @@ def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block
             rows = [[k, fmt_metric(v)] for k, v in flatten(a["metrics"]).items()]
             b.append(("table", ["metric", "value"], rows))
             if a.get("broken_by"):
-                b.append(("table", ["ensemble member", "samples it broke first"], [[k, str(v)] for k, v in a["broken_by"].items()]))
+                b.append(("table", ["ensemble member", "samples it broke first"], _broken_by_rows(a)))
             if a.get("per_class"):
-                b += _per_class(a["per_class"])
+                b += _per_class(a["per_class"], names)
             if a.get("notes"):
                 b.append(("list", list(a["notes"])))
             b += [("img", label, path) for label, path in a.get("artifacts", {}).items()]
@@ -104,21 +127,50 @@ def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block
                 b.append(("p", "Parameters: " + ", ".join(f"{k}={v}" for k, v in dd["params"].items())))
             b.append(("table", ["metric", "value"], [[k, fmt_metric(v)] for k, v in flatten(dd["metrics"]).items()]))
             if dd.get("per_class"):
-                b += _per_class(dd["per_class"])
+                b += _per_class(dd["per_class"], names)
             if dd.get("notes"):
                 b.append(("list", list(dd["notes"])))
             b += [("img", label, path) for label, path in dd.get("artifacts", {}).items()]
     from safedl.report.risk_section import risk_blocks
 
     b += risk_blocks(results["risk"])
-    b.append(("h", 2, "Release gate"))
-    b.append(("p", f"**{'PASSED' if gate['passed'] else 'FAILED'}** (compared: {gate.get('compared', 'value')})."))
-    if gate["failures"]:
-        b.append(("list", gate["failures"]))
+    b += _gate_blocks(gate)
     env = results["environment"]
     b.append(("h", 2, "Environment"))
     b.append(("p", ", ".join(f"{k} {v}" for k, v in env.items())))
     return b
+
+
+def _gate_blocks(gate: dict[str, Any]) -> list[Block]:
+    """The gate's verdict, the sentence saying what it checked, and one row per check (older results: failures)."""
+    from safedl.assess.gate import gate_summary
+
+    b: list[Block] = [("h", 2, "Release gate"), ("p", f"**{_gate_label(gate)}**. {gate_summary(gate)}")]
+    checks = gate.get("checks")
+    if checks:
+        rows = [[c["name"], c["metric"], f"{c['op']} {c['threshold']:g}",
+                 "n/a" if c.get("value") is None else f"{c['value']:.4f}", c.get("bound", "point"),
+                 "pass" if c["passed"] else "FAIL", c.get("reason", "")] for c in checks]
+        b.append(("table", ["check", "metric", "threshold", "value", "compared", "result", "reason"], rows))
+    elif gate.get("failures"):
+        b.append(("list", gate["failures"]))
+    return b
+
+
+def _broken_by_rows(attack: dict[str, Any]) -> list[list[str]]:
+    """Ensemble members and the samples each broke first; "not broken" split into the samples the model already
+    misclassified before the attack and the ones that withstood every member."""
+    rows = [[k, str(v)] for k, v in attack["broken_by"].items() if k != "not broken"]
+    if "not broken" in attack["broken_by"]:
+        total = int(attack["broken_by"]["not broken"])
+        clean = attack.get("metrics", {}).get("clean_accuracy")
+        if isinstance(clean, dict) and clean.get("n") and clean.get("value") is not None:
+            wrong = int(round(clean["n"] * (1 - clean["value"])))
+            rows.append(["not broken: already misclassified before the attack", str(wrong)])
+            rows.append(["not broken: withstood every member", str(max(0, total - wrong))])
+        else:
+            rows.append(["not broken (includes samples misclassified before the attack)", str(total)])
+    return rows
 
 
 _DEF_ORDER = ["clean_accuracy", "clean_accuracy_after", "robust_accuracy", "robust_accuracy_nonadaptive",
@@ -126,7 +178,7 @@ _DEF_ORDER = ["clean_accuracy", "clean_accuracy_after", "robust_accuracy", "robu
               "detection.f1", "detection.auroc"]
 
 
-def _per_class(per_class: dict[str, list]) -> list[Block]:
+def _per_class(per_class: dict[str, list], class_names: list[str] | None = None) -> list[Block]:
     names = list(per_class)
     k = max(len(v) for v in per_class.values())
     # A column of whole numbers above 1 holds counts (flagged, true_poison): print them as integers.
@@ -139,7 +191,12 @@ def _per_class(per_class: dict[str, list]) -> list[Block]:
             return ""
         return f"{int(v)}" if counts[n] else f"{v:.3f}"
 
-    rows = [[str(c)] + [cell(n, c) for n in names] for c in range(k)]
+    def label(c: int) -> str:
+        if class_names and c < len(class_names) and class_names[c] != str(c):
+            return f"{c} ({class_names[c]})"
+        return str(c)
+
+    rows = [[label(c)] + [cell(n, c) for n in names] for c in range(k)]
     return [("table", ["class"] + [f"{n} (per class)" for n in names], rows)]
 
 
@@ -195,6 +252,40 @@ def to_html(blocks: list[Block], title: str) -> str:
             f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
 
 
+_REQUIRED = {"run_id": str, "profile": dict, "data": dict, "baseline": dict, "attacks": list, "defenses": list,
+             "risk": dict, "gate": dict, "environment": dict}
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """Read and check a results.json (the shape ``safedl run`` writes); DataError naming the file and the problem."""
+    import json
+
+    from safedl.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: not found (give a run directory holding results.json, or the file itself)")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(results, dict) or "schema_version" not in results:
+        raise DataError(f"{path}: not a safedl results file (expected a JSON object with schema_version, run_id, "
+                        "profile, data, baseline, attacks, defenses, risk, gate, environment)")
+    if results["schema_version"] != 1:
+        raise DataError(f"{path}: results schema_version {results['schema_version']!r} is not supported "
+                        "(this safedl reads version 1)")
+    bad = [f"{k} (expected a {t.__name__})" for k, t in _REQUIRED.items() if not isinstance(results.get(k), t)]
+    if bad:
+        raise DataError(f"{path}: missing or mis-typed key(s): {', '.join(bad)}")
+    try:
+        build_blocks(results, {})  # a dry render: any other mis-shaped value fails here, before anything is written
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise DataError(f"{path}: results file has an unexpected shape ({type(exc).__name__}: {exc}); "
+                        "re-create it with `safedl run`") from None
+    return results
+
+
 def write_reports(results: dict[str, Any], run_dir: Path, *, html: bool = True, figures: bool = True) -> None:
     """Write report.md (and report.html) next to results.json, from the results alone."""
     run_dir = Path(run_dir)
@@ -206,6 +297,9 @@ def write_reports(results: dict[str, Any], run_dir: Path, *, html: bool = True, 
         from safedl.report.tradeoff import tradeoff_figures
 
         figs.update(tradeoff_figures(results, run_dir))
+        from safedl.report.extraction_figures import extraction_figures  # model-extraction curves (issue 13)
+
+        figs.update(extraction_figures(results, run_dir))
     blocks = build_blocks(results, figs)
     atomic_write_text(run_dir / "report.md", to_markdown(blocks))
     if html:

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from safedl.data.dataset import Dataset
-from safedl.models.normalize import unwrap, with_normalization
+from safedl.errors import ConfigError
+from safedl.models.features import feature_module, features
+from safedl.models.normalize import with_normalization
 from safedl.models.train import TrainRecipe, train_model
 from safedl.models.zoo import build_model
 
@@ -35,11 +37,10 @@ def train_surrogate(train: Dataset, *, seed: int, device: torch.device | str = "
 
 
 def feature_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x -> penultimate features of a zoo model (through its Normalize layer); logits for other models."""
-    net = unwrap(model)
-    if net is not model and hasattr(net, "features"):
-        norm = model[0]
-        return lambda x: net.features(norm(x))
-    if hasattr(model, "features") and callable(model.features):
-        return model.features
-    return model
+    """x -> penultimate features (``safedl.models.features``: the last linear layer's input, or the model's
+    ``feature_layer``); the logits for a model whose features cannot be read."""
+    try:
+        feature_module(model)
+    except ConfigError:
+        return model
+    return lambda x: features(model, x)

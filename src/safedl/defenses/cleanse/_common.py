@@ -5,7 +5,8 @@ Cleanser contract (every module in this package)::
     find_poison(data: Dataset, *, model=None, trusted=None, train_fn=None, device="cpu", **extra) -> DetectionResult
 
 - ``model``: a model trained on ``data`` as given (poisoned). Feature-space cleansers (spectral signatures,
-  activation clustering, anomaly detection, influence) read its penultimate layer; if it is None and ``train_fn`` is
+  activation clustering, anomaly detection, influence) read its penultimate layer with
+  ``safedl.models.features.extract_features`` (a forward hook: any nn.Module); if it is None and ``train_fn`` is
   given they train one with it.
 - ``trusted``: a small clean set (e.g. the validation split); optional for most cleansers, required by RONI,
   provenance's source test and influence.
@@ -25,26 +26,8 @@ from torch import nn
 
 from safedl.data.dataset import Dataset
 from safedl.errors import ConfigError
-from safedl.models.normalize import Normalize, unwrap
-from safedl.utils.tensors import eval_mode, model_device
 
 TrainFn = Callable[..., nn.Module]
-
-
-@torch.no_grad()
-def penultimate(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
-    """Penultimate-layer representation ``net.features(normalize(x))`` of a zoo-style model, on CPU."""
-    net = unwrap(model)
-    if not hasattr(net, "features"):
-        raise ConfigError(f"{type(net).__name__} has no features(x) method; feature-space cleansers need one "
-                          "(zoo models have it)")
-    norm = model[0] if net is not model and isinstance(model[0], Normalize) else nn.Identity()
-    dev = model_device(model)
-    outs = []
-    with eval_mode(model):
-        for i in range(0, len(x), batch_size):
-            outs.append(net.features(norm(x[i : i + batch_size].to(dev))).flatten(1).cpu())
-    return torch.cat(outs) if outs else torch.empty(0, 0)
 
 
 def need_model(name: str, data: Dataset, model: nn.Module | None, train_fn: TrainFn | None) -> nn.Module:

@@ -23,12 +23,15 @@ classes not judged poisoned, so one ranking over all classes gives an AUROC.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
 
 from safedl.data.dataset import Dataset
-from safedl.defenses.cleanse._common import TrainFn, class_indices, foreign_mode, need_model, penultimate
+from safedl.defenses.cleanse._common import TrainFn, class_indices, foreign_mode, need_model
+from safedl.models.features import extract_features
 from safedl.defenses.cleanse.result import DetectionResult
 from safedl.registry import register
 from safedl.utils.tensors import predict
@@ -38,6 +41,18 @@ from safedl.utils.validate import check_choice, check_positive, check_range
 @register("cleanser", "activation_clustering")
 class ActivationClustering:
     """Activation clustering (Chen et al. 2018): per-class 2-means on reduced activations, silhouette or size rule."""
+
+    model_needs: tuple[str, ...] = ("features",)  # what the model must offer (safedl.models.features.model_problems)
+    inputs: ClassVar[frozenset[str]] = frozenset({"model", "trusted", "train_fn"})
+    trusted_data: ClassVar[str] = "optional"
+    trusted_role: ClassVar[str] = "decides which cluster of a class is foreign"
+    known_weak: ClassVar[dict[str, str]] = {
+        "trusted:none": "without trusted data the smaller mode of a class is taken as the poison; when poisons are about "
+                        "half their target class or more it flags the clean mode or nothing (mnist5k 10% checkerboard "
+                        "and single pixel, target 3, seed 0: TPR 0.000, n=350; bench/measure_poison_generalization.py)",
+        "mapping:all_to_all": "all-to-all poison spreads over every class, so no class has a foreign mode (digits 10%, "
+                              "seed 0, four triggers: TPR <= 0.22, n=126; bench/measure_poison_generalization.py)",
+    }
 
     def __init__(self, *, n_dims: int = 10, reduce: str = "pca", rule: str = "silhouette",
                  silhouette_threshold: float = 0.15, alpha: float = 0.05, max_trusted_ratio: float = 0.25, untrusted_silhouette: float = 0.5,
@@ -73,8 +88,8 @@ class ActivationClustering:
         from sklearn.metrics import silhouette_score
 
         model = need_model("activation_clustering", data, model, train_fn)
-        feats = penultimate(model, data.x).double().numpy()
-        t_feats = penultimate(model, trusted.x).double().numpy() if trusted is not None and len(trusted) else None
+        feats = extract_features(model, data.x).double().numpy()
+        t_feats = extract_features(model, trusted.x).double().numpy() if trusted is not None and len(trusted) else None
         n = len(data)
         flag = np.zeros(n, dtype=bool)
         score = np.zeros(n)

@@ -11,12 +11,15 @@ the Isolation Forest reaches AUROC 0.997, tpr 0.949 [0.920, 0.967] (n=350) at fp
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
 
 from safedl.data.dataset import Dataset
-from safedl.defenses.cleanse._common import TrainFn, class_indices, need_model, penultimate
+from safedl.defenses.cleanse._common import TrainFn, class_indices, need_model
+from safedl.models.features import extract_features
 from safedl.defenses.cleanse.result import DetectionResult
 from safedl.registry import register
 from safedl.utils.validate import check_choice, check_range
@@ -25,6 +28,12 @@ from safedl.utils.validate import check_choice, check_range
 @register("cleanser", "anomaly_detection")
 class AnomalyDetection:
     """Per-class Isolation Forest or LOF on penultimate features; ``contamination`` 'auto' or the flagged share."""
+
+    model_needs: tuple[str, ...] = ("features",)  # what the model must offer (safedl.models.features.model_problems)
+    inputs: ClassVar[frozenset[str]] = frozenset({"model", "train_fn"})
+    trusted_data: ClassVar[str] = "unused"
+    trusted_role: ClassVar[str] = "not used"
+    known_weak: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, type: str = "isolation_forest", contamination: float | str = "auto", n_neighbors: int = 20,
                  n_estimators: int = 200, seed: int = 0):
@@ -52,7 +61,7 @@ class AnomalyDetection:
     def find_poison(self, data: Dataset, *, model: nn.Module | None = None, trusted: Dataset | None = None,
                     train_fn: TrainFn | None = None, device: str | torch.device = "cpu") -> DetectionResult:
         model = need_model("anomaly_detection", data, model, train_fn)
-        feats = penultimate(model, data.x).double().numpy()
+        feats = extract_features(model, data.x).double().numpy()
         flag = np.zeros(len(data), dtype=bool)
         score = np.zeros(len(data))
         per_class = []

@@ -1,5 +1,9 @@
 """Influence of each training sample on the loss of a trusted clean set, by TracIn (Pruthi, Liu, Kale & Sundararajan,
-"Estimating Training Data Influence by Tracing Gradient Descent", NeurIPS 2020).
+"Estimating Training Data Influence by Tracing Gradient Descent", NeurIPS 2020), on the last layer only.
+
+The registry name is historical: this is not Koh & Liang's influence functions ("Understanding Black-box
+Predictions via Influence Functions", ICML 2017; inverse-Hessian-vector products at the final parameters), and it
+traces only the last (linear) layer's gradients, not the whole network's.
 
 TracInCP(z, z') = sum over checkpoints t of eta_t * grad L(w_t, z) . grad L(w_t, z'). Summing over the trusted set
 gives each training sample's influence on the trusted loss: positive = its gradient steps lowered that loss
@@ -23,6 +27,8 @@ backdoor stands out more: AUROC 0.988, tpr 0.686 [0.520, 0.814] (n=35) at fpr 0.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import copy
 
 import torch
@@ -30,18 +36,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from safedl.data.dataset import Dataset
-from safedl.defenses.cleanse._common import TrainFn, penultimate
+from safedl.defenses.cleanse._common import TrainFn
 from safedl.defenses.cleanse.result import DetectionResult
 from safedl.errors import ConfigError
-from safedl.models.normalize import unwrap
+from safedl.models.features import HEAD_INPUT, extract_features, last_linear
 from safedl.registry import register
 from safedl.utils.validate import check_positive, check_range
 
 
 def _last_layer_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample last-layer gradient factors: r = softmax - onehot (N x C) and h1 = [h, 1] (N x (D+1))."""
-    h = penultimate(model, x).float()
-    lin = unwrap(model).classifier
+    h = extract_features(model, x, layer=HEAD_INPUT).float()  # the last linear layer's input, whatever feature_layer says
+    lin = last_linear(model)
     with torch.no_grad():
         logits = h @ lin.weight.detach().cpu().T + (lin.bias.detach().cpu() if lin.bias is not None else 0.0)
     r = logits.softmax(1) - F.one_hot(y, num_classes).float()
@@ -64,6 +70,12 @@ def tracin_influence(states: list[nn.Module], data: Dataset, trusted: Dataset) -
 @register("cleanser", "influence_functions")
 class InfluenceFunctions:
     """TracIn influence (Pruthi et al. 2020) of each training sample on a trusted set's loss; flags the most harmful."""
+
+    model_needs: tuple[str, ...] = ("head",)  # what the model must offer (safedl.models.features.model_problems)
+    inputs: ClassVar[frozenset[str]] = frozenset({"model", "trusted", "train_fn"})
+    trusted_data: ClassVar[str] = "required"
+    trusted_role: ClassVar[str] = "the loss whose influence is traced"
+    known_weak: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, z_threshold: float = 3.5, flag_fraction: float | None = None, max_checkpoints: int = 8):
         self.z_threshold = check_positive(self, "z_threshold", z_threshold)

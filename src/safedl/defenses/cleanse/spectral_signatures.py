@@ -23,12 +23,15 @@ Two removal rules (``rule``):
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
 
 from safedl.data.dataset import Dataset
-from safedl.defenses.cleanse._common import TrainFn, class_indices, foreign_mode, gmm_split, need_model, penultimate
+from safedl.defenses.cleanse._common import TrainFn, class_indices, foreign_mode, gmm_split, need_model
+from safedl.models.features import extract_features
 from safedl.defenses.cleanse.result import DetectionResult
 from safedl.registry import register
 from safedl.utils.validate import check_choice, check_fraction, check_positive, check_range
@@ -37,6 +40,18 @@ from safedl.utils.validate import check_choice, check_fraction, check_positive, 
 @register("cleanser", "spectral_signatures")
 class SpectralSignatures:
     """Spectral signatures (Tran et al. 2018) with a data-driven per-class removal rule (or the paper's fixed one)."""
+
+    model_needs: tuple[str, ...] = ("features",)  # what the model must offer (safedl.models.features.model_problems)
+    inputs: ClassVar[frozenset[str]] = frozenset({"model", "trusted", "train_fn"})
+    trusted_data: ClassVar[str] = "optional"
+    trusted_role: ClassVar[str] = "decides which mode of a class is foreign"
+    known_weak: ClassVar[dict[str, str]] = {
+        "trusted:none": "without trusted data the smaller mode of a class is taken as the poison; when poisons are about "
+                        "half their target class or more it flags the clean mode or nothing (mnist5k 10% checkerboard "
+                        "and single pixel, target 3, seed 0: TPR 0.000, n=350; bench/measure_poison_generalization.py)",
+        "mapping:all_to_all": "all-to-all poison spreads over every class, so no class has a foreign mode (digits 10%, "
+                              "seed 0, four triggers: TPR <= 0.22, n=126; bench/measure_poison_generalization.py)",
+    }
 
     def __init__(self, *, rule: str = "auto", expected_fraction: float = 0.1, eps_multiplier: float = 1.5,
                  n_directions: int = 2, min_separation: float = 2.0, alpha: float = 0.05, max_trusted_ratio: float = 0.25, untrusted_separation: float = 4.0,
@@ -55,8 +70,8 @@ class SpectralSignatures:
     def find_poison(self, data: Dataset, *, model: nn.Module | None = None, trusted: Dataset | None = None,
                     train_fn: TrainFn | None = None, device: str | torch.device = "cpu") -> DetectionResult:
         model = need_model("spectral_signatures", data, model, train_fn)
-        feats = penultimate(model, data.x)
-        t_feats = penultimate(model, trusted.x) if trusted is not None and len(trusted) else None
+        feats = extract_features(model, data.x)
+        t_feats = extract_features(model, trusted.x) if trusted is not None and len(trusted) else None
         n = len(data)
         flag = torch.zeros(n, dtype=torch.bool)
         score = torch.zeros(n)

@@ -20,15 +20,6 @@ from safedl.utils.validate import check_fraction, check_positive
 log = logging.getLogger(__name__)
 
 
-def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Penultimate features of a zoo model, through its Normalize wrapper when present."""
-    if isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], Normalize):
-        return model[1].features(model[0](x))
-    if hasattr(model, "features"):
-        return model.features(x)
-    raise ValueError("this detector needs a model with a features(x) method (every zoo model has one)")
-
-
 _SKIP = (Normalize, nn.Flatten, nn.Dropout, nn.Identity, nn.Sequential, nn.ModuleList)
 
 

@@ -44,6 +44,8 @@ class LIDDetector(SupervisedDetector):
     --parts detect, which also measures the paper's k=20 with 100 references).
     """
 
+    model_needs: tuple[str, ...] = ("hooks",)  # what the model must offer (safedl.models.features.model_problems)
+
     def __init__(self, *, k: int = 30, reference_size: int = 1000, attack: str = "pgd", eps: float = 0.3,
                  attack_params: dict | None = None, fpr: float = 0.05, calibration_fraction: float = 0.3,
                  batch_size: int = 500, max_fit: int = 1000):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from safedl.defenses.detect._base import SupervisedDetector, layer_outputs, penultimate
+from safedl.defenses.detect._base import SupervisedDetector, layer_outputs
+from safedl.models.features import features
 from safedl.registry import register
 from safedl.utils.tensors import eval_mode, frozen_params, predict
 from safedl.utils.validate import check_positive
@@ -15,7 +16,7 @@ def _features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """Every ReLU layer's output, spatially averaged per channel (the paper's feature ensemble); the penultimate
     features alone for a model without ReLU modules."""
     feats = layer_outputs(model, x, pool=True)[:-1]
-    return feats if feats else [penultimate(model, x)]
+    return feats if feats else [features(model, x)]
 
 
 @register("detector", "mahalanobis")
@@ -30,6 +31,8 @@ class MahalanobisDetector(SupervisedDetector):
     Half of the fit images (up to ``max_fit``) estimate the Gaussians, the other half train the regression, so
     the regression sees clean distances of images the Gaussians were not fitted on.
     """
+
+    model_needs: tuple[str, ...] = ("hooks",)  # what the model must offer (safedl.models.features.model_problems)
 
     def __init__(self, *, noise_magnitude: float = 0.0, attack: str = "pgd", eps: float = 0.3,
                  attack_params: dict | None = None, fpr: float = 0.05, calibration_fraction: float = 0.3,

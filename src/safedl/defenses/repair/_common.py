@@ -21,10 +21,10 @@ def last_conv(model: nn.Module) -> nn.Conv2d:
 
 
 def classifier(model: nn.Module) -> nn.Linear:
-    net = unwrap(model)
-    if not isinstance(getattr(net, "classifier", None), nn.Linear):
-        raise ConfigError(f"{type(net).__name__} has no linear .classifier (penultimate pruning needs one)")
-    return net.classifier
+    """The classifier head: the model's last nn.Linear (``safedl.models.features.last_linear``)."""
+    from safedl.models.features import last_linear
+
+    return last_linear(model)
 
 
 @torch.no_grad()

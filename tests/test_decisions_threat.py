@@ -44,6 +44,8 @@ def test_flags_give_profiles_that_follow_the_answers(tmp_path):
     targeted = _init(tmp_path, "targeted", "--goal", "targeted", "--sensitivity", "high")
     assert all(a.targeted for a in targeted.attacks.evasion) and _evasion(targeted)["pgd"].params["steps"] == 40
     assert targeted.evaluation.gate.max_risk == "medium"
+    copy = _init(tmp_path, "copy", "--goal", "copy", "--outputs", "labels")
+    assert [a.name for a in copy.attacks.extraction] == ["copycat"] and copy.threat_model.attack_goal == "any"
     backdoor = _init(tmp_path, "backdoor", "--goal", "backdoor")
     assert not backdoor.attacks.evasion and not backdoor.attacks.poisoning and backdoor.attacks.backdoor
     assert _evasion(_init(tmp_path, "internal", "--deployment", "internal"))["square"].params["max_queries"] == 1000
@@ -57,9 +59,10 @@ def test_contradicting_answers_write_nothing(tmp_path):
     assert res.exit_code == 2 and "--outputs" in res.output and not out.exists()
 
 
-def _prof(tm, evasion=(), poisoning=(), backdoor=()):
+def _prof(tm, evasion=(), poisoning=(), backdoor=(), extraction=()):
     return {"threat_model": tm, "dataset": {"name": "digits"}, "model": {"arch": "tiny_cnn"},
-            "attacks": {"evasion": list(evasion), "poisoning": list(poisoning), "backdoor": list(backdoor)}}
+            "attacks": {"evasion": list(evasion), "poisoning": list(poisoning), "backdoor": list(backdoor),
+                        "extraction": list(extraction)}}
 
 
 def _errors(data):
@@ -75,6 +78,7 @@ TRANSFER_TRAIN = {"name": "transfer", "params": {"source": "train"}}
 TRANSFER_QUERIES = {"name": "transfer", "params": {"source": "queries"}}
 FLIP = {"name": "label_flipping"}
 PATCH = {"name": "static_patch"}
+COPY = {"name": "copycat"}
 
 
 @pytest.mark.parametrize("tm,kw,bad", [
@@ -87,6 +91,8 @@ PATCH = {"name": "static_patch"}
     ({"attack_goal": "backdoor"}, {"evasion": [PGD], "backdoor": [PATCH]}, ["attacks.evasion[0]"]),
     ({"attack_goal": "availability"}, {"poisoning": [FLIP], "backdoor": [PATCH]}, ["attacks.backdoor[0]"]),
     ({"attack_goal": "targeted"}, {"evasion": [PGD]}, ["attacks.evasion[0].targeted"]),
+    ({"attack_goal": "untargeted"}, {"evasion": [PGD], "extraction": [COPY]}, ["attacks.extraction[0]"]),
+    ({"attack_goal": "any"}, {"extraction": [COPY]}, []),
     ({"attack_goal": "targeted"}, {"evasion": [dict(PGD, targeted=True)]}, []),
     ({"deployment_scenario": "edge_device", "model_access": "gray-box"}, {"evasion": [TRANSFER_TRAIN]},
      ["threat_model.model_access"]),

@@ -8,7 +8,7 @@ name: default
 seed: 0                          # one seed for splits, initialisation, training and attacks
 
 threat_model:
-  model_access: white-box        # white-box | gray-box | black-box (black-box allows only query/transfer attacks)
+  model_access: white-box        # white-box | gray-box | black-box (docs/threat-model.md: what each answer allows)
   attack_goal: any               # untargeted | targeted | availability | backdoor | any
   deployment_scenario: cloud_api # cloud_api | edge_device | internal | research
   data_sensitivity: medium       # low | medium | high (weights the impact in the risk rating)

@@ -313,6 +313,14 @@ def _read_key(path: Optional[Path]) -> Optional[bytes]:
     return key
 
 
+# `safedl serve`, `safedl keys ...`, `safedl audit export`: the HTTP service (logic in safedl.serve.cli)
+from safedl.serve.cli import audit_app, keys_app, serve_command  # noqa: E402
+
+app.command(name="serve")(serve_command)
+app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -209,11 +209,22 @@ class GateSpec(_Strict):
         return {k: v for k, v in self.model_dump().items() if k != "use_interval" and v is not None}
 
 
+class StrongAdaptiveSpec(_Strict):
+    """The strong adaptive suite every input- or model-changing evasion defense is also evaluated with (APGD-CE and
+    APGD-DLR with restarts through BPDA/EOT, within the paired attack's norm and eps)."""
+
+    enabled: bool = True
+    steps: int = Field(100, ge=1, le=10000)
+    restarts: int = Field(3, ge=1, le=100)
+    eot_samples: int = Field(8, ge=1, le=256, description="EOT draws per step for randomized preprocessors")
+
+
 class EvaluationSpec(_Strict):
     n_eval: int = Field(1000, ge=1, description="test images used for evasion attacks")
     batch_size: int = Field(250, ge=1)
     n_examples: int = Field(8, ge=0, le=64, description="example images saved per attack")
     gate: GateSpec = Field(default_factory=GateSpec)
+    strong_adaptive: StrongAdaptiveSpec = Field(default_factory=StrongAdaptiveSpec)
 
 
 class OutputSpec(_Strict):

@@ -409,6 +409,10 @@ def _score_histograms(path, score: torch.Tensor, y: torch.Tensor, truth: torch.T
             ax.hist(score[sel & truth].numpy(), bins=bins, color="tab:red", alpha=0.7, label="poison")
         ax.set_title(f"class {c}", fontsize=8)
         ax.tick_params(labelsize=6)
+        if c % cols == 0:
+            ax.set_ylabel("training samples", fontsize=7)
+        if c >= num_classes - cols:
+            ax.set_xlabel("outlier score", fontsize=7)
     axes.ravel()[0].legend(fontsize=6)
     fig.suptitle("outlier scores per class (red: true poisons)", fontsize=9)
     fig.tight_layout()
@@ -438,9 +442,12 @@ def _weight_histograms(path, hist: dict[str, dict]) -> None:
         ax.bar(edges, h["counts"], width=(hi - lo) / max(n, 1), align="edge")
         ax.set_yscale("log")
         ax.set_title(name, fontsize=7)
+        ax.set_xlabel("weight value", fontsize=7)
+        ax.set_ylabel("count (log)", fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
+    fig.suptitle("weight histograms per layer", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -34,7 +34,7 @@ from safedl.models.train import accuracy, train_model
 from safedl.models.user import load_entry_point, load_torchscript
 from safedl.models.zoo import build_model
 from safedl.profile import DefenseSpec, Profile
-from safedl.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, json_hash
+from safedl.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, file_sha256, json_hash
 from safedl.utils.stats import proportion
 from safedl.utils.tensors import predict, seed_everything
 
@@ -102,16 +102,6 @@ def unpack_state(obj: Any) -> Any:
 def load_stage_state(path: Path) -> dict:
     """Read a stage's ``state.pt`` (written by ``Run._finish``)."""
     return unpack_state(torch.load(path, map_location="cpu", weights_only=False))
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _LazyState(Mapping):

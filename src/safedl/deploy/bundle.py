@@ -32,6 +32,7 @@ from safedl import registry
 from safedl.deploy.pipeline import SecurePipeline
 from safedl.deploy.state import fitted_state, restore_state
 from safedl.errors import BundleError, UserError
+from safedl.utils.io import file_sha256
 
 SCHEMA_VERSION = 1
 KIND = "safedl-bundle"
@@ -46,14 +47,6 @@ class Bundle:
     manifest: dict[str, Any]
     pipeline: SecurePipeline
     version: str
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -110,7 +103,7 @@ def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict
     try:
         _save_tensors(tmp / WEIGHTS, pipeline.model.state_dict())
         components = [_component_record(i, c, tmp) for i, c in enumerate(pipeline.components)]
-        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "bundle_schema_version": SCHEMA_VERSION, "kind": KIND,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -174,7 +167,7 @@ def _verify_files(root: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"{root / MANIFEST}: file entry {rel!r} points outside the bundle")
         if not p.is_file():
             raise BundleError(f"{root / rel}: missing (listed in the manifest)")
-        if not hmac.compare_digest(sha256_file(p), str(digest)):
+        if not hmac.compare_digest(file_sha256(p), str(digest)):
             raise BundleError(f"{root / rel}: sha256 does not match the manifest (the file was changed or truncated)")
     extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                    if p.is_file() and p.name not in (MANIFEST, DIGEST) and p.relative_to(root).as_posix() not in files)

@@ -103,3 +103,12 @@ def tensor_hash(*tensors: torch.Tensor) -> str:
 def json_hash(obj: Any) -> str:
     """SHA-256 of a canonical JSON encoding (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safedl.utils.stats import robust_z
 from safedl.data.dataset import Dataset
 from safedl.defenses.cleanse._common import TrainFn
 from safedl.defenses.cleanse.result import DetectionResult
@@ -113,9 +114,7 @@ class InfluenceFunctions:
             step = len(states) / self.max_checkpoints
             states = [states[min(len(states) - 1, int(round((i + 1) * step)) - 1)] for i in range(self.max_checkpoints)]
         harm = -tracin_influence(states, data, trusted)
-        med = harm.median()
-        mad = (harm - med).abs().median().clamp_min(1e-12) * 1.4826
-        z = (harm - med) / mad
+        z = robust_z(harm)
         if self.flag_fraction is not None:
             k = int(round(self.flag_fraction * len(data)))
             flag = torch.zeros(len(data), dtype=torch.bool)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safedl.utils.stats import robust_z
 from safedl.data.dataset import Dataset
 from safedl.models.train import TrainRecipe, train_model
 from safedl.registry import register
@@ -69,9 +70,7 @@ def anomaly_index(norms: torch.Tensor, *, log: bool = False) -> torch.Tensor:
     if ``log``."""
     if log:
         norms = norms.clamp_min(1e-12).log()
-    med = norms.quantile(0.5)
-    mad = (norms - med).abs().quantile(0.5).clamp_min(1e-12) * 1.4826
-    return (med - norms) / mad
+    return -robust_z(norms, interpolate=True)
 
 
 @register("repair", "neural_cleanse")

@@ -1,0 +1,198 @@
+"""The audit log: one row per request and image, committed before the response is sent (SQLite, WAL).
+
+A single writer thread commits the rows of all requests waiting at that moment in one transaction (group commit)
+and then releases them; a request whose rows could not be committed (read-only or full location, locked database)
+is answered 503, never without a record. With WAL and ``synchronous=NORMAL`` a committed transaction survives a
+killed server process (only an operating-system crash can lose the last transactions; pass ``synchronous="FULL"``
+to rule that out too, at a higher cost per commit).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import io
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from safedl.errors import SafedlError, UserError
+from safedl.serve._sqlite import connect, immediate
+from safedl.utils.io import atomic_write_text
+
+log = logging.getLogger("safedl.serve.audit")
+
+COLUMNS = ("ts", "request_id", "image_index", "key_id", "client", "endpoint", "http_status", "error", "tier",
+           "input_sha256", "shape", "label", "class_name", "confidence", "rejected", "reason", "detector_scores",
+           "latency_ms", "bundle_version")
+_TYPES = {"ts": "REAL NOT NULL", "request_id": "TEXT NOT NULL", "image_index": "INTEGER", "http_status": "INTEGER NOT NULL",
+          "label": "INTEGER", "confidence": "REAL", "rejected": "INTEGER", "latency_ms": "REAL"}
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+           + ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in COLUMNS) + ");"
+           "CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);"
+           "CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);")
+_INSERT = f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_STOP = object()
+
+
+class AuditUnavailable(SafedlError, RuntimeError):
+    """The audit rows could not be committed: the request must not be answered (HTTP 503)."""
+
+
+class AuditStore:
+    """``submit(rows) -> Future`` resolved once the rows are committed; ``start()`` / ``close()`` run the writer."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL", max_group: int = 512,
+                 max_bytes: int | None = None):
+        self.path = Path(path)
+        self.max_bytes = max_bytes  # size cap of the database file: once reached, requests are answered 503
+        self.synchronous = synchronous
+        self.max_group = max_group
+        self.healthy = False
+        self.last_error: str | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._open()
+        self._thread = threading.Thread(target=self._run, name="safedl-audit", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Commit everything queued, checkpoint the WAL and close (graceful shutdown)."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+        if self._conn is not None:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._conn.close()
+            except sqlite3.Error as exc:
+                log.warning("audit close: %s", exc)
+            self._conn = None
+
+    def _open(self) -> bool:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = connect(self.path, synchronous=self.synchronous)
+            conn.executescript(_SCHEMA)
+            if self.max_bytes is not None:
+                page = conn.execute("PRAGMA page_size").fetchone()[0]
+                conn.execute(f"PRAGMA max_page_count={max(1, int(self.max_bytes) // page)}")
+            self._conn = conn
+            self.healthy, self.last_error = True, None
+            return True
+        except (sqlite3.Error, OSError) as exc:
+            self._fail(f"cannot open the audit database {self.path}: {exc}")
+            return False
+
+    def _fail(self, message: str) -> None:
+        if self.healthy or self.last_error != message:
+            log.error("audit unavailable, answering 503 until it recovers: %s", message,
+                      extra={"event": "audit_unavailable", "audit_path": str(self.path)})
+        self.healthy, self.last_error = False, message
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def submit(self, rows: list[dict[str, Any]]) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        if self._thread is None:
+            fut.set_exception(AuditUnavailable("the audit writer is not running"))
+        else:
+            self._queue.put((fut, [tuple(_cell(r.get(c)) for c in COLUMNS) for r in rows]))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            group = [item]
+            stop = False
+            while len(group) < self.max_group:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                group.append(nxt)
+            self._commit(group)
+            if stop:
+                return
+
+    def _commit(self, group: list) -> None:
+        try:
+            if self._conn is None and not self._open():
+                raise AuditUnavailable(self.last_error or "audit database unavailable")
+            with immediate(self._conn):
+                self._conn.executemany(_INSERT, [row for _, rows in group for row in rows])
+            self.healthy, self.last_error = True, None
+        except (sqlite3.Error, OSError, AuditUnavailable) as exc:
+            self._fail(f"audit write to {self.path} failed: {exc}")
+            for fut, _ in group:
+                fut.set_exception(AuditUnavailable(str(exc)))
+            return
+        for fut, _ in group:
+            fut.set_result(None)
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, separators=(",", ":"))
+    if isinstance(v, bool):
+        return int(v)
+    return v
+
+
+# -- export ------------------------------------------------------------------------------------------------------
+def parse_time(text: str | None, *, flag: str) -> float | None:
+    """ISO 8601 date or date-time (naive means UTC) -> Unix seconds."""
+    if text is None:
+        return None
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: not an ISO 8601 date or time (e.g. 2026-11-30 or 2026-11-30T01:00:00Z)") from None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def read_rows(db: str | Path, *, since: float | None = None, until: float | None = None) -> Iterator[dict]:
+    db = Path(db)
+    if not db.is_file():
+        raise UserError(f"--db {db}: no such audit database")
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        cur = conn.execute(f"SELECT id, {', '.join(COLUMNS)} FROM audit WHERE ts >= ? AND ts < ? ORDER BY id",
+                           (since if since is not None else float("-inf"), until if until is not None else float("inf")))
+        names = [d[0] for d in cur.description]
+        for row in cur:
+            yield dict(zip(names, row))
+        conn.close()
+    except sqlite3.Error as exc:
+        raise UserError(f"--db {db}: cannot read the audit table ({exc})") from None
+
+
+def export_rows(db: str | Path, out: str | Path, *, fmt: str, since: float | None = None,
+                until: float | None = None) -> int:
+    """Write the rows in [since, until) to ``out`` as CSV or JSONL (atomically); returns the row count."""
+    if fmt not in ("csv", "jsonl"):
+        raise UserError(f"--format {fmt!r} is not allowed; choose csv or jsonl")
+    rows = list(read_rows(db, since=since, until=until))
+    buf = io.StringIO()
+    if fmt == "csv":
+        w = csv.DictWriter(buf, fieldnames=["id", *COLUMNS])
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        for r in rows:
+            buf.write(json.dumps(r) + "\n")
+    atomic_write_text(out, buf.getvalue())
+    return len(rows)

@@ -1,0 +1,134 @@
+"""The service's commands (``safedl serve``, ``safedl keys ...``, ``safedl audit export``), mounted by safedl.cli.
+Heavy imports (FastAPI, torch) happen inside the commands, so ``safedl --help`` stays fast."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from safedl.errors import UserError
+
+keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys of `safedl serve`.")
+audit_app = typer.Typer(no_args_is_help=True, help="Read the audit log of `safedl serve`.")
+
+
+def _fail(exc: BaseException) -> None:
+    sys.stderr.write(f"error: {exc}\n")
+    raise typer.Exit(2)
+
+
+def serve_command(
+        bundle: Path = typer.Argument(..., help="a bundle directory from `safedl export` (verified at start)"),
+        keys: Path = typer.Option(..., "--keys", help="API key database (`safedl keys create --db PATH`)"),
+        audit: Path = typer.Option(Path("audit.db"), "--audit", help="audit log (SQLite, WAL)"),
+        audit_max_mb: Optional[float] = typer.Option(None, "--audit-max-mb",
+                                                      help="cap of the audit database; above it requests get 503"),
+        host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on"),
+        port: int = typer.Option(8000, "--port"),
+        max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="largest request body (413 above)"),
+        max_images: int = typer.Option(64, "--max-images", help="most images per request"),
+        max_pixels: int = typer.Option(4_000_000, "--max-pixels", help="most pixels per image, checked before decoding"),
+        no_resize: bool = typer.Option(False, "--no-resize", help="refuse (422) images whose size differs, don't resize"),
+        max_batch: int = typer.Option(64, "--max-batch", help="most images per forward pass"),
+        max_wait_ms: float = typer.Option(3.0, "--max-wait-ms", help="how long a batch waits for more requests"),
+        quarantine: Optional[Path] = typer.Option(None, "--quarantine", help="keep rejected inputs in this folder"),
+        quarantine_mb: float = typer.Option(100.0, "--quarantine-mb", help="size cap of the quarantine folder"),
+        quarantine_days: float = typer.Option(30.0, "--quarantine-days", help="retention of quarantined inputs"),
+        device: str = typer.Option("cpu", "--device"),
+        torch_threads: int = typer.Option(1, "--torch-threads", help="intra-op threads of the model"),
+        graceful_s: float = typer.Option(30.0, "--graceful-s", help="how long shutdown waits for in-flight requests"),
+        signing_key_file: Optional[Path] = typer.Option(None, "--signing-key-file",
+                                                        help="require the bundle's HMAC signature with this key"),
+) -> None:
+    """Serve a bundle over HTTP: API keys, rate limits, input limits, audit log, Prometheus metrics.
+
+    Exit code 2 when the bundle fails verification or an option is wrong.
+    """
+    from safedl.cli import _read_key
+    from safedl.serve.config import ServeConfig
+    from safedl.serve.server import run_server
+
+    try:
+        signing_key = _read_key(signing_key_file)
+        config = ServeConfig(max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_pixels=max_pixels,
+                             resize=not no_resize, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             quarantine_dir=quarantine, quarantine_max_bytes=int(quarantine_mb * 2**20),
+                             quarantine_retention_days=quarantine_days)
+        audit_max = None if audit_max_mb is None else int(audit_max_mb * 2**20)
+        run_server(bundle_path=bundle, keys_db=keys, audit_db=audit, audit_max_bytes=audit_max, host=host, port=port,
+                   config=config, device=device, torch_threads=torch_threads, graceful_s=graceful_s,
+                   signing_key=signing_key)
+    except UserError as exc:
+        _fail(exc)
+
+
+@keys_app.command("create")
+def keys_create(db: Path = typer.Option(..., "--db", help="key database (created if missing)"),
+                name: str = typer.Option(..., "--name"),
+                tier: str = typer.Option("rounded", "--tier", help="output tier: full, rounded, topk or label"),
+                scopes: str = typer.Option("predict,model", "--scopes", help="comma-separated: predict, model"),
+                rate: float = typer.Option(20.0, "--rate", help="sustained requests per second"),
+                burst: int = typer.Option(40, "--burst", help="requests allowed at once"),
+                quota: int = typer.Option(100_000, "--quota", help="images per UTC day")) -> None:
+    """Create a key and print it once (only its hash is stored)."""
+    from safedl.serve.keys import KeyStore
+
+    try:
+        store = KeyStore(db, create=True)
+        key, token = store.create(name=name, tier=tier, scopes=tuple(s.strip() for s in scopes.split(",") if s.strip()),
+                                  rate_per_s=rate, burst=burst, daily_quota=quota)
+    except UserError as exc:
+        _fail(exc)
+    sys.stderr.write(f"created key {key.name} (id {key.key_id}, tier {key.tier}); store it now, it is not shown again:\n")
+    typer.echo(token)
+
+
+@keys_app.command("list")
+def keys_list(db: Path = typer.Option(..., "--db"),
+              as_json: bool = typer.Option(False, "--json", help="one JSON object per line")) -> None:
+    """List keys (never their secrets)."""
+    from safedl.serve.keys import KeyStore
+
+    try:
+        keys = KeyStore(db).list()
+    except UserError as exc:
+        _fail(exc)
+    for k in keys:
+        p = k.public()
+        typer.echo(json.dumps(p) if as_json else
+                   f"{p['key_id']}  {p['name']:<20} tier={p['tier']:<8} scopes={','.join(p['scopes'])} "
+                   f"rate={p['rate_per_s']}/s burst={p['burst']} quota={p['daily_quota']}/day"
+                   f"{'  REVOKED' if p['revoked'] else ''}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str = typer.Argument(..., help="key name or id"), db: Path = typer.Option(..., "--db")) -> None:
+    """Revoke a key: the service answers 401 to it from its next request on."""
+    from safedl.serve.keys import KeyStore
+
+    try:
+        key = KeyStore(db).revoke(name)
+    except UserError as exc:
+        _fail(exc)
+    typer.echo(f"revoked {key.name} ({key.key_id})")
+
+
+@audit_app.command("export")
+def audit_export(db: Path = typer.Option(Path("audit.db"), "--db", help="the service's audit database"),
+                 out: Path = typer.Option(..., "--out", help="output file"),
+                 fmt: Optional[str] = typer.Option(None, "--format", help="csv or jsonl (default: from --out suffix)"),
+                 since: Optional[str] = typer.Option(None, "--since", help="ISO 8601 start (inclusive, UTC if naive)"),
+                 until: Optional[str] = typer.Option(None, "--until", help="ISO 8601 end (exclusive)")) -> None:
+    """Write the audit rows of a time range as CSV or JSONL."""
+    from safedl.serve.audit import export_rows, parse_time
+
+    try:
+        fmt = fmt or ("jsonl" if out.suffix.lower() in (".jsonl", ".json") else "csv")
+        n = export_rows(db, out, fmt=fmt, since=parse_time(since, flag="--since"),
+                        until=parse_time(until, flag="--until"))
+    except UserError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {n} rows to {out}")

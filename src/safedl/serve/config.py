@@ -1,0 +1,41 @@
+"""The service's limits and knobs: one validated, frozen record (constructors store config only)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from safedl.utils.validate import check_positive, check_range
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """Limits on untrusted input, batching, output tiers and the quarantine folder.
+
+    ``resize``: encoded images (PNG/JPEG/BMP/WebP) of another size are resized to the bundle's H x W (bilinear,
+    antialiased) and converted to its channel count (gray <-> RGB, alpha dropped); with ``resize=False`` they are
+    refused with 422 naming the expected shape. ``.npy`` arrays are never resized: their shape must match.
+    """
+
+    max_body_bytes: int = 8 * 2**20
+    max_images: int = 64
+    max_pixels: int = 4_000_000          # per image, checked from the header before decoding
+    resize: bool = True
+    max_batch: int = 64                  # images per forward pass
+    max_wait_ms: float = 3.0             # how long a batch waits for more requests
+    round_decimals: int = 2
+    top_k: int = 3
+    quarantine_dir: Path | None = None   # keep rejected inputs here for review (None: off)
+    quarantine_max_bytes: int = 100 * 2**20
+    quarantine_retention_days: float = 30.0
+
+    def __post_init__(self) -> None:
+        who = "serve"
+        check_positive(who, "max_body_bytes", self.max_body_bytes, integer=True)
+        check_positive(who, "max_images", self.max_images, integer=True)
+        check_positive(who, "max_pixels", self.max_pixels, integer=True)
+        check_positive(who, "max_batch", self.max_batch, integer=True)
+        check_range(who, "max_wait_ms", self.max_wait_ms, low=0.0, high=100.0)
+        check_range(who, "round_decimals", self.round_decimals, low=0, high=8, integer=True)
+        check_positive(who, "top_k", self.top_k, integer=True)
+        check_positive(who, "quarantine_max_bytes", self.quarantine_max_bytes, integer=True)
+        check_positive(who, "quarantine_retention_days", self.quarantine_retention_days)

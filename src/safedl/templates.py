@@ -60,6 +60,10 @@ defenses:
   - name: data_cleaning
     against: [label_flipping]
 
+trusted_clean_set:               # what poisoning defenses may treat as clean: an assumption, stated in the report
+  source: validation             # validation | path (an .npz of images you vouch for) | none (needing it: refused)
+  size: null                     # e.g. 100: only the first 100 trusted images
+
 evaluation:
   n_eval: 1000                   # test images every evasion attack and defense is measured on
   batch_size: 250

@@ -85,6 +85,8 @@ def test_trusted_clean_set_option_reaches_the_cleanser_and_warns(digits_splits, 
     e = _run(ctx, outcome, "cleanser", "spectral_signatures")
     assert any(n.startswith("no trusted clean set") for n in e["notes"])
     assert any(n.startswith("warning: spectral_signatures is known to fail here (trusted:none)") for n in e["notes"])
+    with pytest.raises(ProfileError, match="needs a trusted clean set"):  # never silently fitted on poisoned data
+        _run(ctx, outcome, "repair", "pruning")
     ctx_small = _ctx(digits_splits, tiny_model, tmp_path, trusted_clean_set=TrustedDataSpec(size=100))
     e2 = _run(ctx_small, outcome, "cleanser", "spectral_signatures")
     assert any("(100 images)" in n for n in e2["notes"]) and not any(n.startswith("warning") for n in e2["notes"])

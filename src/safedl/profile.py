@@ -48,6 +48,8 @@ class DatasetSpec(_Strict):
                                "or scale to fit and pad with black (letterbox)")
     test_fraction: float = Field(0.2, gt=0, lt=1)
     val_fraction: float = Field(0.1, ge=0, lt=1)
+    split_seed: Optional[int] = Field(None, ge=0, description="seed of the train/val/test split (default: the "
+                                      "profile's seed); fix it to compare model versions on the same test images")
     limit: Optional[int] = Field(None, ge=10, description="use only the first N samples (quick runs)")
 
     @model_validator(mode="after")
@@ -265,6 +267,7 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
 
     errors: list[tuple[str, str]] = []
     ids: dict[str, str] = {}
+    built: dict[tuple[str, int], Any] = {}
     for cat in ("evasion", "poisoning", "backdoor", "extraction"):
         for i, spec in enumerate(getattr(profile.attacks, cat)):
             where = f"attacks.{cat}[{i}]"
@@ -276,17 +279,18 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
             except UserError as exc:
                 errors.append((f"{where}.name" if "unknown" in str(exc) else f"{where}.params", str(exc)))
                 continue
-            if cat in ("evasion", "extraction"):
+            built[(cat, i)] = attack
+            if cat == "extraction":  # query-only attacks: what the interface returns (evasion: safedl.threat)
                 access = getattr(attack, "access", "white-box")
                 tm = profile.threat_model
-                if tm.model_access == "black-box" and access == "white-box":
-                    errors.append((f"{where}.name", f"{spec.name!r} needs white-box (gradient) access but "
-                                   "threat_model.model_access is 'black-box'; use a black-box or transfer attack"))
                 if access == "scores" and tm.interface_exposed != "scores":
                     errors.append((f"{where}.name", f"{spec.name!r} needs scores but threat_model.interface_exposed is "
                                    f"{tm.interface_exposed!r}; use a decision-based (labels-only) attack"))
                 if access == "labels" and tm.interface_exposed == "none":
                     errors.append((f"{where}.name", "threat_model.interface_exposed is 'none': no query attack is possible"))
+    from safedl.threat import threat_errors
+
+    errors += threat_errors(profile, built)
     if not ids and not profile.baseline_only:
         errors.append(("attacks", "the profile lists no attack, so the run would assess nothing; add at least one "
                        "under attacks.evasion, attacks.poisoning or attacks.backdoor (`safedl list` names them), or set "

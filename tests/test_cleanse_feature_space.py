@@ -77,8 +77,21 @@ def test_anomaly_detection_scores_rank_poison_above_clean(planted, typ):
     auc = roc_auc_score(p.is_poison.numpy(), res.score.numpy())
     if typ == "isolation_forest":
         assert auc > 0.5
-    # LOF is local: half of class 7 is one dense poison cluster, which is not locally sparse (AUROC ~0.46 here),
-    # so only the contamination share is checked for it
+    # LOF is local: half of class 7 is one dense poison cluster, which is not locally sparse (AUROC ~0.46 here);
+    # where LOF is meant to work (scattered outliers) it is checked below
+
+
+@pytest.mark.parametrize("typ", ["isolation_forest", "lof"])
+def test_anomaly_detection_finds_scattered_label_flips(digits_splits, typ):
+    from sklearn.metrics import roc_auc_score
+
+    from _poison_planted import plant_flips
+
+    p = plant_flips(digits_splits.train, 0.05)  # each flip is an isolated point inside its new class
+    res = registry.create("cleanser", "anomaly_detection", type=typ, contamination=0.1).find_poison(
+        p, model=fit(digits_splits, p))
+    assert roc_auc_score(p.is_poison.numpy(), res.score.numpy()) > 0.9
+    assert rates(res.is_suspect, p.is_poison)[0] >= 0.8
 
 
 def test_feature_cleansers_need_a_model():

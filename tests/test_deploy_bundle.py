@@ -236,3 +236,15 @@ def test_wrong_image_shape_is_an_error(tiny_model):
     pipe = SecurePipeline(model=tiny_model, input_shape=(1, 8, 8))
     with pytest.raises(ValueError, match=r"\(1, 8, 8\)"):
         pipe.decide(torch.rand(2, 3, 8, 8))
+
+
+def test_headline_robust_accuracy_includes_the_strong_adaptive_suite(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    m = next(d for d in results["defenses"] if d["id"] == "feature_squeezing")["metrics"]
+    assert m["strong_suite_budget"]["steps"] == 100 and m["strong_suite_budget"]["restarts"] == 3
+    assert m["strong_suite_budget"]["eps"] == 0.2 and m["strong_suite_budget"]["members"][:2] == ["apgd_ce", "apgd_dlr"]
+    parts = [m[k]["value"] for k in ("robust_accuracy_strong_suite", "robust_accuracy_paired_adaptive",
+                                     "robust_accuracy_nonadaptive")]
+    assert m["robust_accuracy"]["value"] <= min(parts)
+    # on bit-depth squeezing PGD-5 through BPDA is weak: the suite must find at least as many adversarial examples
+    assert m["robust_accuracy_strong_suite"]["value"] <= m["robust_accuracy_paired_adaptive"]["value"]

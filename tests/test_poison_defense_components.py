@@ -81,25 +81,30 @@ class _Swap(nn.Module):
         return z
 
 
-def test_per_class_monitoring_flags_a_broken_class(tiny_model, digits_splits):
-    rep = registry.create("inspector", "per_class_monitoring", k=1.5).inspect(_Swap(tiny_model), data=digits_splits.test)
-    assert rep["flagged_classes"] == [3]
+def test_per_class_monitoring_names_the_class_that_broke_against_the_reference(tiny_model, digits_splits):
+    val = digits_splits.val
+    pcm = registry.create("inspector", "per_class_monitoring")
+    rep = pcm.inspect(_Swap(tiny_model), reference=tiny_model, data=val)
+    assert rep["suspicious"] and rep["accuracy_dropped"] == [3] and 5 in rep["absorbing_classes"]
     assert rep["top_confusion"][3] == 5
-    clean = registry.create("inspector", "per_class_monitoring", k=2.5).inspect(tiny_model, data=digits_splits.test)
-    assert 3 not in clean["flagged_classes"]
+    same = pcm.inspect(tiny_model, reference=tiny_model, data=val)
+    assert not same["suspicious"] and same["flagged_classes"] == []
 
 
-def test_model_inspection_flags_layer_with_planted_large_weights(tiny_model):
+def test_model_inspection_flags_planted_large_weights_against_the_reference(tiny_model, digits_splits):
     import copy
 
     m = copy.deepcopy(tiny_model)
     insp = registry.create("inspector", "model_inspection")
-    before = insp.inspect(m)
-    layers = [l["layer"] for l in before["layers"]]
-    target = layers[1]
+    before = insp.inspect(m, reference=tiny_model, data=digits_splits.val)
+    assert not before["suspicious"]
+    other_seed = insp.inspect(fit(digits_splits, digits_splits.train, seed=1), reference=tiny_model,
+                              data=digits_splits.val)
+    assert not other_seed["suspicious"], other_seed["flagged_statistics"]  # no false alarm on a clean model
+    name = [n for n, p in m.named_parameters() if n.endswith("weight") and p.ndim >= 2][1]
     with torch.no_grad():
-        w = dict(m.named_parameters())[target]
+        w = dict(m.named_parameters())[name]
         w.view(-1)[:3] = w.abs().max() * 30
-    after = insp.inspect(m)
-    assert target in after["flagged_layers"] and target not in before["flagged_layers"]
-    assert set(insp.histograms_) == set(layers)
+    after = insp.inspect(m, reference=tiny_model, data=digits_splits.val)
+    assert after["suspicious"] and f"{name}.max_over_std" in after["flagged_statistics"]
+    assert name in after["histograms"]

@@ -62,7 +62,7 @@ def test_repair_detector_inspector_trainer_entries(ctx_outcome):
     insp = _run(ctx, outcome, "inspector", "model_inspection")
     assert "weight histograms per layer" in insp["artifacts"]
     pcm = _run(ctx, outcome, "inspector", "per_class_monitoring")
-    assert len(pcm["per_class"]["accuracy"]) == 10
+    assert len(pcm["per_class"]["per_class_accuracy"]) == len(pcm["per_class"]["per_class_accuracy_reference"]) == 10
     tr = _run(ctx, outcome, "trainer", "robust_loss", loss="label_smoothing")
     assert tr["metrics"]["clean_accuracy_after"]["n"] == len(ctx.splits.test)
 

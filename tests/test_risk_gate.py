@@ -24,7 +24,8 @@ def test_levels_and_threat_model_likelihood():
 
 def test_residual_risk_uses_best_defense_and_accuracy_drop_for_availability():
     attacks = [_attack("bd", "backdoor", "", 95, 100),
-               {"id": "flip", "category": "poisoning", "metrics": {"clean_accuracy_drop": {"value": 0.4, "ci95": None, "n": 100}}}]
+               {"id": "flip", "category": "poisoning",
+                "metrics": {"clean_accuracy": proportion(57, 100), "baseline": {"clean_accuracy": proportion(97, 100)}}}]
     defenses = [{"id": "ss", "against": "bd", "metrics": {"attack_success_rate_after": proportion(2, 100)}},
                 {"id": "weak", "against": "bd", "metrics": {"attack_success_rate_after": proportion(60, 100)}},
                 {"id": "dc", "against": "flip", "metrics": {"clean_accuracy_after": proportion(95, 100)}}]
@@ -32,7 +33,8 @@ def test_residual_risk_uses_best_defense_and_accuracy_drop_for_availability():
     risk = assess_risk(tm, attacks, defenses, baseline_accuracy=0.97)
     rows = {r["attack"]: r for r in risk["per_attack"]}
     assert rows["bd"]["best_defense"] == "ss" and rows["bd"]["residual_level"] == "low"
-    assert abs(rows["flip"]["impact"] - 0.4) < 1e-9 and rows["flip"]["level"] == "high"
+    lo = proportion(57, 100)["ci95"][0]
+    assert abs(rows["flip"]["impact"] - (0.97 - lo)) < 1e-9 and rows["flip"]["level"] == "high"
     assert rows["flip"]["residual_score"] < 0.1
     assert risk["residual_level"] == "low" and risk["overall_level"] == "critical"
 

@@ -354,3 +354,27 @@ def test_quarantine_keeps_rejected_inputs_under_a_cap_and_retention(tmp_path, bu
     assert meta["request_id"] == r.json()["request_id"] and meta["reason"] == f"detector:{DET}"
     assert all(n[:-4] in {row["input_sha256"] for row in s.rows("rejected=1")} for n in kept)
     assert sum(p.stat().st_size for p in qdir.iterdir()) <= 3000 and len(kept) < min(8, len(flagged))
+
+
+def test_non_finite_scores_never_break_the_answer(tmp_path, bundle, eval_batch):
+    """A detector returning inf/NaN (a broken component) still gives a valid JSON answer, audited."""
+    class Broken:
+        def __init__(self, inner):
+            self.inner, self.input_shape, self.class_names = inner, inner.input_shape, inner.class_names
+
+        def decide(self, x):
+            d = self.inner.decide(x)
+            scores = {k: torch.full_like(v, float("inf")) for k, v in d.detector_scores.items()}
+            probs = d.probs.clone()
+            probs[:, 0] = float("nan")
+            return type(d)(labels=d.labels, probs=probs, rejected=d.rejected, reasons=d.reasons,
+                           detector_scores=scores, thresholds=d.thresholds)
+
+    broken = type(bundle)(path=bundle.path, manifest=bundle.manifest, pipeline=Broken(bundle.pipeline),
+                          version=bundle.version)
+    s = Svc(tmp_path, broken)
+    with TestClient(s.app) as c:
+        s.client = c
+        r = _post_png(s, eval_batch[0][0])
+        assert r.status_code == 200 and r.json()["results"][0]["detector_scores"][DET] is None
+        assert PredictResponse.model_validate(r.json()) and len(s.rows("http_status=200")) == 1

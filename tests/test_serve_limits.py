@@ -130,3 +130,30 @@ def test_keys_and_audit_cli(tmp_path):
     r = run(cli, ["audit", "export", "--db", str(audit), "--out", str(tmp_path / "x.csv"), "--until", "2025-01-01T00:00Z"])
     assert r.exit_code == 0 and (tmp_path / "x.csv").read_text().splitlines()[1].split(",")[2] == "old"
     assert run(cli, ["audit", "export", "--db", str(audit), "--out", str(out), "--since", "yesterday"]).exit_code == 2
+
+
+TAKER = """
+import sys
+from safedl.serve.keys import KeyStore
+from safedl.serve.limits import RateLimiter
+store = KeyStore(sys.argv[1])
+key = next(k for k in store.list() if k.name == "shared")
+lim = RateLimiter(store)
+print(sum(lim.take(key).allowed for _ in range(40)))
+"""
+
+
+def test_limits_hold_across_processes(tmp_path):
+    """Two worker processes spending from one key's bucket at the same time get exactly its burst together."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "k.db"
+    KeyStore(path, create=True).create(name="shared", rate_per_s=1e-6, burst=50)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    procs = [subprocess.Popen([sys.executable, "-c", TAKER, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    counts = [int(p.communicate(timeout=120)[0].strip()) for p in procs]
+    assert sum(counts) == 50 and all(p.returncode == 0 for p in procs)

@@ -116,18 +116,27 @@ def _require_gate(prof, source: Path) -> None:
 
 @app.command()
 def init(path: Path = typer.Argument(Path("profile.yaml"), help="where to write the profile"),
-         force: bool = typer.Option(False, "--force", help="overwrite an existing file")) -> None:
-    """Write a commented default threat profile."""
-    from safedl.templates import default_profile_text
-    from safedl.utils.io import atomic_write_text
+         force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
+         interactive: bool = typer.Option(False, "--interactive", "-i", help="answer the threat questionnaire"),
+         access: Optional[str] = typer.Option(None, help="white-box | gray-box | black-box"),
+         outputs: Optional[str] = typer.Option(None, help="what a query returns: scores | labels | none"),
+         data_source: Optional[str] = typer.Option(None, help="trusted | curated | third_party | crowdsourced | scraped"),
+         goal: Optional[str] = typer.Option(None, help="untargeted | targeted | availability | backdoor | copy | any"),
+         sensitivity: Optional[str] = typer.Option(None, help="cost of a mistake: low | medium | high"),
+         deployment: Optional[str] = typer.Option(None, help="cloud_api | edge_device | internal | research"),
+         dataset: Optional[str] = typer.Option(None, help="data set name (default mnist5k)"),
+         model: Optional[str] = typer.Option(None, help="zoo architecture (default small_cnn)")) -> None:
+    """Write a threat profile: the commented default, or one that follows from the questionnaire's answers."""
+    from safedl.questionnaire import write_profile
 
     if path.is_dir():
         raise UserError(f"{path} is a folder; give the path of the profile file to write (e.g. {path / 'profile.yaml'})")
-    if path.exists() and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
     if not path.parent.is_dir():
         raise UserError(f"{path}: folder {path.parent} does not exist")
-    atomic_write_text(path, default_profile_text())
+    flags = {k: v for k, v in dict(access=access, outputs=outputs, data_source=data_source, goal=goal,
+                                   sensitivity=sensitivity, deployment=deployment, dataset=dataset,
+                                   model=model).items() if v is not None}
+    write_profile(path, flags=flags, interactive=interactive, force=force)
     typer.echo(f"wrote {path}")
 
 
@@ -195,6 +204,9 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
                                           help="CI: refuse (exit 2) a profile whose release gate sets no threshold"),
         verbose: bool = typer.Option(False, "--verbose", "-v"), quiet: bool = typer.Option(False, "--quiet", "-q"),
         no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars"),
+        junit: Optional[Path] = typer.Option(None, "--junit", help="write a JUnit XML file: one testcase per gate check"),
+        slo: Optional[Path] = typer.Option(None, "--slo", help="SLO file whose objectives become gate thresholds"),
+        recommend: bool = typer.Option(False, "--recommend", help="also rank defenses and write RUN_DIR/recommended.yaml"),
         executor: Optional[str] = typer.Option(None, "--executor",
                                                help="serial, process or ray (default: the profile's execution.executor)"),
         workers: Optional[int] = typer.Option(None, "--workers", min=1, help="stages at a time"),
@@ -225,6 +237,10 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
         raise UserError("give a PROFILE (or --resume RUN_DIR)")
     prof = _with_execution(load_profile(profile), executor=executor, workers=workers, ray_address=ray_address,
                            threads_per_task=threads_per_task)
+    if slo is not None:
+        from safedl.assess.slo import profile_with_slo
+
+        prof = profile_with_slo(prof, slo)
     if require_gate:
         _require_gate(prof, profile)
     base_dir = profile.parent if resume is None or profile != resume / "profile.yaml" else Path(".")
@@ -239,6 +255,7 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
         else:
             sys.stderr.write("interrupted before the run directory was created; nothing was written\n")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    _decision_artifacts(run_dir, results, junit=junit, recommend=recommend)
     _print_outcome(run_dir, results["gate"])
 
 
@@ -276,6 +293,20 @@ def _with_execution(prof, **options):
     return prof.model_copy(update={"execution": execution})
 
 
+def _decision_artifacts(run_dir: Path, results: dict, *, junit: Optional[Path], recommend: bool) -> None:
+    """gate.json (and --junit, --recommend) for a finished run."""
+    from safedl.report.junit import write_ci_artifacts
+
+    write_ci_artifacts(results, run_dir, junit=junit)
+    if junit is not None:
+        typer.echo(f"junit: {junit}")
+    if recommend:
+        from safedl.assess.recommend import write_recommendations
+
+        out = write_recommendations(run_dir, results)
+        typer.echo(f"recommendations: {out['markdown']}; profile with them: {out['profile']}")
+
+
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="a run directory holding results.json (or the results.json file)"),
            html: Optional[bool] = typer.Option(None, "--html/--no-html", help="default: the run's output.html"),
@@ -291,6 +322,62 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory holding res
     figures = bool(out.get("figures", True)) if figures is None else figures
     write_reports(results, path.parent, html=html, figures=figures)
     typer.echo(f"wrote {path.parent / 'report.md'}" + (f" and {path.parent / 'report.html'}" if html else ""))
+
+
+def _load_results(run_dir: Path) -> dict:
+    """A run directory's results.json, or a UserError naming what is wrong."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise UserError(f"{path}: not found (give a run directory written by `safedl run`)")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(results, dict) or not {"profile", "attacks", "baseline"} <= set(results):
+        raise UserError(f"{path}: not a safedl results file (needs profile, baseline and attacks)")
+    return results
+
+
+@app.command(name="recommend")
+def recommend_cmd(run_dir: Path = typer.Argument(..., help="a run directory holding results.json"),
+                  out: Optional[Path] = typer.Option(None, "--out", help="profile to write (default RUN_DIR/recommended.yaml)")
+                  ) -> None:
+    """Rank defenses for every attack that succeeded, with the evidence; write a profile with them added."""
+    from safedl.assess.recommend import write_recommendations
+
+    try:
+        paths = write_recommendations(run_dir, _load_results(run_dir), out=out)
+    except UserError as exc:
+        _fail(exc)
+    typer.echo(paths["markdown"].read_text())
+    typer.echo(f"profile with the recommended defenses: {paths['profile']}\n"
+               f"measure them: safedl run {paths['profile']} --resume {run_dir}")
+
+
+@app.command()
+def compare(run_dirs: list[Path] = typer.Argument(..., help="run directories; the first is the reference"),
+            out: Path = typer.Option(Path("comparison"), "--out", help="folder for comparison.md/.html/.json"),
+            fail_on_regression: bool = typer.Option(False, "--fail-on-regression",
+                                                    help="exit 1 when any metric got significantly worse")) -> None:
+    """Compare runs on the same test images: differences, paired tests (McNemar) and verdicts per metric."""
+    from safedl.assess.compare import compare_runs
+    from safedl.report.compare_report import write_comparison
+
+    try:
+        runs = [(d.name, _load_results(d)) for d in run_dirs]
+        cmp = compare_runs(runs)
+    except UserError as exc:
+        _fail(exc)
+    paths = write_comparison(cmp, runs, out)
+    for c in cmp["comparisons"]:
+        typer.echo(f"{c['run']} vs {cmp['reference']}:")
+        for r in c["rows"]:
+            typer.echo(f"  {r['metric']}: {r['a']['value']:.4f} -> {r['b']['value']:.4f} ({r['diff']:+.4f}, "
+                       f"p_holm={r['p_holm']:.3g}) {r['verdict']}")
+    typer.echo(f"wrote {paths['markdown']} and {paths['html']}")
+    if fail_on_regression and cmp["regressions"]:
+        typer.echo(f"regression: {len(cmp['regressions'])} metric(s) significantly worse")
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -48,6 +48,8 @@ class DatasetSpec(_Strict):
                                "or scale to fit and pad with black (letterbox)")
     test_fraction: float = Field(0.2, gt=0, lt=1)
     val_fraction: float = Field(0.1, ge=0, lt=1)
+    split_seed: Optional[int] = Field(None, ge=0, description="seed of the train/val/test split (default: the "
+                                      "profile's seed); fix it to compare model versions on the same test images")
     limit: Optional[int] = Field(None, ge=10, description="use only the first N samples (quick runs)")
 
     @model_validator(mode="after")
@@ -164,6 +166,25 @@ class DefenseSpec(_Strict):
         return self.name if self.name else "+".join(c.name for c in self.pipeline or [])
 
 
+class TrustedDataSpec(_Strict):
+    """The trusted clean set poisoning defenses rely on (an assumption: say where it comes from).
+
+    ``validation`` (default): the validation split, clean in the simulation because only the training split is
+    poisoned (a real user's data may be poisoned before splitting); ``path``: an ``.npz`` file of images the user
+    vouches for; ``none``: no trusted data (defenses that need it are refused at validation). ``size`` keeps only the
+    first ``size`` images (e.g. 100: a small hand-checked set)."""
+
+    source: Literal["validation", "path", "none"] = "validation"
+    path: Optional[str] = Field(None, description="the trusted .npz file (source: path)")
+    size: Optional[int] = Field(None, ge=1, description="use only the first SIZE trusted images")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrustedDataSpec":
+        if (self.source == "path") != (self.path is not None):
+            raise ValueError("trusted_clean_set.path is required with source 'path' and allowed only with it")
+        return self
+
+
 class GateSpec(_Strict):
     """Release-gate thresholds. A run fails the gate if any set threshold is violated or applies to nothing in the run
     (e.g. ``min_robust_accuracy`` without an evasion attack); with no threshold set, the gate is "not configured"."""
@@ -190,11 +211,22 @@ class GateSpec(_Strict):
         return {k: v for k, v in self.model_dump().items() if k != "use_interval" and v is not None}
 
 
+class StrongAdaptiveSpec(_Strict):
+    """The strong adaptive suite every input- or model-changing evasion defense is also evaluated with (APGD-CE and
+    APGD-DLR with restarts through BPDA/EOT, within the paired attack's norm and eps)."""
+
+    enabled: bool = True
+    steps: int = Field(100, ge=1, le=10000)
+    restarts: int = Field(3, ge=1, le=100)
+    eot_samples: int = Field(8, ge=1, le=256, description="EOT draws per step for randomized preprocessors")
+
+
 class EvaluationSpec(_Strict):
     n_eval: int = Field(1000, ge=1, description="test images used for evasion attacks")
     batch_size: int = Field(250, ge=1)
     n_examples: int = Field(8, ge=0, le=64, description="example images saved per attack")
     gate: GateSpec = Field(default_factory=GateSpec)
+    strong_adaptive: StrongAdaptiveSpec = Field(default_factory=StrongAdaptiveSpec)
 
 
 class OutputSpec(_Strict):
@@ -229,6 +261,7 @@ class Profile(_Strict):
     training: TrainRecipe = Field(default_factory=TrainRecipe)
     attacks: AttacksSection = Field(default_factory=AttacksSection)
     defenses: list[DefenseSpec] = Field(default_factory=list)
+    trusted_clean_set: TrustedDataSpec = Field(default_factory=TrustedDataSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
@@ -248,6 +281,7 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
 
     errors: list[tuple[str, str]] = []
     ids: dict[str, str] = {}
+    built: dict[tuple[str, int], Any] = {}
     for cat in ("evasion", "poisoning", "backdoor", "extraction"):
         for i, spec in enumerate(getattr(profile.attacks, cat)):
             where = f"attacks.{cat}[{i}]"
@@ -259,17 +293,18 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
             except UserError as exc:
                 errors.append((f"{where}.name" if "unknown" in str(exc) else f"{where}.params", str(exc)))
                 continue
-            if cat in ("evasion", "extraction"):
+            built[(cat, i)] = attack
+            if cat == "extraction":  # query-only attacks: what the interface returns (evasion: safedl.threat)
                 access = getattr(attack, "access", "white-box")
                 tm = profile.threat_model
-                if tm.model_access == "black-box" and access == "white-box":
-                    errors.append((f"{where}.name", f"{spec.name!r} needs white-box (gradient) access but "
-                                   "threat_model.model_access is 'black-box'; use a black-box or transfer attack"))
                 if access == "scores" and tm.interface_exposed != "scores":
                     errors.append((f"{where}.name", f"{spec.name!r} needs scores but threat_model.interface_exposed is "
                                    f"{tm.interface_exposed!r}; use a decision-based (labels-only) attack"))
                 if access == "labels" and tm.interface_exposed == "none":
                     errors.append((f"{where}.name", "threat_model.interface_exposed is 'none': no query attack is possible"))
+    from safedl.threat import threat_errors
+
+    errors += threat_errors(profile, built)
     if not ids and not profile.baseline_only:
         errors.append(("attacks", "the profile lists no attack, so the run would assess nothing; add at least one "
                        "under attacks.evasion, attacks.poisoning or attacks.backdoor (`safedl list` names them), or set "
@@ -285,13 +320,27 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
         for name, params, w in parts:
             try:
                 kind = registry.find_kind(name, DEFENSE_KINDS)
-                registry.create(kind, name, **params)
+                comp = registry.create(kind, name, **params)
             except UserError as exc:
                 errors.append((f"{w}.name" if "unknown" in str(exc) else f"{w}.params", str(exc)))
+                continue
+            if profile.trusted_clean_set.source == "none" and _needs_trusted(kind, comp, profile):
+                errors.append((f"{w}.name", f"{name!r} needs a trusted clean set but trusted_clean_set.source is "
+                               "'none'; name one (source: validation or path) or remove this defense"))
         for a in d.against:
             if a != "all" and a not in ids:
                 errors.append((f"{where}.against", f"no attack with id {a!r}; attack ids are: {', '.join(ids) or '(none)'}"))
     return errors
+
+
+def _needs_trusted(kind: str, comp: Any, profile: Profile) -> bool:
+    """Whether a poisoning-side defense cannot work without trusted clean data (its protocol's ``trusted_data``;
+    a detector against poisoning fits on clean images)."""
+    if not (profile.attacks.poisoning or profile.attacks.backdoor):
+        return False
+    if kind == "detector":
+        return True
+    return kind in ("cleanser", "repair", "inspector") and comp.trusted_data == "required"
 
 
 def _salvaged_component_errors(data: dict, bad_sections: set) -> list[tuple[str, str]]:

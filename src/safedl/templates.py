@@ -8,7 +8,7 @@ name: default
 seed: 0                          # one seed for splits, initialisation, training and attacks
 
 threat_model:
-  model_access: white-box        # white-box | gray-box | black-box (black-box allows only query/transfer attacks)
+  model_access: white-box        # white-box | gray-box | black-box (docs/threat-model.md: what each answer allows)
   attack_goal: any               # untargeted | targeted | availability | backdoor | any
   deployment_scenario: cloud_api # cloud_api | edge_device | internal | research
   data_sensitivity: medium       # low | medium | high (weights the impact in the risk rating)
@@ -42,7 +42,7 @@ attacks:
       params: {eps: 0.3, norm: linf, steps: 10}
     - name: square                 # score-based black-box attack through the counted query interface
       params: {eps: 0.3, norm: linf, max_queries: 5000}
-    - name: ensemble               # AutoAttack-style worst case: apgd_ce, targeted apgd_dlr, square
+    - name: ensemble               # AutoAttack's standard suite: apgd_ce, apgd-t, fab-t, square
       params: {eps: 0.3, norm: linf}
   poisoning:
     - name: label_flipping
@@ -59,6 +59,10 @@ defenses:
     against: [static_patch]
   - name: data_cleaning
     against: [label_flipping]
+
+trusted_clean_set:               # what poisoning defenses may treat as clean: an assumption, stated in the report
+  source: validation             # validation | path (an .npz of images you vouch for) | none (needing it: refused)
+  size: null                     # e.g. 100: only the first 100 trusted images
 
 evaluation:
   n_eval: 1000                   # test images every evasion attack and defense is measured on

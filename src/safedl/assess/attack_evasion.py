@@ -11,6 +11,7 @@ from torch import nn
 from safedl.assess.context import RunContext
 from safedl.assess.handlers import AttackOutcome, EvasionState, attack_handler
 from safedl.profile import AttackSpec
+from safedl.utils.bits import pack as pack_bits
 from safedl.utils.progress import progress_bar
 from safedl.utils.stats import mean_metric, proportion, scalar
 from safedl.utils.tensors import predict
@@ -141,9 +142,11 @@ def simulate_evasion(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOu
     if broken_by is not None and names is not None:
         entry["broken_by"] = {nm: int((broken_by == i).sum()) for i, nm in enumerate(names)}
         entry["broken_by"]["not broken"] = int((broken_by < 0).sum())
+    pred, pred_adv = predict(model, x), predict(model, x_adv)
+    # per evaluation image (the first n_eval test images): still correct under attack, for paired comparisons
+    entry["per_image"] = {"robust": pack_bits((pred == y) & (pred_adv == y))}
     if ctx.profile.evaluation.n_examples and ctx.profile.output.figures:
         path = ctx.artifact_dir("attacks") / f"{spec.key}_examples.png"
-        pred, pred_adv = predict(model, x), predict(model, x_adv)
         example_figure(path, x, x_adv, y, pred, pred_adv, class_names=ctx.splits.train.class_names,
                        n=ctx.profile.evaluation.n_examples)
         if path.exists():

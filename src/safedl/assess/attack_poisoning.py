@@ -32,6 +32,7 @@ from safedl.attacks.poisoning.visibility import visibility
 from safedl.data.dataset import Dataset, PoisonedDataset
 from safedl.models.train import train_model
 from safedl.profile import AttackSpec
+from safedl.utils.bits import pack as pack_bits
 from safedl.utils.stats import mean_metric, proportion, scalar
 from safedl.utils.tensors import predict
 
@@ -95,6 +96,10 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
     entry = {"name": spec.name, "id": spec.key, "category": category, "params": dict(spec.params),
              "metrics": metrics, "per_class": per_class, "artifacts": artifacts, "notes": notes,
              "time_s": time.perf_counter() - t0}
+    # per test image: the poisoned model is correct; per aimed input: it predicts the target (paired comparisons)
+    entry["per_image"] = {"clean_correct": pack_bits(pred_p == test.y)}
+    if x_aim is not None and target is not None:
+        entry["per_image"]["hit"] = pack_bits(predict(model, x_aim.to(dev)).cpu() == target)
     state = {"poisoned": poisoned, "model_state": {k_: v.detach().cpu() for k_, v in model.state_dict().items()},
              "attack": attack, "target_class": None if target is None else int(target),
              "test_triggered_x": None if x_aim is None else x_aim.cpu(),

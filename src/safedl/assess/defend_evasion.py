@@ -26,7 +26,7 @@ from safedl import registry
 from safedl.assess.context import RunContext
 from safedl.assess.defense_models import train_defense_model
 from safedl.assess.handlers import AttackOutcome, EvasionState, defense_handler
-from safedl.defenses.adaptive import DetectorAwarePGD, defended_model
+from safedl.defenses.adaptive import DetectorAwarePGD, defended_model, strong_adaptive_suite
 from safedl.defenses.detect._base import auroc
 from safedl.defenses.preprocess._base import Preprocessor
 from safedl.defenses.preprocess.gaussian_augmentation import GaussianAugmentation
@@ -192,6 +192,38 @@ def _detector_aware(ctx: RunContext, system: SecurePipeline, st: EvasionState, n
     return system.decide(x_det).defended(st.y), x_det
 
 
+def _strong_suite(ctx: RunContext, system: SecurePipeline, st: EvasionState, metrics: dict, notes: list[str]
+                  ) -> torch.Tensor | None:
+    """The strong adaptive suite within the paired attack's budget, on defenses that change the model or its
+    inputs (None where it does not apply: no such defense, a certifier, an attack without an eps budget, or a
+    threat model without white-box access)."""
+    cfg = ctx.profile.evaluation.strong_adaptive
+    attack = registry.create("evasion", st.spec["name"], **st.spec.get("params", {}))
+    changes = bool(system.preprocessors) or system.model is not ctx.baseline
+    if not (cfg.enabled and changes and system.certifier is None and attack.bounded and attack.eps > 0):
+        return None
+    if ctx.profile.threat_model.model_access != "white-box":
+        notes.append("strong adaptive suite not run: the threat model gives the attacker no white-box access")
+        return None
+    bs = ctx.profile.evaluation.batch_size
+    results = [strong_adaptive_suite(system.model, st.x[i:i + bs], st.y[i:i + bs], eps=attack.eps, norm=attack.norm,
+                                     seed=ctx.seed, preprocessors=system.preprocessors,
+                                     postprocessors=system.postprocessors, steps=cfg.steps, restarts=cfg.restarts,
+                                     eot_samples=cfg.eot_samples) for i in range(0, len(st.x), bs)]
+    defended = system.decide(torch.cat([r.x_adv for r in results])).defended(st.y)
+    broken_by = torch.cat([r.broken_by for r in results])
+    metrics["robust_accuracy_strong_suite"] = proportion(int(defended.sum()), len(st.y))
+    budget = dict(results[0].budget)
+    budget["members"] = results[0].members
+    metrics["strong_suite_budget"] = budget
+    metrics["strong_suite_broken_by"] = {m: int((broken_by == i).sum()) for i, m in enumerate(results[0].members)}
+    notes.append(f"strong adaptive suite ({', '.join(results[0].members)}; {cfg.steps} steps x {cfg.restarts} "
+                 f"restarts, eps {attack.eps:g} {attack.norm}, BPDA {'/'.join(budget['bpda'])}"
+                 f"{', EOT ' + str(cfg.eot_samples) if any(p.randomized for p in system.preprocessors) else ''}): "
+                 "its examples are judged by the deployed system and count in the worst case")
+    return defended
+
+
 def _robustness(ctx: RunContext, system: SecurePipeline, st: EvasionState, metrics: dict, notes: list[str]
                 ) -> torch.Tensor:
     """Non-adaptive and adaptive robust accuracy; returns the examples the detection metrics score."""
@@ -204,13 +236,19 @@ def _robustness(ctx: RunContext, system: SecurePipeline, st: EvasionState, metri
         if aware is not None:
             defended_ad &= aware[0]
             x_eval = aware[1]
+    metrics["robust_accuracy_paired_adaptive"] = proportion(int(defended_ad.sum()), n)
+    suite = _strong_suite(ctx, system, st, metrics, notes)
+    if suite is not None:
+        defended_ad &= suite
     metrics["robust_accuracy_adaptive_only"] = proportion(int(defended_ad.sum()), n)
     # the adaptive attacker may also submit the transferred examples: the reported number is the worst case
     defended_ad &= defended_na
     metrics["robust_accuracy"] = proportion(int(defended_ad.sum()), n)
     metrics["robust_accuracy_gap"] = scalar(float(defended_na.float().mean() - defended_ad.float().mean()), n=n)
-    notes.append("robust_accuracy is ADAPTIVE: per-sample worst case of the attack re-run on the defended system "
-                 "and the transferred examples (robust_accuracy_adaptive_only: the re-run alone); "
+    notes.append("robust_accuracy is ADAPTIVE: per-sample worst case of the paired attack re-run on the defended "
+                 "system, the strong adaptive suite where it ran, and the transferred examples "
+                 "(robust_accuracy_paired_adaptive: the paired attack's re-run alone; robust_accuracy_adaptive_only: "
+                 "every adaptive attack without the transferred examples); "
                  "robust_accuracy_nonadaptive uses the examples crafted on the undefended model; "
                  "defended = rejected or classified correctly")
     return x_eval

@@ -5,13 +5,20 @@ state_dict, the attack object, the target class and triggered test images. Every
 test sets: clean accuracy on the whole test split and, where the attack has a target and triggered test images, the
 attack success rate (triggered images of other classes predicted as the target).
 
+One function per defense kind, each relying only on its kind's protocol (``safedl.defenses.protocols``):
+
 - cleanser: tpr, fpr, precision, recall, f1 against ``is_poison``, AUROC of the scores; then the baseline
-  architecture is retrained with the baseline recipe and seed on the kept samples.
-- trainer: the baseline architecture trained on the poisoned data with the defense's training.
-- repair: the poisoned model repaired with the trusted clean set.
+  architecture is retrained with the baseline recipe and seed on the kept samples. The cleanser gets only the
+  inputs it declares (``inputs``); a provenance cleanser is measured in two labelled scenarios (see
+  :func:`_provenance_scenarios`).
+- trainer: the baseline architecture trained on the poisoned data with the defense's training; ``facts()``.
+- repair: the poisoned model repaired with the trusted clean set; ``report_`` and ``diagnostic_images()``.
 - detector: fitted on the trusted clean set with the poisoned model; tpr on triggered test images, fpr on clean ones.
-- inspector: diagnostics of the poisoned model (per-class accuracy, weight statistics).
-The trusted clean set is always the validation split (``ctx.splits.val``).
+- inspector: the poisoned model compared with the clean baseline (same recipe) on the trusted set; its verdict is
+  scored against the attack's ground truth (the model is poisoned; which class the attack aimed at).
+
+The trusted clean set is the profile's ``trusted_clean_set`` (default: the validation split; see
+:func:`trusted_set`).
 """
 from __future__ import annotations
 
@@ -27,11 +34,49 @@ from torch import nn
 from safedl.assess.context import RunContext
 from safedl.assess.handlers import AttackOutcome, defense_handler
 from safedl.data.dataset import Dataset, PoisonedDataset
+from safedl.defenses.detect._base import auroc
+from safedl.defenses.protocols import (CleanserProtocol, InspectorProtocol, RepairProtocol, TrainerProtocol,
+                                       poison_setting)
+from safedl.errors import ProfileError
 from safedl.utils.stats import proportion, scalar
 from safedl.utils.tensors import predict
 
 log = logging.getLogger(__name__)
-TRUSTED_NOTE = "trusted clean set: the validation split"
+
+
+def trusted_set(ctx: RunContext) -> tuple[Dataset | None, str]:
+    """The trusted clean set the profile names, and a note saying what it is.
+
+    ``validation`` (default): the validation split (clean in the simulation, because only the training split is
+    poisoned; a real user's validation split may not be); ``path``: a file of images the user vouches for;
+    ``none``: no trusted data. ``size`` keeps the first ``size`` images (e.g. 100).
+    """
+    spec = ctx.profile.trusted_clean_set
+    if spec.source == "none":
+        return None, "no trusted clean set (trusted_clean_set.source: none)"
+    if spec.source == "path":
+        from safedl.data.loaders import load_npz
+
+        data, what = load_npz(spec.path), f"the trusted file {spec.path}"
+    else:
+        data, what = ctx.splits.val, "the validation split"
+    if spec.size is not None and spec.size < len(data):
+        data = data.subset(torch.arange(spec.size))
+    note = f"trusted clean set: {what} ({len(data)} images)"
+    if spec.source == "validation":
+        note += ("; assumed clean: it is in this simulation, but if the data were poisoned before splitting it is "
+                 "not, and the feature-space cleansers then found no poison (digits, 10% checkerboard / random patch, "
+                 "seed 0: TPR 0.000, n=130; bench/measure_poison_generalization.py --poison-before-split)")
+    return data, note
+
+
+def _required_trusted(ctx: RunContext, spec) -> tuple[Dataset, str]:
+    """The trusted set for a defense that cannot work without one (profile validation refuses the combination;
+    this guards programmatic use)."""
+    trusted, note = trusted_set(ctx)
+    if trusted is None or len(trusted) == 0:
+        raise ProfileError(f"defense {spec.key!r} needs a trusted clean set but trusted_clean_set.source is 'none'")
+    return trusted, note
 
 
 def _poisoned_model(ctx: RunContext, state: dict) -> nn.Module:
@@ -52,11 +97,8 @@ def _outcome_metrics(ctx: RunContext, model: nn.Module, state: dict) -> dict[str
 
 
 def _auroc(score: torch.Tensor, truth: torch.Tensor) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    if int(truth.sum()) in (0, len(truth)):
-        return float("nan")
-    return float(roc_auc_score(truth.numpy(), score.double().numpy()))
+    truth = truth.bool()
+    return auroc(score[~truth].double(), score[truth].double())
 
 
 def detection_metrics(flag: torch.Tensor, score: torch.Tensor, truth: torch.Tensor) -> dict[str, Any]:
@@ -68,7 +110,258 @@ def detection_metrics(flag: torch.Tensor, score: torch.Tensor, truth: torch.Tens
     rec = tp / pos if pos else float("nan")
     f1 = 2 * prec * rec / (prec + rec) if tp else 0.0
     return {"tpr": proportion(tp, pos), "fpr": proportion(fp, neg), "precision": proportion(tp, tp + fp),
-            "recall": proportion(tp, pos), "f1": scalar(f1, n=len(flag)), "auroc": scalar(_auroc(score, truth), n=len(flag))}
+            "recall": proportion(tp, pos), "f1": scalar(f1, n=len(flag)),
+            "auroc": scalar(_auroc(score.cpu(), truth), n=len(flag))}
+
+
+# ------------------------------------------------------------------------------------------------ cleanser
+
+PROVENANCE_SOURCES = 5  # simulated named contributors; contributor 0 is the one the attacker controls
+ATTACKER_SOURCE = 0
+
+
+def _train_fn(ctx: RunContext, what: str):
+    def fn(data: Dataset, **kw: Any) -> nn.Module:
+        return ctx.train_like_baseline(data, description=f"{what}: training", **kw)
+
+    return fn
+
+
+def contributors(poisoned: PoisonedDataset, *, n_sources: int, attacker: int, seed: int) -> torch.Tensor:
+    """Each sample's contributor: clean samples spread uniformly over ``n_sources`` named contributors, every
+    poison from ``attacker`` (the contributor the attacker controls)."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(0, n_sources, (len(poisoned),), generator=g)
+    src[poisoned.is_poison.cpu()] = attacker
+    return src
+
+
+def _cleanser_inputs(ctx: RunContext, comp: CleanserProtocol, model: nn.Module,
+                     trusted: Dataset | None) -> dict[str, Any]:
+    """Exactly the inputs the cleanser declares."""
+    have = {"model": model, "trusted": trusted, "train_fn": _train_fn(ctx, comp.registry_name)}  # type: ignore[attr-defined]
+    return {k: v for k, v in have.items() if k in comp.inputs}
+
+
+def _provenance_scenarios(ctx: RunContext, comp: Any, poisoned: PoisonedDataset, kwargs: dict, notes: list[str]):
+    """Provenance as it is used: data arrive from named contributors and are signed at ingestion.
+
+    (1) ``contributed poison`` (the headline): contributor ``ATTACKER_SOURCE`` supplies every poison; the manifest
+    signed at ingestion covers the poison too, so only the per-source test (retrain without each contributor, compare
+    on the trusted set) can find it, from accuracy alone. (2) ``tamper after ingestion``: the manifest was signed over
+    the data before the attack, which then altered samples in storage; the hash check finds exactly those (by
+    construction: this measures the integrity check, not a poison detector).
+    """
+    from safedl.defenses.cleanse.provenance_tracking import build_manifest
+
+    sources = contributors(poisoned, n_sources=PROVENANCE_SOURCES, attacker=ATTACKER_SOURCE, seed=ctx.seed)
+    key = os.urandom(32)
+    received = build_manifest(poisoned.clean_view(), sources, key=key)
+    res = comp.find_poison(poisoned, **kwargs, manifest=received, key=key)
+    original = Dataset(poisoned.original_x, poisoned.original_y, poisoned.num_classes)
+    tamper = comp.check_manifest(poisoned, manifest=build_manifest(original, sources, key=key), key=key)
+    notes.append(f"provenance (headline): {PROVENANCE_SOURCES} named contributors, contributor {ATTACKER_SOURCE} "
+                 "supplies every poison, manifest signed (HMAC-SHA256) at ingestion; flagged contributors: "
+                 f"{res.info.get('flagged_sources')}")
+    notes.append("detection_tamper_after_ingestion: manifest signed before the attack, samples altered in storage "
+                 "afterwards; the hash check finds altered samples by construction (an integrity check)")
+    extra = {"detection_tamper_after_ingestion": detection_metrics(tamper.is_suspect, tamper.score,
+                                                                   poisoned.is_poison.cpu()),
+             "attacker_source_flagged": scalar(float(ATTACKER_SOURCE in (res.info.get("flagged_sources") or [])))}
+    return res, extra
+
+
+def known_weak_warnings(comp: CleanserProtocol, info: dict, *, trusted: bool) -> list[str]:
+    """Warnings for the settings of this run in which the cleanser is measured to fail (its ``known_weak``)."""
+    keys = poison_setting(info, trusted=trusted) | {"any"}
+    return [f"warning: {comp.registry_name} is known to fail here ({k}): {comp.known_weak[k]}"  # type: ignore[attr-defined]
+            for k in sorted(keys & set(comp.known_weak))]
+
+
+def _cleanser_figures(ctx: RunContext, spec, outcome: AttackOutcome, res, poisoned: PoisonedDataset) -> dict:
+    if not ctx.profile.output.figures:
+        return {}
+    d, stem, truth = ctx.artifact_dir("defenses"), _stem(ctx, spec, outcome), poisoned.is_poison.cpu()
+    artifacts: dict[str, str] = {}
+    flagged = torch.nonzero(res.is_suspect).flatten()
+    if len(flagged):
+        show = flagged[torch.argsort(res.score[flagged], descending=True)][:32]
+        titles = [f"y={int(poisoned.y[i])} {'P' if truth[i] else 'clean'}" for i in show]
+        p = d / f"{stem}_flagged.png"
+        _grid(p, poisoned.x[show].cpu(), titles, f"{spec.key}: highest-scoring flagged samples (P = true poison)")
+        artifacts["flagged samples (highest scores)"] = ctx.rel(p)
+    p = d / f"{stem}_scores.png"
+    _score_histograms(p, res.score, poisoned.y.cpu(), truth, poisoned.num_classes)
+    artifacts["outlier scores per class"] = ctx.rel(p)
+    return artifacts
+
+
+@defense_handler("cleanser", "poisoning", "backdoor")
+def evaluate_cleanser(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
+    t_start = time.perf_counter()
+    state, comp = outcome.state, components[0]
+    poisoned: PoisonedDataset = state["poisoned"]
+    trusted, trusted_note = trusted_set(ctx)
+    kwargs = _cleanser_inputs(ctx, comp, _poisoned_model(ctx, state), trusted)
+    notes: list[str] = []
+    if "trusted" in comp.inputs:
+        notes.append(f"{trusted_note} ({comp.trusted_role})")
+    notes.extend(known_weak_warnings(comp, poisoned.info, trusted=trusted is not None or "trusted" not in comp.inputs))
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if "provenance" in comp.inputs:
+        res, extra = _provenance_scenarios(ctx, comp, poisoned, kwargs, notes)
+    else:
+        res = comp.find_poison(poisoned, **kwargs)
+    t_detect = time.perf_counter() - t0
+    truth = poisoned.is_poison.cpu()
+    metrics: dict[str, Any] = {"detection": detection_metrics(res.is_suspect, res.score, truth),
+                               "flagged": scalar(res.n_flagged, n=len(truth)), "detect_time_s": scalar(t_detect),
+                               **extra}
+    retrained = ctx.train_like_baseline(poisoned.subset(res.keep), description=f"{spec.key}: retraining on kept data")
+    metrics.update(_outcome_metrics(ctx, retrained, state))
+    metrics["poison_remaining"] = proportion(int((truth & res.keep).sum()), int(res.keep.sum()))
+    per_class = {"flagged": [int((res.is_suspect & (poisoned.y == c)).sum()) for c in range(poisoned.num_classes)],
+                 "true_poison": [int((truth & (poisoned.y == c)).sum()) for c in range(poisoned.num_classes)]}
+    info = {k: v for k, v in res.info.items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
+    if "poisoned_classes" in info:
+        notes.append(f"classes judged poisoned: {info['poisoned_classes']}")
+    return {"name": spec.name, "metrics": metrics, "per_class": per_class, "notes": notes,
+            "artifacts": _cleanser_figures(ctx, spec, outcome, res, poisoned), "info": _jsonable(info),
+            "time_s": time.perf_counter() - t_start}
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+@defense_handler("trainer", "poisoning", "backdoor")
+def evaluate_trainer(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
+    t_start = time.perf_counter()
+    state = outcome.state
+    comp: TrainerProtocol = components[0]
+    m = comp.fit(ctx.build_model(), state["poisoned"], recipe=ctx.recipe, seed=ctx.seed, device=ctx.device,
+                 val=ctx.splits.val)
+    metrics = _outcome_metrics(ctx, m, state)
+    notes = [f"trained on the poisoned data with the baseline recipe ({ctx.recipe.epochs} epochs, seed {ctx.seed})"]
+    facts = comp.facts()
+    metrics.update({k: scalar(float(v)) for k, v in facts.items()})
+    if facts:
+        notes.append(f"{comp.registry_name}: " + ", ".join(f"{k} {float(v):.3g}" for k, v in facts.items()))  # type: ignore[attr-defined]
+    return {"name": spec.name, "metrics": metrics, "notes": notes, "artifacts": {},
+            "time_s": time.perf_counter() - t_start}
+
+
+# ------------------------------------------------------------------------------------------------ repair
+
+def _repair_notes(report: dict, target: int | None, metrics: dict) -> list[str]:
+    notes = []
+    if "infected_classes" in report:
+        notes.append(f"classes flagged as infected: {report['infected_classes']} (attack target: {target})")
+        if target is not None:
+            metrics["target_class_flagged"] = scalar(float(target in report["infected_classes"]))
+            if "anomaly_index" in report:
+                notes.append(f"anomaly index of class {target} ({report.get('anomaly_space', 'l1')}): "
+                             f"{report['anomaly_index'][target]:.2f} (threshold {report.get('anomaly_threshold')})")
+            if "anomaly_index_other_space" in report:  # the paper's rule next to ours, or ours next to the paper's
+                other = [c for c, v in enumerate(report["anomaly_index_other_space"])
+                         if v > report.get("anomaly_threshold", 2.0)]
+                notes.append(f"with the other anomaly space, classes flagged would be: {other}")
+    if "pruned" in report:
+        notes.append(f"pruned {report['pruned']} of {report.get('channels', report.get('units'))} units")
+    return notes
+
+
+@defense_handler("repair", "poisoning", "backdoor")
+def evaluate_repair(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
+    t_start = time.perf_counter()
+    state = outcome.state
+    comp: RepairProtocol = components[0]
+    trusted, trusted_note = _required_trusted(ctx, spec)
+    model = _poisoned_model(ctx, state)
+    before = _outcome_metrics(ctx, model, state)
+    repaired = comp.repair(model, clean=trusted, device=ctx.device, seed=ctx.seed)
+    metrics = _outcome_metrics(ctx, repaired, state)
+    metrics["clean_accuracy_before"] = before["clean_accuracy_after"]
+    if "attack_success_rate_after" in before:
+        metrics["attack_success_rate_before"] = before["attack_success_rate_after"]
+    notes = [trusted_note + " (repair data)", *_repair_notes(comp.report_, state.get("target_class"), metrics)]
+    artifacts: dict[str, str] = {}
+    if ctx.profile.output.figures:
+        for i, (title, (x, titles)) in enumerate(comp.diagnostic_images().items()):
+            p = ctx.artifact_dir("defenses") / f"{_stem(ctx, spec, outcome)}_diagnostic{i}.png"
+            _grid(p, x, titles, title)
+            artifacts[title] = ctx.rel(p)
+    return {"name": spec.name, "metrics": metrics, "notes": notes, "artifacts": artifacts,
+            "info": _jsonable(comp.report_), "time_s": time.perf_counter() - t_start}
+
+
+# ------------------------------------------------------------------------------------------------ detector
+
+def _triggered_detection(model, det, s_clean: torch.Tensor, xt: torch.Tensor, target, ctx) -> dict[str, Any]:
+    s_trig = det.score(xt.to(ctx.device)).cpu()
+    tp = int((s_trig > det.threshold_).sum())
+    truth = torch.cat([torch.zeros(len(s_clean), dtype=torch.bool), torch.ones(len(s_trig), dtype=torch.bool)])
+    out: dict[str, Any] = {"tpr": proportion(tp, len(xt)),
+                           "auroc": scalar(_auroc(torch.cat([s_clean, s_trig]), truth), n=len(truth))}
+    asr = None
+    if target is not None:  # what passes the detector: attack success among unflagged triggered inputs
+        passed = s_trig <= det.threshold_
+        pt = predict(model, xt[passed].to(ctx.device)).cpu() if bool(passed.any()) else torch.empty(0)
+        asr = proportion(int((pt == target).sum()), len(xt))
+    return {"detection": out, "asr": asr}
+
+
+@defense_handler("detector", "poisoning", "backdoor")
+def evaluate_detector(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
+    t_start = time.perf_counter()
+    state, det = outcome.state, components[0]
+    model = _poisoned_model(ctx, state)
+    trusted, trusted_note = _required_trusted(ctx, spec)
+    det.fit(trusted.x.to(ctx.device), model=model, seed=ctx.seed)
+    clean = ctx.splits.test.x
+    s_clean = det.score(clean.to(ctx.device)).cpu()
+    metrics: dict[str, Any] = {"detection": {"fpr": proportion(int((s_clean > det.threshold_).sum()), len(clean))}}
+    notes = [trusted_note + " (overlays and threshold calibration)", "fpr on the clean test split"]
+    xt = state.get("test_triggered_x")
+    if xt is not None and len(xt):
+        r = _triggered_detection(model, det, s_clean, xt, state.get("target_class"), ctx)
+        metrics["detection"].update(r["detection"])
+        if r["asr"] is not None:
+            metrics["attack_success_rate_after"] = r["asr"]
+        notes.append("tpr on triggered test images of non-target classes")
+    correct = predict(model, clean.to(ctx.device)).cpu() == ctx.splits.test.y
+    metrics["clean_accuracy_after"] = proportion(int((correct & (s_clean <= det.threshold_)).sum()), len(clean))
+    notes.append("clean_accuracy_after counts a rejected clean input as an error")
+    return {"name": spec.name, "metrics": metrics, "notes": notes, "artifacts": {},
+            "time_s": time.perf_counter() - t_start}
+
+
+# ------------------------------------------------------------------------------------------------ inspector
+
+@defense_handler("inspector", "poisoning", "backdoor")
+def evaluate_inspector(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
+    """The poisoned model against the clean baseline (same recipe), on the trusted set; the verdict is scored:
+    the model is poisoned, so ``suspicious`` should be True, and the attack's target class should be named."""
+    t_start = time.perf_counter()
+    state = outcome.state
+    comp: InspectorProtocol = components[0]
+    trusted, trusted_note = _required_trusted(ctx, spec)
+    report = comp.inspect(_poisoned_model(ctx, state), reference=ctx.baseline, data=trusted, device=ctx.device)
+    target = state.get("target_class")
+    metrics: dict[str, Any] = {"model_flagged": scalar(float(bool(report["suspicious"])))}
+    notes = ["diagnostics of the poisoned model against the clean baseline; nothing is changed", trusted_note,
+             f"verdict: {'suspicious' if report['suspicious'] else 'not suspicious'} (ground truth: poisoned); "
+             f"classes named: {report['flagged_classes'] or 'none'} (attack target: {target})"]
+    if target is not None:
+        metrics["target_class_flagged"] = scalar(float(target in report["flagged_classes"]))
+    per_class = {k: v for k, v in report.items() if k.startswith("per_class_")}
+    artifacts: dict[str, str] = {}
+    if ctx.profile.output.figures and report.get("histograms"):
+        p = ctx.artifact_dir("defenses") / f"{_stem(ctx, spec, outcome)}_weights.png"
+        _weight_histograms(p, report["histograms"])
+        artifacts["weight histograms per layer"] = ctx.rel(p)
+    return {"name": spec.name, "metrics": metrics, "per_class": per_class, "notes": notes, "artifacts": artifacts,
+            "info": _jsonable({k: v for k, v in report.items() if k != "histograms"}),
+            "time_s": time.perf_counter() - t_start}
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -116,6 +409,10 @@ def _score_histograms(path, score: torch.Tensor, y: torch.Tensor, truth: torch.T
             ax.hist(score[sel & truth].numpy(), bins=bins, color="tab:red", alpha=0.7, label="poison")
         ax.set_title(f"class {c}", fontsize=8)
         ax.tick_params(labelsize=6)
+        if c % cols == 0:
+            ax.set_ylabel("training samples", fontsize=7)
+        if c >= num_classes - cols:
+            ax.set_xlabel("outlier score", fontsize=7)
     axes.ravel()[0].legend(fontsize=6)
     fig.suptitle("outlier scores per class (red: true poisons)", fontsize=9)
     fig.tight_layout()
@@ -125,192 +422,6 @@ def _score_histograms(path, score: torch.Tensor, y: torch.Tensor, truth: torch.T
 
 def _stem(ctx: RunContext, spec, outcome: AttackOutcome) -> str:
     return f"{spec.key}_vs_{outcome.entry.get('id', outcome.entry.get('name', 'attack'))}"
-
-
-# ------------------------------------------------------------------------------------------------ handlers
-
-def _train_fn(ctx: RunContext, what: str):
-    def fn(data: Dataset, **kw: Any) -> nn.Module:
-        return ctx.train_like_baseline(data, description=f"{what}: training", **kw)
-
-    return fn
-
-
-def _cleanser_call(ctx: RunContext, comp: Any, poisoned: PoisonedDataset, model: nn.Module, notes: list[str]):
-    name = comp.registry_name
-    kwargs: dict[str, Any] = {"model": model, "trusted": ctx.splits.val, "train_fn": _train_fn(ctx, name),
-                              "device": ctx.device}
-    if name == "provenance_tracking":
-        from safedl.defenses.cleanse.provenance_tracking import build_manifest
-
-        # simulated provenance: the owner signed the pre-attack data, samples spread over 5 sources at random;
-        # the attack then tampered with samples after signing
-        g = torch.Generator().manual_seed(ctx.seed)
-        sources = torch.randint(0, 5, (len(poisoned),), generator=g)
-        original = Dataset(poisoned.original_x, poisoned.original_y, poisoned.num_classes)
-        key = os.urandom(32)
-        kwargs.update(manifest=build_manifest(original, sources, key=key), key=key)
-        notes.append("provenance simulated: manifest signed (HMAC-SHA256) over the pre-attack training set, 5 random "
-                     "sources; the attack tampers after signing")
-    if name in ("data_cleaning", "influence_functions", "provenance_tracking", "roni", "activation_clustering"):
-        notes.append(TRUSTED_NOTE if name != "data_cleaning" else
-                     "losses from cross-validated models trained with the baseline recipe")
-    elif name in ("spectral_signatures",):
-        notes.append(TRUSTED_NOTE + " (decides which mode of a class is foreign)")
-    return comp.find_poison(poisoned, **kwargs)
-
-
-@defense_handler("cleanser", "poisoning", "backdoor")
-def evaluate_cleanser(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
-    t_start = time.perf_counter()
-    state = outcome.state
-    poisoned: PoisonedDataset = state["poisoned"]
-    model = _poisoned_model(ctx, state)
-    notes: list[str] = []
-    t0 = time.perf_counter()
-    res = _cleanser_call(ctx, components[0], poisoned, model, notes)
-    t_detect = time.perf_counter() - t0
-    truth = poisoned.is_poison.cpu()
-    metrics: dict[str, Any] = {"detection": detection_metrics(res.is_suspect, res.score, truth),
-                               "flagged": scalar(res.n_flagged, n=len(truth)), "detect_time_s": scalar(t_detect)}
-    kept = poisoned.subset(res.keep)
-    retrained = ctx.train_like_baseline(kept, description=f"{spec.key}: retraining on kept data")
-    metrics.update(_outcome_metrics(ctx, retrained, state))
-    metrics["poison_remaining"] = proportion(int((truth & res.keep).sum()), int(res.keep.sum()))
-    per_class = {"flagged": [int((res.is_suspect & (poisoned.y == c)).sum()) for c in range(poisoned.num_classes)],
-                 "true_poison": [int((truth & (poisoned.y == c)).sum()) for c in range(poisoned.num_classes)]}
-    artifacts: dict[str, str] = {}
-    if ctx.profile.output.figures:
-        d = ctx.artifact_dir("defenses")
-        stem = _stem(ctx, spec, outcome)
-        flagged = torch.nonzero(res.is_suspect).flatten()
-        if len(flagged):
-            show = flagged[torch.argsort(res.score[flagged], descending=True)][:32]
-            titles = [f"y={int(poisoned.y[i])} {'P' if truth[i] else 'clean'}" for i in show]
-            p = d / f"{stem}_flagged.png"
-            _grid(p, poisoned.x[show].cpu(), titles, f"{spec.key}: highest-scoring flagged samples (P = true poison)")
-            artifacts["flagged samples (highest scores)"] = ctx.rel(p)
-        p = d / f"{stem}_scores.png"
-        _score_histograms(p, res.score, poisoned.y.cpu(), truth, poisoned.num_classes)
-        artifacts["outlier scores per class"] = ctx.rel(p)
-    info = {k: v for k, v in res.info.items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
-    if "poisoned_classes" in info:
-        notes.append(f"classes judged poisoned: {info['poisoned_classes']}")
-    return {"name": spec.name, "metrics": metrics, "per_class": per_class, "artifacts": artifacts, "notes": notes,
-            "info": _jsonable(info), "time_s": time.perf_counter() - t_start}
-
-
-@defense_handler("trainer", "poisoning", "backdoor")
-def evaluate_trainer(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
-    t_start = time.perf_counter()
-    state = outcome.state
-    comp = components[0]
-    m = ctx.build_model()
-    m = comp.fit(m, state["poisoned"], recipe=ctx.recipe, seed=ctx.seed, device=ctx.device, val=ctx.splits.val)
-    metrics = _outcome_metrics(ctx, m, state)
-    notes = [f"trained on the poisoned data with the baseline recipe ({ctx.recipe.epochs} epochs, seed {ctx.seed})"]
-    if hasattr(comp, "epsilon_spent_"):
-        metrics["epsilon_spent"] = scalar(comp.epsilon_spent_)
-        notes.append(f"DP-SGD: epsilon spent {comp.epsilon_spent_:.3g} (target {comp.target_epsilon}), delta "
-                     f"{comp.target_delta}, clip {comp.max_grad_norm}, noise multiplier {comp.noise_multiplier_:.3g}"
-                     + ("; BatchNorm replaced by GroupNorm" if comp.batchnorm_replaced_ else ""))
-    return {"name": spec.name, "metrics": metrics, "notes": notes, "artifacts": {},
-            "time_s": time.perf_counter() - t_start}
-
-
-@defense_handler("repair", "poisoning", "backdoor")
-def evaluate_repair(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
-    t_start = time.perf_counter()
-    state = outcome.state
-    comp = components[0]
-    model = _poisoned_model(ctx, state)
-    before = _outcome_metrics(ctx, model, state)
-    repaired = comp.repair(model, clean=ctx.splits.val, device=ctx.device, seed=ctx.seed)
-    metrics = _outcome_metrics(ctx, repaired, state)
-    metrics["clean_accuracy_before"] = before["clean_accuracy_after"]
-    if "attack_success_rate_after" in before:
-        metrics["attack_success_rate_before"] = before["attack_success_rate_after"]
-    report = getattr(comp, "report_", {})
-    notes = [TRUSTED_NOTE + " (repair data)"]
-    target = state.get("target_class")
-    if "infected_classes" in report:
-        notes.append(f"classes flagged as infected: {report['infected_classes']} (attack target: {target})")
-        if target is not None:
-            metrics["target_class_flagged"] = scalar(float(target in report["infected_classes"]))
-            if "anomaly_index" in report:
-                notes.append(f"anomaly index of class {target} ({report.get('anomaly_space', 'l1')}): "
-                             f"{report['anomaly_index'][target]:.2f} (threshold {comp.anomaly_threshold})")
-    if "pruned" in report:
-        notes.append(f"pruned {report['pruned']} of {report.get('channels', report.get('units'))} units")
-    artifacts: dict[str, str] = {}
-    if ctx.profile.output.figures and hasattr(comp, "masks_"):
-        p = ctx.artifact_dir("defenses") / f"{_stem(ctx, spec, outcome)}_triggers.png"
-        x = (comp.masks_ * comp.patterns_).clamp(0, 1)
-        _grid(p, x, [f"class {c}: L1 {v:.1f}" for c, v in enumerate(report["trigger_l1"])],
-              "reverse-engineered triggers (mask x pattern)")
-        artifacts["reverse-engineered triggers"] = ctx.rel(p)
-    return {"name": spec.name, "metrics": metrics, "notes": notes, "artifacts": artifacts,
-            "info": _jsonable(report), "time_s": time.perf_counter() - t_start}
-
-
-@defense_handler("detector", "poisoning", "backdoor")
-def evaluate_detector(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
-    t_start = time.perf_counter()
-    state = outcome.state
-    det = components[0]
-    model = _poisoned_model(ctx, state)
-    det.fit(ctx.splits.val.x.to(ctx.device), model=model, seed=ctx.seed)
-    clean = ctx.splits.test.x
-    xt = state.get("test_triggered_x")
-    s_clean = det.score(clean.to(ctx.device)).cpu()
-    fp = int((s_clean > det.threshold_).sum())
-    metrics: dict[str, Any] = {"detection": {"fpr": proportion(fp, len(clean))}}
-    notes = [TRUSTED_NOTE + " (overlays and threshold calibration)", "fpr on the clean test split"]
-    if xt is not None and len(xt):
-        s_trig = det.score(xt.to(ctx.device)).cpu()
-        tp = int((s_trig > det.threshold_).sum())
-        truth = torch.cat([torch.zeros(len(s_clean), dtype=torch.bool), torch.ones(len(s_trig), dtype=torch.bool)])
-        metrics["detection"].update(tpr=proportion(tp, len(xt)),
-                                    auroc=scalar(_auroc(torch.cat([s_clean, s_trig]), truth), n=len(truth)))
-        notes.append("tpr on triggered test images of non-target classes")
-        # what passes the detector: attack success among unflagged triggered inputs
-        target = state.get("target_class")
-        if target is not None:
-            passed = s_trig <= det.threshold_
-            pt = predict(model, xt[passed].to(ctx.device)).cpu() if bool(passed.any()) else torch.empty(0)
-            metrics["attack_success_rate_after"] = proportion(int((pt == target).sum()), len(xt))
-    metrics["clean_accuracy_after"] = proportion(
-        int(((predict(model, clean.to(ctx.device)).cpu() == ctx.splits.test.y) & (s_clean <= det.threshold_)).sum()),
-        len(clean))
-    notes.append("clean_accuracy_after counts a rejected clean input as an error")
-    return {"name": spec.name, "metrics": metrics, "notes": notes, "artifacts": {},
-            "time_s": time.perf_counter() - t_start}
-
-
-@defense_handler("inspector", "poisoning", "backdoor")
-def evaluate_inspector(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
-    t_start = time.perf_counter()
-    state = outcome.state
-    comp = components[0]
-    model = _poisoned_model(ctx, state)
-    report = comp.inspect(model, data=ctx.splits.test, device=ctx.device)
-    metrics: dict[str, Any] = {}
-    notes: list[str] = ["diagnostics of the poisoned model; nothing is changed"]
-    per_class: dict[str, list] = {}
-    artifacts: dict[str, str] = {}
-    if "flagged_classes" in report:
-        per_class["accuracy"] = report["per_class_accuracy"]
-        metrics["flagged_classes"] = scalar(len(report["flagged_classes"]), n=len(report["per_class_accuracy"]))
-        notes.append(f"classes below mean - k std: {report['flagged_classes']} (threshold {report['threshold']:.3f})")
-    if "flagged_layers" in report:
-        metrics["flagged_layers"] = scalar(len(report["flagged_layers"]), n=len(report["layers"]))
-        notes.append(f"flagged layers: {report['flagged_layers'] or 'none'}")
-        if ctx.profile.output.figures:
-            p = ctx.artifact_dir("defenses") / f"{_stem(ctx, spec, outcome)}_weights.png"
-            _weight_histograms(p, comp.histograms_)
-            artifacts["weight histograms per layer"] = ctx.rel(p)
-    return {"name": spec.name, "metrics": metrics, "per_class": per_class, "notes": notes, "artifacts": artifacts,
-            "info": _jsonable(report), "time_s": time.perf_counter() - t_start}
 
 
 def _weight_histograms(path, hist: dict[str, dict]) -> None:
@@ -331,9 +442,12 @@ def _weight_histograms(path, hist: dict[str, dict]) -> None:
         ax.bar(edges, h["counts"], width=(hi - lo) / max(n, 1), align="edge")
         ax.set_yscale("log")
         ax.set_title(name, fontsize=7)
+        ax.set_xlabel("weight value", fontsize=7)
+        ax.set_ylabel("count (log)", fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
+    fig.suptitle("weight histograms per layer", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

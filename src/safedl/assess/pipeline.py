@@ -38,6 +38,7 @@ from safedl.models.user import load_entry_point, load_torchscript
 from safedl.models.zoo import build_model
 from safedl.profile import DefenseSpec, Profile
 from safedl.utils import progress
+from safedl.utils.bits import pack as pack_bits
 from safedl.utils.io import (atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256,
                              json_hash)
 from safedl.utils.stats import proportion
@@ -423,6 +424,7 @@ class Run:
                         "val_accuracy": proportion(round(accuracy(model, splits.val, device=self.device) * len(splits.val)),
                                                    len(splits.val)) if len(splits.val) else None},
             "per_class": {"clean_accuracy": per_class},
+            "per_image": {"clean_correct": pack_bits(correct)},  # test split order; for paired comparisons
             "history": history,
             "time_s": time.perf_counter() - t0,
             "recipe": p.training.model_dump(),
@@ -521,7 +523,9 @@ def prepare(profile: Profile, *, base_dir: Path) -> tuple[Splits, Any, dict]:
     data = load_dataset(profile.dataset, base_dir=base_dir)
     try:
         splits = stratified_split(data, test_fraction=profile.dataset.test_fraction,
-                                  val_fraction=profile.dataset.val_fraction, seed=profile.seed)
+                                  val_fraction=profile.dataset.val_fraction,
+                                  seed=profile.seed if profile.dataset.split_seed is None
+                                  else profile.dataset.split_seed)
     except DataError as exc:
         where = profile.dataset.path or profile.dataset.name
         raise DataError(f"dataset {where}: {str(exc).removeprefix(data.name + ': ')}") from None

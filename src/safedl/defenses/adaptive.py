@@ -8,13 +8,16 @@ Security", ICML 2018; Tramer et al., "On Adaptive Attacks to Adversarial Example
 - :func:`defended_model`: preprocessors -> model -> postprocessors as one ``nn.Module`` any registered evasion
   attack can run against; with ``adaptive=True`` it is the attacker-facing version (BPDA, EOT, straight-through
   postprocessing), with ``adaptive=False`` it is the deployed system itself.
+- :func:`strong_adaptive_suite`: APGD-CE and APGD-DLR with restarts through BPDA/EOT on the defended system,
+  per-sample worst case (the headline adaptive robust accuracy, with its budget).
 - :class:`DetectorAwarePGD`: PGD on cross-entropy minus ``lam`` times the detectors' scores, so the examples fool
   the classifier while staying under the detectors' thresholds (Carlini & Wagner, "Adversarial Examples Are Not
   Easily Detected", AISec 2017).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -185,3 +188,88 @@ class DetectorAwarePGD:
                 _, ok = self._status(model, detectors, xa, y, target)
             best = torch.where((ok | ~found).view(-1, 1, 1, 1), xa, best)
         return best.detach()
+
+
+@dataclass
+class SuiteResult:
+    """What :func:`strong_adaptive_suite` found, per sample.
+
+    ``robust``: still correctly classified by the deployed system after every member. ``broken_by``: the index into
+    ``members`` of the first member that broke the sample, -1 if none did, -2 if the deployed system already
+    misclassified the clean input. ``x_adv``: each sample's adversarial example (its input where nothing broke it).
+    ``budget``: norm, eps, steps, restarts, EOT samples and the BPDA surrogates used.
+    """
+
+    robust: torch.Tensor
+    broken_by: torch.Tensor
+    members: list[str]
+    x_adv: torch.Tensor
+    budget: dict[str, Any]
+
+    def robust_accuracy(self) -> dict[str, Any]:
+        from safedl.utils.stats import proportion
+
+        return proportion(int(self.robust.sum()), len(self.robust))
+
+
+def _suite_members(preprocessors: Sequence[nn.Module], *, eps: float, norm: str, steps: int, restarts: int,
+                   seed: int) -> list[tuple[str, str, Any]]:
+    """(name, BPDA surrogate, attack): APGD-CE and APGD-DLR through each useful surrogate (the preprocessors' own
+    approximations, and identity when a non-differentiable preprocessor has one)."""
+    from safedl.attacks.evasion.apgd_ce import APGDCE
+    from safedl.attacks.evasion.apgd_dlr import APGDDLR
+
+    from safedl.defenses.preprocess._base import Preprocessor
+
+    surrogates = ["approx"]
+    own = [type(p).approximation is not Preprocessor.approximation for p in preprocessors
+           if isinstance(p, Preprocessor) and not p.differentiable]
+    if any(own):  # a smooth surrogate can have vanishing gradients (JPEG's rounding): also try identity
+        surrogates.append("identity")
+    out = []
+    for s in surrogates:
+        for name, cls in (("apgd_ce", APGDCE), ("apgd_dlr", APGDDLR)):
+            label = name if s == "approx" else f"{name}[bpda=identity]"
+            out.append((label, s, cls(eps=eps, norm=norm, steps=steps, restarts=restarts, seed=seed)))
+    return out
+
+
+def strong_adaptive_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+                          seed: int = 0, preprocessors: Sequence[nn.Module] = (),
+                          postprocessors: Sequence[Callable] = (), steps: int = 100, restarts: int = 3,
+                          eot_samples: int = 8) -> SuiteResult:
+    """A strong adaptive attack on the defended system within one (norm, eps) budget: APGD-CE and APGD-DLR (Croce &
+    Hein 2020) with ``restarts`` restarts of ``steps`` steps each, through BPDA (every BPDA surrogate available) and
+    EOT over ``eot_samples`` draws for randomized preprocessors (Athalye et al. 2018). Members run in order, each on
+    the samples every earlier one left robust; success is judged on the deployed system (no BPDA/EOT), so a result
+    is an adversarial example of what is actually deployed. The per-sample worst case is the headline robust
+    accuracy; ``budget`` says what produced it.
+    """
+    check_choice("strong_adaptive_suite", "norm", norm, ("linf", "l2"))
+    deployed = defended_model(preprocessors, model, postprocessors, adaptive=False)
+    x, y = x.detach(), y.to(x.device)
+
+    def correct(xa: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), eval_mode(deployed):
+            torch.manual_seed(seed)  # randomized defenses: the same draws for every member's check
+            return deployed(xa).argmax(1) == y[idx]
+
+    members = _suite_members(preprocessors, eps=eps, norm=norm, steps=steps, restarts=restarts, seed=seed)
+    all_idx = torch.arange(len(x), device=x.device)
+    ok0 = correct(x, all_idx)
+    broken_by = torch.where(ok0, -1, -2).to(x.device)
+    todo, out = all_idx[ok0], x.clone()
+    for i, (_, surrogate, attack) in enumerate(members):
+        if len(todo) == 0:
+            break
+        facing = defended_model(preprocessors, model, postprocessors, adaptive=True, eot_samples=eot_samples,
+                                bpda=surrogate)
+        x_adv = attack(facing, x[todo], y[todo])
+        hit = ~correct(x_adv, todo)
+        out[todo[hit]] = x_adv[hit]
+        broken_by[todo[hit]] = i
+        todo = todo[~hit]
+    budget = {"norm": norm, "eps": eps, "steps": steps, "restarts": restarts, "eot_samples": eot_samples,
+              "bpda": sorted({s for _, s, _ in members}), "seed": seed}
+    return SuiteResult(robust=broken_by == -1, broken_by=broken_by, members=[m for m, _, _ in members], x_adv=out,
+                       budget=budget)

@@ -136,13 +136,9 @@ def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block
         b.append(("p", "These stages raised, or lost their worker, on every attempt; they are not measured."))
         b.append(("table", ["stage", "attempts", "error"],
                   [[f["stage"], str(f.get("attempts", "")), f.get("error") or ""] for f in results["failed_stages"]]))
-    risk = results["risk"]
-    b.append(("h", 2, "Risk"))
-    b.append(("p", f"Rule: {risk['rule']}."))
-    rows = [[r["attack"], r["category"], f"{r['likelihood']:.2f}", f"{r['impact']:.2f}", f"{r['score']:.2f}", r["level"],
-             r.get("best_defense", ""), f"{r['residual_score']:.2f}" if "residual_score" in r else "", r.get("residual_level", "")]
-            for r in risk["per_attack"]]
-    b.append(("table", ["attack", "category", "likelihood", "impact", "score", "level", "best defense", "residual", "residual level"], rows))
+    from safedl.report.risk_section import risk_blocks
+
+    b += risk_blocks(results["risk"])
     b += _gate_blocks(gate)
     env = results["environment"]
     b.append(("h", 2, "Environment"))
@@ -254,7 +250,8 @@ def to_html(blocks: list[Block], title: str) -> str:
             rows = "".join("<tr>" + "".join(f"<td>{_html.escape(str(c))}</td>" for c in r) + "</tr>" for r in blk[2])
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em;display:block;max-width:100%;overflow-x:auto}"
+             "td,th{overflow-wrap:anywhere}td,th{border:1px solid #ccc;padding:4px 8px;"
              "text-align:left}th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}code{background:#f3f3f3}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_html.escape(title)}</title>"
             f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
@@ -302,6 +299,9 @@ def write_reports(results: dict[str, Any], run_dir: Path, *, html: bool = True, 
         from safedl.report.figures import summary_figures
 
         figs = summary_figures(results, run_dir)
+        from safedl.report.tradeoff import tradeoff_figures
+
+        figs.update(tradeoff_figures(results, run_dir))
         from safedl.report.extraction_figures import extraction_figures  # model-extraction curves (issue 13)
 
         figs.update(extraction_figures(results, run_dir))

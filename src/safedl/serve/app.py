@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -110,11 +111,15 @@ class Service:
             raise ApiError(429, f"{v.kind}_limited", f"{what} exceeded for this key; retry after {v.retry_after_s} s",
                            {"Retry-After": str(v.retry_after_s)})
 
-    def admit_and_decode(self, token: str | None, items: list[bytes], ctx: dict):
+    def admit_and_decode(self, token: str | None, items: list[bytes], ctx: dict) -> tuple[ApiKey, Any]:
+        _mark(ctx, "read")
         key = self.admit(token, "predict")
         ctx["key_id"], ctx["tier"] = key.key_id, key.tier
         self.limit(key)
-        return key, self.decode_and_charge(items, key)
+        _mark(ctx, "admit")
+        decoded = self.decode_and_charge(items, key)
+        _mark(ctx, "decode")
+        return key, decoded
 
     def decode_and_charge(self, items: list[bytes], key: ApiKey):
         try:
@@ -230,11 +235,52 @@ def _quarantine(svc: Service, decoded, audit_fields: list[dict], ctx: dict) -> N
                    meta={**{k: ctx[k] for k in ("request_id", "key_id", "client")}, **a, "ts": ctx["ts"]})
 
 
+def _answer(svc: Service, ctx: dict, key: ApiKey, decoded, d: dict, *, in_thread: bool) -> tuple:
+    """The 200 answer to a request from its Decision slice: (status, body, headers, per-image audit fields)."""
+    results, audit_fields = _results(svc, d, decoded, key.tier)
+    _observe(svc, d, key.tier)
+    if svc.quarantine is not None and any(a["rejected"] for a in audit_fields):
+        if in_thread:
+            _quarantine(svc, decoded, audit_fields, ctx)
+        else:
+            asyncio.get_running_loop().run_in_executor(None, _quarantine, svc, decoded, audit_fields, dict(ctx))
+    body = {"request_id": ctx["request_id"], "bundle_version": svc.bundle.version, "tier": key.tier,
+            "results": _finite(results)}
+    return 200, body, {}, audit_fields
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf (a broken model or detector) become null: strict JSON has no NaN, and the answer must not fail."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _work_in_thread(svc: Service, token: str | None, items: list[bytes], ctx: dict):
+    """Admission, decoding and, when the model and the audit writer are idle, the forward pass, the answer and
+    its audit commit too: one worker thread, one hand-off. Returns (key, decoded, answer or None)."""
+    key, decoded = svc.admit_and_decode(token, items, ctx)
+    d = svc.batcher.try_inline(decoded.x)
+    if d is None:
+        return key, decoded, None
+    _mark(ctx, "model")
+    answer = _answer(svc, ctx, key, decoded, d, in_thread=True)
+    try:
+        ctx["audited"] = svc.audit.try_commit_inline(_audit_rows(svc, ctx, *answer))
+    except AuditUnavailable as exc:
+        ctx["audit_error"] = exc
+    return key, decoded, answer
+
+
 async def _predict(svc: Service, request: Request, ctx: dict) -> tuple[int, dict, dict, list[dict]]:
     """(status, body, headers, per-image audit fields); raises ApiError for refusals.
 
-    A missing or malformed key is refused before the body is read; the rest of the admission (key lookup, token
-    bucket) runs with decoding in one thread-pool call, so a request crosses threads as few times as possible.
+    A missing or malformed key is refused before the body is read; the rest runs in one thread-pool call when the
+    model is idle, else the request joins the next micro-batch.
     """
     token = _token(request)
     if not well_formed(token):
@@ -243,37 +289,37 @@ async def _predict(svc: Service, request: Request, ctx: dict) -> tuple[int, dict
     submitted = False
     try:
         items = await _items(request, svc)
-        key, decoded = await anyio.to_thread.run_sync(svc.admit_and_decode, token, items, ctx)
-        _mark(ctx, "admit_decode")
-        fut = svc.batcher.submit(decoded.x)
+        key, decoded, answer = await anyio.to_thread.run_sync(_work_in_thread, svc, token, items, ctx)
         submitted = True
-        d = await asyncio.wrap_future(fut)
+        if answer is not None:
+            return answer
+        d = await asyncio.wrap_future(svc.batcher.submit(decoded.x))
         _mark(ctx, "model")
     finally:
         if not submitted:
             svc.batcher.cancel()
-    results, audit_fields = _results(svc, d, decoded, key.tier)
-    _observe(svc, d, key.tier)
-    if svc.quarantine is not None and any(a["rejected"] for a in audit_fields):
-        asyncio.get_running_loop().run_in_executor(None, _quarantine, svc, decoded, audit_fields, dict(ctx))
-    body = {"request_id": ctx["request_id"], "bundle_version": svc.bundle.version, "tier": key.tier,
-            "results": results}
-    return 200, body, {}, audit_fields
+    return _answer(svc, ctx, key, decoded, d, in_thread=False)
 
 
 def _error_body(ctx: dict, code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message, "request_id": ctx["request_id"]}}
 
 
-async def _audited(svc: Service, ctx: dict, status: int, body: dict, headers: dict, fields: list[dict]) -> Response:
-    """Commit the audit rows, then answer; 503 (and no answer) if they cannot be committed."""
-    latency_ms = (time.perf_counter() - ctx["t0"]) * 1000.0
+def _audit_rows(svc: Service, ctx: dict, status: int, body: dict, headers: dict, fields: list[dict]) -> list[dict]:
     base = {k: ctx.get(k) for k in ("ts", "request_id", "key_id", "client", "endpoint", "tier")}
-    base.update(http_status=status, latency_ms=latency_ms, bundle_version=svc.bundle.version,
-                error=body["error"]["code"] if "error" in body else None)
-    rows = [{**base, **f} for f in fields] or [base]
+    base.update(http_status=status, latency_ms=(time.perf_counter() - ctx["t0"]) * 1000.0,
+                bundle_version=svc.bundle.version, error=body["error"]["code"] if "error" in body else None)
+    return [{**base, **f} for f in fields] or [base]
+
+
+async def _audited(svc: Service, ctx: dict, status: int, body: dict, headers: dict, fields: list[dict]) -> Response:
+    """Commit the audit rows (unless a worker thread already did), then answer; 503 (and no answer) if they cannot
+    be committed."""
     try:
-        await asyncio.wrap_future(svc.audit.submit(rows))
+        if "audit_error" in ctx:
+            raise ctx["audit_error"]
+        if not ctx.get("audited"):
+            await asyncio.wrap_future(svc.audit.submit(_audit_rows(svc, ctx, status, body, headers, fields)))
         _mark(ctx, "audit")
     except AuditUnavailable as exc:
         svc.metrics.audit_failures.inc()

@@ -1,7 +1,7 @@
 """The audit log: one row per request and image, committed before the response is sent (SQLite, WAL).
 
 A single writer thread commits the rows of all requests waiting at that moment in one transaction (group commit)
-and then releases them; a request whose rows could not be committed (read-only or full location, locked database)
+and then releases them (when it is idle, a worker thread may commit its request's rows itself, saving a hand-off); a request whose rows could not be committed (read-only or full location, locked database)
 is answered 503, never without a record. With WAL and ``synchronous=NORMAL`` a committed transaction survives a
 killed server process (only an operating-system crash can lose the last transactions; pass ``synchronous="FULL"``
 to rule that out too, at a higher cost per commit).
@@ -57,6 +57,7 @@ class AuditStore:
         self._conn: sqlite3.Connection | None = None
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._conn_lock = threading.Lock()  # one transaction at a time: the writer's or an inline one
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -128,17 +129,35 @@ class AuditStore:
             if stop:
                 return
 
-    def _commit(self, group: list) -> None:
+    def try_commit_inline(self, rows: list[dict[str, Any]]) -> bool:
+        """Commit ``rows`` now, in the calling (worker) thread, if the writer is idle; False if it is not (then
+        ``submit`` them). Raises AuditUnavailable if the commit fails."""
+        if self._thread is None or not self._queue.empty() or not self._conn_lock.acquire(blocking=False):
+            return False
+        try:
+            self._write([tuple(_cell(r.get(c)) for c in COLUMNS) for r in rows])
+        finally:
+            self._conn_lock.release()
+        return True
+
+    def _write(self, rows: list[tuple]) -> None:
         try:
             if self._conn is None and not self._open():
                 raise AuditUnavailable(self.last_error or "audit database unavailable")
             with immediate(self._conn):
-                self._conn.executemany(_INSERT, [row for _, rows in group for row in rows])
+                self._conn.executemany(_INSERT, rows)
             self.healthy, self.last_error = True, None
-        except (sqlite3.Error, OSError, AuditUnavailable) as exc:
+        except (sqlite3.Error, OSError) as exc:
             self._fail(f"audit write to {self.path} failed: {exc}")
+            raise AuditUnavailable(str(exc)) from None
+
+    def _commit(self, group: list) -> None:
+        try:
+            with self._conn_lock:
+                self._write([row for _, rows in group for row in rows])
+        except AuditUnavailable as exc:
             for fut, _ in group:
-                fut.set_exception(AuditUnavailable(str(exc)))
+                fut.set_exception(exc)
             return
         for fut, _ in group:
             fut.set_result(None)

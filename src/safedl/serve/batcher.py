@@ -2,7 +2,10 @@
 Triton's dynamic batcher with max_queue_delay do), off the event loop, in one model thread.
 
 Our variant: a batch waits for more requests (at most ``max_wait_s``, at most ``max_batch`` images) only while
-other requests have been admitted but not yet submitted (``expect()``/``cancel()``), so a lone client pays no wait.
+other requests have been admitted but not yet submitted (``expect()``/``cancel()``), so a lone client pays no wait;
+and when the model is idle and no other request is queued or expected, ``try_inline`` runs the batch of one in the
+calling worker thread (still off the event loop), saving the hand-off to the model thread. One forward pass runs
+at a time either way.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ class MicroBatcher:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._carry: _Job | None = None
+        self._busy = threading.Lock()  # held during every forward pass
 
     @property
     def running(self) -> bool:
@@ -71,6 +75,22 @@ class MicroBatcher:
         """An expected request will not submit (it failed before the model)."""
         with self._lock:
             self._expected = max(0, self._expected - 1)
+
+    def try_inline(self, x: torch.Tensor) -> dict | None:
+        """``slice_decision`` of ``x`` computed now in this thread if the model is idle and no other request is
+        queued or expected; None otherwise (then ``submit`` it). Counts as this request's submission."""
+        if self._expected > 1 or not self._queue.empty() or not self.running or not self._busy.acquire(blocking=False):
+            return None
+        try:
+            with torch.inference_mode():
+                d = self.decide(x)
+        finally:
+            self._busy.release()
+        with self._lock:  # submitted (on an error the caller's cancel() does this)
+            self._expected = max(0, self._expected - 1)
+        if self.on_batch is not None:
+            self.on_batch(x.shape[0])
+        return slice_decision(d, 0, x.shape[0])
 
     def submit(self, x: torch.Tensor) -> cf.Future:
         """Queue images ``x`` [n, C, H, W]; the future gets ``slice_decision`` of their rows."""
@@ -133,7 +153,7 @@ class MicroBatcher:
     def _forward(self, jobs: list[_Job]) -> None:
         try:
             x = jobs[0].x if len(jobs) == 1 else torch.cat([j.x for j in jobs])
-            with torch.inference_mode():
+            with self._busy, torch.inference_mode():
                 d = self.decide(x)
             if self.on_batch is not None:
                 self.on_batch(x.shape[0])

@@ -18,9 +18,9 @@ class ImageResult(BaseModel):
     class_name: Optional[str] = None
     rejected: bool
     reason: Optional[str] = Field(None, description='"detector:<name>" or "abstain:<certifier>" when rejected')
-    probabilities: Optional[list[float]] = Field(None, description="per class (tiers full and rounded)")
+    probabilities: Optional[list[Optional[float]]] = Field(None, description="per class (tiers full and rounded)")
     top_k: Optional[list[TopClass]] = Field(None, description="the k most likely classes (tier topk)")
-    detector_scores: Optional[dict[str, float]] = Field(None, description="per detector (tier full)")
+    detector_scores: Optional[dict[str, Optional[float]]] = Field(None, description="per detector (tier full)")
     input_sha256: str
 
 

@@ -8,7 +8,11 @@ Applied to the bundle's output, after its own postprocessors.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # no torch import at run time: the key store (and `safedl keys`) load this module
+    import torch
+
 
 TIERS = ("full", "rounded", "topk", "label")
 
@@ -21,7 +25,7 @@ def harden(probs: torch.Tensor, *, tier: str, decimals: int = 2, k: int = 3) -> 
         return [{"probabilities": row} for row in probs.tolist()]
     if tier == "rounded":
         scale = 10.0 ** decimals
-        return [{"probabilities": row} for row in (torch.round(probs * scale) / scale).tolist()]
+        return [{"probabilities": row} for row in ((probs * scale).round() / scale).tolist()]
     if tier == "topk":
         vals, idx = probs.topk(min(k, probs.shape[1]), dim=1)
         return [{"top_k": [{"label": int(i), "probability": float(v)} for i, v in zip(ir, vr)]}

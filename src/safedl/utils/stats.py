@@ -75,10 +75,12 @@ def auroc(neg: torch.Tensor, pos: torch.Tensor) -> float:
     return float(u / (len(pos) * len(neg)))
 
 
-def robust_z(values: torch.Tensor) -> torch.Tensor:
+def robust_z(values: torch.Tensor, *, interpolate: bool = False) -> torch.Tensor:
     """(v - median) / (1.4826 * MAD): a z-score that a few outliers cannot hide behind (the MAD of normal data
-    times 1.4826 estimates its standard deviation). Uses the lower median, as torch.median does."""
+    times 1.4826 estimates its standard deviation). The lower median, as torch.median, or with ``interpolate``
+    the mean of the two middle values of an even count, as numpy's."""
     v = values.double()
-    med = v.median()
-    mad = (v - med).abs().median().clamp_min(1e-12) * 1.4826
+    median = (lambda t: t.quantile(0.5)) if interpolate else (lambda t: t.median())
+    med = median(v)
+    mad = median((v - med).abs()).clamp_min(1e-12) * 1.4826
     return ((v - med) / mad).to(values.dtype if values.is_floating_point() else torch.float64)

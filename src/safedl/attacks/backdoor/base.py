@@ -18,6 +18,7 @@ from safedl.utils.validate import check_choice, check_fraction, check_range
 log = logging.getLogger(__name__)
 
 LABEL_MODES = ("dirty", "clean")
+MAPPINGS = ("all_to_one", "all_to_all")
 
 
 def check_class(owner: Any, key: str, value: int, num_classes: int) -> int:
@@ -46,9 +47,10 @@ class BackdoorAttack:
     position: str
     margin: int
     seed: int
+    mapping: str = "all_to_one"
 
     def _init_common(self, *, target_class: int, poison_fraction: float, label_mode: str, blend_alpha: float,
-                     position: str, margin: int, seed: int) -> None:
+                     position: str, margin: int, seed: int, mapping: str = "all_to_one") -> None:
         self.target_class = check_range(self, "target_class", target_class, low=0, integer=True)
         self.poison_fraction = float(check_fraction(self, "poison_fraction", poison_fraction))
         self.label_mode = check_choice(self, "label_mode", label_mode, LABEL_MODES)
@@ -56,6 +58,10 @@ class BackdoorAttack:
         self.position = check_choice(self, "position", position, triggers.POSITIONS)
         self.margin = check_range(self, "margin", margin, low=0, integer=True)
         self.seed = check_range(self, "seed", seed, low=0, integer=True)
+        self.mapping = check_choice(self, "mapping", mapping, MAPPINGS)
+        if self.mapping == "all_to_all" and self.label_mode != "dirty":
+            raise ConfigError(f"{getattr(self, 'registry_name', 'backdoor')}: mapping='all_to_all' relabels every "
+                              "poison c -> c+1 and needs label_mode='dirty'")
 
     # -- what subclasses provide -------------------------------------------------------------------------------
     def _trigger(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,13 +85,22 @@ class BackdoorAttack:
                                       who=self.registry_name)
         return triggers.stamp(x, pattern, mask, rows, cols, alpha=self.blend_alpha)
 
+    def backdoor_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The label the backdoor maps each true label to: ``target_class`` (all-to-one) or ``(y + 1) mod C``
+        (all-to-all, Gu et al. 2017 Sec. 4)."""
+        if self.mapping == "all_to_all":
+            return (y + 1) % num_classes
+        return torch.full_like(y, self.target_class)
+
     def poison(self, train: Dataset, *, generator: torch.Generator) -> PoisonedDataset:
         """Stamp the trigger into a ``poison_fraction`` of the training set (dirty: non-target samples, relabelled
         to the target; clean: target-class samples only, labels kept). The mask marks exactly the changed samples."""
         check_class(self, "target_class", self.target_class, train.num_classes)
         n = len(train)
         k_req = int(round(self.poison_fraction * n))
-        if self.label_mode == "dirty":
+        if self.mapping == "all_to_all":
+            candidates = torch.ones_like(train.y, dtype=torch.bool)
+        elif self.label_mode == "dirty":
             candidates = train.y != self.target_class
         else:
             candidates = train.y == self.target_class
@@ -101,9 +116,10 @@ class BackdoorAttack:
         y = train.y.clone()
         x[idx] = triggers.stamp(train.x[idx], pattern, mask, rows, cols, alpha=self.blend_alpha)
         if self.label_mode == "dirty":
-            y[idx] = self.target_class
+            y[idx] = self.backdoor_labels(train.y[idx], train.num_classes)
         info = {
-            "attack": self.registry_name, "target_class": self.target_class, "label_mode": self.label_mode,
+            "attack": self.registry_name, "label_mode": self.label_mode, "mapping": self.mapping,
+            "target_class": self.target_class if self.mapping == "all_to_one" else None,
             "selected_indices": idx, "requested": k_req, "selected": len(idx),
             "trigger": {"pattern": pattern, "mask": mask, "position": self.position, "blend_alpha": self.blend_alpha,
                         "rows": rows, "cols": cols},

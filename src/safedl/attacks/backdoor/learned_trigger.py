@@ -1,9 +1,13 @@
-"""Learned-trigger backdoor: optimise a trigger pattern and mask against a surrogate trained on clean data, then
-poison with it. The objective follows the trigger-reverse-engineering formulation of Neural Cleanse (Wang et al.,
-"Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural Networks", S&P 2019) used offensively as in
-TrojanNN (Liu et al., "Trojaning Attack on Neural Networks", NDSS 2018): cross-entropy of the stamped inputs to the
-target class + L1 on the mask + total variation, with the mask confined to a patch covering ``patch_size_ratio``
-of the image."""
+"""Learned-trigger backdoor (our variant): optimise a trigger pattern and mask against a surrogate trained on clean
+data, then poison with it. The objective is the trigger-reverse-engineering formulation of Neural Cleanse (Wang et
+al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural Networks", S&P 2019) used offensively:
+cross-entropy of the stamped inputs to the target class + L1 on the mask + total variation, with the mask confined
+to a patch covering ``patch_size_ratio`` of the image.
+
+It is not TrojanNN (Liu et al., "Trojaning Attack on Neural Networks", NDSS 2018), which picks internal neurons of
+the model under attack, generates a trigger that maximally excites them, and retrains that model on
+reverse-engineered data; here the trigger is fitted to a surrogate's target-class decision and delivered by data
+poisoning only."""
 from __future__ import annotations
 
 import logging

@@ -23,15 +23,16 @@ class StaticPatch(BackdoorAttack):
     pixels from the border. ``patch_size``: side in pixels (None: the whole image, e.g. a blended noise trigger).
     ``color``: intensity of the trigger's lit pixels, one value or one per channel. ``blend_alpha`` < 1 blends the
     trigger for low visibility. ``label_mode``: ``dirty`` relabels the poisons to ``target_class``; ``clean``
-    stamps target-class samples only. ``poison_fraction`` is a share of the whole training set.
+    stamps target-class samples only. ``mapping``: ``all_to_one`` (every poison to ``target_class``) or ``all_to_all``
+    (label c -> c+1, Gu et al. 2017; dirty-label only). ``poison_fraction`` is a share of the whole training set.
     """
 
     def __init__(self, *, target_class: int = 0, trigger: str = "pattern", patch_size: int | None = 3,
                  position: str = "bottom_right", margin: int = 1, color: float | Sequence[float] = 1.0,
                  blend_alpha: float = 1.0, poison_fraction: float = 0.1, label_mode: str = "dirty",
-                 image_path: str | None = None, seed: int = 0):
+                 image_path: str | None = None, mapping: str = "all_to_one", seed: int = 0):
         self._init_common(target_class=target_class, poison_fraction=poison_fraction, label_mode=label_mode,
-                          blend_alpha=blend_alpha, position=position, margin=margin, seed=seed)
+                          blend_alpha=blend_alpha, position=position, margin=margin, seed=seed, mapping=mapping)
         self.trigger_type = check_choice(self, "trigger", trigger, triggers.TRIGGERS)
         self.patch_size = None if patch_size is None else check_range(self, "patch_size", patch_size, low=1,
                                                                        integer=True)

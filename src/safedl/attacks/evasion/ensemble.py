@@ -13,10 +13,12 @@ from safedl.data.dataset import Dataset
 from safedl.errors import ConfigError
 from safedl.utils.tensors import predict
 
-#: AutoAttack's standard suite: APGD-CE, APGD-T (targeted DLR over the 9 top wrong classes), Square with 5000 queries
+#: AutoAttack's standard suite (Croce & Hein 2020, in its order): APGD-CE, APGD-T (targeted DLR over the 9 top wrong
+#: classes), FAB-T (targeted FAB over the 9 top wrong classes), Square with 5000 queries
 DEFAULT_ATTACKS: tuple[dict, ...] = (
     {"name": "apgd_ce", "params": {}},
     {"name": "apgd_dlr", "params": {"n_target_classes": 9}},
+    {"name": "fab", "params": {"n_target_classes": 9}},
     {"name": "square", "params": {"max_queries": 5000}},
 )
 _ACCESS_ORDER = ("white-box", "transfer", "scores", "labels")  # most to least demanding

@@ -1,5 +1,10 @@
 """Transfer attack: craft adversarial examples on a surrogate model the attacker trains, evaluate them on the target
-(Papernot et al., "Practical Black-Box Attacks against Machine Learning", AsiaCCS 2017)."""
+(the transferability setting of Papernot, McDaniel & Goodfellow, "Transferability in Machine Learning: from
+Phenomena to Black-Box Attacks using Adversarial Samples", arXiv:1605.07277, 2016).
+
+Not Papernot et al., "Practical Black-Box Attacks against Machine Learning" (AsiaCCS 2017): that substitute is
+trained with Jacobian-based dataset augmentation (new queries along the substitute's Jacobian); this surrogate
+learns from the training set's labels or from one label query per (unaugmented) image."""
 from __future__ import annotations
 
 import logging

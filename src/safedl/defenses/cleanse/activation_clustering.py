@@ -23,6 +23,8 @@ classes not judged poisoned, so one ranking over all classes gives an AUROC.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -41,6 +43,23 @@ class ActivationClustering:
     """Activation clustering (Chen et al. 2018): per-class 2-means on reduced activations, silhouette or size rule."""
 
     model_needs: tuple[str, ...] = ("features",)  # what the model must offer (safedl.models.features.model_problems)
+    inputs: ClassVar[frozenset[str]] = frozenset({"model", "trusted", "train_fn"})
+    trusted_data: ClassVar[str] = "optional"
+    trusted_role: ClassVar[str] = "decides which cluster of a class is foreign"
+    known_weak: ClassVar[dict[str, str]] = {
+        "trusted:none": "without trusted data the smaller mode of a class is taken as the poison; when poisons are about "
+                        "half their target class or more it flags the clean mode or nothing (mnist5k 10% all-to-one, "
+                        "target 3, seed 0, all four triggers: TPR 0.000, n=350; at 5%, fewer poisons than clean "
+                        "samples of the class: TPR 1.000, n=175; bench/measure_poison_generalization.py)",
+        "mapping:all_to_all": "all-to-all poison puts a small foreign mode in every class: found on mnist5k with the "
+                              "500-image validation split (checkerboard 10%, seed 0: SS TPR 0.997, AC 1.000, n=350) but "
+                              "not with 100 trusted images (about 10 per class: TPR 0.000), nor on digits, where the "
+                              "backdoor is barely learned (TPR <= 0.22, n=126; bench/measure_poison_generalization.py)",
+        "trigger:random_position": "a patch at a random position per image is learned weakly and its poisons do not "
+                                   "form one mode (mnist5k 10%, target 3, seed 0, validation split trusted: spectral "
+                                   "signatures TPR 0.774 [0.728, 0.815], activation clustering 0.000, n=350; "
+                                   "bench/measure_poison_generalization.py)",
+    }
 
     def __init__(self, *, n_dims: int = 10, reduce: str = "pca", rule: str = "silhouette",
                  silhouette_threshold: float = 0.15, alpha: float = 0.05, max_trusted_ratio: float = 0.25, untrusted_silhouette: float = 0.5,

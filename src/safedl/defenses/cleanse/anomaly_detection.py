@@ -11,6 +11,8 @@ the Isolation Forest reaches AUROC 0.997, tpr 0.949 [0.920, 0.967] (n=350) at fp
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -28,6 +30,10 @@ class AnomalyDetection:
     """Per-class Isolation Forest or LOF on penultimate features; ``contamination`` 'auto' or the flagged share."""
 
     model_needs: tuple[str, ...] = ("features",)  # what the model must offer (safedl.models.features.model_problems)
+    inputs: ClassVar[frozenset[str]] = frozenset({"model", "train_fn"})
+    trusted_data: ClassVar[str] = "unused"
+    trusted_role: ClassVar[str] = "not used"
+    known_weak: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, type: str = "isolation_forest", contamination: float | str = "auto", n_neighbors: int = 20,
                  n_estimators: int = 200, seed: int = 0):

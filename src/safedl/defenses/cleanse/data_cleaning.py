@@ -8,6 +8,8 @@ z-scores of the loss above ``threshold``.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import logging
 
 import numpy as np
@@ -50,6 +52,11 @@ def cross_validated_losses(data: Dataset, train_fn: TrainFn, *, n_folds: int, se
 @register("cleanser", "data_cleaning")
 class DataCleaning:
     """Flag samples with high cross-validated loss (scaled-mean threshold or loss z-score)."""
+
+    inputs: ClassVar[frozenset[str]] = frozenset({"train_fn"})
+    trusted_data: ClassVar[str] = "unused"
+    trusted_role: ClassVar[str] = "not used: losses come from cross-validated models"
+    known_weak: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, method: str = "loss_filtering", threshold: float | None = None, n_folds: int = 4,
                  seed: int = 0):

@@ -1,5 +1,9 @@
 """Influence of each training sample on the loss of a trusted clean set, by TracIn (Pruthi, Liu, Kale & Sundararajan,
-"Estimating Training Data Influence by Tracing Gradient Descent", NeurIPS 2020).
+"Estimating Training Data Influence by Tracing Gradient Descent", NeurIPS 2020), on the last layer only.
+
+The registry name is historical: this is not Koh & Liang's influence functions ("Understanding Black-box
+Predictions via Influence Functions", ICML 2017; inverse-Hessian-vector products at the final parameters), and it
+traces only the last (linear) layer's gradients, not the whole network's.
 
 TracInCP(z, z') = sum over checkpoints t of eta_t * grad L(w_t, z) . grad L(w_t, z'). Summing over the trusted set
 gives each training sample's influence on the trusted loss: positive = its gradient steps lowered that loss
@@ -23,12 +27,15 @@ backdoor stands out more: AUROC 0.988, tpr 0.686 [0.520, 0.814] (n=35) at fpr 0.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safedl.utils.stats import robust_z
 from safedl.data.dataset import Dataset
 from safedl.defenses.cleanse._common import TrainFn
 from safedl.defenses.cleanse.result import DetectionResult
@@ -66,6 +73,10 @@ class InfluenceFunctions:
     """TracIn influence (Pruthi et al. 2020) of each training sample on a trusted set's loss; flags the most harmful."""
 
     model_needs: tuple[str, ...] = ("head",)  # what the model must offer (safedl.models.features.model_problems)
+    inputs: ClassVar[frozenset[str]] = frozenset({"model", "trusted", "train_fn"})
+    trusted_data: ClassVar[str] = "required"
+    trusted_role: ClassVar[str] = "the loss whose influence is traced"
+    known_weak: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, z_threshold: float = 3.5, flag_fraction: float | None = None, max_checkpoints: int = 8):
         self.z_threshold = check_positive(self, "z_threshold", z_threshold)
@@ -103,9 +114,7 @@ class InfluenceFunctions:
             step = len(states) / self.max_checkpoints
             states = [states[min(len(states) - 1, int(round((i + 1) * step)) - 1)] for i in range(self.max_checkpoints)]
         harm = -tracin_influence(states, data, trusted)
-        med = harm.median()
-        mad = (harm - med).abs().median().clamp_min(1e-12) * 1.4826
-        z = (harm - med) / mad
+        z = robust_z(harm)
         if self.flag_fraction is not None:
             k = int(round(self.flag_fraction * len(data)))
             flag = torch.zeros(len(data), dtype=torch.bool)

@@ -1,6 +1,10 @@
-"""Image-statistics detector: spectral high-frequency energy, gradient magnitude and residual kurtosis, standardised
-against clean data (after Grosse et al. 2017's statistical testing and Harder et al., "SpectralDefense", IJCNN 2021:
-adversarial perturbations add high-frequency energy that natural images of a domain do not have)."""
+"""Image-statistics detector (our own): spectral high-frequency energy, gradient magnitude and residual kurtosis of
+each input image, standardised against clean data.
+
+It rests on the observation that adversarial perturbations add high-frequency energy that natural images of a
+domain do not have (e.g. Harder et al., "SpectralDefense", IJCNN 2021). It implements neither SpectralDefense (a
+classifier on Fourier features of the network's activations) nor Grosse et al. 2017's statistical test (a kernel
+two-sample test on a batch): it is a per-image z-score of three hand-chosen input statistics, model-free."""
 from __future__ import annotations
 
 import torch
@@ -33,7 +37,7 @@ def image_statistics(x: torch.Tensor, cutoff: float) -> torch.Tensor:
 
 @register("detector", "frequency_statistics")
 class FrequencyStatistics(Detector):
-    """Score = largest absolute z-score of three image statistics against their clean mean and spread.
+    """Our per-image detector: largest |z-score| of three input statistics (high-frequency energy, gradients, kurtosis).
 
     The means and spreads are fitted on clean images; the threshold on the score is calibrated on held-out clean
     images for the target ``fpr`` (nothing is hand-set). It needs no model and is differentiable end to end.

@@ -1,5 +1,11 @@
-"""Gaussian noise on the input at inference (Zantedeschi, Nicolae, Rawat, "Efficient Defenses Against Adversarial
-Attacks", AISec 2017); with a noise-trained model it is also the base of randomized smoothing."""
+"""Gaussian noise added to every input at inference time (a randomized input transformation; the registry name
+``gaussian_augmentation`` is historical).
+
+This is not Gaussian data augmentation (Zantedeschi, Nicolae & Rawat, "Efficient Defenses Against Adversarial
+Attacks", AISec 2017), which adds the noise to training images: that is a training recipe, not a preprocessor.
+Noise at inference is the input side of random self-ensembles (Liu et al., "Towards Robust Neural Networks via
+Random Self-ensemble", ECCV 2018) and, with many draws and a vote, of randomized smoothing (Cohen et al. 2019, see
+``certify/randomized_smoothing.py``); alone, its robustness must be measured with EOT (it is randomized)."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +17,7 @@ from safedl.utils.validate import check_positive
 
 @register("preprocessor", "gaussian_augmentation")
 class GaussianAugmentation(Preprocessor):
-    """Add N(0, sigma^2) noise to every pixel and (with ``clip``) clip to [0, 1]; randomized, so adaptive attacks use EOT."""
+    """Inference-time input noise: add N(0, sigma^2) to every pixel, clip to [0, 1]; randomized (adaptive attacks use EOT)."""
 
     differentiable = True
     randomized = True

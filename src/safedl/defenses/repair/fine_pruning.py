@@ -20,6 +20,8 @@ points on both seeds 0 and 1 (bench/ablate_fine_pruning.py). Neural Cleanse's ta
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import copy
 import logging
 
@@ -40,6 +42,12 @@ class FinePruning:
     """Prune dormant last-conv channels until clean accuracy drops by ``max_accuracy_drop``, then fine-tune."""
 
     model_needs: tuple[str, ...] = ("conv",)  # what the model must offer (safedl.models.features.model_problems)
+    trusted_data: ClassVar[str] = "required"
+    report_: dict = {}
+
+    def diagnostic_images(self) -> dict[str, tuple[torch.Tensor, list[str]]]:
+        """No images (RepairProtocol)."""
+        return {}
 
     def __init__(self, *, max_accuracy_drop: float = 0.04, step: int = 1, max_ratio: float = 0.95, epochs: int = 10,
                  lr: float = 3e-3, batch_size: int = 64):

@@ -32,6 +32,8 @@ The threshold of 2 is the paper's and is kept; read a flag with an index below 3
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import copy
 import logging
 
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safedl.utils.stats import robust_z
 from safedl.data.dataset import Dataset
 from safedl.models.train import TrainRecipe, train_model
 from safedl.registry import register
@@ -67,14 +70,15 @@ def anomaly_index(norms: torch.Tensor, *, log: bool = False) -> torch.Tensor:
     if ``log``."""
     if log:
         norms = norms.clamp_min(1e-12).log()
-    med = norms.quantile(0.5)
-    mad = (norms - med).abs().quantile(0.5).clamp_min(1e-12) * 1.4826
-    return (med - norms) / mad
+    return -robust_z(norms, interpolate=True)
 
 
 @register("repair", "neural_cleanse")
 class NeuralCleanse:
     """Reverse-engineer a minimal trigger per class, flag outliers by MAD anomaly index, unlearn them."""
+
+    trusted_data: ClassVar[str] = "required"
+    report_: dict = {}
 
     def __init__(self, *, steps: int = 300, lr: float = 0.1, init_cost: float = 1e-3, cost_multiplier: float = 1.5,
                  patience: int = 5, attack_succ_threshold: float = 0.99, early_stop_patience: int = 20,
@@ -154,6 +158,14 @@ class NeuralCleanse:
                 best = (mask.clone(), _squash(p_raw).clone(), float(mask.sum()))
         return best  # type: ignore[return-value]
 
+    def diagnostic_images(self) -> dict[str, tuple[torch.Tensor, list[str]]]:
+        """The reverse-engineered triggers (mask x pattern) per class, after ``repair`` (RepairProtocol)."""
+        if not self.report_:
+            return {}
+        x = (self.masks_ * self.patterns_).clamp(0, 1)
+        titles = [f"class {c}: L1 {v:.1f}" for c, v in enumerate(self.report_["trigger_l1"])]
+        return {"reverse-engineered triggers": (x, titles)}
+
     def repair(self, model: nn.Module, *, clean: Dataset, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
         dev = torch.device(device)
         m = copy.deepcopy(model).to(dev).eval()
@@ -179,7 +191,8 @@ class NeuralCleanse:
                         "anomaly_index": [round(v, 3) for v in idx.tolist()],
                         "anomaly_index_other_space": [round(v, 3) for v in other.tolist()],
                         "ratio_to_median_l1": [round(v, 3) for v in (norms_t / norms_t.quantile(0.5)).tolist()],
-                        "infected_classes": infected, "steps_run": steps_run}
+                        "infected_classes": infected, "anomaly_threshold": self.anomaly_threshold,
+                        "steps_run": steps_run}
         if not infected or self.unlearn_epochs == 0:
             return m.eval()
         mk = self.masks_[infected].to(dev)

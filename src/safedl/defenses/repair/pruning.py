@@ -6,6 +6,8 @@ feeding the classifier. The ``pruning_ratio`` share of units with the lowest mea
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import copy
 
 import torch
@@ -25,6 +27,12 @@ class Pruning:
     def model_needs(self) -> tuple[str, ...]:
         """What the model must offer (safedl.models.features.model_problems): a conv layer or a linear head."""
         return ("conv",) if self.scope == "last_conv" else ("head",)
+    trusted_data: ClassVar[str] = "required"
+    report_: dict = {}
+
+    def diagnostic_images(self) -> dict[str, tuple[torch.Tensor, list[str]]]:
+        """No images (RepairProtocol)."""
+        return {}
 
     def __init__(self, *, pruning_ratio: float = 0.3, scope: str = "last_conv"):
         self.pruning_ratio = check_fraction(self, "pruning_ratio", pruning_ratio, allow_zero=True, allow_one=False)

@@ -69,7 +69,9 @@ class DPTraining(Trainer):
         epochs = self.epochs or recipe.epochs
         update = {"lr": self.lr} if self.lr is not None else {}
         opt = make_optimizer(model.parameters(), recipe.model_copy(update=update))
-        g = torch.Generator().manual_seed(int(seed))
+        g = torch.Generator().manual_seed(int(seed))  # batch sampling (CPU loader)
+        # the DP noise is drawn on the model's device: a CPU generator fails on CUDA parameters
+        noise_gen = g if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(int(seed) + 1)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x, data.y),
                                              batch_size=recipe.batch_size, shuffle=True, generator=g)
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
@@ -77,7 +79,8 @@ class DPTraining(Trainer):
             warnings.simplefilter("ignore")  # Opacus warns about non-secure RNG, which is what reproducibility needs
             priv_model, priv_opt, priv_loader = engine.make_private_with_epsilon(
                 module=model, optimizer=opt, data_loader=loader, target_epsilon=self.target_epsilon,
-                target_delta=self.target_delta, epochs=epochs, max_grad_norm=self.max_grad_norm, noise_generator=g)
+                target_delta=self.target_delta, epochs=epochs, max_grad_norm=self.max_grad_norm,
+                noise_generator=noise_gen)
         history = []
         with progress_bar(epochs * len(priv_loader), "DP-SGD training") as bar:
             for epoch in range(epochs):

@@ -89,8 +89,8 @@ def overhead(n: int, *, workers: int) -> dict:
 
     out = {}
     path = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=workers, include_dashboard=False, object_store_memory=100 * 1024**2, configure_logging=False,
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})  # workers import the test tasks
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, object_store_memory=100 * 1024**2,
+             configure_logging=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})  # workers import the test tasks
     try:
         for name in ("serial", "process", "ray"):
             ex = create_executor(name, workers=workers, threads_per_task=1)

@@ -68,8 +68,8 @@ class RayExecutor(Executor):
         ray = self._ray = import_ray()
         self._owns = not ray.is_initialized()
         if self._owns:
-            if self.address is None:
-                ray.init(num_cpus=self.workers or os.cpu_count(), include_dashboard=False,
+            if self.address is None:  # "local": a new Ray of our own, never another cluster found on this machine
+                ray.init(address="local", num_cpus=self.workers or os.cpu_count(), include_dashboard=False,
                          logging_level=logging.WARNING, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                          configure_logging=False)
             else:

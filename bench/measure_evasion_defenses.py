@@ -147,7 +147,7 @@ def part_detect(splits, base, n):
     threshold calibrated on the even half of val, metric threshold for 5% FPR set on the odd half; tested on the
     first n test images. Cross-attack: the same detectors fitted on FGSM examples, tested on PGD-40. Adaptive:
     detector-aware PGD-40 (classification margin + hinge on the detector score above its threshold)."""
-    from safedl.defenses.detect._base import auroc
+    from safedl.utils.stats import auroc
 
     x, y = splits.test.x[:n], splits.test.y[:n]
     attack = pgd40()

@@ -15,7 +15,7 @@ from safedl.assess.context import RunContext
 from safedl.assess.defend_evasion import evaluate_evasion_defense
 from safedl.assess.handlers import AttackOutcome, get_defense_handler
 from safedl.defenses.adaptive import DetectorAwarePGD
-from safedl.defenses.detect._base import auroc
+from safedl.utils.stats import auroc
 from safedl.models import TrainRecipe, build_model, with_normalization
 from safedl.profile import ComponentSpec, DefenseSpec, EvaluationSpec, Profile
 from safedl.utils.tensors import predict

@@ -166,7 +166,7 @@ def profile_text(a: Answers, *, name: str = "threat") -> str:
     goal = "any" if a.goal == "copy" else a.goal
     ev = _evasion(a, goal)
     po, bd = _poisoning(a, goal)
-    lines = [f"# safedl threat profile written by `safedl init` from the questionnaire's answers.",
+    lines = ["# safedl threat profile written by `safedl init` from the questionnaire's answers.",
              "# Each choice is explained next to it; docs/threat-model.md lists what every answer changes.",
              f"name: {name}", "seed: 0", "", "threat_model:"]
     for field, key in (("model_access", "access"), ("interface_exposed", "outputs"),

@@ -27,13 +27,12 @@ from safedl.assess.context import RunContext
 from safedl.assess.defense_models import train_defense_model
 from safedl.assess.handlers import AttackOutcome, EvasionState, defense_handler
 from safedl.defenses.adaptive import DetectorAwarePGD, defended_model, strong_adaptive_suite
-from safedl.defenses.detect._base import auroc
 from safedl.defenses.preprocess._base import Preprocessor
 from safedl.defenses.preprocess.gaussian_augmentation import GaussianAugmentation
 from safedl.deploy.pipeline import SecurePipeline
 from safedl.deploy.run_export import save_system
 from safedl.profile import DefenseSpec
-from safedl.utils.stats import proportion, scalar
+from safedl.utils.stats import auroc, proportion, scalar
 from safedl.utils.tensors import predict
 
 log = logging.getLogger(__name__)

@@ -34,11 +34,10 @@ from torch import nn
 from safedl.assess.context import RunContext
 from safedl.assess.handlers import AttackOutcome, defense_handler
 from safedl.data.dataset import Dataset, PoisonedDataset
-from safedl.defenses.detect._base import auroc
 from safedl.defenses.protocols import (CleanserProtocol, InspectorProtocol, RepairProtocol, TrainerProtocol,
                                        poison_setting)
 from safedl.errors import ProfileError
-from safedl.utils.stats import proportion, scalar
+from safedl.utils.stats import auroc, proportion, scalar
 from safedl.utils.tensors import predict
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ from torch import nn
 from safedl import registry
 from safedl.errors import ConfigError
 from safedl.models.normalize import Normalize
-from safedl.utils.stats import auroc  # noqa: F401  (re-exported: detectors' callers import it here)
 from safedl.utils.tensors import eval_mode, frozen_params, model_device
 from safedl.utils.validate import check_fraction, check_positive
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from safedl.data.dataset import Dataset
-from safedl.defenses.cleanse._common import TrainFn, class_indices, foreign_mode, need_model
+from safedl.defenses.cleanse._common import FEATURE_SPACE_KNOWN_WEAK, TrainFn, class_indices, foreign_mode, need_model
 from safedl.models.features import extract_features
 from safedl.defenses.cleanse.result import DetectionResult
 from safedl.registry import register
@@ -46,20 +46,7 @@ class ActivationClustering:
     inputs: ClassVar[frozenset[str]] = frozenset({"model", "trusted", "train_fn"})
     trusted_data: ClassVar[str] = "optional"
     trusted_role: ClassVar[str] = "decides which cluster of a class is foreign"
-    known_weak: ClassVar[dict[str, str]] = {
-        "trusted:none": "without trusted data the smaller mode of a class is taken as the poison; when poisons are about "
-                        "half their target class or more it flags the clean mode or nothing (mnist5k 10% all-to-one, "
-                        "target 3, seed 0, all four triggers: TPR 0.000, n=350; at 5%, fewer poisons than clean "
-                        "samples of the class: TPR 1.000, n=175; bench/measure_poison_generalization.py)",
-        "mapping:all_to_all": "all-to-all poison puts a small foreign mode in every class: found on mnist5k with the "
-                              "500-image validation split (checkerboard 10%, seed 0: SS TPR 0.997, AC 1.000, n=350) but "
-                              "not with 100 trusted images (about 10 per class: TPR 0.000), nor on digits, where the "
-                              "backdoor is barely learned (TPR <= 0.22, n=126; bench/measure_poison_generalization.py)",
-        "trigger:random_position": "a patch at a random position per image is learned weakly and its poisons do not "
-                                   "form one mode (mnist5k 10%, target 3, seed 0, validation split trusted: spectral "
-                                   "signatures TPR 0.774 [0.728, 0.815], activation clustering 0.000, n=350; "
-                                   "bench/measure_poison_generalization.py)",
-    }
+    known_weak: ClassVar[dict[str, str]] = FEATURE_SPACE_KNOWN_WEAK
 
     def __init__(self, *, n_dims: int = 10, reduce: str = "pca", rule: str = "silhouette",
                  silhouette_threshold: float = 0.15, alpha: float = 0.05, max_trusted_ratio: float = 0.25, untrusted_silhouette: float = 0.5,

@@ -6,7 +6,6 @@ bug: the traceback is printed), 130 interrupted (Ctrl-C or SIGTERM; ``run`` says
 """
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
@@ -325,17 +324,10 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory holding res
 
 
 def _load_results(run_dir: Path) -> dict:
-    """A run directory's results.json, or a UserError naming what is wrong."""
-    path = run_dir / "results.json"
-    if not path.is_file():
-        raise UserError(f"{path}: not found (give a run directory written by `safedl run`)")
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(results, dict) or not {"profile", "attacks", "baseline"} <= set(results):
-        raise UserError(f"{path}: not a safedl results file (needs profile, baseline and attacks)")
-    return results
+    """A run directory's results.json, checked (a DataError naming what is wrong)."""
+    from safedl.report.render import load_results
+
+    return load_results(run_dir / "results.json")
 
 
 @app.command(name="recommend")

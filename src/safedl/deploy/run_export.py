@@ -3,7 +3,6 @@
 run's measured metrics in its manifest (``export_from_run``)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +34,6 @@ def save_system(ctx: Any, system: SecurePipeline, *, name: str, trainer: dict[st
     return ctx.rel(folder)
 
 
-def _results(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "results.json"
-    if not path.is_file():
-        raise UserError(f"{path}: not found; RUN_DIR must be a finished safedl run")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-
-
 def _baseline_pipeline(run_dir: Path, results: dict[str, Any]) -> tuple[SecurePipeline, dict[str, Any]]:
     from safedl.deploy.bundle import build_model
 
@@ -69,7 +58,9 @@ def export_from_run(run_dir: str | Path, *, out: str | Path, defense: str | None
                     signing_key: bytes | None = None) -> Path:
     """Export the system of defense ``defense`` (its id in the run), or the undefended baseline when None."""
     run_dir = Path(run_dir)
-    results = _results(run_dir)
+    from safedl.report.render import load_results
+
+    results = load_results(run_dir / "results.json")
     run = {"run_id": results.get("run_id", run_dir.name), "profile_name": results["profile"].get("name")}
     if defense is None:
         pipe, spec = _baseline_pipeline(run_dir, results)

@@ -221,12 +221,22 @@ class StrongAdaptiveSpec(_Strict):
     eot_samples: int = Field(8, ge=1, le=256, description="EOT draws per step for randomized preprocessors")
 
 
+class QueryDetectionSpec(_Strict):
+    """How query detectors (stateful detection, PRADA) are evaluated offline: simulated API keys."""
+
+    benign_keys: int = Field(10, ge=1, le=1000, description="benign keys per stream kind (in order, retry bursts)")
+    benign_queries: int = Field(5000, ge=10, le=1_000_000, description="queries each benign key sends")
+    attack_keys: int = Field(3, ge=1, le=100, description="keys that each run the attack")
+    attack_budget: int = Field(2000, ge=1, le=1_000_000, description="queries each attack key may send")
+
+
 class EvaluationSpec(_Strict):
     n_eval: int = Field(1000, ge=1, description="test images used for evasion attacks")
     batch_size: int = Field(250, ge=1)
     n_examples: int = Field(8, ge=0, le=64, description="example images saved per attack")
     gate: GateSpec = Field(default_factory=GateSpec)
     strong_adaptive: StrongAdaptiveSpec = Field(default_factory=StrongAdaptiveSpec)
+    query_detection: QueryDetectionSpec = Field(default_factory=QueryDetectionSpec)
 
 
 class OutputSpec(_Strict):

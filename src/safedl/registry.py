@@ -28,6 +28,7 @@ KINDS: tuple[str, ...] = (
     "cleanser",       # defenses/cleanse: find_poison(...) -> DetectionResult
     "repair",         # defenses/repair: model -> model
     "inspector",      # defenses/inspect: diagnostics only
+    "query_detector",  # defenses/query: observe(key, x) -> QueryVerdict, per API key (the service runs them online)
 )
 ATTACK_KINDS = ("evasion", "poisoning", "backdoor", "extraction")
 DEFENSE_KINDS = tuple(k for k in KINDS if k not in ATTACK_KINDS)

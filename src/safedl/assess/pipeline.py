@@ -143,6 +143,7 @@ def plan_defenses(profile: Profile) -> list[tuple[DefenseSpec, str, str]]:
     """Every (defense, attack id, handler kind) pair to evaluate; raises ProfileError for impossible pairs."""
     load_handlers()
     attacks = {a.key: cat for cat, a in profile.attacks.all()}
+    attack_specs = {a.key: a for _, a in profile.attacks.all()}
     plan, errors = [], []
     for i, d in enumerate(profile.defenses):
         kinds = defense_kinds(d)
@@ -154,10 +155,13 @@ def plan_defenses(profile: Profile) -> list[tuple[DefenseSpec, str, str]]:
         targets = list(attacks) if "all" in d.against else d.against
         matched = 0
         for aid in targets:
-            if get_defense_handler(kind, attacks[aid]) is None:
+            handler = get_defense_handler(kind, attacks[aid])
+            why_not = None if handler is None else getattr(handler, "not_applicable", lambda c, a: None)(
+                attacks[aid], attack_specs[aid])
+            if handler is None or why_not:
                 if "all" not in d.against:
                     errors.append((f"defenses[{i}].against", f"a {kind} defense ({d.key}) cannot be evaluated against "
-                                   f"{attacks[aid]} attack {aid!r}"))
+                                   f"{attacks[aid]} attack {aid!r}" + (f": {why_not}" if why_not else "")))
                 continue
             plan.append((d, aid, kind))
             matched += 1

@@ -9,6 +9,7 @@ from torch import nn
 
 from safedl.defenses.query.base import KeyStore, QueryVerdict, encode
 from safedl.errors import ConfigError
+from safedl.registry import register
 from safedl.utils.validate import check_fraction, check_positive, check_range
 
 _CALIBRATION_CHUNK = 50
@@ -29,6 +30,7 @@ class _KeyState:
     n_seen: int = 0
 
 
+@register("query_detector", "prada")
 class PRADA:
     """Per key, the minimum distance of each new query to the key's earlier ("growing set") queries of the same
     predicted class; a Shapiro-Wilk W of those distances below ``delta`` flags the key.
@@ -40,13 +42,16 @@ class PRADA:
     answers) groups by class; without it all queries form one group (our simplification). Bounded memory: the growing
     set keeps its last ``max_growing`` members, the distance list its last ``window`` values (the paper keeps all);
     at most ``max_keys`` keys. ``calibrate(benign_streams, fpr)`` sets ``delta_`` to the ``fpr`` quantile of the W
-    values benign streams produce. Distances are L2 in ``encoder``'s feature space (pixels without one).
+    values benign streams produce (``fpr`` its default target). Distances are L2 in ``encoder``'s feature space
+    (pixels without one).
     """
 
     def __init__(self, *, delta: float = 0.9, min_queries: int = 100, window: int = 2000, max_growing: int = 2000,
-                 num_classes: int = 10, classify: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 num_classes: int = 10, fpr: float = 0.01,
+                 classify: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  encoder: nn.Module | None = None, max_keys: int = 1000):
         self.delta_ = float(check_range(self, "delta", delta, low=0.0, high=1.0, low_inclusive=False))
+        self.fpr = float(check_fraction(self, "fpr", fpr))
         self.min_queries = check_range(self, "min_queries", min_queries, low=3, integer=True)
         self.window = check_positive(self, "window", window, integer=True)
         if self.window < self.min_queries:
@@ -125,9 +130,9 @@ class PRADA:
         flagged = w < self.delta_
         return QueryVerdict(flagged, self.delta_ / max(w, 1e-12), st.n_seen, before + len(x) if flagged else None)
 
-    def calibrate(self, streams: Sequence[torch.Tensor], *, fpr: float = 0.01) -> "PRADA":
-        """Set ``delta_`` to the ``fpr`` quantile of the W statistics benign streams produce."""
-        check_fraction(self, "fpr", fpr)
+    def calibrate(self, streams: Sequence[torch.Tensor], *, fpr: float | None = None) -> "PRADA":
+        """Set ``delta_`` to the ``fpr`` quantile (default ``self.fpr``) of the W statistics benign streams produce."""
+        fpr = self.fpr if fpr is None else float(check_fraction(self, "fpr", fpr))
         ws = []
         for s in streams:
             st = _KeyState()

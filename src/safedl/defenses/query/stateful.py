@@ -10,6 +10,7 @@ from torch import nn
 
 from safedl.defenses.query.base import KeyStore, QueryVerdict, encode, first_flag
 from safedl.errors import ConfigError
+from safedl.registry import register
 from safedl.utils.validate import check_fraction, check_positive
 
 _CALIBRATION_CHUNK = 50
@@ -24,6 +25,7 @@ class _KeyState:
     scores: list = field(default_factory=list)  # only used during calibration
 
 
+@register("query_detector", "stateful_detector")
 class StatefulDetector:
     """Per key, the mean distance of each query to its ``k`` nearest neighbours among the key's last ``history``
     queries (in ``encoder``'s feature space; flattened pixels without one); a mean below ``threshold`` flags the key.
@@ -33,14 +35,16 @@ class StatefulDetector:
     neighbours far away. ``calibrate(benign_streams, fpr=...)`` sets ``threshold_`` to the ``fpr`` quantile of the
     per-query k-NN distances of benign streams (the paper's procedure; it used a contrastively trained encoder,
     here any given encoder, e.g. the victim's penultimate features, or pixels). Unlike the paper, the buffer is
-    not cleared after a detection: the service decides what to do with a flagged key. Memory per key:
+    not cleared after a detection: the service decides what to do with a flagged key. ``fpr`` is the calibration's
+default target. Memory per key:
     ``history * D`` floats; at most ``max_keys`` keys (least recently seen forgotten first). Within a batch each
     query also sees the batch's earlier queries (so the window is briefly up to history + batch size).
     """
 
     def __init__(self, *, k: int = 50, history: int = 1000, threshold: float | None = None,
-                 encoder: nn.Module | None = None, max_keys: int = 1000):
+                 fpr: float = 1e-3, encoder: nn.Module | None = None, max_keys: int = 1000):
         self.k = check_positive(self, "k", k, integer=True)
+        self.fpr = float(check_fraction(self, "fpr", fpr))
         self.history = check_positive(self, "history", history, integer=True)
         if self.history < self.k:
             raise ConfigError(f"StatefulDetector: history={history} must be at least k={k}")
@@ -88,9 +92,10 @@ class StatefulDetector:
         return QueryVerdict(bool(flags.any()), float(suspicion.max()) if len(x) else 0.0, st.n_seen,
                             first_flag(flags, before))
 
-    def calibrate(self, streams: Sequence[torch.Tensor], *, fpr: float = 1e-3) -> "StatefulDetector":
-        """Set ``threshold_`` to the ``fpr`` quantile of benign per-query k-NN distances (streams in order)."""
-        check_fraction(self, "fpr", fpr)
+    def calibrate(self, streams: Sequence[torch.Tensor], *, fpr: float | None = None) -> "StatefulDetector":
+        """Set ``threshold_`` to the ``fpr`` quantile (default ``self.fpr``) of benign per-query k-NN distances
+        (streams in order)."""
+        fpr = self.fpr if fpr is None else float(check_fraction(self, "fpr", fpr))
         scores = []
         for s in streams:
             st = _KeyState()

@@ -76,3 +76,11 @@ def test_load_profile_file_errors(tmp_path):
     f.write_text("- a list\n")
     with pytest.raises(ProfileError, match="mapping"):
         load_profile(f)
+
+
+@pytest.mark.parametrize("path", ["examples/default.yaml", "examples/model-stealing.yaml", "examples/ci/profile.yaml"])
+def test_shipped_example_profiles_validate_and_plan(path):
+    from safedl.assess.pipeline import plan_defenses
+
+    prof = load_profile(path)
+    assert plan_defenses(prof)  # every listed defense has at least one attack it is evaluated against

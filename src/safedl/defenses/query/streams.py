@@ -7,7 +7,7 @@ import torch
 from safedl.models.train import random_shift
 
 
-def in_order_stream(x: torch.Tensor, n: int, *, seed: int) -> torch.Tensor:
+def in_order_stream(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """``x`` in order, then further passes, each with a fresh random 2-pixel shift (distinct natural-looking images)."""
     g = torch.Generator().manual_seed(int(seed))
     parts, total = [x], len(x)
@@ -17,7 +17,7 @@ def in_order_stream(x: torch.Tensor, n: int, *, seed: int) -> torch.Tensor:
     return torch.cat(parts)[:n]
 
 
-def burst_stream(x: torch.Tensor, n: int, *, seed: int) -> torch.Tensor:
+def burst_stream(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """Each image (random order) sent 1-5 times, the repeats small random crops (2-pixel shifts) and brightness
     changes (x0.8-1.2): a legitimate user retrying."""
     g = torch.Generator().manual_seed(int(seed))

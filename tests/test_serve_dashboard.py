@@ -163,6 +163,7 @@ def fake_service(summary: dict, tokens: dict[str, bool]) -> FastAPI:
     (``tokens``: token -> has the admin scope)."""
     app = FastAPI()
     app.include_router(dashboard_router())
+    app.state.summary_calls = 0
 
     @app.get("/v1/monitor/summary")
     async def summary_route(request: Request):
@@ -171,6 +172,7 @@ def fake_service(summary: dict, tokens: dict[str, bool]) -> FastAPI:
         if token not in tokens:
             return JSONResponse({"error": {"code": "unauthorized", "message": "missing, unknown or revoked API key"}},
                                 status_code=401)
+        app.state.summary_calls += 1
         if not tokens[token]:
             return JSONResponse({"error": {"code": "forbidden", "message": "this key's scopes (predict, model) do "
                                            "not include 'admin'"}}, status_code=403)
@@ -203,15 +205,29 @@ def test_page_and_assets_are_packaged_self_contained_and_served_with_a_strict_cs
     assert "script-src 'self'" in CSP and "unsafe-inline" not in CSP and "connect-src 'self'" in CSP
 
 
+def test_the_static_assets_are_package_data():
+    """A wheel or a fresh ``pip install`` ships what ``ASSETS`` serves (pyproject's package-data globs)."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["safedl"]
+    for file, _ in ASSETS.values():
+        assert any(fnmatch.fnmatch(f"serve/static/{file}", g) for g in globs), (file, globs)
+
+
 def test_dashboard_draws_alerts_charts_keys_and_gallery_with_strings_as_text(tmp_path, digits_splits):
     summary = fake_summary(digits_splits.test.x, now=time.time())
-    with Uvicorn(fake_service(summary, {"sdl_admin": True})) as srv:
+    app = fake_service(summary, {"sdl_admin": True})
+    with Uvicorn(app) as srv:
         url = f"{srv.url}/dashboard#key=sdl_admin"
-        page = dom(chromium(url, tmp_path / "profile"))
+        page = dom(chromium(url, tmp_path / "profile", budget_ms=12000))  # virtual time: past two refreshes
+        polls = app.state.summary_calls
         shot = _artifacts(tmp_path) / "dashboard-fake-chromium.png"
         chromium(url, tmp_path / "profile2", screenshot=shot)
     body = page.one("body")
-    assert body.attrs["data-state"] == "ok" and int(body.attrs["data-updates"]) >= 1, page.one(id="status").text()
+    assert body.attrs["data-state"] == "ok", page.one(id="status").text()
+    assert int(body.attrs["data-updates"]) == polls >= 3  # loaded, then refreshed every 5 s
     assert "pwned" not in " ".join(body.attrs)
     # alerts: firing before resolved, critical first; the global alert has no key
     rows = page.one("table", id="alerts").all("tr", **{"data_state": "firing"})
@@ -258,9 +274,12 @@ def _check_charts(page: Node, series: dict) -> None:
 def test_no_key_or_a_key_without_admin_scope_shows_the_error_and_no_data(tmp_path, digits_splits, token, status,
                                                                           words):
     summary = fake_summary(digits_splits.test.x, now=time.time())
-    with Uvicorn(fake_service(summary, {"sdl_admin": True, "sdl_user": False})) as srv:
-        page = dom(chromium(f"{srv.url}/dashboard" + (f"#key={token}" if token else ""), tmp_path / "profile"))
+    app = fake_service(summary, {"sdl_admin": True, "sdl_user": False})
+    with Uvicorn(app) as srv:
+        page = dom(chromium(f"{srv.url}/dashboard" + (f"#key={token}" if token else ""), tmp_path / "profile",
+                            budget_ms=12000))
     assert page.one("body").attrs["data-state"] == status
+    assert app.state.summary_calls == 1  # a refused key is not retried every 5 s (a new key from the form is)
     assert page.one(id="status").text().startswith(words)
     assert "hidden" in page.one("main").attrs
     assert not page.all("svg") and not page.one(id="gallery").all("img") and not page.one(id="keys").all("td")

@@ -167,12 +167,12 @@ def fake_service(summary: dict, tokens: dict[str, bool]) -> FastAPI:
 
     @app.get("/v1/monitor/summary")
     async def summary_route(request: Request):
+        app.state.summary_calls += 1
         auth = request.headers.get("authorization", "")
         token = auth[7:] if auth.startswith("Bearer ") else None
         if token not in tokens:
             return JSONResponse({"error": {"code": "unauthorized", "message": "missing, unknown or revoked API key"}},
                                 status_code=401)
-        app.state.summary_calls += 1
         if not tokens[token]:
             return JSONResponse({"error": {"code": "forbidden", "message": "this key's scopes (predict, model) do "
                                            "not include 'admin'"}}, status_code=403)

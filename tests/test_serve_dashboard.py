@@ -7,6 +7,7 @@ import base64
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import threading
 import time
@@ -17,12 +18,20 @@ import pytest
 import torch
 
 pytest.importorskip("fastapi")
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse  # noqa: E402
+import httpx  # noqa: E402
+import yaml  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from _serve_helpers import free_port, png_bytes  # noqa: E402
+from _monitor_helpers import near_duplicates, npy, write_config  # noqa: E402
+from _serve_helpers import free_port, make_bundle, png_bytes  # noqa: E402
+from safedl.deploy import load_bundle  # noqa: E402
+from safedl.serve import create_app  # noqa: E402
+from safedl.serve.audit import AuditStore  # noqa: E402
 from safedl.serve.dashboard import ASSETS, CSP, dashboard_router  # noqa: E402
+from safedl.serve.keys import KeyStore  # noqa: E402
+from safedl.serve.monitor import DEFAULT_RULES, load_monitor_config  # noqa: E402
+from safedl.serve.monitor.calibration import calibrate, quantize, save_calibration  # noqa: E402
 
 HOSTILE = '<img src=x onerror="document.body.dataset.pwned=1">'
 HOSTILE_REASON = "<script>document.body.dataset.pwned=2</script>"
@@ -41,7 +50,8 @@ class Node:
         out = []
         for c in self.children:
             if isinstance(c, Node):
-                if (tag is None or c.tag == tag) and all(c.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items()):
+                if (tag is None or c.tag == tag) and all(c.attrs.get(k.replace("_", "-")) == v
+                                                         for k, v in attrs.items()):
                     out.append(c)
                 out.extend(c.all(tag, **attrs))
         return out
@@ -152,33 +162,25 @@ def fake_summary(digits: torch.Tensor, *, now: float) -> dict:
             {"key_id": odd, "name": HOSTILE, "queries": 12, "rejected": 0, "tier": "label", "action": None,
              "flags": {"stateful": None, "prada": None, "volume": None}}],
         "series": {"bucket_s": 60, "t": t, "queries": queries, "rejected": rejected,
-                   "flags": [1 if i == 52 else 0 for i in range(60)], "alerts": [1 if i == 53 else 0 for i in range(60)]},
+                   "flags": [int(i == 52) for i in range(60)], "alerts": [int(i == 53) for i in range(60)]},
         "flagged_inputs": [{"ts": now - 10 * i, "key_id": attack, "request_id": f"{i:032x}",
                             "reason": HOSTILE_REASON if i == 2 else "query_attack:stateful", "sha256": f"{i:064x}",
                             "png_base64": pngs[i]} for i in range(3)]}
 
 
-def fake_service(summary: dict, tokens: dict[str, bool]) -> FastAPI:
-    """The dashboard's routes plus a stand-in for ``GET /v1/monitor/summary`` with the contract's auth answers
-    (``tokens``: token -> has the admin scope)."""
-    app = FastAPI()
-    app.include_router(dashboard_router())
-    app.state.summary_calls = 0
+class FakeMonitor:
+    """Stands in for the service's SecurityMonitor: a fixed ``snapshot()``, calls counted."""
 
-    @app.get("/v1/monitor/summary")
-    async def summary_route(request: Request):
-        app.state.summary_calls += 1
-        auth = request.headers.get("authorization", "")
-        token = auth[7:] if auth.startswith("Bearer ") else None
-        if token not in tokens:
-            return JSONResponse({"error": {"code": "unauthorized", "message": "missing, unknown or revoked API key"}},
-                                status_code=401)
-        if not tokens[token]:
-            return JSONResponse({"error": {"code": "forbidden", "message": "this key's scopes (predict, model) do "
-                                           "not include 'admin'"}}, status_code=403)
-        return summary
+    def __init__(self, summary: dict):
+        self.summary, self.calls = summary, 0
 
-    return app
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def snapshot(self) -> dict:
+        self.calls += 1
+        return self.summary
 
 
 def _artifacts(tmp_path: Path) -> Path:
@@ -191,9 +193,69 @@ def _points(d: str) -> list[tuple[float, float]]:
     return [(float(a), float(b)) for a, b in re.findall(r"[ML](-?[\d.]+) (-?[\d.]+)", d)]
 
 
+# ---- the real service: keys, monitor, a scripted attack ---------------------------------------------------------
+class Live:
+    """The real service (create_app) on 127.0.0.1 with four keys: ``benign`` and ``attacker`` (tier full),
+    ``ops`` (admin scope) and ``user`` (the default scopes, predict and model)."""
+
+    def __init__(self, tmp: Path, bundle, *, monitor_config=None):
+        self.keys = KeyStore(tmp / "keys.db", create=True)
+        self.tokens = {n: self.keys.create(name=n, tier="full", rate_per_s=1e4, burst=10_000)[1]
+                       for n in ("benign", "attacker")}
+        self.tokens["ops"] = self.keys.create(name="ops", scopes=("admin",))[1]
+        self.tokens["user"] = self.keys.create(name="user")[1]
+        self.ids = {k.name: k.key_id for k in self.keys.list()}
+        self.audit_db = tmp / "audit.db"
+        self.app = create_app(bundle=bundle, keys=self.keys, audit=AuditStore(self.audit_db),
+                              monitor_config=monitor_config)
+        self.svc = self.app.state.service
+
+    def summary_answers(self, status: int) -> int:
+        """Audited answers of /v1/monitor/summary with ``status`` (every answer is audited, refusals too)."""
+        conn = sqlite3.connect(self.audit_db)
+        (n,) = conn.execute("SELECT COUNT(*) FROM audit WHERE endpoint='/v1/monitor/summary' AND http_status=?",
+                            (status,)).fetchone()
+        conn.close()
+        return n
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_model, digits_splits, tmp_path_factory):
+    return load_bundle(make_bundle(tiny_model, digits_splits, tmp_path_factory.mktemp("dash") / "bundle"))
+
+
+@pytest.fixture(scope="module")
+def attacked(bundle, digits_splits, tmp_path_factory):
+    """The service with the real monitor (the shipped rules; thresholds calibrated on benign streams of the digits
+    training split, seed 0) after a scripted attack over HTTP: 50 rounds of one benign request of 4 distinct test
+    images and 3 attacker requests of one near-duplicate each (random +-0.1 squares on one test digit, seed 0)."""
+    tmp = tmp_path_factory.mktemp("dash-live")
+    calib = save_calibration(calibrate(bundle, digits_splits.train.x, seed=0), tmp / "calibration.json")
+    rules = yaml.safe_load(DEFAULT_RULES.read_text())["rules"]
+    cfg = load_monitor_config(write_config(tmp / "monitor.yml", calibration=calib, rules=rules))
+    live = Live(tmp, bundle, monitor_config=cfg)
+    benign = quantize(digits_splits.test.x[:200])
+    attack = near_duplicates(quantize(digits_splits.test.x[0]), 150, eps=0.1, seed=0)
+    with Uvicorn(live.app) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        def post(who: str, x: torch.Tensor) -> None:
+            r = http.post("/v1/predict", content=npy(x), headers={"Authorization": f"Bearer {live.tokens[who]}",
+                                                                   "Content-Type": "application/x-npy"})
+            assert r.status_code == 200, r.text
+        for i in range(50):
+            post("benign", benign[4 * i:4 * i + 4])
+            for j in range(3):
+                post("attacker", attack[3 * i + j:3 * i + j + 1])
+        assert live.svc.monitor.flush()
+        live.url = srv.url
+        live.http = http
+        yield live
+
+
 # ---- tests -------------------------------------------------------------------------------------------------------
-def test_page_and_assets_are_packaged_self_contained_and_served_with_a_strict_csp():
-    client = TestClient(fake_service({}, {}))
+def test_page_and_assets_are_self_contained_and_served_with_a_strict_csp():
+    app = FastAPI()
+    app.include_router(dashboard_router())
+    client = TestClient(app)
     for path, (_, media) in {"/dashboard" + ("/" + k if k else ""): v for k, v in ASSETS.items()}.items():
         r = client.get(path)
         assert r.status_code == 200 and r.headers["content-type"] == media, path
@@ -216,13 +278,16 @@ def test_the_static_assets_are_package_data():
         assert any(fnmatch.fnmatch(f"serve/static/{file}", g) for g in globs), (file, globs)
 
 
-def test_dashboard_draws_alerts_charts_keys_and_gallery_with_strings_as_text(tmp_path, digits_splits):
+def test_dashboard_draws_alerts_charts_keys_and_gallery_with_strings_as_text(tmp_path, bundle, digits_splits):
+    """The real service and endpoint, a stand-in monitor whose summary has every case: alert order, an HTML key
+    name and reason, three thumbnails, an hour of series."""
     summary = fake_summary(digits_splits.test.x, now=time.time())
-    app = fake_service(summary, {"sdl_admin": True})
-    with Uvicorn(app) as srv:
-        url = f"{srv.url}/dashboard#key=sdl_admin"
+    live = Live(tmp_path, bundle)
+    live.svc.monitor = fake = FakeMonitor(summary)
+    with Uvicorn(live.app) as srv:
+        url = f"{srv.url}/dashboard#key={live.tokens['ops']}"
         page = dom(chromium(url, tmp_path / "profile", budget_ms=12000))  # virtual time: past two refreshes
-        polls = app.state.summary_calls
+        polls = fake.calls
         shot = _artifacts(tmp_path) / "dashboard-fake-chromium.png"
         chromium(url, tmp_path / "profile2", screenshot=shot)
     body = page.one("body")
@@ -230,18 +295,18 @@ def test_dashboard_draws_alerts_charts_keys_and_gallery_with_strings_as_text(tmp
     assert int(body.attrs["data-updates"]) == polls >= 3  # loaded, then refreshed every 5 s
     assert "pwned" not in " ".join(body.attrs)
     # alerts: firing before resolved, critical first; the global alert has no key
-    rows = page.one("table", id="alerts").all("tr", **{"data_state": "firing"})
-    order = [(r.attrs["data-state"], r.attrs["data-severity"]) for r in page.one("table", id="alerts").all("tr")
-             if "data-state" in r.attrs]
-    assert order == [("firing", "critical"), ("firing", "info"), ("resolved", "warning")]
-    assert rows[0].attrs["data-key-id"] == "a1a1a1a1a1a1" and "attacker" in rows[0].text() and "block" in rows[0].text()
+    alerts = [r for r in page.one("table", id="alerts").all("tr") if "data-state" in r.attrs]
+    assert [(r.attrs["data-state"], r.attrs["data-severity"]) for r in alerts] == [
+        ("firing", "critical"), ("firing", "info"), ("resolved", "warning")]
+    assert alerts[0].attrs["data-key-id"] == "a1a1a1a1a1a1" and "attacker" in alerts[0].text()
+    assert "block" in alerts[0].text() and "(global)" in alerts[1].text()
     # the HTML key name and reason are shown as text, never as elements
     odd = page.one("tr", data_key_id="c3c3c3c3c3c3")
     assert HOSTILE in odd.text() and not odd.all("img")
     assert any(HOSTILE_REASON in f.text() for f in page.one(id="gallery").all("figure"))
     assert not page.one(id="gallery").all("script") and not page.one(id="keys").all("img")
     # top keys: only the attacker is flagged, by stateful at query 23
-    keys = {r.attrs["data-key-id"]: r for r in page.one("table", id="keys").all("tr") if "data-key-id" in r.attrs}
+    keys = _keys(page)
     assert {k: r.attrs["data-flagged"] for k, r in keys.items()} == {"a1a1a1a1a1a1": "1", "b2b2b2b2b2b2": "0",
                                                                       "c3c3c3c3c3c3": "0"}
     assert keys["a1a1a1a1a1a1"].one("td", data_detector="stateful").text() == "at query 23"
@@ -252,6 +317,69 @@ def test_dashboard_draws_alerts_charts_keys_and_gallery_with_strings_as_text(tmp
     assert [i.attrs["src"].split(",", 1)[1] for i in imgs] == [f["png_base64"] for f in summary["flagged_inputs"]]
     assert [i.attrs.get("data-state") for i in imgs] == ["loaded"] * 3  # decoded by the browser
     assert shot.is_file() and shot.stat().st_size > 20000
+
+
+def test_dashboard_shows_a_scripted_attack_seen_by_the_real_monitor(attacked, tmp_path):
+    live = attacked
+    url = f"{live.url}/dashboard#key={live.tokens['ops']}"
+    page = dom(chromium(url, tmp_path / "profile"))
+    shot = _artifacts(tmp_path) / "dashboard-chromium.png"
+    chromium(url, tmp_path / "profile2", screenshot=shot)
+    api = live.http.get("/v1/monitor/summary", headers={"Authorization": f"Bearer {live.tokens['ops']}"}).json()
+    assert page.one("body").attrs["data-state"] == "ok", page.one(id="status").text()
+    attacker, benign = live.ids["attacker"], live.ids["benign"]
+    # one firing critical query_attack alert for the attacker, none for the benign key
+    rows = [r for r in page.one("table", id="alerts").all("tr") if "data-state" in r.attrs]
+    mine = [r for r in rows if r.attrs["data-key-id"] == attacker and "query_attack" in r.text()]
+    assert len(mine) == 1 and mine[0].attrs["data-state"] == "firing" and mine[0].attrs["data-severity"] == "critical"
+    assert [r.attrs["data-alert-id"] for r in rows] == [a["alert_id"] for a in sorted(api["alerts"], key=_urgency)]
+    assert not [r for r in rows if r.attrs["data-key-id"] == benign]
+    # top keys: the attacker flagged by stateful at the query number the API reports, the benign key not at all
+    keys = _keys(page)
+    first = {k["key_id"]: k["flags"]["stateful"] for k in api["keys"]}
+    assert keys[attacker].attrs["data-flagged"] == "1" and first[attacker] is not None
+    assert keys[attacker].one("td", data_detector="stateful").text() == f"at query {first[attacker]}"
+    assert keys[benign].attrs["data-flagged"] == "0" and "flag" not in {
+        c.attrs.get("class") for c in keys[benign].all("td")}
+    assert [keys[k].all("td", **{"class": "num"})[0].text() for k in (attacker, benign)] == ["150", "200"]
+    # charts: 350 queries in the last hour's buckets, drawn as a path through every bucket
+    charts = {s.attrs["data-chart"]: s for s in page.all("svg")}
+    pts = _points(charts["volume"].one("path", data_series="queries").attrs["d"])
+    assert len(pts) == len(api["series"]["t"]) == 3600 // api["series"]["bucket_s"]
+    assert sum(api["series"]["queries"]) == 350
+    assert min(y for _, y in pts) < max(y for _, y in pts)  # the attack's bucket stands out
+    assert _points(charts["flags"].one("path", data_series="flags").attrs["d"])
+    # gallery: the flagged inputs, all the attacker's, decoded
+    imgs = page.one(id="gallery").all("img")
+    assert len(imgs) == len(api["flagged_inputs"]) >= 1
+    assert {i.attrs["data-key-id"] for i in imgs} == {attacker}
+    assert all(i.attrs.get("data-state") == "loaded" for i in imgs)
+    assert shot.is_file() and shot.stat().st_size > 20000
+
+
+@pytest.mark.parametrize("who, status, state, words", [(None, 401, "unauthorized", "401 Unauthorized"),
+                                                        ("user", 403, "forbidden", "403 Forbidden")])
+def test_no_key_or_a_key_without_admin_scope_shows_the_error_and_no_data(attacked, tmp_path, who, status, state,
+                                                                          words):
+    live = attacked
+    before = live.summary_answers(status)
+    url = f"{live.url}/dashboard" + (f"#key={live.tokens[who]}" if who else "")
+    page = dom(chromium(url, tmp_path / "profile", budget_ms=12000))
+    assert page.one("body").attrs["data-state"] == state
+    assert page.one(id="status").text().startswith(words)
+    assert "hidden" in page.one("main").attrs
+    assert not page.all("svg") and not page.one(id="gallery").all("img") and not page.one(id="keys").all("td")
+    assert not page.one(id="alerts").all("td") and "attacker" not in page.one("body").text()
+    assert live.summary_answers(status) == before + 1  # refused once, not retried every 5 s
+
+
+def _urgency(alert: dict) -> tuple:
+    """The page's order: firing first, then critical, warning, info, then the newest first."""
+    return alert["state"] != "firing", ["critical", "warning", "info"].index(alert["severity"]), -alert["started_at"]
+
+
+def _keys(page: Node) -> dict[str, Node]:
+    return {r.attrs["data-key-id"]: r for r in page.one("table", id="keys").all("tr") if "data-key-id" in r.attrs}
 
 
 def _check_charts(page: Node, series: dict) -> None:
@@ -268,19 +396,3 @@ def _check_charts(page: Node, series: dict) -> None:
     rate = _points(charts["rate"].one("path", data_series="rejection rate").attrs["d"])
     assert len(rate) == sum(q > 0 for q in series["queries"])
     assert len(charts["volume"].all("text")) >= 5 + 2  # y tick labels and time labels
-
-
-@pytest.mark.parametrize("token, status, words", [(None, "unauthorized", "401"), ("sdl_user", "forbidden", "403")])
-def test_no_key_or_a_key_without_admin_scope_shows_the_error_and_no_data(tmp_path, digits_splits, token, status,
-                                                                          words):
-    summary = fake_summary(digits_splits.test.x, now=time.time())
-    app = fake_service(summary, {"sdl_admin": True, "sdl_user": False})
-    with Uvicorn(app) as srv:
-        page = dom(chromium(f"{srv.url}/dashboard" + (f"#key={token}" if token else ""), tmp_path / "profile",
-                            budget_ms=12000))
-    assert page.one("body").attrs["data-state"] == status
-    assert app.state.summary_calls == 1  # a refused key is not retried every 5 s (a new key from the form is)
-    assert page.one(id="status").text().startswith(words)
-    assert "hidden" in page.one("main").attrs
-    assert not page.all("svg") and not page.one(id="gallery").all("img") and not page.one(id="keys").all("td")
-    assert not page.one(id="alerts").all("td") and "attacker" not in page.one("body").text()

@@ -105,7 +105,8 @@
       setStatus("unauthorized", "401 Unauthorized: " + (hadKey ? "the key was refused" : "no API key given") +
         " (" + why + "). Open /dashboard#key=<admin key> or paste an admin key above.");
     } else {
-      setStatus("forbidden", "403 Forbidden: this key may not read the monitor (" + why + "); it needs the admin scope.");
+      setStatus("forbidden", "403 Forbidden: this key may not read the monitor (" + why + "); " +
+        "it needs the admin scope.");
     }
     // no retry with a refused key: a new key from the form starts polling again
   }
@@ -149,7 +150,8 @@
     const rows = sorted.map((a) => {
       const sev = severity(a.severity);
       const state = a.state === "firing" ? "firing" : "resolved";
-      return el("tr", { class: state, "data-state": state, "data-severity": sev, "data-key-id": txt(a.key_id) },
+      return el("tr", { class: state, "data-state": state, "data-severity": sev, "data-key-id": txt(a.key_id),
+        "data-alert-id": txt(a.alert_id) },
         el("td", {}, state), el("td", {}, el("span", { class: "sev sev-" + sev }, txt(a.severity))),
         el("td", {}, a.rule), keyCell(a.key_id, names), el("td", { class: "num" }, num(a.value)),
         el("td", { class: "num" }, num(a.events)), el("td", { class: a.action ? "action" : "" }, a.action || "—"),
@@ -170,7 +172,8 @@
     const rows = keys.map((k) => {
       const flags = k.flags || {};
       const flagged = detectors.some((d) => flags[d] !== null && flags[d] !== undefined);
-      return el("tr", { class: flagged ? "flagged" : "", "data-key-id": txt(k.key_id), "data-flagged": flagged ? 1 : 0 },
+      const attrs = { class: flagged ? "flagged" : "", "data-key-id": txt(k.key_id), "data-flagged": flagged ? 1 : 0 };
+      return el("tr", attrs,
         el("td", { class: "name" }, txt(k.name) + " ", el("span", { class: "id" }, txt(k.key_id))),
         el("td", {}, k.tier), el("td", { class: "num" }, num(k.queries)), el("td", { class: "num" }, num(k.rejected)),
         el("td", { class: k.action ? "action" : "" }, k.action || "—"),
@@ -206,7 +209,8 @@
     const col = (name) => (Array.isArray(series[name]) ? series[name] : t.map(() => null));
     const queries = col("queries"), rejected = col("rejected");
     const rate = queries.map((q, i) => (q > 0 && typeof rejected[i] === "number" ? rejected[i] / q : null));
-    $("charts-window").textContent = t.length ? "(" + t.length + " buckets of " + txt(series.bucket_s) + " s, UTC)" : "";
+    const span = t.length ? "(" + t.length + " buckets of " + txt(series.bucket_s) + " s, UTC)" : "";
+    $("charts-window").textContent = span;
     $("charts").replaceChildren(
       chart("volume", "Volume (queries per bucket)", t, [["queries", queries], ["rejected", rejected]]),
       chart("rate", "Rejection (detection) rate", t, [["rejection rate", rate]], { pct: true }),

@@ -373,6 +373,15 @@ def test_no_key_or_a_key_without_admin_scope_shows_the_error_and_no_data(attacke
     assert live.summary_answers(status) == before + 1  # refused once, not retried every 5 s
 
 
+def test_a_service_without_monitor_says_so(tmp_path, bundle):
+    live = Live(tmp_path, bundle)
+    with Uvicorn(live.app) as srv:
+        page = dom(chromium(f"{srv.url}/dashboard#key={live.tokens['ops']}", tmp_path / "profile"))
+    assert page.one("body").attrs["data-state"] == "off" and "hidden" in page.one("main").attrs
+    assert "--monitor-config" in page.one(id="status").text()  # the server's reason, shown as it came
+    assert live.summary_answers(404) == 1
+
+
 def _urgency(alert: dict) -> tuple:
     """The page's order: firing first, then critical, warning, info, then the newest first."""
     return alert["state"] != "firing", ["critical", "warning", "info"].index(alert["severity"]), -alert["started_at"]

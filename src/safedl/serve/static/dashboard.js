@@ -73,7 +73,7 @@
     } catch (err) {
       return failed("cannot reach the service (" + err.message + ")");
     }
-    if (res.status === 401 || res.status === 403) return refused(res, Boolean(key));
+    if (res.status === 401 || res.status === 403 || res.status === 404) return refused(res, Boolean(key));
     if (!res.ok) return failed("HTTP " + res.status + " from " + SUMMARY + ": " + (await errorMessage(res)));
     let data;
     try {
@@ -104,11 +104,13 @@
     if (res.status === 401) {
       setStatus("unauthorized", "401 Unauthorized: " + (hadKey ? "the key was refused" : "no API key given") +
         " (" + why + "). Open /dashboard#key=<admin key> or paste an admin key above.");
+    } else if (res.status === 404) {
+      setStatus("off", "404: no monitor data (" + why + ").");
     } else {
       setStatus("forbidden", "403 Forbidden: this key may not read the monitor (" + why + "); " +
         "it needs the admin scope.");
     }
-    // no retry with a refused key: a new key from the form starts polling again
+    // no retry with a refused key (or without a monitor): a new key from the form, or a reload, polls again
   }
 
   function failed(message) {

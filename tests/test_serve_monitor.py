@@ -266,3 +266,120 @@ def test_labels_only_and_throttle_change_what_the_key_gets(mon_factory, digits_s
     assert rs[0].json()["tier"] == "label" and rs[0].json()["results"][0]["probabilities"] is None
     assert all(m.predict("benign", quantize(digits_splits.test.x[:1])).status_code == 200 for _ in range(3))
     assert {k["name"]: k["action"] for k in m.summary()["keys"]}["attacker"] == "labels_only"
+
+
+# ---------------------------------------------------------------------------------------------- scenario
+
+def _poll(fn, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        out = fn()
+        if out or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def test_scenario_square_and_copycat_keys_are_flagged_and_alerted_the_benign_key_is_not(
+        tmp_path, bundle_dir, calibration, digits_splits):
+    """Issue 13 "Done when": `safedl serve` runs; a benign client streams test images; one key runs safedl's square
+    attack (scores) and another a copycat extraction, both through HTTP; each attack key is flagged and alerted
+    once per rule, the benign key is not; the webhook receives the alerts; /metrics and the audit database show it."""
+    import threading
+
+    import httpx
+
+    from _monitor_helpers import HttpModel
+    from _serve_helpers import ServerProcess
+    from safedl import registry
+    from safedl.attacks.extraction.base import ExtractionOracle
+
+    keys = KeyStore(tmp_path / "keys.db", create=True)
+    tok = {n: keys.create(name=n, tier="full", rate_per_s=1000, burst=1000)[1] for n in ("benign", "square", "copycat")}
+    tok["ops"] = keys.create(name="ops", scopes=("admin",))[1]
+    ids = {k.name: k.key_id for k in keys.list()}
+    rules = [dict(ATTACK_RULE, action="labels_only"),
+             {"name": "extraction_suspected", "metric": "prada_flags", "window": {"count": 50}, "threshold": 1},
+             {"name": "key_volume", "metric": "volume_flags", "window": {"seconds": 10}, "threshold": 1},
+             {"name": "global_volume", "metric": "volume_flags", "scope": "global", "window": {"seconds": 10},
+              "threshold": 1}]
+    # a key without a minute of its own history is compared with 100 images per 2 s (Poisson), alert at 3 sigma
+    volume = {"bucket_s": 2, "warmup_buckets": 30, "prior_rate": 100, "sigma": 3}
+    with WebhookReceiver() as hook:
+        cfg = write_config(tmp_path / "monitor.yml", calibration=calibration, rules=rules,
+                           detectors={"volume": volume},
+                           sinks={"log": True, "jsonl": str(tmp_path / "alerts.jsonl"), "webhook": {"url": hook.url}})
+        with ServerProcess(bundle_dir, tmp_path / "keys.db", tmp_path / "audit.db", "--monitor-config",
+                           str(cfg)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+            srv.wait_ready()
+
+            def post(body, headers):
+                return http.post("/v1/predict", content=body, headers=headers)
+
+            benign_x, stop, benign_status = quantize(digits_splits.test.x[:240]), threading.Event(), []
+
+            def benign():  # about 20 images/s, two per request, in order
+                with httpx.Client(base_url=srv.url, timeout=30) as c:
+                    for i in range(0, len(benign_x), 2):
+                        if stop.is_set():
+                            return
+                        r = c.post("/v1/predict", content=npy(benign_x[i:i + 2]), headers={
+                            "Authorization": f"Bearer {tok['benign']}", "Content-Type": "application/x-npy"})
+                        benign_status.append(r.status_code)
+                        time.sleep(0.1)
+
+            t = threading.Thread(target=benign)
+            t.start()
+            try:
+                sq = HttpModel(post, tok["square"], num_classes=10)
+                square = registry.create("evasion", "square", eps=0.1, max_queries=150)
+                x, y = quantize(digits_splits.test.x[:20]), digits_splits.test.y[:20]
+                for i in range(len(x)):
+                    if len(sq.statuses) >= 300:
+                        break
+                    square(sq, x[i:i + 1], y[i:i + 1])
+                cc = HttpModel(post, tok["copycat"], num_classes=10)
+                thief = registry.create("extraction", "copycat", surrogate="tiny_cnn", epochs=2, seed=0)
+                stolen = thief.extract(ExtractionOracle(cc, budget=600, output="scores"), digits_splits.train.x,
+                                       num_classes=10)
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                t.join(60)  # the benign client streams its 240 images to the end
+            ops = {"Authorization": f"Bearer {tok['ops']}"}
+
+            def summary_when_flagged():
+                s = http.get("/v1/monitor/summary", headers=ops).json()
+                k = {r["name"]: r for r in s["keys"]}
+                done = {"square", "copycat"} <= set(k) and k["square"]["flags"]["stateful"] and \
+                    k["copycat"]["flags"]["volume"]
+                return s if done else None
+
+            s = _poll(summary_when_flagged)
+            assert s, http.get("/v1/monitor/summary", headers=ops).text
+            _poll(lambda: len(hook.bodies) >= 3)
+            metrics = http.get("/metrics").text
+    k = {r["name"]: r for r in s["keys"]}
+    assert set(benign_status) == {200} and k["benign"]["queries"] == len(benign_x)
+    assert k["benign"]["flags"] == {"stateful": None, "prada": None, "volume": None}
+    assert k["square"]["flags"]["stateful"] <= 60 and k["square"]["tier"] == "label"  # labels_only after the alert
+    assert stolen.log.x.shape[0] == 600
+    conn = sqlite3.connect(tmp_path / "audit.db")
+    alerts = conn.execute("SELECT rule, key_id, state, events, action FROM monitor_alerts").fetchall()
+    audited = dict(conn.execute("SELECT key_id, COUNT(*) FROM audit WHERE endpoint='/v1/predict' GROUP BY key_id"))
+    conn.close()
+    per = {}
+    for rule, key_id, state, events, action in alerts:
+        per.setdefault((rule, key_id), []).append(events)
+    assert all(len(v) == 1 for v in per.values()), per  # one alert per (rule, key), not one per request
+    assert ids["benign"] not in {key_id for _, key_id in per}
+    assert ("query_attack", ids["square"]) in per and per[("query_attack", ids["square"])][0] > 1
+    assert ("key_volume", ids["copycat"]) in per
+    fired = {(b["alert"]["rule"], b["alert"]["key_id"]) for b in hook.bodies if b["event"] == "alert_fired"}
+    assert {("query_attack", ids["square"]), ("key_volume", ids["copycat"])} <= fired
+    assert audited[ids["copycat"]] == 600 and audited[ids["benign"]] == len(benign_x)
+    assert 'safedl_alerts_fired_total{rule="query_attack",severity="critical"} 1.0' in metrics
+    assert 'safedl_key_actions_total{action="labels_only"} 1.0' in metrics
+    assert 'safedl_query_flags_total{detector="stateful"}' in metrics
+    print("scenario flags:", {n: k[n]["flags"] for n in ("square", "copycat", "benign")},
+          "alerts:", sorted((r, [n for n, i in ids.items() if i == kid] or [None]) for r, kid in per))

@@ -11,6 +11,7 @@
   const B64 = /^[A-Za-z0-9+/]*={0,2}$/;
   let timer = null;
   let updates = 0;
+  let generation = 0;  // a new key or "forget" makes answers still on their way stale
 
   const $ = (id) => document.getElementById(id);
   const txt = (v) => (v === null || v === undefined ? "—" : String(v));
@@ -65,19 +66,25 @@
   // ---- polling -----------------------------------------------------------------------------------------------
   async function refresh() {
     clearTimeout(timer);
+    const mine = ++generation;
     const key = sessionStorage.getItem(STORE);
     const headers = key ? { Authorization: "Bearer " + key } : {};
-    let res;
+    let res, data, why;
     try {
       res = await fetch(SUMMARY, { headers, cache: "no-store", credentials: "omit" });
     } catch (err) {
-      return failed("cannot reach the service (" + err.message + ")");
+      return mine === generation && failed("cannot reach the service (" + err.message + ")");
     }
-    if (res.status === 401 || res.status === 403 || res.status === 404) return refused(res, Boolean(key));
-    if (!res.ok) return failed("HTTP " + res.status + " from " + SUMMARY + ": " + (await errorMessage(res)));
-    let data;
     try {
-      data = await res.json();
+      if (res.ok) data = await res.json();
+      else why = await errorMessage(res);
+    } catch (err) {
+      why = "the answer is not JSON";
+    }
+    if (mine !== generation) return;  // a newer refresh (new key, "forget") owns the page
+    if (res.status === 401 || res.status === 403 || res.status === 404) return refused(res.status, why, Boolean(key));
+    if (!res.ok || data === undefined) return failed("HTTP " + res.status + " from " + SUMMARY + ": " + why);
+    try {
       render(data);
     } catch (err) {
       return failed("unexpected summary (" + err.message + ")");
@@ -98,13 +105,12 @@
     }
   }
 
-  async function refused(res, hadKey) {
+  function refused(status, why, hadKey) {
     clearData();  // nothing stays on screen once the server refuses
-    const why = await errorMessage(res);
-    if (res.status === 401) {
+    if (status === 401) {
       setStatus("unauthorized", "401 Unauthorized: " + (hadKey ? "the key was refused" : "no API key given") +
         " (" + why + "). Open /dashboard#key=<admin key> or paste an admin key above.");
-    } else if (res.status === 404) {
+    } else if (status === 404) {
       setStatus("off", "404: no monitor data (" + why + ").");
     } else {
       setStatus("forbidden", "403 Forbidden: this key may not read the monitor (" + why + "); " +
@@ -286,6 +292,7 @@
     });
     $("forget").addEventListener("click", () => {
       sessionStorage.removeItem(STORE);
+      generation += 1;
       clearTimeout(timer);
       clearData();
       setStatus("nokey", "Key forgotten. Paste an admin key above to continue.");

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import threading
@@ -23,6 +22,7 @@ import yaml  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from _browser import chromium_or_skip  # noqa: E402
 from _monitor_helpers import near_duplicates, npy, write_config  # noqa: E402
 from _serve_helpers import free_port, make_bundle, png_bytes  # noqa: E402
 from safedl.deploy import load_bundle  # noqa: E402
@@ -92,18 +92,9 @@ def dom(html: str) -> Node:
 
 
 # ---- the browser and the server -------------------------------------------------------------------------------
-def _chromium() -> str:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed but CI is set: install Debian's chromium (.ci/run does)")
-        pytest.skip("headless check needs Debian's chromium (apt-get install -y chromium); CI=1 makes this a failure")
-    return browser
-
-
 def chromium(url: str, profile: Path, *, screenshot: Path | None = None, budget_ms: int = 3000) -> str:
     """The DOM of ``url`` after ``budget_ms`` of virtual time (or a screenshot of it); nothing leaves loopback."""
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    cmd = [chromium_or_skip(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            "--window-size=1280,1700", f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
     cmd += [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]

@@ -6,7 +6,6 @@ import re
 import subprocess
 from pathlib import Path
 
-
 from _browser import chromium_or_skip
 from safedl.assess.risk import assess_risk
 from safedl.profile import Profile

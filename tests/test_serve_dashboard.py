@@ -92,9 +92,15 @@ def dom(html: str) -> Node:
 
 
 # ---- the browser and the server -------------------------------------------------------------------------------
-def chromium(url: str, profile: Path, *, screenshot: Path | None = None, budget_ms: int = 3000) -> str:
+@pytest.fixture(scope="session")
+def browser() -> str:
+    """Session scope: a missing browser skips (or fails) before the module's service fixtures are built."""
+    return chromium_or_skip()
+
+
+def chromium(browser: str, url: str, profile: Path, *, screenshot: Path | None = None, budget_ms: int = 3000) -> str:
     """The DOM of ``url`` after ``budget_ms`` of virtual time (or a screenshot of it); nothing leaves loopback."""
-    cmd = [chromium_or_skip(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            "--window-size=1280,1700", f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
     cmd += [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
@@ -269,7 +275,7 @@ def test_the_static_assets_are_package_data():
         assert any(fnmatch.fnmatch(f"serve/static/{file}", g) for g in globs), (file, globs)
 
 
-def test_dashboard_draws_alerts_charts_keys_and_gallery_with_strings_as_text(tmp_path, bundle, digits_splits):
+def test_dashboard_draws_alerts_charts_keys_and_gallery_with_strings_as_text(browser, tmp_path, bundle, digits_splits):
     """The real service and endpoint, a stand-in monitor whose summary has every case: alert order, an HTML key
     name and reason, three thumbnails, an hour of series."""
     summary = fake_summary(digits_splits.test.x, now=time.time())
@@ -277,10 +283,10 @@ def test_dashboard_draws_alerts_charts_keys_and_gallery_with_strings_as_text(tmp
     live.svc.monitor = fake = FakeMonitor(summary)
     with Uvicorn(live.app) as srv:
         url = f"{srv.url}/dashboard#key={live.tokens['ops']}"
-        page = dom(chromium(url, tmp_path / "profile", budget_ms=12000))  # virtual time: past two refreshes
+        page = dom(chromium(browser, url, tmp_path / "profile", budget_ms=12000))  # virtual time: past two refreshes
         polls = fake.calls
         shot = _artifacts(tmp_path) / "dashboard-fake-chromium.png"
-        chromium(url, tmp_path / "profile2", screenshot=shot)
+        chromium(browser, url, tmp_path / "profile2", screenshot=shot)
     body = page.one("body")
     assert body.attrs["data-state"] == "ok", page.one(id="status").text()
     assert int(body.attrs["data-updates"]) == polls >= 3  # loaded, then refreshed every 5 s
@@ -310,12 +316,12 @@ def test_dashboard_draws_alerts_charts_keys_and_gallery_with_strings_as_text(tmp
     assert shot.is_file() and shot.stat().st_size > 20000
 
 
-def test_dashboard_shows_a_scripted_attack_seen_by_the_real_monitor(attacked, tmp_path):
+def test_dashboard_shows_a_scripted_attack_seen_by_the_real_monitor(browser, attacked, tmp_path):
     live = attacked
     url = f"{live.url}/dashboard#key={live.tokens['ops']}"
-    page = dom(chromium(url, tmp_path / "profile"))
+    page = dom(chromium(browser, url, tmp_path / "profile"))
     shot = _artifacts(tmp_path) / "dashboard-chromium.png"
-    chromium(url, tmp_path / "profile2", screenshot=shot)
+    chromium(browser, url, tmp_path / "profile2", screenshot=shot)
     api = live.http.get("/v1/monitor/summary", headers={"Authorization": f"Bearer {live.tokens['ops']}"}).json()
     assert page.one("body").attrs["data-state"] == "ok", page.one(id="status").text()
     attacker, benign = live.ids["attacker"], live.ids["benign"]
@@ -350,12 +356,12 @@ def test_dashboard_shows_a_scripted_attack_seen_by_the_real_monitor(attacked, tm
 
 @pytest.mark.parametrize("who, status, state, words", [(None, 401, "unauthorized", "401 Unauthorized"),
                                                         ("user", 403, "forbidden", "403 Forbidden")])
-def test_no_key_or_a_key_without_admin_scope_shows_the_error_and_no_data(attacked, tmp_path, who, status, state,
-                                                                          words):
+def test_no_key_or_a_key_without_admin_scope_shows_the_error_and_no_data(browser, attacked, tmp_path, who, status,
+                                                                          state, words):
     live = attacked
     before = live.summary_answers(status)
     url = f"{live.url}/dashboard" + (f"#key={live.tokens[who]}" if who else "")
-    page = dom(chromium(url, tmp_path / "profile", budget_ms=12000))
+    page = dom(chromium(browser, url, tmp_path / "profile", budget_ms=12000))
     assert page.one("body").attrs["data-state"] == state
     assert page.one(id="status").text().startswith(words)
     assert "hidden" in page.one("main").attrs
@@ -364,10 +370,10 @@ def test_no_key_or_a_key_without_admin_scope_shows_the_error_and_no_data(attacke
     assert live.summary_answers(status) == before + 1  # refused once, not retried every 5 s
 
 
-def test_a_service_without_monitor_says_so(tmp_path, bundle):
+def test_a_service_without_monitor_says_so(browser, tmp_path, bundle):
     live = Live(tmp_path, bundle)
     with Uvicorn(live.app) as srv:
-        page = dom(chromium(f"{srv.url}/dashboard#key={live.tokens['ops']}", tmp_path / "profile"))
+        page = dom(chromium(browser, f"{srv.url}/dashboard#key={live.tokens['ops']}", tmp_path / "profile"))
     assert page.one("body").attrs["data-state"] == "off" and "hidden" in page.one("main").attrs
     assert "--monitor-config" in page.one(id="status").text()  # the server's reason, shown as it came
     assert live.summary_answers(404) == 1

@@ -397,3 +397,10 @@ def test_scenario_square_and_copycat_keys_are_flagged_and_alerted_the_benign_key
     assert 'safedl_query_flags_total{detector="stateful"}' in metrics
     print("scenario flags:", {n: k[n]["flags"] for n in ("square", "copycat", "benign")},
           "alerts:", sorted((r, [n for n, i in ids.items() if i == kid] or [None]) for r, kid in per))
+
+
+def test_batches_that_would_overfill_the_monitor_queue_are_dropped_and_counted(mon_factory, digits_splits):
+    m = mon_factory([ATTACK_RULE], queue_mb=0.0001)  # 105 bytes: not even one 8x8 float image
+    _benign(m, digits_splits, 8)
+    assert m.summary()["keys"] == []
+    assert "safedl_monitor_dropped_total 2.0" in m.client.get("/metrics").text

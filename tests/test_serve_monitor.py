@@ -23,7 +23,7 @@ from safedl.serve import create_app  # noqa: E402
 from safedl.serve.audit import AuditStore  # noqa: E402
 from safedl.serve.keys import KeyStore  # noqa: E402
 from safedl.serve.monitor import DEFAULT_RULES, load_monitor_config  # noqa: E402
-from safedl.serve.monitor.calibration import calibrate, quantize, save_calibration  # noqa: E402
+from safedl.serve.monitor.calibration import quantize  # noqa: E402
 
 ATTACK_RULE = {"name": "query_attack", "metric": "stateful_flags", "scope": "key", "window": {"count": 50},
                "threshold": 5, "severity": "critical"}
@@ -35,10 +35,24 @@ def bundle_dir(tiny_model, digits_splits, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def calibration(bundle_dir, digits_splits, tmp_path_factory):
-    """Thresholds measured on benign streams of the digits training split (seed 0), as `safedl monitor calibrate`."""
-    rec = calibrate(load_bundle(bundle_dir), digits_splits.train.x, seed=0)
-    return save_calibration(rec, tmp_path_factory.mktemp("calib") / "calibration.json")
+def calibration(bundle_dir, tmp_path_factory):
+    """Thresholds measured by `safedl monitor calibrate` on benign streams of the digits training split (seed 0)."""
+    out = tmp_path_factory.mktemp("calib") / "calibration.json"
+    res = CliRunner().invoke(cli_app, ["monitor", "calibrate", str(bundle_dir), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_calibration_is_measured_for_the_bundle_and_refuses_other_detector_settings(calibration, bundle_dir,
+                                                                                      tmp_path):
+    rec = json.loads(calibration.read_text())
+    assert rec["bundle_version"] == load_bundle(bundle_dir).version and rec["streams"] == [3500, 2000, 2000]
+    assert rec["stateful"]["threshold"] > 0 and 0 < rec["prada"]["delta"] < 1
+    path = write_config(tmp_path / "m.yml", calibration=calibration, rules=[ATTACK_RULE],
+                        detectors={"stateful": {"k": 20}})
+    with pytest.raises(UserError, match="k = 20.*k = 50"):
+        create_app(bundle=load_bundle(bundle_dir), keys=KeyStore(tmp_path / "k.db", create=True),
+                   audit=AuditStore(tmp_path / "a.db"), monitor_config=load_monitor_config(path))
 
 
 class Mon:
@@ -383,3 +397,10 @@ def test_scenario_square_and_copycat_keys_are_flagged_and_alerted_the_benign_key
     assert 'safedl_query_flags_total{detector="stateful"}' in metrics
     print("scenario flags:", {n: k[n]["flags"] for n in ("square", "copycat", "benign")},
           "alerts:", sorted((r, [n for n, i in ids.items() if i == kid] or [None]) for r, kid in per))
+
+
+def test_batches_that_would_overfill_the_monitor_queue_are_dropped_and_counted(mon_factory, digits_splits):
+    m = mon_factory([ATTACK_RULE], queue_mb=0.0001)  # 105 bytes: not even one 8x8 float image
+    _benign(m, digits_splits, 8)
+    assert m.summary()["keys"] == []
+    assert "safedl_monitor_dropped_total 2.0" in m.client.get("/metrics").text

@@ -442,7 +442,8 @@ def create_app(*, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeC
     async def model(request: Request) -> Response:
         return await _handle(svc, request, "/v1/model", _model_info)
 
-    @app.get("/v1/monitor/summary", responses={**_ERRORS, 404: {"model": ErrorResponse}}, summary="Security monitor snapshot (scope admin)")
+    @app.get("/v1/monitor/summary", responses={**_ERRORS, 404: {"model": ErrorResponse}},
+             summary="Security monitor snapshot (scope admin)")
     async def monitor_summary(request: Request) -> Response:
         return await _handle(svc, request, "/v1/monitor/summary", _monitor_summary)
 

@@ -404,3 +404,19 @@ def test_batches_that_would_overfill_the_monitor_queue_are_dropped_and_counted(m
     _benign(m, digits_splits, 8)
     assert m.summary()["keys"] == []
     assert "safedl_monitor_dropped_total 2.0" in m.client.get("/metrics").text
+
+
+def test_alerts_left_firing_by_a_previous_run_are_resolved_at_start(tmp_path, bundle_dir, calibration,
+                                                                     digits_splits):
+    m = Mon(tmp_path, bundle_dir, calibration, [ATTACK_RULE])
+    with TestClient(m.app) as client:
+        m.client = client
+        _attack(m, digits_splits, 60)
+        m.monitor.flush()
+        assert [a["state"] for a in m.alerts()] == ["firing"]
+    assert [a["state"] for a in m.alerts()] == ["firing"]  # a stop does not resolve: the attack may go on
+    again = create_app(bundle=load_bundle(bundle_dir), keys=KeyStore(m.keys_db), audit=AuditStore(m.audit_db),
+                       monitor_config=load_monitor_config(m.config_path))
+    with TestClient(again):
+        (a,) = m.alerts()
+        assert a["state"] == "resolved" and a["resolved_at"] is not None

@@ -119,6 +119,9 @@ class SecurityMonitor:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
+        stale = self.alerts.resolve_stale(now=self.clock())
+        if stale:
+            log.info("resolved %d alerts left firing by the previous run", stale, extra={"event": "alerts_stale"})
         self._thread = threading.Thread(target=self._run, name="safedl-monitor", daemon=True)
         self._thread.start()
 

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
+from _browser import chromium_or_skip
 from safedl.assess.risk import assess_risk
 from safedl.profile import Profile
 from safedl.report.render import write_reports
@@ -62,10 +60,6 @@ def test_report_shows_the_tradeoff_figure_and_what_drives_each_rating(tmp_path):
     assert "driven by" in md and "1 - robust_accuracy = 0.9900" in md and "with squeeze+at = 0.1250" in md
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
 CHECK = """<script>
 window.addEventListener('load', () => {
   const imgs = [...document.images];
@@ -80,11 +74,7 @@ window.addEventListener('load', () => {
 
 
 def test_html_report_in_headless_chromium(tmp_path):
-    browser = _chromium()
-    if browser is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed but CI is set: install Debian's chromium (.ci/run does)")
-        pytest.skip("headless check needs Debian's chromium (apt-get install -y chromium); CI=1 makes this a failure")
+    browser = chromium_or_skip()
     write_reports(_results(), tmp_path)
     html = (tmp_path / "report.html").read_text()
     links = re.findall(r'(?:src|href)="([^"#]+)"', html)

@@ -23,7 +23,7 @@ from safedl.serve import create_app  # noqa: E402
 from safedl.serve.audit import AuditStore  # noqa: E402
 from safedl.serve.keys import KeyStore  # noqa: E402
 from safedl.serve.monitor import DEFAULT_RULES, load_monitor_config  # noqa: E402
-from safedl.serve.monitor.calibration import calibrate, quantize, save_calibration  # noqa: E402
+from safedl.serve.monitor.calibration import quantize  # noqa: E402
 
 ATTACK_RULE = {"name": "query_attack", "metric": "stateful_flags", "scope": "key", "window": {"count": 50},
                "threshold": 5, "severity": "critical"}
@@ -35,10 +35,24 @@ def bundle_dir(tiny_model, digits_splits, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def calibration(bundle_dir, digits_splits, tmp_path_factory):
-    """Thresholds measured on benign streams of the digits training split (seed 0), as `safedl monitor calibrate`."""
-    rec = calibrate(load_bundle(bundle_dir), digits_splits.train.x, seed=0)
-    return save_calibration(rec, tmp_path_factory.mktemp("calib") / "calibration.json")
+def calibration(bundle_dir, tmp_path_factory):
+    """Thresholds measured by `safedl monitor calibrate` on benign streams of the digits training split (seed 0)."""
+    out = tmp_path_factory.mktemp("calib") / "calibration.json"
+    res = CliRunner().invoke(cli_app, ["monitor", "calibrate", str(bundle_dir), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_calibration_is_measured_for_the_bundle_and_refuses_other_detector_settings(calibration, bundle_dir,
+                                                                                      tmp_path):
+    rec = json.loads(calibration.read_text())
+    assert rec["bundle_version"] == load_bundle(bundle_dir).version and rec["streams"] == [3500, 2000, 2000]
+    assert rec["stateful"]["threshold"] > 0 and 0 < rec["prada"]["delta"] < 1
+    path = write_config(tmp_path / "m.yml", calibration=calibration, rules=[ATTACK_RULE],
+                        detectors={"stateful": {"k": 20}})
+    with pytest.raises(UserError, match="k = 20.*k = 50"):
+        create_app(bundle=load_bundle(bundle_dir), keys=KeyStore(tmp_path / "k.db", create=True),
+                   audit=AuditStore(tmp_path / "a.db"), monitor_config=load_monitor_config(path))
 
 
 class Mon:
@@ -383,3 +397,64 @@ def test_scenario_square_and_copycat_keys_are_flagged_and_alerted_the_benign_key
     assert 'safedl_query_flags_total{detector="stateful"}' in metrics
     print("scenario flags:", {n: k[n]["flags"] for n in ("square", "copycat", "benign")},
           "alerts:", sorted((r, [n for n, i in ids.items() if i == kid] or [None]) for r, kid in per))
+
+
+def test_batches_that_would_overfill_the_monitor_queue_are_dropped_and_counted(mon_factory, digits_splits):
+    m = mon_factory([ATTACK_RULE], queue_mb=0.0001)  # 105 bytes: not even one 8x8 float image
+    _benign(m, digits_splits, 8)
+    assert m.summary()["keys"] == []
+    assert "safedl_monitor_dropped_total 2.0" in m.client.get("/metrics").text
+
+
+def test_alerts_left_firing_by_a_previous_run_are_resolved_at_start(tmp_path, bundle_dir, calibration,
+                                                                     digits_splits):
+    m = Mon(tmp_path, bundle_dir, calibration, [ATTACK_RULE])
+    with TestClient(m.app) as client:
+        m.client = client
+        _attack(m, digits_splits, 60)
+        m.monitor.flush()
+        assert [a["state"] for a in m.alerts()] == ["firing"]
+    assert [a["state"] for a in m.alerts()] == ["firing"]  # a stop does not resolve: the attack may go on
+    again = create_app(bundle=load_bundle(bundle_dir), keys=KeyStore(m.keys_db), audit=AuditStore(m.audit_db),
+                       monitor_config=load_monitor_config(m.config_path))
+    with TestClient(again):
+        (a,) = m.alerts()
+        assert a["state"] == "resolved" and a["resolved_at"] is not None
+
+
+def test_windows_sum_the_last_n_requests_and_the_last_seconds():
+    from safedl.serve.monitor.windows import FIELDS, Windows
+
+    w = Windows(max_count=3, max_seconds=10)
+    one = tuple(1 if f in ("requests", "flags") else 0 for f in FIELDS)
+    for t in (100.0, 101.5, 105.0, 109.9):
+        w.add(t, one)
+    assert w.sums(count=2, now=110)["requests"] == 2 and w.sums(count=50, now=110)["requests"] == 3
+    assert w.sums(seconds=5, now=110.0)["flags"] == 2      # 105.0 and 109.9 (buckets 105.., 109..)
+    assert w.sums(seconds=5, now=111.0)["flags"] == 1      # bucket 105 no longer overlaps [106, 111]
+    assert w.sums(seconds=10, now=130.0)["requests"] == 0
+
+
+def test_for_s_delays_the_alert_until_the_condition_has_held_that_long(mon_factory, digits_splits):
+    m = mon_factory([dict(ATTACK_RULE, for_s=30)])
+    _attack(m, digits_splits, 70)
+    m.monitor.flush()
+    assert m.alerts() == []
+    m.monitor.clock = lambda: time.time() + 31
+    m.monitor.tick()
+    (a,) = m.alerts()
+    assert a["state"] == "firing" and a["rule"] == "query_attack"
+
+
+def test_a_webhook_that_keeps_failing_is_given_up_after_its_retries(mon_factory, digits_splits):
+    with WebhookReceiver(fail=10) as hook:
+        m = mon_factory([ATTACK_RULE], sinks={"log": False, "webhook": {"url": hook.url, "retries": 1,
+                                                                         "backoff_s": 0.01}})
+        _attack(m, digits_splits, 60)
+        m.monitor.flush()
+        _poll = time.monotonic() + 10
+        while time.monotonic() < _poll and "failed" not in m.client.get("/metrics").text:
+            time.sleep(0.05)
+        assert hook.statuses == [500, 500] and hook.bodies == []
+        assert 'safedl_alert_notifications_total{outcome="failed",sink="webhook"} 1.0' in m.client.get("/metrics").text
+    assert m.predict("attacker", quantize(digits_splits.test.x[:1])).status_code == 200  # the service is unaffected

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from safedl.serve.audit import AuditStore, AuditUnavailable
 from safedl.serve.batcher import MicroBatcher
 from safedl.serve.config import ServeConfig
+from safedl.serve.dashboard import dashboard_router
 from safedl.serve.decode import InputError, decode_items, items_from_json, raw_content_type_ok
 from safedl.serve.keys import ApiKey, KeyStore, well_formed
 from safedl.serve.limits import RateLimiter
@@ -430,6 +431,7 @@ def create_app(*, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeC
     app = FastAPI(title="safedl serve", version="1", lifespan=lifespan,
                   description="A verified safedl bundle's defended model behind API keys, rate limits and an audit log.")
     app.state.service = svc
+    app.include_router(dashboard_router())  # /dashboard: the on-call page (its data: /v1/monitor/summary, admin)
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_PREDICT_BODY,
               summary="Classify one or more images through the bundle's SecurePipeline")
@@ -440,7 +442,8 @@ def create_app(*, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeC
     async def model(request: Request) -> Response:
         return await _handle(svc, request, "/v1/model", _model_info)
 
-    @app.get("/v1/monitor/summary", responses={**_ERRORS, 404: {"model": ErrorResponse}}, summary="Security monitor snapshot (scope admin)")
+    @app.get("/v1/monitor/summary", responses={**_ERRORS, 404: {"model": ErrorResponse}},
+             summary="Security monitor snapshot (scope admin)")
     async def monitor_summary(request: Request) -> Response:
         return await _handle(svc, request, "/v1/monitor/summary", _monitor_summary)
 

@@ -151,7 +151,8 @@ def keys_actions(db: Path = typer.Option(..., "--db", help="key database"),
 
 @keys_app.command("restore")
 def keys_restore(name: str = typer.Argument(..., help="key name or id"), db: Path = typer.Option(..., "--db"),
-                 action: Optional[str] = typer.Option(None, "--action", help="only this action (default: all)")) -> None:
+                 action: Optional[str] = typer.Option(None, "--action",
+                                                      help="only this action (default: all)")) -> None:
     """Lift the monitor's active actions on a key (works on a running server: it reads them on every request)."""
     from safedl.serve.keys import KeyStore
     from safedl.serve.monitor.store import KeyActions

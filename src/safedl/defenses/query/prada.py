@@ -80,8 +80,7 @@ class PRADA:
             if not bool(same.any()):
                 self._add(st, f[i], c, None)
                 continue
-            dist = torch.linalg.vector_norm(st.growing - f[i], dim=1)
-            d = float(dist.masked_fill(~same, float("inf")).min())
+            d = float(torch.linalg.vector_norm(st.growing[same] - f[i], dim=1).min())  # only its class's members
             st.dmin[st.d_ptr] = d
             st.d_ptr = (st.d_ptr + 1) % self.window
             st.d_filled = min(self.window, st.d_filled + 1)

@@ -63,7 +63,8 @@ def save_calibration(record: dict[str, Any], out: str | Path) -> Path:
 def load_calibration(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"calibration {path}: no such file; make it with `safedl monitor calibrate BUNDLE --out {path}`")
+        raise UserError(f"calibration {path}: no such file; make it with "
+                        f"`safedl monitor calibrate BUNDLE --out {path}`")
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -26,6 +26,9 @@ from safedl.serve.monitor.metrics import MonitorMetrics
 from safedl.serve.monitor.sinks import Notifier
 from safedl.serve.monitor.store import AlertStore, KeyActions, new_alert_id, strongest
 from safedl.serve.monitor.windows import Windows
+
+if TYPE_CHECKING:
+    from safedl.serve.keys import ApiKey
 
 log = logging.getLogger("safedl.serve.monitor")
 _STOP = object()
@@ -86,21 +89,39 @@ class SecurityMonitor:
         self._gallery: deque[dict] = deque(maxlen=config.gallery_size)
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     # -- request path ------------------------------------------------------------------------------------------
-    def observe(self, key: Any, x: torch.Tensor, decision_slice: dict, ctx: dict) -> None:
-        """Queue one answered predict batch (the decoded pixels the model saw and its answers); never blocks."""
+    def observe(self, key: ApiKey, x: torch.Tensor, decision_slice: dict, ctx: dict) -> None:
+        """Queue one answered predict batch (the decoded pixels the model saw and its answers); never blocks. A
+        batch that would overfill the queue (count or bytes) is dropped and counted in
+        ``safedl_monitor_dropped_total`` (alert on it: unobserved traffic is unmonitored traffic)."""
         item = (key.key_id, key.name, key.tier, x, decision_slice["labels"], decision_slice["rejected"].tolist(),
                 list(decision_slice["reasons"]), ctx.get("request_id"), ctx.get("ts") or self.clock(),
                 ctx.get("input_sha256"))
+        size = x.element_size() * x.nelement()
+        with self._bytes_lock:
+            if self._queued_bytes + size > self.config.queue_mb * 2**20:
+                self.metrics.dropped.inc()
+                return
+            self._queued_bytes += size
         try:
             self._queue.put_nowait(item)
         except queue.Full:
+            self._release(size)
             self.metrics.dropped.inc()
+
+    def _release(self, size: int) -> None:
+        with self._bytes_lock:
+            self._queued_bytes -= size
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
+        stale = self.alerts.resolve_stale(now=self.clock())
+        if stale:
+            log.info("resolved %d alerts left firing by the previous run", stale, extra={"event": "alerts_stale"})
         self._thread = threading.Thread(target=self._run, name="safedl-monitor", daemon=True)
         self._thread.start()
 
@@ -132,6 +153,7 @@ class SecurityMonitor:
                     return
                 if item is not None:
                     t0 = time.perf_counter()
+                    self._release(item[3].element_size() * item[3].nelement())
                     self._process(*item)
                     self.metrics.work.observe(time.perf_counter() - t0)
                 if time.monotonic() - last_tick >= self.config.tick_s:

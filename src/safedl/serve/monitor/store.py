@@ -53,6 +53,13 @@ class AlertStore:
             conn.execute(f"INSERT OR REPLACE INTO monitor_alerts ({', '.join(_ALERT_COLS)}) "
                          f"VALUES ({', '.join('?' * len(_ALERT_COLS))})", tuple(alert.get(c) for c in _ALERT_COLS))
 
+    def resolve_stale(self, *, now: float) -> int:
+        """Resolve alerts a previous run left firing (its windows are gone; an ongoing attack fires anew)."""
+        conn = self.conns.get()
+        with immediate(conn):
+            return conn.execute("UPDATE monitor_alerts SET state='resolved', resolved_at=?, last_at=? "
+                                "WHERE state='firing'", (now, now)).rowcount
+
     def recent(self, *, since: float, limit: int = 100) -> list[dict[str, Any]]:
         """Alerts still firing or started/resolved since ``since``, newest first."""
         rows = self.conns.get().execute(

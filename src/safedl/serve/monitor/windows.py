@@ -1,6 +1,6 @@
 """Sliding sums over a scope's (one key's, or all keys') predict requests: by count (the last N requests) and by
-time (the last S seconds, in one-second buckets: a request stays in the window S to S + 1 seconds). Bounded memory: ``max_count`` cumulative rows and at most
-``max_seconds`` buckets."""
+time (the last S seconds, in one-second buckets: a request stays in the window S to S + 1 seconds). Bounded
+memory: ``max_count`` cumulative rows and at most ``max_seconds`` buckets."""
 from __future__ import annotations
 
 import math

@@ -69,7 +69,7 @@ def serve_command(
 def keys_create(db: Path = typer.Option(..., "--db", help="key database (created if missing)"),
                 name: str = typer.Option(..., "--name"),
                 tier: str = typer.Option("rounded", "--tier", help="output tier: full, rounded, topk or label"),
-                scopes: str = typer.Option("predict,model", "--scopes", help="comma-separated: predict, model"),
+                scopes: str = typer.Option("predict,model", "--scopes", help="comma-separated: predict, model, admin (bundle swap, monitor)"),
                 rate: float = typer.Option(20.0, "--rate", help="sustained requests per second"),
                 burst: int = typer.Option(40, "--burst", help="requests allowed at once"),
                 quota: int = typer.Option(100_000, "--quota", help="images per UTC day")) -> None:

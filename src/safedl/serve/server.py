@@ -1,6 +1,6 @@
 """Start-up and shutdown of ``safedl serve``: verify the bundle (a tampered one refuses to start), open the key and
 audit stores, run uvicorn with JSON logs; SIGTERM/SIGINT stop accepting, let in-flight requests finish (up to
-``graceful_s``), then the app flushes the model queue and the audit log."""
+``graceful_s``), then the app flushes the model queue and the audit log; SIGHUP reloads the bundle (serve/swap.py)."""
 from __future__ import annotations
 
 import logging
@@ -28,7 +28,10 @@ def build_app(*, bundle_path: Path, keys_db: Path, audit_db: Path, config: Serve
 
     bundle = load_verified_bundle(bundle_path, device=device, signing_key=signing_key)
     keys = KeyStore(keys_db)
-    return create_app(bundle=bundle, keys=keys, audit=AuditStore(audit_db, max_bytes=audit_max_bytes), config=config)
+    app = create_app(bundle=bundle, keys=keys, audit=AuditStore(audit_db, max_bytes=audit_max_bytes), config=config)
+    # a swap verifies a new bundle as the start did (same signing key, device); SIGHUP reloads bundle_path
+    app.state.service.swapper.configure(start_path=bundle_path, signing_key=signing_key, device=device)
+    return app
 
 
 def run_server(*, bundle_path: Path, keys_db: Path, audit_db: Path, audit_max_bytes: int | None = None,
@@ -47,6 +50,9 @@ def run_server(*, bundle_path: Path, keys_db: Path, audit_db: Path, audit_max_by
         raise UserError(f"--port {port}: must be 1-65535")
     app = build_app(bundle_path=bundle_path, keys_db=keys_db, audit_db=audit_db, config=config or ServeConfig(),
                     device=device, signing_key=signing_key, audit_max_bytes=audit_max_bytes)
+    from safedl.serve.swap import install_sighup
+
+    install_sighup(app.state.service.swapper)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: the service is reachable from other machines", host)
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=int(graceful_s),

@@ -335,6 +335,8 @@ async def _audited(svc: Service, ctx: dict, status: int, body: dict, headers: di
     elapsed = time.perf_counter() - ctx["t0"]
     svc.metrics.requests.labels(ctx["endpoint"], str(status)).inc()
     svc.metrics.latency.labels(ctx["endpoint"]).observe(elapsed)
+    for stage, ms in ctx["stages_ms"].items():
+        svc.metrics.stage_latency.labels(stage).observe(ms / 1000.0)
     log.info("%s %s %d", ctx["method"], ctx["endpoint"], status,
              extra={"event": "request", "request_id": ctx["request_id"], "key_id": ctx.get("key_id"),
                     "client": ctx.get("client"), "status": status, "latency_ms": round(elapsed * 1000.0, 3),

@@ -245,7 +245,8 @@ def _load(url, token, img, stop, answered, lock, n_max=300):
 def _wait_version(srv, token, version, timeout=30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if httpx.get(srv.url + "/v1/model", headers={"X-API-Key": token}, timeout=5).json()["bundle_version"] == version:
+        r = httpx.get(srv.url + "/v1/model", headers={"X-API-Key": token}, timeout=5)
+        if r.json()["bundle_version"] == version:
             return True
         time.sleep(0.1)
     return False

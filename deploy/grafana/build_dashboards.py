@@ -64,7 +64,8 @@ def executive() -> dict:
         _panel(2, "Adversarial success rate per attack (target <= 0.25)", "bargauge",
                [_target(f"safedl_bundle_adversarial_success_rate{{{SEL}}}", "{{attack}}")], (0, 4, 12, 7),
                unit="percentunit", thresholds=red_above(0.25),
-               desc="measured by the run that produced the bundle (manifest); alert SafedlAdversarialSuccessRateAboveTarget"),
+               desc="measured by the run that produced the bundle (manifest); "
+                    "alert SafedlAdversarialSuccessRateAboveTarget"),
         _panel(3, "Robust accuracy per attack", "bargauge",
                [_target(f"safedl_bundle_robust_accuracy{{{SEL}}}", "{{attack}}")], (12, 4, 12, 7), unit="percentunit"),
         _panel(4, "Detection recall and precision (recall target >= 0.5)", "bargauge",
@@ -145,8 +146,9 @@ def debug() -> dict:
     heat = {"calculate": False, "yAxis": {"unit": "short"}, "cellGap": 1}
     p = [
         _panel(1, "Input detector scores", "heatmap",
-               [_target(f'sum by (le) (increase(safedl_detector_score_bucket{{{SEL}, detector=~"$detector"}}[$__rate_interval]))',
-                        "{{le}}", fmt="heatmap")], (0, 0, 12, 8), options=heat),
+               [_target("sum by (le) (increase(safedl_detector_score_bucket"
+                        f'{{{SEL}, detector=~"$detector"}}[$__rate_interval]))', "{{le}}", fmt="heatmap")],
+               (0, 0, 12, 8), options=heat),
         _panel(2, "Batch sizes", "heatmap",
                [_target(f"sum by (le) (increase(safedl_batch_size_bucket{{{SEL}}}[$__rate_interval]))", "{{le}}",
                         fmt="heatmap")], (12, 0, 12, 8), options=heat),

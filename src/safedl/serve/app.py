@@ -313,7 +313,8 @@ def _error_body(ctx: dict, code: str, message: str) -> dict:
 def _audit_rows(svc: Service, ctx: dict, status: int, body: dict, headers: dict, fields: list[dict]) -> list[dict]:
     base = {k: ctx.get(k) for k in ("ts", "request_id", "key_id", "client", "endpoint", "tier")}
     base.update(http_status=status, latency_ms=(time.perf_counter() - ctx["t0"]) * 1000.0,
-                bundle_version=ctx.get("bundle_version") or svc.bundle.version, error=body["error"]["code"] if "error" in body else None)
+                bundle_version=ctx.get("bundle_version") or svc.bundle.version,
+                error=body["error"]["code"] if "error" in body else None)
     return [{**base, **f} for f in fields] or [base]
 
 

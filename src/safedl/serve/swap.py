@@ -171,6 +171,9 @@ class BundleSwapper:
             return self._commit(work(), action, ctx, path)
         except SwapRefused as exc:
             raise self._refused(exc, action, ctx, path) from None
+        except Exception as exc:  # a bug or an unreadable file: counted and audited as failed, then raised (500)
+            self._refused(SwapRefused(500, "internal", f"{type(exc).__name__}: {exc}"), action, ctx, path)
+            raise
         finally:
             self._lock.release()
 

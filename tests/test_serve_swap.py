@@ -237,9 +237,13 @@ def _load(url, token, img, stop, answered, lock, n_max=300):
         for _ in range(n_max):
             if stop.is_set():
                 return
-            r = c.post(url + "/v1/predict", content=img, headers={"X-API-Key": token, "Content-Type": "image/png"})
+            try:
+                r = c.post(url + "/v1/predict", content=img, headers={"X-API-Key": token, "Content-Type": "image/png"})
+                got = (r.status_code, r.json().get("bundle_version"))
+            except (httpx.HTTPError, ValueError) as exc:  # a dropped connection or a timeout is a failure too
+                got = (repr(exc), None)
             with lock:
-                answered.append((r.status_code, r.json().get("bundle_version")))
+                answered.append(got)
 
 
 def _wait_version(srv, token, version, timeout=30.0) -> bool:

@@ -66,6 +66,19 @@ def _other_bundle(splits, out, *, channels: int, classes: int):
                          signing_key=SIGNING_KEY)
 
 
+def _entry_point_bundle(splits, out, *, signing_key):
+    """A bundle whose model the manifest says to build by calling a Python function (here the zoo's builder)."""
+    from safedl.models.zoo import build_model
+
+    params = {"name": "tiny_cnn", "in_channels": 1, "num_classes": 10, "image_size": 8}
+    model = build_model(**params).eval()
+    names = [str(i) for i in range(10)]
+    return export_bundle(SecurePipeline(model=model, class_names=names, input_shape=[1, 8, 8]), out,
+                         model_spec={"entry_point": "safedl.models.zoo:build_model", "arch_params": params},
+                         data={"name": "x", "shape": [1, 8, 8], "num_classes": 10, "class_names": names},
+                         signing_key=signing_key)
+
+
 def _tamper(src, out):
     shutil.copytree(src, out)
     w = out / "model.safetensors"
@@ -192,6 +205,24 @@ def test_refused_bundles_change_nothing(tmp_path, bundles, eval_batch):
     rows = _swap_rows(s.audit_path)
     assert [r["outcome"] for r in rows] == ["refused"] * 6
     assert all(r["from_version"] == bundles["va"] and r["to_version"] is None for r in rows)
+
+
+def test_an_entry_point_model_is_swapped_in_only_when_signed(tmp_path, digits_splits, bundles):
+    """Over HTTP, a bundle whose manifest names a Python function to build the model needs the server's signing
+    key: without one it is refused before the function runs; with one (and its signature) it loads."""
+    unsigned = _entry_point_bundle(digits_splits, tmp_path / "ep", signing_key=None)
+    (tmp_path / "nokey").mkdir()
+    s = _Svc(tmp_path / "nokey", bundles["plain"])  # a server without --signing-key-file
+    with TestClient(s.app) as c:
+        r = s.post(c, "/v1/admin/bundle", s.admin, {"path": str(unsigned)})
+    assert r.status_code == 422 and "entry point 'safedl.models.zoo:build_model'" in r.json()["error"]["message"]
+    assert s.svc.bundle.version == load_bundle(bundles["plain"]).version
+    signed = _entry_point_bundle(digits_splits, tmp_path / "ep_signed", signing_key=SIGNING_KEY)
+    (tmp_path / "key").mkdir()
+    s = _Svc(tmp_path / "key", bundles["a"], signing_key=SIGNING_KEY)
+    with TestClient(s.app) as c:
+        r = s.post(c, "/v1/admin/bundle", s.admin, {"path": str(signed)})
+    assert r.status_code == 200 and r.json()["bundle_version"] == load_bundle(signed).version
 
 
 def test_swap_and_rollback_publish_the_new_slis_and_version(tmp_path, bundles, eval_batch):

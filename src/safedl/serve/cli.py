@@ -45,7 +45,8 @@ def serve_command(
 ) -> None:
     """Serve a bundle over HTTP: API keys, rate limits, input limits, audit log, Prometheus metrics.
 
-    Exit code 2 when the bundle fails verification or an option is wrong.
+    Exit code 2 when the bundle fails verification or an option is wrong. SIGHUP reloads BUNDLE (verified as at
+    start) without downtime; POST /v1/admin/bundle and /v1/admin/rollback (scope admin) swap and roll back.
     """
     from safedl.cli import _read_key
     from safedl.serve.config import ServeConfig

@@ -13,11 +13,12 @@ from safedl.serve.config import ServeConfig
 log = logging.getLogger("safedl.serve")
 
 
-def load_verified_bundle(path: str | Path, *, device: str = "cpu", signing_key: bytes | None = None) -> Any:
+def load_verified_bundle(path: str | Path, *, device: str = "cpu", signing_key: bytes | None = None,
+                         allow_entry_point: bool = True) -> Any:
     """The bundle at ``path``, every file's sha256 (and the signature, given a key) checked (raises BundleError)."""
     from safedl.deploy import load_bundle
 
-    return load_bundle(Path(path), device=device, signing_key=signing_key)
+    return load_bundle(Path(path), device=device, signing_key=signing_key, allow_entry_point=allow_entry_point)
 
 
 def build_app(*, bundle_path: Path, keys_db: Path, audit_db: Path, config: ServeConfig, device: str = "cpu",

@@ -3,7 +3,8 @@
 
 A new bundle is verified exactly as at start (every file's sha256, the HMAC signature with the same
 ``--signing-key-file``), rebuilt and run once on a blank image in a worker thread, off the request path; one with
-another input shape or class count is refused with nothing changed. The swap itself replaces the service's
+another input shape or class count is refused with nothing changed, and so is, over HTTP without a signing key,
+one whose model is built by a Python entry point (the manifest would name the function the server calls). The swap itself replaces the service's
 pipeline, bundle and class names while holding the model lock (``MicroBatcher.exclusive``), so a forward pass runs
 wholly on the old pipeline or wholly on the new one and every answer names the version that decided it. Every
 attempt, refused or not, is a row in the ``bundle_swaps`` table of the audit database and a count in
@@ -90,11 +91,12 @@ class BundleSwapper:
         self.slis.publish(bundle_slis(manifest=b.manifest if isinstance(b.manifest, dict) else {}, version=b.version))
 
     # -- checks (off the request path) -------------------------------------------------------------------------
-    def _load(self, path: Path) -> Any:
+    def _load(self, path: Path, *, operator_path: bool) -> Any:
         from safedl.serve.server import load_verified_bundle
 
-        try:
-            new = load_verified_bundle(path, device=self.device, signing_key=self.signing_key)
+        try:  # a path from an admin request may build its model by a Python entry point only when signed
+            new = load_verified_bundle(path, device=self.device, signing_key=self.signing_key,
+                                       allow_entry_point=operator_path or self.signing_key is not None)
         except UserError as exc:
             raise SwapRefused(422, "bundle_refused", f"bundle {path} refused: {exc}") from None
         svc = self.svc
@@ -177,9 +179,11 @@ class BundleSwapper:
         finally:
             self._lock.release()
 
-    def swap_to(self, path: str | Path, *, ctx: dict) -> dict:
-        """Verify, load and check the bundle at ``path``, then swap to it (raises SwapRefused, nothing changed)."""
-        return self._locked("swap", ctx, Path(path), lambda: self._load(Path(path)))
+    def swap_to(self, path: str | Path, *, ctx: dict, operator_path: bool = False) -> dict:
+        """Verify, load and check the bundle at ``path``, then swap to it (raises SwapRefused, nothing changed).
+
+        ``operator_path``: the path the operator started the server with (SIGHUP), trusted as at start."""
+        return self._locked("swap", ctx, Path(path), lambda: self._load(Path(path), operator_path=operator_path))
 
     def rollback(self, *, ctx: dict) -> dict:
         """Swap back to the bundle served before the last swap (the current one becomes the previous one)."""
@@ -193,7 +197,7 @@ class BundleSwapper:
     def reload(self) -> dict | None:
         """SIGHUP: swap to the bundle at the path given at start (logged and counted; never raises)."""
         try:
-            return self.swap_to(self.start_path, ctx={"trigger": "sighup"})
+            return self.swap_to(self.start_path, ctx={"trigger": "sighup"}, operator_path=True)
         except SwapRefused:
             return None  # logged, counted and audited by _refused
 

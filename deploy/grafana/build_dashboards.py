@@ -10,12 +10,31 @@ the service exports (or recording rules of deploy/prometheus/alerts.yml).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 OUT = Path(__file__).resolve().with_name("safedl.json")
+RULES = Path(__file__).resolve().parents[1] / "prometheus" / "alerts.yml"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'instance=~"$instance"'
+
+
+def slo_targets() -> dict[str, float]:
+    """The SLO targets of alerts.yml (its ``safedl:slo_target:<name>`` recording rules), so the dashboards' threshold
+    lines and the alerts use the same numbers."""
+    import yaml
+
+    doc = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    out = {}
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            if rule.get("record", "").startswith("safedl:slo_target:"):
+                m = re.fullmatch(r"\s*vector\(\s*(-?[0-9.]+)\s*\)\s*", rule["expr"])
+                if m is None:
+                    raise ValueError(f"{RULES}: {rule['record']}: expected vector(<number>), got {rule['expr']!r}")
+                out[rule["record"].rsplit(":", 1)[1]] = float(m.group(1))
+    return out
 
 
 def _target(expr: str, legend: str = "", ref: str = "A", fmt: str = "time_series") -> dict:
@@ -58,21 +77,24 @@ def _dashboard(uid: str, title: str, desc: str, panels: list[dict], extra_vars: 
 
 def executive() -> dict:
     red_above = lambda t: [("green", None), ("red", t)]  # noqa: E731
+    t = slo_targets()
+    asr, recall, delta = (t["adversarial_success_rate_max"], t["detection_recall_min"],
+                          t["clean_accuracy_delta_min"])
     p = [
         _panel(1, "Bundle in service", "table", [_target(f"safedl_bundle_info{{{SEL}}}", fmt="table")], (0, 0, 24, 4),
                desc="version and defense of the bundle each instance serves (changes on every swap)"),
-        _panel(2, "Adversarial success rate per attack (target <= 0.25)", "bargauge",
+        _panel(2, f"Adversarial success rate per attack (target <= {asr:g})", "bargauge",
                [_target(f"safedl_bundle_adversarial_success_rate{{{SEL}}}", "{{attack}}")], (0, 4, 12, 7),
-               unit="percentunit", thresholds=red_above(0.25),
+               unit="percentunit", thresholds=red_above(asr),
                desc="measured by the run that produced the bundle (manifest); "
                     "alert SafedlAdversarialSuccessRateAboveTarget"),
         _panel(3, "Robust accuracy per attack", "bargauge",
                [_target(f"safedl_bundle_robust_accuracy{{{SEL}}}", "{{attack}}")], (12, 4, 12, 7), unit="percentunit"),
-        _panel(4, "Detection recall and precision (recall target >= 0.5)", "bargauge",
+        _panel(4, f"Detection recall and precision (recall target >= {recall:g})", "bargauge",
                [_target(f"safedl_bundle_detection_recall{{{SEL}}}", "recall {{detector}}"),
                 _target(f"safedl_bundle_detection_precision{{{SEL}}}", "precision {{detector}}")], (0, 11, 12, 7),
-               unit="percentunit", thresholds=[("red", None), ("green", 0.5)]),
-        _panel(5, "Clean accuracy and its delta to the undefended model (target >= -0.02)", "stat",
+               unit="percentunit", thresholds=[("red", None), ("green", recall)]),
+        _panel(5, f"Clean accuracy and its delta to the undefended model (delta target >= {delta:g})", "stat",
                [_target(f"safedl_bundle_clean_accuracy{{{SEL}}}", "clean accuracy"),
                 _target(f"safedl_bundle_clean_accuracy_delta{{{SEL}}}", "delta")], (12, 11, 12, 7),
                unit="percentunit"),
@@ -116,7 +138,7 @@ def oncall() -> dict:
                         f'{{{SEL}, endpoint="/v1/predict"}}[5m])))', "p50"),
                 _target("histogram_quantile(0.99, sum by (le) (rate(safedl_request_latency_seconds_bucket"
                         f'{{{SEL}, endpoint="/v1/predict"}}[5m])))', "p99")], (0, 20, 12, 7), unit="s",
-               thresholds=[("green", None), ("red", 0.25)]),
+               thresholds=[("green", None), ("red", slo_targets()["latency_p99_seconds_max"])]),
         _panel(8, "Requests by endpoint and status", "timeseries",
                [_target(f"sum by (endpoint, status) (rate(safedl_requests_total{{{SEL}}}[5m]))",
                         "{{endpoint}} {{status}}")], (12, 20, 12, 7), unit="reqps"),

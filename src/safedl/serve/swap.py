@@ -4,9 +4,10 @@
 A new bundle is verified exactly as at start (every file's sha256, the HMAC signature with the same
 ``--signing-key-file``), rebuilt and run once on a blank image in a worker thread, off the request path; one with
 another input shape or class count is refused with nothing changed, and so is, over HTTP without a signing key,
-one whose model is built by a Python entry point (the manifest would name the function the server calls). The swap itself replaces the service's
-pipeline, bundle and class names while holding the model lock (``MicroBatcher.exclusive``), so a forward pass runs
-wholly on the old pipeline or wholly on the new one and every answer names the version that decided it. Every
+one whose model is built by a Python entry point (the manifest would name the function the server calls). The swap
+itself replaces the service's pipeline, bundle and class names while holding the model lock
+(``MicroBatcher.exclusive``), so a forward pass runs wholly on the old pipeline or wholly on the new one and every
+answer names the version that decided it. Every
 attempt, refused or not, is a row in the ``bundle_swaps`` table of the audit database and a count in
 ``safedl_bundle_swaps_total{outcome}``; a swap whose row cannot be written does not happen (503), the way a request
 is not answered without its audit row.
@@ -58,6 +59,12 @@ def record_swap(audit_path: Path, row: dict[str, Any]) -> None:
                          tuple(row.get(c) for c in _COLS))
     finally:
         conn.close()
+
+
+def _event(action: str, outcome: str, ctx: dict, path: Any, **more: Any) -> dict:
+    """The structured fields of a swap's log line."""
+    return {"event": "bundle_swap", "outcome": outcome, "action": action, "trigger": ctx.get("trigger", "http"),
+            "path": None if path is None else str(path), **more}
 
 
 def _class_count(bundle: Any) -> int:
@@ -141,8 +148,7 @@ class BundleSwapper:
         outcome = "failed" if exc.status >= 500 else "refused"
         self.swaps.labels(outcome).inc()
         log.warning("bundle %s %s: %s", action, outcome, exc.message,
-                    extra={"event": "bundle_swap", "outcome": outcome, "action": action, "path": str(path),
-                           "trigger": ctx.get("trigger", "http"), "bundle_version": self.svc.bundle.version})
+                    extra=_event(action, outcome, ctx, path, bundle_version=self.svc.bundle.version))
         try:
             self._audit(outcome, action, ctx, to=None, path=path, detail=f"{exc.code}: {exc.message}")
         except Exception as audit_exc:  # the refusal stands either way
@@ -159,9 +165,7 @@ class BundleSwapper:
         self.previous = old
         self.swaps.labels(outcome).inc()
         log.info("bundle %s: %s -> %s", action, old.version, new.version,
-                 extra={"event": "bundle_swap", "outcome": outcome, "action": action, "path": str(path),
-                        "trigger": ctx.get("trigger", "http"), "from_version": old.version,
-                        "bundle_version": new.version})
+                 extra=_event(action, outcome, ctx, path, from_version=old.version, bundle_version=new.version))
         return {"bundle_version": new.version, "previous_version": old.version, "path": str(new.path),
                 "outcome": outcome}
 

@@ -196,13 +196,24 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     return model
 
 
-def load_bundle(path: str | Path, *, device: str | torch.device = "cpu", signing_key: bytes | None = None) -> Bundle:
-    """Verify a bundle (schema, manifest digest/signature, every file's sha256) and rebuild its pipeline."""
+def load_bundle(path: str | Path, *, device: str | torch.device = "cpu", signing_key: bytes | None = None,
+                allow_entry_point: bool = True) -> Bundle:
+    """Verify a bundle (schema, manifest digest/signature, every file's sha256) and rebuild its pipeline.
+
+    A model given as a Python ``entry_point`` runs that function to build it (bundles hold no code, but the
+    manifest names what to call and with which arguments): ``allow_entry_point=False`` refuses such a bundle
+    before anything runs (for bundles from a less trusted source than the operator, e.g. an admin swap without a
+    signing key).
+    """
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"{root}: not a bundle directory")
     manifest = _read_manifest(root, signing_key)
     _verify_files(root, manifest)
+    if not allow_entry_point and isinstance(manifest.get("model"), dict) and manifest["model"].get("entry_point"):
+        raise BundleError(f"{root / MANIFEST}: the model is built by the Python entry point "
+                          f"{manifest['model']['entry_point']!r}, which is not run for an unsigned bundle here "
+                          "(sign it and start the server with --signing-key-file)")
     dev = torch.device(device)
     try:
         model = build_model(manifest["model"])

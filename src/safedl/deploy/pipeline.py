@@ -27,7 +27,8 @@ class Decision:
     ``labels``: the model's label (also for rejected images); ``probs``: N x K scores after the postprocessors
     (vote shares under randomized smoothing); ``rejected``: a detector flagged the image or the certifier
     abstained; ``reasons``: None, ``"detector:<name>"`` (the first detector over its threshold) or
-    ``"abstain:<certifier>"``; ``detector_scores`` / ``thresholds``: per detector name.
+    ``"abstain:<certifier>"``; ``detector_scores`` / ``thresholds``: per detector name; ``bundle_version``: the
+    bundle that decided (set by the service, which may swap bundles).
     """
 
     labels: torch.Tensor
@@ -36,6 +37,7 @@ class Decision:
     reasons: list[str | None]
     detector_scores: dict[str, torch.Tensor]
     thresholds: dict[str, float]
+    bundle_version: str | None = None
 
     def accepted_correct(self, y: torch.Tensor) -> torch.Tensor:
         """Per image: accepted and classified as ``y`` (clean accuracy counts these)."""

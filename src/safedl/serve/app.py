@@ -9,6 +9,7 @@ the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -87,13 +88,16 @@ class Service:
                            if config.quarantine_dir is not None else None)
 
     def _decide(self, x):
-        """The pipeline on its own device (decoded images are on the CPU); the answer comes back to the CPU."""
-        dev = getattr(self.pipeline, "device", None)
+        """The pipeline on its own device (decoded images are on the CPU); the answer comes back to the CPU, tagged
+        with the bundle version (read under the model lock, which a bundle swap holds: see serve/swap.py)."""
+        pipe, version = self.pipeline, self.bundle.version
+        dev = getattr(pipe, "device", None)
         if dev is None or torch.device(dev).type == "cpu":
-            return self.pipeline.decide(x)
-        d = self.pipeline.decide(x.to(dev))
+            return dataclasses.replace(pipe.decide(x), bundle_version=version)
+        d = pipe.decide(x.to(dev))
         return type(d)(labels=d.labels.cpu(), probs=d.probs.cpu(), rejected=d.rejected.cpu(), reasons=d.reasons,
-                       detector_scores={k: v.cpu() for k, v in d.detector_scores.items()}, thresholds=d.thresholds)
+                       detector_scores={k: v.cpu() for k, v in d.detector_scores.items()}, thresholds=d.thresholds,
+                       bundle_version=version)
 
     def problems(self) -> list[str]:
         out = []
@@ -263,7 +267,8 @@ def _answer(svc: Service, ctx: dict, key: ApiKey, decoded, d: dict, *, in_thread
             _quarantine(svc, decoded, audit_fields, ctx)
         else:
             asyncio.get_running_loop().run_in_executor(None, _quarantine, svc, decoded, audit_fields, dict(ctx))
-    body = {"request_id": ctx["request_id"], "bundle_version": svc.bundle.version, "tier": key.tier,
+    ctx["bundle_version"] = d.get("bundle_version") or svc.bundle.version  # the bundle that decided
+    body = {"request_id": ctx["request_id"], "bundle_version": ctx["bundle_version"], "tier": key.tier,
             "results": _finite(results)}
     return 200, body, {}, audit_fields
 
@@ -327,7 +332,8 @@ def _error_body(ctx: dict, code: str, message: str) -> dict:
 def _audit_rows(svc: Service, ctx: dict, status: int, body: dict, headers: dict, fields: list[dict]) -> list[dict]:
     base = {k: ctx.get(k) for k in ("ts", "request_id", "key_id", "client", "endpoint", "tier")}
     base.update(http_status=status, latency_ms=(time.perf_counter() - ctx["t0"]) * 1000.0,
-                bundle_version=svc.bundle.version, error=body["error"]["code"] if "error" in body else None)
+                bundle_version=ctx.get("bundle_version") or svc.bundle.version,
+                error=body["error"]["code"] if "error" in body else None)
     return [{**base, **f} for f in fields] or [base]
 
 
@@ -349,6 +355,8 @@ async def _audited(svc: Service, ctx: dict, status: int, body: dict, headers: di
     elapsed = time.perf_counter() - ctx["t0"]
     svc.metrics.requests.labels(ctx["endpoint"], str(status)).inc()
     svc.metrics.latency.labels(ctx["endpoint"]).observe(elapsed)
+    for stage, ms in ctx["stages_ms"].items():
+        svc.metrics.stage_latency.labels(stage).observe(ms / 1000.0)
     log.info("%s %s %d", ctx["method"], ctx["endpoint"], status,
              extra={"event": "request", "request_id": ctx["request_id"], "key_id": ctx.get("key_id"),
                     "client": ctx.get("client"), "status": status, "latency_ms": round(elapsed * 1000.0, 3),
@@ -432,6 +440,9 @@ def create_app(*, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeC
                   description="A verified safedl bundle's defended model behind API keys, rate limits and an audit log.")
     app.state.service = svc
     app.include_router(dashboard_router())  # /dashboard: the on-call page (its data: /v1/monitor/summary, admin)
+    from safedl.serve.swap import mount_admin  # bundle swap/rollback routes and the bundle SLI gauges
+
+    mount_admin(app, svc)
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_PREDICT_BODY,
               summary="Classify one or more images through the bundle's SecurePipeline")

@@ -34,7 +34,7 @@ def slice_decision(d: Any, start: int, stop: int) -> dict:
     return {"labels": d.labels[start:stop], "probs": d.probs[start:stop], "rejected": d.rejected[start:stop],
             "reasons": list(d.reasons[start:stop]),
             "detector_scores": {k: v[start:stop] for k, v in d.detector_scores.items()},
-            "thresholds": dict(d.thresholds)}
+            "thresholds": dict(d.thresholds), "bundle_version": getattr(d, "bundle_version", None)}
 
 
 class MicroBatcher:
@@ -54,6 +54,10 @@ class MicroBatcher:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def exclusive(self) -> threading.Lock:
+        """The model lock: while it is held no forward pass runs (a bundle swap holds it to change the pipeline)."""
+        return self._busy
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="safedl-model", daemon=True)

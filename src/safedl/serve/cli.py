@@ -48,7 +48,8 @@ def serve_command(
 ) -> None:
     """Serve a bundle over HTTP: API keys, rate limits, input limits, audit log, Prometheus metrics.
 
-    Exit code 2 when the bundle fails verification or an option is wrong.
+    Exit code 2 when the bundle fails verification or an option is wrong. SIGHUP reloads BUNDLE (verified as at
+    start) without downtime; POST /v1/admin/bundle and /v1/admin/rollback (scope admin) swap and roll back.
     """
     from safedl.cli import _read_key
     from safedl.serve.config import ServeConfig
@@ -77,7 +78,7 @@ def serve_command(
 def keys_create(db: Path = typer.Option(..., "--db", help="key database (created if missing)"),
                 name: str = typer.Option(..., "--name"),
                 tier: str = typer.Option("rounded", "--tier", help="output tier: full, rounded, topk or label"),
-                scopes: str = typer.Option("predict,model", "--scopes", help="comma-separated: predict, model, admin"),
+                scopes: str = typer.Option("predict,model", "--scopes", help="comma-separated: predict, model, admin (bundle swap, monitor)"),
                 rate: float = typer.Option(20.0, "--rate", help="sustained requests per second"),
                 burst: int = typer.Option(40, "--burst", help="requests allowed at once"),
                 quota: int = typer.Option(100_000, "--quota", help="images per UTC day")) -> None:

@@ -28,6 +28,8 @@ class Metrics:
                                       registry=r)
         self.batch_size = Histogram("safedl_batch_size", "images per forward pass",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.stage_latency = Histogram("safedl_stage_latency_seconds", "time per request stage (read, admit, "
+                                       "decode, model, audit)", ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ready = Gauge("safedl_ready", "1 when the bundle is loaded and the audit log writable", registry=r)
 
     def render(self) -> bytes:

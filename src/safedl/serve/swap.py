@@ -1,0 +1,274 @@
+"""Bundle hot swap and rollback without downtime: ``POST /v1/admin/bundle``, ``POST /v1/admin/rollback`` (scope
+``admin``) and SIGHUP (reload the bundle path given at start).
+
+A new bundle is verified exactly as at start (every file's sha256, the HMAC signature with the same
+``--signing-key-file``), rebuilt and run once on a blank image in a worker thread, off the request path; one with
+another input shape or class count is refused with nothing changed, and so is, over HTTP without a signing key,
+one whose model is built by a Python entry point (the manifest would name the function the server calls). The swap
+itself replaces the service's pipeline, bundle and class names while holding the model lock
+(``MicroBatcher.exclusive``), so a forward pass runs wholly on the old pipeline or wholly on the new one and every
+answer names the version that decided it. Every
+attempt, refused or not, is a row in the ``bundle_swaps`` table of the audit database and a count in
+``safedl_bundle_swaps_total{outcome}``; a swap whose row cannot be written does not happen (503), the way a request
+is not answered without its audit row.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+from fastapi import Request
+from fastapi.responses import Response
+from prometheus_client import Counter
+
+from safedl.errors import UserError
+from safedl.serve._sqlite import connect, immediate
+from safedl.serve.slis import BundleSLICollector, bundle_slis
+
+log = logging.getLogger("safedl.serve.swap")
+OUTCOMES = ("swapped", "rolled_back", "refused", "failed")
+_MAX_BODY = 4096
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS bundle_swaps (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, "
+           "request_id TEXT, key_id TEXT, trigger TEXT NOT NULL, action TEXT NOT NULL, outcome TEXT NOT NULL, "
+           "from_version TEXT, to_version TEXT, path TEXT, detail TEXT)")
+_COLS = ("ts", "request_id", "key_id", "trigger", "action", "outcome", "from_version", "to_version", "path", "detail")
+
+
+class SwapRefused(Exception):
+    """The swap did not happen; ``status``/``code``/``message`` become the HTTP error."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def record_swap(audit_path: Path, row: dict[str, Any]) -> None:
+    """Commit one ``bundle_swaps`` row to the audit database (raises sqlite3.Error / OSError on failure)."""
+    conn = connect(audit_path)
+    try:
+        conn.execute(_SCHEMA)
+        with immediate(conn):
+            conn.execute(f"INSERT INTO bundle_swaps ({', '.join(_COLS)}) VALUES ({', '.join('?' * len(_COLS))})",
+                         tuple(row.get(c) for c in _COLS))
+    finally:
+        conn.close()
+
+
+def _event(action: str, outcome: str, ctx: dict, path: Any, **more: Any) -> dict:
+    """The structured fields of a swap's log line."""
+    return {"event": "bundle_swap", "outcome": outcome, "action": action, "trigger": ctx.get("trigger", "http"),
+            "path": None if path is None else str(path), **more}
+
+
+def _class_count(bundle: Any) -> int:
+    data = bundle.manifest.get("data", {}) if isinstance(bundle.manifest, dict) else {}
+    names = getattr(bundle.pipeline, "class_names", None) or data.get("class_names")
+    return len(names) if names else int(data.get("num_classes", 0))
+
+
+class BundleSwapper:
+    """Swaps the bundle of a ``Service`` (``svc``) and keeps the one before it for ``rollback``."""
+
+    def __init__(self, svc: Any, *, start_path: Path, signing_key: bytes | None = None, device: str = "cpu"):
+        self.svc, self.start_path, self.signing_key, self.device = svc, Path(start_path), signing_key, device
+        self.previous: Any = None
+        self._lock = threading.Lock()  # one swap at a time; a second one is refused (409), not queued
+        self.slis = BundleSLICollector()
+        self.swaps = Counter("safedl_bundle_swaps", "bundle swap attempts by outcome", ["outcome"],
+                             registry=svc.metrics.registry)
+        for outcome in OUTCOMES:
+            self.swaps.labels(outcome)
+        svc.metrics.registry.register(self.slis)
+
+    def configure(self, *, start_path: Path, signing_key: bytes | None, device: str) -> None:
+        """How ``safedl serve`` was started: SIGHUP reloads ``start_path``; every swap needs ``signing_key``'s
+        signature (when given) and loads onto ``device``."""
+        self.start_path, self.signing_key, self.device = Path(start_path), signing_key, str(device)
+
+    def publish(self) -> None:
+        """Export the SLIs of the bundle being served (at start; a swap does it itself)."""
+        b = self.svc.bundle
+        self.slis.publish(bundle_slis(manifest=b.manifest if isinstance(b.manifest, dict) else {}, version=b.version))
+
+    # -- checks (off the request path) -------------------------------------------------------------------------
+    def _load(self, path: Path, *, operator_path: bool) -> Any:
+        from safedl.serve.server import load_verified_bundle
+
+        try:  # a path from an admin request may build its model by a Python entry point only when signed
+            new = load_verified_bundle(path, device=self.device, signing_key=self.signing_key,
+                                       allow_entry_point=operator_path or self.signing_key is not None)
+        except UserError as exc:
+            raise SwapRefused(422, "bundle_refused", f"bundle {path} refused: {exc}") from None
+        svc = self.svc
+        shape = tuple(int(s) for s in (getattr(new.pipeline, "input_shape", None) or ()))
+        if shape != svc.shape:
+            raise SwapRefused(422, "bundle_incompatible", f"bundle {path} takes input shape {list(shape)}; the "
+                                                          f"service serves {list(svc.shape)} (start a new server)")
+        n = _class_count(new)
+        if n != len(svc.class_names):
+            raise SwapRefused(422, "bundle_incompatible", f"bundle {path} has {n} classes; the service serves "
+                                                          f"{len(svc.class_names)} (start a new server)")
+        try:
+            with torch.inference_mode():
+                d = new.pipeline.decide(torch.zeros(1, *shape, device=torch.device(self.device)))
+        except Exception as exc:  # a model that cannot run must not go live
+            raise SwapRefused(422, "bundle_refused", f"bundle {path}: its pipeline fails on a blank "
+                                                     f"{list(shape)} image ({type(exc).__name__}: {exc})") from None
+        if d.probs.shape[1] != n:
+            raise SwapRefused(422, "bundle_incompatible", f"bundle {path}: the model answers {d.probs.shape[1]} "
+                                                          f"scores for {n} class names")
+        return new
+
+    # -- the swap ----------------------------------------------------------------------------------------------
+    def _install(self, new: Any) -> Any:
+        svc, slis = self.svc, bundle_slis(manifest=new.manifest, version=new.version)
+        data = new.manifest.get("data", {})
+        names = getattr(new.pipeline, "class_names", None) or data.get("class_names") or svc.class_names
+        with svc.batcher.exclusive():  # no forward pass runs while the three change together
+            old = svc.bundle
+            svc.pipeline, svc.bundle, svc.class_names = new.pipeline, new, [str(c) for c in names]
+        self.slis.publish(slis)
+        return old
+
+    def _audit(self, outcome: str, action: str, ctx: dict, *, to: str | None, path: Any, detail: str | None) -> None:
+        row = {"ts": time.time(), "request_id": ctx.get("request_id"), "key_id": ctx.get("key_id"),
+               "trigger": ctx.get("trigger", "http"), "action": action, "outcome": outcome,
+               "from_version": self.svc.bundle.version, "to_version": to,
+               "path": None if path is None else str(path), "detail": detail}
+        record_swap(self.svc.audit.path, row)
+
+    def _refused(self, exc: SwapRefused, action: str, ctx: dict, path: Any) -> SwapRefused:
+        outcome = "failed" if exc.status >= 500 else "refused"
+        self.swaps.labels(outcome).inc()
+        log.warning("bundle %s %s: %s", action, outcome, exc.message,
+                    extra=_event(action, outcome, ctx, path, bundle_version=self.svc.bundle.version))
+        try:
+            self._audit(outcome, action, ctx, to=None, path=path, detail=f"{exc.code}: {exc.message}")
+        except Exception as audit_exc:  # the refusal stands either way
+            log.error("bundle %s refusal not audited: %s", action, audit_exc)
+        return exc
+
+    def _commit(self, new: Any, action: str, ctx: dict, path: Any) -> dict:
+        outcome = "rolled_back" if action == "rollback" else "swapped"
+        try:
+            self._audit(outcome, action, ctx, to=new.version, path=path, detail=None)
+        except Exception as exc:  # sqlite3.Error, OSError: no unaudited swap
+            raise SwapRefused(503, "audit_unavailable", f"the swap could not be audited ({exc}); nothing changed")
+        old = self._install(new)
+        self.previous = old
+        self.swaps.labels(outcome).inc()
+        log.info("bundle %s: %s -> %s", action, old.version, new.version,
+                 extra=_event(action, outcome, ctx, path, from_version=old.version, bundle_version=new.version))
+        return {"bundle_version": new.version, "previous_version": old.version, "path": str(new.path),
+                "outcome": outcome}
+
+    def _locked(self, action: str, ctx: dict, path: Any, work) -> dict:
+        if not self._lock.acquire(blocking=False):
+            raise self._refused(SwapRefused(409, "swap_in_progress", "another bundle swap is in progress; retry "
+                                                                     "when it has finished"), action, ctx, path)
+        try:
+            return self._commit(work(), action, ctx, path)
+        except SwapRefused as exc:
+            raise self._refused(exc, action, ctx, path) from None
+        except Exception as exc:  # a bug or an unreadable file: counted and audited as failed, then raised (500)
+            self._refused(SwapRefused(500, "internal", f"{type(exc).__name__}: {exc}"), action, ctx, path)
+            raise
+        finally:
+            self._lock.release()
+
+    def swap_to(self, path: str | Path, *, ctx: dict, operator_path: bool = False) -> dict:
+        """Verify, load and check the bundle at ``path``, then swap to it (raises SwapRefused, nothing changed).
+
+        ``operator_path``: the path the operator started the server with (SIGHUP), trusted as at start."""
+        return self._locked("swap", ctx, Path(path), lambda: self._load(Path(path), operator_path=operator_path))
+
+    def rollback(self, *, ctx: dict) -> dict:
+        """Swap back to the bundle served before the last swap (the current one becomes the previous one)."""
+        def previous() -> Any:
+            if self.previous is None:
+                raise SwapRefused(409, "no_previous_bundle", "no bundle to roll back to: none was swapped out "
+                                                             "since the server started")
+            return self.previous
+        return self._locked("rollback", ctx, None, previous)
+
+    def reload(self) -> dict | None:
+        """SIGHUP: swap to the bundle at the path given at start (logged and counted; never raises)."""
+        try:
+            return self.swap_to(self.start_path, ctx={"trigger": "sighup"}, operator_path=True)
+        except SwapRefused:
+            return None  # logged, counted and audited by _refused
+
+
+def install_sighup(swapper: BundleSwapper) -> None:
+    """SIGHUP reloads the bundle at the start path, in a thread (the signal handler only starts it)."""
+    def on_hup(signum, frame) -> None:
+        threading.Thread(target=swapper.reload, name="safedl-sighup-reload", daemon=True).start()
+
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_hup)
+
+
+# -- HTTP ----------------------------------------------------------------------------------------------------------
+async def _admin(svc: Any, request: Any, ctx: dict) -> Any:
+    from safedl.serve.app import _token
+
+    key = await anyio.to_thread.run_sync(svc.admit, _token(request), "admin")
+    ctx["key_id"], ctx["tier"] = key.key_id, key.tier
+    return key
+
+
+async def _swap_work(svc: Any, request: Any, ctx: dict) -> tuple[int, dict, dict, list]:
+    from safedl.serve.app import ApiError, _read_body
+
+    await _admin(svc, request, ctx)
+    body = await _read_body(request, _MAX_BODY)
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise ApiError(400, "bad_request", 'send a JSON body {"path": "<bundle directory>"}') from None
+    path = doc.get("path") if isinstance(doc, dict) else None
+    if not isinstance(path, str) or not path.strip():
+        raise ApiError(400, "bad_request", f'"path": {path!r}; send {{"path": "<bundle directory>"}}')
+    try:
+        out = await anyio.to_thread.run_sync(lambda: svc.swapper.swap_to(path, ctx=ctx))
+    except SwapRefused as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
+    return 200, out, {}, []
+
+
+async def _rollback_work(svc: Any, request: Any, ctx: dict) -> tuple[int, dict, dict, list]:
+    from safedl.serve.app import ApiError
+
+    await _admin(svc, request, ctx)
+    try:
+        out = await anyio.to_thread.run_sync(lambda: svc.swapper.rollback(ctx=ctx))
+    except SwapRefused as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
+    return 200, out, {}, []
+
+
+def mount_admin(app: Any, svc: Any) -> None:
+    """Attach a ``BundleSwapper`` to ``svc`` (SLI gauges published) and the two admin routes to ``app``."""
+    from safedl.serve.app import _handle
+    from safedl.serve.schemas import ErrorResponse
+
+    svc.swapper = BundleSwapper(svc, start_path=svc.bundle.path,
+                                device=str(getattr(svc.pipeline, "device", None) or "cpu"))
+    svc.swapper.publish()
+    errors = {s: {"model": ErrorResponse} for s in (400, 401, 403, 409, 422, 503)}
+
+    @app.post("/v1/admin/bundle", responses=errors, summary="Verify a bundle and swap to it without downtime "
+                                                             "(scope admin)")
+    async def admin_bundle(request: Request) -> Response:
+        return await _handle(svc, request, "/v1/admin/bundle", _swap_work)
+
+    @app.post("/v1/admin/rollback", responses=errors, summary="Swap back to the previous bundle (scope admin)")
+    async def admin_rollback(request: Request) -> Response:
+        return await _handle(svc, request, "/v1/admin/rollback", _rollback_work)

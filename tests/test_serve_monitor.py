@@ -394,9 +394,7 @@ def test_scenario_square_and_copycat_keys_are_flagged_and_alerted_the_benign_key
     assert audited[ids["copycat"]] == 600 and audited[ids["benign"]] == len(benign_x)
     assert 'safedl_alerts_fired_total{rule="query_attack",severity="critical"} 1.0' in metrics
     assert 'safedl_key_actions_total{action="labels_only"} 1.0' in metrics
-    assert 'safedl_query_flags_total{detector="stateful"}' in metrics
-    print("scenario flags:", {n: k[n]["flags"] for n in ("square", "copycat", "benign")},
-          "alerts:", sorted((r, [n for n, i in ids.items() if i == kid] or [None]) for r, kid in per))
+    assert 'safedl_query_flags_total{detector="stateful"} 1.0' in metrics  # the square key only
 
 
 def test_batches_that_would_overfill_the_monitor_queue_are_dropped_and_counted(mon_factory, digits_splits):

@@ -456,3 +456,15 @@ def test_a_webhook_that_keeps_failing_is_given_up_after_its_retries(mon_factory,
         assert hook.statuses == [500, 500] and hook.bodies == []
         assert 'safedl_alert_notifications_total{outcome="failed",sink="webhook"} 1.0' in m.client.get("/metrics").text
     assert m.predict("attacker", quantize(digits_splits.test.x[:1])).status_code == 200  # the service is unaffected
+
+
+def test_monitor_state_is_bounded_by_max_keys_and_a_forgotten_keys_alert_resolves(mon_factory, digits_splits):
+    m = mon_factory([ATTACK_RULE], max_keys=1)
+    _attack(m, digits_splits, 60)
+    m.monitor.flush()
+    assert [a["state"] for a in m.alerts()] == ["firing"]
+    _benign(m, digits_splits, 4)
+    m.monitor.flush()
+    m.monitor.tick()
+    assert [k["name"] for k in m.summary()["keys"]] == ["benign"]
+    assert [a["state"] for a in m.alerts()] == ["resolved"]

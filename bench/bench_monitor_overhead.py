@@ -5,7 +5,8 @@ TestClient, one sequential client, single-PNG requests of mnist5k test digits) w
 Reports: p50/p95 request latency with and without the monitor and their difference; the cost of
 ``SecurityMonitor.observe`` on the request path (it only enqueues); the worker's time per batch off the request
 path (stateful k-NN over 1,000 remembered queries, PRADA, volume, windows, rules), from
-``safedl_monitor_observe_seconds``. The bundle and key come from ``bench_serve.prepare`` (small_cnn, mnist5k,
+``safedl_monitor_observe_seconds``; the cost of reading a key's automatic actions on every request (on in both
+configurations, so not in the difference). The bundle and key come from ``bench_serve.prepare`` (small_cnn, mnist5k,
 2 epochs, seed); the thresholds from ``safedl.serve.monitor.calibration.calibrate`` on the training split.
 
     PYTHONPATH=src nice -n 10 .venv/bin/python bench/bench_monitor_overhead.py --requests 600 --seed 0
@@ -29,6 +30,24 @@ log = logging.getLogger("bench_monitor_overhead")
 
 def _pct(v: list[float], q: float) -> float:
     return float(torch.quantile(torch.tensor(v, dtype=torch.float64), q)) * 1000.0
+
+
+def enforce_us(work: Path, n: int = 5000) -> dict:
+    """Cost of reading a key's active actions on every request (``KeyActions.enforce``), without and with one."""
+    import timeit
+
+    from safedl.serve.keys import KeyStore
+    from safedl.serve.monitor.store import KeyActions
+
+    store = KeyStore(work / "enforce.db", create=True)
+    key, _ = store.create(name="probe")
+    acts = KeyActions(store)
+    for i in range(200):
+        acts.record(key_id=f"other{i:03d}", action="throttle", reason="bench", alert_id=None)
+    out = {"no_action": timeit.timeit(lambda: acts.enforce(key), number=n) / n * 1e6}
+    acts.record(key_id=key.key_id, action="labels_only", reason="bench", alert_id=None)
+    out["one_action"] = timeit.timeit(lambda: acts.enforce(key), number=n) / n * 1e6
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
            "observe_call_us": {"median": statistics.median(enqueue) * 1e6, "p99": _pct(enqueue, 0.99) * 1000},
            "worker_ms_per_batch": 1000 * total["safedl_monitor_observe_seconds_sum"]
            / max(1, total["safedl_monitor_observe_seconds_count"]),
+           "enforce_us": enforce_us(work),
            "calibration": {"stateful_threshold": rec["stateful"]["threshold"], "prada_delta": rec["prada"]["delta"]}}
     Path(args.out).write_text(json.dumps(res, indent=1))
     log.info("%s", json.dumps(res, indent=1))

@@ -318,7 +318,12 @@ class SecurityMonitor:
             for key_id in waiting:
                 ks = self._keys.get(key_id)
                 for rule in self.key_rules:
-                    if ks is not None and ((rule.name, key_id) in self._firing or (rule.name, key_id) in self._pending):
+                    ident = (rule.name, key_id)
+                    if ks is None:  # forgotten (max_keys): its windows are gone
+                        self._pending.pop(ident, None)
+                        if ident in self._firing:
+                            self._resolve(rule, ident, self._firing[ident], now)
+                    elif ident in self._firing or ident in self._pending:
                         self._evaluate(rule, key_id, ks.windows, now, event=False)
             self._save_dirty()
 

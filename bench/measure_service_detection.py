@@ -48,7 +48,7 @@ from safedl.attacks.extraction.base import ExtractionOracle
 from safedl.defenses.query import ObservedModel
 from safedl.deploy import SecurePipeline, export_bundle
 from safedl.errors import QueryBudgetExceeded
-from safedl.serve.client import RemoteClassifier, ServiceClient, ServiceError
+from safedl.serve.client import RemoteClassifier, ServiceClient, ServiceError, TierError
 from safedl.serve.keys import KeyStore
 from safedl.utils.progress import set_enabled
 from safedl.utils.stats import proportion
@@ -132,7 +132,7 @@ def run_attack(name: str, oracle: torch.nn.Module, remote: RemoteClassifier, x, 
             out["fidelity"] = proportion(int(agree.sum()), len(agree))
     except QueryBudgetExceeded as exc:  # also the deadline
         out["stopped_by"] = f"client bound: {exc}"
-    except ServiceError as exc:  # e.g. the monitor blocked or throttled the key
+    except (ServiceError, TierError) as exc:  # the monitor blocked the key or switched it to labels only
         out["stopped_by"] = f"service: {exc}"
     return out
 
@@ -144,17 +144,20 @@ def run_benign(stream: torch.Tensor, oracle: torch.nn.Module, *, batch: int) -> 
             oracle(stream[i:i + batch])
     except QueryBudgetExceeded as exc:
         out["stopped_by"] = f"client bound: {exc}"
-    except ServiceError as exc:
+    except (ServiceError, TierError) as exc:
         out["stopped_by"] = f"service: {exc}"
     return out
 
 
-def key_row(admin: ServiceClient, key_id: str) -> dict[str, Any] | None:
-    """The key's row of the monitor summary (None when the summary does not list it)."""
-    for row in admin.get("/v1/monitor/summary").get("keys", []):
-        if row.get("key_id") == key_id:
+def key_row(admin: ServiceClient, key_id: str, *, sent: int, wait_s: float = 60.0) -> dict[str, Any] | None:
+    """The key's row of the monitor summary once the monitor has seen all ``sent`` queries (it works off a queue),
+    or the last row seen after ``wait_s`` (None when the summary does not list the key)."""
+    deadline, row = time.monotonic() + wait_s, None
+    while True:
+        row = next((r for r in admin.get("/v1/monitor/summary").get("keys", []) if r.get("key_id") == key_id), None)
+        if (row is not None and row.get("queries", 0) >= sent) or time.monotonic() > deadline:
             return row
-    return None
+        time.sleep(0.2)
 
 
 # ---------------------------------------------------------------------------------------------- summaries
@@ -246,7 +249,7 @@ def run_task(task: tuple[str, str, int], ctx: dict[str, Any], args, deadline_s: 
            "wall_s": time.perf_counter() - t0, **out}
     remote.client.close()
     if ctx["admin"] is not None:
-        srow = key_row(ctx["admin"], row["key_id"])
+        srow = key_row(ctx["admin"], row["key_id"], sent=row["sent"])
         row["service"] = None if srow is None else srow.get("flags")
         row["service_row"] = srow
     if isinstance(oracle, ObservedModel):
@@ -278,12 +281,12 @@ def save(args, res: dict[str, Any]) -> None:
     Path(args.out).with_suffix(".md").write_text(markdown(res))
 
 
-def admin_client(url: str, keys: Keys) -> ServiceClient | None:
+def admin_client(url: str, keys: Keys, name: str) -> ServiceClient | None:
     """An admin-scope client, or None when this service has no admin scope or no monitor summary."""
     from safedl.errors import UserError
 
     try:
-        token = keys.create("bench-admin", scopes=("admin",))
+        token = keys.create(name, scopes=("admin",))
     except UserError as exc:
         log.warning("no admin key (%s): the service's flags cannot be read", exc)
         return None
@@ -296,47 +299,77 @@ def admin_client(url: str, keys: Keys) -> ServiceClient | None:
     return admin
 
 
+def monitor_config(bundle: Path, x_train: torch.Tensor, work: Path, *, seed: int) -> Path | None:
+    """The shipped monitor rules with thresholds calibrated for ``bundle`` on benign streams of ``x_train``
+    (``safedl monitor calibrate``'s procedure); None when this safedl has no monitor."""
+    try:
+        from safedl.serve.monitor import DEFAULT_RULES
+        from safedl.serve.monitor.calibration import calibrate, save_calibration
+    except ImportError:
+        log.warning("this safedl has no security monitor (safedl.serve.monitor)")
+        return None
+    from safedl.deploy import load_bundle
+
+    t0 = time.perf_counter()
+    save_calibration(calibrate(load_bundle(bundle), x_train, seed=seed), work / "calibration.json")
+    log.info("monitor calibrated in %.0fs", time.perf_counter() - t0)
+    cfg = work / "monitor.yml"  # the shipped file: `calibration: calibration.json` resolves next to it
+    cfg.write_text(Path(DEFAULT_RULES).read_text())
+    return cfg
+
+
+def run_shard(shard: list, ctx: dict[str, Any], args, res: dict[str, Any], rows: list, t0: float, i: int) -> bool:
+    """One fresh service for a group of keys (the summary lists the top keys by volume only); False when the time
+    limit stopped it."""
+    work = ctx["work"]
+    extra = [*args.serve_arg] + (["--monitor-config", str(ctx["monitor"])] if ctx["monitor"] else [])
+    with ServerProcess(ctx["bundle"], work / "keys.db", work / f"audit-{i}.db", *extra) as srv:
+        srv.wait_ready(timeout=180)
+        ctx["url"] = srv.url
+        ctx["admin"] = admin_client(srv.url, ctx["keys"], f"bench-admin-{i}")
+        if ctx["admin"] is None and ctx["dets"] is None:
+            raise SystemExit("neither the service's monitor summary nor --offline-detectors: nothing to measure")
+        for k, task in enumerate(shard):
+            left = args.time_limit_s - (time.perf_counter() - t0)
+            if left < 5:
+                res["keys_not_run"] = res.get("keys_not_run", 0) + len(shard) - k
+                return False
+            rows.append(run_task(task, ctx, args, deadline_s=min(args.key_deadline_s, left)))
+        if ctx["admin"] is not None:
+            res.setdefault("alerts", []).extend(ctx["admin"].get("/v1/monitor/summary").get("alerts", []))
+        res.setdefault("server_exit", []).append(srv.stop())
+    return True
+
+
 def run(args) -> dict[str, Any]:
     t_start = time.perf_counter()
     model, splits = default_model(args.seed)
     work = Path(tempfile.mkdtemp(prefix="safedl-service-detection-"))
     bundle = export_victim(model, splits, work / "bundle")
-    keys = Keys(work / "keys.db")
-    ctx: dict[str, Any] = {"keys": keys, "splits": splits, "victim": model, "dets": None,
-                           "benign_x": torch.cat([splits.test.x, splits.val.x])}
+    ctx: dict[str, Any] = {"keys": Keys(work / "keys.db"), "splits": splits, "victim": model, "dets": None,
+                           "benign_x": torch.cat([splits.test.x, splits.val.x]), "work": work, "bundle": bundle,
+                           "monitor": monitor_config(bundle, splits.train.x, work, seed=args.seed)}
     if args.offline_detectors:
         tr = splits.train.x
         calib = [in_order_stream(tr, 3500, seed=100)] + [burst_stream(tr, 2000, seed=200 + s) for s in range(2)]
         ctx["dets"] = make_detectors(calib, model)
-    res: dict[str, Any] = {"args": vars(args), "torch": torch.__version__, "bundle": str(bundle)}
-    with ServerProcess(bundle, work / "keys.db", work / "audit.db", *args.serve_arg) as srv:
-        srv.wait_ready(timeout=180)
-        ctx["url"] = srv.url
-        ctx["admin"] = admin_client(srv.url, keys)
-        sources = (["service"] if ctx["admin"] is not None else []) + (["offline"] if ctx["dets"] else [])
-        if not sources:
-            raise SystemExit("neither the service's monitor summary nor --offline-detectors: nothing to measure")
-        res["source"] = sources[0]
-        rows: list[dict[str, Any]] = []
-        tasks = schedule(args)
-        t0 = time.perf_counter()
-        for i, task in enumerate(tasks):
-            left = args.time_limit_s - (time.perf_counter() - t0)
-            if left < 5:
-                res["keys_not_run"] = len(tasks) - i
-                log.warning("time limit reached: %d keys not run", len(tasks) - i)
-                break
-            rows.append(run_task(task, ctx, args, deadline_s=min(args.key_deadline_s, left)))
-            wall = time.perf_counter() - t0
-            images, requests = sum(r["sent"] for r in rows), sum(r["requests"] for r in rows)
-            res["throughput"] = {"images": images, "requests": requests, "wall_s": wall, "images_per_s": images / wall}
-            res.update(collect(rows, args, sources))
-            save(args, res)
-        res.setdefault("keys_not_run", 0)
-        if ctx["admin"] is not None:
-            final = ctx["admin"].get("/v1/monitor/summary")
-            res["alerts"] = final.get("alerts", [])
-        res["server_exit"] = srv.stop()
+    sources = (["service"] if ctx["monitor"] else []) + (["offline"] if ctx["dets"] else [])
+    res: dict[str, Any] = {"args": vars(args), "torch": torch.__version__, "source": sources[0] if sources else None,
+                           "keys_not_run": 0}
+    tasks = schedule(args)
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(tasks), args.keys_per_service):
+        done = run_shard(tasks[i:i + args.keys_per_service], ctx, args, res, rows, t0, i // args.keys_per_service)
+        wall = time.perf_counter() - t0
+        images, requests = sum(r["sent"] for r in rows), sum(r["requests"] for r in rows)
+        res["throughput"] = {"images": images, "requests": requests, "wall_s": wall, "images_per_s": images / wall}
+        res.update(collect(rows, args, sources))
+        save(args, res)
+        if not done:
+            res["keys_not_run"] += max(0, len(tasks) - (i + args.keys_per_service))
+            log.warning("time limit reached: %d keys not run", res["keys_not_run"])
+            break
     res["time_s"] = time.perf_counter() - t_start
     save(args, res)
     return res
@@ -356,6 +389,8 @@ def main() -> None:
     ap.add_argument("--key-deadline-s", type=float, default=300.0, help="wall time per key")
     ap.add_argument("--offline-detectors", action="store_true",
                     help="also run the offline bench's detectors on each key's stream (costs CPU)")
+    ap.add_argument("--keys-per-service", type=int, default=16,
+                    help="keys per service instance (a fresh one per group: the summary lists its top 20 keys)")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra `safedl serve` argument (repeatable)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 key per attack, 2 benign keys per kind")
     args = ap.parse_args()

@@ -33,7 +33,8 @@ class ThreadServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None,
-                                                    access_log=False, lifespan="on"))
+                                                    access_log=False, lifespan="on",
+                                                    timeout_keep_alive=1))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "ThreadServer":
@@ -167,6 +168,21 @@ def test_deadline_stops_an_attack(served, digits_splits):
         attack(remote, digits_splits.test.x[:1], digits_splits.test.y[:1])  # argmax of log-probs = the label
     assert time.monotonic() - t0 < 0.5 + 5.0
     assert remote.queries_ > 0
+
+
+def test_idle_connection_closed_by_the_server_is_reopened_once(served, digits_splits):
+    client = ServiceClient(served.url, token=served.tokens["full"])
+    client.predict(digits_splits.test.x[:1])
+    time.sleep(1.6)  # the server closes keep-alive connections idle for 1 s
+    assert len(client.predict(digits_splits.test.x[:2])["results"]) == 2
+    assert client.requests_ == 2 and client.images_ == 3
+
+
+def test_unreachable_service_raises_without_retrying():
+    client = ServiceClient(f"http://127.0.0.1:{free_port()}", token="t", timeout_s=2)
+    with pytest.raises(ConnectionRefusedError):
+        client.predict(torch.zeros(1, 1, 8, 8))
+    assert client.requests_ == 0
 
 
 def test_429_is_waited_out_within_bounds(served, digits_splits):

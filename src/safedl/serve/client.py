@@ -124,13 +124,12 @@ class ServiceClient:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise DeadlineExceeded("the client's wall-clock deadline has passed")
-            conn = self._connection(self.timeout_s if left is None else min(self.timeout_s, left))
             try:
-                conn.request(method, self.base_path + path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-            except (OSError, http.client.HTTPException):
-                self.close()  # never resend: the service may have answered (and counted) it already
+                resp, data = self._send(method, path, body, headers, self.timeout_s if left is None
+                                        else min(self.timeout_s, left))
+            except TimeoutError as exc:
+                if left is not None and left < self.timeout_s:
+                    raise DeadlineExceeded("the client's wall-clock deadline passed during a request") from exc
                 raise
             self.requests_ += 1
             if resp.status == 429 and attempt < self.max_retries:
@@ -143,6 +142,26 @@ class ServiceClient:
                 continue
             return _json_or_error(resp.status, data)
         raise AssertionError("unreachable")  # the last attempt returns or raises
+
+    def _send(self, method: str, path: str, body: bytes | None, headers: dict, timeout: float):
+        """One HTTP exchange. A keep-alive connection the server closed while idle (it closes them after a few
+        seconds) fails before the request is read; only then is it resent once, on a new connection. Any other
+        failure is raised: the service may have answered (and counted) the request already."""
+        for fresh in (self._conn is None, True):
+            conn = self._connection(timeout)
+            try:
+                conn.request(method, self.base_path + path, body=body, headers=headers)
+                resp = conn.getresponse()
+                return resp, resp.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if fresh:
+                    raise
+                log.debug("idle keep-alive connection closed by the server; reconnecting")
+            except (OSError, http.client.HTTPException):
+                self.close()
+                raise
+        raise AssertionError("unreachable")
 
     def predict(self, x: torch.Tensor, *, deadline: float | None = None) -> dict[str, Any]:
         """POST ``x`` (float N x C x H x W in [0, 1]) as one float32 .npy body; the service's JSON answer."""

@@ -48,8 +48,8 @@ from safedl import registry
 from safedl.assess.attack_extraction import deployed_labels, extraction_curve, transfer_success
 from safedl.attacks.extraction.base import ExtractionOracle
 from safedl.defenses.query import PRADA, ObservedModel, StatefulDetector
+from safedl.defenses.query.streams import burst_stream, in_order_stream
 from safedl.models import TrainRecipe, build_model, with_normalization
-from safedl.models.train import random_shift
 from safedl.utils.progress import set_enabled
 from safedl.utils.stats import proportion
 from safedl.utils.tensors import seed_everything
@@ -58,32 +58,6 @@ log = logging.getLogger("measure_query_detection")
 
 
 # ---------------------------------------------------------------------------------------------- streams
-
-def in_order_stream(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """x in order, then further passes, each with a fresh random 2-pixel shift (distinct natural-looking images)."""
-    g = torch.Generator().manual_seed(seed)
-    parts, total = [x], len(x)
-    while total < n:
-        parts.append(random_shift(x, 2, g))
-        total += len(x)
-    return torch.cat(parts)[:n]
-
-
-def burst_stream(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """Each image (random order) sent 1-5 times; repeats are small random crops and brightness changes."""
-    g = torch.Generator().manual_seed(seed)
-    out, total = [], 0
-    while total < n:
-        img = x[torch.randint(len(x), (1,), generator=g)]
-        reps = int(torch.randint(1, 6, (1,), generator=g))
-        burst = img.expand(reps, -1, -1, -1)
-        if reps > 1:
-            tail = random_shift(burst[1:], 2, g) * (0.8 + 0.4 * torch.rand(reps - 1, 1, 1, 1, generator=g))
-            burst = torch.cat([img, tail.clamp(0, 1)])
-        out.append(burst)
-        total += reps
-    return torch.cat(out)[:n]
-
 
 class VictimFeatures(torch.nn.Module):
     """The victim's penultimate features (its own normalization first): an encoder for the stateful detector."""

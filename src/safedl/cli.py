@@ -425,6 +425,10 @@ app.command(name="serve")(serve_command)
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 
+from safedl.serve.monitor.cli import monitor_app  # noqa: E402
+
+app.add_typer(monitor_app, name="monitor")
+
 
 def main() -> None:  # pragma: no cover
     app()

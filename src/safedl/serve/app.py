@@ -30,6 +30,7 @@ from safedl.serve.decode import InputError, decode_items, items_from_json, raw_c
 from safedl.serve.keys import ApiKey, KeyStore, well_formed
 from safedl.serve.limits import RateLimiter
 from safedl.serve.metrics import CONTENT_TYPE, Metrics
+from safedl.serve.monitor.store import KeyActions, KeyBlocked
 from safedl.serve.quarantine import Quarantine
 from safedl.serve.schemas import ErrorResponse, Health, ModelInfo, PredictResponse, Ready
 from safedl.serve.tiers import harden
@@ -57,7 +58,8 @@ class ApiError(Exception):
 class Service:
     """The app's state: bundle, stores, batcher, metrics (one instance per app)."""
 
-    def __init__(self, *, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeConfig):
+    def __init__(self, *, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeConfig,
+                 monitor_config: Any = None):
         self.bundle, self.keys, self.audit, self.config = bundle, keys, audit, config
         self.pipeline = bundle.pipeline
         data = (bundle.manifest or {}).get("data", {}) if isinstance(bundle.manifest, dict) else {}
@@ -71,6 +73,14 @@ class Service:
         self.metrics = Metrics()
         self.batcher = MicroBatcher(self._decide, max_batch=config.max_batch,
                                     max_wait_s=config.max_wait_ms / 1000.0, on_batch=self.metrics.batch_size.observe)
+        self.actions = KeyActions(keys)  # automatic responses of the monitor, lifted with `safedl keys restore`
+        self.monitor = None
+        if monitor_config is not None:
+            from safedl.serve.monitor.build import build_monitor
+
+            self.monitor = build_monitor(monitor_config, keys=keys, audit_path=audit.path,
+                                         registry=self.metrics.registry, num_classes=len(self.class_names),
+                                         bundle_version=lambda: self.bundle.version)
         self.quarantine = (Quarantine(config.quarantine_dir, max_bytes=config.quarantine_max_bytes,
                                       retention_days=config.quarantine_retention_days)
                            if config.quarantine_dir is not None else None)
@@ -101,7 +111,12 @@ class Service:
                            {"WWW-Authenticate": "Bearer"})
         if scope not in key.scopes:
             raise ApiError(403, "forbidden", f"this key's scopes ({', '.join(key.scopes)}) do not include {scope!r}")
-        return key
+        try:
+            return self.actions.enforce(key)
+        except KeyBlocked as exc:
+            err = ApiError(403, "key_blocked", str(exc))
+            err.key_id = key.key_id  # the refusal is audited under the blocked key
+            raise err from None
 
     def limit(self, key: ApiKey) -> None:
         v = self.limiter.take(key)
@@ -239,6 +254,9 @@ def _answer(svc: Service, ctx: dict, key: ApiKey, decoded, d: dict, *, in_thread
     """The 200 answer to a request from its Decision slice: (status, body, headers, per-image audit fields)."""
     results, audit_fields = _results(svc, d, decoded, key.tier)
     _observe(svc, d, key.tier)
+    if svc.monitor is not None:
+        ctx["input_sha256"] = decoded.sha256
+        svc.monitor.observe(key, decoded.x, d, ctx)
     if svc.quarantine is not None and any(a["rejected"] for a in audit_fields):
         if in_thread:
             _quarantine(svc, decoded, audit_fields, ctx)
@@ -356,6 +374,7 @@ async def _handle(svc: Service, request: Request, endpoint: str, work) -> Respon
     try:
         status, body, headers, fields = await work(svc, request, ctx)
     except ApiError as exc:
+        ctx["key_id"] = ctx["key_id"] or getattr(exc, "key_id", None)
         if exc.status in (400, 413, 415, 422):
             svc.metrics.input_errors.labels(exc.code).inc()
         status, body, headers, fields = exc.status, _error_body(ctx, exc.code, exc.message), exc.headers, []
@@ -373,14 +392,26 @@ async def _model_info(svc: Service, request: Request, ctx: dict) -> tuple[int, d
     return 200, body, {}, []
 
 
-def create_app(*, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeConfig | None = None) -> FastAPI:
-    """The service for a loaded, verified ``bundle`` (``.pipeline``, ``.manifest``, ``.version``)."""
-    svc = Service(bundle=bundle, keys=keys, audit=audit, config=config or ServeConfig())
+async def _monitor_summary(svc: Service, request: Request, ctx: dict) -> tuple[int, dict, dict, list[dict]]:
+    key = await anyio.to_thread.run_sync(svc.admit, _token(request), "admin")
+    ctx["key_id"], ctx["tier"] = key.key_id, key.tier
+    if svc.monitor is None:
+        raise ApiError(404, "monitor_off", "the security monitor is off; start the service with --monitor-config FILE")
+    return 200, _finite(await anyio.to_thread.run_sync(svc.monitor.snapshot)), {}, []
+
+
+def create_app(*, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeConfig | None = None,
+               monitor_config: Any = None) -> FastAPI:
+    """The service for a loaded, verified ``bundle`` (``.pipeline``, ``.manifest``, ``.version``); with
+    ``monitor_config`` (a validated ``MonitorConfig``) the security monitor watches every predict batch."""
+    svc = Service(bundle=bundle, keys=keys, audit=audit, config=config or ServeConfig(), monitor_config=monitor_config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         svc.audit.start()
         svc.batcher.start()
+        if svc.monitor is not None:
+            svc.monitor.start()
         if svc.quarantine is not None:
             await anyio.to_thread.run_sync(svc.quarantine.prune)
         svc.metrics.ready.set(0 if svc.problems() else 1)
@@ -390,6 +421,8 @@ def create_app(*, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeC
             yield
         finally:  # in-flight requests have finished (uvicorn waits for them); flush the model queue, then the audit
             svc.batcher.stop()
+            if svc.monitor is not None:
+                svc.monitor.close()
             svc.audit.close()
             svc.keys.close()
             log.info("stopped; audit flushed", extra={"event": "stop"})
@@ -406,6 +439,10 @@ def create_app(*, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeC
     @app.get("/v1/model", response_model=ModelInfo, responses=_ERRORS, summary="The bundle manifest and metrics")
     async def model(request: Request) -> Response:
         return await _handle(svc, request, "/v1/model", _model_info)
+
+    @app.get("/v1/monitor/summary", responses={**_ERRORS, 404: {"model": ErrorResponse}}, summary="Security monitor snapshot (scope admin)")
+    async def monitor_summary(request: Request) -> Response:
+        return await _handle(svc, request, "/v1/monitor/summary", _monitor_summary)
 
     @app.get("/v1/health", response_model=Health, summary="Liveness")
     async def health() -> dict:

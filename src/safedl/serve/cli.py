@@ -42,6 +42,9 @@ def serve_command(
         graceful_s: float = typer.Option(30.0, "--graceful-s", help="how long shutdown waits for in-flight requests"),
         signing_key_file: Optional[Path] = typer.Option(None, "--signing-key-file",
                                                         help="require the bundle's HMAC signature with this key"),
+        monitor_config: Optional[Path] = typer.Option(None, "--monitor-config",
+                                                      help="security monitor rules (YAML; `safedl monitor rules` "
+                                                           "prints the default); off without it"),
 ) -> None:
     """Serve a bundle over HTTP: API keys, rate limits, input limits, audit log, Prometheus metrics.
 
@@ -53,6 +56,11 @@ def serve_command(
 
     try:
         signing_key = _read_key(signing_key_file)
+        monitor = None
+        if monitor_config is not None:
+            from safedl.serve.monitor import load_monitor_config
+
+            monitor = load_monitor_config(monitor_config)
         config = ServeConfig(max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_pixels=max_pixels,
                              resize=not no_resize, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              quarantine_dir=quarantine, quarantine_max_bytes=int(quarantine_mb * 2**20),
@@ -60,7 +68,7 @@ def serve_command(
         audit_max = None if audit_max_mb is None else int(audit_max_mb * 2**20)
         run_server(bundle_path=bundle, keys_db=keys, audit_db=audit, audit_max_bytes=audit_max, host=host, port=port,
                    config=config, device=device, torch_threads=torch_threads, graceful_s=graceful_s,
-                   signing_key=signing_key)
+                   signing_key=signing_key, monitor_config=monitor)
     except UserError as exc:
         _fail(exc)
 
@@ -69,7 +77,7 @@ def serve_command(
 def keys_create(db: Path = typer.Option(..., "--db", help="key database (created if missing)"),
                 name: str = typer.Option(..., "--name"),
                 tier: str = typer.Option("rounded", "--tier", help="output tier: full, rounded, topk or label"),
-                scopes: str = typer.Option("predict,model", "--scopes", help="comma-separated: predict, model"),
+                scopes: str = typer.Option("predict,model", "--scopes", help="comma-separated: predict, model, admin"),
                 rate: float = typer.Option(20.0, "--rate", help="sustained requests per second"),
                 burst: int = typer.Option(40, "--burst", help="requests allowed at once"),
                 quota: int = typer.Option(100_000, "--quota", help="images per UTC day")) -> None:
@@ -114,6 +122,54 @@ def keys_revoke(name: str = typer.Argument(..., help="key name or id"), db: Path
     except UserError as exc:
         _fail(exc)
     typer.echo(f"revoked {key.name} ({key.key_id})")
+
+
+@keys_app.command("actions")
+def keys_actions(db: Path = typer.Option(..., "--db", help="key database"),
+                 show_all: bool = typer.Option(False, "--all", help="also the restored ones"),
+                 as_json: bool = typer.Option(False, "--json", help="one JSON object per line")) -> None:
+    """List the security monitor's automatic key actions (throttle, labels_only, block): who, what, when, why."""
+    import dataclasses
+
+    from safedl.serve.keys import KeyStore
+    from safedl.serve.monitor.store import KeyActions
+
+    try:
+        store = KeyStore(db)
+        acts = KeyActions(store)
+        rows = acts.history() if show_all else acts.active()
+        names = {k.key_id: k.name for k in store.list()}
+    except UserError as exc:
+        _fail(exc)
+    for a in rows:
+        d = dataclasses.asdict(a) | {"name": names.get(a.key_id)}
+        state = f"restored by {a.restored_by}" if a.restored_at else "ACTIVE"
+        typer.echo(json.dumps(d) if as_json else
+                   f"#{a.id} {d['name'] or a.key_id:<20} {a.action:<11} by {a.actor} at {_iso(a.created_at)} "
+                   f"alert {a.alert_id}: {a.reason}  [{state}]")
+
+
+@keys_app.command("restore")
+def keys_restore(name: str = typer.Argument(..., help="key name or id"), db: Path = typer.Option(..., "--db"),
+                 action: Optional[str] = typer.Option(None, "--action", help="only this action (default: all)")) -> None:
+    """Lift the monitor's active actions on a key (works on a running server: it reads them on every request)."""
+    from safedl.serve.keys import KeyStore
+    from safedl.serve.monitor.store import KeyActions
+
+    try:
+        lifted = KeyActions(KeyStore(db)).restore(name, action=action)
+    except UserError as exc:
+        _fail(exc)
+    if not lifted:
+        typer.echo(f"{name}: no active action to restore")
+    for a in lifted:
+        typer.echo(f"restored {name}: lifted #{a.id} {a.action} (alert {a.alert_id})")
+
+
+def _iso(ts: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 @audit_app.command("export")

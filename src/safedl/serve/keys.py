@@ -18,7 +18,8 @@ from safedl.errors import UserError
 from safedl.serve._sqlite import PerThread, connect
 from safedl.serve.tiers import TIERS
 
-SCOPES = ("predict", "model")
+SCOPES = ("predict", "model", "admin")
+DEFAULT_SCOPES = ("predict", "model")
 _TOKEN = re.compile(r"^sdl_([0-9a-f]{12})_([A-Za-z0-9_-]{20,100})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
@@ -87,7 +88,7 @@ class KeyStore:
             raise UserError(f"{self.path}: cannot open the key database ({exc})") from exc
         self.conns = PerThread(self.path)
 
-    def create(self, *, name: str, tier: str = "rounded", scopes: tuple[str, ...] = SCOPES, rate_per_s: float = 20.0,
+    def create(self, *, name: str, tier: str = "rounded", scopes: tuple[str, ...] = DEFAULT_SCOPES, rate_per_s: float = 20.0,
                burst: int = 40, daily_quota: int = 100_000) -> tuple[ApiKey, str]:
         """Add a key; returns it and its plaintext token (shown once, never stored)."""
         if not _NAME.match(name):

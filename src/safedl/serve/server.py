@@ -21,20 +21,22 @@ def load_verified_bundle(path: str | Path, *, device: str = "cpu", signing_key: 
 
 
 def build_app(*, bundle_path: Path, keys_db: Path, audit_db: Path, config: ServeConfig, device: str = "cpu",
-              signing_key: bytes | None = None, audit_max_bytes: int | None = None):
+              signing_key: bytes | None = None, audit_max_bytes: int | None = None, monitor_config: Any = None):
     from safedl.serve.app import create_app
     from safedl.serve.audit import AuditStore
     from safedl.serve.keys import KeyStore
 
     bundle = load_verified_bundle(bundle_path, device=device, signing_key=signing_key)
     keys = KeyStore(keys_db)
-    return create_app(bundle=bundle, keys=keys, audit=AuditStore(audit_db, max_bytes=audit_max_bytes), config=config)
+    return create_app(bundle=bundle, keys=keys, audit=AuditStore(audit_db, max_bytes=audit_max_bytes), config=config,
+                      monitor_config=monitor_config)
 
 
 def run_server(*, bundle_path: Path, keys_db: Path, audit_db: Path, audit_max_bytes: int | None = None,
                host: str = "127.0.0.1", port: int = 8000,
                config: ServeConfig | None = None, device: str = "cpu", torch_threads: int = 1,
-               graceful_s: float = 30.0, log_level: str = "info", signing_key: bytes | None = None) -> None:
+               graceful_s: float = 30.0, log_level: str = "info", signing_key: bytes | None = None,
+               monitor_config: Any = None) -> None:
     """Serve until SIGINT/SIGTERM. Raises UserError (exit 2) for a bad bundle, key database or option."""
     import torch
     import uvicorn
@@ -46,7 +48,8 @@ def run_server(*, bundle_path: Path, keys_db: Path, audit_db: Path, audit_max_by
     if not (0 < port < 65536):
         raise UserError(f"--port {port}: must be 1-65535")
     app = build_app(bundle_path=bundle_path, keys_db=keys_db, audit_db=audit_db, config=config or ServeConfig(),
-                    device=device, signing_key=signing_key, audit_max_bytes=audit_max_bytes)
+                    device=device, signing_key=signing_key, audit_max_bytes=audit_max_bytes,
+                    monitor_config=monitor_config)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: the service is reachable from other machines", host)
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=int(graceful_s),

@@ -18,13 +18,14 @@ class QueryVerdict:
     ``flagged``: some query of the batch looks like an attack. ``score``: the batch's highest suspicion in units of
     the threshold (> 1 exactly when flagged; 0 while the key has too few queries to judge). ``n_seen``: queries seen
     from the key so far, this batch included. ``first_at``: the key's query number (1-based) of the batch's first
-    flagged query, or None.
+    flagged query, or None. ``n_flagged``: how many queries of the batch look like an attack.
     """
 
     flagged: bool
     score: float
     n_seen: int
     first_at: int | None = None
+    n_flagged: int = 0
 
 
 @runtime_checkable

@@ -58,7 +58,7 @@ class PRADA:
         self._store: KeyStore[_KeyState] = KeyStore(_KeyState, max_keys=self.max_keys)
 
     def _init(self, st: _KeyState, dim: int, device: torch.device) -> None:
-        k = self.num_classes if self.classify is not None else 1
+        k = self.num_classes  # without classify (and labels) only class 0 is used
         st.growing = torch.zeros(self.max_growing, dim, device=device)
         st.growing_cls = torch.full((self.max_growing,), -1, dtype=torch.long, device=device)
         st.dg_n, st.dg_s, st.dg_ss, st.thr = (torch.zeros(k, dtype=torch.float64) for _ in range(4))
@@ -113,17 +113,20 @@ class PRADA:
         with torch.no_grad():
             return self.classify(x).long().cpu()
 
-    def observe(self, key: str, x: torch.Tensor) -> QueryVerdict:
-        """Update the key's growing set and distance list with the batch, then test their normality."""
+    def observe(self, key: str, x: torch.Tensor, *, labels: torch.Tensor | None = None) -> QueryVerdict:
+        """Update the key's growing set and distance list with the batch, then test their normality. ``labels``:
+        the classes the service answered for ``x`` (instead of calling ``classify``)."""
         st = self._store.get(key)
-        self._ingest(st, encode(self.encoder, x), self._classes(x))
+        cls = self._classes(x) if labels is None else labels.long().cpu()
+        self._ingest(st, encode(self.encoder, x), cls)
         before = st.n_seen
         st.n_seen += len(x)
         w = self._w(st)
         if w is None:
             return QueryVerdict(False, 0.0, st.n_seen)
         flagged = w < self.delta_
-        return QueryVerdict(flagged, self.delta_ / max(w, 1e-12), st.n_seen, before + len(x) if flagged else None)
+        return QueryVerdict(flagged, self.delta_ / max(w, 1e-12), st.n_seen, before + len(x) if flagged else None,
+                            len(x) if flagged else 0)
 
     def calibrate(self, streams: Sequence[torch.Tensor], *, fpr: float = 0.01) -> "PRADA":
         """Set ``delta_`` to the ``fpr`` quantile of the W statistics benign streams produce."""

@@ -86,7 +86,7 @@ class StatefulDetector:
         flags = dist < self.threshold_
         suspicion = (self.threshold_ / dist.clamp_min(1e-12)).where(torch.isfinite(dist), torch.zeros_like(dist))
         return QueryVerdict(bool(flags.any()), float(suspicion.max()) if len(x) else 0.0, st.n_seen,
-                            first_flag(flags, before))
+                            first_flag(flags, before), int(flags.sum()))
 
     def calibrate(self, streams: Sequence[torch.Tensor], *, fpr: float = 1e-3) -> "StatefulDetector":
         """Set ``threshold_`` to the ``fpr`` quantile of benign per-query k-NN distances (streams in order)."""

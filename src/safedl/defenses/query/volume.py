@@ -79,7 +79,8 @@ class VolumeAnomaly:
             return QueryVerdict(False, 0.0, st.n_seen)
         z = (current - mean) / max(std, self.min_std)
         flagged = z > self.sigma
-        return QueryVerdict(flagged, max(0.0, z / self.sigma), st.n_seen, before + n if flagged else None)
+        return QueryVerdict(flagged, max(0.0, z / self.sigma), st.n_seen, before + n if flagged else None,
+                            n if flagged else 0)
 
     def observe(self, key: str, x: torch.Tensor) -> QueryVerdict:
         """Count the batch for ``key`` and globally; the key's verdict (``global_verdict()`` for all keys)."""

@@ -1,0 +1,76 @@
+"""Assemble a ``SecurityMonitor`` from a validated config: detectors with their calibrated thresholds, the alert
+table in the audit database, the key-action table in the key database, the sinks and the metrics."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry
+
+from safedl.errors import UserError
+from safedl.serve.keys import KeyStore
+from safedl.serve.monitor.calibration import load_calibration
+from safedl.serve.monitor.config import MonitorConfig
+from safedl.serve.monitor.core import SecurityMonitor
+from safedl.serve.monitor.metrics import MonitorMetrics
+from safedl.serve.monitor.sinks import Notifier
+from safedl.serve.monitor.store import AlertStore, KeyActions
+
+log = logging.getLogger("safedl.serve.monitor")
+
+
+def _threshold(name: str, override: float | None, calib: dict | None, field: str, params: dict[str, int]) -> float:
+    if override is not None:
+        return float(override)
+    if calib is None:
+        raise UserError(f"monitor config: detectors.{name}.{field} is not set and there is no calibration file; run "
+                        f"`safedl monitor calibrate BUNDLE --out calibration.json` and set `calibration:` (or give "
+                        f"detectors.{name}.{field})")
+    rec = calib[name]
+    for p, v in params.items():
+        if int(rec[p]) != int(v):
+            raise UserError(f"monitor config: detectors.{name}.{p} = {v}, but the calibration file measured its "
+                            f"threshold with {p} = {rec[p]}; recalibrate with `safedl monitor calibrate --{p} {v}` "
+                            f"or set detectors.{name}.{p}: {rec[p]}")
+    return float(rec[field])
+
+
+def build_detectors(config: MonitorConfig, *, num_classes: int, bundle_version: str | None = None) -> dict[str, Any]:
+    from safedl.defenses.query import PRADA, StatefulDetector, VolumeAnomaly
+
+    d = config.detectors
+    calib = load_calibration(config.calibration) if config.calibration is not None else None
+    if calib is not None and bundle_version is not None and calib.get("bundle_version") != bundle_version:
+        log.warning("the calibration %s was measured for bundle %s, not %s; recalibrate after a model change",
+                    config.calibration, calib.get("bundle_version"), bundle_version,
+                    extra={"event": "calibration_mismatch"})
+    out: dict[str, Any] = {}
+    if d.stateful.enabled:
+        thr = _threshold("stateful", d.stateful.threshold, calib, "threshold",
+                         {"k": d.stateful.k, "history": d.stateful.history})
+        out["stateful"] = StatefulDetector(k=d.stateful.k, history=d.stateful.history, threshold=thr,
+                                           max_keys=config.max_keys)
+    if d.prada.enabled:
+        delta = _threshold("prada", d.prada.delta, calib, "delta",
+                           {"min_queries": d.prada.min_queries, "window": d.prada.window})
+        out["prada"] = PRADA(delta=delta, min_queries=d.prada.min_queries, window=d.prada.window,
+                             max_growing=d.prada.max_growing, num_classes=max(1, num_classes),
+                             max_keys=config.max_keys)  # classes: the labels the service answered
+    if d.volume.enabled:
+        out["volume"] = VolumeAnomaly(bucket_s=d.volume.bucket_s, baseline_buckets=d.volume.baseline_buckets,
+                                      sigma=d.volume.sigma, warmup_buckets=d.volume.warmup_buckets,
+                                      prior_rate=d.volume.prior_rate, max_keys=config.max_keys)
+    return out
+
+
+def build_monitor(config: MonitorConfig, *, keys: KeyStore, audit_path: str | Path, registry: CollectorRegistry,
+                  num_classes: int, bundle_version: Callable[[], str]) -> SecurityMonitor:
+    detectors = build_detectors(config, num_classes=num_classes, bundle_version=bundle_version())
+    metrics = MonitorMetrics(registry)
+    log.info("monitor: detectors %s, %d rules", {n: getattr(d, "threshold_", None) or getattr(d, "delta_", None)
+                                                 for n, d in detectors.items()}, len(config.rules),
+             extra={"event": "monitor_start"})
+    return SecurityMonitor(config=config, detectors=detectors, alerts=AlertStore(audit_path), actions=KeyActions(keys),
+                           metrics=metrics, notifier=Notifier(config.sinks, count=metrics.count_notification),
+                           bundle_version=bundle_version)

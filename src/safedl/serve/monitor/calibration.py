@@ -1,0 +1,74 @@
+"""Detector thresholds measured on benign traffic (``safedl monitor calibrate``), kept in a JSON file that names
+the bundle it was measured for.
+
+Chen et al.'s procedure for the stateful detector (threshold = the ``fpr`` quantile, 0.1% by default, of benign
+per-query mean k-NN distances) and Juuti et al.'s for PRADA (delta = the 1% quantile of benign Shapiro-Wilk W),
+on streams the service would see: the bundle's training split (8-bit quantised, as decoded from PNG), one stream
+in order and two of retry bursts (``safedl.defenses.query.streams``), PRADA grouping by the bundle's answers.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safedl.errors import UserError
+from safedl.utils.io import atomic_write_text
+
+KIND = "safedl-monitor-calibration"
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """What the service decodes from an 8-bit image."""
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
+def benign_streams(x: torch.Tensor, *, seed: int, in_order: int = 3500, bursts: int = 2000) -> list[torch.Tensor]:
+    """The calibration streams of ``bench/measure_query_detection.py``: one in order, two of retry bursts."""
+    from safedl.defenses.query.streams import burst_stream, in_order_stream
+
+    return [quantize(s) for s in [in_order_stream(x, in_order, seed=seed + 100)] +
+            [burst_stream(x, bursts, seed=seed + 200 + i) for i in range(2)]]
+
+
+def calibrate(bundle: Any, x_train: torch.Tensor, *, k: int = 50, history: int = 1000, min_queries: int = 100,
+              window: int = 2000, stateful_fpr: float = 1e-3, prada_fpr: float = 0.01, seed: int = 0,
+              in_order: int = 3500, bursts: int = 2000) -> dict[str, Any]:
+    """Thresholds for ``bundle`` (a loaded Bundle) from benign streams of ``x_train``; a JSON-ready record."""
+    from safedl.defenses.query import PRADA, StatefulDetector
+
+    t0 = time.perf_counter()
+    streams = benign_streams(x_train, seed=seed, in_order=in_order, bursts=bursts)
+    sd = StatefulDetector(k=k, history=history).calibrate(streams, fpr=stateful_fpr)
+    pipe = bundle.pipeline
+    num_classes = len(pipe.class_names or []) or int(bundle.manifest.get("data", {}).get("num_classes", 0))
+    pr = PRADA(min_queries=min_queries, window=window, num_classes=max(1, num_classes),
+               classify=lambda x: pipe.decide(x.to(pipe.device)).labels).calibrate(streams, fpr=prada_fpr)
+    return {"kind": KIND, "bundle_version": bundle.version, "data": bundle.manifest.get("data", {}).get("name"),
+            "created": time.time(), "seed": seed, "streams": [len(s) for s in streams],
+            "stateful": {"k": k, "history": history, "fpr": stateful_fpr, "threshold": sd.threshold_},
+            "prada": {"min_queries": min_queries, "window": window, "fpr": prada_fpr, "delta": pr.delta_},
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def save_calibration(record: dict[str, Any], out: str | Path) -> Path:
+    out = Path(out)
+    atomic_write_text(out, json.dumps(record, indent=1) + "\n")
+    return out
+
+
+def load_calibration(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"calibration {path}: no such file; make it with `safedl monitor calibrate BUNDLE --out {path}`")
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"calibration {path}: not JSON ({exc})") from None
+    if not isinstance(rec, dict) or rec.get("kind") != KIND:
+        raise UserError(f"calibration {path}: kind {rec.get('kind') if isinstance(rec, dict) else None!r}; "
+                        f"expected {KIND!r} (a file from `safedl monitor calibrate`)")
+    return rec

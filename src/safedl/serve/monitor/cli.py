@@ -1,0 +1,86 @@
+"""``safedl monitor calibrate`` (detector thresholds for a bundle) and ``safedl monitor rules`` (the default rules)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from safedl.errors import UserError
+
+monitor_app = typer.Typer(no_args_is_help=True, help="The security monitor of `safedl serve`: calibration, rules.")
+
+
+def _fail(exc: BaseException) -> None:
+    sys.stderr.write(f"error: {exc}\n")
+    raise typer.Exit(2)
+
+
+def _train_images(bundle, data: Optional[str], images: Optional[Path], split_seed: int, test_fraction: float,
+                  val_fraction: float):
+    import numpy as np
+    import torch
+
+    if images is not None:
+        if not images.is_file():
+            raise UserError(f"--images {images}: no such file")
+        try:
+            arr = np.load(images, allow_pickle=False)
+        except ValueError as exc:
+            raise UserError(f"--images {images}: not a .npy array ({exc})") from None
+        x = torch.from_numpy(arr).float()
+        x = x / 255.0 if arr.dtype == np.uint8 else x
+        shape = tuple(bundle.manifest.get("data", {}).get("shape") or ())
+        if x.ndim != 4 or (shape and tuple(x.shape[1:]) != shape):
+            raise UserError(f"--images {images}: shape {tuple(x.shape)}; expected N x {' x '.join(map(str, shape))}")
+        return x
+    from safedl.data import load_builtin, stratified_split
+    from safedl.data.builtin import BUILTIN
+
+    name = data or bundle.manifest.get("data", {}).get("name")
+    if name not in BUILTIN:
+        raise UserError(f"--data {name!r}: not a built-in data set ({', '.join(BUILTIN)}); pass --images FILE.npy "
+                        "with benign training images instead")
+    splits = stratified_split(load_builtin(name), test_fraction=test_fraction, val_fraction=val_fraction,
+                              seed=split_seed)
+    return splits.train.x
+
+
+@monitor_app.command("calibrate")
+def calibrate_command(
+        bundle: Path = typer.Argument(..., help="the bundle the service will serve"),
+        out: Path = typer.Option(..., "--out", help="calibration JSON (name it under `calibration:` of the config)"),
+        data: Optional[str] = typer.Option(None, "--data", help="built-in data set (default: the bundle's)"),
+        images: Optional[Path] = typer.Option(None, "--images", help="benign training images (.npy, N x C x H x W)"),
+        split_seed: int = typer.Option(0, "--split-seed", help="seed of the run's train/val/test split"),
+        test_fraction: float = typer.Option(0.2, "--test-fraction"),
+        val_fraction: float = typer.Option(0.1, "--val-fraction"),
+        k: int = typer.Option(50, "--k", help="stateful detector: neighbours"),
+        history: int = typer.Option(1000, "--history", help="stateful detector: queries remembered per key"),
+        min_queries: int = typer.Option(100, "--min-queries", help="PRADA: distances before the first test"),
+        window: int = typer.Option(2000, "--window", help="PRADA: distances kept per key"),
+        seed: int = typer.Option(0, "--seed", help="seed of the benign streams"),
+        signing_key_file: Optional[Path] = typer.Option(None, "--signing-key-file")) -> None:
+    """Measure the stateful (0.1% benign quantile) and PRADA (1%) thresholds on benign streams of the training split."""
+    from safedl.cli import _read_key
+    from safedl.serve.monitor.calibration import calibrate, save_calibration
+    from safedl.serve.server import load_verified_bundle
+
+    try:
+        b = load_verified_bundle(bundle, signing_key=_read_key(signing_key_file))
+        x = _train_images(b, data, images, split_seed, test_fraction, val_fraction)
+        rec = calibrate(b, x, k=k, history=history, min_queries=min_queries, window=window, seed=seed)
+        save_calibration(rec, out)
+    except UserError as exc:
+        _fail(exc)
+    typer.echo(f"stateful threshold {rec['stateful']['threshold']:.6g}, PRADA delta {rec['prada']['delta']:.6g} "
+               f"(bundle {rec['bundle_version']}, {sum(rec['streams'])} benign queries, {rec['seconds']} s) -> {out}")
+
+
+@monitor_app.command("rules")
+def rules_command() -> None:
+    """Print the shipped default monitor config (rules, detectors, sinks)."""
+    from safedl.serve.monitor.config import DEFAULT_RULES
+
+    typer.echo(DEFAULT_RULES.read_text(encoding="utf-8"), nl=False)

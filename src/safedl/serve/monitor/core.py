@@ -1,0 +1,336 @@
+"""``SecurityMonitor``: the per-key query detectors, sliding windows, alert rules, alerts and automatic actions of
+``safedl serve``.
+
+The request path only enqueues (``observe``: a tuple into a bounded queue); one worker thread runs the detectors
+(stateful k-NN, Chen et al. 2019; PRADA, Juuti et al. 2019; query volume), adds the request to its key's and the
+global windows, evaluates the rules, and stores, notifies and acts on alerts. Alerts are deduplicated by
+(rule, key): while the condition holds, further matching requests only raise the alert's event count.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from safedl.serve.monitor.config import COMPARISONS, RATES, MonitorConfig, Rule
+from safedl.serve.monitor.metrics import MonitorMetrics
+from safedl.serve.monitor.sinks import Notifier
+from safedl.serve.monitor.store import AlertStore, KeyActions, new_alert_id, strongest
+from safedl.serve.monitor.windows import Windows
+
+log = logging.getLogger("safedl.serve.monitor")
+_STOP = object()
+DETECTORS = ("stateful", "prada", "volume")
+TOP_KEYS = 20
+
+
+@dataclass
+class _Key:
+    name: str
+    tier: str
+    windows: Windows
+    queries: int = 0
+    rejected: int = 0
+    flags: dict = field(default_factory=lambda: {d: None for d in DETECTORS})
+    gallery_at: float = float("-inf")
+
+
+def _window_span(rules: list[Rule]) -> tuple[int, float]:
+    counts = [r.window.count for r in rules if r.window.count]
+    secs = [r.window.seconds for r in rules if r.window.seconds]
+    return max(counts, default=0), max(secs, default=0.0)
+
+
+def thumbnail(img: torch.Tensor) -> str:
+    """A small PNG (longest side 32-64 px, nearest-neighbour) of a [C, H, W] image in [0, 1], base64."""
+    from PIL import Image
+
+    arr = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    pil = Image.fromarray(arr[0].numpy(), "L") if arr.shape[0] == 1 else \
+        Image.fromarray(arr[:3].permute(1, 2, 0).numpy(), "RGB")
+    side = max(pil.size)
+    scale = 64 / side if side > 64 else max(1, 32 // side)
+    pil = pil.resize((max(1, round(pil.size[0] * scale)), max(1, round(pil.size[1] * scale))), Image.NEAREST)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class SecurityMonitor:
+    """Built by :func:`safedl.serve.monitor.build.build_monitor`; ``start()`` / ``close()`` run its threads."""
+
+    def __init__(self, *, config: MonitorConfig, detectors: dict[str, Any], alerts: AlertStore, actions: KeyActions,
+                 metrics: MonitorMetrics, notifier: Notifier, bundle_version: Callable[[], str],
+                 clock: Callable[[], float] = time.time):
+        self.config, self.detectors, self.alerts, self.actions = config, detectors, alerts, actions
+        self.metrics, self.notifier, self.bundle_version, self.clock = metrics, notifier, bundle_version, clock
+        self.key_rules = [r for r in config.rules if r.scope == "key"]
+        self.global_rules = [r for r in config.rules if r.scope == "global"]
+        self._key_span = _window_span(self.key_rules)
+        g_count, g_secs = _window_span(self.global_rules)
+        self.global_windows = Windows(max_count=g_count, max_seconds=g_secs)
+        self._keys: OrderedDict[str, _Key] = OrderedDict()
+        self._firing: dict[tuple[str, str | None], dict] = {}
+        self._pending: dict[tuple[str, str | None], float] = {}
+        self._dirty: set[tuple[str, str | None]] = set()
+        self._series: OrderedDict[int, list[int]] = OrderedDict()
+        self._gallery: deque[dict] = deque(maxlen=config.gallery_size)
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
+        self._thread: threading.Thread | None = None
+
+    # -- request path ------------------------------------------------------------------------------------------
+    def observe(self, key: Any, x: torch.Tensor, decision_slice: dict, ctx: dict) -> None:
+        """Queue one answered predict batch (the decoded pixels the model saw and its answers); never blocks."""
+        item = (key.key_id, key.name, key.tier, x, decision_slice["labels"], decision_slice["rejected"].tolist(),
+                list(decision_slice["reasons"]), ctx.get("request_id"), ctx.get("ts") or self.clock(),
+                ctx.get("input_sha256"))
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.metrics.dropped.inc()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="safedl-monitor", daemon=True)
+        self._thread.start()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued batch is processed (tests, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return not self._queue.unfinished_tasks
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(30.0)
+            self._thread = None
+        self._save_dirty()
+        self.notifier.close()
+        self.alerts.close()
+
+    def _run(self) -> None:
+        last_tick = time.monotonic()
+        while True:
+            try:
+                item = self._queue.get(timeout=self.config.tick_s)
+            except queue.Empty:
+                item = None
+            try:
+                if item is _STOP:
+                    return
+                if item is not None:
+                    t0 = time.perf_counter()
+                    self._process(*item)
+                    self.metrics.work.observe(time.perf_counter() - t0)
+                if time.monotonic() - last_tick >= self.config.tick_s:
+                    last_tick = time.monotonic()
+                    self.tick()
+            except Exception:  # a monitor bug must not stop monitoring
+                log.exception("monitor: processing failed", extra={"event": "monitor_error"})
+            finally:
+                if item is not None:
+                    self._queue.task_done()
+
+    # -- worker ------------------------------------------------------------------------------------------------
+    def _verdicts(self, key_id: str, x: torch.Tensor, labels: torch.Tensor) -> tuple[dict, Any]:
+        out, glob = {}, None
+        for name, det in self.detectors.items():
+            out[name] = det.observe(key_id, x, labels=labels) if name == "prada" else det.observe(key_id, x)
+            if name == "volume":
+                glob = det.global_verdict()
+        return out, glob
+
+    def _process(self, key_id: str, name: str, tier: str, x: torch.Tensor, labels: torch.Tensor,
+                 rejected: list, reasons: list, request_id: str | None, ts: float, sha: list | None) -> None:
+        verdicts, glob = self._verdicts(key_id, x, labels)
+        n, nrej = len(x), int(sum(rejected))
+        ndet = sum(1 for r in reasons if r is not None and r.startswith("detector:"))
+        flagged = [d for d, v in verdicts.items() if v.flagged]
+        anomalous = max((v.n_flagged for v in verdicts.values()), default=0)
+        per = {d: int(d in flagged) for d in DETECTORS}
+        vec = (1, n, nrej, ndet, int(bool(flagged)), per["stateful"], per["prada"], per["volume"], anomalous)
+        gvec = vec[:7] + (int(glob is not None and glob.flagged),) + vec[8:]
+        now = self.clock()
+        with self._lock:
+            ks = self._key(key_id, name, tier)
+            ks.queries += n
+            ks.rejected += nrej
+            for d in flagged:
+                self._on_flag(ks, d, verdicts[d], x, key_id, request_id, ts, sha)
+            for d, v in verdicts.items():
+                if v.n_flagged:
+                    self.metrics.anomalous.labels(d).inc(v.n_flagged)
+            ks.windows.add(now, vec)
+            self.global_windows.add(now, gvec)
+            row = self._bucket(now)
+            row[0], row[1], row[2] = row[0] + n, row[1] + nrej, row[2] + int(bool(flagged))
+            for rule in self.key_rules:
+                self._evaluate(rule, key_id, ks.windows, now, event=True)
+            for rule in self.global_rules:
+                self._evaluate(rule, None, self.global_windows, now, event=True)
+
+    def _key(self, key_id: str, name: str, tier: str) -> _Key:
+        ks = self._keys.get(key_id)
+        if ks is None:
+            ks = self._keys[key_id] = _Key(name, tier, Windows(max_count=self._key_span[0],
+                                                                max_seconds=self._key_span[1]))
+            while len(self._keys) > self.config.max_keys:  # bounded: the least recently seen key goes first
+                self._keys.popitem(last=False)
+        else:
+            self._keys.move_to_end(key_id)
+        ks.name, ks.tier = name, tier
+        return ks
+
+    def _on_flag(self, ks: _Key, det: str, v: Any, x: torch.Tensor, key_id: str, request_id: str | None,
+                 ts: float, sha: list | None) -> None:
+        first = ks.flags[det] is None
+        if first:
+            ks.flags[det] = v.first_at or v.n_seen
+            self.metrics.flags.labels(det).inc()
+            self.metrics.ttd.labels(det).observe(ks.flags[det])
+            if det == "prada":
+                self.metrics.extraction.inc()
+            log.warning("key %s (%s) flagged by %s at query %d", ks.name, key_id, det, ks.flags[det],
+                        extra={"event": "key_flagged", "key_id": key_id, "detector": det, "query": ks.flags[det]})
+        if self.config.gallery_size and (first or ts - ks.gallery_at >= self.config.gallery_interval_s):
+            ks.gallery_at = ts
+            i = min(max((v.first_at or v.n_seen) - (v.n_seen - len(x)) - 1, 0), len(x) - 1)
+            digest = sha[i] if sha else hashlib.sha256(x[i].numpy().tobytes()).hexdigest()
+            self._gallery.appendleft({"ts": ts, "key_id": key_id, "request_id": request_id,
+                                      "reason": f"{det} (key query {v.first_at or v.n_seen}, score {v.score:.3g})",
+                                      "sha256": digest, "png_base64": thumbnail(x[i])})
+
+    def _bucket(self, now: float) -> list[int]:
+        b = int(now // self.config.series_bucket_s) * self.config.series_bucket_s
+        row = self._series.get(b)
+        if row is None:
+            row = self._series[b] = [0, 0, 0, 0]
+            while self._series and next(iter(self._series)) < b - 3600:
+                self._series.popitem(last=False)
+        return row
+
+    # -- rules and alerts --------------------------------------------------------------------------------------
+    @staticmethod
+    def value(rule: Rule, sums: dict[str, float]) -> float | None:
+        """The rule's metric over its window's sums (None: a rate over fewer than ``min_queries`` images)."""
+        if rule.metric in RATES:
+            if sums["queries"] < max(1, rule.min_queries):
+                return None
+            return sums[RATES[rule.metric]] / sums["queries"]
+        return float(sums[rule.metric])
+
+    def _evaluate(self, rule: Rule, key_id: str | None, windows: Windows, now: float, *, event: bool) -> None:
+        sums = windows.sums(count=rule.window.count, seconds=rule.window.seconds, now=now)
+        value = self.value(rule, sums)
+        holds = value is not None and COMPARISONS[rule.comparison](value, float(rule.threshold))
+        ident = (rule.name, key_id)
+        alert = self._firing.get(ident)
+        if holds and alert is not None:
+            if event:
+                alert["events"] += 1
+            alert["value"], alert["last_at"] = value, now
+            self._dirty.add(ident)
+        elif holds:
+            since = self._pending.setdefault(ident, now)
+            if now - since >= rule.for_s:
+                self._pending.pop(ident, None)
+                self._fire(rule, key_id, value, now)
+        else:
+            self._pending.pop(ident, None)
+            if alert is not None:
+                self._resolve(rule, ident, alert, now)
+
+    def _fire(self, rule: Rule, key_id: str | None, value: float, now: float) -> None:
+        alert = {"alert_id": new_alert_id(), "rule": rule.name, "severity": rule.severity, "key_id": key_id,
+                 "state": "firing", "started_at": now, "resolved_at": None, "last_at": now, "value": value,
+                 "events": 1, "action": rule.action, "metric": rule.metric, "threshold": rule.threshold,
+                 "bundle_version": self.bundle_version()}
+        self._firing[(rule.name, key_id)] = alert
+        self.alerts.upsert(alert)
+        self.metrics.fired.labels(rule.name, rule.severity).inc()
+        self.metrics.firing.labels(rule.name, rule.severity).inc()
+        self._bucket(now)[3] += 1
+        if rule.action is not None and key_id is not None:
+            self._act(rule, key_id, alert, value)
+        self.notifier.notify({"event": "alert_fired", "alert": self.public(alert)})
+
+    def _act(self, rule: Rule, key_id: str, alert: dict, value: float) -> None:
+        if any(a.action == rule.action for a in self.actions.active(key_id)):
+            return
+        params = {"factor": self.config.actions.throttle_factor} if rule.action == "throttle" else {}
+        self.actions.record(key_id=key_id, action=rule.action, alert_id=alert["alert_id"], params=params,
+                            reason=f"rule {rule.name}: {rule.metric} {rule.comparison} {rule.threshold:g} "
+                                   f"(value {value:.4g})")
+        self.metrics.actions.labels(rule.action).inc()
+        log.warning("key %s: %s (alert %s, rule %s)", key_id, rule.action, alert["alert_id"], rule.name,
+                    extra={"event": "key_action", "key_id": key_id, "action": rule.action,
+                           "alert_id": alert["alert_id"]})
+
+    def _resolve(self, rule: Rule, ident: tuple, alert: dict, now: float) -> None:
+        alert.update(state="resolved", resolved_at=now, last_at=now)
+        del self._firing[ident]
+        self._dirty.discard(ident)
+        self.alerts.upsert(alert)
+        self.metrics.firing.labels(rule.name, rule.severity).dec()
+        self.notifier.notify({"event": "alert_resolved", "alert": self.public(alert)})
+
+    def tick(self) -> None:
+        """Re-evaluate what time alone can change (time windows, for-durations), then save changed alerts."""
+        now = self.clock()
+        with self._lock:
+            for rule in self.global_rules:
+                self._evaluate(rule, None, self.global_windows, now, event=False)
+            waiting = {k for _, k in list(self._firing) + list(self._pending) if k is not None}
+            for key_id in waiting:
+                ks = self._keys.get(key_id)
+                for rule in self.key_rules:
+                    if ks is not None and ((rule.name, key_id) in self._firing or (rule.name, key_id) in self._pending):
+                        self._evaluate(rule, key_id, ks.windows, now, event=False)
+            self._save_dirty()
+
+    def _save_dirty(self) -> None:
+        for ident in list(self._dirty):
+            if ident in self._firing:
+                self.alerts.upsert(self._firing[ident])
+        self._dirty.clear()
+
+    @staticmethod
+    def public(alert: dict) -> dict:
+        return {k: alert[k] for k in ("alert_id", "rule", "severity", "key_id", "state", "started_at", "resolved_at",
+                                      "value", "events", "action")}
+
+    # -- the summary -------------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """``GET /v1/monitor/summary``: alerts, top keys, the last hour's global series, recently flagged inputs."""
+        now = self.clock()
+        stored = self.alerts.recent(since=now - 3600)
+        acts: dict[str, list] = {}
+        for a in self.actions.active():
+            acts.setdefault(a.key_id, []).append(a)
+        with self._lock:
+            live = {a["alert_id"]: a for a in self._firing.values()}
+            alerts = [self.public(live.get(a["alert_id"], a)) for a in stored]
+            top = sorted(self._keys.items(), key=lambda kv: -kv[1].queries)[:TOP_KEYS]
+            keys = [{"key_id": k, "name": s.name, "queries": s.queries, "rejected": s.rejected, "tier": s.tier,
+                     "action": strongest(acts.get(k, [])), "flags": dict(s.flags)} for k, s in top]
+            bs = self.config.series_bucket_s
+            last = int(now // bs) * bs
+            ts = [last - i * bs for i in range(3600 // bs - 1, -1, -1)]
+            rows = [self._series.get(t, [0, 0, 0, 0]) for t in ts]
+            gallery = list(self._gallery)
+        return {"now": now, "bundle_version": self.bundle_version(), "alerts": alerts, "keys": keys,
+                "series": {"bucket_s": bs, "t": ts, "queries": [r[0] for r in rows], "rejected": [r[1] for r in rows],
+                           "flags": [r[2] for r in rows], "alerts": [r[3] for r in rows]},
+                "flagged_inputs": gallery}

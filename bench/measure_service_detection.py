@@ -42,14 +42,16 @@ from typing import Any, Callable
 import torch
 
 from measure_evasion import default_model  # noqa: E402  (bench/ is on sys.path when run as a script)
-from measure_query_detection import EVASION, burst_stream, in_order_stream, make_detectors  # noqa: E402
+from measure_query_detection import EVASION, make_detectors  # noqa: E402
 from safedl import registry
 from safedl.attacks.extraction.base import ExtractionOracle
 from safedl.defenses.query import ObservedModel
+from safedl.defenses.query.streams import burst_stream, in_order_stream
 from safedl.deploy import SecurePipeline, export_bundle
 from safedl.errors import QueryBudgetExceeded
 from safedl.serve.client import RemoteClassifier, ServiceClient, ServiceError, TierError
 from safedl.serve.keys import KeyStore
+from safedl.serve.monitor.calibration import quantize
 from safedl.utils.progress import set_enabled
 from safedl.utils.stats import proportion
 from safedl.utils.tensors import seed_everything
@@ -242,7 +244,8 @@ def run_task(task: tuple[str, str, int], ctx: dict[str, Any], args, deadline_s: 
     else:
         fn: Callable = in_order_stream if name == "in_order" else burst_stream
         bx = ctx["benign_x"]
-        stream = fn(torch.roll(bx, -((j * 97) % len(bx)), 0), args.benign_queries, seed=seed)
+        # a user's images are 8-bit files: quantised as the service decodes them (attack keys send float .npy)
+        stream = quantize(fn(torch.roll(bx, -((j * 97) % len(bx)), 0), args.benign_queries, seed=seed))
         out = run_benign(stream, oracle, batch=args.benign_batch)
     row = {"key": key_name, "key_id": ctx["keys"].ids[key_name], "tier": tier, "seed": seed,
            "sent": remote.queries_, "requests": remote.client.requests_, "throttled": remote.client.throttled_,
@@ -299,16 +302,12 @@ def admin_client(url: str, keys: Keys, name: str) -> ServiceClient | None:
     return admin
 
 
-def monitor_config(bundle: Path, x_train: torch.Tensor, work: Path, *, seed: int) -> Path | None:
+def monitor_config(bundle: Path, x_train: torch.Tensor, work: Path, *, seed: int) -> Path:
     """The shipped monitor rules with thresholds calibrated for ``bundle`` on benign streams of ``x_train``
-    (``safedl monitor calibrate``'s procedure); None when this safedl has no monitor."""
-    try:
-        from safedl.serve.monitor import DEFAULT_RULES
-        from safedl.serve.monitor.calibration import calibrate, save_calibration
-    except ImportError:
-        log.warning("this safedl has no security monitor (safedl.serve.monitor)")
-        return None
+    (``safedl monitor calibrate``'s procedure)."""
     from safedl.deploy import load_bundle
+    from safedl.serve.monitor import DEFAULT_RULES
+    from safedl.serve.monitor.calibration import calibrate, save_calibration
 
     t0 = time.perf_counter()
     save_calibration(calibrate(load_bundle(bundle), x_train, seed=seed), work / "calibration.json")
@@ -355,7 +354,8 @@ def run(args) -> dict[str, Any]:
         ctx["dets"] = make_detectors(calib, model)
     sources = (["service"] if ctx["monitor"] else []) + (["offline"] if ctx["dets"] else [])
     res: dict[str, Any] = {"args": vars(args), "torch": torch.__version__, "source": sources[0] if sources else None,
-                           "keys_not_run": 0}
+                           "keys_not_run": 0, "calibration": json.loads((work / "calibration.json").read_text()),
+                           "monitor_config": ctx["monitor"].read_text()}
     tasks = schedule(args)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()

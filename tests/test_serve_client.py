@@ -199,6 +199,15 @@ def test_429_is_waited_out_within_bounds(served, digits_splits):
     assert err.value.status == 429 and err.value.code == "rate_limited"
 
 
+def test_429_asking_for_more_than_the_wait_bound_raises_at_once(served, digits_splits):
+    client = ServiceClient(served.url, token=served.tokens["slow"], max_retry_wait_s=0.5)  # Retry-After is 1 s
+    t0 = time.monotonic()
+    with pytest.raises(ServiceError) as err:
+        for _ in range(3):
+            client.predict(digits_splits.test.x[:1])
+    assert err.value.status == 429 and client.throttled_ == 0 and time.monotonic() - t0 < 0.5
+
+
 def test_429_wait_past_the_deadline_raises_instead_of_sleeping(served, digits_splits):
     remote = RemoteClassifier(ServiceClient(served.url, token=served.tokens["slow"], max_retry_wait_s=30.0),
                               deadline_s=0.3)

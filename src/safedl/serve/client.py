@@ -75,8 +75,9 @@ def is_loopback(host: str) -> bool:
 class ServiceClient:
     """One API key's connection to ``url`` (``http://127.0.0.1:8000``); not thread-safe (one per thread).
 
-    ``max_retry_wait_s`` bounds each wait a 429 asks for and ``max_retries`` how many 429s in a row are waited out
-    before :class:`ServiceError` is raised. ``requests_``, ``images_`` and ``throttled_`` count what was sent.
+    A 429 whose ``Retry-After`` is at most ``max_retry_wait_s`` is waited out and retried, up to ``max_retries`` in
+    a row; a longer one (a daily quota) or one more raises :class:`ServiceError` at once. ``requests_`` counts HTTP
+    exchanges, ``images_`` images answered, ``throttled_`` 429s waited out.
     """
 
     def __init__(self, url: str, *, token: str, timeout_s: float = 30.0, max_retry_wait_s: float = 10.0,
@@ -132,8 +133,8 @@ class ServiceClient:
                     raise DeadlineExceeded("the client's wall-clock deadline passed during a request") from exc
                 raise
             self.requests_ += 1
-            if resp.status == 429 and attempt < self.max_retries:
-                wait = _retry_after(resp.getheader("Retry-After"), cap=self.max_retry_wait_s)
+            wait = _retry_after(resp.getheader("Retry-After"))
+            if resp.status == 429 and attempt < self.max_retries and wait <= self.max_retry_wait_s:
                 if deadline is not None and time.monotonic() + wait > deadline:
                     raise DeadlineExceeded(f"429: waiting {wait:.1f} s would pass the client's deadline")
                 self.throttled_ += 1
@@ -185,12 +186,12 @@ class ServiceClient:
         self.close()
 
 
-def _retry_after(value: str | None, *, cap: float) -> float:
+def _retry_after(value: str | None) -> float:
+    """Seconds a 429's Retry-After asks for (1 when absent or not a number of seconds)."""
     try:
-        wait = float(value) if value is not None else 1.0
+        return max(float(value), 0.0) if value is not None else 1.0
     except ValueError:
-        wait = 1.0
-    return min(max(wait, 0.0), cap)
+        return 1.0
 
 
 def _json_or_error(status: int, data: bytes) -> dict[str, Any]:

@@ -123,7 +123,7 @@ def run_attack(name: str, oracle: torch.nn.Module, remote: RemoteClassifier, x, 
                 with torch.no_grad():  # success judged on the local copy of the victim: no extra service query
                     fooled += int(victim(adv).argmax(1).item() != int(y[i]))
                 attacked += 1
-            out["attack_success"] = proportion(fooled, attacked)
+                out["attack_success"] = proportion(fooled, attacked)  # kept if the service stops the key later
         else:
             attack = registry.create("extraction", name, surrogate="tiny_cnn", epochs=5, seed=seed)
             remote.check_attack(attack)

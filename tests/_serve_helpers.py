@@ -35,16 +35,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_bundle(model, splits, out, *, fpr: float = 0.1):
-    """Export the default deployed system of the tests (feature squeezing + its detector around ``model``, digits)
-    as a real bundle at ``out``, through ``safedl.deploy.export_bundle``."""
+def make_bundle(model, splits, out, *, fpr: float = 0.1, detect: bool = True):
+    """Export the default deployed system of the tests (feature squeezing + its detector around ``model``, digits;
+    ``detect=False``: without the detector) as a real bundle at ``out``, through ``safedl.deploy.export_bundle``."""
     from safedl import registry
     from safedl.deploy import SecurePipeline, export_bundle
 
     squeeze = registry.create("preprocessor", "feature_squeezing", bit_depth=4)
     det = registry.create("detector", "feature_squeezing_detector", bit_depth=2, fpr=fpr)
     det.fit(splits.train.x[:300], model=model, x_calibration=splits.val.x, seed=0)
-    pipe = SecurePipeline(model=model, preprocessors=[squeeze], detectors=[det],
+    pipe = SecurePipeline(model=model, preprocessors=[squeeze], detectors=[det] if detect else [],
                           class_names=splits.train.class_names, input_shape=splits.shape)
     spec = {"arch": "tiny_cnn", "arch_params": {}, "in_channels": 1, "num_classes": 10, "image_size": 8,
             "mean": list(splits.mean), "std": list(splits.std)}

@@ -1,5 +1,5 @@
-"""Helpers of the security-monitor tests: a monitor config file, a local webhook receiver, the running service as
-a model (a loopback oracle for safedl's own black-box attacks), square-attack-like query streams."""
+"""Helpers of the security-monitor tests: a monitor config file, a local webhook receiver, square-attack-like query
+streams."""
 from __future__ import annotations
 
 import io
@@ -61,31 +61,6 @@ def npy(x: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     np.save(buf, x.numpy().astype(np.float32), allow_pickle=False)
     return buf.getvalue()
-
-
-class HttpModel(torch.nn.Module):
-    """The running service as a model: ``forward(x)`` POSTs ``x`` (as .npy, at most ``max_images`` per request) to
-    ``/v1/predict`` with ``token`` and returns log-probabilities (softmax gives back the answered scores; a
-    rejected image answers uniform scores). ``post(body, headers)`` is an httpx-like client call."""
-
-    def __init__(self, post, token: str, *, num_classes: int, max_images: int = 64):
-        super().__init__()
-        self.post, self.token, self.num_classes, self.max_images = post, token, num_classes, max_images
-        self.statuses: list[int] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = []
-        for i in range(0, len(x), self.max_images):
-            xb = x[i:i + self.max_images].detach().cpu().clamp(0, 1)
-            r = self.post(npy(xb), {"Authorization": f"Bearer {self.token}", "Content-Type": "application/x-npy"})
-            self.statuses.append(r.status_code)
-            if r.status_code != 200:
-                raise RuntimeError(f"predict answered {r.status_code}: {r.text[:200]}")
-            for res in r.json()["results"]:
-                p = res["probabilities"]
-                out.append(torch.full((self.num_classes,), 1.0 / self.num_classes) if p is None else
-                           torch.tensor(p, dtype=torch.float32))
-        return torch.stack(out).clamp_min(1e-8).log().to(x.device)
 
 
 def near_duplicates(img: torch.Tensor, n: int, *, eps: float, seed: int) -> torch.Tensor:

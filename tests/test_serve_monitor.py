@@ -302,10 +302,10 @@ def test_scenario_square_and_copycat_keys_are_flagged_and_alerted_the_benign_key
 
     import httpx
 
-    from _monitor_helpers import HttpModel
     from _serve_helpers import ServerProcess
     from safedl import registry
     from safedl.attacks.extraction.base import ExtractionOracle
+    from safedl.serve.client import RemoteClassifier, ServiceClient, TierError
 
     keys = KeyStore(tmp_path / "keys.db", create=True)
     tok = {n: keys.create(name=n, tier="full", rate_per_s=1000, burst=1000)[1] for n in ("benign", "square", "copycat")}
@@ -326,9 +326,6 @@ def test_scenario_square_and_copycat_keys_are_flagged_and_alerted_the_benign_key
                            str(cfg)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
             srv.wait_ready()
 
-            def post(body, headers):
-                return http.post("/v1/predict", content=body, headers=headers)
-
             benign_x, stop, benign_status = quantize(digits_splits.test.x[:240]), threading.Event(), []
 
             def benign():  # about 20 images/s, two per request, in order
@@ -344,14 +341,19 @@ def test_scenario_square_and_copycat_keys_are_flagged_and_alerted_the_benign_key
             t = threading.Thread(target=benign)
             t.start()
             try:
-                sq = HttpModel(post, tok["square"], num_classes=10)
+                sq = RemoteClassifier(ServiceClient(srv.url, token=tok["square"]), max_queries=300, num_classes=10,
+                                      on_reject="uniform")
                 square = registry.create("evasion", "square", eps=0.1, max_queries=150)
                 x, y = quantize(digits_splits.test.x[:20]), digits_splits.test.y[:20]
-                for i in range(len(x)):
-                    if len(sq.statuses) >= 300:
-                        break
-                    square(sq, x[i:i + 1], y[i:i + 1])
-                cc = HttpModel(post, tok["copycat"], num_classes=10)
+                try:
+                    for i in range(len(x)):
+                        if sq.queries_ + 150 > 300:
+                            break
+                        square(sq, x[i:i + 1], y[i:i + 1])
+                except TierError:  # the monitor switched the key to labels only: no more scores to climb
+                    pass
+                cc = RemoteClassifier(ServiceClient(srv.url, token=tok["copycat"]), max_queries=600, num_classes=10,
+                                      on_reject="uniform")
                 thief = registry.create("extraction", "copycat", surrogate="tiny_cnn", epochs=2, seed=0)
                 stolen = thief.extract(ExtractionOracle(cc, budget=600, output="scores"), digits_splits.train.x,
                                        num_classes=10)

@@ -455,8 +455,9 @@ def test_a_webhook_that_keeps_failing_is_given_up_after_its_retries(mon_factory,
                                                                          "backoff_s": 0.01}})
         _attack(m, digits_splits, 60)
         m.monitor.flush()
-        _poll = time.monotonic() + 10
-        while time.monotonic() < _poll and "failed" not in m.client.get("/metrics").text:
+        deadline = time.monotonic() + 10
+        failed = 'safedl_alert_notifications_total{outcome="failed",sink="webhook"}'
+        while time.monotonic() < deadline and failed not in m.client.get("/metrics").text:
             time.sleep(0.05)
         assert hook.statuses == [500, 500] and hook.bodies == []
         assert 'safedl_alert_notifications_total{outcome="failed",sink="webhook"} 1.0' in m.client.get("/metrics").text

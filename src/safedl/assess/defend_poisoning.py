@@ -2,8 +2,9 @@
 
 The attack stage's ``outcome.state`` holds the PoisonedDataset (with ``is_poison``), the poisoned model's
 state_dict, the attack object, the target class and triggered test images. Every defense is measured on the same
-test sets: clean accuracy on the whole test split and, where the attack has a target and triggered test images, the
-attack success rate (triggered images of other classes predicted as the target).
+test sets: clean accuracy on the whole test split and, where the attack aims at test inputs, the attack success rate
+(aimed inputs predicted as the label they are aimed at: the target class, or for an all-to-all backdoor each image's
+label + 1; ``aimed_labels``).
 
 One function per defense kind, each relying only on its kind's protocol (``safedl.defenses.protocols``):
 
@@ -84,14 +85,26 @@ def _poisoned_model(ctx: RunContext, state: dict) -> nn.Module:
     return m.eval()
 
 
+def aimed_labels(state: dict) -> torch.Tensor | None:
+    """The label each aimed test input (``test_triggered_x``) is sent to: the attack stage's ``test_triggered_aim``
+    (all-to-all: label + 1), else the target class for every input; None when the attack aims at nothing."""
+    xt = state.get("test_triggered_x")
+    if xt is None:
+        return None
+    if state.get("test_triggered_aim") is not None:
+        return state["test_triggered_aim"].cpu()
+    target = state.get("target_class")
+    return None if target is None else torch.full((len(xt),), int(target), dtype=torch.long)
+
+
 def _outcome_metrics(ctx: RunContext, model: nn.Module, state: dict) -> dict[str, Any]:
     test = ctx.splits.test
     pred = predict(model, test.x.to(ctx.device)).cpu()
     out = {"clean_accuracy_after": proportion(int((pred == test.y).sum()), len(test))}
-    xt, target = state.get("test_triggered_x"), state.get("target_class")
-    if xt is not None and target is not None and len(xt):
+    xt, aim = state.get("test_triggered_x"), aimed_labels(state)
+    if aim is not None and len(xt):
         pt = predict(model, xt.to(ctx.device)).cpu()
-        out["attack_success_rate_after"] = proportion(int((pt == target).sum()), len(xt))
+        out["attack_success_rate_after"] = proportion(int((pt == aim).sum()), len(xt))
     return out
 
 
@@ -295,17 +308,18 @@ def evaluate_repair(ctx: RunContext, spec, components: list[Any], outcome: Attac
 
 # ------------------------------------------------------------------------------------------------ detector
 
-def _triggered_detection(model, det, s_clean: torch.Tensor, xt: torch.Tensor, target, ctx) -> dict[str, Any]:
+def _triggered_detection(model, det, s_clean: torch.Tensor, xt: torch.Tensor, aim: torch.Tensor | None,
+                         ctx) -> dict[str, Any]:
     s_trig = det.score(xt.to(ctx.device)).cpu()
     tp = int((s_trig > det.threshold_).sum())
     truth = torch.cat([torch.zeros(len(s_clean), dtype=torch.bool), torch.ones(len(s_trig), dtype=torch.bool)])
     out: dict[str, Any] = {"tpr": proportion(tp, len(xt)),
                            "auroc": scalar(_auroc(torch.cat([s_clean, s_trig]), truth), n=len(truth))}
     asr = None
-    if target is not None:  # what passes the detector: attack success among unflagged triggered inputs
+    if aim is not None:  # what passes the detector: attack success among unflagged triggered inputs
         passed = s_trig <= det.threshold_
-        pt = predict(model, xt[passed].to(ctx.device)).cpu() if bool(passed.any()) else torch.empty(0)
-        asr = proportion(int((pt == target).sum()), len(xt))
+        pt = predict(model, xt[passed].to(ctx.device)).cpu() if bool(passed.any()) else torch.empty(0, dtype=torch.long)
+        asr = proportion(int((pt == aim[passed]).sum()), len(xt))
     return {"detection": out, "asr": asr}
 
 
@@ -322,11 +336,12 @@ def evaluate_detector(ctx: RunContext, spec, components: list[Any], outcome: Att
     notes = [trusted_note + " (overlays and threshold calibration)", "fpr on the clean test split"]
     xt = state.get("test_triggered_x")
     if xt is not None and len(xt):
-        r = _triggered_detection(model, det, s_clean, xt, state.get("target_class"), ctx)
+        r = _triggered_detection(model, det, s_clean, xt, aimed_labels(state), ctx)
         metrics["detection"].update(r["detection"])
         if r["asr"] is not None:
             metrics["attack_success_rate_after"] = r["asr"]
-        notes.append("tpr on triggered test images of non-target classes")
+        notes.append("tpr on the triggered test images the attack aims at (all-to-one: those of non-target "
+                     "classes; all-to-all: every test image)")
     correct = predict(model, clean.to(ctx.device)).cpu() == ctx.splits.test.y
     metrics["clean_accuracy_after"] = proportion(int((correct & (s_clean <= det.threshold_)).sum()), len(clean))
     notes.append("clean_accuracy_after counts a rejected clean input as an error")

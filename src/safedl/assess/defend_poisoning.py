@@ -128,10 +128,6 @@ def detection_metrics(flag: torch.Tensor, score: torch.Tensor, truth: torch.Tens
 
 # ------------------------------------------------------------------------------------------------ cleanser
 
-PROVENANCE_SOURCES = 5  # simulated named contributors; contributor 0 is the one the attacker controls
-ATTACKER_SOURCE = 0
-
-
 def _train_fn(ctx: RunContext, what: str):
     def fn(data: Dataset, **kw: Any) -> nn.Module:
         return ctx.train_like_baseline(data, description=f"{what}: training", **kw)
@@ -139,12 +135,17 @@ def _train_fn(ctx: RunContext, what: str):
     return fn
 
 
-def contributors(poisoned: PoisonedDataset, *, n_sources: int, attacker: int, seed: int) -> torch.Tensor:
-    """Each sample's contributor: clean samples spread uniformly over ``n_sources`` named contributors, every
-    poison from ``attacker`` (the contributor the attacker controls)."""
+def contributors(poisoned: PoisonedDataset, *, n_sources: int, attacker: int, seed: int,
+                 spread: str = "attacker") -> torch.Tensor:
+    """Each sample's contributor: clean samples spread uniformly over ``n_sources`` named contributors; every poison
+    from ``attacker`` (``spread="attacker"``: the contributor the attacker controls) or, like the clean samples,
+    from any contributor (``"uniform"``)."""
+    if not 0 <= attacker < n_sources:
+        raise ProfileError(f"data_provenance.attacker={attacker} is not a contributor: allowed 0...{n_sources - 1}")
     g = torch.Generator().manual_seed(seed)
     src = torch.randint(0, n_sources, (len(poisoned),), generator=g)
-    src[poisoned.is_poison.cpu()] = attacker
+    if spread == "attacker":
+        src[poisoned.is_poison.cpu()] = attacker
     return src
 
 
@@ -158,28 +159,36 @@ def _cleanser_inputs(ctx: RunContext, comp: CleanserProtocol, model: nn.Module,
 def _provenance_scenarios(ctx: RunContext, comp: Any, poisoned: PoisonedDataset, kwargs: dict, notes: list[str]):
     """Provenance as it is used: data arrive from named contributors and are signed at ingestion.
 
-    (1) ``contributed poison`` (the headline): contributor ``ATTACKER_SOURCE`` supplies every poison; the manifest
-    signed at ingestion covers the poison too, so only the per-source test (retrain without each contributor, compare
-    on the trusted set) can find it, from accuracy alone. (2) ``tamper after ingestion``: the manifest was signed over
+    (1) ``contributed poison`` (the headline): the profile's ``data_provenance`` names the contributors and how the
+    poison spreads over them (default: 5, contributor 0 supplies every poison); the manifest signed at ingestion
+    covers the poison too, so only the per-source test (retrain without each contributor, compare on the trusted
+    set) can find it, from accuracy alone. (2) ``tamper after ingestion``: the manifest was signed over
     the data before the attack, which then altered samples in storage; the hash check finds exactly those (by
     construction: this measures the integrity check, not a poison detector).
     """
     from safedl.defenses.cleanse.provenance_tracking import build_manifest
 
-    sources = contributors(poisoned, n_sources=PROVENANCE_SOURCES, attacker=ATTACKER_SOURCE, seed=ctx.seed)
+    prov = ctx.profile.data_provenance
+    sources = contributors(poisoned, n_sources=prov.contributors, attacker=prov.attacker, seed=ctx.seed,
+                           spread=prov.poison_spread)
     key = os.urandom(32)
     received = build_manifest(poisoned.clean_view(), sources, key=key)
     res = comp.find_poison(poisoned, **kwargs, manifest=received, key=key)
     original = Dataset(poisoned.original_x, poisoned.original_y, poisoned.num_classes)
     tamper = comp.check_manifest(poisoned, manifest=build_manifest(original, sources, key=key), key=key)
-    notes.append(f"provenance (headline): {PROVENANCE_SOURCES} named contributors, contributor {ATTACKER_SOURCE} "
-                 "supplies every poison, manifest signed (HMAC-SHA256) at ingestion; flagged contributors: "
-                 f"{res.info.get('flagged_sources')}")
+    who = (f"contributor {prov.attacker} supplies every poison" if prov.poison_spread == "attacker"
+           else "poison spread evenly over all of them")
+    notes.append(f"provenance (headline): {prov.contributors} named contributors (data_provenance), {who}, manifest "
+                 f"signed (HMAC-SHA256) at ingestion; flagged contributors: {res.info.get('flagged_sources')}")
     notes.append("detection_tamper_after_ingestion: manifest signed before the attack, samples altered in storage "
                  "afterwards; the hash check finds altered samples by construction (an integrity check)")
+    flagged = res.info.get("flagged_sources") or []
     extra = {"detection_tamper_after_ingestion": detection_metrics(tamper.is_suspect, tamper.score,
                                                                    poisoned.is_poison.cpu()),
-             "attacker_source_flagged": scalar(float(ATTACKER_SOURCE in (res.info.get("flagged_sources") or [])))}
+             "contributors_flagged": scalar(len(flagged), n=prov.contributors)}
+    if prov.poison_spread == "attacker":
+        extra["attacker_source_flagged"] = scalar(float(prov.attacker in flagged))
+        extra["clean_contributors_flagged"] = scalar(len(set(flagged) - {prov.attacker}), n=prov.contributors - 1)
     return res, extra
 
 

@@ -84,6 +84,12 @@ from safedl.utils.tensors import predict, seed_everything
 log = logging.getLogger("poison_generalization")
 
 DETECTORS = ("spectral_signatures", "activation_clustering")
+#: rows beside the two feature-space cleansers (``--extra``): data_cleaning (cleanser, cross-validated losses, no
+#: trusted data), neural_cleanse (repair: reversed triggers, anomaly index in both spaces, unlearning), strip
+#: (detector on triggered test inputs), fine_pruning (repair; the default next to prune-only and a gentler
+#: fine-tuning). The repairs and STRIP use the first trusted setting (skipped when it is ``none``).
+EXTRAS = ("data_cleaning", "neural_cleanse", "strip", "fine_pruning")
+FINE_PRUNING_VARIANTS = {"default": {}, "prune_only": {"epochs": 0}, "epochs5_lr5e-4": {"epochs": 5, "lr": 5e-4}}
 TRUSTED = ("val", "small", "none")
 SMALL_TRUSTED = 100
 MAPPINGS = ("all_to_one", "all_to_all")
@@ -116,6 +122,12 @@ class Cell:
     def row(self) -> dict[str, Any]:
         return {"data": self.data, "seed": self.seed, "trigger": self.trigger, "rate": self.rate,
                 "mapping": self.mapping, "target": self.target if self.mapping == "all_to_one" else None}
+
+
+def cell_key(row: dict[str, Any]) -> tuple:
+    """What identifies a measured cell in the JSON lines (resuming skips cells already in ``--out``)."""
+    return (row["data"], row["seed"], row["trigger"], float(row["rate"]), row["mapping"], row["target"],
+            bool(row.get("poison_before_split", False)))
 
 
 #: model and recipe per data set: mnist5k as the default profile; digits (8x8) as the test suite's tiny model (a 2-pixel
@@ -167,6 +179,78 @@ def asr(model: torch.nn.Module, x: torch.Tensor, want: torch.Tensor) -> dict:
     return proportion(int((predict(model, x) == want).sum()), len(x))
 
 
+def accuracy(model: torch.nn.Module, test: Dataset) -> dict:
+    return proportion(int((predict(model, test.x) == test.y).sum()), len(test))
+
+
+def nc_row(cell: Cell, model, trusted: Dataset, test: Dataset, xt, want) -> dict[str, Any]:
+    """Neural Cleanse (default: log-space anomaly index) with the paper's L1 index beside it (Wang et al. 2019)."""
+    rep = registry.create("repair", "neural_cleanse")
+    repaired = rep.repair(model, clean=trusted, seed=cell.seed)
+    r, thr = rep.report_, rep.report_["anomaly_threshold"]
+    spaces = {r["anomaly_space"]: r["anomaly_index"], "l1" if r["anomaly_space"] != "l1" else "log_l1":
+              r["anomaly_index_other_space"]}
+    out: dict[str, Any] = {"trigger_l1": r["trigger_l1"], "asr_after": asr(repaired, xt, want),
+                           "clean_accuracy_after": accuracy(repaired, test)}
+    for space, idx in spaces.items():
+        flagged = [c for c, v in enumerate(idx) if v > thr]
+        d = {"index": idx, "flagged": flagged}
+        if cell.mapping == "all_to_one":
+            d["target_index"] = idx[cell.target]
+            d["max_other_index"] = max(v for c, v in enumerate(idx) if c != cell.target)
+            d["target_flagged"] = cell.target in flagged
+            d["only_target"] = flagged == [cell.target]
+        out[space] = d
+    return out
+
+
+def strip_row(cell: Cell, model, trusted: Dataset, test: Dataset, xt, want) -> dict[str, Any]:
+    """STRIP (Gao et al. 2019): FPR on the clean test split, TPR on triggered test inputs, ASR of what passes."""
+    from types import SimpleNamespace
+
+    from safedl.assess.defend_poisoning import _triggered_detection
+
+    det = registry.create("detector", "strip")
+    det.fit(trusted.x, model=model, seed=cell.seed)
+    s_clean = det.score(test.x).cpu()
+    r = _triggered_detection(model, det, s_clean, xt, want, SimpleNamespace(device=torch.device("cpu")))
+    return {"tpr": r["detection"]["tpr"], "fpr": proportion(int((s_clean > det.threshold_).sum()), len(test)),
+            "auroc": r["detection"]["auroc"]["value"], "asr_after": r["asr"]}
+
+
+def fine_pruning_rows(cell: Cell, model, trusted: Dataset, test: Dataset, xt, want) -> dict[str, Any]:
+    """Fine-pruning (Liu et al. 2018): the defaults next to prune-only and 5 epochs at 5e-4."""
+    out = {}
+    for name, params in FINE_PRUNING_VARIANTS.items():
+        rep = registry.create("repair", "fine_pruning", **params)
+        m = rep.repair(model, clean=trusted, seed=cell.seed)
+        out[name] = {"pruned": rep.report_.get("pruned"), "asr_after": asr(m, xt, want),
+                     "clean_accuracy_after": accuracy(m, test)}
+    return out
+
+
+def extra_rows(cell: Cell, extras: list[str], *, s: Splits, p: PoisonedDataset, m, trusted: Dataset | None, xt,
+               want) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in extras:
+        t0 = time.perf_counter()
+        if name == "data_cleaning":
+            res = registry.create("cleanser", name).find_poison(
+                p, train_fn=lambda d, **kw: train(s, d, cell.seed, cell.data))
+            f, t = res.is_suspect.bool(), p.is_poison.bool()
+            row = {"tpr": proportion(int((f & t).sum()), int(t.sum())),
+                   "fpr": proportion(int((f & ~t).sum()), int((~t).sum()))}
+        elif trusted is None:
+            continue
+        else:
+            fn = {"neural_cleanse": nc_row, "strip": strip_row, "fine_pruning": fine_pruning_rows}[name]
+            row = fn(cell, m, trusted, s.test, xt, want)
+        row["time_s"] = round(time.perf_counter() - t0, 1)
+        out[name] = row
+        log.info("%s: %s", name, {k: v for k, v in row.items() if k not in ("index", "trigger_l1")})
+    return out
+
+
 def trusted_set(name: str, val: Dataset, seed: int) -> Dataset | None:
     if name == "none":
         return None
@@ -193,7 +277,8 @@ def target_met(cell: Cell, best: dict | None) -> bool | None:
             and best["asr_after"]["value"] <= 0.05)
 
 
-def run_cell(cell: Cell, *, trusted: list[str], retrain: str, before_split: bool) -> dict[str, Any]:
+def run_cell(cell: Cell, *, trusted: list[str], retrain: str, before_split: bool,
+             extras: list[str] = ()) -> dict[str, Any]:
     t0 = time.perf_counter()
     s, p, atk = poisoned_splits(cell, before_split)
     xt, want = aimed(cell, atk, s.test)
@@ -201,7 +286,7 @@ def run_cell(cell: Cell, *, trusted: list[str], retrain: str, before_split: bool
     row: dict[str, Any] = {**cell.row(), "poison_before_split": before_split, "n_train": len(p),
                            "n_poison": p.n_poison, "clean_accuracy": proportion(int((predict(m, s.test.x) == s.test.y)
                                                                                        .sum()), len(s.test)),
-                           "asr_before": asr(m, xt, want), "detectors": {}}
+                           "asr_before": asr(m, xt, want), "trusted": trusted[0], "detectors": {}}
     keeps: dict[str, torch.Tensor] = {}
     for name in DETECTORS:
         row["detectors"][name] = {}
@@ -218,6 +303,8 @@ def run_cell(cell: Cell, *, trusted: list[str], retrain: str, before_split: bool
         d = row["detectors"][name][primary]
         d["asr_after"] = asr(m2, xt, want)
         d["clean_accuracy_after"] = proportion(int((predict(m2, s.test.x) == s.test.y).sum()), len(s.test))
+    row["extra"] = extra_rows(cell, list(extras), s=s, p=p, m=m, trusted=trusted_set(primary, s.val, cell.seed),
+                              xt=xt, want=want)
     row["best"] = ranked[0]
     row["target_met"] = target_met(cell, row["detectors"][ranked[0]][primary])
     row["time_s"] = round(time.perf_counter() - t0, 1)
@@ -225,11 +312,23 @@ def run_cell(cell: Cell, *, trusted: list[str], retrain: str, before_split: bool
 
 
 def cells(args: argparse.Namespace) -> list[Cell]:
-    out = []
-    for data, seed, trig, rate, mapping in itertools.product(args.data, args.seeds, args.triggers, args.rates,
-                                                            args.mappings):
-        out.append(Cell(data, seed, trig, rate, mapping, args.target))
+    out: list[Cell] = []
+    for data, seed, trig, rate, mapping, target in itertools.product(args.data, args.seeds, args.triggers, args.rates,
+                                                                    args.mappings, args.targets):
+        cell = Cell(data, seed, trig, rate, mapping, target if mapping == "all_to_one" else args.targets[0])
+        if cell not in out:  # all-to-all cells have no target: one per target list
+            out.append(cell)
     return out
+
+
+def done_keys(path: str | None) -> set[tuple]:
+    """Cells already measured in ``path`` (one JSON object a line)."""
+    import os
+
+    if not path or not os.path.exists(path):
+        return set()
+    with open(path) as fh:
+        return {cell_key(json.loads(line)) for line in fh if line.strip()}
 
 
 def main() -> None:
@@ -239,25 +338,32 @@ def main() -> None:
     ap.add_argument("--triggers", nargs="+", default=list(TRIGGER_NAMES), choices=TRIGGER_NAMES)
     ap.add_argument("--rates", nargs="+", type=float, default=[0.01, 0.05, 0.1, 0.2])
     ap.add_argument("--mappings", nargs="+", default=list(MAPPINGS), choices=MAPPINGS)
-    ap.add_argument("--target", type=int, default=3, help="all-to-one target class (7 was the development class)")
+    ap.add_argument("--targets", nargs="+", type=int, default=[3],
+                    help="all-to-one target classes (7 was the development class)")
     ap.add_argument("--trusted", nargs="+", default=list(TRUSTED), choices=TRUSTED,
                     help="trusted clean set settings; the first one is used for retraining")
     ap.add_argument("--retrain", choices=("best", "all", "none"), default="best")
     ap.add_argument("--poison-before-split", action="store_true",
                     help="poison the whole data set before splitting (the validation split is poisoned too)")
-    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    ap.add_argument("--extra", nargs="*", default=list(EXTRAS), choices=EXTRAS,
+                    help="rows beside spectral signatures / activation clustering (data_cleaning costs n_folds "
+                         "trainings per cell)")
+    ap.add_argument("--out", default=None, help="also append the JSON lines to this file; cells already in it are "
+                                                "skipped (resumable)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from safedl.utils.progress import set_enabled
 
     set_enabled(False)
-    todo = cells(args)
-    log.info("%d cells", len(todo))
+    done = done_keys(args.out)
+    todo = [c for c in cells(args) if cell_key({**c.row(), "poison_before_split": args.poison_before_split})
+            not in done]
+    log.info("%d cells to run (%d already in %s)", len(todo), len(done), args.out)
     for i, cell in enumerate(todo):
         log.info("cell %d/%d: %s", i + 1, len(todo), cell)
         line = json.dumps(run_cell(cell, trusted=args.trusted, retrain=args.retrain,
-                                   before_split=args.poison_before_split), default=str)
+                                   before_split=args.poison_before_split, extras=args.extra), default=str)
         print(line, flush=True)
         if args.out:
             with open(args.out, "a") as fh:

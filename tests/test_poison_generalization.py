@@ -43,3 +43,38 @@ def test_all_to_all_cell_measures_asr_on_every_test_image(grid):
     row = grid.run_cell(cell, trusted=["val"], retrain="none", before_split=False)
     assert row["target"] is None and row["target_met"] is None
     assert row["asr_before"]["n"] == 360  # every test image aims at its label + 1
+
+
+def test_extra_rows_neural_cleanse_strip_fine_pruning(grid):
+    """The rows beside SS/AC on a target (3) and data set (digits) the defaults were not chosen on: Neural Cleanse
+    reports both anomaly indices (ours: log L1; the paper's: L1) and names the target; STRIP and fine-pruning are
+    scored on the same triggered test images."""
+    cell = grid.Cell("digits", 0, "checkerboard", 0.1, "all_to_one", 3)
+    row = grid.run_cell(cell, trusted=["val"], retrain="none", before_split=False,
+                        extras=["neural_cleanse", "strip", "fine_pruning"])
+    n_aimed, n_test = row["asr_before"]["n"], row["clean_accuracy"]["n"]
+    nc = row["extra"]["neural_cleanse"]
+    for space in ("log_l1", "l1"):
+        assert len(nc[space]["index"]) == 10 and nc[space]["target_index"] == nc[space]["index"][3]
+    assert nc["log_l1"]["target_flagged"] and nc["asr_after"]["n"] == n_aimed
+    assert nc["asr_after"]["value"] < row["asr_before"]["value"]
+    st = row["extra"]["strip"]
+    assert st["tpr"]["n"] == n_aimed and st["fpr"]["n"] == n_test and st["asr_after"]["n"] == n_aimed
+    fp = row["extra"]["fine_pruning"]
+    assert set(fp) == {*grid.FINE_PRUNING_VARIANTS, "time_s"}
+    assert fp["default"]["asr_after"]["value"] < fp["prune_only"]["asr_after"]["value"]  # fine-tuning does the work
+
+
+def test_cells_dedupe_all_to_all_and_resume_from_the_out_file(grid, tmp_path):
+    import argparse
+    import json
+
+    args = argparse.Namespace(data=["digits"], seeds=[0], triggers=["checkerboard"], rates=[0.1],
+                              mappings=["all_to_one", "all_to_all"], targets=[0, 8])
+    todo = grid.cells(args)
+    assert [(c.mapping, c.target) for c in todo] == [("all_to_one", 0), ("all_to_one", 8), ("all_to_all", 0)]
+    out = tmp_path / "grid.jsonl"
+    out.write_text(json.dumps({**todo[1].row(), "poison_before_split": False}) + "\n")
+    done = grid.done_keys(str(out))
+    assert [grid.cell_key({**c.row(), "poison_before_split": False}) in done for c in todo] == [False, True, False]
+    assert grid.cell_key({**todo[1].row(), "poison_before_split": True}) not in done

@@ -311,6 +311,78 @@ def run_cell(cell: Cell, *, trusted: list[str], retrain: str, before_split: bool
     return row
 
 
+def clean_row(data_name: str, seed: int) -> dict[str, Any]:
+    """False alarms on a clean model (no poison): Neural Cleanse's flagged classes under both anomaly indices
+    (validation split as clean set, no unlearning) and the share of clean training samples SS / AC flag."""
+    full = load_builtin(data_name)
+    s = stratified_split(full, test_fraction=0.2, val_fraction=0.1, seed=seed)
+    m = train(s, s.train, seed, data_name)
+    row: dict[str, Any] = {"data": data_name, "seed": seed, "clean_model": True,
+                           "clean_accuracy": accuracy(m, s.test), "detectors": {}}
+    for name in DETECTORS:
+        res = registry.create("cleanser", name).find_poison(s.train, model=m, trusted=s.val)
+        row["detectors"][name] = {"fpr": proportion(int(res.is_suspect.sum()), len(s.train)),
+                                  "poisoned_classes": res.info.get("poisoned_classes")}
+    nc = registry.create("repair", "neural_cleanse", unlearn_epochs=0)
+    nc.repair(m, clean=s.val, seed=seed)
+    r, thr = nc.report_, nc.anomaly_threshold
+    other = "l1" if r["anomaly_space"] != "l1" else "log_l1"
+    row["neural_cleanse"] = {r["anomaly_space"]: {"index": r["anomaly_index"], "flagged": r["infected_classes"]},
+                             other: {"index": r["anomaly_index_other_space"],
+                                     "flagged": [c for c, v in enumerate(r["anomaly_index_other_space"]) if v > thr]}}
+    log.info("clean %s seed %d: %s", data_name, seed, row)
+    return row
+
+
+def _p(d: dict | None, ci: bool = False) -> str:
+    if not d or d.get("value") is None:
+        return "-"
+    v = f"{d['value']:.3f}"
+    return f"{v} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]" if ci else v
+
+
+def summary_line(row: dict[str, Any]) -> str:
+    """One compact line per measured cell (``--summarize``): setting, ASR before, best of SS/AC (TPR with its
+    interval, FPR, ASR after) and target met, then the extra rows."""
+    if row.get("clean_model"):
+        nc = row["neural_cleanse"]
+        return (f"{row['data']} s{row['seed']} CLEAN model: SS flags {_p(row['detectors']['spectral_signatures']['fpr'])}"
+                f" AC {_p(row['detectors']['activation_clustering']['fpr'])}; NC flags log {nc['log_l1']['flagged']}"
+                f" L1 {nc['l1']['flagged']}")
+    where = (f"{row['data']} s{row['seed']} {row['trigger']} {row['rate']:.0%} "
+             f"{'a2a' if row['mapping'] == 'all_to_all' else 't' + str(row['target'])}"
+             f"{' before-split' if row.get('poison_before_split') else ''}")
+    parts = [where, f"ASR {_p(row['asr_before'])} (n={row['asr_before']['n']})"]
+    for tname in ("val", "small", "none"):
+        dets = {d: r[tname] for d, r in row["detectors"].items() if tname in r}
+        if not dets:
+            continue
+        best = max(dets, key=lambda d: (dets[d]["tpr"]["value"] or 0) - (dets[d]["fpr"]["value"] or 0))
+        b = dets[best]
+        txt = (f"{tname}: {'SS' if best == 'spectral_signatures' else 'AC'} TPR {_p(b['tpr'], tname == 'val')} "
+               f"(n={b['tpr']['n']}) FPR {_p(b['fpr'])}")
+        if "asr_after" in b:
+            txt += f" ASR->{_p(b['asr_after'])}"
+        parts.append(txt)
+    parts.append(f"met={row.get('target_met')}")
+    ex = row.get("extra", {})
+    if "neural_cleanse" in ex:
+        nc = ex["neural_cleanse"]
+        idx = "/".join(f"{nc[sp].get('target_index', '-')}" for sp in ("log_l1", "l1"))
+        parts.append(f"NC log/L1 flags {nc['log_l1']['flagged']}/{nc['l1']['flagged']} tgt idx {idx} "
+                     f"ASR->{_p(nc['asr_after'])} acc {_p(nc['clean_accuracy_after'])}")
+    if "strip" in ex:
+        st = ex["strip"]
+        parts.append(f"STRIP TPR {_p(st['tpr'])} FPR {_p(st['fpr'])} ASR->{_p(st['asr_after'])}")
+    if "fine_pruning" in ex:
+        fp = ex["fine_pruning"]
+        parts.append("FP " + " ".join(f"{k} ASR->{_p(fp[k]['asr_after'])} acc {_p(fp[k]['clean_accuracy_after'])}"
+                                      for k in FINE_PRUNING_VARIANTS if k in fp))
+    if "data_cleaning" in ex:
+        parts.append(f"DC TPR {_p(ex['data_cleaning']['tpr'])} FPR {_p(ex['data_cleaning']['fpr'])}")
+    return " | ".join(parts)
+
+
 def cells(args: argparse.Namespace) -> list[Cell]:
     out: list[Cell] = []
     for data, seed, trig, rate, mapping, target in itertools.product(args.data, args.seeds, args.triggers, args.rates,
@@ -348,6 +420,10 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=list(EXTRAS), choices=EXTRAS,
                     help="rows beside spectral signatures / activation clustering (data_cleaning costs n_folds "
                          "trainings per cell)")
+    ap.add_argument("--summarize", nargs="+", metavar="JSONL", help="print one compact line per cell of these files")
+    ap.add_argument("--clean", action="store_true",
+                    help="instead of the grid: false alarms on a clean model per data set and seed (Neural Cleanse "
+                         "under both anomaly indices, SS / AC flag shares)")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file; cells already in it are "
                                                 "skipped (resumable)")
     args = ap.parse_args()
@@ -356,6 +432,21 @@ def main() -> None:
     from safedl.utils.progress import set_enabled
 
     set_enabled(False)
+    if args.summarize:
+        for path in args.summarize:
+            with open(path) as fh:
+                for line in fh:
+                    if line.strip():
+                        print(summary_line(json.loads(line)))
+        return
+    if args.clean:
+        for data_name, seed in itertools.product(args.data, args.seeds):
+            line = json.dumps(clean_row(data_name, seed), default=str)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as fh:
+                    fh.write(line + "\n")
+        return
     done = done_keys(args.out)
     todo = [c for c in cells(args) if cell_key({**c.row(), "poison_before_split": args.poison_before_split})
             not in done]

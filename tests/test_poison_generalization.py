@@ -78,3 +78,46 @@ def test_cells_dedupe_all_to_all_and_resume_from_the_out_file(grid, tmp_path):
     done = grid.done_keys(str(out))
     assert [grid.cell_key({**c.row(), "poison_before_split": False}) in done for c in todo] == [False, True, False]
     assert grid.cell_key({**todo[1].row(), "poison_before_split": True}) not in done
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "poison_generalization.jsonl"
+
+
+def _measured_settings(grid):
+    """(setting keys, detection held?) of every measured mnist5k cell at 5-20% poison, split after poisoning, per
+    trusted setting; the keys come from the attack's own info, as in a run (``poison_setting``)."""
+    import json
+
+    import torch
+
+    from safedl.data.dataset import Dataset
+    from safedl.defenses.protocols import poison_setting
+
+    tiny = Dataset(torch.rand(20, 1, 28, 28), torch.arange(20) % 10, 10, "tiny")
+    out = []
+    for line in RESULTS.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("clean_model") or row["data"] != "mnist5k" or row.get("poison_before_split") \
+                or not 0.05 <= row["rate"] <= 0.2:
+            continue
+        cell = grid.Cell(row["data"], row["seed"], row["trigger"], row["rate"], row["mapping"], row["target"] or 0)
+        info = grid.make_attack(cell, 28).poison(tiny, generator=torch.Generator().manual_seed(0)).info
+        for tname in ("val", "small", "none"):
+            dets = [d[tname] for d in row["detectors"].values() if tname in d]
+            if dets:
+                held = any(d["tpr"]["value"] >= 0.9 and d["fpr"]["value"] <= 0.05 for d in dets)
+                out.append((poison_setting(info, trusted=tname != "none"), held, (cell, tname)))
+    return out
+
+
+def test_known_weak_table_matches_the_measured_grid(grid):
+    """The report's warnings (FEATURE_SPACE_KNOWN_WEAK) cover every measured failing cell, and each warning names a
+    setting where a measured cell failed (bench/results/poison_generalization.jsonl)."""
+    from safedl.defenses.cleanse._common import FEATURE_SPACE_KNOWN_WEAK as WEAK
+
+    measured = _measured_settings(grid)
+    assert len(measured) >= 20
+    unwarned = [where for keys, held, where in measured if not held and not keys & set(WEAK)]
+    assert not unwarned, f"failing cells the report does not warn about: {unwarned}"
+    for key in WEAK:
+        assert any(key in keys and not held for keys, held, _ in measured), f"{key}: no measured failure"

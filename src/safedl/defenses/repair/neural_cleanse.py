@@ -36,10 +36,10 @@ neural_cleanse --seeds 1 2 --triggers checkerboard blended_noise --targets 0 8, 
 single_pixel blended_noise random_patch --targets 3): both rules flag the target in 11 of 11 all-to-one cells (log
 index 3.2-10.7, the paper's L1 index 2.6-7.0); a second class is flagged by the log rule in 2 of 11 (seed 2: class
 9 at 2.26 beside target 8, which then leaves ASR 0.551 after unlearning; class 9 at 3.58 beside target 0) and by the
-L1 rule in 1 of 11 (the latter). On clean digits models (``--clean --data digits --seeds 0 1 2 3 4``) neither rule
-flags any class (largest log index 1.76, L1 1.59). The log default holds (it never missed a target; the L1 rule
-misses 3 of 5 on mnist5k) and is kept, at the price of one more false flag in 11 on digits; both indices are in every
-report. Not re-checked on mnist5k beyond the seeds it was chosen on (about 20 CPU-minutes a cell).
+L1 rule in 1 of 11 (the latter). On clean digits models (``--clean --data digits --seeds 0 1 2 3 4``) both rules
+flag the same class at seed 4 (class 2: log 2.48, L1 2.15) and nothing at seeds 0-3 (largest log index 1.76, L1
+1.59). The log default holds (it never missed a target; the L1 rule misses 3 of 5 on mnist5k) and is kept, at the
+price of one more false flag in 11 poisoned digits cells; both indices are in every report. Not re-checked on mnist5k beyond the seeds it was chosen on (about 20 CPU-minutes a cell).
 """
 from __future__ import annotations
 

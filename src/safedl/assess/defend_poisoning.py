@@ -192,9 +192,10 @@ def _provenance_scenarios(ctx: RunContext, comp: Any, poisoned: PoisonedDataset,
     return res, extra
 
 
-def known_weak_warnings(comp: CleanserProtocol, info: dict, *, trusted: bool) -> list[str]:
+def known_weak_warnings(comp: CleanserProtocol, info: dict, *, trusted: bool,
+                        trusted_per_class: float | None = None) -> list[str]:
     """Warnings for the settings of this run in which the cleanser is measured to fail (its ``known_weak``)."""
-    keys = poison_setting(info, trusted=trusted) | {"any"}
+    keys = poison_setting(info, trusted=trusted, trusted_per_class=trusted_per_class) | {"any"}
     return [f"warning: {comp.registry_name} is known to fail here ({k}): {comp.known_weak[k]}"  # type: ignore[attr-defined]
             for k in sorted(keys & set(comp.known_weak))]
 
@@ -227,7 +228,9 @@ def evaluate_cleanser(ctx: RunContext, spec, components: list[Any], outcome: Att
     notes: list[str] = []
     if "trusted" in comp.inputs:
         notes.append(f"{trusted_note} ({comp.trusted_role})")
-    notes.extend(known_weak_warnings(comp, poisoned.info, trusted=trusted is not None or "trusted" not in comp.inputs))
+    per_class = len(trusted) / trusted.num_classes if trusted is not None and "trusted" in comp.inputs else None
+    notes.extend(known_weak_warnings(comp, poisoned.info, trusted=trusted is not None or "trusted" not in comp.inputs,
+                                     trusted_per_class=per_class))
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     if "provenance" in comp.inputs:

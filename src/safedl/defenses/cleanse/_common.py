@@ -94,6 +94,10 @@ FEATURE_SPACE_KNOWN_WEAK: dict[str, str] = {
                     "half their target class or more it flags the clean mode or nothing (mnist5k 10% all-to-one, "
                     "target 3, seed 0, all four triggers: TPR 0.000, n=350; at 5%, fewer poisons than clean "
                     "samples of the class: TPR 1.000, n=175; bench/measure_poison_generalization.py)",
+    "trusted:small": "with few trusted images per class the foreign mode cannot be told from a clean one: mnist5k "
+                     "with 100 trusted images (about 10 a class), seed 0: checkerboard 1% TPR 0.000 (n=35; 0.971 with "
+                     "the 500-image validation split), all-to-all checkerboard 10% TPR 0.000; digits (18 a class): "
+                     "no 10% cell met TPR >= 0.9 (bench/measure_poison_generalization.py)",
     "mapping:all_to_all": "all-to-all poison puts a small foreign mode in every class: found on mnist5k with the "
                           "500-image validation split (checkerboard 10%, seed 0: SS TPR 0.997, AC 1.000, n=350) but "
                           "not with 100 trusted images (about 10 per class: TPR 0.000), nor on digits, where the "

@@ -84,39 +84,52 @@ RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "poison_ge
 
 
 def _measured_settings(grid):
-    """(setting keys, detection held?) of every measured mnist5k cell at 5-20% poison, split after poisoning, per
-    trusted setting; the keys come from the attack's own info, as in a run (``poison_setting``)."""
+    """(setting keys, target held?, cell) of every measured cell with the data split after poisoning, per trusted
+    setting; the keys come from the attack's own info and the trusted set's size, as in a run (``poison_setting``).
+    Held: TPR >= 0.9 and FPR <= 0.05 for SS or AC, and ASR after retraining <= 0.05 where it was measured."""
     import json
+    from functools import lru_cache
 
     import torch
 
+    from safedl.data import load_builtin, stratified_split
     from safedl.data.dataset import Dataset
     from safedl.defenses.protocols import poison_setting
 
-    tiny = Dataset(torch.rand(20, 1, 28, 28), torch.arange(20) % 10, 10, "tiny")
+    @lru_cache(maxsize=None)
+    def val_per_class(data: str, seed: int) -> float:
+        val = stratified_split(load_builtin(data), test_fraction=0.2, val_fraction=0.1, seed=seed).val
+        return len(val) / val.num_classes
+
     out = []
     for line in RESULTS.read_text().splitlines():
         row = json.loads(line)
-        if row.get("clean_model") or row["data"] != "mnist5k" or row.get("poison_before_split") \
-                or not 0.05 <= row["rate"] <= 0.2:
+        if row.get("clean_model") or row.get("poison_before_split"):
             continue
+        side = 28 if row["data"] == "mnist5k" else 8
+        tiny = Dataset(torch.rand(20, 1, side, side), torch.arange(20) % 10, 10, "tiny")
         cell = grid.Cell(row["data"], row["seed"], row["trigger"], row["rate"], row["mapping"], row["target"] or 0)
-        info = grid.make_attack(cell, 28).poison(tiny, generator=torch.Generator().manual_seed(0)).info
+        info = grid.make_attack(cell, side).poison(tiny, generator=torch.Generator().manual_seed(0)).info
         for tname in ("val", "small", "none"):
             dets = [d[tname] for d in row["detectors"].values() if tname in d]
-            if dets:
-                held = any(d["tpr"]["value"] >= 0.9 and d["fpr"]["value"] <= 0.05 for d in dets)
-                out.append((poison_setting(info, trusted=tname != "none"), held, (cell, tname)))
+            if not dets:
+                continue
+            held = any(d["tpr"]["value"] >= 0.9 and d["fpr"]["value"] <= 0.05
+                       and d.get("asr_after", {"value": 0.0})["value"] <= 0.05 for d in dets)
+            per_class = {"val": val_per_class(row["data"], row["seed"]), "small": grid.SMALL_TRUSTED / 10,
+                         "none": None}[tname]
+            out.append((poison_setting(info, trusted=tname != "none", trusted_per_class=per_class), held,
+                        (cell, tname)))
     return out
 
 
 def test_known_weak_table_matches_the_measured_grid(grid):
     """The report's warnings (FEATURE_SPACE_KNOWN_WEAK) cover every measured failing cell, and each warning names a
-    setting where a measured cell failed (bench/results/poison_generalization.jsonl)."""
+    setting where a measured cell failed (bench/results/poison_generalization.jsonl, both data sets)."""
     from safedl.defenses.cleanse._common import FEATURE_SPACE_KNOWN_WEAK as WEAK
 
     measured = _measured_settings(grid)
-    assert len(measured) >= 20
+    assert len(measured) >= 20 and any(held for _, held, _ in measured)
     unwarned = [where for keys, held, where in measured if not held and not keys & set(WEAK)]
     assert not unwarned, f"failing cells the report does not warn about: {unwarned}"
     for key in WEAK:

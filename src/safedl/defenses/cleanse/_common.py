@@ -93,9 +93,9 @@ FEATURE_SPACE_KNOWN_WEAK: dict[str, str] = {
     "trusted:none": "without trusted data the smaller mode of a class is taken as the poison; when poisons are about "
                     "half their target class or more it flags the clean mode or nothing (mnist5k all-to-one to class "
                     "3: 10% seed 0, all four triggers, and seed 1 checkerboard: TPR 0.000, n=350; 20% checkerboard: "
-                    "0.000, n=700; it held at seed 2, checkerboard 10%: 1.000); at 5% it held for the checkerboard "
-                    "and single pixel (TPR 1.000, n=175) but not for blended noise or the random patch (0.000, "
-                    "n=175); bench/measure_poison_generalization.py)",
+                    "0.000, n=700; it held for checkerboard 10% at seed 2 and to class 0: 1.000); at 5% it held "
+                    "for the checkerboard and single pixel (TPR 1.000, n=175) but not for blended noise or the "
+                    "random patch (0.000, n=175); bench/measure_poison_generalization.py)",
     "trigger:blended": "a full-image blended trigger is found but not all of it, and the rest still implants the "
                        "backdoor: mnist5k blended noise (alpha 0.2) 5% to class 3, seed 0: spectral signatures TPR "
                        "0.949 [0.905, 0.973] (n=175), FPR 0.003, ASR after retraining 0.067 (n=900); at 10%: TPR "

@@ -54,6 +54,8 @@ best of SS/AC with the validation split trusted, retrained; ASR on 900 triggered
   ASR 1.000 -> 0.067: NOT met (the 9 missed poisons keep the backdoor). random patch: the backdoor is weak (ASR
   0.097) and SS/AC find none (0.000 [0, 0.021]; 0.909 with 100 trusted images): NOT met. 10% random patch
   (reproduced): SS 0.774 [0.728, 0.815], ASR 0.297 -> 0.023: NOT met.
+- all-to-all checkerboard 10% (reproduced): ASR 0.926 (n=1000); SS 0.997 [0.984, 0.999], FPR 0.001, ASR -> 0.000;
+  100 trusted images: 0.000; none: 0.997. STRIP finds none of its triggered inputs (TPR 0.000, FPR 0.011).
 - no trusted data: TPR 0.000 at 10-20% (checkerboard seeds 0-1, 20%) except seed 2 and target 0 (1.000); at 5%: 1.000 for
   checkerboard/single pixel, 0.000 for blended noise and random patch.
 - poison spread before splitting (10%, n=353): checkerboard and blended noise TPR 0.000 with any trusted setting;

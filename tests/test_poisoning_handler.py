@@ -13,6 +13,7 @@ from safedl.assess.context import RunContext
 from safedl.assess.handlers import get_attack_handler
 from safedl.models import TrainRecipe, build_model, with_normalization
 from safedl.profile import AttackSpec, Profile
+from safedl.utils.tensors import predict
 
 # the recipe and seed of conftest's tiny_model, which therefore is exactly this context's baseline
 RECIPE = TrainRecipe(epochs=15, batch_size=64, lr=3e-3, augment="none")
@@ -116,3 +117,33 @@ def test_fraction_of_target_class_counts_poison_among_samples_labelled_target():
     clean_label = PoisonedDataset.from_clean(clean, x=x, y=clean.y)
     m = _poison_metrics(clean_label, 0)["fraction_of_target_class"]
     assert m["value"] == pytest.approx(0.5) and m["n"] == 2
+
+
+def test_all_to_all_backdoor_success_is_measured_against_each_mapped_label(digits_splits, tiny_model, tmp_path):
+    """An all-to-all backdoor (c -> c+1) has no single target: its success rate counts every triggered test image
+    predicted as its own label + 1, in the attack stage and in the poisoning-defense stage (before: no rate at all,
+    or, scored against one class, at most that class's share)."""
+    from safedl.assess.defend_poisoning import _outcome_metrics, aimed_labels
+
+    ctx = _ctx(digits_splits, tiny_model, tmp_path)
+    params = {"poison_fraction": 0.3, "target_class": 0, "patch_size": 3, "mapping": "all_to_all"}
+    spec = AttackSpec(name="static_patch", params=params)
+    out = get_attack_handler("backdoor")(ctx, spec, registry.create("backdoor", "static_patch", **params))
+    m, st, test = out.entry["metrics"], out.state, digits_splits.test
+    assert st["target_class"] is None
+    assert torch.equal(st["test_triggered_aim"], (test.y + 1) % 10)  # every test image, aimed at label + 1
+    model = ctx.build_model()
+    model.load_state_dict(st["model_state"])
+    pred = predict(model.eval(), st["attack"].apply_trigger(test.x))
+    expect = int((pred == (test.y + 1) % 10).sum())
+    asr = m["attack_success_rate"]
+    assert asr["n"] == len(test) and asr["value"] == pytest.approx(expect / len(test)) and len(asr["ci95"]) == 2
+    # the trigger is learned: most triggered images go to their own mapped label, far above the clean baseline and
+    # above any single class's share (what an ASR against one target could at most report)
+    assert asr["value"] >= 0.5 > m["baseline"]["attack_success_rate"]["value"] + 0.3
+    assert asr["value"] > max(float((pred == c).float().mean()) for c in range(10))
+    assert len(out.entry["per_class"]["predicted_as_aimed_label_poisoned"]) == 10
+    # the defense stage scores the same aimed labels: on the poisoned model itself it reproduces the attack's number
+    assert torch.equal(aimed_labels(st), st["test_triggered_aim"])
+    after = _outcome_metrics(ctx, model, st)["attack_success_rate_after"]
+    assert after["value"] == asr["value"] and after["n"] == asr["n"]

@@ -185,6 +185,26 @@ class TrustedDataSpec(_Strict):
         return self
 
 
+class DataProvenanceSpec(_Strict):
+    """Where the training data come from, for provenance defenses (Baracaldo et al. 2017): ``contributors`` named
+    contributors, each sample tagged with one; the clean samples are spread evenly over them. ``poison_spread``:
+    ``attacker`` (every poison comes from contributor ``attacker``, 0-based: the one the attacker controls) or
+    ``uniform`` (poison spread evenly over all contributors, e.g. a compromised collection step: no contributor
+    stands out)."""
+
+    contributors: int = Field(5, ge=2, le=1000, description="number of named data contributors (>= 2)")
+    attacker: int = Field(0, ge=0, description="0-based index of the contributor the attacker controls")
+    poison_spread: Literal["attacker", "uniform"] = Field(
+        "attacker", description="attacker: every poison from contributor ATTACKER; uniform: spread over all")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataProvenanceSpec":
+        if self.attacker >= self.contributors:
+            raise ValueError(f"data_provenance.attacker={self.attacker} is not a contributor: allowed 0..."
+                             f"{self.contributors - 1} (data_provenance.contributors={self.contributors})")
+        return self
+
+
 class GateSpec(_Strict):
     """Release-gate thresholds. A run fails the gate if any set threshold is violated or applies to nothing in the run
     (e.g. ``min_robust_accuracy`` without an evasion attack); with no threshold set, the gate is "not configured"."""
@@ -272,6 +292,7 @@ class Profile(_Strict):
     attacks: AttacksSection = Field(default_factory=AttacksSection)
     defenses: list[DefenseSpec] = Field(default_factory=list)
     trusted_clean_set: TrustedDataSpec = Field(default_factory=TrustedDataSpec)
+    data_provenance: DataProvenanceSpec = Field(default_factory=DataProvenanceSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)

@@ -12,11 +12,16 @@ the model), otherwise an attacker-trained copy of the architecture with the base
   poisoned            the PoisonedDataset (exact ground truth: is_poison, original_x / original_y, info)
   model_state         the poisoned model's state_dict (cpu)
   attack              the attack object (``apply_trigger`` for backdoors; picklable)
-  target_class        the class the attack pushes inputs to (None for untargeted flipping)
-  test_triggered_x    test inputs the attack aims at, whose true class is not the target (cpu): triggered test
-                      images for backdoors; the unmodified source-class images for targeted label flipping; the
-                      victim instances for feature collision; None when the attack aims at no input (fully_random)
+  target_class        the class the attack pushes inputs to (None for untargeted flipping and for all-to-all
+                      backdoors, which have no single target)
+  test_triggered_x    test inputs the attack aims at, whose true class is not the label they are aimed at (cpu):
+                      triggered test images for backdoors (all-to-one: those of other classes than the target;
+                      all-to-all: every test image); the unmodified source-class images for targeted label
+                      flipping; the victim instances for feature collision; None when the attack aims at no input
+                      (fully_random)
   test_triggered_y    their true labels
+  test_triggered_aim  the label each aimed input is sent to: the target class, or ``(y + 1) mod C`` for an
+                      all-to-all backdoor (Gu et al. 2017 Sec. 4); attack success = prediction equals it
 """
 from __future__ import annotations
 
@@ -75,9 +80,9 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
 
     info = poisoned.info
     target = info.get("target_class")
-    x_aim, y_aim = _aimed_inputs(attack, info, test, target)
-    if x_aim is not None and target is not None:
-        _success_metrics(ctx, model, info, x_aim, y_aim, int(target), metrics, per_class, notes)
+    x_aim, y_aim, aim = _aimed_inputs(attack, info, test, target)
+    if x_aim is not None:
+        _success_metrics(ctx, model, info, x_aim, y_aim, aim, metrics, per_class, notes)
         if "flip_map" in info and info.get("strategy") == "many_to_one" and info.get("flip_rate") is not None:
             notes.append(f"poison fraction: flip_rate {info['flip_rate']:g} of each source class (every class but "
                          f"{_class_label(test, int(target))}) is flipped, so {poisoned.poison_fraction:.3f} of the "
@@ -92,18 +97,19 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
         notes.append(f"the learned trigger alone sends {info['surrogate_success']:.1%} of non-target images to the "
                      "target on the surrogate (before any poisoning)")
 
-    artifacts = _save_artifacts(ctx, spec, attack, poisoned, model, x_aim, target)
+    artifacts = _save_artifacts(ctx, spec, attack, poisoned, model, x_aim, aim)
     entry = {"name": spec.name, "id": spec.key, "category": category, "params": dict(spec.params),
              "metrics": metrics, "per_class": per_class, "artifacts": artifacts, "notes": notes,
              "time_s": time.perf_counter() - t0}
-    # per test image: the poisoned model is correct; per aimed input: it predicts the target (paired comparisons)
+    # per test image: the poisoned model is correct; per aimed input: it predicts its aimed label (paired comparisons)
     entry["per_image"] = {"clean_correct": pack_bits(pred_p == test.y)}
-    if x_aim is not None and target is not None:
-        entry["per_image"]["hit"] = pack_bits(predict(model, x_aim.to(dev)).cpu() == target)
+    if x_aim is not None:
+        entry["per_image"]["hit"] = pack_bits(predict(model, x_aim.to(dev)).cpu() == aim)
     state = {"poisoned": poisoned, "model_state": {k_: v.detach().cpu() for k_, v in model.state_dict().items()},
              "attack": attack, "target_class": None if target is None else int(target),
              "test_triggered_x": None if x_aim is None else x_aim.cpu(),
-             "test_triggered_y": None if y_aim is None else y_aim.cpu()}
+             "test_triggered_y": None if y_aim is None else y_aim.cpu(),
+             "test_triggered_aim": None if aim is None else aim.cpu()}
     return AttackOutcome(entry=entry, state=state)
 
 
@@ -124,14 +130,22 @@ def _fit_on_surrogate(ctx: RunContext, attack: Any, notes: list[str]) -> None:
 
 
 def _success_metrics(ctx: RunContext, model: torch.nn.Module, info: dict, x_aim: torch.Tensor, y_aim: torch.Tensor,
-                     target: int, metrics: dict, per_class: dict, notes: list[str]) -> None:
-    """How often the aimed-at inputs land on the target class, poisoned model vs baseline."""
+                     aim: torch.Tensor, metrics: dict, per_class: dict, notes: list[str]) -> None:
+    """How often the aimed-at inputs land on their aimed label (``aim``), poisoned model vs baseline."""
     dev = ctx.device
     pred_t = predict(model, x_aim.to(dev)).cpu()
-    hit_b = int((predict(ctx.baseline, x_aim.to(dev)).cpu() == target).sum())
+    hit_b = int((predict(ctx.baseline, x_aim.to(dev)).cpu() == aim).sum())
     name = "targeted_success_rate" if "flip_map" in info else "attack_success_rate"
-    metrics[name] = proportion(int((pred_t == target).sum()), len(x_aim))
+    metrics[name] = proportion(int((pred_t == aim).sum()), len(x_aim))
     metrics["baseline"][name] = proportion(hit_b, len(x_aim))
+    per_class["predicted_as_aimed_label_poisoned"] = [
+        float((pred_t[y_aim == c] == aim[y_aim == c]).float().mean()) if bool((y_aim == c).any()) else None
+        for c in range(ctx.splits.test.num_classes)]
+    if info.get("mapping") == "all_to_all":
+        notes.append(f"attack_success_rate: triggered test images (all {len(x_aim)}; all-to-all backdoor, no single "
+                     "target) predicted as their mapped label (true label + 1 mod number of classes)")
+        return
+    target = int(aim[0])
     tname = _class_label(ctx.splits.test, target)
     if "flip_map" in info:
         notes.append(f"targeted_success_rate: test images of the flipped source classes predicted as {tname}, "
@@ -141,9 +155,6 @@ def _success_metrics(ctx: RunContext, model: torch.nn.Module, info: dict, x_aim:
     else:
         notes.append(f"attack_success_rate: triggered test images of classes other than {tname} "
                      f"predicted as {tname} (the attack's target)")
-    per_class["predicted_as_target_poisoned"] = [
-        float((pred_t[y_aim == c] == target).float().mean()) if bool((y_aim == c).any()) else None
-        for c in range(ctx.splits.test.num_classes)]
 
 
 def _surrogate(ctx: RunContext, train: Dataset) -> tuple[torch.nn.Module, str]:
@@ -168,20 +179,25 @@ def _per_class(pred: torch.Tensor, y: torch.Tensor, k: int) -> list[float]:
 
 
 def _aimed_inputs(attack: Any, info: dict, test: Dataset, target: int | None
-                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The test inputs whose prediction the attack tries to steer to ``target`` (see the module docstring)."""
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The test inputs the attack tries to steer, their true labels and the label each is aimed at (see the module
+    docstring); an all-to-all backdoor aims every triggered test image at its mapped label."""
+    if info.get("mapping") == "all_to_all" and hasattr(attack, "backdoor_labels"):
+        return attack.apply_trigger(test.x).cpu(), test.y, attack.backdoor_labels(test.y, test.num_classes)
     if target is None:
-        return None, None
+        return None, None, None
     if info.get("victims") is not None:
-        return info["victims"].cpu(), info["victim_labels"].cpu()
-    if "flip_map" in info:
+        x, y = info["victims"].cpu(), info["victim_labels"].cpu()
+    elif "flip_map" in info:
         sources = [int(s) for s, t in info["flip_map"].items() if int(t) == target]
         keep = torch.isin(test.y, torch.tensor(sources, dtype=torch.long))
-        return test.x[keep], test.y[keep]
-    if hasattr(attack, "apply_trigger"):
+        x, y = test.x[keep], test.y[keep]
+    elif hasattr(attack, "apply_trigger"):
         keep = test.y != target
-        return attack.apply_trigger(test.x[keep]).cpu(), test.y[keep]
-    return None, None
+        x, y = attack.apply_trigger(test.x[keep]).cpu(), test.y[keep]
+    else:
+        return None, None, None
+    return x, y, torch.full_like(y, int(target))
 
 
 def _class_label(data, c: int) -> str:
@@ -221,7 +237,7 @@ def _to_img(t: torch.Tensor):
 
 
 def _save_artifacts(ctx: RunContext, spec: AttackSpec, attack: Any, p: PoisonedDataset, model: torch.nn.Module,
-                    x_aim: torch.Tensor | None, target: int | None) -> dict[str, str]:
+                    x_aim: torch.Tensor | None, aim: torch.Tensor | None) -> dict[str, str]:
     if not ctx.profile.output.figures:
         return {}
     import matplotlib
@@ -273,15 +289,17 @@ def _save_artifacts(ctx: RunContext, spec: AttackSpec, attack: Any, p: PoisonedD
             fig.savefig(path, dpi=100)
             plt.close(fig)
             out["trigger and mask"] = ctx.rel(path)
-    if x_aim is not None and len(x_aim) and target is not None:
+    if x_aim is not None and len(x_aim) and aim is not None:
         xs = x_aim[:n_ex]
         pred = predict(model, xs.to(ctx.device)).cpu()
         fig, axes = plt.subplots(1, len(xs), figsize=(1.6 * len(xs), 2), squeeze=False)
         for j in range(len(xs)):
             axes[0][j].imshow(_to_img(xs[j]), cmap=cmap, vmin=0, vmax=1)
-            axes[0][j].set_title(f"pred {cn(int(pred[j]))}", fontsize=7, color="red" if int(pred[j]) == target else "black")
+            axes[0][j].set_title(f"pred {cn(int(pred[j]))}", fontsize=7, color="red" if int(pred[j]) == int(aim[j]) else "black")
             axes[0][j].axis("off")
-        fig.suptitle(f"attacked test inputs (target {cn(target)}), poisoned model's predictions", fontsize=9)
+        what = "all-to-all: each aimed at label + 1" if len(aim.unique()) > 1 else f"target {cn(int(aim[0]))}"
+        fig.suptitle(f"attacked test inputs ({what}), poisoned model's predictions; red: sent to its aimed label",
+                     fontsize=9)
         fig.tight_layout()
         path = folder / "attacked_test_inputs.png"
         fig.savefig(path, dpi=100)

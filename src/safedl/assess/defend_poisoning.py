@@ -2,8 +2,9 @@
 
 The attack stage's ``outcome.state`` holds the PoisonedDataset (with ``is_poison``), the poisoned model's
 state_dict, the attack object, the target class and triggered test images. Every defense is measured on the same
-test sets: clean accuracy on the whole test split and, where the attack has a target and triggered test images, the
-attack success rate (triggered images of other classes predicted as the target).
+test sets: clean accuracy on the whole test split and, where the attack aims at test inputs, the attack success rate
+(aimed inputs predicted as the label they are aimed at: the target class, or for an all-to-all backdoor each image's
+label + 1; ``aimed_labels``).
 
 One function per defense kind, each relying only on its kind's protocol (``safedl.defenses.protocols``):
 
@@ -64,8 +65,10 @@ def trusted_set(ctx: RunContext) -> tuple[Dataset | None, str]:
     note = f"trusted clean set: {what} ({len(data)} images)"
     if spec.source == "validation":
         note += ("; assumed clean: it is in this simulation, but if the data were poisoned before splitting it is "
-                 "not, and the feature-space cleansers then found no poison (digits, 10% checkerboard / random patch, "
-                 "seed 0: TPR 0.000, n=130; bench/measure_poison_generalization.py --poison-before-split)")
+                 "not, and the feature-space cleansers then found no poison (mnist5k, 10% checkerboard to class 3, "
+                 "seed 0: TPR 0.000, n=353, with the validation split, 100 of its images or none; STRIP and "
+                 "fine-pruning calibrated on it left ASR 1.000; digits: TPR 0.000, n=130; "
+                 "bench/measure_poison_generalization.py --poison-before-split)")
     return data, note
 
 
@@ -84,14 +87,26 @@ def _poisoned_model(ctx: RunContext, state: dict) -> nn.Module:
     return m.eval()
 
 
+def aimed_labels(state: dict) -> torch.Tensor | None:
+    """The label each aimed test input (``test_triggered_x``) is sent to: the attack stage's ``test_triggered_aim``
+    (all-to-all: label + 1), else the target class for every input; None when the attack aims at nothing."""
+    xt = state.get("test_triggered_x")
+    if xt is None:
+        return None
+    if state.get("test_triggered_aim") is not None:
+        return state["test_triggered_aim"].cpu()
+    target = state.get("target_class")
+    return None if target is None else torch.full((len(xt),), int(target), dtype=torch.long)
+
+
 def _outcome_metrics(ctx: RunContext, model: nn.Module, state: dict) -> dict[str, Any]:
     test = ctx.splits.test
     pred = predict(model, test.x.to(ctx.device)).cpu()
     out = {"clean_accuracy_after": proportion(int((pred == test.y).sum()), len(test))}
-    xt, target = state.get("test_triggered_x"), state.get("target_class")
-    if xt is not None and target is not None and len(xt):
+    xt, aim = state.get("test_triggered_x"), aimed_labels(state)
+    if aim is not None and len(xt):
         pt = predict(model, xt.to(ctx.device)).cpu()
-        out["attack_success_rate_after"] = proportion(int((pt == target).sum()), len(xt))
+        out["attack_success_rate_after"] = proportion(int((pt == aim).sum()), len(xt))
     return out
 
 
@@ -115,10 +130,6 @@ def detection_metrics(flag: torch.Tensor, score: torch.Tensor, truth: torch.Tens
 
 # ------------------------------------------------------------------------------------------------ cleanser
 
-PROVENANCE_SOURCES = 5  # simulated named contributors; contributor 0 is the one the attacker controls
-ATTACKER_SOURCE = 0
-
-
 def _train_fn(ctx: RunContext, what: str):
     def fn(data: Dataset, **kw: Any) -> nn.Module:
         return ctx.train_like_baseline(data, description=f"{what}: training", **kw)
@@ -126,12 +137,17 @@ def _train_fn(ctx: RunContext, what: str):
     return fn
 
 
-def contributors(poisoned: PoisonedDataset, *, n_sources: int, attacker: int, seed: int) -> torch.Tensor:
-    """Each sample's contributor: clean samples spread uniformly over ``n_sources`` named contributors, every
-    poison from ``attacker`` (the contributor the attacker controls)."""
+def contributors(poisoned: PoisonedDataset, *, n_sources: int, attacker: int, seed: int,
+                 spread: str = "attacker") -> torch.Tensor:
+    """Each sample's contributor: clean samples spread uniformly over ``n_sources`` named contributors; every poison
+    from ``attacker`` (``spread="attacker"``: the contributor the attacker controls) or, like the clean samples,
+    from any contributor (``"uniform"``)."""
+    if not 0 <= attacker < n_sources:
+        raise ProfileError(f"data_provenance.attacker={attacker} is not a contributor: allowed 0...{n_sources - 1}")
     g = torch.Generator().manual_seed(seed)
     src = torch.randint(0, n_sources, (len(poisoned),), generator=g)
-    src[poisoned.is_poison.cpu()] = attacker
+    if spread == "attacker":
+        src[poisoned.is_poison.cpu()] = attacker
     return src
 
 
@@ -145,34 +161,43 @@ def _cleanser_inputs(ctx: RunContext, comp: CleanserProtocol, model: nn.Module,
 def _provenance_scenarios(ctx: RunContext, comp: Any, poisoned: PoisonedDataset, kwargs: dict, notes: list[str]):
     """Provenance as it is used: data arrive from named contributors and are signed at ingestion.
 
-    (1) ``contributed poison`` (the headline): contributor ``ATTACKER_SOURCE`` supplies every poison; the manifest
-    signed at ingestion covers the poison too, so only the per-source test (retrain without each contributor, compare
-    on the trusted set) can find it, from accuracy alone. (2) ``tamper after ingestion``: the manifest was signed over
+    (1) ``contributed poison`` (the headline): the profile's ``data_provenance`` names the contributors and how the
+    poison spreads over them (default: 5, contributor 0 supplies every poison); the manifest signed at ingestion
+    covers the poison too, so only the per-source test (retrain without each contributor, compare on the trusted
+    set) can find it, from accuracy alone. (2) ``tamper after ingestion``: the manifest was signed over
     the data before the attack, which then altered samples in storage; the hash check finds exactly those (by
     construction: this measures the integrity check, not a poison detector).
     """
     from safedl.defenses.cleanse.provenance_tracking import build_manifest
 
-    sources = contributors(poisoned, n_sources=PROVENANCE_SOURCES, attacker=ATTACKER_SOURCE, seed=ctx.seed)
+    prov = ctx.profile.data_provenance
+    sources = contributors(poisoned, n_sources=prov.contributors, attacker=prov.attacker, seed=ctx.seed,
+                           spread=prov.poison_spread)
     key = os.urandom(32)
     received = build_manifest(poisoned.clean_view(), sources, key=key)
     res = comp.find_poison(poisoned, **kwargs, manifest=received, key=key)
     original = Dataset(poisoned.original_x, poisoned.original_y, poisoned.num_classes)
     tamper = comp.check_manifest(poisoned, manifest=build_manifest(original, sources, key=key), key=key)
-    notes.append(f"provenance (headline): {PROVENANCE_SOURCES} named contributors, contributor {ATTACKER_SOURCE} "
-                 "supplies every poison, manifest signed (HMAC-SHA256) at ingestion; flagged contributors: "
-                 f"{res.info.get('flagged_sources')}")
+    who = (f"contributor {prov.attacker} supplies every poison" if prov.poison_spread == "attacker"
+           else "poison spread evenly over all of them")
+    notes.append(f"provenance (headline): {prov.contributors} named contributors (data_provenance), {who}, manifest "
+                 f"signed (HMAC-SHA256) at ingestion; flagged contributors: {res.info.get('flagged_sources')}")
     notes.append("detection_tamper_after_ingestion: manifest signed before the attack, samples altered in storage "
                  "afterwards; the hash check finds altered samples by construction (an integrity check)")
+    flagged = res.info.get("flagged_sources") or []
     extra = {"detection_tamper_after_ingestion": detection_metrics(tamper.is_suspect, tamper.score,
                                                                    poisoned.is_poison.cpu()),
-             "attacker_source_flagged": scalar(float(ATTACKER_SOURCE in (res.info.get("flagged_sources") or [])))}
+             "contributors_flagged": scalar(len(flagged), n=prov.contributors)}
+    if prov.poison_spread == "attacker":
+        extra["attacker_source_flagged"] = scalar(float(prov.attacker in flagged))
+        extra["clean_contributors_flagged"] = scalar(len(set(flagged) - {prov.attacker}), n=prov.contributors - 1)
     return res, extra
 
 
-def known_weak_warnings(comp: CleanserProtocol, info: dict, *, trusted: bool) -> list[str]:
+def known_weak_warnings(comp: CleanserProtocol, info: dict, *, trusted: bool,
+                        trusted_per_class: float | None = None) -> list[str]:
     """Warnings for the settings of this run in which the cleanser is measured to fail (its ``known_weak``)."""
-    keys = poison_setting(info, trusted=trusted) | {"any"}
+    keys = poison_setting(info, trusted=trusted, trusted_per_class=trusted_per_class) | {"any"}
     return [f"warning: {comp.registry_name} is known to fail here ({k}): {comp.known_weak[k]}"  # type: ignore[attr-defined]
             for k in sorted(keys & set(comp.known_weak))]
 
@@ -205,7 +230,9 @@ def evaluate_cleanser(ctx: RunContext, spec, components: list[Any], outcome: Att
     notes: list[str] = []
     if "trusted" in comp.inputs:
         notes.append(f"{trusted_note} ({comp.trusted_role})")
-    notes.extend(known_weak_warnings(comp, poisoned.info, trusted=trusted is not None or "trusted" not in comp.inputs))
+    per_class = len(trusted) / trusted.num_classes if trusted is not None and "trusted" in comp.inputs else None
+    notes.extend(known_weak_warnings(comp, poisoned.info, trusted=trusted is not None or "trusted" not in comp.inputs,
+                                     trusted_per_class=per_class))
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     if "provenance" in comp.inputs:
@@ -295,17 +322,18 @@ def evaluate_repair(ctx: RunContext, spec, components: list[Any], outcome: Attac
 
 # ------------------------------------------------------------------------------------------------ detector
 
-def _triggered_detection(model, det, s_clean: torch.Tensor, xt: torch.Tensor, target, ctx) -> dict[str, Any]:
+def _triggered_detection(model, det, s_clean: torch.Tensor, xt: torch.Tensor, aim: torch.Tensor | None,
+                         ctx) -> dict[str, Any]:
     s_trig = det.score(xt.to(ctx.device)).cpu()
     tp = int((s_trig > det.threshold_).sum())
     truth = torch.cat([torch.zeros(len(s_clean), dtype=torch.bool), torch.ones(len(s_trig), dtype=torch.bool)])
     out: dict[str, Any] = {"tpr": proportion(tp, len(xt)),
                            "auroc": scalar(_auroc(torch.cat([s_clean, s_trig]), truth), n=len(truth))}
     asr = None
-    if target is not None:  # what passes the detector: attack success among unflagged triggered inputs
+    if aim is not None:  # what passes the detector: attack success among unflagged triggered inputs
         passed = s_trig <= det.threshold_
-        pt = predict(model, xt[passed].to(ctx.device)).cpu() if bool(passed.any()) else torch.empty(0)
-        asr = proportion(int((pt == target).sum()), len(xt))
+        pt = predict(model, xt[passed].to(ctx.device)).cpu() if bool(passed.any()) else torch.empty(0, dtype=torch.long)
+        asr = proportion(int((pt == aim[passed]).sum()), len(xt))
     return {"detection": out, "asr": asr}
 
 
@@ -322,11 +350,12 @@ def evaluate_detector(ctx: RunContext, spec, components: list[Any], outcome: Att
     notes = [trusted_note + " (overlays and threshold calibration)", "fpr on the clean test split"]
     xt = state.get("test_triggered_x")
     if xt is not None and len(xt):
-        r = _triggered_detection(model, det, s_clean, xt, state.get("target_class"), ctx)
+        r = _triggered_detection(model, det, s_clean, xt, aimed_labels(state), ctx)
         metrics["detection"].update(r["detection"])
         if r["asr"] is not None:
             metrics["attack_success_rate_after"] = r["asr"]
-        notes.append("tpr on triggered test images of non-target classes")
+        notes.append("tpr on the triggered test images the attack aims at (all-to-one: those of non-target "
+                     "classes; all-to-all: every test image)")
     correct = predict(model, clean.to(ctx.device)).cpu() == ctx.splits.test.y
     metrics["clean_accuracy_after"] = proportion(int((correct & (s_clean <= det.threshold_)).sum()), len(clean))
     notes.append("clean_accuracy_after counts a rejected clean input as an error")

@@ -50,6 +50,9 @@ best of SS/AC with the validation split trusted, retrained; ASR on 900 triggered
 - checkerboard 20% (n=700) TPR 1.000 [0.995, 1], FPR 0.000, ASR 1.000 -> 0.000: met. 1% (n=35): 0.971 [0.855,
   0.995], ASR 0.999 -> 0.003 (100 trusted images: 0.000). 10% seeds 1 and 2: TPR 1.000 [0.989, 1], FPR 0.000, ASR
   -> 0.001 / 0.002: met (seed 0: met, issue 15 note); to class 0 (seed 0): 1.000, ASR -> 0.002: met.
+- 10%, seeds 1 and 2 (``--seeds 1 2 --triggers single_pixel blended_noise --rates 0.1 --mappings all_to_one
+  --trusted val --extra``): single pixel seed 1 SS 1.000 [0.989, 1], ASR -> 0.002: met; seed 2 AC 0.891 [0.854,
+  0.920], SS 0.437, ASR -> 0.149: NOT met; blended noise seeds 1 / 2 AC 0.994 / 1.000, ASR -> 0.001 / 0.004: met.
 - 5%: single pixel 1.000 [0.979, 1], ASR 0.998 -> 0.000: met. blended noise SS 0.949 [0.905, 0.973], FPR 0.003,
   ASR 1.000 -> 0.067: NOT met (the 9 missed poisons keep the backdoor). random patch: the backdoor is weak (ASR
   0.097) and SS/AC find none (0.000 [0, 0.021]; 0.909 with 100 trusted images): NOT met. 10% random patch

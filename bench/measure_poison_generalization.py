@@ -53,6 +53,9 @@ best of SS/AC with the validation split trusted, retrained; ASR on 900 triggered
 - 10%, seeds 1 and 2 (``--seeds 1 2 --triggers single_pixel blended_noise --rates 0.1 --mappings all_to_one
   --trusted val --extra``): single pixel seed 1 SS 1.000 [0.989, 1], ASR -> 0.002: met; seed 2 AC 0.891 [0.854,
   0.920], SS 0.437, ASR -> 0.149: NOT met; blended noise seeds 1 / 2 AC 0.994 / 1.000, ASR -> 0.001 / 0.004: met.
+- random patch 10%, seeds 1 / 2: SS 0.786 [0.740, 0.825] / AC 0.729 [0.680, 0.772], ASR 0.321 -> 0.039 / 0.436 ->
+  0.080: NOT met. Checkerboard 10% to class 8 (seed 0): SS 1.000, ASR -> 0.002: met. All-to-all 10% (seed 0):
+  single pixel SS 0.920 [0.887, 0.944], ASR 0.882 -> 0.054; blended noise SS 0.997, ASR 0.933 -> 0.001.
 - 5%: single pixel 1.000 [0.979, 1], ASR 0.998 -> 0.000: met. blended noise SS 0.949 [0.905, 0.973], FPR 0.003,
   ASR 1.000 -> 0.067: NOT met (the 9 missed poisons keep the backdoor). random patch: the backdoor is weak (ASR
   0.097) and SS/AC find none (0.000 [0, 0.021]; 0.909 with 100 trusted images): NOT met. 10% random patch

@@ -115,11 +115,10 @@ def _evasion_key(ctx: RunContext, det: Any, name: str, spec: AttackSpec, key: in
     return {"sent": om.queries_, "first": om.first_detection_.get(name), "images": images}
 
 
-def _surrogate_scores(ctx: RunContext, surrogate: nn.Module) -> tuple[float, float]:
-    tx = ctx.splits.test.x.to(ctx.device)
-    pred = predict(surrogate, tx).cpu()
-    target = deployed_labels(ctx.baseline, tx, None).cpu()
-    return float((pred == target).float().mean()), float((pred == ctx.splits.test.y).float().mean())
+def _surrogate_scores(ctx: RunContext, surrogate: nn.Module, victim_labels: torch.Tensor) -> tuple[float, float]:
+    """(fidelity, accuracy) of a stolen copy on the test split."""
+    pred = predict(surrogate, ctx.splits.test.x.to(ctx.device)).cpu()
+    return float((pred == victim_labels).float().mean()), float((pred == ctx.splits.test.y).float().mean())
 
 
 def _extraction_key(ctx: RunContext, det: Any, name: str, spec: AttackSpec, key: int) -> dict[str, Any]:
@@ -135,7 +134,8 @@ def _extraction_key(ctx: RunContext, det: Any, name: str, spec: AttackSpec, key:
                           num_classes=ctx.splits.num_classes, device=ctx.device)
     first = om.first_detection_.get(name)
     row: dict[str, Any] = {"sent": om.queries_, "first": first}
-    row["fidelity"], row["surrogate_accuracy"] = _surrogate_scores(ctx, full.surrogate)
+    victim_labels = deployed_labels(ctx.baseline, ctx.splits.test.x.to(ctx.device), None).cpu()
+    row["fidelity"], row["surrogate_accuracy"] = _surrogate_scores(ctx, full.surrogate, victim_labels)
     if first is None:
         row["fidelity_blocked"], row["surrogate_accuracy_blocked"] = row["fidelity"], row["surrogate_accuracy"]
         return row
@@ -143,7 +143,8 @@ def _extraction_key(ctx: RunContext, det: Any, name: str, spec: AttackSpec, key:
     stolen = blocked.extract(ExtractionOracle(ctx.baseline, budget=first, output=output,
                                               device=ctx.device), pool, num_classes=ctx.splits.num_classes,
                              device=ctx.device)
-    row["fidelity_blocked"], row["surrogate_accuracy_blocked"] = _surrogate_scores(ctx, stolen.surrogate)
+    row["fidelity_blocked"], row["surrogate_accuracy_blocked"] = _surrogate_scores(ctx, stolen.surrogate,
+                                                                                   victim_labels)
     return row
 
 

@@ -34,7 +34,9 @@ def burst_stream(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return torch.cat(out)[:n]
 
 
-def calibration_streams(x: torch.Tensor, *, seed: int) -> list[torch.Tensor]:
-    """The benign streams thresholds are calibrated on: one in-order stream (3,500 queries) and two retry-burst
-    streams (2,000 each) of ``x`` (training images: the key streams a detector is then judged on must not be these)."""
-    return [in_order_stream(x, 3500, seed=seed + 100)] + [burst_stream(x, 2000, seed=seed + 200 + i) for i in range(2)]
+def calibration_streams(x: torch.Tensor, *, seed: int, in_order: int = 3500, bursts: int = 2000) -> list[torch.Tensor]:
+    """The benign streams thresholds are calibrated on: one in-order stream (``in_order`` queries) and two retry-burst
+    streams (``bursts`` each) of ``x`` (training images: the key streams a detector is then judged on must not be
+    these)."""
+    return ([in_order_stream(x, in_order, seed=seed + 100)]
+            + [burst_stream(x, bursts, seed=seed + 200 + i) for i in range(2)])

@@ -27,11 +27,10 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
 
 
 def benign_streams(x: torch.Tensor, *, seed: int, in_order: int = 3500, bursts: int = 2000) -> list[torch.Tensor]:
-    """The calibration streams of ``bench/measure_query_detection.py``: one in order, two of retry bursts."""
-    from safedl.defenses.query.streams import burst_stream, in_order_stream
+    """``defenses.query.streams.calibration_streams`` as the service decodes them (8-bit)."""
+    from safedl.defenses.query.streams import calibration_streams
 
-    return [quantize(s) for s in [in_order_stream(x, in_order, seed=seed + 100)] +
-            [burst_stream(x, bursts, seed=seed + 200 + i) for i in range(2)]]
+    return [quantize(s) for s in calibration_streams(x, seed=seed, in_order=in_order, bursts=bursts)]
 
 
 def calibrate(bundle: Any, x_train: torch.Tensor, *, k: int = 50, history: int = 1000, min_queries: int = 100,

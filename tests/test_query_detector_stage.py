@@ -61,15 +61,16 @@ def test_stateful_detector_flags_square_keys_early_and_blocking_cuts_their_succe
     assert all(k["sent"] <= 400 for k in d["keys"])
 
 
-def test_extraction_entries_report_the_blocked_copy(results):
+def test_extraction_keys_rerun_the_profiles_attack_and_report_the_blocked_copy(results):
+    (attack,) = [a for a in results["attacks"] if a["id"] == "copycat"]
+    stage_fidelity = attack["curve"][-1]["fidelity"]["value"]  # the attack stage's own run at 400 queries, seed 0
     for d in (e for e in results["defenses"] if e["against"] == "copycat"):
         m = d["metrics"]
         assert m["attack_success_rate"]["n"] == 2 and 0 < m["fidelity_after"]["value"] <= 1
+        # key 0 steals with the profile's attack, budget and seed through the observed oracle: the same copy
+        assert d["keys"][0]["fidelity"] == pytest.approx(stage_fidelity, abs=1e-6)
         for k in d["keys"]:
-            if k["first"] is None:  # never flagged: the attacker keeps the full copy
-                assert k["fidelity_blocked"] == k["fidelity"]
-            else:
-                assert 1 <= k["first"] <= k["sent"]
+            assert k["sent"] == 400 and (k["first"] is None or 1 <= k["first"] <= k["sent"])
 
 
 def test_a_query_detector_named_against_a_white_box_attack_is_a_profile_error(tmp_path):

@@ -139,6 +139,7 @@ def served_metrics(tiny_model, digits_splits, tmp_path_factory):
                        run={"defense": "feature_squeezing"})
     keys = KeyStore(tmp / "k.db", create=True)
     token = keys.create(name="u", tier="full")[1]
+    scraper = keys.create(name="prometheus", scopes=("metrics",))[1]
     from safedl.serve.monitor.config import DEFAULT_RULES, MonitorConfig
 
     # the shipped rules, thresholds given instead of a calibration file: the monitor's metrics are exported too
@@ -151,7 +152,7 @@ def served_metrics(tiny_model, digits_splits, tmp_path_factory):
         r = c.post("/v1/predict", content=png_bytes(digits_splits.test.x[0]),
                    headers={"X-API-Key": token, "Content-Type": "image/png"})
         assert r.status_code == 200
-        text = c.get("/metrics").text
+        text = c.get("/metrics", headers={"Authorization": f"Bearer {scraper}"}).text
     names = set()
     for line in text.splitlines():
         m = re.match(r"# TYPE (\S+) (\S+)", line)

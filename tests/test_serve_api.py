@@ -41,6 +41,7 @@ class Svc:
         self.tokens = {}
         for tier in ("full", "rounded", "topk", "label"):
             self.tokens[tier] = self.keys.create(name=tier, tier=tier, rate_per_s=1000, burst=1000)[1]
+        self.scraper = self.keys.create(name="scraper", scopes=("metrics",), rate_per_s=1000, burst=1000)[1]
         self.audit_path = tmp_path / "audit.db"
         self.app = create_app(bundle=bundle, keys=self.keys, audit=audit or AuditStore(self.audit_path),
                               config=config or ServeConfig())
@@ -141,8 +142,16 @@ def test_auth_missing_wrong_revoked_and_scope(svc, eval_batch):
     svc.keys.revoke("full")
     r = post(_auth(good))
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
-    statuses = [row["http_status"] for row in svc.rows("endpoint='/v1/predict'")]
-    assert statuses.count(401) == 7 and statuses.count(403) == 1  # every refusal is on record
+    rows = svc.rows("endpoint='/v1/predict'")
+    statuses = [row["http_status"] for row in rows]
+    # a valid key's refusal is one row under that key; failures before authentication are counted in aggregate
+    assert statuses.count(401) == 0 and statuses.count(403) == 1
+    assert [r["key_id"] for r in rows if r["http_status"] == 403] == [svc.keys.authenticate(only_model).key_id]
+    svc.app.state.service.flush_unauthenticated()
+    conn = sqlite3.connect(svc.audit_path)
+    agg = conn.execute("SELECT endpoint, code, SUM(count) FROM unauthenticated GROUP BY endpoint, code").fetchall()
+    conn.close()
+    assert agg == [("/v1/predict", "unauthorized", 7)]
 
 
 def test_keys_are_stored_hashed(svc):
@@ -179,7 +188,7 @@ def test_rejected_image_has_no_label_and_is_counted(svc, bundle, eval_batch):
     assert res["detector_scores"][DET] > d.thresholds[DET]
     row = svc.rows(f"request_id='{r.json()['request_id']}'")[0]
     assert row["rejected"] == 1 and row["label"] is not None  # the audit keeps the model's label for forensics
-    text = svc.client.get("/metrics").text
+    text = svc.client.get("/metrics", headers=_auth(svc.scraper)).text
     assert f'safedl_images_rejected_total{{reason="detector:{DET}"}} 1.0' in text
 
 
@@ -284,14 +293,20 @@ def test_health_ready_model_metrics(svc, bundle, eval_batch):
     r = svc.client.get("/v1/ready")
     assert r.status_code == 200 and r.json()["ready"] is True
     m = svc.client.get("/v1/model", headers=_auth(svc.tokens["label"]))
-    assert m.status_code == 200 and m.json()["manifest"] == bundle.manifest and m.json()["bundle_version"] == bundle.version
+    assert m.status_code == 200 and m.json()["bundle_version"] == bundle.version
+    # no detector internals (threshold_, score scale) for a non-admin key: components by kind and name only
+    assert m.json()["manifest"]["components"] == [{"kind": c["kind"], "name": c["name"]}
+                                                  for c in bundle.manifest["components"]]
+    assert "threshold_" not in m.text and "threshold_" in json.dumps(bundle.manifest)
+    assert {k: v for k, v in m.json()["manifest"].items() if k != "components"} == {
+        k: v for k, v in bundle.manifest.items() if k != "components"}
     assert m.json()["manifest"]["metrics"]["pgd"]["metrics"]["robust_accuracy"]["n"] == 100
     assert m.json()["input_shape"] == [1, 8, 8] and svc.client.get("/v1/model").status_code == 401
     _post_png(svc, eval_batch[0][0], "topk")
-    text = svc.client.get("/metrics").text
+    text = svc.client.get("/metrics", headers=_auth(svc.scraper)).text
     for needle in ('safedl_requests_total{endpoint="/v1/predict",status="200"} 1.0', "safedl_request_latency_seconds_bucket",
                    "safedl_images_predicted_total 1.0", 'safedl_tier_requests_total{tier="topk"} 1.0',
-                   f'safedl_detector_score_bucket{{detector="{DET}"', "safedl_ready 1.0"):
+                   f'safedl_detector_score_band_total{{band=', "safedl_ready 1.0"):
         assert needle in text, needle
     schema = svc.client.get("/openapi.json").json()
     assert {"/v1/predict", "/v1/health", "/v1/ready", "/v1/model"} <= set(schema["paths"])

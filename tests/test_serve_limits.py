@@ -82,6 +82,7 @@ def test_http_429_with_retry_after_and_metrics(tmp_path, tiny_model, digits_spli
     keys = KeyStore(tmp_path / "k.db", create=True)
     _, slow = keys.create(name="slow", rate_per_s=0.01, burst=2)
     _, small = keys.create(name="small", rate_per_s=100, burst=100, daily_quota=3)
+    _, scraper = keys.create(name="scraper", scopes=("metrics",))
     app = create_app(bundle=load_bundle(make_bundle(tiny_model, digits_splits, tmp_path / "b")), keys=keys,
                      audit=AuditStore(tmp_path / "a.db"))
     img = png_bytes(eval_batch[0][0])
@@ -95,7 +96,7 @@ def test_http_429_with_retry_after_and_metrics(tmp_path, tiny_model, digits_spli
         r = post(small, 2)
         assert r.status_code == 429 and r.json()["error"]["code"] == "quota_limited" and int(r.headers["retry-after"]) >= 1
         assert post(small, 1).status_code == 200
-        text = c.get("/metrics").text
+        text = c.get("/metrics", headers={"X-API-Key": scraper}).text
         assert 'safedl_rate_limited_total{kind="rate"} 2.0' in text and 'safedl_rate_limited_total{kind="quota"} 1.0' in text
 
 

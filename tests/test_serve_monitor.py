@@ -64,6 +64,7 @@ class Mon:
         self.tokens = {n: self.keys.create(name=n, tier="full", rate_per_s=1e4, burst=10_000)[1]
                        for n in ("benign", "attacker")}
         self.tokens["ops"] = self.keys.create(name="ops", scopes=("admin",))[1]
+        self.ops = {"Authorization": f"Bearer {self.tokens['ops']}"}
         self.ids = {k.name: k.key_id for k in self.keys.list()}
         self.config_path = write_config(tmp_path / "monitor.yml", calibration=calibration, rules=rules, **extra)
         self.app = create_app(bundle=load_bundle(bundle_dir), keys=self.keys, audit=AuditStore(self.audit_db),
@@ -185,7 +186,7 @@ def test_near_duplicate_stream_is_flagged_and_alerted_once_benign_stream_is_not(
     assert s["flagged_inputs"] and all(g["key_id"] == m.ids["attacker"] for g in s["flagged_inputs"])
     png = base64.b64decode(s["flagged_inputs"][0]["png_base64"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    metrics = m.client.get("/metrics").text
+    metrics = m.client.get("/metrics", headers=m.ops).text
     assert 'safedl_query_flags_total{detector="stateful"} 1.0' in metrics
     assert 'safedl_alerts_firing{rule="query_attack",severity="critical"} 1.0' in metrics
 
@@ -237,7 +238,7 @@ def test_the_webhook_gets_the_alert_and_retries_after_a_500(mon_factory, digits_
         (body,) = hook.bodies
         assert body["event"] == "alert_fired" and body["alert"]["key_id"] == m.ids["attacker"]
         assert body["alert"]["rule"] == "query_attack"
-        metrics = m.client.get("/metrics").text
+        metrics = m.client.get("/metrics", headers=m.ops).text
         assert 'safedl_alert_notifications_total{outcome="retry",sink="webhook"} 1.0' in metrics
         assert 'safedl_alert_notifications_total{outcome="ok",sink="webhook"} 1.0' in metrics
 
@@ -264,7 +265,7 @@ def test_block_refuses_the_key_and_keys_restore_lets_it_back_both_audited(mon_fa
     hist = CliRunner().invoke(cli_app, ["keys", "actions", "--db", str(m.keys_db), "--all", "--json"])
     (row,) = [json.loads(line) for line in hist.output.splitlines()]
     assert row["restored_at"] is not None and row["restored_by"].startswith("cli:")
-    assert 'safedl_key_actions_total{action="block"} 1.0' in m.client.get("/metrics").text
+    assert 'safedl_key_actions_total{action="block"} 1.0' in m.client.get("/metrics", headers=m.ops).text
     conn = sqlite3.connect(m.audit_db)
     codes = [c for (c,) in conn.execute("SELECT error FROM audit WHERE key_id=? ORDER BY id", (m.ids["attacker"],))]
     conn.close()
@@ -377,7 +378,7 @@ def test_scenario_square_and_copycat_keys_are_flagged_and_alerted_the_benign_key
             s = _poll(summary_when_flagged)
             assert s, http.get("/v1/monitor/summary", headers=ops).text
             _poll(lambda: len(hook.bodies) >= 3)
-            metrics = http.get("/metrics").text
+            metrics = http.get("/metrics", headers=ops).text
     k = {r["name"]: r for r in s["keys"]}
     assert set(benign_status) == {200} and k["benign"]["queries"] == len(benign_x)
     assert k["benign"]["flags"] == {"stateful": None, "prada": None, "volume": None}
@@ -406,7 +407,7 @@ def test_batches_that_would_overfill_the_monitor_queue_are_dropped_and_counted(m
     m = mon_factory([ATTACK_RULE], queue_mb=0.0001)  # 105 bytes: not even one 8x8 float image
     _benign(m, digits_splits, 8)
     assert m.summary()["keys"] == []
-    assert "safedl_monitor_dropped_total 2.0" in m.client.get("/metrics").text
+    assert "safedl_monitor_dropped_total 2.0" in m.client.get("/metrics", headers=m.ops).text
 
 
 def test_alerts_left_firing_by_a_previous_run_are_resolved_at_start(tmp_path, bundle_dir, calibration,
@@ -457,10 +458,10 @@ def test_a_webhook_that_keeps_failing_is_given_up_after_its_retries(mon_factory,
         m.monitor.flush()
         deadline = time.monotonic() + 10
         failed = 'safedl_alert_notifications_total{outcome="failed",sink="webhook"}'
-        while time.monotonic() < deadline and failed not in m.client.get("/metrics").text:
+        while time.monotonic() < deadline and failed not in m.client.get("/metrics", headers=m.ops).text:
             time.sleep(0.05)
         assert hook.statuses == [500, 500] and hook.bodies == []
-        assert 'safedl_alert_notifications_total{outcome="failed",sink="webhook"} 1.0' in m.client.get("/metrics").text
+        assert 'safedl_alert_notifications_total{outcome="failed",sink="webhook"} 1.0' in m.client.get("/metrics", headers=m.ops).text
     assert m.predict("attacker", quantize(digits_splits.test.x[:1])).status_code == 200  # the service is unaffected
 
 

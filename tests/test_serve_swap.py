@@ -196,7 +196,7 @@ def test_refused_bundles_change_nothing(tmp_path, bundles, eval_batch):
         assert (r.status_code, r.json()["error"]["code"]) == (409, "no_previous_bundle")
         r = c.post("/v1/predict", content=img, headers={"X-API-Key": s.user, "Content-Type": "image/png"})
         assert r.status_code == 200 and r.json()["bundle_version"] == bundles["va"]
-        text = c.get("/metrics").text
+        text = c.get("/metrics", headers={"X-API-Key": s.admin}).text
     assert _metric(text, 'safedl_bundle_swaps_total{outcome="refused"}') == 6.0
     assert _metric(text, 'safedl_bundle_swaps_total{outcome="swapped"}') == 0.0
     # bundle a's manifest names no defense: the label lists its components
@@ -230,17 +230,17 @@ def test_swap_and_rollback_publish_the_new_slis_and_version(tmp_path, bundles, e
     img = png_bytes(quantized(eval_batch[0])[0])
     va, vb = bundles["va"], bundles["vb"]
     with TestClient(s.app) as c:
-        before = c.get("/metrics").text
+        before = c.get("/metrics", headers={"X-API-Key": s.admin}).text
         r = s.post(c, "/v1/admin/bundle", s.admin, {"path": str(bundles["b"])})
         assert r.status_code == 200 and r.json() == {"bundle_version": vb, "previous_version": va,
                                                      "path": str(bundles["b"]), "outcome": "swapped"}
         assert c.get("/v1/model", headers={"X-API-Key": s.user}).json()["bundle_version"] == vb
         r = c.post("/v1/predict", content=img, headers={"X-API-Key": s.user, "Content-Type": "image/png"})
         assert r.json()["bundle_version"] == vb
-        after = c.get("/metrics").text
+        after = c.get("/metrics", headers={"X-API-Key": s.admin}).text
         r = s.post(c, "/v1/admin/rollback", s.admin)
         assert r.status_code == 200 and r.json()["bundle_version"] == va and r.json()["outcome"] == "rolled_back"
-        back = c.get("/metrics").text
+        back = c.get("/metrics", headers={"X-API-Key": s.admin}).text
     # bundle a (make_bundle's metrics: robust accuracy vs pgd only) has no clean accuracy; b has every SLI
     assert _metric(before, "safedl_bundle_clean_accuracy") is None
     assert _metric(before, 'safedl_bundle_robust_accuracy{attack="pgd"}') == 0.5
@@ -321,7 +321,7 @@ def test_swap_under_load_rollback_and_sighup_in_a_server_process(bundles, tmp_pa
             stop.set()
             for t in threads:
                 t.join(60)
-        metrics = httpx.get(srv.url + "/metrics", timeout=5).text
+        metrics = httpx.get(srv.url + "/metrics", headers=h, timeout=5).text
         log = [json.loads(line) for line in srv.log_text().splitlines() if line.startswith("{")]
     assert steps == [(200, vb), (422, None), (200, va), (200, vb)]
     assert reloaded, "SIGHUP did not bring back the start bundle"

@@ -18,6 +18,7 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
+from safedl.utils.keyfile import read_signing_key
 from safedl.errors import UserError
 
 log = logging.getLogger("safedl")
@@ -385,7 +386,7 @@ def export(run_dir: Path = typer.Argument(..., help="a finished run directory"),
     try:
         if (defense is None) == (not baseline):
             raise UserError("give exactly one of --defense ID or --baseline")
-        key = _read_key(signing_key_file)
+        key = read_signing_key(signing_key_file)
         path = export_from_run(run_dir, out=out, defense=defense, signing_key=key)
     except UserError as exc:
         _fail(exc)
@@ -400,22 +401,13 @@ def verify_bundle(bundle: Path = typer.Argument(..., help="bundle directory"),
     from safedl.deploy import load_bundle
 
     try:
-        b = load_bundle(bundle, signing_key=_read_key(signing_key_file))
+        b = load_bundle(bundle, signing_key=read_signing_key(signing_key_file))
     except UserError as exc:
         _fail(exc)
     names = [f"{c['kind']}:{c['name']}" for c in b.manifest["components"]] or ["(undefended model)"]
     typer.echo(f"{bundle}: verified, version {b.version}; components: {', '.join(names)}")
 
 
-def _read_key(path: Optional[Path]) -> Optional[bytes]:
-    if path is None:
-        return None
-    if not path.is_file():
-        raise UserError(f"--signing-key-file {path}: not found")
-    key = path.read_bytes().strip()
-    if len(key) < 16:
-        raise UserError(f"--signing-key-file {path}: the key must be at least 16 bytes")
-    return key
 
 
 # `safedl serve`, `safedl keys ...`, `safedl audit export`: the HTTP service (logic in safedl.serve.cli)

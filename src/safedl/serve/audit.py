@@ -34,7 +34,16 @@ _TYPES = {"ts": "REAL NOT NULL", "request_id": "TEXT NOT NULL", "image_index": "
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, "
            + ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in COLUMNS) + ");"
            "CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);"
-           "CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);")
+           "CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);"
+           # failures before authentication, aggregated (serve/unauth.py): one row per client, minute, endpoint, code
+           "CREATE TABLE IF NOT EXISTS unauthenticated (minute INTEGER NOT NULL, client TEXT NOT NULL, "
+           "endpoint TEXT NOT NULL, code TEXT NOT NULL, count INTEGER NOT NULL, "
+           "PRIMARY KEY (minute, client, endpoint, code));")
+_UPSERT = ("INSERT INTO unauthenticated (minute, client, endpoint, code, count) VALUES (?, ?, ?, ?, ?) "
+           "ON CONFLICT (minute, client, endpoint, code) DO UPDATE SET count = count + excluded.count")
+# Aggregated rows stop being written once the database holds this share of --audit-max-mb: the rest of the cap is
+# kept for the rows of authenticated requests, so keyless traffic can never make legit requests fail.
+UNAUTHENTICATED_SHARE = 0.9
 _INSERT = f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _STOP = object()
 
@@ -139,6 +148,29 @@ class AuditStore:
         finally:
             self._conn_lock.release()
         return True
+
+    def record_unauthenticated(self, rows: list[dict[str, Any]]) -> int:
+        """Add aggregated counts of failures before authentication; returns how many rows were written (0 when
+        the database is past ``UNAUTHENTICATED_SHARE`` of its cap or cannot be written: those counts are dropped,
+        the caller counts them)."""
+        if not rows or self._thread is None:
+            return 0
+        with self._conn_lock:
+            try:
+                if self._conn is None or (self.max_bytes is not None and self._size() >= UNAUTHENTICATED_SHARE
+                                          * self.max_bytes):
+                    return 0
+                with immediate(self._conn):
+                    self._conn.executemany(_UPSERT, [(r["minute"], r["client"], r["endpoint"], r["code"], r["count"])
+                                                     for r in rows])
+                return len(rows)
+            except (sqlite3.Error, OSError) as exc:
+                log.warning("aggregated unauthenticated counts not written: %s", exc)
+                return 0
+
+    def _size(self) -> int:
+        page, count = (self._conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_size", "page_count"))
+        return int(page) * int(count)
 
     def _write(self, rows: list[tuple]) -> None:
         try:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from safedl.errors import UserError
+from safedl.errors import ConfigError, UserError
 
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys of `safedl serve`.")
 audit_app = typer.Typer(no_args_is_help=True, help="Read the audit log of `safedl serve`.")
@@ -28,12 +28,30 @@ def serve_command(
                                                       help="cap of the audit database; above it requests get 503"),
         host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on"),
         port: int = typer.Option(8000, "--port"),
+        trusted_proxy: list[str] = typer.Option([], "--trusted-proxy",
+                                                help="CIDR of a reverse proxy whose X-Forwarded-For is honoured "
+                                                     "(repeatable; default: none)"),
         max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="largest request body (413 above)"),
         max_images: int = typer.Option(64, "--max-images", help="most images per request"),
         max_pixels: int = typer.Option(4_000_000, "--max-pixels", help="most pixels per image, checked before decoding"),
+        max_request_pixels: int = typer.Option(16_000_000, "--max-request-pixels",
+                                               help="most pixels per request (all images), before decoding"),
+        key_pixels_per_s: float = typer.Option(2_000_000.0, "--key-pixels-per-s",
+                                               help="per-key pixel budget refill (burst: 2x --max-request-pixels)"),
         no_resize: bool = typer.Option(False, "--no-resize", help="refuse (422) images whose size differs, don't resize"),
         max_batch: int = typer.Option(64, "--max-batch", help="most images per forward pass"),
         max_wait_ms: float = typer.Option(3.0, "--max-wait-ms", help="how long a batch waits for more requests"),
+        header_timeout_s: float = typer.Option(10.0, "--header-timeout-s", help="deadline for a request's headers"),
+        body_timeout_s: float = typer.Option(30.0, "--body-timeout-s", help="deadline for a request's body"),
+        min_body_kbps: float = typer.Option(16.0, "--min-body-kbps",
+                                            help="slowest body upload accepted (KiB/s, after 5 s)"),
+        keepalive_s: float = typer.Option(5.0, "--keepalive-s", help="idle time a keep-alive connection is kept"),
+        max_connections: int = typer.Option(1024, "--max-connections", help="open connections in all (503 above)"),
+        max_connections_per_client: int = typer.Option(64, "--max-connections-per-client",
+                                                       help="open connections per client address (429 above)"),
+        unauth_rate: float = typer.Option(1.0, "--unauth-rate",
+                                          help="failed authentications per second per client address (429 above)"),
+        unauth_burst: int = typer.Option(20, "--unauth-burst", help="failed authentications allowed at once"),
         quarantine: Optional[Path] = typer.Option(None, "--quarantine", help="keep rejected inputs in this folder"),
         quarantine_mb: float = typer.Option(100.0, "--quarantine-mb", help="size cap of the quarantine folder"),
         quarantine_days: float = typer.Option(30.0, "--quarantine-days", help="retention of quarantined inputs"),
@@ -51,26 +69,37 @@ def serve_command(
     Exit code 2 when the bundle fails verification or an option is wrong. SIGHUP reloads BUNDLE (verified as at
     start) without downtime; POST /v1/admin/bundle and /v1/admin/rollback (scope admin) swap and roll back.
     """
-    from safedl.cli import _read_key
-    from safedl.serve.config import ServeConfig
+    from safedl.serve.config import ServeConfig, parse_networks
+    from safedl.serve.options import ServeOptions
+    from safedl.serve.protocol import ConnectionLimits
     from safedl.serve.server import run_server
+    from safedl.utils.keyfile import read_signing_key
 
     try:
-        signing_key = _read_key(signing_key_file)
         monitor = None
         if monitor_config is not None:
             from safedl.serve.monitor import load_monitor_config
 
             monitor = load_monitor_config(monitor_config)
         config = ServeConfig(max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_pixels=max_pixels,
-                             resize=not no_resize, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                             quarantine_dir=quarantine, quarantine_max_bytes=int(quarantine_mb * 2**20),
-                             quarantine_retention_days=quarantine_days)
-        audit_max = None if audit_max_mb is None else int(audit_max_mb * 2**20)
-        run_server(bundle_path=bundle, keys_db=keys, audit_db=audit, audit_max_bytes=audit_max, host=host, port=port,
-                   config=config, device=device, torch_threads=torch_threads, graceful_s=graceful_s,
-                   signing_key=signing_key, monitor_config=monitor)
-    except UserError as exc:
+                             max_request_pixels=max_request_pixels, key_pixels_per_s=key_pixels_per_s,
+                             key_pixel_burst=2 * max_request_pixels, resize=not no_resize, max_batch=max_batch,
+                             max_wait_ms=max_wait_ms, quarantine_dir=quarantine,
+                             quarantine_max_bytes=int(quarantine_mb * 2**20),
+                             quarantine_retention_days=quarantine_days, unauth_rate_per_s=unauth_rate,
+                             unauth_burst=unauth_burst, body_timeout_s=body_timeout_s,
+                             min_body_bytes_per_s=min_body_kbps * 1024.0,
+                             trusted_proxies=parse_networks(trusted_proxy))
+        connections = ConnectionLimits(header_timeout_s=header_timeout_s, keepalive_timeout_s=keepalive_s,
+                                       max_connections=max_connections,
+                                       max_connections_per_client=max_connections_per_client)
+        options = ServeOptions(bundle_path=bundle, keys_db=keys, audit_db=audit,
+                               audit_max_bytes=None if audit_max_mb is None else int(audit_max_mb * 2**20),
+                               host=host, port=port, device=device, torch_threads=torch_threads,
+                               graceful_s=graceful_s, signing_key=read_signing_key(signing_key_file),
+                               monitor_config=monitor, config=config, connections=connections)
+        run_server(options)
+    except (UserError, ConfigError) as exc:
         _fail(exc)
 
 

@@ -1,10 +1,25 @@
 """The service's limits and knobs: one validated, frozen record (constructors store config only)."""
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from safedl.errors import UserError
 from safedl.utils.validate import check_positive, check_range
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: list[str] | tuple[str, ...], *, flag: str = "--trusted-proxy") -> tuple[Network, ...]:
+    """CIDRs (or single addresses) -> networks; one UserError naming the bad value otherwise."""
+    out = []
+    for v in values:
+        try:
+            out.append(ipaddress.ip_network(str(v).strip(), strict=False))
+        except ValueError:
+            raise UserError(f"{flag} {v!r}: not an IP address or CIDR (e.g. 10.0.0.0/8, 127.0.0.1)") from None
+    return tuple(out)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +42,20 @@ class ServeConfig:
     quarantine_dir: Path | None = None   # keep rejected inputs here for review (None: off)
     quarantine_max_bytes: int = 100 * 2**20
     quarantine_retention_days: float = 30.0
+    # decode cost: pixels the image headers of one request declare, and a per-key pixel bucket
+    max_request_pixels: int = 16_000_000
+    key_pixels_per_s: float = 2_000_000.0
+    key_pixel_burst: int = 32_000_000
+    # bounded work before authentication, per client address (serve/unauth.py)
+    unauth_rate_per_s: float = 1.0
+    unauth_burst: int = 20
+    unauth_flush_s: float = 5.0
+    # the body must arrive within body_timeout_s and, after body_grace_s, at min_body_bytes_per_s on average
+    body_timeout_s: float = 30.0
+    body_grace_s: float = 5.0
+    min_body_bytes_per_s: float = 16_384.0
+    # X-Forwarded-For is honoured only from these peers (a reverse proxy); empty: never
+    trusted_proxies: tuple[Network, ...] = ()
 
     def __post_init__(self) -> None:
         who = "serve"
@@ -39,3 +68,14 @@ class ServeConfig:
         check_positive(who, "top_k", self.top_k, integer=True)
         check_positive(who, "quarantine_max_bytes", self.quarantine_max_bytes, integer=True)
         check_positive(who, "quarantine_retention_days", self.quarantine_retention_days)
+        for name in ("max_request_pixels", "key_pixel_burst", "unauth_burst"):
+            check_positive(who, name, getattr(self, name), integer=True)
+        for name in ("key_pixels_per_s", "unauth_rate_per_s", "unauth_flush_s", "body_timeout_s", "body_grace_s",
+                     "min_body_bytes_per_s"):
+            check_positive(who, name, getattr(self, name))
+        if self.key_pixel_burst < self.max_request_pixels:
+            raise UserError(f"serve: key_pixel_burst ({self.key_pixel_burst}) must be at least max_request_pixels "
+                            f"({self.max_request_pixels}), or no request of the largest allowed size could pass")
+        if self.max_pixels > self.max_request_pixels:
+            raise UserError(f"serve: max_pixels ({self.max_pixels}, per image) must not exceed max_request_pixels "
+                            f"({self.max_request_pixels})")

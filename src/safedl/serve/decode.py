@@ -182,3 +182,32 @@ def _decode_npy(data: bytes, *, shape: tuple[int, int, int], config: ServeConfig
         raise InputError(422, "out_of_range", f"{where}: float values must lie in [0, 1] "
                                               f"(got min {t.min().item():.4g}, max {t.max().item():.4g})")
     return t.to(torch.float32)
+
+
+def declared_pixels(items: list[bytes], *, shape: tuple[int, int, int], config: ServeConfig) -> list[int]:
+    """Per item, the pixels its header declares (image width x height; .npy N x H x W), read without decoding;
+    the total is checked against ``config.max_request_pixels`` (413)."""
+    out = []
+    for i, data in enumerate(items):
+        if data.startswith(NPY_MAGIC):
+            f = io.BytesIO(data)
+            try:
+                version = np.lib.format.read_magic(f)
+                reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                dims = tuple(reader(f, max_header_size=10_000)[0])
+            except Exception as exc:  # noqa: BLE001 - any header failure is the client's bad input
+                raise InputError(400, "undecodable", f"image {i}: bad .npy header ({type(exc).__name__})") from None
+            out.append(int(np.prod(dims, dtype=np.float64)) if dims else 1)
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+                    out.append(int(im.size[0]) * int(im.size[1]))
+        except Exception:  # noqa: BLE001 - decode_items gives the precise error
+            out.append(0)
+    total = sum(out)
+    if total > config.max_request_pixels:
+        raise InputError(413, "too_many_pixels", f"the request's images declare {total} pixels in all; at most "
+                                                 f"{config.max_request_pixels} per request")
+    return out

@@ -18,7 +18,7 @@ from safedl.errors import UserError
 from safedl.serve._sqlite import PerThread, connect
 from safedl.serve.tiers import TIERS
 
-SCOPES = ("predict", "model", "admin")
+SCOPES = ("predict", "model", "admin", "metrics")  # metrics: the Prometheus scraper (admin may too)
 DEFAULT_SCOPES = ("predict", "model")  # admin only when asked for
 _TOKEN = re.compile(r"^sdl_([0-9a-f]{12})_([A-Za-z0-9_-]{20,100})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -32,13 +32,20 @@ def _seconds_to_midnight(t: float) -> int:
     return max(1, math.ceil((midnight - now).total_seconds()))
 
 
+_PIXEL_SCHEMA = ("CREATE TABLE IF NOT EXISTS pixel_state (key_id TEXT PRIMARY KEY, tokens REAL NOT NULL, "
+                 "updated_at REAL NOT NULL)")
+
+
 class RateLimiter:
     """``take(key)``: spend one request token (refused when the bucket or today's quota is empty);
-    ``charge_images(key, images=n)``: count the request's images against the quota once they are known."""
+    ``charge_pixels(key, pixels=n, ...)``: spend the pixels the request's image headers declare (decode cost is
+    bounded per key, not only per request); ``charge_images(key, images=n)``: count the request's images against
+    the quota once they are known."""
 
     def __init__(self, store: KeyStore, *, clock: Callable[[], float] = time.time):
         self.store = store
         self.clock = clock
+        self.store.conns.get().execute(_PIXEL_SCHEMA)
 
     def take(self, key: ApiKey) -> Verdict:
         conn = self.store.conns.get()
@@ -74,4 +81,23 @@ class RateLimiter:
             else:
                 conn.execute("UPDATE rate_state SET used=?, day=? WHERE key_id=?", (used + images, day, key.key_id))
                 verdict = Verdict(True)
+        return verdict
+
+    def charge_pixels(self, key: ApiKey, *, pixels: int, rate_per_s: float, burst: int) -> Verdict:
+        """Spend ``pixels`` from the key's pixel bucket (``burst`` pixels, refilled at ``rate_per_s``); refused
+        with the wait until enough pixels have accrued (a request larger than ``burst`` never fits: the per-request
+        cap, checked before, is at most ``burst``)."""
+        conn = self.store.conns.get()
+        now = self.clock()
+        with immediate(conn):
+            row = conn.execute("SELECT tokens, updated_at FROM pixel_state WHERE key_id=?", (key.key_id,)).fetchone()
+            tokens, updated = row if row else (float(burst), now)
+            tokens = min(float(burst), tokens + max(0.0, now - updated) * rate_per_s)
+            if tokens < pixels:
+                verdict = Verdict(False, "pixels", max(1, math.ceil((pixels - tokens) / rate_per_s)))
+            else:
+                tokens -= pixels
+                verdict = Verdict(True)
+            conn.execute("INSERT OR REPLACE INTO pixel_state (key_id, tokens, updated_at) VALUES (?,?,?)",
+                         (key.key_id, tokens, now))
         return verdict

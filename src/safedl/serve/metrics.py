@@ -1,11 +1,22 @@
-"""Prometheus metrics (``safedl_`` prefix), one registry per app so several apps can live in one process."""
+"""Prometheus metrics (``safedl_`` prefix), one registry per app so several apps can live in one process.
+
+Nothing here is per key, and detector scores are exported only as coarse bands of score / threshold, never as a
+histogram: a histogram's ``_sum`` moves by exactly one request's score at low traffic, so its deltas would hand a
+label-tier key (no scores by contract) the scores it is not shown. ``/metrics`` itself needs a key with the
+``metrics`` (or ``admin``) scope.
+"""
 from __future__ import annotations
 
+from typing import Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-_SCORE_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 100.0)
+# bands of score / threshold: well below, approaching, over, far over
+SCORE_BANDS = ((0.5, "lt_0.5"), (1.0, "0.5_1"), (2.0, "1_2"), (float("inf"), "ge_2"))
 
 
 class Metrics:
@@ -17,8 +28,12 @@ class Metrics:
         self.images = Counter("safedl_images_predicted", "images run through the pipeline", registry=r)
         self.rejected = Counter("safedl_images_rejected", "images rejected by the pipeline, by reason", ["reason"],
                                 registry=r)
-        self.detector_score = Histogram("safedl_detector_score", "detector scores of every image", ["detector"],
-                                        buckets=_SCORE_BUCKETS, registry=r)
+        self.score_band = Counter("safedl_detector_score_band", "images by detector and band of score / threshold "
+                                  "(lt_0.5, 0.5_1, 1_2, ge_2)", ["detector", "band"], registry=r)
+        self.unauthenticated = Counter("safedl_unauthenticated", "requests refused before authentication, by code",
+                                       ["code"], registry=r)
+        self.unauth_dropped = Counter("safedl_unauthenticated_dropped", "failures before authentication not "
+                                      "written to the audit database (it is past its share of the cap)", registry=r)
         self.tier = Counter("safedl_tier_requests", "predict requests answered, by output tier", ["tier"], registry=r)
         self.rate_limited = Counter("safedl_rate_limited", "requests refused by the rate limit or quota", ["kind"],
                                     registry=r)
@@ -32,5 +47,38 @@ class Metrics:
                                        "decode, model, audit)", ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ready = Gauge("safedl_ready", "1 when the bundle is loaded and the audit log writable", registry=r)
 
+    def observe_decision(self, d: dict, *, tier: str) -> None:
+        """Count one request's answered images (a Decision slice): totals, rejections, score bands."""
+        self.images.inc(len(d["reasons"]))
+        self.tier.labels(tier).inc()
+        for reason in d["reasons"]:
+            if reason is not None:
+                self.rejected.labels(reason).inc()
+        for name, scores in d["detector_scores"].items():
+            threshold = float(d.get("thresholds", {}).get(name) or 0.0)
+            ratios = scores.abs() / threshold if threshold > 0 else scores.new_full(scores.shape, float("inf"))
+            for bound, band in SCORE_BANDS:
+                n = int((ratios < bound).sum()) if bound != float("inf") else int(ratios.numel())
+                if n:
+                    self.score_band.labels(name, band).inc(n)
+                ratios = ratios[ratios >= bound] if bound != float("inf") else ratios
+
+    def watch_connections(self, stats: Mapping[str, int]) -> None:
+        """Export the HTTP protocol's connection events (serve/protocol.py: header timeouts, refused connections,
+        lingering closes) as ``safedl_connection_events_total{event}``, read at every scrape."""
+        self.registry.register(_ConnectionEvents(stats))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ConnectionEvents(Collector):
+    def __init__(self, stats: Mapping[str, int]):
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        fam = CounterMetricFamily("safedl_connection_events", "connection-level refusals and timeouts, by event",
+                                  labels=["event"])
+        for event, n in sorted(dict(self.stats).items()):
+            fam.add_metric([event], float(n))
+        yield fam

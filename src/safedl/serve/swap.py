@@ -14,7 +14,6 @@ is not answered without its audit row.
 """
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -22,19 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import anyio
 import torch
-from fastapi import Request
-from fastapi.responses import Response
 from prometheus_client import Counter
 
+from safedl.deploy import load_bundle
 from safedl.errors import UserError
 from safedl.serve._sqlite import connect, immediate
 from safedl.serve.slis import BundleSLICollector, bundle_slis
 
 log = logging.getLogger("safedl.serve.swap")
 OUTCOMES = ("swapped", "rolled_back", "refused", "failed")
-_MAX_BODY = 4096
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS bundle_swaps (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, "
            "request_id TEXT, key_id TEXT, trigger TEXT NOT NULL, action TEXT NOT NULL, outcome TEXT NOT NULL, "
            "from_version TEXT, to_version TEXT, path TEXT, detail TEXT)")
@@ -99,11 +95,9 @@ class BundleSwapper:
 
     # -- checks (off the request path) -------------------------------------------------------------------------
     def _load(self, path: Path, *, operator_path: bool) -> Any:
-        from safedl.serve.server import load_verified_bundle
-
         try:  # a path from an admin request may build its model by a Python entry point only when signed
-            new = load_verified_bundle(path, device=self.device, signing_key=self.signing_key,
-                                       allow_entry_point=operator_path or self.signing_key is not None)
+            new = load_bundle(path, device=self.device, signing_key=self.signing_key,
+                              allow_entry_point=operator_path or self.signing_key is not None)
         except UserError as exc:
             raise SwapRefused(422, "bundle_refused", f"bundle {path} refused: {exc}") from None
         svc = self.svc
@@ -213,62 +207,3 @@ def install_sighup(swapper: BundleSwapper) -> None:
 
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, on_hup)
-
-
-# -- HTTP ----------------------------------------------------------------------------------------------------------
-async def _admin(svc: Any, request: Any, ctx: dict) -> Any:
-    from safedl.serve.app import _token
-
-    key = await anyio.to_thread.run_sync(svc.admit, _token(request), "admin")
-    ctx["key_id"], ctx["tier"] = key.key_id, key.tier
-    return key
-
-
-async def _swap_work(svc: Any, request: Any, ctx: dict) -> tuple[int, dict, dict, list]:
-    from safedl.serve.app import ApiError, _read_body
-
-    await _admin(svc, request, ctx)
-    body = await _read_body(request, _MAX_BODY)
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise ApiError(400, "bad_request", 'send a JSON body {"path": "<bundle directory>"}') from None
-    path = doc.get("path") if isinstance(doc, dict) else None
-    if not isinstance(path, str) or not path.strip():
-        raise ApiError(400, "bad_request", f'"path": {path!r}; send {{"path": "<bundle directory>"}}')
-    try:
-        out = await anyio.to_thread.run_sync(lambda: svc.swapper.swap_to(path, ctx=ctx))
-    except SwapRefused as exc:
-        raise ApiError(exc.status, exc.code, exc.message) from None
-    return 200, out, {}, []
-
-
-async def _rollback_work(svc: Any, request: Any, ctx: dict) -> tuple[int, dict, dict, list]:
-    from safedl.serve.app import ApiError
-
-    await _admin(svc, request, ctx)
-    try:
-        out = await anyio.to_thread.run_sync(lambda: svc.swapper.rollback(ctx=ctx))
-    except SwapRefused as exc:
-        raise ApiError(exc.status, exc.code, exc.message) from None
-    return 200, out, {}, []
-
-
-def mount_admin(app: Any, svc: Any) -> None:
-    """Attach a ``BundleSwapper`` to ``svc`` (SLI gauges published) and the two admin routes to ``app``."""
-    from safedl.serve.app import _handle
-    from safedl.serve.schemas import ErrorResponse
-
-    svc.swapper = BundleSwapper(svc, start_path=svc.bundle.path,
-                                device=str(getattr(svc.pipeline, "device", None) or "cpu"))
-    svc.swapper.publish()
-    errors = {s: {"model": ErrorResponse} for s in (400, 401, 403, 409, 422, 503)}
-
-    @app.post("/v1/admin/bundle", responses=errors, summary="Verify a bundle and swap to it without downtime "
-                                                             "(scope admin)")
-    async def admin_bundle(request: Request) -> Response:
-        return await _handle(svc, request, "/v1/admin/bundle", _swap_work)
-
-    @app.post("/v1/admin/rollback", responses=errors, summary="Swap back to the previous bundle (scope admin)")
-    async def admin_rollback(request: Request) -> Response:
-        return await _handle(svc, request, "/v1/admin/rollback", _rollback_work)

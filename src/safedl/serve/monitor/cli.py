@@ -63,12 +63,12 @@ def calibrate_command(
         seed: int = typer.Option(0, "--seed", help="seed of the benign streams"),
         signing_key_file: Optional[Path] = typer.Option(None, "--signing-key-file")) -> None:
     """Measure the stateful (0.1% benign quantile) and PRADA (1%) thresholds on benign streams of the training split."""
-    from safedl.cli import _read_key
+    from safedl.deploy import load_bundle
+    from safedl.utils.keyfile import read_signing_key
     from safedl.serve.monitor.calibration import calibrate, save_calibration
-    from safedl.serve.server import load_verified_bundle
 
     try:
-        b = load_verified_bundle(bundle, signing_key=_read_key(signing_key_file))
+        b = load_bundle(bundle, signing_key=read_signing_key(signing_key_file))
         x = _train_images(b, data, images, split_seed, test_fraction, val_fraction)
         rec = calibrate(b, x, k=k, history=history, min_queries=min_queries, window=window, seed=seed)
         save_calibration(rec, out)

@@ -94,13 +94,13 @@ class SecurityMonitor:
         self._thread: threading.Thread | None = None
 
     # -- request path ------------------------------------------------------------------------------------------
-    def observe(self, key: ApiKey, x: torch.Tensor, decision_slice: dict, ctx: dict) -> None:
+    def observe(self, key: ApiKey, x: torch.Tensor, decision_slice: dict, *, request_id: str | None = None,
+                ts: float | None = None, input_sha256: list[str] | None = None) -> None:
         """Queue one answered predict batch (the decoded pixels the model saw and its answers); never blocks. A
         batch that would overfill the queue (count or bytes) is dropped and counted in
         ``safedl_monitor_dropped_total`` (alert on it: unobserved traffic is unmonitored traffic)."""
         item = (key.key_id, key.name, key.tier, x, decision_slice["labels"], decision_slice["rejected"].tolist(),
-                list(decision_slice["reasons"]), ctx.get("request_id"), ctx.get("ts") or self.clock(),
-                ctx.get("input_sha256"))
+                list(decision_slice["reasons"]), request_id, ts or self.clock(), input_sha256)
         size = x.element_size() * x.nelement()
         with self._bytes_lock:
             if self._queued_bytes + size > self.config.queue_mb * 2**20:

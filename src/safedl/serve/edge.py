@@ -1,0 +1,113 @@
+"""The ASGI layer in front of every route: strict request framing, the client's address, security headers.
+
+- Framing: a request with both ``Content-Length`` and ``Transfer-Encoding``, with more than one ``Content-Length``
+  (or a comma list in one), or with a ``Transfer-Encoding`` other than ``chunked`` is answered 400 and the connection
+  closed: two parsers (a proxy and this server) could read its body differently (request smuggling, RFC 9112 6.3).
+- Client address: the peer's address, unless the peer is a trusted proxy (``trusted_proxies``, default none):
+  then the right-most address of ``X-Forwarded-For`` that is not itself a trusted proxy. A client can put anything in
+  that header, so it is never read from any other peer.
+- Headers on every response: ``nosniff``, ``no-store``, no framing, no referrer, and a Content-Security-Policy that
+  allows nothing (JSON needs nothing; the dashboard sets its own, stricter-than-default policy for its page).
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any, Callable
+
+from safedl.serve.config import Network
+
+log = logging.getLogger("safedl.serve")
+CLIENT_KEY = "safedl.client"
+SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"),
+                    (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
+                    (b"cross-origin-resource-policy", b"same-origin"),
+                    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"))
+
+
+def client_of(scope: dict) -> str | None:
+    """The client address the edge resolved for this request (the peer's when no edge ran, as in unit tests)."""
+    if CLIENT_KEY in scope:
+        return scope[CLIENT_KEY]
+    peer = scope.get("client")
+    return peer[0] if peer else None
+
+
+def _trusted(address: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return False
+    return any(ip in n for n in networks)
+
+
+def resolve_client(peer: str | None, forwarded_for: list[str], trusted: tuple[Network, ...]) -> str | None:
+    """The client of a request from ``peer`` with these ``X-Forwarded-For`` header values."""
+    if peer is None or not trusted or not _trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for v in forwarded_for for h in v.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, trusted):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # a garbled hop: the proxy's own address is the best we know
+    return hops[0] if hops else peer
+
+
+def framing_error(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why this request's framing is ambiguous (then answer 400), or None."""
+    lengths = [v for k, v in headers if k == b"content-length"]
+    encodings = [v for k, v in headers if k == b"transfer-encoding"]
+    if len(lengths) > 1 or any(b"," in v for v in lengths):
+        return "more than one Content-Length"
+    if lengths and encodings:
+        return "both Content-Length and Transfer-Encoding"
+    if encodings and (len(encodings) > 1 or encodings[0].strip().lower() != b"chunked"):
+        return "a Transfer-Encoding other than chunked"
+    return None
+
+
+class EdgeMiddleware:
+    """Pure ASGI middleware (no body buffering): framing check, client address, security headers.
+
+    ``on_refused(client, reason)`` is called for every request refused here (counted as a failure before
+    authentication)."""
+
+    def __init__(self, app: Any, *, trusted_proxies: tuple[Network, ...] = (),
+                 on_refused: Callable[[str | None, str], None] | None = None):
+        self.app, self.trusted, self.on_refused = app, tuple(trusted_proxies), on_refused
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope.get("headers") or []
+        peer = scope.get("client")
+        scope[CLIENT_KEY] = resolve_client(peer[0] if peer else None,
+                                           [v.decode("latin-1") for k, v in headers if k == b"x-forwarded-for"],
+                                           self.trusted)
+        problem = framing_error(headers)
+
+        async def send_secured(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                have = {k.lower() for k, _ in message.get("headers", [])}
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  *((k, v) for k, v in SECURITY_HEADERS if k not in have)]}
+            await send(message)
+
+        if problem is not None:
+            if self.on_refused is not None:
+                self.on_refused(scope[CLIENT_KEY], "bad_framing")
+            await _plain(send_secured, 400, f'{{"error": {{"code": "bad_framing", "message": "ambiguous request '
+                                            f'framing: {problem}"}}}}')
+            return
+        await self.app(scope, receive, send_secured)
+
+
+async def _plain(send: Callable, status: int, body: str) -> None:
+    data = body.encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": data})

@@ -1,0 +1,190 @@
+"""The service's state and its admission rules: ``Service`` (one per app).
+
+Admission, in the order a request meets it: the key from the headers (401; a client whose failed lookups are
+over its budget gets 429 before any lookup, serve/unauth.py) -> scope (403) -> the monitor's key actions (403
+blocked) -> the key's request token bucket (429): all before one byte of the body is read. Then, once the body
+is in, the pixels the image headers declare against the per-request cap (413) and the key's pixel budget (429),
+decoding, and the key's daily image quota (429).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any
+
+import torch
+
+from safedl.serve.audit import AuditStore
+from safedl.serve.batcher import MicroBatcher
+from safedl.serve.config import ServeConfig
+from safedl.serve.decode import Decoded, InputError, declared_pixels, decode_items
+from safedl.serve.keys import ApiKey, KeyStore, well_formed
+from safedl.serve.limits import RateLimiter, Verdict
+from safedl.serve.metrics import Metrics
+from safedl.serve.monitor.store import KeyActions, KeyBlocked
+from safedl.serve.quarantine import Quarantine
+from safedl.serve.request import ApiError, RequestContext
+from safedl.serve.swap import BundleSwapper
+from safedl.serve.unauth import UnauthenticatedGuard
+
+log = logging.getLogger("safedl.serve")
+UNAUTHORIZED = ("missing, unknown or revoked API key (send it as 'Authorization: Bearer <key>' or "
+                "'X-API-Key: <key>')")
+
+
+def _bundle_shape_and_names(bundle: Any) -> tuple[tuple[int, int, int], list[str]]:
+    data = (bundle.manifest or {}).get("data", {}) if isinstance(bundle.manifest, dict) else {}
+    shape = getattr(bundle.pipeline, "input_shape", None) or data.get("shape")
+    if not shape or len(shape) != 3:
+        raise ValueError("the bundle does not say its input shape (C, H, W); re-export it")
+    names = getattr(bundle.pipeline, "class_names", None) or data.get("class_names")
+    names = [str(n) for n in names] if names else [str(i) for i in range(int(data.get("num_classes", 0)))]
+    return tuple(int(s) for s in shape), names
+
+
+class Service:
+    """The app's state: bundle, stores, batcher, limits, metrics, monitor, swapper."""
+
+    def __init__(self, *, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeConfig,
+                 monitor_config: Any = None):
+        self.bundle, self.keys, self.audit, self.config = bundle, keys, audit, config
+        self.pipeline = bundle.pipeline
+        self.shape, self.class_names = _bundle_shape_and_names(bundle)
+        self.limiter = RateLimiter(keys)
+        self.metrics = Metrics()
+        self.batcher = MicroBatcher(self._decide, max_batch=config.max_batch,
+                                    max_wait_s=config.max_wait_ms / 1000.0, on_batch=self.metrics.batch_size.observe)
+        self.actions = KeyActions(keys)  # automatic responses of the monitor, lifted with `safedl keys restore`
+        self.unauth = UnauthenticatedGuard(rate_per_s=config.unauth_rate_per_s, burst=config.unauth_burst)
+        self.monitor = None
+        if monitor_config is not None:
+            from safedl.serve.monitor.build import build_monitor
+
+            self.monitor = build_monitor(monitor_config, keys=keys, audit_path=audit.path,
+                                         registry=self.metrics.registry, num_classes=len(self.class_names),
+                                         bundle_version=lambda: self.bundle.version)
+        self.quarantine = (Quarantine(config.quarantine_dir, max_bytes=config.quarantine_max_bytes,
+                                      retention_days=config.quarantine_retention_days)
+                           if config.quarantine_dir is not None else None)
+        self.swapper = BundleSwapper(self, start_path=bundle.path,
+                                     device=str(getattr(self.pipeline, "device", None) or "cpu"))
+        self._flusher: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.audit.start()
+        self.batcher.start()
+        if self.monitor is not None:
+            self.monitor.start()
+        if self.quarantine is not None:
+            self.quarantine.prune()
+        self.swapper.publish()
+        self._stop.clear()
+        self._flusher = threading.Thread(target=self._flush_loop, name="safedl-unauth-flush", daemon=True)
+        self._flusher.start()
+
+    def stop(self) -> None:
+        """In-flight requests have finished: flush the model queue, the aggregated counts, then the audit."""
+        self.batcher.stop()
+        if self.monitor is not None:
+            self.monitor.close()
+        self._stop.set()
+        if self._flusher is not None:
+            self._flusher.join(10.0)
+        self.flush_unauthenticated()
+        self.audit.close()
+        self.keys.close()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.config.unauth_flush_s):
+            self.flush_unauthenticated()
+
+    def flush_unauthenticated(self) -> None:
+        rows = self.unauth.drain()
+        if rows and self.audit.record_unauthenticated(rows) == 0:
+            self.metrics.unauth_dropped.inc(sum(r["count"] for r in rows))
+
+    # -- the model -------------------------------------------------------------------------------------------
+    def _decide(self, x: torch.Tensor) -> Any:
+        """The pipeline on its own device (decoded images are on the CPU); the answer comes back to the CPU, tagged
+        with the bundle version (read under the model lock, which a bundle swap holds: see serve/swap.py)."""
+        pipe, version = self.pipeline, self.bundle.version
+        dev = getattr(pipe, "device", None)
+        if dev is None or torch.device(dev).type == "cpu":
+            return dataclasses.replace(pipe.decide(x), bundle_version=version)
+        d = pipe.decide(x.to(dev))
+        return type(d)(labels=d.labels.cpu(), probs=d.probs.cpu(), rejected=d.rejected.cpu(), reasons=d.reasons,
+                       detector_scores={k: v.cpu() for k, v in d.detector_scores.items()}, thresholds=d.thresholds,
+                       bundle_version=version)
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.batcher.running:
+            out.append("model worker not running")
+        if not self.audit.healthy:
+            out.append(f"audit log unavailable: {self.audit.last_error}")
+        return out
+
+    # -- admission -------------------------------------------------------------------------------------------
+    def refuse_unauthenticated(self, ctx: RequestContext, code: str = "unauthorized") -> ApiError:
+        """Count a failure before authentication; the 401 to answer (or 429 once the client's budget is spent)."""
+        self.unauth.failed(ctx.client, endpoint=ctx.endpoint, code=code)
+        self.metrics.unauthenticated.labels(code).inc()
+        refusal = self.unauth.check(ctx.client)
+        if refusal is not None:
+            return _unauth_limited(refusal.retry_after_s)
+        return ApiError(401, code, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
+
+    def precheck(self, token: str | None, ctx: RequestContext) -> None:
+        """On the event loop, before any lookup: a client over its failure budget gets 429; a token that cannot
+        be a key gets 401 (no thread hop, no database)."""
+        refusal = self.unauth.check(ctx.client)
+        if refusal is not None:
+            self.unauth.failed(ctx.client, endpoint=ctx.endpoint, code="unauth_limited")
+            self.metrics.unauthenticated.labels("unauth_limited").inc()
+            raise _unauth_limited(refusal.retry_after_s)
+        if not well_formed(token):
+            raise self.refuse_unauthenticated(ctx)
+
+    def admit(self, token: str | None, scope: str, ctx: RequestContext) -> ApiKey:
+        """Key lookup, scope, key actions and the request token bucket (a worker thread; raises ApiError)."""
+        key = self.keys.authenticate(token)
+        if key is None:
+            raise self.refuse_unauthenticated(ctx)
+        ctx.key_id, ctx.tier, ctx.authenticated = key.key_id, key.tier, True
+        if scope not in key.scopes and not (scope == "metrics" and "admin" in key.scopes):
+            raise ApiError(403, "forbidden", f"this key's scopes ({', '.join(key.scopes)}) do not include {scope!r}")
+        try:
+            key = self.actions.enforce(key)
+        except KeyBlocked as exc:
+            raise ApiError(403, "key_blocked", str(exc)) from None
+        ctx.tier = key.tier
+        self._refuse_if(self.limiter.take(key))
+        return key
+
+    def _refuse_if(self, v: Verdict) -> None:
+        if v.allowed:
+            return
+        self.metrics.rate_limited.labels(v.kind).inc()
+        what = {"rate": "rate limit", "quota": "daily image quota", "pixels": "pixel budget"}[v.kind]
+        raise ApiError(429, f"{v.kind}_limited", f"{what} exceeded for this key; retry after {v.retry_after_s} s",
+                       {"Retry-After": str(v.retry_after_s)})
+
+    def decode_and_charge(self, items: list[bytes], key: ApiKey) -> Decoded:
+        """Pixels declared by the headers against the key's pixel budget, then decoding, then the image quota."""
+        try:
+            pixels = sum(declared_pixels(items, shape=self.shape, config=self.config))
+            self._refuse_if(self.limiter.charge_pixels(key, pixels=pixels, rate_per_s=self.config.key_pixels_per_s,
+                                                       burst=self.config.key_pixel_burst))
+            decoded = decode_items(items, shape=self.shape, config=self.config)
+        except InputError as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        self._refuse_if(self.limiter.charge_images(key, images=decoded.x.shape[0]))
+        return decoded
+
+
+def _unauth_limited(retry_after_s: int) -> ApiError:
+    return ApiError(429, "unauth_limited", f"too many requests without a valid key from this address; retry after "
+                                           f"{retry_after_s} s", {"Retry-After": str(retry_after_s)})

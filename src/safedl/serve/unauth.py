@@ -1,0 +1,77 @@
+"""Bounded work before authentication: a token bucket per client address over failed authentications, and the
+failures counted in aggregate (client, minute, endpoint, code) instead of one audit row each.
+
+A request that presents no valid key costs the service a header parse and at most one indexed key lookup. Each
+such failure spends one token of its client's bucket; a client whose bucket is empty is answered 429 (with
+``Retry-After``) without any lookup, so an outsider can neither brute-force keys quickly nor flood the audit log:
+the audit database receives at most one row per (client, minute, endpoint, code), at most ``max_clients_per_minute``
+clients a minute (the rest are counted under the client ``(other)``). Valid keys never spend these tokens, so a
+keyholder behind the same address is refused only once its own key lookup fails.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+OTHER = "(other)"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    retry_after_s: int
+
+
+class UnauthenticatedGuard:
+    """``check(client)`` before a lookup, ``failed(client, endpoint, code)`` after one; ``drain()`` the counts."""
+
+    def __init__(self, *, rate_per_s: float, burst: int, max_clients: int = 100_000,
+                 max_clients_per_minute: int = 1000, clock: Callable[[], float] = time.time):
+        self.rate_per_s, self.burst = float(rate_per_s), int(burst)
+        self.max_clients, self.max_clients_per_minute = int(max_clients), int(max_clients_per_minute)
+        self.clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, updated)
+        self._counts: dict[tuple[int, str, str, str], int] = {}
+        self._minute_clients: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def _tokens(self, client: str, now: float) -> float:
+        tokens, updated = self._buckets.get(client, (float(self.burst), now))
+        return min(float(self.burst), tokens + max(0.0, now - updated) * self.rate_per_s)
+
+    def check(self, client: str | None) -> Refusal | None:
+        """A refusal if ``client`` has no failure left to spend (then answer 429 without looking the key up)."""
+        now = self.clock()
+        with self._lock:
+            tokens = self._tokens(client or "", now)
+        if tokens >= 1.0:
+            return None
+        return Refusal(max(1, math.ceil((1.0 - tokens) / self.rate_per_s)))
+
+    def failed(self, client: str | None, *, endpoint: str, code: str) -> None:
+        """Count one failure before authentication (spends one token of the client's bucket)."""
+        now, who = self.clock(), client or ""
+        minute = int(now // 60) * 60
+        with self._lock:
+            self._buckets[who] = (max(0.0, self._tokens(who, now) - 1.0), now)
+            self._buckets.move_to_end(who)
+            while len(self._buckets) > self.max_clients:  # LRU: memory stays bounded under address spraying
+                self._buckets.popitem(last=False)
+            seen = self._minute_clients.setdefault(minute, set())
+            if who not in seen and len(seen) >= self.max_clients_per_minute:
+                who = OTHER
+            seen.add(who)
+            k = (minute, who, endpoint, code)
+            self._counts[k] = self._counts.get(k, 0) + 1
+
+    def drain(self) -> list[dict]:
+        """The counts gathered since the last call, as aggregated audit rows."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+            current = int(self.clock() // 60) * 60
+            self._minute_clients = {m: s for m, s in self._minute_clients.items() if m >= current}
+        return [{"minute": m, "client": c, "endpoint": e, "code": code, "count": n}
+                for (m, c, e, code), n in sorted(counts.items())]

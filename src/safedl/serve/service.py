@@ -129,22 +129,20 @@ class Service:
 
     # -- admission -------------------------------------------------------------------------------------------
     def refuse_unauthenticated(self, ctx: RequestContext, code: str = "unauthorized") -> ApiError:
-        """Count a failure before authentication; the 401 to answer (or 429 once the client's budget is spent)."""
+        """Count a failure before authentication; the 401 to answer, or 429 once the client's failure budget is
+        spent (then no token tells whether a guess was close: the answer is the same for any wrong key)."""
+        refusal = self.unauth.check(ctx.client)
+        code = "unauth_limited" if refusal is not None else code
         self.unauth.failed(ctx.client, endpoint=ctx.endpoint, code=code)
         self.metrics.unauthenticated.labels(code).inc()
-        refusal = self.unauth.check(ctx.client)
         if refusal is not None:
             return _unauth_limited(refusal.retry_after_s)
         return ApiError(401, code, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
 
     def precheck(self, token: str | None, ctx: RequestContext) -> None:
-        """On the event loop, before any lookup: a client over its failure budget gets 429; a token that cannot
-        be a key gets 401 (no thread hop, no database)."""
-        refusal = self.unauth.check(ctx.client)
-        if refusal is not None:
-            self.unauth.failed(ctx.client, endpoint=ctx.endpoint, code="unauth_limited")
-            self.metrics.unauthenticated.labels("unauth_limited").inc()
-            raise _unauth_limited(refusal.retry_after_s)
+        """On the event loop, before any lookup: a token that cannot be a key is refused here (401, or 429 over the
+        client's failure budget), with no thread hop and no database. A well-formed token is always looked up, so
+        a valid key works even from an address an attacker shares (a NAT, a proxy)."""
         if not well_formed(token):
             raise self.refuse_unauthenticated(ctx)
 

@@ -162,15 +162,15 @@ def oncall() -> dict:
 
 def debug() -> dict:
     det_var = {"name": "detector", "type": "query", "datasource": DS, "label": "input detector",
-               "query": {"query": "label_values(safedl_detector_score_bucket, detector)", "refId": "detector"},
-               "definition": "label_values(safedl_detector_score_bucket, detector)", "includeAll": True,
+               "query": {"query": "label_values(safedl_detector_score_band_total, detector)", "refId": "detector"},
+               "definition": "label_values(safedl_detector_score_band_total, detector)", "includeAll": True,
                "multi": True, "current": {}, "refresh": 2, "hide": 0}
     heat = {"calculate": False, "yAxis": {"unit": "short"}, "cellGap": 1}
     p = [
-        _panel(1, "Input detector scores", "heatmap",
-               [_target("sum by (le) (increase(safedl_detector_score_bucket"
-                        f'{{{SEL}, detector=~"$detector"}}[$__rate_interval]))', "{{le}}", fmt="heatmap")],
-               (0, 0, 12, 8), options=heat),
+        _panel(1, "Input detector scores (bands of score / threshold)", "timeseries",
+               [_target("sum by (band) (increase(safedl_detector_score_band_total"
+                        f'{{{SEL}, detector=~"$detector"}}[$__rate_interval]))', "{{band}}")],
+               (0, 0, 12, 8)),
         _panel(2, "Batch sizes", "heatmap",
                [_target(f"sum by (le) (increase(safedl_batch_size_bucket{{{SEL}}}[$__rate_interval]))", "{{le}}",
                         fmt="heatmap")], (12, 0, 12, 8), options=heat),

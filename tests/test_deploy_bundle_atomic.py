@@ -204,3 +204,9 @@ def test_listed_paths_outside_the_bundle_are_refused(versions):
     (versions.root / DIGEST).write_bytes(_digest(text, KEY))
     with pytest.raises(BundleError, match="outside the bundle"):
         load_bundle(versions.root, signing_key=KEY)
+
+
+def test_a_digest_file_with_non_ascii_text_is_refused_not_a_crash(versions):
+    (versions.root / DIGEST).write_bytes("sha256 é\nhmac-sha256 \xff\n".encode())
+    with pytest.raises(BundleError, match="does not match its digest"):
+        load_bundle(versions.root, signing_key=KEY)

@@ -129,7 +129,7 @@ def _open_entry(dir_fd: int, name: str, path: Path) -> int:
             raise _not_regular(path, mode)
         return os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        if exc.errno in (errno.ELOOP, errno.EMLINK):  # EMLINK: FreeBSD's answer to O_NOFOLLOW on a link
             raise link from None
         raise BundleError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 

@@ -15,7 +15,10 @@ log = logging.getLogger("safedl.serve")
 
 def load_verified_bundle(path: str | Path, *, device: str = "cpu", signing_key: bytes | None = None,
                          allow_entry_point: bool = True) -> Any:
-    """The bundle at ``path``, every file's sha256 (and the signature, given a key) checked (raises BundleError)."""
+    """The bundle at ``path``, every file's sha256 (and the signature, given a key) checked (raises BundleError).
+
+    The one loading path (``safedl verify`` takes it too): ``load_bundle`` reads every file once and builds the
+    system from the bytes it verified, so a swap racing with file replacements never loads unverified content."""
     from safedl.deploy import load_bundle
 
     return load_bundle(Path(path), device=device, signing_key=signing_key, allow_entry_point=allow_entry_point)

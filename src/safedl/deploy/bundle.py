@@ -8,9 +8,11 @@
       model.safetensors the model's weights
       state/NN-name.safetensors  fitted tensors of component NN (e.g. a detector's statistics)
 
-Tensors are stored as safetensors, so a bundle holds no pickled code; ``load_bundle`` verifies the schema, the
-manifest digest (and signature when a key is given) and every file's sha256 before anything is built, and refuses
-any mismatch with a :class:`~safedl.errors.BundleError` naming the file.
+Tensors are stored as safetensors, so a bundle holds no pickled code; ``load_bundle`` reads every file once
+(``safedl.deploy.verify``: no symbolic links, regular files only, bounded size), verifies the schema, the manifest
+digest (and signature when a key is given) and every file's sha256 over those bytes before anything is built,
+builds the system from the same bytes, and refuses any mismatch with a :class:`~safedl.errors.BundleError` naming
+the file.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import datetime as _dt
 import hashlib
 import hmac
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,12 +34,12 @@ import safedl
 from safedl import registry
 from safedl.deploy.pipeline import SecurePipeline
 from safedl.deploy.state import fitted_state, restore_state
+from safedl.deploy.verify import (DIGEST, KIND, MANIFEST, SCHEMA_VERSION, WEIGHTS, VerifiedBundle,
+                                  read_verified_bundle)
 from safedl.errors import BundleError, UserError
 from safedl.utils.io import file_sha256
 
-SCHEMA_VERSION = 1
-KIND = "safedl-bundle"
-MANIFEST, DIGEST, WEIGHTS = "manifest.json", "manifest.sha256", "model.safetensors"
+log = logging.getLogger("safedl.deploy.bundle")
 
 
 @dataclass
@@ -56,15 +59,19 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path))
 
 
-def _load_tensors(path: Path, rel: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _load_tensors(verified: VerifiedBundle, rel: str) -> dict[str, torch.Tensor]:
+    """The tensors of the verified file ``rel``, parsed from the bytes that were verified (never re-read)."""
+    from safetensors.torch import load
 
-    head = path.read_bytes()[:2]
-    if head[:1] == b"\x80" or head == b"PK":
+    path = verified.root / rel
+    data = verified.files.get(rel)
+    if data is None:
+        raise BundleError(f"{path}: not listed in the manifest's files, so it is not verified; refused")
+    if data[:1] == b"\x80" or data[:2] == b"PK":
         raise BundleError(f"{path}: holds a pickled payload (torch.save / pickle); bundles store tensors as "
                           f"safetensors only and this file ({rel}) is refused, never executed")
     try:
-        return load_file(str(path))
+        return load(data)
     except Exception as exc:  # a malformed header
         raise BundleError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
@@ -131,50 +138,6 @@ def _digest_text(manifest_bytes: bytes, key: bytes | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _read_manifest(root: Path, signing_key: bytes | None) -> dict[str, Any]:
-    mpath, dpath = root / MANIFEST, root / DIGEST
-    for p in (mpath, dpath):
-        if not p.is_file():
-            raise BundleError(f"{p}: missing; {root} is not a complete safedl bundle")
-    raw = mpath.read_bytes()
-    lines = dict(line.split(" ", 1) for line in dpath.read_text(encoding="utf-8", errors="replace").split("\n")
-                 if " " in line)
-    if not hmac.compare_digest(lines.get("sha256", "").strip(), hashlib.sha256(raw).hexdigest()):
-        raise BundleError(f"{mpath}: does not match its digest in {DIGEST} (the manifest was edited or truncated)")
-    if signing_key is not None:
-        expected = hmac.new(signing_key, raw, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(lines.get("hmac-sha256", "").strip(), expected):
-            raise BundleError(f"{dpath}: the signature does not verify with the given key (unsigned, or signed "
-                              "with another key)")
-    try:
-        manifest = json.loads(raw)
-    except ValueError as exc:
-        raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
-        raise BundleError(f"{mpath}: not a safedl bundle manifest (kind {manifest.get('kind')!r}"
-                          if isinstance(manifest, dict) else f"{mpath}: not a safedl bundle manifest")
-    if manifest.get("bundle_schema_version") != SCHEMA_VERSION:
-        raise BundleError(f"{mpath}: bundle schema version {manifest.get('bundle_schema_version')!r}; this safedl "
-                          f"({safedl.__version__}) reads version {SCHEMA_VERSION}")
-    return manifest
-
-
-def _verify_files(root: Path, manifest: dict[str, Any]) -> None:
-    files = manifest.get("files") or {}
-    for rel, digest in files.items():
-        p = (root / rel).resolve()
-        if root.resolve() not in p.parents:
-            raise BundleError(f"{root / MANIFEST}: file entry {rel!r} points outside the bundle")
-        if not p.is_file():
-            raise BundleError(f"{root / rel}: missing (listed in the manifest)")
-        if not hmac.compare_digest(file_sha256(p), str(digest)):
-            raise BundleError(f"{root / rel}: sha256 does not match the manifest (the file was changed or truncated)")
-    extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.is_file() and p.name not in (MANIFEST, DIGEST) and p.relative_to(root).as_posix() not in files)
-    if extra:
-        raise BundleError(f"{root / extra[0]}: not listed in the manifest (unexpected file in the bundle)")
-
-
 def build_model(spec: dict[str, Any]) -> nn.Module:
     """An untrained model of the architecture a bundle's manifest describes."""
     from safedl.models.normalize import with_normalization
@@ -196,33 +159,17 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     return model
 
 
-def load_bundle(path: str | Path, *, device: str | torch.device = "cpu", signing_key: bytes | None = None,
-                allow_entry_point: bool = True) -> Bundle:
-    """Verify a bundle (schema, manifest digest/signature, every file's sha256) and rebuild its pipeline.
-
-    A model given as a Python ``entry_point`` runs that function to build it (bundles hold no code, but the
-    manifest names what to call and with which arguments): ``allow_entry_point=False`` refuses such a bundle
-    before anything runs (for bundles from a less trusted source than the operator, e.g. an admin swap without a
-    signing key).
-    """
-    root = Path(path)
-    if not root.is_dir():
-        raise BundleError(f"{root}: not a bundle directory")
-    manifest = _read_manifest(root, signing_key)
-    _verify_files(root, manifest)
-    if not allow_entry_point and isinstance(manifest.get("model"), dict) and manifest["model"].get("entry_point"):
-        raise BundleError(f"{root / MANIFEST}: the model is built by the Python entry point "
-                          f"{manifest['model']['entry_point']!r}, which is not run for an unsigned bundle here "
-                          "(sign it and start the server with --signing-key-file)")
-    dev = torch.device(device)
+def _rebuild(verified: VerifiedBundle, dev: torch.device) -> tuple[nn.Module, dict[str, list[Any]]]:
+    """The model and the components by kind, built from the verified manifest and bytes."""
+    manifest = verified.manifest
     try:
         model = build_model(manifest["model"])
-        model.load_state_dict(_load_tensors(root / WEIGHTS, WEIGHTS))
+        model.load_state_dict(_load_tensors(verified, WEIGHTS))
         model = model.to(dev).eval()
         parts: dict[str, list[Any]] = {k: [] for k in ("preprocessor", "detector", "certifier", "postprocessor")}
         for rec in manifest["components"]:
             comp = registry.create(rec["kind"], rec["name"], **rec["params"])
-            tensors = _load_tensors(root / rec["state"], rec["state"]) if rec.get("state") else {}
+            tensors = _load_tensors(verified, rec["state"]) if rec.get("state") else {}
             restore_state(comp, tensors, rec.get("fitted", {}), dev)
             if rec["kind"] == "detector":
                 comp.model_ = model
@@ -230,12 +177,37 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu", signing
     except BundleError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, UserError) as exc:
-        raise BundleError(f"{root / MANIFEST}: cannot rebuild the system ({type(exc).__name__}: {exc})") from None
+        raise BundleError(f"{verified.root / MANIFEST}: cannot rebuild the system ({type(exc).__name__}: {exc})") \
+            from None
+    return model, parts
+
+
+def load_bundle(path: str | Path, *, device: str | torch.device = "cpu", signing_key: bytes | None = None,
+                allow_entry_point: bool = True) -> Bundle:
+    """Verify a bundle (schema, manifest digest/signature, every file's sha256) and rebuild its pipeline.
+
+    Every file is read once (:func:`safedl.deploy.verify.read_verified_bundle`: no symbolic links, regular files
+    only, bounded size) and the system and its version are built from exactly the bytes that were verified, so
+    files replaced while this runs can make it fail but never load unverified content.
+
+    A model given as a Python ``entry_point`` runs that function to build it (bundles hold no code, but the
+    manifest names what to call and with which arguments): ``allow_entry_point=False`` refuses such a bundle
+    before anything runs (for bundles from a less trusted source than the operator, e.g. an admin swap without a
+    signing key).
+    """
+    root = Path(path)
+    verified = read_verified_bundle(root, signing_key=signing_key)
+    manifest = verified.manifest
+    if not allow_entry_point and isinstance(manifest.get("model"), dict) and manifest["model"].get("entry_point"):
+        raise BundleError(f"{root / MANIFEST}: the model is built by the Python entry point "
+                          f"{manifest['model']['entry_point']!r}, which is not run for an unsigned bundle here "
+                          "(sign it and start the server with --signing-key-file)")
+    model, parts = _rebuild(verified, torch.device(device))
     data = manifest.get("data", {})
-    pipe = SecurePipeline(model=model, preprocessors=[p.to(dev) for p in parts["preprocessor"]],
+    pipe = SecurePipeline(model=model, preprocessors=[p.to(torch.device(device)) for p in parts["preprocessor"]],
                           detectors=parts["detector"], postprocessors=parts["postprocessor"],
                           certifier=parts["certifier"][0] if parts["certifier"] else None,
                           class_names=data.get("class_names"), input_shape=data.get("shape"),
                           batch_size=int(manifest.get("batch_size", 256)))
-    version = hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()[:12]
-    return Bundle(path=root, manifest=manifest, pipeline=pipe, version=version)
+    log.debug("loaded bundle %s version %s (%d files verified)", root, verified.version, len(verified.files))
+    return Bundle(path=root, manifest=manifest, pipeline=pipe, version=verified.version)

@@ -2,12 +2,12 @@
 ``admin``) and SIGHUP (reload the bundle path given at start).
 
 A new bundle is verified exactly as at start (every file's sha256, the HMAC signature with the same
-``--signing-key-file``), rebuilt and run once on a blank image in a worker thread, off the request path; one with
-another input shape or class count is refused with nothing changed, and so is, over HTTP without a signing key,
-one whose model is built by a Python entry point (the manifest would name the function the server calls). The swap
-itself replaces the service's pipeline, bundle and class names while holding the model lock
-(``MicroBatcher.exclusive``), so a forward pass runs wholly on the old pipeline or wholly on the new one and every
-answer names the version that decided it. Every
+``--signing-key-file``; every file read once and the system built from those verified bytes), rebuilt and run
+once on a blank image in a worker thread, off the request path; one with another input shape or class count is
+refused with nothing changed, and so is, over HTTP without a signing key, one whose model is built by a Python
+entry point (the manifest would name the function the server calls). The swap itself replaces the service's
+pipeline, bundle and class names while holding the model lock (``MicroBatcher.exclusive``), so a forward pass runs
+wholly on the old pipeline or wholly on the new one and every answer names the version that decided it. Every
 attempt, refused or not, is a row in the ``bundle_swaps`` table of the audit database and a count in
 ``safedl_bundle_swaps_total{outcome}``; a swap whose row cannot be written does not happen (503), the way a request
 is not answered without its audit row.

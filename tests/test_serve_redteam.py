@@ -6,9 +6,11 @@ and test_serve_redteam_process.py; input decoding in test_serve_fuzz.py and test
 from __future__ import annotations
 
 import asyncio
+import os
 import json
 import sqlite3
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,3 +221,59 @@ def test_framing_ambiguity_is_refused(tmp_path, bundle, digits_splits):
             (b"content-type", b"application/x-npy"), (b"content-length", str(len(arr)).encode()),
             (b"transfer-encoding", b"chunked"), (b"authorization", f"Bearer {s.full}".encode())])
     assert status == 400 and json.loads(body)["error"]["code"] == "bad_framing" and pulled == 0
+
+
+def test_100_swaps_while_an_attacker_rewrites_the_bundle_never_serve_unsigned_weights(tmp_path, tiny_model,
+                                                                                      digits_splits):
+    """Finding 2: a signed bundle was hashed, then reopened by path to load; replacing files during
+    ``POST /v1/admin/bundle`` put unsigned weights live in 6 of 40 tries."""
+    import hashlib
+    import hmac
+    import shutil
+    import threading
+
+    import torch
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    key = b"genuine-signing-key-0123456789"
+    root = make_bundle(tiny_model, digits_splits, tmp_path / "genuine")
+    manifest = (root / "manifest.json").read_bytes()
+    (root / "manifest.sha256").write_text(f"sha256 {hashlib.sha256(manifest).hexdigest()}\n"
+                                          f"hmac-sha256 {hmac.new(key, manifest, hashlib.sha256).hexdigest()}\n")
+    genuine = (root / "model.safetensors").read_bytes()
+    forged = st_save({k: -v for k, v in st_load(genuine).items()})
+    live = Path(shutil.copytree(root, tmp_path / "live"))
+    s = Svc(tmp_path, load_bundle(root, signing_key=key))
+    s.app.state.service.swapper.configure(start_path=root, signing_key=key, device="cpu")
+    stop = threading.Event()
+
+    def attacker() -> None:  # bounded: stops with the test, at most 60 s
+        t_end, i = time.monotonic() + 60, 0
+        while not stop.is_set() and time.monotonic() < t_end:
+            tmp = live / f".w{i % 2}"
+            tmp.write_bytes(forged if i % 2 else genuine)
+            os.replace(tmp, live / "model.safetensors")
+            i += 1
+
+    genuine_w = {k: v for k, v in st_load(genuine).items()}
+    outcomes = {"swapped": 0, "refused": 0, "unsigned_live": 0}
+    t = threading.Thread(target=attacker, daemon=True)
+    with TestClient(s.app) as c:
+        t.start()
+        try:
+            for _ in range(100):
+                r = c.post("/v1/admin/bundle", json={"path": str(live)}, headers=_h(s.admin, "application/json"))
+                assert r.status_code in (200, 422), r.text
+                if r.status_code == 422:
+                    outcomes["refused"] += 1
+                    continue
+                outcomes["swapped"] += 1
+                served = s.app.state.service.pipeline.model.state_dict()
+                same = all(torch.equal(served[k], v) for k, v in genuine_w.items())
+                outcomes["unsigned_live"] += 0 if same else 1
+        finally:
+            stop.set()
+            t.join(10)
+    assert outcomes["unsigned_live"] == 0 and outcomes["swapped"] + outcomes["refused"] == 100, outcomes
+    assert outcomes["refused"] > 0  # the race was real: some swaps saw the forged file and were refused

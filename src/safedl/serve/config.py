@@ -19,6 +19,7 @@ class ServeConfig:
     max_body_bytes: int = 8 * 2**20
     max_images: int = 64
     max_pixels: int = 4_000_000          # per image, checked from the header before decoding
+    max_request_pixels: int = 16_000_000  # all images of one request together, checked from the headers too
     resize: bool = True
     max_batch: int = 64                  # images per forward pass
     max_wait_ms: float = 3.0             # how long a batch waits for more requests
@@ -33,6 +34,7 @@ class ServeConfig:
         check_positive(who, "max_body_bytes", self.max_body_bytes, integer=True)
         check_positive(who, "max_images", self.max_images, integer=True)
         check_positive(who, "max_pixels", self.max_pixels, integer=True)
+        check_positive(who, "max_request_pixels", self.max_request_pixels, integer=True)
         check_positive(who, "max_batch", self.max_batch, integer=True)
         check_range(who, "max_wait_ms", self.max_wait_ms, low=0.0, high=100.0)
         check_range(who, "round_decimals", self.round_decimals, low=0, high=8, integer=True)

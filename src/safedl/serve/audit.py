@@ -199,9 +199,19 @@ def read_rows(db: str | Path, *, since: float | None = None, until: float | None
         raise UserError(f"--db {db}: cannot read the audit table ({exc})") from None
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (starting with = + - @ tab or CR) prefixed with a single
+    quote (OWASP CSV injection); numbers and other text are left as they are."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def export_rows(db: str | Path, out: str | Path, *, fmt: str, since: float | None = None,
                 until: float | None = None) -> int:
-    """Write the rows in [since, until) to ``out`` as CSV or JSONL (atomically); returns the row count."""
+    """Write the rows in [since, until) to ``out`` as CSV or JSONL (atomically); returns the row count. In CSV,
+    text cells that would start a spreadsheet formula are neutralized (:func:`csv_safe`); JSONL stays exact."""
     if fmt not in ("csv", "jsonl"):
         raise UserError(f"--format {fmt!r} is not allowed; choose csv or jsonl")
     rows = list(read_rows(db, since=since, until=until))
@@ -209,7 +219,7 @@ def export_rows(db: str | Path, out: str | Path, *, fmt: str, since: float | Non
     if fmt == "csv":
         w = csv.DictWriter(buf, fieldnames=["id", *COLUMNS])
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: csv_safe(v) for k, v in r.items()} for r in rows)
     else:
         for r in rows:
             buf.write(json.dumps(r) + "\n")

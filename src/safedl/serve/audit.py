@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from safedl.errors import SafedlError, UserError
 from safedl.serve._sqlite import connect, immediate
+from safedl.serve.dburl import sqlite_path
 from safedl.utils.io import atomic_write_text
 
 log = logging.getLogger("safedl.serve.audit")
@@ -48,7 +49,7 @@ class AuditStore:
 
     def __init__(self, path: str | Path, *, synchronous: str = "NORMAL", max_group: int = 512,
                  max_bytes: int | None = None):
-        self.path = Path(path)
+        self.path = sqlite_path(path, what="audit database")
         self.max_bytes = max_bytes  # size cap of the database file: once reached, requests are answered 503
         self.synchronous = synchronous
         self.max_group = max_group
@@ -184,7 +185,7 @@ def parse_time(text: str | None, *, flag: str) -> float | None:
 
 
 def read_rows(db: str | Path, *, since: float | None = None, until: float | None = None) -> Iterator[dict]:
-    db = Path(db)
+    db = sqlite_path(db, what="--db")
     if not db.is_file():
         raise UserError(f"--db {db}: no such audit database")
     try:

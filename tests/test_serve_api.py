@@ -211,7 +211,7 @@ def test_bad_inputs_get_the_right_4xx_and_are_audited(svc, eval_batch):
     nan = x[:1].numpy().copy()
     nan[0, 0, 0, 0] = np.nan
     cases = [
-        (good[: len(good) // 2], "image/png", 400, "undecodable"),
+        (good[: len(good) // 2], "image/png", 422, "undecodable"),
         (b"hello, not an image", "image/png", 415, "unsupported_format"),
         (b"GIF89a" + b"\0" * 50, "image/png", 415, "unsupported_format"),
         (good, "text/plain", 415, "unsupported_media_type"),

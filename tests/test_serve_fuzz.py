@@ -1,9 +1,12 @@
 """Property-based fuzzing of the service (hypothesis): random, truncated and huge image bytes, random JSON, random
-headers against every operation of the OpenAPI document. Properties: never a 5xx, the service keeps running, every
-answer matches the response schema the OpenAPI document declares for its status."""
+headers against every operation of the OpenAPI document; and a seeded corpus of 5,000 hostile bodies across every
+content type (tests/_fuzz_corpus.py) through the service and straight into the decoder. Properties: never a 5xx
+(except the documented 503), the service keeps running, every answer matches the response schema the OpenAPI
+document declares for its status, and the decoder raises nothing but InputError."""
 from __future__ import annotations
 
 import base64
+import collections
 import io
 
 import numpy as np
@@ -16,10 +19,12 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from _fuzz_corpus import corpus  # noqa: E402
 from _serve_helpers import make_bundle, npy_bytes, png_bytes  # noqa: E402
 from safedl.deploy import load_bundle  # noqa: E402
 from safedl.serve import ServeConfig, create_app  # noqa: E402
 from safedl.serve.audit import AuditStore  # noqa: E402
+from safedl.serve.decode import InputError, decode_items, declared_pixels, items_from_json  # noqa: E402
 from safedl.serve.keys import KeyStore  # noqa: E402
 from safedl.serve import schemas  # noqa: E402
 
@@ -150,3 +155,44 @@ def test_npy_headers_of_any_shape_and_dtype(service, dims, dtype, cut):
     n = 1 if d in ((8, 8), (1, 8, 8)) else d[0] if len(d) == 4 and d[1:] == (1, 8, 8) else 0
     valid = dtype in ("<f4", ">f8", "|u1", "<f2") and 1 <= n <= 64 and cut == n * 64 * np.dtype(dtype).itemsize
     assert (r.status_code == 200) == valid and (valid or r.status_code in (400, 413, 422)), r.text[:200]
+
+
+CORPUS_SIZE = 5000
+
+
+@pytest.fixture(scope="module")
+def hostile_corpus():
+    return corpus(CORPUS_SIZE, seed=0)
+
+
+def test_seeded_corpus_of_5000_hostile_bodies_never_5xx(service, hostile_corpus, eval_batch):
+    """Every body of the corpus through /v1/predict with one valid key: 4xx with an error code or 200, never a
+    5xx but the documented 503; afterwards the service still answers a valid request."""
+    client, tokens = service
+    key = {"X-API-Key": tokens[0]}
+    statuses: collections.Counter = collections.Counter()
+    for ctype, body in hostile_corpus:
+        r = client.post("/v1/predict", content=body, headers={**key, "Content-Type": ctype})
+        statuses[r.status_code] += 1
+        _check(client, r, "/v1/predict", "post")
+        assert r.status_code == 200 or r.json()["error"]["code"], r.text[:200]
+    assert statuses[200] > 200 and set(statuses) <= {200, 400, 413, 415, 422, 503}, statuses
+    r = client.post("/v1/predict", content=png_bytes(eval_batch[0][0]), headers={**key, "Content-Type": "image/png"})
+    assert r.status_code == 200 and client.get("/v1/health").status_code == 200
+
+
+def test_seeded_corpus_straight_into_the_decoder_raises_only_input_errors(hostile_corpus):
+    """items_from_json, declared_pixels and decode_items over the same corpus: an InputError or a batch, nothing else."""
+    config = ServeConfig(max_body_bytes=256 * 1024, max_pixels=250_000)
+    outcomes: collections.Counter = collections.Counter()
+    for ctype, body in hostile_corpus:
+        try:
+            items = items_from_json(body, config=config) if ctype.startswith("application/json") else [body]
+            pixels = declared_pixels(items, shape=(1, 8, 8), config=config)
+            x = decode_items(items, shape=(1, 8, 8), config=config).x
+            assert x.dtype.is_floating_point and x.shape[1:] == (1, 8, 8) and len(pixels) == len(items)
+            outcomes["ok"] += 1
+        except InputError as exc:
+            assert exc.status in (400, 413, 415, 422) and exc.code
+            outcomes[exc.code] += 1
+    assert outcomes["ok"] > 200 and len(outcomes) > 8, outcomes

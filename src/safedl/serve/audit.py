@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from safedl.errors import SafedlError, UserError
 from safedl.serve._sqlite import connect, immediate
+from safedl.serve.dburl import sqlite_path
 from safedl.utils.io import atomic_write_text
 
 log = logging.getLogger("safedl.serve.audit")
@@ -57,7 +58,7 @@ class AuditStore:
 
     def __init__(self, path: str | Path, *, synchronous: str = "NORMAL", max_group: int = 512,
                  max_bytes: int | None = None):
-        self.path = Path(path)
+        self.path = sqlite_path(path, what="audit database")
         self.max_bytes = max_bytes  # size cap of the database file: once reached, requests are answered 503
         self.synchronous = synchronous
         self.max_group = max_group
@@ -216,7 +217,7 @@ def parse_time(text: str | None, *, flag: str) -> float | None:
 
 
 def read_rows(db: str | Path, *, since: float | None = None, until: float | None = None) -> Iterator[dict]:
-    db = Path(db)
+    db = sqlite_path(db, what="--db")
     if not db.is_file():
         raise UserError(f"--db {db}: no such audit database")
     try:
@@ -231,9 +232,19 @@ def read_rows(db: str | Path, *, since: float | None = None, until: float | None
         raise UserError(f"--db {db}: cannot read the audit table ({exc})") from None
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (starting with = + - @ tab or CR) prefixed with a single
+    quote (OWASP CSV injection); numbers and other text are left as they are."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def export_rows(db: str | Path, out: str | Path, *, fmt: str, since: float | None = None,
                 until: float | None = None) -> int:
-    """Write the rows in [since, until) to ``out`` as CSV or JSONL (atomically); returns the row count."""
+    """Write the rows in [since, until) to ``out`` as CSV or JSONL (atomically); returns the row count. In CSV,
+    text cells that would start a spreadsheet formula are neutralized (:func:`csv_safe`); JSONL stays exact."""
     if fmt not in ("csv", "jsonl"):
         raise UserError(f"--format {fmt!r} is not allowed; choose csv or jsonl")
     rows = list(read_rows(db, since=since, until=until))
@@ -241,7 +252,7 @@ def export_rows(db: str | Path, out: str | Path, *, fmt: str, since: float | Non
     if fmt == "csv":
         w = csv.DictWriter(buf, fieldnames=["id", *COLUMNS])
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: csv_safe(v) for k, v in r.items()} for r in rows)
     else:
         for r in rows:
             buf.write(json.dumps(r) + "\n")

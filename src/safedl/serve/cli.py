@@ -104,20 +104,23 @@ def serve_command(
 
 
 @keys_app.command("create")
-def keys_create(db: Path = typer.Option(..., "--db", help="key database (created if missing)"),
+def keys_create(db: str = typer.Option(..., "--db", help="key database, a SQLite file (created if missing)"),
                 name: str = typer.Option(..., "--name"),
                 tier: str = typer.Option("rounded", "--tier", help="output tier: full, rounded, topk or label"),
-                scopes: str = typer.Option("predict,model", "--scopes", help="comma-separated: predict, model, admin (bundle swap, monitor)"),
-                rate: float = typer.Option(20.0, "--rate", help="sustained requests per second"),
-                burst: int = typer.Option(40, "--burst", help="requests allowed at once"),
-                quota: int = typer.Option(100_000, "--quota", help="images per UTC day")) -> None:
-    """Create a key and print it once (only its hash is stored)."""
-    from safedl.serve.keys import KeyStore
+                scopes: str = typer.Option("predict,model", "--scopes", help="comma-separated: predict, model, admin (bundle swap, monitor, metrics), metrics (the Prometheus scraper)"),
+                rate: float = typer.Option(20.0, "--rate", help="sustained requests per second (finite, > 0)"),
+                burst: int = typer.Option(40, "--burst", help="requests allowed at once (>= 1)"),
+                quota: int = typer.Option(100_000, "--quota", help="images per UTC day (>= 1)")) -> None:
+    """Create a key and print it once (only its hash is stored). A value not allowed: exit 2, nothing written."""
+    from safedl.serve.dburl import sqlite_path
+    from safedl.serve.keys import KeyStore, check_key_settings
 
     try:
-        store = KeyStore(db, create=True)
-        key, token = store.create(name=name, tier=tier, scopes=tuple(s.strip() for s in scopes.split(",") if s.strip()),
-                                  rate_per_s=rate, burst=burst, daily_quota=quota)
+        settings = dict(name=name, tier=tier, scopes=tuple(s.strip() for s in scopes.split(",") if s.strip()),
+                        rate_per_s=rate, burst=burst, daily_quota=quota)
+        path = sqlite_path(db, what="--db")
+        check_key_settings(**settings)  # before the database is created
+        key, token = KeyStore(path, create=True).create(**settings)
     except UserError as exc:
         _fail(exc)
     sys.stderr.write(f"created key {key.name} (id {key.key_id}, tier {key.tier}); store it now, it is not shown again:\n")
@@ -125,13 +128,14 @@ def keys_create(db: Path = typer.Option(..., "--db", help="key database (created
 
 
 @keys_app.command("list")
-def keys_list(db: Path = typer.Option(..., "--db"),
+def keys_list(db: str = typer.Option(..., "--db", help="key database (a SQLite file)"),
               as_json: bool = typer.Option(False, "--json", help="one JSON object per line")) -> None:
     """List keys (never their secrets)."""
+    from safedl.serve.dburl import sqlite_path
     from safedl.serve.keys import KeyStore
 
     try:
-        keys = KeyStore(db).list()
+        keys = KeyStore(sqlite_path(db, what="--db")).list()
     except UserError as exc:
         _fail(exc)
     for k in keys:
@@ -143,29 +147,32 @@ def keys_list(db: Path = typer.Option(..., "--db"),
 
 
 @keys_app.command("revoke")
-def keys_revoke(name: str = typer.Argument(..., help="key name or id"), db: Path = typer.Option(..., "--db")) -> None:
+def keys_revoke(name: str = typer.Argument(..., help="key name or id"),
+                db: str = typer.Option(..., "--db", help="key database (a SQLite file)")) -> None:
     """Revoke a key: the service answers 401 to it from its next request on."""
+    from safedl.serve.dburl import sqlite_path
     from safedl.serve.keys import KeyStore
 
     try:
-        key = KeyStore(db).revoke(name)
+        key = KeyStore(sqlite_path(db, what="--db")).revoke(name)
     except UserError as exc:
         _fail(exc)
     typer.echo(f"revoked {key.name} ({key.key_id})")
 
 
 @keys_app.command("actions")
-def keys_actions(db: Path = typer.Option(..., "--db", help="key database"),
+def keys_actions(db: str = typer.Option(..., "--db", help="key database (a SQLite file)"),
                  show_all: bool = typer.Option(False, "--all", help="also the restored ones"),
                  as_json: bool = typer.Option(False, "--json", help="one JSON object per line")) -> None:
     """List the security monitor's automatic key actions (throttle, labels_only, block): who, what, when, why."""
     import dataclasses
 
+    from safedl.serve.dburl import sqlite_path
     from safedl.serve.keys import KeyStore
     from safedl.serve.monitor.store import KeyActions
 
     try:
-        store = KeyStore(db)
+        store = KeyStore(sqlite_path(db, what="--db"))
         acts = KeyActions(store)
         rows = acts.history() if show_all else acts.active()
         names = {k.key_id: k.name for k in store.list()}
@@ -180,15 +187,17 @@ def keys_actions(db: Path = typer.Option(..., "--db", help="key database"),
 
 
 @keys_app.command("restore")
-def keys_restore(name: str = typer.Argument(..., help="key name or id"), db: Path = typer.Option(..., "--db"),
+def keys_restore(name: str = typer.Argument(..., help="key name or id"),
+                 db: str = typer.Option(..., "--db", help="key database (a SQLite file)"),
                  action: Optional[str] = typer.Option(None, "--action",
                                                       help="only this action (default: all)")) -> None:
     """Lift the monitor's active actions on a key (works on a running server: it reads them on every request)."""
+    from safedl.serve.dburl import sqlite_path
     from safedl.serve.keys import KeyStore
     from safedl.serve.monitor.store import KeyActions
 
     try:
-        lifted = KeyActions(KeyStore(db)).restore(name, action=action)
+        lifted = KeyActions(KeyStore(sqlite_path(db, what="--db"))).restore(name, action=action)
     except UserError as exc:
         _fail(exc)
     if not lifted:
@@ -204,17 +213,18 @@ def _iso(ts: float) -> str:
 
 
 @audit_app.command("export")
-def audit_export(db: Path = typer.Option(Path("audit.db"), "--db", help="the service's audit database"),
+def audit_export(db: str = typer.Option("audit.db", "--db", help="the service's audit database (a SQLite file)"),
                  out: Path = typer.Option(..., "--out", help="output file"),
                  fmt: Optional[str] = typer.Option(None, "--format", help="csv or jsonl (default: from --out suffix)"),
                  since: Optional[str] = typer.Option(None, "--since", help="ISO 8601 start (inclusive, UTC if naive)"),
                  until: Optional[str] = typer.Option(None, "--until", help="ISO 8601 end (exclusive)")) -> None:
     """Write the audit rows of a time range as CSV or JSONL."""
     from safedl.serve.audit import export_rows, parse_time
+    from safedl.serve.dburl import sqlite_path
 
     try:
         fmt = fmt or ("jsonl" if out.suffix.lower() in (".jsonl", ".json") else "csv")
-        n = export_rows(db, out, fmt=fmt, since=parse_time(since, flag="--since"),
+        n = export_rows(sqlite_path(db, what="--db"), out, fmt=fmt, since=parse_time(since, flag="--since"),
                         until=parse_time(until, flag="--until"))
     except UserError as exc:
         _fail(exc)

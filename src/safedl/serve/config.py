@@ -34,6 +34,7 @@ class ServeConfig:
     max_body_bytes: int = 8 * 2**20
     max_images: int = 64
     max_pixels: int = 4_000_000          # per image, checked from the header before decoding
+    max_request_pixels: int = 16_000_000  # all images of one request together, checked from the headers too
     resize: bool = True
     max_batch: int = 64                  # images per forward pass
     max_wait_ms: float = 3.0             # how long a batch waits for more requests
@@ -43,7 +44,6 @@ class ServeConfig:
     quarantine_max_bytes: int = 100 * 2**20
     quarantine_retention_days: float = 30.0
     # decode cost: pixels the image headers of one request declare, and a per-key pixel bucket
-    max_request_pixels: int = 16_000_000
     key_pixels_per_s: float = 2_000_000.0
     key_pixel_burst: int = 32_000_000
     # bounded work before authentication, per client address (serve/unauth.py)
@@ -62,13 +62,14 @@ class ServeConfig:
         check_positive(who, "max_body_bytes", self.max_body_bytes, integer=True)
         check_positive(who, "max_images", self.max_images, integer=True)
         check_positive(who, "max_pixels", self.max_pixels, integer=True)
+        check_positive(who, "max_request_pixels", self.max_request_pixels, integer=True)
         check_positive(who, "max_batch", self.max_batch, integer=True)
         check_range(who, "max_wait_ms", self.max_wait_ms, low=0.0, high=100.0)
         check_range(who, "round_decimals", self.round_decimals, low=0, high=8, integer=True)
         check_positive(who, "top_k", self.top_k, integer=True)
         check_positive(who, "quarantine_max_bytes", self.quarantine_max_bytes, integer=True)
         check_positive(who, "quarantine_retention_days", self.quarantine_retention_days)
-        for name in ("max_request_pixels", "key_pixel_burst", "unauth_burst"):
+        for name in ("key_pixel_burst", "unauth_burst"):
             check_positive(who, name, getattr(self, name), integer=True)
         for name in ("key_pixels_per_s", "unauth_rate_per_s", "unauth_flush_s", "body_timeout_s", "body_grace_s",
                      "min_body_bytes_per_s"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import numbers
 import re
 import secrets
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from safedl.errors import UserError
 from safedl.serve._sqlite import PerThread, connect
+from safedl.serve.dburl import sqlite_path
 from safedl.serve.tiers import TIERS
 
 SCOPES = ("predict", "model", "admin", "metrics")  # metrics: the Prometheus scraper (admin may too)
@@ -23,6 +25,9 @@ DEFAULT_SCOPES = ("predict", "model")  # admin only when asked for
 _TOKEN = re.compile(r"^sdl_([0-9a-f]{12})_([A-Za-z0-9_-]{20,100})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
+MAX_RATE_PER_S = 1e9          # upper bounds of a key's limits: finite, and exact in the limiter's float state
+MAX_BURST = 10**12
+MAX_DAILY_QUOTA = 10**15
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -57,6 +62,29 @@ class ApiKey:
                 "created_at": self.created_at, "revoked": self.revoked_at is not None}
 
 
+def _check_limit(flag: str, value: object, *, high: float, integer: bool, unit: str) -> None:
+    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real)
+    if isinstance(value, bool) or not ok_type or not 0 < value <= high:  # NaN and inf fail here
+        allowed = (f"a whole number of {unit} from 1 to {high:.0e}" if integer
+                   else f"a finite number of {unit} above 0 and at most {high:.0e}")
+        raise UserError(f"{flag} {value!r}: not allowed; allowed is {allowed}")
+
+
+def check_key_settings(*, name: str, tier: str, scopes: tuple[str, ...], rate_per_s: float, burst: int,
+                       daily_quota: int) -> None:
+    """Raise UserError naming the first setting of a new key that is not allowed (before anything is written)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise UserError(f"--name {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)")
+    if tier not in TIERS:
+        raise UserError(f"--tier {tier!r} is not allowed; choose one of {', '.join(TIERS)}")
+    bad = [s for s in scopes if s not in SCOPES]
+    if bad or not scopes:
+        raise UserError(f"--scopes {','.join(scopes)!r}: allowed scopes are {', '.join(SCOPES)}")
+    _check_limit("--rate", rate_per_s, high=MAX_RATE_PER_S, integer=False, unit="requests per second")
+    _check_limit("--burst", burst, high=MAX_BURST, integer=True, unit="requests at once")
+    _check_limit("--quota", daily_quota, high=MAX_DAILY_QUOTA, integer=True, unit="images per UTC day")
+
+
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -74,7 +102,7 @@ class KeyStore:
     """The key database (SQLite, WAL); safe to use from many threads and processes at once."""
 
     def __init__(self, path: str | Path, *, create: bool = False):
-        self.path = Path(path)
+        self.path = sqlite_path(path, what="key database")
         if not create and not self.path.is_file():
             raise UserError(f"--keys {self.path}: no such key database; create one with "
                             f"`safedl keys create --db {self.path} --name NAME`")
@@ -91,16 +119,10 @@ class KeyStore:
     def create(self, *, name: str, tier: str = "rounded", scopes: tuple[str, ...] = DEFAULT_SCOPES,
                rate_per_s: float = 20.0,
                burst: int = 40, daily_quota: int = 100_000) -> tuple[ApiKey, str]:
-        """Add a key; returns it and its plaintext token (shown once, never stored)."""
-        if not _NAME.match(name):
-            raise UserError(f"--name {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)")
-        if tier not in TIERS:
-            raise UserError(f"--tier {tier!r} is not allowed; choose one of {', '.join(TIERS)}")
-        bad = [s for s in scopes if s not in SCOPES]
-        if bad or not scopes:
-            raise UserError(f"--scopes {','.join(scopes)!r}: allowed scopes are {', '.join(SCOPES)}")
-        if not (rate_per_s > 0) or burst < 1 or daily_quota < 1:
-            raise UserError(f"limits must be positive: --rate {rate_per_s}, --burst {burst}, --quota {daily_quota}")
+        """Add a key; returns it and its plaintext token (shown once, never stored). Limits must be finite and
+        positive (see :func:`check_key_settings`)."""
+        check_key_settings(name=name, tier=tier, scopes=scopes, rate_per_s=rate_per_s, burst=burst,
+                           daily_quota=daily_quota)
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         key = ApiKey(key_id=key_id, name=name, tier=tier, scopes=tuple(scopes), rate_per_s=float(rate_per_s),
                      burst=int(burst), daily_quota=int(daily_quota), created_at=time.time())

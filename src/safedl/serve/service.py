@@ -173,9 +173,13 @@ class Service:
     def decode_and_charge(self, items: list[bytes], key: ApiKey) -> Decoded:
         """Pixels declared by the headers against the key's pixel budget, then decoding, then the image quota."""
         try:
-            pixels = sum(declared_pixels(items, shape=self.shape, config=self.config))
-            self._refuse_if(self.limiter.charge_pixels(key, pixels=pixels, rate_per_s=self.config.key_pixels_per_s,
-                                                       burst=self.config.key_pixel_burst))
+            cfg = self.config
+            pixels = sum(declared_pixels(items, shape=self.shape, config=cfg))
+            if pixels > cfg.max_request_pixels:  # before the key's budget: a request that can never pass is a 413
+                raise InputError(413, "too_many_pixels", f"the request's images declare {pixels} pixels in all; at "
+                                                         f"most {cfg.max_request_pixels} per request")
+            self._refuse_if(self.limiter.charge_pixels(key, pixels=pixels, rate_per_s=cfg.key_pixels_per_s,
+                                                       burst=max(cfg.key_pixel_burst, cfg.max_request_pixels)))
             decoded = decode_items(items, shape=self.shape, config=self.config)
         except InputError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None

@@ -218,6 +218,20 @@ def test_slowloris_connections_get_408_at_the_header_deadline_while_legit_reques
         assert srv.stats["header_timeouts"] == 50
 
 
+def test_the_header_deadline_restarts_at_the_end_of_each_response_on_keepalive():
+    limits = ConnectionLimits(header_timeout_s=1.0, keepalive_timeout_s=5.0, linger_s=0.5)
+    with Served(limits) as srv, srv.connect() as s:
+        assert get(s)[0] == 200
+        t0, sel = time.monotonic(), selectors.DefaultSelector()
+        sel.register(s, selectors.EVENT_READ)
+        for byte in b"GET /ok HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaa":  # a byte every 0.25 s: resets no deadline
+            if sel.select(timeout=0.25) or time.monotonic() > t0 + 2.5:
+                break
+            s.sendall(bytes([byte]))
+        assert read_response(s, timeout=0.5)[0] == 408
+        assert time.monotonic() - t0 < 1.0 + 0.8
+
+
 def test_a_body_sent_slower_than_the_body_deadline_gets_408():
     limits = ConnectionLimits(body_timeout_s=1.0, linger_s=0.5)
     with Served(limits) as srv, srv.connect() as s:
@@ -330,6 +344,22 @@ def test_keepalive_request_cap_closes_the_connection_after_the_last_answer():
         assert [a[1].get("connection") for a in answers] == [None, None, "close"]
         assert closed_within(s, 3.0)
         assert srv.stats["requests_capped"] == 1
+
+
+def test_ordinary_traffic_is_unchanged_pipelining_uploads_and_a_drained_body_on_keepalive():
+    """Passes on plain uvicorn too: the defenses must not cost legitimate clients anything."""
+    with Served(ConnectionLimits(linger_s=1.0)) as srv, srv.connect() as s:
+        s.sendall(b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\n" * 3)  # pipelined
+        assert [read_response(s)[0] for _ in range(3)] == [200] * 3
+        s.sendall(f"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {MB}\r\n\r\n".encode() + b"x" * MB)
+        assert read_response(s)[::2] == (200, str(MB).encode())
+        s.sendall(b"POST /deny HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100000)
+        assert read_response(s)[0] == 401  # answered before the body was read; the rest is drained ...
+        assert get(s)[0] == 200            # ... and the connection stays usable
+    with Served(ConnectionLimits(linger_s=1.0, linger_max_bytes=MB)) as srv, srv.connect() as s:
+        s.sendall(f"POST /deny HTTP/1.1\r\nHost: t\r\nContent-Length: {2 * MB}\r\n\r\n".encode() + b"x" * MB)
+        status, headers, _ = read_response(s)  # more unread body than a keep-alive connection drains: say so
+        assert (status, headers.get("connection")) == (401, None if PLAIN else "close")
 
 
 def test_descriptor_exhaustion_in_a_subprocess_keeps_answering_without_a_log_flood(tmp_path):

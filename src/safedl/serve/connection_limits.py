@@ -34,7 +34,14 @@ COUNTERS = ("header_timeouts", "body_timeouts", "keepalive_timeouts", "drain_tim
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ConnectionLimits:
-    """Bounds on one server's connections. Times in seconds from the event named, never reset by incoming bytes."""
+    """Bounds on one server's connections. Times in seconds from the event named, never reset by incoming bytes.
+
+    Over ``max_requests_per_connection`` the answer carries Connection: close; over ``max_connections_per_client``
+    (a peer's IPv4 address or IPv6 /64) a new connection gets 429, over ``max_connections`` 503, both with
+    Retry-After ``retry_after_s``. Closing half-closes first and reads (discarding) for ``linger_s`` or
+    ``linger_max_bytes``, so the client reads the answer rather than a reset. An answer sent before the request
+    body was read keeps the connection only if the rest is at most ``linger_max_bytes`` and arrives within
+    ``linger_s``; otherwise it carries Connection: close."""
 
     header_timeout_s: float = 10.0     # connection start / end of the previous response -> complete request head
     body_timeout_s: float = 60.0       # complete request head -> complete request body

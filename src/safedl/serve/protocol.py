@@ -92,14 +92,10 @@ class _LingeringTransport(asyncio.Transport):
         self.inner.set_write_buffer_limits(high, low)
 
 
-def _with_connection_close(send: Callable[[dict], Any]) -> Callable[[dict], Any]:
-    """An ASGI ``send`` whose response start carries ``Connection: close`` (and no other Connection header)."""
-    async def wrapped(message: dict) -> None:
-        if message["type"] == "http.response.start":
-            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
-            message = {**message, "headers": [*headers, (b"connection", b"close")]}
-        await send(message)
-    return wrapped
+def _with_connection_close(message: dict) -> dict:
+    """An ASGI response start carrying ``Connection: close`` (and no other Connection header)."""
+    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+    return {**message, "headers": [*headers, (b"connection", b"close")]}
 
 
 _BODIES = {408: b"Request Timeout: no complete request in time",
@@ -216,9 +212,22 @@ class GuardedH11Protocol(H11Protocol):
             self._closing_scope = self.scope
 
     async def _guarded_app(self, scope: Any, receive: Any, send: Any) -> None:
+        async def guarded_send(message: Any) -> None:
+            if message["type"] == "http.response.start" and self._must_close(scope):
+                message = _with_connection_close(message)
+            await send(message)
+
+        await self._inner_app(scope, receive, guarded_send)
+
+    def _must_close(self, scope: Any) -> bool:
+        """Whether this response ends the connection: the request cap is reached, or it answers early and the rest
+        of the body may be more than a keep-alive connection drains (``linger_max_bytes``; unknown when chunked)."""
         if scope is self._closing_scope:
-            send = _with_connection_close(send)
-        await self._inner_app(scope, receive, send)
+            return True
+        if self.conn.their_state is not h11.SEND_BODY:
+            return False
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        return not length.isdigit() or int(length) > self.limits.linger_max_bytes
 
     def on_response_complete(self) -> None:
         self._body_timer = _cancel(self._body_timer)

@@ -1,0 +1,356 @@
+"""Connection-level defenses for ``safedl serve``: a uvicorn h11 protocol with a request-head deadline, a body
+deadline, per-client and overall connection limits, a keep-alive request cap and lingering close, plus
+``harden_process`` (file-descriptor ceiling, rate-limited connection logs).
+
+Wiring: ``uvicorn.Config(app, http=guarded_protocol(limits=..., trusted_proxies=...))``. The counters live on the
+returned class (``cls.stats``); every server made from one class shares its limits and counts (one per process).
+"""
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from safedl.errors import UserError
+from safedl.serve.connection_limits import (COUNTERS, REFUSAL_LINGER_SLOTS, ConnectionLimits, ConnectionTable,
+                                            IPNetwork, ProtocolStats, RepeatFilter, client_key, harden_process,
+                                            install_log_filters, parse_networks)
+
+__all__ = ["COUNTERS", "ConnectionLimits", "GuardedH11Protocol", "ProtocolStats", "RepeatFilter", "guarded_protocol",
+           "harden_process", "install_log_filters"]
+
+logger = logging.getLogger(__name__)
+
+
+class _LingeringTransport(asyncio.Transport):
+    """The transport uvicorn is given: ``close()`` hands over to the protocol's lingering close, and writes after
+    it are dropped; everything else goes to the real transport."""
+
+    def __init__(self, transport: asyncio.Transport, *, on_close: Callable[[], None]):
+        super().__init__()
+        self.inner = transport
+        self.on_close = on_close
+        self.closing = False
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.on_close()
+
+    def is_closing(self) -> bool:
+        return self.closing or self.inner.is_closing()
+
+    def write(self, data: Any) -> None:
+        if not self.closing:
+            self.inner.write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def pause_reading(self) -> None:
+        if not self.closing:  # a lingering connection keeps reading (and discarding)
+            self.inner.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.inner.resume_reading()
+
+    def abort(self) -> None:
+        self.closing = True
+        self.inner.abort()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.inner.get_extra_info(name, default)
+
+    def is_reading(self) -> bool:
+        return self.inner.is_reading()
+
+    def write_eof(self) -> None:
+        self.inner.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self.inner.can_write_eof()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.inner.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.inner.get_protocol()
+
+    def get_write_buffer_size(self) -> int:
+        return self.inner.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self.inner.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.inner.set_write_buffer_limits(high, low)
+
+
+def _with_connection_close(message: dict) -> dict:
+    """An ASGI response start carrying ``Connection: close`` (and no other Connection header)."""
+    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+    return {**message, "headers": [*headers, (b"connection", b"close")]}
+
+
+_BODIES = {408: b"Request Timeout: no complete request in time",
+           429: b"Too Many Requests: too many connections from this address",
+           503: b"Service Unavailable: too many connections"}
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol under the limits of ``table`` (set on the subclass that ``guarded_protocol`` makes).
+
+    Timers: the head deadline (connection start or end of a response -> request head), the body deadline (head ->
+    body), and the tail: ``drain`` (response done, body not: wait ``linger_s`` for it) or ``linger`` (half-closed:
+    discard input for ``linger_s`` / ``linger_max_bytes``, then close)."""
+
+    table: ConnectionTable
+    stats: ProtocolStats
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = self.table.limits
+        self.timeout_keep_alive = self.limits.keepalive_timeout_s
+        self._inner_app, self.app = self.app, self._guarded_app
+        self._raw: asyncio.Transport | None = None
+        self._proxy: _LingeringTransport | None = None
+        self._slot: str | None = None
+        self._admitted = self._refusal_lingering = self._done = False
+        self._requests = 0
+        self._closing_scope: Any = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._tail_timer: asyncio.TimerHandle | None = None
+        self._tail: str | None = None
+        self._tail_left = 0
+
+    # -- connection lifecycle
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._raw = transport
+        self._proxy = _LingeringTransport(transport, on_close=self._begin_linger)
+        super().connection_made(self._proxy)
+        self._slot = client_key(self.client, trusted=self.table.trusted)
+        refusal = self.table.admit(self._slot)
+        if refusal is None:
+            self._admitted = True
+            self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._on_head_timeout)
+        else:
+            self._refuse(refusal)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._done = True
+        self._cancel_timers()
+        self._release()
+        super().connection_lost(exc)
+
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        self._done = True  # the websocket protocol owns the connection from here, outside these limits
+        self._cancel_timers()
+        self._release()
+        super().handle_websocket_upgrade(event)
+
+    def _release(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.table.release(self._slot)
+        if self._refusal_lingering:
+            self._refusal_lingering = False
+            self.stats.refusals_lingering -= 1
+
+    def _refuse(self, status: int) -> None:
+        if status == 429:
+            self.table.log(logging.WARNING, "refused connections over the per-client limit (latest from %s)",
+                           self._peer())
+        else:
+            self.table.log(logging.WARNING, "refused connections over the overall limit (latest from %s)",
+                           self._peer())
+        self._send_error(status, retry_after=True)
+        if self.stats.refusals_lingering < REFUSAL_LINGER_SLOTS:
+            self._refusal_lingering = True
+            self.stats.refusals_lingering += 1
+            self.transport.close()
+        else:  # too many lingering already: their descriptors are the scarcer resource
+            self._close_now()
+
+    # -- reading
+    def data_received(self, data: bytes) -> None:
+        if self._tail == "linger":
+            self._tail_left -= len(data)
+            if self._tail_left < 0:
+                self._end_linger()
+            return
+        if self._tail == "drain":
+            self._tail_left -= len(data)
+            if self._tail_left < 0:
+                self._on_drain_timeout()
+                return
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle and self.cycle is not None:
+            self._on_request_head()
+        if self.conn.their_state is not h11.SEND_BODY:
+            self._cancel_body_wait()
+
+    def _on_request_head(self) -> None:
+        self._head_timer = _cancel(self._head_timer)
+        self._cancel_body_wait()
+        self._requests += 1
+        if self.conn.their_state is h11.SEND_BODY:
+            self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._on_body_timeout)
+        if self._requests >= self.limits.max_requests_per_connection:
+            self.stats.increment("requests_capped")
+            self.cycle.keep_alive = False
+            self._closing_scope = self.scope
+
+    async def _guarded_app(self, scope: Any, receive: Any, send: Any) -> None:
+        async def guarded_send(message: Any) -> None:
+            if message["type"] == "http.response.start" and self._must_close(scope):
+                message = _with_connection_close(message)
+            await send(message)
+
+        await self._inner_app(scope, receive, guarded_send)
+
+    def _must_close(self, scope: Any) -> bool:
+        """Whether this response ends the connection: the request cap is reached, or it answers early and the rest
+        of the body may be more than a keep-alive connection drains (``linger_max_bytes``; unknown when chunked)."""
+        if scope is self._closing_scope:
+            return True
+        if self.conn.their_state is not h11.SEND_BODY:
+            return False
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        return not length.isdigit() or int(length) > self.limits.linger_max_bytes
+
+    def on_response_complete(self) -> None:
+        self._body_timer = _cancel(self._body_timer)
+        if not self.transport.is_closing():
+            _cancel(self._head_timer)
+            self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._on_head_timeout)
+            if self.conn.their_state is h11.SEND_BODY:  # a body nobody will read: wait linger_s for its end
+                self._tail, self._tail_left = "drain", self.limits.linger_max_bytes
+                self._tail_timer = self.loop.call_later(self.limits.linger_s, self._on_drain_timeout)
+        super().on_response_complete()
+
+    def _cancel_body_wait(self) -> None:
+        self._body_timer = _cancel(self._body_timer)
+        if self._tail == "drain":
+            self._tail, self._tail_timer = None, _cancel(self._tail_timer)
+
+    # -- deadlines
+    def _on_head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        self.stats.increment("header_timeouts")
+        self.table.log(logging.WARNING, "closed connections without a request head after %.1fs (latest from %s)",
+                       self.limits.header_timeout_s, self._peer())
+        if self.conn.our_state is h11.IDLE:
+            self._send_error(408, retry_after=False)
+        self.transport.close()
+
+    def _on_body_timeout(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+            return
+        self.stats.increment("body_timeouts")
+        self.table.log(logging.WARNING, "closed connections without a complete request body after %.1fs "
+                       "(latest from %s)", self.limits.body_timeout_s, self._peer())
+        cycle = self.cycle
+        started = cycle is not None and cycle.response_started
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app's receive() answers http.disconnect, its sends are dropped
+            cycle.message_event.set()
+        if not started:
+            self._send_error(408, retry_after=False)
+        self.transport.close()
+
+    def _on_drain_timeout(self) -> None:
+        self._tail, self._tail_timer = None, _cancel(self._tail_timer)
+        self.stats.increment("drain_timeouts")
+        self._close_now()
+
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing():
+            self.stats.increment("keepalive_timeouts")
+        super().timeout_keep_alive_handler()
+
+    # -- closing
+    def _begin_linger(self) -> None:
+        """Half-close, then read and discard for at most linger_s / linger_max_bytes before closing."""
+        raw = self._raw
+        self._cancel_timers()
+        if self._done or raw.is_closing():
+            raw.close()
+            return
+        self._tail, self._tail_left = "linger", self.limits.linger_max_bytes
+        try:
+            if raw.can_write_eof():  # not TLS: the peer reads the answer, then end of stream
+                raw.write_eof()
+            raw.resume_reading()
+        except (OSError, RuntimeError):
+            raw.close()
+            return
+        self.stats.increment("lingering_closes")
+        self._tail_timer = self.loop.call_later(self.limits.linger_s, self._end_linger)
+
+    def _end_linger(self) -> None:
+        self._tail_timer = _cancel(self._tail_timer)
+        raw = self._raw
+        if not raw.is_closing():
+            self.stats.increment("linger_cutoffs")
+            raw.close()
+            if raw.get_write_buffer_size():  # a peer that does not read either: give up after one more linger_s
+                self._tail_timer = self.loop.call_later(self.limits.linger_s, raw.abort)
+
+    def _close_now(self) -> None:
+        self._cancel_timers()
+        self._proxy.closing = True
+        self._raw.close()
+
+    def _cancel_timers(self) -> None:
+        self._head_timer = _cancel(self._head_timer)
+        self._body_timer = _cancel(self._body_timer)
+        self._tail_timer = _cancel(self._tail_timer)
+        self.timeout_keep_alive_task = _cancel(self.timeout_keep_alive_task)
+
+    def _send_error(self, status: int, *, retry_after: bool) -> None:
+        """Write a complete ``status`` response with Connection: close, where h11's state allows one."""
+        body = _BODIES[status]
+        headers = [*self.server_state.default_headers, (b"content-type", b"text/plain; charset=utf-8"),
+                   (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        if retry_after:
+            headers.append((b"retry-after", str(self.limits.retry_after_s).encode()))
+        try:
+            out = self.conn.send(h11.Response(status_code=status, headers=headers,
+                                              reason=http.HTTPStatus(status).phrase.encode()))
+            out += self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            return
+        self.transport.write(out)
+
+    def _peer(self) -> str:
+        return self.client[0] if self.client else "a local socket"
+
+
+def _cancel(handle: asyncio.TimerHandle | None) -> None:
+    """Cancel a timer (if any); returns None to assign back."""
+    if handle is not None:
+        handle.cancel()
+    return None
+
+
+def guarded_protocol(*, limits: ConnectionLimits, trusted_proxies: Sequence[IPNetwork | str] = ()) -> type:
+    """A subclass of uvicorn's H11Protocol enforcing ``limits``, for ``uvicorn.Config(app, http=...)``. Peers in
+    ``trusted_proxies`` are exempt from the per-client limit (not the overall one). Counters: ``cls.stats``."""
+    if not isinstance(limits, ConnectionLimits):
+        raise UserError(f"limits must be a ConnectionLimits, got {type(limits).__name__}")
+    table = ConnectionTable(limits=limits, trusted_proxies=parse_networks(trusted_proxies), log=logger)
+    return type("GuardedProtocol", (GuardedH11Protocol,), {"table": table, "stats": table.stats})

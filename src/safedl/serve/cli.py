@@ -69,9 +69,9 @@ def serve_command(
     Exit code 2 when the bundle fails verification or an option is wrong. SIGHUP reloads BUNDLE (verified as at
     start) without downtime; POST /v1/admin/bundle and /v1/admin/rollback (scope admin) swap and roll back.
     """
-    from safedl.serve.config import ServeConfig, parse_networks
+    from safedl.serve.config import ServeConfig
     from safedl.serve.options import ServeOptions
-    from safedl.serve.protocol import ConnectionLimits
+    from safedl.serve.protocol import ConnectionLimits, parse_networks
     from safedl.serve.server import run_server
     from safedl.utils.keyfile import read_signing_key
 
@@ -89,7 +89,7 @@ def serve_command(
                              quarantine_retention_days=quarantine_days, unauth_rate_per_s=unauth_rate,
                              unauth_burst=unauth_burst, body_timeout_s=body_timeout_s,
                              min_body_bytes_per_s=min_body_kbps * 1024.0,
-                             trusted_proxies=parse_networks(trusted_proxy))
+                             trusted_proxies=parse_networks(trusted_proxy, name="--trusted-proxy"))
         connections = ConnectionLimits(header_timeout_s=header_timeout_s, keepalive_timeout_s=keepalive_s,
                                        max_connections=max_connections,
                                        max_connections_per_client=max_connections_per_client)

@@ -1,25 +1,12 @@
 """The service's limits and knobs: one validated, frozen record (constructors store config only)."""
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from safedl.errors import UserError
+from safedl.serve.connection_limits import IPNetwork
 from safedl.utils.validate import check_positive, check_range
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(values: list[str] | tuple[str, ...], *, flag: str = "--trusted-proxy") -> tuple[Network, ...]:
-    """CIDRs (or single addresses) -> networks; one UserError naming the bad value otherwise."""
-    out = []
-    for v in values:
-        try:
-            out.append(ipaddress.ip_network(str(v).strip(), strict=False))
-        except ValueError:
-            raise UserError(f"{flag} {v!r}: not an IP address or CIDR (e.g. 10.0.0.0/8, 127.0.0.1)") from None
-    return tuple(out)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +42,7 @@ class ServeConfig:
     body_grace_s: float = 5.0
     min_body_bytes_per_s: float = 16_384.0
     # X-Forwarded-For is honoured only from these peers (a reverse proxy); empty: never
-    trusted_proxies: tuple[Network, ...] = ()
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
     def __post_init__(self) -> None:
         who = "serve"

@@ -29,7 +29,7 @@ FILTERED_LOGGERS = ("asyncio", "uvicorn.error", "safedl.serve.protocol")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 COUNTERS = ("header_timeouts", "body_timeouts", "keepalive_timeouts", "drain_timeouts", "refused_per_client",
-            "refused_overall", "requests_capped", "lingering_closes", "linger_cutoffs")
+            "refused_overall", "requests_capped", "lingering_closes", "linger_cutoffs", "bad_framing")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,7 @@ import ipaddress
 import logging
 from typing import Any, Callable
 
-from safedl.serve.config import Network
+from safedl.serve.connection_limits import IPNetwork
 
 log = logging.getLogger("safedl.serve")
 CLIENT_KEY = "safedl.client"
@@ -33,7 +33,7 @@ def client_of(scope: dict) -> str | None:
     return peer[0] if peer else None
 
 
-def _trusted(address: str, networks: tuple[Network, ...]) -> bool:
+def _trusted(address: str, networks: tuple[IPNetwork, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(address.strip())
     except ValueError:
@@ -41,7 +41,7 @@ def _trusted(address: str, networks: tuple[Network, ...]) -> bool:
     return any(ip in n for n in networks)
 
 
-def resolve_client(peer: str | None, forwarded_for: list[str], trusted: tuple[Network, ...]) -> str | None:
+def resolve_client(peer: str | None, forwarded_for: list[str], trusted: tuple[IPNetwork, ...]) -> str | None:
     """The client of a request from ``peer`` with these ``X-Forwarded-For`` header values."""
     if peer is None or not trusted or not _trusted(peer, trusted):
         return peer
@@ -68,13 +68,24 @@ def framing_error(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+def raw_head_framing_error(head: bytes) -> str | None:
+    """``framing_error`` of a raw request head (request line and header lines, before any parser): the HTTP parser
+    folds a repeated identical Content-Length into one, so repeats are only visible here."""
+    headers = []
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            headers.append((name.strip().lower(), value.strip()))
+    return framing_error(headers)
+
+
 class EdgeMiddleware:
     """Pure ASGI middleware (no body buffering): framing check, client address, security headers.
 
     ``on_refused(client, reason)`` is called for every request refused here (counted as a failure before
     authentication)."""
 
-    def __init__(self, app: Any, *, trusted_proxies: tuple[Network, ...] = (),
+    def __init__(self, app: Any, *, trusted_proxies: tuple[IPNetwork, ...] = (),
                  on_refused: Callable[[str | None, str], None] | None = None):
         self.app, self.trusted, self.on_refused = app, tuple(trusted_proxies), on_refused
 

@@ -20,6 +20,7 @@ from safedl.errors import UserError
 from safedl.serve.connection_limits import (COUNTERS, REFUSAL_LINGER_SLOTS, ConnectionLimits, ConnectionTable,
                                             IPNetwork, ProtocolStats, RepeatFilter, client_key, harden_process,
                                             install_log_filters, parse_networks)
+from safedl.serve.edge import raw_head_framing_error
 
 __all__ = ["COUNTERS", "ConnectionLimits", "GuardedH11Protocol", "ProtocolStats", "RepeatFilter", "guarded_protocol",
            "harden_process", "install_log_filters"]
@@ -100,7 +101,10 @@ def _with_connection_close(message: dict) -> dict:
 
 _BODIES = {408: b"Request Timeout: no complete request in time",
            429: b"Too Many Requests: too many connections from this address",
-           503: b"Service Unavailable: too many connections"}
+           503: b"Service Unavailable: too many connections",
+           400: b"Bad Request: ambiguous request framing (repeated Content-Length, or Content-Length with "
+                b"Transfer-Encoding)"}
+_MAX_HEAD_SCAN = 32 * 1024
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -129,6 +133,7 @@ class GuardedH11Protocol(H11Protocol):
         self._tail_timer: asyncio.TimerHandle | None = None
         self._tail: str | None = None
         self._tail_left = 0
+        self._head_buf = b""
 
     # -- connection lifecycle
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -190,7 +195,29 @@ class GuardedH11Protocol(H11Protocol):
             if self._tail_left < 0:
                 self._on_drain_timeout()
                 return
+        if self.conn.their_state is h11.IDLE and self._ambiguous_head(data):
+            return
         super().data_received(data)
+
+    def _ambiguous_head(self, data: bytes) -> bool:
+        """Scan a request head as it arrives; True (answered 400, closing) when its framing is ambiguous."""
+        if self._head_buf is None:
+            return False
+        self._head_buf += data
+        end = self._head_buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head_buf) > _MAX_HEAD_SCAN:
+                self._head_buf = None  # h11 refuses a head this long itself
+            return False
+        problem = raw_head_framing_error(self._head_buf[:end])
+        self._head_buf = b""
+        if problem is None:
+            return False
+        self.stats.increment("bad_framing")
+        self.table.log(logging.WARNING, "refused a request with %s (latest from %s)", problem, self._peer())
+        self._send_error(400, retry_after=False)
+        self.transport.close()
+        return True
 
     def handle_events(self) -> None:
         cycle = self.cycle
@@ -230,6 +257,7 @@ class GuardedH11Protocol(H11Protocol):
         return not length.isdigit() or int(length) > self.limits.linger_max_bytes
 
     def on_response_complete(self) -> None:
+        self._head_buf = b""
         self._body_timer = _cancel(self._body_timer)
         if not self.transport.is_closing():
             _cancel(self._head_timer)

@@ -71,7 +71,7 @@ def run_server(options: ServeOptions) -> None:
                     "proxy)", options.host)
     # proxy_headers=False: uvicorn would otherwise take X-Forwarded-For from any loopback peer; serve/edge.py
     # honours it from --trusted-proxy peers only
-    uvicorn.run(app, host=options.host, port=options.port, log_config=None, access_log=False, http=protocol,
-                proxy_headers=False, timeout_keep_alive=int(max(1, limits.keepalive_timeout_s)),
+    uvicorn.run(app, host=options.host, port=options.port, log_config=None, access_log=False, http=protocol, ws="none",
+                proxy_headers=False,
                 timeout_graceful_shutdown=int(options.graceful_s), h11_max_incomplete_event_size=16 * 1024,
                 server_header=False, date_header=False)

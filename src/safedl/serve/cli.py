@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from safedl.errors import ConfigError, UserError
+from safedl.errors import UserError
 
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys of `safedl serve`.")
 audit_app = typer.Typer(no_args_is_help=True, help="Read the audit log of `safedl serve`.")
@@ -69,37 +69,13 @@ def serve_command(
     Exit code 2 when the bundle fails verification or an option is wrong. SIGHUP reloads BUNDLE (verified as at
     start) without downtime; POST /v1/admin/bundle and /v1/admin/rollback (scope admin) swap and roll back.
     """
-    from safedl.serve.config import ServeConfig
-    from safedl.serve.options import ServeOptions
-    from safedl.serve.protocol import ConnectionLimits, parse_networks
+    flags = dict(locals())  # every option, by parameter name: one ServeOptions is built from them
+    from safedl.serve.options import options_from_flags
     from safedl.serve.server import run_server
-    from safedl.utils.keyfile import read_signing_key
 
     try:
-        monitor = None
-        if monitor_config is not None:
-            from safedl.serve.monitor import load_monitor_config
-
-            monitor = load_monitor_config(monitor_config)
-        config = ServeConfig(max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_pixels=max_pixels,
-                             max_request_pixels=max_request_pixels, key_pixels_per_s=key_pixels_per_s,
-                             key_pixel_burst=2 * max_request_pixels, resize=not no_resize, max_batch=max_batch,
-                             max_wait_ms=max_wait_ms, quarantine_dir=quarantine,
-                             quarantine_max_bytes=int(quarantine_mb * 2**20),
-                             quarantine_retention_days=quarantine_days, unauth_rate_per_s=unauth_rate,
-                             unauth_burst=unauth_burst, body_timeout_s=body_timeout_s,
-                             min_body_bytes_per_s=min_body_kbps * 1024.0,
-                             trusted_proxies=parse_networks(trusted_proxy, name="--trusted-proxy"))
-        connections = ConnectionLimits(header_timeout_s=header_timeout_s, keepalive_timeout_s=keepalive_s,
-                                       max_connections=max_connections,
-                                       max_connections_per_client=max_connections_per_client)
-        options = ServeOptions(bundle_path=bundle, keys_db=keys, audit_db=audit,
-                               audit_max_bytes=None if audit_max_mb is None else int(audit_max_mb * 2**20),
-                               host=host, port=port, device=device, torch_threads=torch_threads,
-                               graceful_s=graceful_s, signing_key=read_signing_key(signing_key_file),
-                               monitor_config=monitor, config=config, connections=connections)
-        run_server(options)
-    except (UserError, ConfigError) as exc:
+        run_server(options_from_flags(**flags))
+    except UserError as exc:
         _fail(exc)
 
 

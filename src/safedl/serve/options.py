@@ -43,3 +43,39 @@ class ServeOptions:
             raise UserError(f"--audit-max-mb: must be positive (got {self.audit_max_bytes} bytes)")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise UserError(f"--log-level {self.log_level!r}: choose debug, info, warning or error")
+
+
+def options_from_flags(*, bundle: Path, keys: Path, audit: Path, audit_max_mb: float | None, host: str, port: int,
+                       trusted_proxy: list[str], max_body_mb: float, max_images: int, max_pixels: int,
+                       max_request_pixels: int, key_pixels_per_s: float, no_resize: bool, max_batch: int,
+                       max_wait_ms: float, header_timeout_s: float, body_timeout_s: float, min_body_kbps: float,
+                       keepalive_s: float, max_connections: int, max_connections_per_client: int,
+                       unauth_rate: float, unauth_burst: int, quarantine: Path | None, quarantine_mb: float,
+                       quarantine_days: float, device: str, torch_threads: int, graceful_s: float,
+                       signing_key_file: Path | None, monitor_config: Path | None) -> ServeOptions:
+    """The ``safedl serve`` flags (sizes in MB and KiB/s, as typed) as one validated ``ServeOptions``; raises
+    UserError naming the flag."""
+    from safedl.serve.protocol import parse_networks
+    from safedl.utils.keyfile import read_signing_key
+
+    monitor = None
+    if monitor_config is not None:
+        from safedl.serve.monitor import load_monitor_config
+
+        monitor = load_monitor_config(monitor_config)
+    config = ServeConfig(max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_pixels=max_pixels,
+                         max_request_pixels=max_request_pixels, key_pixels_per_s=key_pixels_per_s,
+                         key_pixel_burst=2 * max_request_pixels, resize=not no_resize, max_batch=max_batch,
+                         max_wait_ms=max_wait_ms, quarantine_dir=quarantine,
+                         quarantine_max_bytes=int(quarantine_mb * 2**20), quarantine_retention_days=quarantine_days,
+                         unauth_rate_per_s=unauth_rate, unauth_burst=unauth_burst, body_timeout_s=body_timeout_s,
+                         min_body_bytes_per_s=min_body_kbps * 1024.0,
+                         trusted_proxies=parse_networks(trusted_proxy, name="--trusted-proxy"))
+    connections = ConnectionLimits(header_timeout_s=header_timeout_s, keepalive_timeout_s=keepalive_s,
+                                   max_connections=max_connections,
+                                   max_connections_per_client=max_connections_per_client)
+    return ServeOptions(bundle_path=bundle, keys_db=keys, audit_db=audit,
+                        audit_max_bytes=None if audit_max_mb is None else int(audit_max_mb * 2**20), host=host,
+                        port=port, device=device, torch_threads=torch_threads, graceful_s=graceful_s,
+                        signing_key=read_signing_key(signing_key_file), monitor_config=monitor, config=config,
+                        connections=connections)

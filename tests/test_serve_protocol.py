@@ -346,11 +346,14 @@ def test_keepalive_request_cap_closes_the_connection_after_the_last_answer():
         assert srv.stats["requests_capped"] == 1
 
 
-def test_ordinary_traffic_is_unchanged_pipelining_uploads_and_a_drained_body_on_keepalive():
-    """Passes on plain uvicorn too: the defenses must not cost legitimate clients anything."""
+def test_ordinary_traffic_is_unchanged_keepalive_uploads_and_a_drained_body():
+    """Passes on plain uvicorn too: the defenses must not cost legitimate clients anything. (Not pipelining:
+    uvicorn 0.55's own h11 protocol drops a pipelined burst now and then, guarded or not: 2 of 8 bursts of three
+    GETs on plain uvicorn here.)"""
     with Served(ConnectionLimits(linger_s=1.0)) as srv, srv.connect() as s:
-        s.sendall(b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\n" * 3)  # pipelined
-        assert [read_response(s)[0] for _ in range(3)] == [200] * 3
+        for _ in range(3):
+            s.sendall(b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert read_response(s)[0] == 200
         s.sendall(f"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {MB}\r\n\r\n".encode() + b"x" * MB)
         assert read_response(s)[::2] == (200, str(MB).encode())
         s.sendall(b"POST /deny HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100000)

@@ -1,10 +1,14 @@
 """The HTTP inference service (`safedl serve`): a verified bundle's SecurePipeline behind API keys, rate limits,
 input limits, an audit log written before every answer, Prometheus metrics and micro-batching.
 
-Modules, one component each: ``config`` (limits), ``keys`` (hashed API keys), ``limits`` (token bucket + daily
-quota), ``decode`` (untrusted bytes -> tensors), ``audit`` (SQLite WAL store, export), ``quarantine`` (flagged
-inputs kept for review), ``metrics`` (Prometheus), ``batcher`` (dynamic micro-batching), ``tiers`` (per-key
-output hardening), ``logs`` (JSON logs), ``app`` (the FastAPI app factory), ``server`` (start-up and shutdown).
+Modules, one component each, in the order a request meets them: ``protocol`` / ``connection_limits`` (the HTTP
+connection: header and body deadlines, connection limits, lingering close), ``edge`` (ASGI: framing, client address,
+security headers), ``http`` (authentication before the body, bounded body reading, audit before answer),
+``request`` (the typed request context, ApiError), ``unauth`` (bounded work before authentication), ``service``
+(the state and admission rules), ``predict`` / ``admin`` / ``app`` (routes), ``decode`` (untrusted bytes ->
+tensors), ``batcher`` (micro-batching), ``tiers`` (per-key output hardening), ``keys``, ``limits``, ``audit``,
+``quarantine``, ``metrics``, ``swap`` (bundle hot swap), ``monitor/`` (security monitor), ``config`` / ``options``
+(validated settings), ``server`` (start-up and shutdown), ``client`` (the service as an attack oracle).
 """
 from __future__ import annotations
 

@@ -105,6 +105,7 @@ _BODIES = {408: b"Request Timeout: no complete request in time",
            400: b"Bad Request: ambiguous request framing (repeated Content-Length, or Content-Length with "
                 b"Transfer-Encoding)"}
 _MAX_HEAD_SCAN = 32 * 1024
+READ_SIZE = 64 * 1024
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -138,6 +139,10 @@ class GuardedH11Protocol(H11Protocol):
     # -- connection lifecycle
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw = transport
+        # one socket read at most READ_SIZE: with uvicorn's 64 KB high-water mark, a request whose body the app
+        # never reads (a refused key) has at most 128 KB of it buffered, not 64 KB + asyncio's 256 KB reads
+        if hasattr(transport, "max_size"):
+            transport.max_size = READ_SIZE
         self._proxy = _LingeringTransport(transport, on_close=self._begin_linger)
         super().connection_made(self._proxy)
         self._slot = client_key(self.client, trusted=self.table.trusted)

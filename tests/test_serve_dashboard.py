@@ -208,10 +208,16 @@ class Live:
         self.svc = self.app.state.service
 
     def summary_answers(self, status: int) -> int:
-        """Audited answers of /v1/monitor/summary with ``status`` (every answer is audited, refusals too)."""
+        """Audited answers of /v1/monitor/summary with ``status`` (every answer is audited, refusals too; a 401 has
+        no valid key behind it, so it is counted in the aggregated ``unauthenticated`` table)."""
+        self.svc.flush_unauthenticated()
         conn = sqlite3.connect(self.audit_db)
-        (n,) = conn.execute("SELECT COUNT(*) FROM audit WHERE endpoint='/v1/monitor/summary' AND http_status=?",
-                            (status,)).fetchone()
+        if status == 401:
+            (n,) = conn.execute("SELECT COALESCE(SUM(count), 0) FROM unauthenticated WHERE "
+                                "endpoint='/v1/monitor/summary' AND code='unauthorized'").fetchone()
+        else:
+            (n,) = conn.execute("SELECT COUNT(*) FROM audit WHERE endpoint='/v1/monitor/summary' AND http_status=?",
+                                (status,)).fetchone()
         conn.close()
         return n
 

@@ -29,6 +29,17 @@ def quantized(img: torch.Tensor) -> torch.Tensor:
     return (img.clamp(0, 1) * 255).round() / 255
 
 
+def audit_rows(db, where: str = "1=1") -> list[dict]:
+    """The audit table's rows matching ``where`` (SQL), oldest first, as dicts."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    out = [dict(r) for r in conn.execute(f"SELECT * FROM audit WHERE {where} ORDER BY id")]
+    conn.close()
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from _serve_helpers import make_bundle, npy_bytes, png_bytes, quantized  # noqa: E402
+from _serve_helpers import audit_rows, make_bundle, npy_bytes, png_bytes, quantized  # noqa: E402
 from safedl.deploy import load_bundle  # noqa: E402
 from safedl.serve import ServeConfig, create_app  # noqa: E402
 from safedl.serve.audit import AuditStore  # noqa: E402
@@ -47,11 +47,7 @@ class Svc:
                               config=config or ServeConfig())
 
     def rows(self, where: str = "1=1") -> list[dict]:
-        conn = sqlite3.connect(self.audit_path)
-        conn.row_factory = sqlite3.Row
-        out = [dict(r) for r in conn.execute(f"SELECT * FROM audit WHERE {where} ORDER BY id")]
-        conn.close()
-        return out
+        return audit_rows(self.audit_path, where)
 
 
 @pytest.fixture

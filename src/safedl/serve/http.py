@@ -1,7 +1,7 @@
 """The HTTP rules every route follows: authentication from the headers before the body, bounded body reading, and
 audit before answer.
 
-- ``Authorized(scope)`` is a FastAPI ``Security`` dependency (so the bearer and ``X-API-Key`` schemes show in the
+- ``authorized(scope)`` is a FastAPI ``Security`` dependency (so the bearer and ``X-API-Key`` schemes show in the
   OpenAPI document): it resolves the key, its scope, the monitor's key actions and the request token bucket before
   the endpoint reads one byte of the body. A refused request is answered with ``Connection: close``: its body is
   never read, and the server half-closes and discards what the client still sends (serve/protocol.py).

@@ -107,8 +107,9 @@ def create_app(*, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeC
                   redoc_url=None, description="A verified safedl bundle's defended model behind API keys, rate "
                                               "limits and an audit log.")
     app.state.service = svc
-    app.include_router(_keyed_routes(svc))
-    app.include_router(admin_router())
+    keyed_routers = (_keyed_routes(svc), admin_router())
+    for router in keyed_routers:
+        app.include_router(router)
     app.include_router(_open_routes(svc))
     app.include_router(dashboard_router())  # /dashboard: the on-call page (its data: /v1/monitor/summary, admin)
 
@@ -116,5 +117,13 @@ def create_app(*, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeC
         svc.unauth.failed(client, endpoint="(edge)", code=code)
         svc.metrics.unauthenticated.labels(code).inc()
 
-    app.add_middleware(EdgeMiddleware, trusted_proxies=config.trusted_proxies, on_refused=refused_at_edge)
+    def early(*, token: str | None, client: str | None, endpoint: str) -> Any:
+        refusal = svc.refuse_early(token=token, client=client, endpoint=endpoint)
+        if refusal is not None:
+            svc.metrics.requests.labels(endpoint, str(refusal.status)).inc()
+        return refusal
+
+    keyed = frozenset(route.path for router in keyed_routers for route in router.routes)
+    app.add_middleware(EdgeMiddleware, trusted_proxies=config.trusted_proxies, on_refused=refused_at_edge,
+                       early=early, keyed_paths=keyed)
     return app

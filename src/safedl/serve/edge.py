@@ -6,16 +6,22 @@
 - Client address: the peer's address, unless the peer is a trusted proxy (``trusted_proxies``, default none):
   then the right-most address of ``X-Forwarded-For`` that is not itself a trusted proxy. A client can put anything in
   that header, so it is never read from any other peer.
+- Early refusal: a request to a keyed route whose token cannot be a live key (``early``, the service's
+  ``refuse_early``) is answered here, before routing, dependency resolution or any thread hop: a keyless flood costs
+  the service a header parse and a dictionary lookup per request.
 - Headers on every response: ``nosniff``, ``no-store``, no framing, no referrer, and a Content-Security-Policy that
   allows nothing (JSON needs nothing; the dashboard sets its own, stricter-than-default policy for its page).
 """
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
+import uuid
 from typing import Any, Callable
 
 from safedl.serve.connection_limits import IPNetwork
+from safedl.serve.request import ApiError, presented_token
 
 log = logging.getLogger("safedl.serve")
 CLIENT_KEY = "safedl.client"
@@ -80,14 +86,17 @@ def raw_head_framing_error(head: bytes) -> str | None:
 
 
 class EdgeMiddleware:
-    """Pure ASGI middleware (no body buffering): framing check, client address, security headers.
+    """Pure ASGI middleware (no body buffering): framing check, client address, early refusal, security headers.
 
-    ``on_refused(client, reason)`` is called for every request refused here (counted as a failure before
-    authentication)."""
+    ``on_refused(client, reason)`` is called for every request refused for its framing (counted as a failure
+    before authentication); ``early(token=, client=, endpoint=)`` returns the ApiError of a request to one of
+    ``keyed_paths`` that must not reach its route, or None."""
 
     def __init__(self, app: Any, *, trusted_proxies: tuple[IPNetwork, ...] = (),
-                 on_refused: Callable[[str | None, str], None] | None = None):
+                 on_refused: Callable[[str | None, str], None] | None = None,
+                 early: Callable[..., ApiError | None] | None = None, keyed_paths: frozenset[str] = frozenset()):
         self.app, self.trusted, self.on_refused = app, tuple(trusted_proxies), on_refused
+        self.early, self.keyed_paths = early, keyed_paths
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -110,15 +119,30 @@ class EdgeMiddleware:
         if problem is not None:
             if self.on_refused is not None:
                 self.on_refused(scope[CLIENT_KEY], "bad_framing")
-            await _plain(send_secured, 400, f'{{"error": {{"code": "bad_framing", "message": "ambiguous request '
-                                            f'framing: {problem}"}}}}')
+            await _plain(send_secured, ApiError(400, "bad_framing", f"ambiguous request framing: {problem}",
+                                                close=True))
             return
+        if self.early is not None and scope.get("path") in self.keyed_paths:
+            refusal = self.early(token=_token(headers), client=scope[CLIENT_KEY], endpoint=scope["path"])
+            if refusal is not None:
+                if any(k in (b"content-length", b"transfer-encoding") and v not in (b"0", b"") for k, v in headers):
+                    refusal.headers["Connection"] = "close"  # the body is never read: discarded, then closed
+                await _plain(send_secured, refusal)
+                return
         await self.app(scope, receive, send_secured)
 
 
-async def _plain(send: Callable, status: int, body: str) -> None:
-    data = body.encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            (b"connection", b"close")]})
+def _token(headers: list[tuple[bytes, bytes]]) -> str | None:
+    found = {k: v.decode("latin-1") for k, v in headers if k in (b"authorization", b"x-api-key")}
+    return presented_token(authorization=found.get(b"authorization"), x_api_key=found.get(b"x-api-key"))
+
+
+async def _plain(send: Callable, exc: ApiError) -> None:
+    """Answer ``exc`` as the routes would (the same error body), without routing."""
+    request_id = uuid.uuid4().hex
+    data = json.dumps({"error": {"code": exc.code, "message": exc.message, "request_id": request_id}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+               (b"x-request-id", request_id.encode()),
+               *((k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in exc.headers.items())]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": data})

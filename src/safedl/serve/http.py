@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 from safedl.serve.audit import AuditUnavailable
 from safedl.serve.edge import client_of
 from safedl.serve.keys import ApiKey
-from safedl.serve.request import ApiError, RequestContext
+from safedl.serve.request import ApiError, RequestContext, presented_token
 
 log = logging.getLogger("safedl.serve")
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer sdl_<id>_<secret>`")
@@ -39,12 +39,9 @@ _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API 
 
 
 def token_of(request: Request) -> str | None:
-    """The key a request presents: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
-    auth = request.headers.get("authorization")
-    if auth is not None:
-        scheme, _, value = auth.partition(" ")
-        return value.strip() if scheme.lower() == "bearer" else None
-    return request.headers.get("x-api-key")
+    """The key a request presents (see ``presented_token``)."""
+    return presented_token(authorization=request.headers.get("authorization"),
+                           x_api_key=request.headers.get("x-api-key"))
 
 
 def context_of(request: Request) -> RequestContext:

@@ -44,6 +44,12 @@ def well_formed(token: str | None) -> bool:
     return token is not None and len(token) <= 160 and _TOKEN.match(token) is not None
 
 
+def token_key_id(token: str) -> str | None:
+    """The key id a well-formed token names (not a secret: it only says which key the secret claims to be)."""
+    m = _TOKEN.match(token)
+    return m.group(1) if m else None
+
+
 @dataclass(frozen=True)
 class ApiKey:
     key_id: str

@@ -18,6 +18,15 @@ from typing import Any
 UNAUTHENTICATED = "unauthenticated"
 
 
+def presented_token(*, authorization: str | None, x_api_key: str | None) -> str | None:
+    """The key a request presents: ``Authorization: Bearer <key>`` (another scheme presents none) or
+    ``X-API-Key: <key>``."""
+    if authorization is not None:
+        scheme, _, value = authorization.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else None
+    return x_api_key
+
+
 class ApiError(Exception):
     """A refusal: ``status`` (4xx/5xx), ``code`` (machine-readable), ``message`` (for the client), ``headers``.
 

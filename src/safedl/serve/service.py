@@ -19,7 +19,7 @@ from safedl.serve.audit import AuditStore
 from safedl.serve.batcher import MicroBatcher
 from safedl.serve.config import ServeConfig
 from safedl.serve.decode import Decoded, InputError, declared_pixels, decode_items
-from safedl.serve.keys import ApiKey, KeyStore, well_formed
+from safedl.serve.keys import ApiKey, KeyStore, token_key_id, well_formed
 from safedl.serve.limits import RateLimiter, Verdict
 from safedl.serve.metrics import Metrics
 from safedl.serve.monitor.store import KeyActions, KeyBlocked
@@ -69,6 +69,7 @@ class Service:
                            if config.quarantine_dir is not None else None)
         self.swapper = BundleSwapper(self, start_path=bundle.path,
                                      device=str(getattr(self.pipeline, "device", None) or "cpu"))
+        self._known_ids: frozenset[str] = frozenset()
         self._flusher: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -81,6 +82,7 @@ class Service:
         if self.quarantine is not None:
             self.quarantine.prune()
         self.swapper.publish()
+        self.refresh_known_keys()
         self._stop.clear()
         self._flusher = threading.Thread(target=self._flush_loop, name="safedl-unauth-flush", daemon=True)
         self._flusher.start()
@@ -100,6 +102,7 @@ class Service:
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.config.unauth_flush_s):
             self.flush_unauthenticated()
+            self.refresh_known_keys()
 
     def flush_unauthenticated(self) -> None:
         rows = self.unauth.drain()
@@ -128,29 +131,44 @@ class Service:
         return out
 
     # -- admission -------------------------------------------------------------------------------------------
-    def refuse_unauthenticated(self, ctx: RequestContext, code: str = "unauthorized") -> ApiError:
+    def refuse_unauthenticated(self, *, client: str | None, endpoint: str, code: str = "unauthorized") -> ApiError:
         """Count a failure before authentication; the 401 to answer, or 429 once the client's failure budget is
         spent (then no token tells whether a guess was close: the answer is the same for any wrong key)."""
-        refusal = self.unauth.check(ctx.client)
+        refusal = self.unauth.check(client)
         code = "unauth_limited" if refusal is not None else code
-        self.unauth.failed(ctx.client, endpoint=ctx.endpoint, code=code)
+        self.unauth.failed(client, endpoint=endpoint, code=code)
         self.metrics.unauthenticated.labels(code).inc()
         if refusal is not None:
             return _unauth_limited(refusal.retry_after_s)
         return ApiError(401, code, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
 
+    def refuse_early(self, *, token: str | None, client: str | None, endpoint: str) -> ApiError | None:
+        """At the edge, before routing (no thread hop, no database): the refusal of a token that cannot be a key,
+        or of a token whose key id no live key had at the last refresh when its client's failure budget is spent;
+        None otherwise (the route then looks the key up, so a key created since the refresh still works)."""
+        if well_formed(token) and (token_key_id(token) in self._known_ids or self.unauth.check(client) is None):
+            return None
+        return self.refuse_unauthenticated(client=client, endpoint=endpoint)
+
+    def refresh_known_keys(self) -> None:
+        """The ids of the live keys, for ``refuse_early`` (refreshed with the aggregated counts' flush)."""
+        try:
+            self._known_ids = frozenset(k.key_id for k in self.keys.list() if k.revoked_at is None)
+        except Exception as exc:  # noqa: BLE001 - a store hiccup: keep the previous set; lookups still decide
+            log.warning("could not refresh the key ids: %s", exc)
+
     def precheck(self, token: str | None, ctx: RequestContext) -> None:
         """On the event loop, before any lookup: a token that cannot be a key is refused here (401, or 429 over the
-        client's failure budget), with no thread hop and no database. A well-formed token is always looked up, so
-        a valid key works even from an address an attacker shares (a NAT, a proxy)."""
+        client's failure budget). A well-formed token is always looked up, so a valid key works even from an
+        address an attacker shares (a NAT, a proxy)."""
         if not well_formed(token):
-            raise self.refuse_unauthenticated(ctx)
+            raise self.refuse_unauthenticated(client=ctx.client, endpoint=ctx.endpoint)
 
     def admit(self, token: str | None, scope: str, ctx: RequestContext) -> ApiKey:
         """Key lookup, scope, key actions and the request token bucket (a worker thread; raises ApiError)."""
         key = self.keys.authenticate(token)
         if key is None:
-            raise self.refuse_unauthenticated(ctx)
+            raise self.refuse_unauthenticated(client=ctx.client, endpoint=ctx.endpoint)
         ctx.key_id, ctx.tier, ctx.authenticated = key.key_id, key.tier, True
         if scope not in key.scopes and not (scope == "metrics" and "admin" in key.scopes):
             raise ApiError(403, "forbidden", f"this key's scopes ({', '.join(key.scopes)}) do not include {scope!r}")

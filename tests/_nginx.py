@@ -45,6 +45,13 @@ def directives(text: str) -> dict[tuple[str, str], list[str]]:
     return out
 
 
+def upstream_params() -> list[str]:
+    """The parameters of the first ``server`` line of the shipped safedl.d/upstreams.conf (``fail_timeout=5s`` ...)."""
+    line = next(ln for ln in (NGINX_DIR / "safedl.d" / "upstreams.conf").read_text().splitlines()
+                if ln.strip().startswith("server "))
+    return line.split(";")[0].split()[2:]
+
+
 def _main_conf(prefix: Path) -> str:
     """The harness around the shipped file: what /etc/nginx/nginx.conf is on a host, with every path in ``prefix``."""
     user = "user root root;\n" if os.geteuid() == 0 else ""  # workers must reach the temp dirs under pytest's tmp
@@ -63,9 +70,10 @@ def write_prefix(prefix: Path, *, listen: str | None = None, upstreams: list[int
     shutil.copytree(NGINX_DIR / "safedl.d", conf / "safedl.d")
     if listen is not None:
         (conf / "safedl.d" / "listen.conf").write_text(f"listen {listen};\n")
-    if upstreams is not None:
+    if upstreams is not None:  # the shipped server lines' parameters (max_fails=... fail_timeout=...), other ports
+        params = " ".join(upstream_params())
         (conf / "safedl.d" / "upstreams.conf").write_text(
-            "".join(f"server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;\n" for p in upstreams))
+            "".join(f"server 127.0.0.1:{p} {params};\n" for p in upstreams))
     for d in ("logs", *(f"temp/{t}" for t in _TEMPS)):
         (prefix / d).mkdir(parents=True, exist_ok=True)
     (conf / "nginx.conf").write_text(_main_conf(prefix))

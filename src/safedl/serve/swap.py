@@ -81,7 +81,7 @@ class BundleSwapper:
                              registry=svc.metrics.registry)
         for outcome in OUTCOMES:
             self.swaps.labels(outcome)
-        svc.metrics.registry.register(self.slis)
+        svc.metrics.register_collector(self.slis)
 
     def configure(self, *, start_path: Path, signing_key: bytes | None, device: str) -> None:
         """How ``safedl serve`` was started: SIGHUP reloads ``start_path``; every swap needs ``signing_key``'s

@@ -195,6 +195,9 @@ def test_two_workers_share_limits_quotas_audit_and_metrics(setup, tmp_path):
         ok += [rid for s, rid in out if s == 200]
         refused += [rid for s, rid in out if s == 429]
 
+        r = httpx.post(srv.url + "/v1/admin/bundle", json={"path": str(setup["b"])}, timeout=30,
+                       headers={"X-API-Key": tok["ops"]})  # it would swap one worker: SIGHUP swaps them all
+        assert r.status_code == 409 and r.json()["error"]["code"] == "swap_needs_sighup", r.text
         scrapes, by = [], {}
         for _ in range(30):  # /metrics of either worker counts both workers' requests
             r = httpx.get(srv.url + "/metrics", headers={"X-API-Key": tok["ops"]}, timeout=30)

@@ -24,9 +24,10 @@ def build_app(options: ServeOptions) -> Any:
     keys = KeyStore(options.keys_db)
     app = create_app(bundle=bundle, keys=keys, audit=AuditStore(options.audit_db, max_bytes=options.audit_max_bytes),
                      config=options.config, monitor_config=options.monitor_config)
-    # a swap verifies a new bundle as the start did (same signing key, device); SIGHUP reloads bundle_path
+    # a swap verifies a new bundle as the start did (same signing key, device); SIGHUP reloads bundle_path (with
+    # workers, the only swap: each worker gets it from the supervisor)
     app.state.service.swapper.configure(start_path=options.bundle_path, signing_key=options.signing_key,
-                                        device=options.device)
+                                        device=options.device, workers=options.workers)
     return app
 
 

@@ -319,9 +319,15 @@ class Supervisor:
 
 
 def _status(code: int | None) -> str:
+    """A process's exit code in words."""
     if code is None:
         return "unknown status"
-    return f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+    if code >= 0:
+        return f"status {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
 
 
 def run_workers(options: ServeOptions) -> int:

@@ -140,12 +140,9 @@ def served_metrics(tiny_model, digits_splits, tmp_path_factory):
     keys = KeyStore(tmp / "k.db", create=True)
     token = keys.create(name="u", tier="full")[1]
     scraper = keys.create(name="prometheus", scopes=("metrics",))[1]
-    from safedl.serve.monitor.config import DEFAULT_RULES, MonitorConfig
+    from safedl.serve.monitor.config import MonitorConfig
 
-    # the shipped rules, thresholds given instead of a calibration file: the monitor's metrics are exported too
-    monitor = MonitorConfig.model_validate({
-        **yaml.safe_load(DEFAULT_RULES.read_text()), "calibration": None,
-        "detectors": {"stateful": {"threshold": 1.0}, "prada": {"delta": 0.9}}, "sinks": {"log": True}})
+    monitor = MonitorConfig.model_validate(monitor_settings())  # the monitor's metrics are exported too
     app = create_app(bundle=load_bundle(bundle), keys=keys, audit=AuditStore(tmp / "a.db"), config=ServeConfig(),
                      monitor_config=monitor)
     with TestClient(app) as c:
@@ -153,6 +150,11 @@ def served_metrics(tiny_model, digits_splits, tmp_path_factory):
                    headers={"X-API-Key": token, "Content-Type": "image/png"})
         assert r.status_code == 200
         text = c.get("/metrics", headers={"Authorization": f"Bearer {scraper}"}).text
+    return exposition_names(text)
+
+
+def exposition_names(text: str) -> set[str]:
+    """Metric names in a Prometheus text exposition (declared families and samples; a histogram's series)."""
     names = set()
     for line in text.splitlines():
         m = re.match(r"# TYPE (\S+) (\S+)", line)
@@ -165,7 +167,20 @@ def served_metrics(tiny_model, digits_splits, tmp_path_factory):
     return names
 
 
+def monitor_settings() -> dict:
+    """The shipped monitor rules, thresholds given instead of a calibration file (so its metrics are exported)."""
+    from safedl.serve.monitor.config import DEFAULT_RULES
+
+    return {**yaml.safe_load(DEFAULT_RULES.read_text()), "calibration": None,
+            "detectors": {"stateful": {"threshold": 1.0}, "prada": {"delta": 0.9}}, "sinks": {"log": True}}
+
+
 def test_every_metric_in_the_rules_and_dashboards_is_exported_by_the_service(served_metrics):
+    assert_rules_and_dashboards_find(served_metrics)
+
+
+def assert_rules_and_dashboards_find(served_metrics: set[str]) -> None:
+    """Every metric the alert rules, recording rules and dashboards query is in ``served_metrics``."""
     used = set()
     for alert in _alerts():
         used |= metric_names(alert["expr"])

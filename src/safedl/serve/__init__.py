@@ -8,7 +8,8 @@ security headers), ``http`` (authentication before the body, bounded body readin
 (the state and admission rules), ``predict`` / ``admin`` / ``app`` (routes), ``decode`` (untrusted bytes ->
 tensors), ``batcher`` (micro-batching), ``tiers`` (per-key output hardening), ``keys``, ``limits``, ``audit``,
 ``quarantine``, ``metrics``, ``swap`` (bundle hot swap), ``monitor/`` (security monitor), ``config`` / ``options``
-(validated settings), ``server`` (start-up and shutdown), ``client`` (the service as an attack oracle).
+(validated settings), ``server`` (start-up and shutdown), ``workers`` (``--workers N``: the supervisor
+and its worker processes on one socket), ``client`` (the service as an attack oracle).
 """
 from __future__ import annotations
 

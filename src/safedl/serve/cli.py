@@ -56,7 +56,12 @@ def serve_command(
         quarantine_mb: float = typer.Option(100.0, "--quarantine-mb", help="size cap of the quarantine folder"),
         quarantine_days: float = typer.Option(30.0, "--quarantine-days", help="retention of quarantined inputs"),
         device: str = typer.Option("cpu", "--device"),
-        torch_threads: int = typer.Option(1, "--torch-threads", help="intra-op threads of the model"),
+        torch_threads: int = typer.Option(1, "--torch-threads", help="intra-op threads of the model (per worker)"),
+        workers: int = typer.Option(1, "--workers", help="worker processes on one listening socket (1-64); each loads "
+                                                         "the bundle. Rate limits, quotas and the audit are exact "
+                                                         "across them (shared databases); the security monitor, the "
+                                                         "failed-authentication budget and the connection limits are "
+                                                         "per worker (each sees its share of a key's queries)"),
         graceful_s: float = typer.Option(30.0, "--graceful-s", help="how long shutdown waits for in-flight requests"),
         signing_key_file: Optional[Path] = typer.Option(None, "--signing-key-file",
                                                         help="require the bundle's HMAC signature with this key"),
@@ -68,15 +73,25 @@ def serve_command(
 
     Exit code 2 when the bundle fails verification or an option is wrong. SIGHUP reloads BUNDLE (verified as at
     start) without downtime; POST /v1/admin/bundle and /v1/admin/rollback (scope admin) swap and roll back.
+    With --workers N, SIGHUP to the supervisor reloads every worker and SIGTERM stops them all gracefully.
     """
     flags = dict(locals())  # every option, by parameter name: one ServeOptions is built from them
     from safedl.serve.options import options_from_flags
-    from safedl.serve.server import run_server
 
     try:
-        run_server(options_from_flags(**flags))
+        options = options_from_flags(**flags)
+        if options.workers > 1:
+            from safedl.serve.workers import run_workers
+
+            code = run_workers(options)
+        else:
+            from safedl.serve.server import run_server
+
+            code = run_server(options) or 0
     except UserError as exc:
         _fail(exc)
+    if code:
+        raise typer.Exit(code)
 
 
 @keys_app.command("create")

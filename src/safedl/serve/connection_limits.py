@@ -72,12 +72,19 @@ class ProtocolStats(Mapping[str, int]):
 
     def __init__(self) -> None:
         self._counts = dict.fromkeys(COUNTERS, 0)
+        self._listeners: list[Callable[[str], None]] = []
         self.open_connections = 0      # admitted and not yet closed (lingering included)
         self.refusals_lingering = 0    # refused connections still lingering
 
     def increment(self, name: str) -> None:
-        """Add one to counter ``name``."""
+        """Add one to counter ``name`` (and tell the listeners)."""
         self._counts[name] += 1
+        for listener in self._listeners:
+            listener(name)
+
+    def subscribe(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(name)`` on every increment from now on (the Prometheus counter of serve/metrics.py)."""
+        self._listeners.append(listener)
 
     def gauges(self) -> dict[str, int]:
         """The current gauges as a plain dict."""

@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any, Mapping
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
@@ -21,9 +22,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-def setup_json_logging(level: int = logging.INFO, stream=None) -> None:
+class StaticFields(logging.Filter):
+    """Adds the same fields to every record (a worker's ``worker`` index and ``pid``)."""
+
+    def __init__(self, fields: Mapping[str, Any]):
+        super().__init__()
+        self.fields = dict(fields)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for k, v in self.fields.items():
+            setattr(record, k, v)
+        return True
+
+
+def setup_json_logging(level: int = logging.INFO, stream=None, *, fields: Mapping[str, Any] | None = None) -> None:
+    """JSON lines on ``stream`` (stderr) for the root logger and uvicorn's; ``fields`` go on every line."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
+    if fields:
+        handler.addFilter(StaticFields(fields))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         lg = logging.getLogger(name)

@@ -1,5 +1,12 @@
 """Prometheus metrics (``safedl_`` prefix), one registry per app so several apps can live in one process.
 
+With ``safedl serve --workers N`` (serve/workers.py) prometheus_client runs in multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor before a worker starts): every worker writes its counters and
+histograms to files there, and ``render`` merges all workers' files (the dead ones' too, so a total never goes back),
+so any worker's ``/metrics`` reports the whole service. Gauges say how they merge (``safedl_ready``: the minimum
+over the live workers). Custom collectors (``register_collector``: the bundle SLIs) report the answering worker's
+state, which every worker shares (the same bundle; after a SIGHUP each worker reloads it).
+
 Nothing here is per key, and detector scores are exported only as coarse bands of score / threshold, never as a
 histogram: a histogram's ``_sum`` moves by exactly one request's score at low traffic, so its deltas would hand a
 label-tier key (no scores by contract) the scores it is not shown. ``/metrics`` itself needs a key with the
@@ -7,12 +14,15 @@ label-tier key (no scores by contract) the scores it is not shown. ``/metrics`` 
 """
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+import os
+from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from safedl.serve.connection_limits import ProtocolStats
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # bands of score / threshold: well below, approaching, over, far over
@@ -45,7 +55,9 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.stage_latency = Histogram("safedl_stage_latency_seconds", "time per request stage (read, admit, "
                                        "decode, model, audit)", ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.ready = Gauge("safedl_ready", "1 when the bundle is loaded and the audit log writable", registry=r)
+        self.ready = Gauge("safedl_ready", "1 when the bundle is loaded and the audit log writable (workers: the "
+                           "minimum over the live ones)", multiprocess_mode="livemin", registry=r)
+        self._collectors: list[Collector] = []
 
     def observe_decision(self, d: dict, *, tier: str) -> None:
         """Count one request's answered images (a Decision slice): totals, rejections, score bands."""
@@ -63,22 +75,43 @@ class Metrics:
                     self.score_band.labels(name, band).inc(n)
                 ratios = ratios[ratios >= bound] if bound != float("inf") else ratios
 
-    def watch_connections(self, stats: Mapping[str, int]) -> None:
+    def watch_connections(self, stats: ProtocolStats) -> None:
         """Export the HTTP protocol's connection events (serve/protocol.py: header timeouts, refused connections,
-        lingering closes) as ``safedl_connection_events_total{event}``, read at every scrape."""
-        self.registry.register(_ConnectionEvents(stats))
+        lingering closes) as ``safedl_connection_events_total{event}``: a counter the protocol's ``stats`` increment
+        (``stats.subscribe``), so the workers' counts add up like every other counter."""
+        events = Counter("safedl_connection_events", "connection-level refusals and timeouts, by event", ["event"],
+                         registry=self.registry)
+        stats.subscribe(lambda event: events.labels(event).inc())
+        for event, n in sorted(dict(stats).items()):
+            events.labels(event).inc(n)  # every event has its series (0 until it happens)
+
+    def register_collector(self, collector: Collector) -> None:
+        """Add a custom collector (its state is this process's, also in multiprocess mode)."""
+        self.registry.register(collector)
+        self._collectors.append(collector)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition of this app; with workers, of all of them (plus this process's custom collectors), listing
+        the same families as one process does (a labelled metric no worker has used yet: its HELP and TYPE)."""
+        path = os.environ.get(MULTIPROC_ENV)
+        if not path:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+        from prometheus_client.metrics_core import Metric
+
+        families = [*multiprocess.MultiProcessCollector(None, path=path).collect(),
+                    *(f for c in self._collectors for f in c.collect())]
+        present = {f.name for f in families}
+        families += [Metric(f.name, f.documentation, f.type, f.unit) for f in self.registry.collect()
+                     if f.name not in present and not f.samples]
+        return generate_latest(_Families(families))
 
 
-class _ConnectionEvents(Collector):
-    def __init__(self, stats: Mapping[str, int]):
-        self.stats = stats
+class _Families(Collector):
+    """Metric families collected already, as a collector for ``generate_latest``."""
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        fam = CounterMetricFamily("safedl_connection_events", "connection-level refusals and timeouts, by event",
-                                  labels=["event"])
-        for event, n in sorted(dict(self.stats).items()):
-            fam.add_metric([event], float(n))
-        yield fam
+    def __init__(self, families: list):
+        self.families = families
+
+    def collect(self) -> Iterator:
+        return iter(self.families)

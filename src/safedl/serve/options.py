@@ -10,12 +10,14 @@ from safedl.serve.config import ServeConfig
 from safedl.serve.protocol import ConnectionLimits
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServeOptions:
     """Paths, network, device and limits of one server (the app's own limits are ``config``; the connection-level
-    ones ``connections``)."""
+    ones ``connections``, counted per worker process). ``workers`` > 1: that many processes serve one listening
+    socket (serve/workers.py); picklable, so a worker gets it through its start pipe, never its environment."""
 
     bundle_path: Path
     keys_db: Path
@@ -25,6 +27,7 @@ class ServeOptions:
     port: int = 8000
     device: str = "cpu"
     torch_threads: int = 1
+    workers: int = 1
     graceful_s: float = 30.0
     log_level: str = "info"
     signing_key: bytes | None = field(default=None, repr=False)
@@ -37,6 +40,9 @@ class ServeOptions:
             raise UserError(f"--port {self.port}: must be 1-65535")
         if self.torch_threads < 1:
             raise UserError(f"--torch-threads {self.torch_threads}: must be at least 1")
+        w = self.workers
+        if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_WORKERS:
+            raise UserError(f"--workers {self.workers}: must be an integer from 1 to {MAX_WORKERS}")
         if not (self.graceful_s >= 0 and self.graceful_s < float("inf")):
             raise UserError(f"--graceful-s {self.graceful_s}: must be a finite number >= 0")
         if self.audit_max_bytes is not None and self.audit_max_bytes <= 0:
@@ -51,7 +57,7 @@ def options_from_flags(*, bundle: Path, keys: Path, audit: Path, audit_max_mb: f
                        max_wait_ms: float, header_timeout_s: float, body_timeout_s: float, min_body_kbps: float,
                        keepalive_s: float, max_connections: int, max_connections_per_client: int,
                        unauth_rate: float, unauth_burst: int, quarantine: Path | None, quarantine_mb: float,
-                       quarantine_days: float, device: str, torch_threads: int, graceful_s: float,
+                       quarantine_days: float, device: str, torch_threads: int, workers: int, graceful_s: float,
                        signing_key_file: Path | None, monitor_config: Path | None) -> ServeOptions:
     """The ``safedl serve`` flags (sizes in MB and KiB/s, as typed) as one validated ``ServeOptions``; raises
     UserError naming the flag."""
@@ -76,6 +82,7 @@ def options_from_flags(*, bundle: Path, keys: Path, audit: Path, audit_max_mb: f
                                    max_connections_per_client=max_connections_per_client)
     return ServeOptions(bundle_path=bundle, keys_db=keys, audit_db=audit,
                         audit_max_bytes=None if audit_max_mb is None else int(audit_max_mb * 2**20), host=host,
-                        port=port, device=device, torch_threads=torch_threads, graceful_s=graceful_s,
+                        port=port, device=device, torch_threads=torch_threads, workers=workers,
+                        graceful_s=graceful_s,
                         signing_key=read_signing_key(signing_key_file), monitor_config=monitor, config=config,
                         connections=connections)

@@ -1,7 +1,8 @@
 """Start-up and shutdown of ``safedl serve``: verify the bundle (a tampered one refuses to start), open the key and
 audit stores, run uvicorn with the guarded HTTP protocol (serve/protocol.py: header deadline, connection limits,
 lingering close) and JSON logs; SIGTERM/SIGINT stop accepting, let in-flight requests finish (up to ``graceful_s``),
-then the app flushes the model queue and the audit log; SIGHUP reloads the bundle (serve/swap.py)."""
+then the app flushes the model queue and the audit log; SIGHUP reloads the bundle (serve/swap.py). With
+``--workers N`` (N > 1) serve/workers.py runs N such servers on one listening socket."""
 from __future__ import annotations
 
 import logging
@@ -23,9 +24,10 @@ def build_app(options: ServeOptions) -> Any:
     keys = KeyStore(options.keys_db)
     app = create_app(bundle=bundle, keys=keys, audit=AuditStore(options.audit_db, max_bytes=options.audit_max_bytes),
                      config=options.config, monitor_config=options.monitor_config)
-    # a swap verifies a new bundle as the start did (same signing key, device); SIGHUP reloads bundle_path
+    # a swap verifies a new bundle as the start did (same signing key, device); SIGHUP reloads bundle_path (with
+    # workers, the only swap: each worker gets it from the supervisor)
     app.state.service.swapper.configure(start_path=options.bundle_path, signing_key=options.signing_key,
-                                        device=options.device)
+                                        device=options.device, workers=options.workers)
     return app
 
 
@@ -44,16 +46,17 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return False
 
 
-def run_server(options: ServeOptions) -> None:
-    """Serve until SIGINT/SIGTERM. Raises UserError (exit 2) for a bad bundle, key database or option."""
+def prepare_server(options: ServeOptions, *, log_fields: dict[str, Any] | None = None) -> tuple[Any, type]:
+    """What serving ``options`` needs in this process: JSON logs (``log_fields`` on every line), malloc arenas,
+    torch threads, the descriptor ceiling, the app (bundle verified, stores opened), SIGHUP reload and the guarded
+    protocol class (built here: it holds this process's connection table and cannot be pickled)."""
     import torch
-    import uvicorn
 
     from safedl.serve.logs import setup_json_logging
     from safedl.serve.protocol import guarded_protocol, harden_process
     from safedl.serve.swap import install_sighup
 
-    setup_json_logging(getattr(logging, options.log_level.upper(), logging.INFO))
+    setup_json_logging(getattr(logging, options.log_level.upper(), logging.INFO), fields=log_fields)
     limit_malloc_arenas()
     torch.set_num_threads(int(options.torch_threads))
     limits = options.connections
@@ -66,12 +69,30 @@ def run_server(options: ServeOptions) -> None:
     install_sighup(app.state.service.swapper)
     protocol = guarded_protocol(limits=limits, trusted_proxies=options.config.trusted_proxies)
     app.state.service.metrics.watch_connections(protocol.stats)
-    if options.host not in LOOPBACK:
-        log.warning("listening on %s: the service is reachable from other machines (put it behind a TLS reverse "
-                    "proxy)", options.host)
+    return app, protocol
+
+
+def uvicorn_settings(options: ServeOptions, *, protocol: type) -> dict[str, Any]:
+    """uvicorn's settings for ``safedl serve`` (besides the app, host and port)."""
     # proxy_headers=False: uvicorn would otherwise take X-Forwarded-For from any loopback peer; serve/edge.py
     # honours it from --trusted-proxy peers only
-    uvicorn.run(app, host=options.host, port=options.port, log_config=None, access_log=False, http=protocol, ws="none",
-                proxy_headers=False,
+    return dict(log_config=None, access_log=False, http=protocol, ws="none", proxy_headers=False,
                 timeout_graceful_shutdown=int(options.graceful_s), h11_max_incomplete_event_size=16 * 1024,
                 server_header=False, date_header=False)
+
+
+def warn_if_exposed(host: str) -> None:
+    """Log a warning when ``host`` is not a loopback address."""
+    if host not in LOOPBACK:
+        log.warning("listening on %s: the service is reachable from other machines (put it behind a TLS reverse "
+                    "proxy)", host)
+
+
+def run_server(options: ServeOptions) -> None:
+    """Serve until SIGINT/SIGTERM in this process. Raises UserError (exit 2) for a bad bundle, key database or
+    option."""
+    import uvicorn
+
+    app, protocol = prepare_server(options)
+    warn_if_exposed(options.host)
+    uvicorn.run(app, host=options.host, port=options.port, **uvicorn_settings(options, protocol=protocol))

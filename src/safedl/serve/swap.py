@@ -75,18 +75,21 @@ class BundleSwapper:
     def __init__(self, svc: Any, *, start_path: Path, signing_key: bytes | None = None, device: str = "cpu"):
         self.svc, self.start_path, self.signing_key, self.device = svc, Path(start_path), signing_key, device
         self.previous: Any = None
+        self.workers = 1
         self._lock = threading.Lock()  # one swap at a time; a second one is refused (409), not queued
         self.slis = BundleSLICollector()
         self.swaps = Counter("safedl_bundle_swaps", "bundle swap attempts by outcome", ["outcome"],
                              registry=svc.metrics.registry)
         for outcome in OUTCOMES:
             self.swaps.labels(outcome)
-        svc.metrics.registry.register(self.slis)
+        svc.metrics.register_collector(self.slis)
 
-    def configure(self, *, start_path: Path, signing_key: bytes | None, device: str) -> None:
+    def configure(self, *, start_path: Path, signing_key: bytes | None, device: str, workers: int = 1) -> None:
         """How ``safedl serve`` was started: SIGHUP reloads ``start_path``; every swap needs ``signing_key``'s
-        signature (when given) and loads onto ``device``."""
+        signature (when given) and loads onto ``device``; with ``workers`` > 1 only SIGHUP swaps (every worker
+        gets it from the supervisor; a swap over HTTP would change the answering worker only)."""
         self.start_path, self.signing_key, self.device = Path(start_path), signing_key, str(device)
+        self.workers = int(workers)
 
     def publish(self) -> None:
         """Export the SLIs of the bundle being served (at start; a swap does it itself)."""
@@ -164,6 +167,11 @@ class BundleSwapper:
                 "outcome": outcome}
 
     def _locked(self, action: str, ctx: dict, path: Any, work) -> dict:
+        if self.workers > 1 and ctx.get("trigger", "http") == "http":
+            raise self._refused(SwapRefused(409, "swap_needs_sighup", f"this server runs {self.workers} workers: a "
+                                            "swap over HTTP would change only the one that answers; put the bundle "
+                                            "at the start path and send SIGHUP to `safedl serve` (every worker "
+                                            "reloads it)"), action, ctx, path)
         if not self._lock.acquire(blocking=False):
             raise self._refused(SwapRefused(409, "swap_in_progress", "another bundle swap is in progress; retry "
                                                                      "when it has finished"), action, ctx, path)

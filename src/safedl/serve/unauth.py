@@ -7,6 +7,9 @@ such failure spends one token of its client's bucket; a client whose bucket is e
 the audit database receives at most one row per (client, minute, endpoint, code), at most ``max_clients_per_minute``
 clients a minute (the rest are counted under the client ``(other)``). Valid keys never spend these tokens, so a
 keyholder behind the same address is refused only once its own key lookup fails.
+
+The buckets live in the process: with ``safedl serve --workers N`` each worker has its own, so an address gets up
+to N x the burst and rate over the workers its connections land on (documented in the README's Security section).
 """
 from __future__ import annotations
 

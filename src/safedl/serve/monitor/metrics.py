@@ -17,7 +17,9 @@ class MonitorMetrics:
                                   registry=r)
         self.ttd = Histogram("safedl_time_to_detect_queries", "a key's query number at its first flag",
                              ["detector"], buckets=_TTD_BUCKETS, registry=r)
-        self.firing = Gauge("safedl_alerts_firing", "alerts firing now", ["rule", "severity"], registry=r)
+        # with workers, each worker's monitor fires its own alerts (rows of their own): the sum over the live ones
+        self.firing = Gauge("safedl_alerts_firing", "alerts firing now", ["rule", "severity"],
+                            multiprocess_mode="livesum", registry=r)
         self.fired = Counter("safedl_alerts_fired", "alerts that started firing", ["rule", "severity"], registry=r)
         self.notifications = Counter("safedl_alert_notifications", "alert notifications by sink and outcome",
                                      ["sink", "outcome"], registry=r)

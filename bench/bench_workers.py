@@ -1,0 +1,171 @@
+"""Throughput of ``safedl serve --workers 1|2`` and of a bare FastAPI endpoint under uvicorn ``--workers 1|2``,
+measured with Apache Bench, in one run on loopback.
+
+Setup as bench/bench_serve.py (``prepare``: ``small_cnn`` on ``mnist5k``, seed 0, 2 epochs; the default deployed
+system, feature squeezing bit depth 4 + its detector, as a bundle; one API key without effective limits). Every
+server process runs 1 torch thread (``--torch-threads 1``; the bare app sets it, and ``OMP_NUM_THREADS=1``). The
+bare endpoint decodes the PNG and runs the model's forward pass, nothing else, on uvicorn's h11 protocol (the one
+safedl's guarded protocol extends; httptools is not installed). Each server is loaded by
+``ab -k -l -t SECONDS -n MAX -c C -p digit.png -T image/png [-H 'X-API-Key: ...']`` at each concurrency C, after a
+2 s warm-up. h11 keeps no HTTP/1.0 connection alive, so ab's ``-k`` is refused and every request is a new
+connection (ab reports the keep-alive count); the kernel hands each new connection to one worker.
+
+Reports requests/s, p50 and p99 (ab's whole milliseconds), non-2xx and failed counts, the load average around each
+measurement (another benchmark may share the machine), the ratios 2 workers / 1 worker and safedl / bare, and for
+safedl whether the audit database holds a row for every answered request.
+
+    PYTHONPATH=src nice -n 10 /work/main/.venv/bin/python bench/bench_workers.py --seconds 15 --levels 8,32 --seed 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_serve import _free_port, _start, _stop, bare_app, prepare  # noqa: E402
+
+log = logging.getLogger("bench_workers")
+AB = "/usr/bin/ab"
+BUNDLE_ENV = "BENCH_WORKERS_BUNDLE"
+
+
+def bare_factory():
+    """The bare endpoint for ``uvicorn --factory`` (each uvicorn worker calls it); the bundle: $BENCH_WORKERS_BUNDLE."""
+    import torch
+
+    torch.set_num_threads(1)
+    return bare_app(os.environ[BUNDLE_ENV])
+
+
+def parse_ab(text: str) -> dict:
+    """Requests/s, latency percentiles (ms), counts from ab's report."""
+    def num(pattern: str, default: float | None = None) -> float | None:
+        m = re.search(pattern, text, re.MULTILINE)
+        return float(m.group(1)) if m else default
+
+    return {"requests": int(num(r"^Complete requests:\s+(\d+)", 0)),
+            "throughput_rps": num(r"^Requests per second:\s+([\d.]+)"),
+            "p50_ms": num(r"^\s+50%\s+(\d+)"), "p99_ms": num(r"^\s+99%\s+(\d+)"),
+            "non_2xx": int(num(r"^Non-2xx responses:\s+(\d+)", 0)),
+            "failed": int(num(r"^Failed requests:\s+(\d+)", 0)),
+            "keep_alive": int(num(r"^Keep-Alive requests:\s+(\d+)", 0))}
+
+
+def run_ab(*, port: int, body: Path, token: str | None, concurrency: int, seconds: float, max_n: int) -> dict:
+    cmd = [AB, "-k", "-l", "-q", "-s", "30", "-t", str(seconds), "-n", str(max_n), "-c", str(concurrency),
+           "-p", str(body), "-T", "image/png"]
+    if token:
+        cmd += ["-H", f"X-API-Key: {token}"]
+    cmd.append(f"http://127.0.0.1:{port}/v1/predict")
+    load0 = os.getloadavg()[0]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+    if res.returncode != 0:
+        raise RuntimeError(f"ab failed ({res.returncode}): {res.stderr[-2000:]}")
+    return {**parse_ab(res.stdout), "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+
+
+def _wait_log(log_path: Path, marker: str, count: int, timeout: float = 180.0) -> None:
+    """Wait until ``marker`` is in the server's log ``count`` times (every worker started, not only the first)."""
+    deadline = time.monotonic() + timeout
+    while log_path.read_text(errors="replace").count(marker) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{marker!r} not logged {count} times: {log_path.read_text()[-2000:]}")
+        time.sleep(0.2)
+
+
+def measure(name: str, cmd: list[str], *, port: int, env: dict, log_path: Path, ready: tuple[str, int], body: Path,
+            token: str | None, levels: list[int], seconds: float, max_n: int) -> tuple[dict, int, int]:
+    """Per concurrency: ab's summary; plus the requests completed and answered 2xx (warm-ups included)."""
+    proc = _start(cmd, port, env, log_path)
+    out, done, ok = {}, 0, 0
+    try:
+        _wait_log(log_path, *ready)
+        for c in levels:
+            warm = run_ab(port=port, body=body, token=token, concurrency=c, seconds=2, max_n=max_n)
+            out[str(c)] = run_ab(port=port, body=body, token=token, concurrency=c, seconds=seconds, max_n=max_n)
+            for r in (warm, out[str(c)]):
+                done += r["requests"]
+                ok += r["requests"] - r["non_2xx"]
+            log.info("%s, -c %d: %s", name, c, out[str(c)])
+    finally:
+        _stop(proc)
+    return out, done, ok
+
+
+def _ratios(num: dict, den: dict) -> dict:
+    return {c: round(num[c]["throughput_rps"] / den[c]["throughput_rps"], 3) for c in num if c in den}
+
+
+def _audit(db: Path, done: int, ok: int, in_flight: int) -> dict:
+    """Audit rows against ab's counts: ab -t stops with up to -c requests in flight, which the server answers (and
+    audits) but ab does not count, so 0 <= rows - answered <= the sum of the concurrencies."""
+    conn = sqlite3.connect(db)
+    rows, rows_ok = conn.execute("SELECT COUNT(*), SUM(http_status = 200) FROM audit WHERE endpoint='/v1/predict'"
+                                 ).fetchone()
+    conn.close()
+    return {"answered": done, "answered_2xx": ok, "rows": rows, "rows_200": rows_ok or 0,
+            "rows_cover_answered": 0 <= rows - done <= in_flight and 0 <= (rows_ok or 0) - ok <= in_flight}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=15.0, help="per measurement (ab -t)")
+    p.add_argument("--levels", default="8,32", help="ab concurrencies")
+    p.add_argument("--workers", default="1,2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-requests", type=int, default=50_000, help="per measurement (ab -n)")
+    p.add_argument("--out", type=Path, default=None, help="also write the results here (JSON)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    levels, counts = [int(v) for v in args.levels.split(",")], [int(v) for v in args.workers.split(",")]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="1")
+    load_start = os.getloadavg()
+    results: dict = {"bare": {}, "safedl": {}, "audit": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_workers_") as tmp:
+        work = Path(tmp)
+        bundle, token, pngs = prepare(work, args.seed)
+        body = work / "digit.png"
+        body.write_bytes(pngs[0])
+        common = dict(body=body, levels=levels, seconds=args.seconds, max_n=args.max_requests)
+        for n in counts:
+            port = _free_port()
+            cmd = [sys.executable, "-m", "uvicorn", "--factory", "bench_workers:bare_factory", "--app-dir",
+                   str(Path(__file__).resolve().parent), "--host", "127.0.0.1", "--port", str(port), "--workers",
+                   str(n), "--http", "h11", "--log-level", "info", "--no-access-log"]
+            results["bare"][str(n)], _, _ = measure(f"bare x{n}", cmd, port=port, log_path=work / f"bare{n}.log",
+                                                    token=None, env={**env, BUNDLE_ENV: str(bundle)},
+                                                    ready=("Application startup complete.", n), **common)
+            port, db = _free_port(), work / f"audit{n}.db"
+            cmd = [sys.executable, "-m", "safedl.cli", "serve", str(bundle), "--keys", str(work / "keys.db"),
+                   "--audit", str(db), "--port", str(port), "--workers", str(n), "--torch-threads", "1"]
+            results["safedl"][str(n)], done, ok = measure(
+                f"safedl x{n}", cmd, port=port, log_path=work / f"safedl{n}.log", token=token, env=env,
+                ready=('"event": "workers_ready"', 1) if n > 1 else ('"event": "start"', 1), **common)
+            results["audit"][str(n)] = _audit(db, done, ok, in_flight=2 * sum(levels))
+            time.sleep(1.0)
+    out = {"seed": args.seed, "seconds_per_measurement": args.seconds, "cpu_count": os.cpu_count(),
+           "load_avg_at_start": [round(v, 2) for v in load_start],
+           "load_avg_at_end": [round(v, 2) for v in os.getloadavg()], **results,
+           "ratio_2_vs_1_workers": {k: _ratios(results[k]["2"], results[k]["1"]) for k in ("bare", "safedl")
+                                    if "1" in results[k] and "2" in results[k]},
+           "ratio_safedl_vs_bare": {n: _ratios(results["safedl"][n], results["bare"][n]) for n in results["safedl"]}}
+    print(json.dumps(out, indent=2))
+    if args.out:
+        from safedl.utils.io import atomic_write_json
+
+        atomic_write_json(args.out, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

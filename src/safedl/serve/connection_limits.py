@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 FD_RESERVE = 64            # descriptors kept back for files, SQLite, threads, the listening socket
 REFUSAL_LINGER_SLOTS = 32  # refused connections that may linger at once; beyond that they are closed at once
 LOG_INTERVAL_S = 10.0      # at most one line per message type per interval
-FILTERED_LOGGERS = ("asyncio", "uvicorn.error", "safedl.serve.protocol")
+FILTERED_LOGGERS = ("asyncio", "uvicorn.error", "safedl.serve.protocol", "python_multipart.multipart")  # the last: one warning per malformed body
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

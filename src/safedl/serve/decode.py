@@ -121,6 +121,13 @@ def declared_pixels(items: list[bytes], *, shape: tuple[int, int, int], config: 
     return [h.pixels for h in _headers(items, shape=shape, config=config)]
 
 
+def check_request_pixels(total: int, *, config: ServeConfig) -> None:
+    """413 when the request's images hold more than ``config.max_request_pixels`` pixels in all."""
+    if total > config.max_request_pixels:
+        raise InputError(413, "too_many_pixels", f"the request's images hold {total} pixels in all; at most "
+                                                 f"{config.max_request_pixels} per request")
+
+
 def decode_items(items: list[bytes], *, shape: tuple[int, int, int], config: ServeConfig) -> Decoded:
     """Decode each item (an encoded image or a .npy array) into images of ``shape`` (C, H, W), once every header
     has been read and the request's image and pixel totals checked."""
@@ -130,10 +137,7 @@ def decode_items(items: list[bytes], *, shape: tuple[int, int, int], config: Ser
     n = sum(h.dims4[0] if isinstance(h, _NpyHeader) else 1 for h in headers)
     if n > config.max_images:
         raise InputError(413, "too_many_images", f"{n} images in one request; at most {config.max_images}")
-    total = sum(h.pixels for h in headers)
-    if total > config.max_request_pixels:
-        raise InputError(413, "too_many_pixels", f"the request's images hold {total} pixels in all; at most "
-                                                 f"{config.max_request_pixels} per request")
+    check_request_pixels(sum(h.pixels for h in headers), config=config)
     xs: list[torch.Tensor] = []
     out = Decoded(x=torch.empty(0))
     for i, (data, h) in enumerate(zip(items, headers)):

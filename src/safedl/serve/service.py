@@ -18,7 +18,7 @@ import torch
 from safedl.serve.audit import AuditStore
 from safedl.serve.batcher import MicroBatcher
 from safedl.serve.config import ServeConfig
-from safedl.serve.decode import Decoded, InputError, declared_pixels, decode_items
+from safedl.serve.decode import Decoded, InputError, check_request_pixels, declared_pixels, decode_items
 from safedl.serve.keys import ApiKey, KeyStore, token_key_id, well_formed
 from safedl.serve.limits import RateLimiter, Verdict
 from safedl.serve.metrics import Metrics
@@ -157,13 +157,6 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - a store hiccup: keep the previous set; lookups still decide
             log.warning("could not refresh the key ids: %s", exc)
 
-    def precheck(self, token: str | None, ctx: RequestContext) -> None:
-        """On the event loop, before any lookup: a token that cannot be a key is refused here (401, or 429 over the
-        client's failure budget). A well-formed token is always looked up, so a valid key works even from an
-        address an attacker shares (a NAT, a proxy)."""
-        if not well_formed(token):
-            raise self.refuse_unauthenticated(client=ctx.client, endpoint=ctx.endpoint)
-
     def admit(self, token: str | None, scope: str, ctx: RequestContext) -> ApiKey:
         """Key lookup, scope, key actions and the request token bucket (a worker thread; raises ApiError)."""
         key = self.keys.authenticate(token)
@@ -193,9 +186,7 @@ class Service:
         try:
             cfg = self.config
             pixels = sum(declared_pixels(items, shape=self.shape, config=cfg))
-            if pixels > cfg.max_request_pixels:  # before the key's budget: a request that can never pass is a 413
-                raise InputError(413, "too_many_pixels", f"the request's images declare {pixels} pixels in all; at "
-                                                         f"most {cfg.max_request_pixels} per request")
+            check_request_pixels(pixels, config=cfg)  # before the key's budget: one that can never pass is a 413
             self._refuse_if(self.limiter.charge_pixels(key, pixels=pixels, rate_per_s=cfg.key_pixels_per_s,
                                                        burst=max(cfg.key_pixel_burst, cfg.max_request_pixels)))
             decoded = decode_items(items, shape=self.shape, config=self.config)

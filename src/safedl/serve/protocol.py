@@ -107,7 +107,8 @@ _BODIES = {408: b"Request Timeout: no complete request in time",
            400: b"Bad Request: ambiguous request framing (repeated Content-Length, or Content-Length with "
                 b"Transfer-Encoding)"}
 _MAX_HEAD_SCAN = 32 * 1024
-READ_SIZE = 64 * 1024
+READ_SIZE = 16 * 1024          # one socket read at most
+BODY_BUFFER_LIMIT = 48 * 1024  # body bytes held for an app that has not read them: then reading pauses
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -144,8 +145,8 @@ class GuardedH11Protocol(H11Protocol):
     # -- connection lifecycle
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw = transport
-        # one socket read at most READ_SIZE: with uvicorn's 64 KB high-water mark, a request whose body the app
-        # never reads (a refused key) has at most 128 KB of it buffered, not 64 KB + asyncio's 256 KB reads
+        # a request whose body the app never reads (a refused key) has at most BODY_BUFFER_LIMIT + READ_SIZE
+        # (64 KB) of it buffered, not uvicorn's 64 KB high-water mark + asyncio's 256 KB reads
         if hasattr(transport, "max_size"):
             transport.max_size = READ_SIZE
         self._proxy = _LingeringTransport(transport, on_close=self._begin_linger)
@@ -253,6 +254,8 @@ class GuardedH11Protocol(H11Protocol):
     def handle_events(self) -> None:
         cycle = self.cycle
         super().handle_events()
+        if self.cycle is not None and len(self.cycle.body) >= BODY_BUFFER_LIMIT:
+            self.flow.pause_reading()  # resumed when the app reads (uvicorn's receive())
         if self.cycle is not cycle and self.cycle is not None:
             self._on_request_head()
         if self.conn.their_state is not h11.SEND_BODY:

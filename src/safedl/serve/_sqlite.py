@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import weakref
 from pathlib import Path
 
 BUSY_TIMEOUT_MS = 5000
@@ -18,32 +19,50 @@ def connect(path: str | Path, *, synchronous: str = "NORMAL") -> sqlite3.Connect
     return conn
 
 
+class _Owned:
+    """A thread's connection, closed when the thread's local storage lets go of it (the thread ended)."""
+
+    __slots__ = ("conn", "__weakref__")
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __del__(self) -> None:
+        try:
+            self.conn.close()
+        except sqlite3.Error:
+            pass
+
+
 class PerThread:
-    """One connection per thread to the same database file, created on first use."""
+    """One connection per thread to the same database file, created on first use and closed when its thread ends:
+    worker pools (anyio's) retire idle threads and start new ones, so keeping every thread's connection would
+    grow the process by one connection (descriptors, page cache) per thread ever started."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._live: weakref.WeakSet[_Owned] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def get(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = connect(self.path)
-            self._local.conn = conn
+        owned = getattr(self._local, "owned", None)
+        if owned is None:
+            owned = _Owned(connect(self.path))
+            self._local.owned = owned
             with self._lock:
-                self._all.append(conn)
-        return conn
+                self._live.add(owned)
+        return owned.conn
 
     def close(self) -> None:
         with self._lock:
-            for c in self._all:
-                try:
-                    c.close()
-                except sqlite3.Error:
-                    pass
-            self._all.clear()
+            live = list(self._live)
+            self._live.clear()
+        for owned in live:
+            try:
+                owned.conn.close()
+            except sqlite3.Error:
+                pass
         self._local = threading.local()
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from safedl import registry
-from safedl.assess.context import RunContext
-from safedl.assess.defense_models import train_defense_model
+from safedl.evaluate.context import RunContext
+from safedl.evaluate.defense_models import train_defense_model
 from safedl.data import load_builtin, stratified_split
 from safedl.models import build_model, with_normalization
 from safedl.profile import Profile

@@ -11,9 +11,10 @@ from scipy.stats import norm
 from torch import nn
 
 from safedl import registry
-from safedl.assess.context import RunContext
-from safedl.assess.defend_evasion import evaluate_evasion_defense
-from safedl.assess.handlers import AttackOutcome, get_defense_handler
+from safedl.evaluate.context import RunContext
+from safedl.evaluate.defend_evasion import evaluate_evasion_defense
+from safedl.evaluate.base import AttackOutcome
+from safedl.run.handlers import get_defense_handler
 from safedl.defenses.adaptive import DetectorAwarePGD
 from safedl.utils.stats import auroc
 from safedl.models import TrainRecipe, build_model, with_normalization

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from safedl import registry
-from safedl.assess.attack_extraction import extraction_curve
+from safedl.evaluate.attack_extraction import extraction_curve
 from safedl.attacks.extraction.base import ExtractionOracle
 from safedl.errors import ConfigError, ProfileError, QueryBudgetExceeded
 from safedl.profile import parse_profile

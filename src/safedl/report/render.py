@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from safedl.utils.io import atomic_write_text
+from safedl.rundir import RunDir
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", label, path) | ("list", items)
 
@@ -63,7 +64,7 @@ def _data_sentence(results: dict[str, Any]) -> str:
 
 
 def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block]:
-    from safedl.assess.gate import gate_summary
+    from safedl.decide.gate import gate_summary
 
     b: list[Block] = []
     prof = results["profile"]
@@ -148,7 +149,7 @@ def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block
 
 def _gate_blocks(gate: dict[str, Any]) -> list[Block]:
     """The gate's verdict, the sentence saying what it checked, and one row per check (older results: failures)."""
-    from safedl.assess.gate import gate_summary
+    from safedl.decide.gate import gate_summary
 
     b: list[Block] = [("h", 2, "Release gate"), ("p", f"**{_gate_label(gate)}**. {gate_summary(gate)}")]
     checks = gate.get("checks")
@@ -306,6 +307,6 @@ def write_reports(results: dict[str, Any], run_dir: Path, *, html: bool = True, 
 
         figs.update(extraction_figures(results, run_dir))
     blocks = build_blocks(results, figs)
-    atomic_write_text(run_dir / "report.md", to_markdown(blocks))
+    atomic_write_text(RunDir(run_dir).report_md, to_markdown(blocks))
     if html:
-        atomic_write_text(run_dir / "report.html", to_html(blocks, f"safedl report: {results['profile']['name']}"))
+        atomic_write_text(RunDir(run_dir).report_html, to_html(blocks, f"safedl report: {results['profile']['name']}"))

@@ -1,7 +1,8 @@
 """Executors: who runs a graph of picklable tasks with dependencies (serial, a local process pool, Ray).
 
-They know nothing of attacks, defenses or run directories: the run spine (``safedl.run.pipeline``) builds the
-graph and writes what each task returns. ``create_executor(name, **options)`` builds one by name.
+They know nothing of attacks, defenses or run directories: the run spine (``safedl.run``) builds the graph and
+writes what each task returns. Executors are registry kind ``executor``; ``create_executor(name, **options)``
+builds one by name.
 """
 from __future__ import annotations
 

@@ -99,8 +99,8 @@ def test_no_import_cycle():
             pytest.fail("import cycle: " + " -> ".join(cycle))
 
 
-def test_the_check_finds_a_planted_violation():
-    """The rules above read real edges (not an empty graph): the CLI imports run, run imports evaluate."""
+def test_the_graph_reads_real_edges():
+    """The rules above check a real graph (not an empty one): the CLI imports run, run imports evaluate."""
     assert "safedl.run" in GRAPH["safedl.cli"] or any(_in(t, "run") for t in GRAPH["safedl.cli"])
     assert any(_in(t, "evaluate") for t in GRAPH["safedl.run.stages"])
 

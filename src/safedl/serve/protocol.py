@@ -352,7 +352,8 @@ class GuardedH11Protocol(H11Protocol):
 
     # -- closing
     def _begin_linger(self) -> None:
-        """Half-close, then read and discard for at most linger_s / linger_max_bytes before closing."""
+        """Half-close, then read and discard for at most linger_s / linger_max_bytes before closing (a client in
+        the slow lane: not read at all until then, so its upload costs no reads)."""
         raw = self._raw
         self._cancel_timers()
         if self._done or raw.is_closing():
@@ -362,7 +363,10 @@ class GuardedH11Protocol(H11Protocol):
         try:
             if raw.can_write_eof():  # not TLS: the peer reads the answer, then end of stream
                 raw.write_eof()
-            raw.resume_reading()
+            if self._lane_holds():  # a penalized client: it reads the answer, but what it still sends is not read
+                raw.pause_reading()
+            else:
+                raw.resume_reading()
         except (OSError, RuntimeError):
             raw.close()
             return

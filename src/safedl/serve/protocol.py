@@ -169,6 +169,13 @@ class GuardedH11Protocol(H11Protocol):
         self._cancel_timers()
         self._release()
         super().connection_lost(exc)
+        # the protocol, its transport proxy and uvicorn's request cycle refer to each other: only the cyclic
+        # collector frees them, late under connection churn, so drop the buffers they hold now
+        self._head_buf = b""
+        if self._proxy is not None:
+            self._proxy.on_close = _ignore
+        if self.cycle is not None:  # disconnected: the app's receive() answers http.disconnect, never this body
+            self.cycle.body = b""
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
         self._done = True  # the websocket protocol owns the connection from here, outside these limits
@@ -410,6 +417,10 @@ class GuardedH11Protocol(H11Protocol):
 
     def _peer(self) -> str:
         return self.client[0] if self.client else "a local socket"
+
+
+def _ignore() -> None:
+    return None
 
 
 def _cancel(handle: asyncio.TimerHandle | None) -> None:

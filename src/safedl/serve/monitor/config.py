@@ -64,8 +64,8 @@ class Rule(_Strict):
     def _threshold_from_bands(cls, data: Any) -> Any:
         """With ``bands`` and no ``threshold``, the alert fires where the lowest band starts."""
         if isinstance(data, dict) and data.get("threshold") is None and isinstance(data.get("bands"), dict):
-            first = [data["bands"][b] for b in BANDS if b in data["bands"]]
-            if first:
+            first = [data["bands"][b] for b in BANDS if b in data["bands"]] or list(data["bands"].values())
+            if first:  # (an unknown band name is then the error reported, not a missing threshold)
                 return {**data, "threshold": first[0]}
         return data
 

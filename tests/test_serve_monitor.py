@@ -206,7 +206,7 @@ def test_summary_matches_the_contract_and_needs_the_admin_scope(mon_factory, dig
 
 def test_an_alert_resolves_when_its_time_window_clears(mon_factory, digits_splits):
     rule = dict(ATTACK_RULE, window={"seconds": 1.0}, threshold=1)
-    m = mon_factory([rule])
+    m = mon_factory([rule], routing={"suppress_s": 0})  # announce the resolution at once (no flapping hold)
     _attack(m, digits_splits, 69)
     t_last = time.time()
     _attack(m, digits_splits, 1, seed=1)

@@ -129,14 +129,6 @@ class Detectors(_Strict):
     volume: VolumeConfig = VolumeConfig()
 
 
-class Webhook(_Strict):
-    url: str = Field(pattern=r"^https?://")
-    timeout_s: float = Field(2.0, gt=0, le=60)
-    retries: int = Field(3, ge=0, le=10)
-    backoff_s: float = Field(0.5, ge=0, le=60)
-    queue_size: int = Field(1000, ge=1)
-
-
 class _Delivery(_Strict):
     """What every queued sink shares: its own thread and bounded queue, a timeout per attempt, retries with
     exponential backoff (``backoff_s * 2**attempt``) on connection errors and transient answers."""
@@ -145,6 +137,13 @@ class _Delivery(_Strict):
     retries: int = Field(3, ge=0, le=10)
     backoff_s: float = Field(0.5, ge=0, le=60)
     queue_size: int = Field(1000, ge=1)
+
+
+class Webhook(_Delivery):
+    """POST each notification as it is (``{"event", "alert"[, "group"]}``) to ``url``."""
+
+    url: str = Field(pattern=r"^https?://")
+    timeout_s: float = Field(2.0, gt=0, le=60)
 
 
 def _one_of(obj: BaseModel, value: str, env: str) -> None:

@@ -155,6 +155,19 @@ def test_email_a_4xx_is_retried_and_an_unset_password_variable_is_refused_at_sta
                                               "password_env": "TEST_SMTP_UNSET"}})
 
 
+def test_email_with_starttls_never_falls_back_to_plain_text():
+    with SmtpReceiver() as smtp:  # it does not offer STARTTLS
+        h = make_harness([RULE], sinks={"log": False, "email": {"host": "127.0.0.1", "port": smtp.port,
+                                                                "from": "a@b.c", "to": ["d@e.f"], "starttls": True,
+                                                                **FAST}})
+        try:
+            _attack(h)
+            assert wait_for(lambda: _count(h, "email", "failed") == 1)
+            assert smtp.messages == [] and _count(h, "email", "retry") == 0
+        finally:
+            h.monitor.close()
+
+
 def _dead_url() -> str:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

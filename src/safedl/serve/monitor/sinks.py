@@ -55,13 +55,19 @@ def pagerduty_sink(cfg: PagerDuty, *, count: Count) -> QueuedSink:
 def send_email(cfg: Email, payload: dict[str, Any]) -> None:
     """One SMTP session per notification; 4xx answers and connection errors are retried, 5xx are not."""
     msg = email_message(payload, sender=cfg.from_, to=cfg.to, prefix=cfg.subject_prefix)
+    password = os.environ.get(cfg.password_env) if cfg.password_env else None
+    if cfg.username is not None and not password:
+        raise DeliveryError(f"the environment variable {cfg.password_env} (sinks.email.password_env) is no longer "
+                            "set", retry=False)
     try:
         with smtplib.SMTP(cfg.host, cfg.port, timeout=cfg.timeout_s) as smtp:
-            if cfg.starttls:
+            if cfg.starttls:  # never falls back to plain text: a server without STARTTLS fails the delivery
                 smtp.starttls(context=ssl.create_default_context())
             if cfg.username is not None:
-                smtp.login(cfg.username, os.environ.get(cfg.password_env or "", ""))
+                smtp.login(cfg.username, password)
             smtp.send_message(msg)
+    except smtplib.SMTPNotSupportedError as exc:
+        raise DeliveryError(f"SMTP server {cfg.host}: {exc}", retry=False) from None
     except smtplib.SMTPResponseException as exc:
         raise DeliveryError(f"SMTP {exc.smtp_code} {exc.smtp_error!r}", retry=400 <= exc.smtp_code < 500) from None
     except smtplib.SMTPRecipientsRefused as exc:

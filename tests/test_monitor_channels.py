@@ -10,8 +10,10 @@ import socket
 import time
 
 import pytest
+from typer.testing import CliRunner
 
 from _alerting_helpers import HttpReceiver, SmtpReceiver, make_harness, wait_for
+from safedl.cli import app as cli_app
 from safedl.errors import UserError
 from safedl.serve.monitor import DEFAULT_RULES, load_monitor_config
 from safedl.serve.monitor.channels import PAGERDUTY_SEVERITY, pagerduty_event
@@ -228,3 +230,5 @@ def test_the_shipped_config_has_a_valid_commented_example_of_every_channel(tmp_p
     cfg = load_monitor_config(DEFAULT_RULES)
     assert cfg.routing.suppress_s == 300 and cfg.routing.allow_keys == []
     assert "bands: {low: 5, medium: 10, high: 20, critical: 40}" in text
+    res = CliRunner().invoke(cli_app, ["monitor", "rules"])
+    assert res.exit_code == 0 and all(f"# {n}: {{" in res.output for n in ("slack", "pagerduty", "email"))

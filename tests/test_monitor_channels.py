@@ -91,6 +91,26 @@ def test_pagerduty_triggers_and_resolves_one_incident_by_fingerprint(monkeypatch
     assert resolve == {"routing_key": "R0UTING", "event_action": "resolve", "dedup_key": fp}
 
 
+def test_pagerduty_gets_one_event_per_alert_of_a_group_so_each_resolves_on_its_own():
+    with HttpReceiver(ok=202) as pd:
+        h = make_harness([RULE], routing={"group_s": 10, "suppress_s": 0},
+                         sinks={"log": False, "pagerduty": {"url": pd.url, "routing_key": "R", **FAST}})
+        try:
+            for key in ("k1", "k2", "k3"):
+                _attack(h, key)
+            h.advance(11)
+            assert len(h.notifications) == 1 and h.notifications[0]["group"]["count"] == 3
+            assert wait_for(lambda: len(pd.bodies) == 3)
+            _calm(h, "k2")
+            assert wait_for(lambda: len(pd.bodies) == 4)
+        finally:
+            h.monitor.close()
+    assert [(b["event_action"], b["dedup_key"]) for b in pd.bodies] == [
+        ("trigger", _fp("query_attack", "k1")), ("trigger", _fp("query_attack", "k2")),
+        ("trigger", _fp("query_attack", "k3")), ("resolve", _fp("query_attack", "k2"))]
+    assert pd.bodies[0]["payload"]["custom_details"]["group"] == {"count": 3, "keys": ["k1", "k2", "k3"]}
+
+
 def test_pagerduty_severities_are_its_four_levels():
     assert set(PAGERDUTY_SEVERITY.values()) == {"critical", "error", "warning", "info"}
     base = {"alert_id": "a", "rule": "r", "key_id": None, "state": "firing", "value": 1.0, "threshold": 1.0,

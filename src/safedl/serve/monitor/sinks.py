@@ -45,11 +45,22 @@ def slack_sink(cfg: Slack, *, count: Count) -> QueuedSink:
 
 
 def pagerduty_sink(cfg: PagerDuty, *, count: Count) -> QueuedSink:
+    """One Events v2 event per alert, also for a grouped notification: each alert keeps its own ``dedup_key``, so
+    it resolves on its own (PagerDuty's alert grouping merges them into one incident). Events are idempotent by
+    ``dedup_key``, so a retry that re-sends a group's first events is harmless."""
     key = cfg.routing_key or _env(cfg.routing_key_env, "sinks.pagerduty.routing_key_env")
-    return QueuedSink(name="pagerduty",
-                      deliver=lambda p: post_json(cfg.url, pagerduty_event(p, routing_key=key, source=cfg.source),
-                                                  timeout_s=cfg.timeout_s),
-                      retries=cfg.retries, backoff_s=cfg.backoff_s, queue_size=cfg.queue_size, count=count)
+
+    def deliver(payload: dict[str, Any]) -> None:
+        members = payload["group"]["alerts"] if payload.get("group") else [payload["alert"]]
+        for alert in members:
+            event = pagerduty_event({"event": payload["event"], "alert": alert}, routing_key=key, source=cfg.source)
+            if payload.get("group"):
+                event["payload"]["custom_details"]["group"] = {"count": payload["group"]["count"],
+                                                               "keys": payload["group"]["keys"]}
+            post_json(cfg.url, event, timeout_s=cfg.timeout_s)
+
+    return QueuedSink(name="pagerduty", deliver=deliver, retries=cfg.retries, backoff_s=cfg.backoff_s,
+                      queue_size=cfg.queue_size, count=count)
 
 
 def send_email(cfg: Email, payload: dict[str, Any]) -> None:

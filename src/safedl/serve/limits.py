@@ -1,7 +1,10 @@
 """Per-key rate limits: a token bucket (burst, sustained rate) over requests and a daily quota over images.
 
-The state lives in the key database and every check is one ``BEGIN IMMEDIATE`` transaction, so the limits hold
-across the service's threads and worker processes (SQLite serializes the writers).
+The state lives in the key database, and every check is one atomic statement (``INSERT ... ON CONFLICT DO UPDATE
+... WHERE <allowed> RETURNING``) that computes the refill, the take and the quota in SQL: the limits are exact
+across the service's threads, its worker processes and, on PostgreSQL, its replicas (no read-then-write race). A
+refused check writes nothing (the refill is continuous, so not writing it changes no later answer); the wait it
+reports (Retry-After) is read in the same transaction.
 """
 from __future__ import annotations
 
@@ -11,8 +14,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from safedl.serve._sqlite import immediate
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
 from safedl.serve.keys import ApiKey, KeyStore
+from safedl.serve.stores import engine as engines
+from safedl.serve.stores.schema import pixel_state, rate_state
 
 
 @dataclass(frozen=True)
@@ -32,72 +40,91 @@ def _seconds_to_midnight(t: float) -> int:
     return max(1, math.ceil((midnight - now).total_seconds()))
 
 
-_PIXEL_SCHEMA = ("CREATE TABLE IF NOT EXISTS pixel_state (key_id TEXT PRIMARY KEY, tokens REAL NOT NULL, "
-                 "updated_at REAL NOT NULL)")
+def _insert(conn: Connection, table: sa.Table):
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+def _least(a, b):
+    return sa.case((a < b, a), else_=b)
+
+
+def _refilled(table: sa.Table, *, now: float, rate_per_s: float, burst: float):
+    """SQL: the row's tokens after refilling at ``rate_per_s`` since its ``updated_at``, capped at ``burst``."""
+    elapsed = sa.case((table.c.updated_at < now, sa.literal(now, sa.Float) - table.c.updated_at), else_=0.0)
+    return _least(sa.literal(float(burst), sa.Float), table.c.tokens + elapsed * sa.literal(rate_per_s, sa.Float))
+
+
+def _refill(tokens: float, updated: float, *, now: float, rate_per_s: float, burst: float) -> float:
+    return min(float(burst), tokens + max(0.0, now - updated) * rate_per_s)
 
 
 class RateLimiter:
     """``take(key)``: spend one request token (refused when the bucket or today's quota is empty);
     ``charge_pixels(key, pixels=n, ...)``: spend the pixels the request's image headers declare (decode cost is
     bounded per key, not only per request); ``charge_images(key, images=n)``: count the request's images against
-    the quota once they are known."""
+    the quota once they are known. Each raises StoreUnavailable when the key database cannot answer."""
 
     def __init__(self, store: KeyStore, *, clock: Callable[[], float] = time.time):
         self.store = store
         self.clock = clock
-        self.store.conns.get().execute(_PIXEL_SCHEMA)
+
+    def _what(self) -> str:
+        return f"rate limits in {self.store.path}"
 
     def take(self, key: ApiKey) -> Verdict:
-        conn = self.store.conns.get()
         now = self.clock()
         day = _utc_day(now)
-        with immediate(conn):
-            row = conn.execute("SELECT tokens, updated_at, day, used FROM rate_state WHERE key_id=?",
-                               (key.key_id,)).fetchone()
-            tokens, updated, last_day, used = row if row else (float(key.burst), now, day, 0)
-            tokens = min(float(key.burst), tokens + max(0.0, now - updated) * key.rate_per_s)
-            used = used if last_day == day else 0
-            if tokens < 1.0:
-                verdict = Verdict(False, "rate", max(1, math.ceil((1.0 - tokens) / key.rate_per_s)))
-            elif used >= key.daily_quota:
-                verdict = Verdict(False, "quota", _seconds_to_midnight(now))
-            else:
-                tokens -= 1.0
-                verdict = Verdict(True)
-            conn.execute("INSERT OR REPLACE INTO rate_state (key_id, tokens, updated_at, day, used) VALUES (?,?,?,?,?)",
-                         (key.key_id, tokens, now, day, used))
-        return verdict
+        t = rate_state
+        refilled = _refilled(t, now=now, rate_per_s=key.rate_per_s, burst=key.burst)
+        used = sa.case((t.c.day == day, t.c.used), else_=0)
+        with engines.write(self.store.engine, what=self._what()) as conn:
+            stmt = _insert(conn, t).values(key_id=key.key_id, tokens=float(key.burst) - 1.0, updated_at=now,
+                                           day=day, used=0)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[t.c.key_id], set_={"tokens": refilled - 1.0, "updated_at": now, "day": day,
+                                                   "used": used},
+                where=sa.and_(refilled >= 1.0, used < key.daily_quota)).returning(t.c.tokens)
+            if conn.execute(stmt).first() is not None:
+                return Verdict(True)
+            row = conn.execute(sa.select(t.c.tokens, t.c.updated_at, t.c.day, t.c.used)
+                               .where(t.c.key_id == key.key_id)).one()
+        tokens = _refill(row.tokens, row.updated_at, now=now, rate_per_s=key.rate_per_s, burst=key.burst)
+        if tokens < 1.0:
+            return Verdict(False, "rate", max(1, math.ceil((1.0 - tokens) / key.rate_per_s)))
+        return Verdict(False, "quota", _seconds_to_midnight(now))
 
     def charge_images(self, key: ApiKey, *, images: int) -> Verdict:
         """Count ``images`` against today's quota (after decoding, when the count is known); refuse if over."""
-        conn = self.store.conns.get()
         now = self.clock()
         day = _utc_day(now)
-        with immediate(conn):
-            row = conn.execute("SELECT day, used FROM rate_state WHERE key_id=?", (key.key_id,)).fetchone()
-            used = row[1] if row and row[0] == day else 0
-            if used + images > key.daily_quota:
-                verdict = Verdict(False, "quota", _seconds_to_midnight(now))
-            else:
-                conn.execute("UPDATE rate_state SET used=?, day=? WHERE key_id=?", (used + images, day, key.key_id))
-                verdict = Verdict(True)
-        return verdict
+        if images > key.daily_quota:
+            return Verdict(False, "quota", _seconds_to_midnight(now))
+        t = rate_state
+        used = sa.case((t.c.day == day, t.c.used), else_=0)
+        with engines.write(self.store.engine, what=self._what()) as conn:
+            stmt = _insert(conn, t).values(key_id=key.key_id, tokens=float(key.burst), updated_at=now, day=day,
+                                           used=images)
+            stmt = stmt.on_conflict_do_update(index_elements=[t.c.key_id], set_={"used": used + images, "day": day},
+                                              where=used + images <= key.daily_quota).returning(t.c.used)
+            ok = conn.execute(stmt).first() is not None
+        return Verdict(True) if ok else Verdict(False, "quota", _seconds_to_midnight(now))
 
     def charge_pixels(self, key: ApiKey, *, pixels: int, rate_per_s: float, burst: int) -> Verdict:
         """Spend ``pixels`` from the key's pixel bucket (``burst`` pixels, refilled at ``rate_per_s``); refused
         with the wait until enough pixels have accrued (a request larger than ``burst`` never fits: the per-request
         cap, checked before, is at most ``burst``)."""
-        conn = self.store.conns.get()
         now = self.clock()
-        with immediate(conn):
-            row = conn.execute("SELECT tokens, updated_at FROM pixel_state WHERE key_id=?", (key.key_id,)).fetchone()
-            tokens, updated = row if row else (float(burst), now)
-            tokens = min(float(burst), tokens + max(0.0, now - updated) * rate_per_s)
-            if tokens < pixels:
-                verdict = Verdict(False, "pixels", max(1, math.ceil((pixels - tokens) / rate_per_s)))
-            else:
-                tokens -= pixels
-                verdict = Verdict(True)
-            conn.execute("INSERT OR REPLACE INTO pixel_state (key_id, tokens, updated_at) VALUES (?,?,?)",
-                         (key.key_id, tokens, now))
-        return verdict
+        if pixels > burst:
+            return Verdict(False, "pixels", max(1, math.ceil((pixels - burst) / rate_per_s)))
+        p = pixel_state
+        refilled = _refilled(p, now=now, rate_per_s=rate_per_s, burst=burst)
+        with engines.write(self.store.engine, what=self._what()) as conn:
+            stmt = _insert(conn, p).values(key_id=key.key_id, tokens=float(burst) - pixels, updated_at=now)
+            stmt = stmt.on_conflict_do_update(index_elements=[p.c.key_id],
+                                              set_={"tokens": refilled - pixels, "updated_at": now},
+                                              where=refilled >= pixels).returning(p.c.tokens)
+            if conn.execute(stmt).first() is not None:
+                return Verdict(True)
+            row = conn.execute(sa.select(p.c.tokens, p.c.updated_at).where(p.c.key_id == key.key_id)).one()
+        tokens = _refill(row.tokens, row.updated_at, now=now, rate_per_s=rate_per_s, burst=burst)
+        return Verdict(False, "pixels", max(1, math.ceil((pixels - tokens) / rate_per_s)))

@@ -36,7 +36,7 @@ STATEMENT_TIMEOUT_MS = 10_000  # PostgreSQL: no statement (or lock wait) holds a
 ALLOWED = ("a SQLite file path (keys.db), sqlite:///PATH, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB or "
            "postgresql+psycopg://...")
 # "scheme:/" at the start also catches a URL that went through Path(), which collapses "//" ("postgresql:/u@h/db")
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:(/|$)")
 _TARGETS: "weakref.WeakKeyDictionary[Engine, Target]" = weakref.WeakKeyDictionary()
 _UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError)
 
@@ -60,7 +60,7 @@ class Target:
     @property
     def display(self) -> str:
         """The file path, or the URL with its password hidden (for messages and logs)."""
-        return str(self.path) if self.path is not None else self.url.render_as_string(hide_password=True)
+        return str(self.path) if self.path is not None else _masked(self.given)
 
 
 def looks_like_url(value: str | os.PathLike) -> bool:
@@ -95,13 +95,12 @@ def parse_target(value: str | os.PathLike | Target, *, flag: str) -> Target:
     driver = url.drivername.lower()
     if driver == "sqlite":
         if not url.database or url.database == ":memory:" or url.query:
-            raise UserError(f"{flag} {text!r}: sqlite:/// needs a file path (sqlite:///keys.db or "
-                            f"sqlite:////abs/path/keys.db) and takes no options")
+            raise UserError(f"{flag} {text!r}: sqlite:/// needs a file path (sqlite:///keys.db, "
+                            f"sqlite:////abs/keys.db) and takes no options; pass {ALLOWED}")
         return Target(url=URL.create("sqlite", database=url.database), path=Path(url.database), given=text)
     if driver in ("postgresql", "postgresql+psycopg"):
         if not url.host:
-            raise UserError(f"{flag} {_masked(text)!r}: a PostgreSQL URL needs a host "
-                            "(postgresql://USER@HOST[:PORT]/DB)")
+            raise UserError(f"{flag} {_masked(text)!r}: a PostgreSQL URL needs a host; pass {ALLOWED}")
         return Target(url=url.set(drivername="postgresql+psycopg"), path=None, given=text)
     raise refused
 
@@ -147,10 +146,11 @@ def unavailable_as(what: str) -> Iterator[None]:
     try:
         yield
     except _UNAVAILABLE as e:
-        raise StoreUnavailable(f"{what}: {_short(e)}") from e
+        raise StoreUnavailable(f"{what}: {first_line(e)}") from e
 
 
-def _short(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of a database error (the driver's own message when there is one)."""
     orig = getattr(e, "orig", None)
     text = str(orig if orig is not None else e).strip().splitlines()
     return text[0] if text else type(e).__name__

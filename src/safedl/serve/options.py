@@ -8,6 +8,7 @@ from typing import Any
 from safedl.errors import UserError
 from safedl.serve.config import ServeConfig
 from safedl.serve.protocol import ConnectionLimits
+from safedl.serve.stores.engine import parse_target
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_WORKERS = 64
@@ -36,6 +37,8 @@ class ServeOptions:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     def __post_init__(self) -> None:
+        parse_target(self.keys_db, flag="--keys")  # a value that is no database: exit 2 before anything is opened
+        parse_target(self.audit_db, flag="--audit")
         if not (0 < int(self.port) < 65536):
             raise UserError(f"--port {self.port}: must be 1-65535")
         if self.torch_threads < 1:

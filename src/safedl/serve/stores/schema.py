@@ -28,14 +28,14 @@ def _int(name: str, nullable: bool = True) -> sa.Column:
 
 
 api_keys = sa.Table(
-    "api_keys", metadata, _text("key_id", primary_key=True), _text("name", False, unique=True),
+    "api_keys", metadata, _text("key_id", False, primary_key=True), _text("name", False, unique=True),
     _text("secret_sha256", False), _text("tier", False), _text("scopes", False), _real("rate_per_s", False),
     _int("burst", False), _int("daily_quota", False), _real("created_at", False), _real("revoked_at"))
 rate_state = sa.Table(
-    "rate_state", metadata, _text("key_id", primary_key=True), _real("tokens", False), _real("updated_at", False),
+    "rate_state", metadata, _text("key_id", False, primary_key=True), _real("tokens", False), _real("updated_at", False),
     _text("day", False), _int("used", False))
 pixel_state = sa.Table(
-    "pixel_state", metadata, _text("key_id", primary_key=True), _real("tokens", False), _real("updated_at", False))
+    "pixel_state", metadata, _text("key_id", False, primary_key=True), _real("tokens", False), _real("updated_at", False))
 key_actions = sa.Table(
     "key_actions", metadata, sa.Column("id", SERIAL, primary_key=True, autoincrement=True), _text("key_id", False),
     _text("action", False), _text("actor", False), _text("reason", False), _text("alert_id"), _text("params", False),
@@ -65,7 +65,7 @@ bundle_swaps = sa.Table(
 ALERT_COLUMNS = ("alert_id", "rule", "severity", "key_id", "state", "started_at", "resolved_at", "last_at", "value",
                  "events", "action", "metric", "threshold", "bundle_version")
 monitor_alerts = sa.Table(
-    "monitor_alerts", metadata, _text("alert_id", primary_key=True), _text("rule", False), _text("severity", False),
+    "monitor_alerts", metadata, _text("alert_id", False, primary_key=True), _text("rule", False), _text("severity", False),
     _text("key_id"), _text("state", False), _real("started_at", False), _real("resolved_at"),
     _real("last_at", False), _real("value"), _int("events", False), _text("action"), _text("metric", False),
     _real("threshold", False), _text("bundle_version"), sa.Index("monitor_alerts_started", "started_at"))

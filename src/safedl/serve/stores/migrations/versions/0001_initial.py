@@ -46,12 +46,12 @@ def _id() -> sa.Column:
 def _tables() -> dict[str, tuple[list, list]]:
     """name -> (columns and constraints, [(index name, columns)])."""
     return {
-        "api_keys": ([_t("key_id", primary_key=True), _t("name", False, unique=True), _t("secret_sha256", False),
+        "api_keys": ([_t("key_id", False, primary_key=True), _t("name", False, unique=True), _t("secret_sha256", False),
                       _t("tier", False), _t("scopes", False), _f("rate_per_s", False), _i("burst", False),
                       _i("daily_quota", False), _f("created_at", False), _f("revoked_at")], []),
-        "rate_state": ([_t("key_id", primary_key=True), _f("tokens", False), _f("updated_at", False),
+        "rate_state": ([_t("key_id", False, primary_key=True), _f("tokens", False), _f("updated_at", False),
                         _t("day", False), _i("used", False)], []),
-        "pixel_state": ([_t("key_id", primary_key=True), _f("tokens", False), _f("updated_at", False)], []),
+        "pixel_state": ([_t("key_id", False, primary_key=True), _f("tokens", False), _f("updated_at", False)], []),
         "key_actions": ([_id(), _t("key_id", False), _t("action", False), _t("actor", False), _t("reason", False),
                          _t("alert_id"), _t("params", False), _f("created_at", False), _f("restored_at"),
                          _t("restored_by")], [("key_actions_key", ["key_id", "restored_at"])]),
@@ -63,7 +63,7 @@ def _tables() -> dict[str, tuple[list, list]]:
         "bundle_swaps": ([_id(), _f("ts", False), _t("request_id"), _t("key_id"), _t("trigger", False),
                           _t("action", False), _t("outcome", False), _t("from_version"), _t("to_version"),
                           _t("path"), _t("detail")], []),
-        "monitor_alerts": ([_t("alert_id", primary_key=True), _t("rule", False), _t("severity", False),
+        "monitor_alerts": ([_t("alert_id", False, primary_key=True), _t("rule", False), _t("severity", False),
                             _t("key_id"), _t("state", False), _f("started_at", False), _f("resolved_at"),
                             _f("last_at", False), _f("value"), _i("events", False), _t("action"),
                             _t("metric", False), _f("threshold", False), _t("bundle_version")],

@@ -241,10 +241,8 @@ def test_an_exhausted_pool_raises_fast(db):
     held = [store.engine.connect() for _ in range(engines.POOL_SIZE + engines.MAX_OVERFLOW)]
     t0 = time.monotonic()
     with pytest.raises(engines.StoreUnavailable):
-        store.authenticate(token)
-    with pytest.raises(engines.StoreUnavailable):
         RateLimiter(store).take(key)
-    assert time.monotonic() - t0 < 2 * engines.POOL_TIMEOUT_S + 2
+    assert time.monotonic() - t0 < engines.POOL_TIMEOUT_S + 2
     for c in held:
         c.close()
     assert store.authenticate(token) == key  # connections back: it works again

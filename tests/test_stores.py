@@ -11,7 +11,6 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from _postgres import Cluster, pg_bindir
 from safedl.cli import app as cli
 from safedl.errors import UserError
 from safedl.serve.audit import AuditStore, AuditUnavailable, read_rows
@@ -24,13 +23,6 @@ from safedl.serve.stores.schema import metadata
 from safedl.serve.swap import record_swap
 
 FORK = mp.get_context("fork")  # children inherit the imports (seconds saved per process); each opens its own engine
-
-
-@pytest.fixture(scope="session")
-def pg_cluster():
-    cluster = Cluster(pg_bindir()).start()
-    yield cluster
-    cluster.remove()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -89,7 +89,7 @@ class AuditStore:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._conn_lock = threading.Lock()  # one transaction at a time: the writer's or an inline one
-        self._open()
+        self._open(first=True)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -129,14 +129,21 @@ class AuditStore:
             self.engine = eng
         return self.engine
 
-    def _open(self) -> bool:
+    def _open(self, *, first: bool = False) -> bool:
+        """Open the database and create or check its schema; False (unhealthy) when it cannot be opened yet. A
+        schema of another revision raises UserError the first time (the server does not start), later it only
+        keeps the store unhealthy."""
         try:
             ensure_schema(self._engine(), what=f"audit database {self.path}")
             self._ready = True
             return True
         except (engines.StoreUnavailable, OSError) as exc:
             self._fail(f"cannot open the audit database {self.path}: {exc}")
-            return False
+        except UserError as exc:
+            if first:
+                raise
+            self._fail(str(exc))
+        return False
 
     def _fail(self, message: str) -> None:
         if self.healthy or self.last_error != message:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sqlite3
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ MAX_OVERFLOW = 8         # more, opened under load and closed when returned
 POOL_TIMEOUT_S = 3.0     # waiting for a free connection longer than this raises StoreUnavailable (503)
 CONNECT_TIMEOUT_S = 3    # PostgreSQL: giving up on an unreachable server
 STATEMENT_TIMEOUT_MS = 10_000  # PostgreSQL: no statement (or lock wait) holds a request longer than this
+MIN_SQLITE = (3, 35, 0)   # INSERT ... ON CONFLICT DO UPDATE ... RETURNING
 ALLOWED = ("a SQLite file path (keys.db), sqlite:///PATH, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB or "
            "postgresql+psycopg://...")
 # "scheme:/" at the start also catches a URL that went through Path(), which collapses "//" ("postgresql:/u@h/db")
@@ -111,6 +113,9 @@ def open_engine(value: str | os.PathLike | Target, *, flag: str, create: bool = 
     """The Engine of ``value`` (validated first: UserError, nothing created). ``create``: a SQLite file's folder is
     made if missing (the file itself on first connection). Nothing connects until the engine is used."""
     target = parse_target(value, flag=flag)
+    if target.is_sqlite and sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise UserError(f"{flag} {target.display}: this Python's SQLite is {sqlite3.sqlite_version}; the stores need "
+                        f"{'.'.join(map(str, MIN_SQLITE))} or newer (RETURNING), or a PostgreSQL URL")
     pool = dict(poolclass=sa.pool.QueuePool, pool_size=pool_size, max_overflow=max_overflow,
                 pool_timeout=pool_timeout_s)
     if target.is_sqlite:

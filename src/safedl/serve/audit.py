@@ -49,6 +49,7 @@ UNAUTHENTICATED_SHARE = 0.9
 POOL_SIZE = 2  # the writer thread and one inline commit at a time (``_conn_lock`` serializes them anyway)
 _STOP = object()
 _UNAUTH_KEY = ("minute", "client", "endpoint", "code")
+_INSERT = engines.Hot(f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join(':' + c for c in COLUMNS)})")
 
 
 class AuditUnavailable(engines.StoreUnavailable):
@@ -235,7 +236,7 @@ class AuditStore:
                         and self._size(conn) >= self.max_bytes):
                     raise AuditUnavailable(f"the audit tables reached --audit-max-mb "
                                            f"({self.max_bytes / 2**20:g} MB)")
-                conn.execute(audit.insert(), [dict(zip(COLUMNS, r)) for r in rows])
+                _INSERT.run_many(conn, [dict(zip(COLUMNS, r)) for r in rows])
             self.healthy, self.last_error = True, None
         except (engines.StoreUnavailable, OSError) as exc:
             self._fail(f"audit write to {self.path} failed: {exc}")

@@ -100,6 +100,8 @@ def _row_to_key(row: tuple) -> ApiKey:
 
 _COLS = ("key_id", "name", "tier", "scopes", "rate_per_s", "burst", "daily_quota", "created_at", "revoked_at")
 _SELECT = sa.select(*(api_keys.c[c] for c in _COLS))
+# the lookup of every request, on the DBAPI cursor (engines.Hot)
+_BY_ID = engines.Hot(f"SELECT {', '.join(_COLS)}, secret_sha256 FROM api_keys WHERE key_id = :key_id")
 
 
 class KeyStore:
@@ -174,8 +176,7 @@ class KeyStore:
         row = None
         if m:
             with engines.read(self.engine, what=self._what()) as conn:
-                row = conn.execute(sa.select(*(api_keys.c[c] for c in _COLS), api_keys.c.secret_sha256)
-                                   .where(api_keys.c.key_id == key_id)).first()
+                row = next(iter(_BY_ID.run(conn, {"key_id": key_id})), None)
         stored = row[-1] if row else _DUMMY_HASH
         ok = hmac.compare_digest(stored, _hash(secret))
         if not (ok and row and m) or row[-2] is not None:

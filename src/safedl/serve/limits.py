@@ -1,10 +1,10 @@
 """Per-key rate limits: a token bucket (burst, sustained rate) over requests and a daily quota over images.
 
-The state lives in the key database, and every check is one atomic statement (``INSERT ... ON CONFLICT DO UPDATE
+The state lives in the key database, and every check is one statement, atomic by itself (``INSERT ... ON CONFLICT DO UPDATE
 ... WHERE <allowed> RETURNING``) that computes the refill, the take and the quota in SQL: the limits are exact
 across the service's threads, its worker processes and, on PostgreSQL, its replicas (no read-then-write race). A
 refused check writes nothing (the refill is continuous, so not writing it changes no later answer); the wait it
-reports (Retry-After) is read in the same transaction.
+reports (Retry-After) is read just after it (a hint: the refusal itself was decided atomically).
 """
 from __future__ import annotations
 
@@ -14,13 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
 
 from safedl.serve.keys import ApiKey, KeyStore
 from safedl.serve.stores import engine as engines
-from safedl.serve.stores.schema import pixel_state, rate_state
 
 
 @dataclass(frozen=True)
@@ -40,18 +36,30 @@ def _seconds_to_midnight(t: float) -> int:
     return max(1, math.ceil((midnight - now).total_seconds()))
 
 
-def _insert(conn: Connection, table: sa.Table):
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+def _refilled(table: str) -> str:
+    """SQL: the row's tokens after refilling at ``:rate`` since its ``updated_at``, capped at ``:burst``."""
+    grown = (f"{table}.tokens + (CASE WHEN {table}.updated_at < :now THEN :now - {table}.updated_at ELSE 0.0 END)"
+             " * :rate")
+    return f"(CASE WHEN {grown} < :burst THEN {grown} ELSE :burst END)"
 
 
-def _least(a, b):
-    return sa.case((a < b, a), else_=b)
-
-
-def _refilled(table: sa.Table, *, now: float, rate_per_s: float, burst: float):
-    """SQL: the row's tokens after refilling at ``rate_per_s`` since its ``updated_at``, capped at ``burst``."""
-    elapsed = sa.case((table.c.updated_at < now, sa.literal(now, sa.Float) - table.c.updated_at), else_=0.0)
-    return _least(sa.literal(float(burst), sa.Float), table.c.tokens + elapsed * sa.literal(rate_per_s, sa.Float))
+_USED = "(CASE WHEN rate_state.day = :day THEN rate_state.used ELSE 0 END)"
+# One statement per check, the same SQL on SQLite (>= 3.35) and PostgreSQL; a refused check updates no row and
+# returns none. Run on the DBAPI cursor (engines.Hot): the request path's cost.
+_TAKE = engines.Hot(
+    "INSERT INTO rate_state (key_id, tokens, updated_at, day, used) VALUES (:key_id, :burst - 1.0, :now, :day, 0) "
+    f"ON CONFLICT (key_id) DO UPDATE SET tokens = {_refilled('rate_state')} - 1.0, updated_at = :now, day = :day, "
+    f"used = {_USED} WHERE {_refilled('rate_state')} >= 1.0 AND {_USED} < :quota RETURNING tokens")
+_IMAGES = engines.Hot(
+    "INSERT INTO rate_state (key_id, tokens, updated_at, day, used) VALUES (:key_id, :burst, :now, :day, :images) "
+    f"ON CONFLICT (key_id) DO UPDATE SET used = {_USED} + :images, day = :day "
+    f"WHERE {_USED} + :images <= :quota RETURNING used")
+_PIXELS = engines.Hot(
+    "INSERT INTO pixel_state (key_id, tokens, updated_at) VALUES (:key_id, :burst - :pixels, :now) "
+    f"ON CONFLICT (key_id) DO UPDATE SET tokens = {_refilled('pixel_state')} - :pixels, updated_at = :now "
+    f"WHERE {_refilled('pixel_state')} >= :pixels RETURNING tokens")
+_RATE_ROW = engines.Hot("SELECT tokens, updated_at FROM rate_state WHERE key_id = :key_id")
+_PIXEL_ROW = engines.Hot("SELECT tokens, updated_at FROM pixel_state WHERE key_id = :key_id")
 
 
 def _refill(tokens: float, updated: float, *, now: float, rate_per_s: float, burst: float) -> float:
@@ -73,22 +81,13 @@ class RateLimiter:
 
     def take(self, key: ApiKey) -> Verdict:
         now = self.clock()
-        day = _utc_day(now)
-        t = rate_state
-        refilled = _refilled(t, now=now, rate_per_s=key.rate_per_s, burst=key.burst)
-        used = sa.case((t.c.day == day, t.c.used), else_=0)
-        with engines.write(self.store.engine, what=self._what()) as conn:
-            stmt = _insert(conn, t).values(key_id=key.key_id, tokens=float(key.burst) - 1.0, updated_at=now,
-                                           day=day, used=0)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[t.c.key_id], set_={"tokens": refilled - 1.0, "updated_at": now, "day": day,
-                                                   "used": used},
-                where=sa.and_(refilled >= 1.0, used < key.daily_quota)).returning(t.c.tokens)
-            if conn.execute(stmt).first() is not None:
+        args = {"key_id": key.key_id, "now": now, "day": _utc_day(now), "rate": float(key.rate_per_s),
+                "burst": float(key.burst), "quota": int(key.daily_quota)}
+        with engines.single(self.store.engine, what=self._what()) as conn:
+            if _TAKE.run(conn, args):
                 return Verdict(True)
-            row = conn.execute(sa.select(t.c.tokens, t.c.updated_at, t.c.day, t.c.used)
-                               .where(t.c.key_id == key.key_id)).one()
-        tokens = _refill(row.tokens, row.updated_at, now=now, rate_per_s=key.rate_per_s, burst=key.burst)
+            (stored, updated), = _RATE_ROW.run(conn, args)
+        tokens = _refill(stored, updated, now=now, rate_per_s=key.rate_per_s, burst=key.burst)
         if tokens < 1.0:
             return Verdict(False, "rate", max(1, math.ceil((1.0 - tokens) / key.rate_per_s)))
         return Verdict(False, "quota", _seconds_to_midnight(now))
@@ -96,17 +95,12 @@ class RateLimiter:
     def charge_images(self, key: ApiKey, *, images: int) -> Verdict:
         """Count ``images`` against today's quota (after decoding, when the count is known); refuse if over."""
         now = self.clock()
-        day = _utc_day(now)
         if images > key.daily_quota:
             return Verdict(False, "quota", _seconds_to_midnight(now))
-        t = rate_state
-        used = sa.case((t.c.day == day, t.c.used), else_=0)
-        with engines.write(self.store.engine, what=self._what()) as conn:
-            stmt = _insert(conn, t).values(key_id=key.key_id, tokens=float(key.burst), updated_at=now, day=day,
-                                           used=images)
-            stmt = stmt.on_conflict_do_update(index_elements=[t.c.key_id], set_={"used": used + images, "day": day},
-                                              where=used + images <= key.daily_quota).returning(t.c.used)
-            ok = conn.execute(stmt).first() is not None
+        args = {"key_id": key.key_id, "now": now, "day": _utc_day(now), "burst": float(key.burst),
+                "images": int(images), "quota": int(key.daily_quota)}
+        with engines.single(self.store.engine, what=self._what()) as conn:
+            ok = bool(_IMAGES.run(conn, args))
         return Verdict(True) if ok else Verdict(False, "quota", _seconds_to_midnight(now))
 
     def charge_pixels(self, key: ApiKey, *, pixels: int, rate_per_s: float, burst: int) -> Verdict:
@@ -116,15 +110,11 @@ class RateLimiter:
         now = self.clock()
         if pixels > burst:
             return Verdict(False, "pixels", max(1, math.ceil((pixels - burst) / rate_per_s)))
-        p = pixel_state
-        refilled = _refilled(p, now=now, rate_per_s=rate_per_s, burst=burst)
-        with engines.write(self.store.engine, what=self._what()) as conn:
-            stmt = _insert(conn, p).values(key_id=key.key_id, tokens=float(burst) - pixels, updated_at=now)
-            stmt = stmt.on_conflict_do_update(index_elements=[p.c.key_id],
-                                              set_={"tokens": refilled - pixels, "updated_at": now},
-                                              where=refilled >= pixels).returning(p.c.tokens)
-            if conn.execute(stmt).first() is not None:
+        args = {"key_id": key.key_id, "now": now, "rate": float(rate_per_s), "burst": float(burst),
+                "pixels": float(pixels)}
+        with engines.single(self.store.engine, what=self._what()) as conn:
+            if _PIXELS.run(conn, args):
                 return Verdict(True)
-            row = conn.execute(sa.select(p.c.tokens, p.c.updated_at).where(p.c.key_id == key.key_id)).one()
-        tokens = _refill(row.tokens, row.updated_at, now=now, rate_per_s=rate_per_s, burst=burst)
+            (stored, updated), = _PIXEL_ROW.run(conn, args)
+        tokens = _refill(stored, updated, now=now, rate_per_s=rate_per_s, burst=burst)
         return Verdict(False, "pixels", max(1, math.ceil((pixels - tokens) / rate_per_s)))

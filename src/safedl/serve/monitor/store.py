@@ -23,6 +23,9 @@ from safedl.serve.stores.schema import ALERT_COLUMNS, key_actions, monitor_alert
 _ALERT_COLS = ALERT_COLUMNS
 _ACTION_COLS = ("id", "key_id", "action", "actor", "reason", "alert_id", "params", "created_at", "restored_at",
                 "restored_by")
+# the read of every request (``enforce``), on the DBAPI cursor (engines.Hot)
+_ACTIVE_OF_KEY = engines.Hot(f"SELECT {', '.join(_ACTION_COLS)} FROM key_actions WHERE key_id = :key_id AND "
+                         "restored_at IS NULL ORDER BY id")
 SEVERITY_ORDER = ("throttle", "labels_only", "block")
 
 
@@ -97,17 +100,17 @@ class KeyActions:
     def __init__(self, store: KeyStore):
         self.store = store
 
-    def _rows(self, where: Any) -> list[KeyAction]:
+    def _rows(self, where: Any, args: dict | None = None) -> list[KeyAction]:
         t = key_actions
         with engines.read(self.store.engine, what="key actions") as conn:
-            rows = conn.execute(sa.select(*(t.c[c] for c in _ACTION_COLS)).where(where).order_by(t.c.id)).all()
+            rows = (where.run(conn, args or {}) if isinstance(where, engines.Hot) else
+                    conn.execute(sa.select(*(t.c[c] for c in _ACTION_COLS)).where(where).order_by(t.c.id)).all())
         return [KeyAction(**{**dict(zip(_ACTION_COLS, r)), "params": json.loads(r[6])}) for r in rows]
 
     def active(self, key_id: str | None = None) -> list[KeyAction]:
-        t = key_actions
         if key_id is None:
-            return self._rows(t.c.restored_at.is_(None))
-        return self._rows(sa.and_(t.c.key_id == key_id, t.c.restored_at.is_(None)))
+            return self._rows(key_actions.c.restored_at.is_(None))
+        return self._rows(_ACTIVE_OF_KEY, {"key_id": key_id})
 
     def history(self) -> list[KeyAction]:
         return self._rows(sa.true())

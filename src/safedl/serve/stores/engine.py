@@ -40,7 +40,15 @@ ALLOWED = ("a SQLite file path (keys.db), sqlite:///PATH, postgresql://USER[:PAS
 # "scheme:/" at the start also catches a URL that went through Path(), which collapses "//" ("postgresql:/u@h/db")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:(/|$)")
 _TARGETS: "weakref.WeakKeyDictionary[Engine, Target]" = weakref.WeakKeyDictionary()
-_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError)
+_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError,
+                sqlite3.OperationalError, sqlite3.InterfaceError)
+try:  # the driver's own errors, raised by ``Hot`` statements run on the DBAPI cursor
+    import psycopg
+
+    _UNAVAILABLE += (psycopg.OperationalError, psycopg.InterfaceError)
+except ImportError:  # pragma: no cover - psycopg is in the serve extra
+    pass
+_NAMED = re.compile(r"(?<![:\w]):(\w+)")
 
 
 class StoreUnavailable(SafedlError, RuntimeError):
@@ -170,11 +178,55 @@ def write(engine: Engine, *, what: str) -> Iterator[Connection]:
             yield conn
 
 
+def _autocommit(engine: Engine, conn: Connection) -> Connection:
+    # PostgreSQL: no BEGIN/COMMIT round trips around one statement. (SQLite connections already run outside a
+    # transaction unless ``write`` begins one: sqlite.py; changing their isolation level would undo that.)
+    return conn.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else conn
+
+
 @contextlib.contextmanager
 def read(engine: Engine, *, what: str) -> Iterator[Connection]:
-    """One read-only use of a pooled connection; database failures raise StoreUnavailable."""
+    """A pooled connection for reads, each statement its own snapshot; database failures raise
+    StoreUnavailable."""
     with unavailable_as(what), engine.connect() as conn:
-        yield conn
+        yield _autocommit(engine, conn)
+
+
+@contextlib.contextmanager
+def single(engine: Engine, *, what: str) -> Iterator[Connection]:
+    """A pooled connection for statements each atomic by itself (``INSERT ... ON CONFLICT DO UPDATE ...
+    RETURNING``), committed as they run: no transaction around them; database failures raise StoreUnavailable."""
+    with unavailable_as(what), engine.connect() as conn:
+        yield _autocommit(engine, conn)
+
+
+class Hot:
+    """A statement of the request path run on the DBAPI cursor itself (no SQLAlchemy statement execution, about
+    a tenth of the cost): the same SQL on SQLite and PostgreSQL, with ``:name`` parameters (``%(name)s`` for
+    psycopg, made once here). For single statements only, on a connection of ``read`` or ``single``."""
+
+    def __init__(self, sql: str):
+        self.sql = sql
+        self.pyformat = _NAMED.sub(r"%(\1)s", sql.replace("%", "%%"))
+
+    def run(self, conn: Connection, params: dict[str, Any]) -> list[tuple]:
+        """The rows of the statement (none for a statement that returns none)."""
+        dbapi = conn.connection.driver_connection
+        cur = dbapi.cursor()
+        try:
+            cur.execute(self.pyformat if conn.dialect.name == "postgresql" else self.sql, params)
+            return [tuple(r) for r in cur.fetchall()] if cur.description is not None else []
+        finally:
+            cur.close()
+
+    def run_many(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """The statement once per row (inside the connection's transaction: ``write``)."""
+        dbapi = conn.connection.driver_connection
+        cur = dbapi.cursor()
+        try:
+            cur.executemany(self.pyformat if conn.dialect.name == "postgresql" else self.sql, rows)
+        finally:
+            cur.close()
 
 
 def dispose(engine: Engine | None) -> None:

@@ -26,8 +26,8 @@ def configure(dbapi_conn: Any, *, synchronous: str = "NORMAL") -> None:
 
 
 def install(engine: Engine, *, synchronous: str = "NORMAL") -> None:
-    """Configure every connection of ``engine`` and begin its transactions (IMMEDIATE when the connection carries
-    the ``safedl_write`` execution option)."""
+    """Configure every connection of ``engine``; a connection carrying the ``safedl_write`` execution option begins
+    its transaction with ``BEGIN IMMEDIATE`` (reads run statement by statement, in autocommit)."""
     if synchronous.upper() not in SYNCHRONOUS:
         raise ValueError(f"synchronous={synchronous!r}: choose one of {', '.join(SYNCHRONOUS)}")
 
@@ -37,8 +37,9 @@ def install(engine: Engine, *, synchronous: str = "NORMAL") -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        write = conn.get_execution_options().get(WRITE_OPTION, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+        if conn.get_execution_options().get(WRITE_OPTION, False):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # a read runs in autocommit: each statement is its own consistent snapshot, no BEGIN/ROLLBACK round
 
 
 def set_max_pages(dbapi_conn: Any, pages: int) -> None:

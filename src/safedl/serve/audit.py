@@ -236,7 +236,7 @@ class AuditStore:
                         and self._size(conn) >= self.max_bytes):
                     raise AuditUnavailable(f"the audit tables reached --audit-max-mb "
                                            f"({self.max_bytes / 2**20:g} MB)")
-                _INSERT.run_many(conn, [dict(zip(COLUMNS, r)) for r in rows])
+                _INSERT.run_many(engines.hot_of(conn), [dict(zip(COLUMNS, r)) for r in rows])
             self.healthy, self.last_error = True, None
         except (engines.StoreUnavailable, OSError) as exc:
             self._fail(f"audit write to {self.path} failed: {exc}")

@@ -175,7 +175,7 @@ class KeyStore:
         key_id, secret = (m.group(1), m.group(2)) if m else ("", "x")
         row = None
         if m:
-            with engines.read(self.engine, what=self._what()) as conn:
+            with engines.hot(self.engine, what=self._what()) as conn:
                 row = next(iter(_BY_ID.run(conn, {"key_id": key_id})), None)
         stored = row[-1] if row else _DUMMY_HASH
         ok = hmac.compare_digest(stored, _hash(secret))

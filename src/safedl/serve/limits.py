@@ -83,7 +83,7 @@ class RateLimiter:
         now = self.clock()
         args = {"key_id": key.key_id, "now": now, "day": _utc_day(now), "rate": float(key.rate_per_s),
                 "burst": float(key.burst), "quota": int(key.daily_quota)}
-        with engines.single(self.store.engine, what=self._what()) as conn:
+        with engines.hot(self.store.engine, what=self._what()) as conn:
             if _TAKE.run(conn, args):
                 return Verdict(True)
             (stored, updated), = _RATE_ROW.run(conn, args)
@@ -99,7 +99,7 @@ class RateLimiter:
             return Verdict(False, "quota", _seconds_to_midnight(now))
         args = {"key_id": key.key_id, "now": now, "day": _utc_day(now), "burst": float(key.burst),
                 "images": int(images), "quota": int(key.daily_quota)}
-        with engines.single(self.store.engine, what=self._what()) as conn:
+        with engines.hot(self.store.engine, what=self._what()) as conn:
             ok = bool(_IMAGES.run(conn, args))
         return Verdict(True) if ok else Verdict(False, "quota", _seconds_to_midnight(now))
 
@@ -112,7 +112,7 @@ class RateLimiter:
             return Verdict(False, "pixels", max(1, math.ceil((pixels - burst) / rate_per_s)))
         args = {"key_id": key.key_id, "now": now, "rate": float(rate_per_s), "burst": float(burst),
                 "pixels": float(pixels)}
-        with engines.single(self.store.engine, what=self._what()) as conn:
+        with engines.hot(self.store.engine, what=self._what()) as conn:
             if _PIXELS.run(conn, args):
                 return Verdict(True)
             (stored, updated), = _PIXEL_ROW.run(conn, args)

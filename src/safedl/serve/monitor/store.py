@@ -102,9 +102,12 @@ class KeyActions:
 
     def _rows(self, where: Any, args: dict | None = None) -> list[KeyAction]:
         t = key_actions
-        with engines.read(self.store.engine, what="key actions") as conn:
-            rows = (where.run(conn, args or {}) if isinstance(where, engines.Hot) else
-                    conn.execute(sa.select(*(t.c[c] for c in _ACTION_COLS)).where(where).order_by(t.c.id)).all())
+        if isinstance(where, engines.Hot):
+            with engines.hot(self.store.engine, what="key actions") as conn:
+                rows = where.run(conn, args or {})
+        else:
+            with engines.read(self.store.engine, what="key actions") as conn:
+                rows = conn.execute(sa.select(*(t.c[c] for c in _ACTION_COLS)).where(where).order_by(t.c.id)).all()
         return [KeyAction(**{**dict(zip(_ACTION_COLS, r)), "params": json.loads(r[6])}) for r in rows]
 
     def active(self, key_id: str | None = None) -> list[KeyAction]:

@@ -173,8 +173,10 @@ def first_line(e: BaseException) -> str:
 def write(engine: Engine, *, what: str) -> Iterator[Connection]:
     """One write transaction (SQLite: BEGIN IMMEDIATE, the write lock taken up front), committed on success and
     rolled back on error; database failures raise StoreUnavailable."""
-    with unavailable_as(what), engine.connect().execution_options(**{sqlite_settings.WRITE_OPTION: True}) as conn:
+    with unavailable_as(what), engine.connect() as conn:
         with conn.begin():
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")  # the driver began none: sqlite.py
             yield conn
 
 
@@ -192,39 +194,63 @@ def read(engine: Engine, *, what: str) -> Iterator[Connection]:
         yield _autocommit(engine, conn)
 
 
+@dataclass(frozen=True)
+class HotConnection:
+    """A DBAPI connection for ``Hot`` statements and whether it is psycopg's (``%(name)s`` parameters)."""
+
+    dbapi: Any
+    postgresql: bool
+
+
 @contextlib.contextmanager
-def single(engine: Engine, *, what: str) -> Iterator[Connection]:
-    """A pooled connection for statements each atomic by itself (``INSERT ... ON CONFLICT DO UPDATE ...
-    RETURNING``), committed as they run: no transaction around them; database failures raise StoreUnavailable."""
-    with unavailable_as(what), engine.connect() as conn:
-        yield _autocommit(engine, conn)
+def hot(engine: Engine, *, what: str) -> Iterator[HotConnection]:
+    """A pooled DBAPI connection in autocommit for the request path's single statements (``Hot``): no SQLAlchemy
+    Connection around it (a third of the cost of a lookup). One that fails is discarded, not pooled again;
+    database failures raise StoreUnavailable."""
+    postgresql = engine.dialect.name == "postgresql"
+    with unavailable_as(what):
+        raw = engine.raw_connection()
+        try:
+            if postgresql:
+                raw.driver_connection.autocommit = True
+            yield HotConnection(raw.driver_connection, postgresql)
+            if postgresql:
+                raw.driver_connection.autocommit = False
+        except BaseException:
+            raw.invalidate()
+            raise
+        finally:
+            raw.close()
+
+
+def hot_of(conn: Connection) -> HotConnection:
+    """The DBAPI connection under a SQLAlchemy Connection (to run ``Hot`` statements in its transaction)."""
+    return HotConnection(conn.connection.driver_connection, conn.dialect.name == "postgresql")
 
 
 class Hot:
     """A statement of the request path run on the DBAPI cursor itself (no SQLAlchemy statement execution, about
     a tenth of the cost): the same SQL on SQLite and PostgreSQL, with ``:name`` parameters (``%(name)s`` for
-    psycopg, made once here). For single statements only, on a connection of ``read`` or ``single``."""
+    psycopg, made once here)."""
 
     def __init__(self, sql: str):
         self.sql = sql
         self.pyformat = _NAMED.sub(r"%(\1)s", sql.replace("%", "%%"))
 
-    def run(self, conn: Connection, params: dict[str, Any]) -> list[tuple]:
+    def run(self, conn: HotConnection, params: dict[str, Any]) -> list[tuple]:
         """The rows of the statement (none for a statement that returns none)."""
-        dbapi = conn.connection.driver_connection
-        cur = dbapi.cursor()
+        cur = conn.dbapi.cursor()
         try:
-            cur.execute(self.pyformat if conn.dialect.name == "postgresql" else self.sql, params)
+            cur.execute(self.pyformat if conn.postgresql else self.sql, params)
             return [tuple(r) for r in cur.fetchall()] if cur.description is not None else []
         finally:
             cur.close()
 
-    def run_many(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        """The statement once per row (inside the connection's transaction: ``write``)."""
-        dbapi = conn.connection.driver_connection
-        cur = dbapi.cursor()
+    def run_many(self, conn: HotConnection, rows: list[dict[str, Any]]) -> None:
+        """The statement once per row (inside the connection's transaction: ``write`` and ``hot_of``)."""
+        cur = conn.dbapi.cursor()
         try:
-            cur.executemany(self.pyformat if conn.dialect.name == "postgresql" else self.sql, rows)
+            cur.executemany(self.pyformat if conn.postgresql else self.sql, rows)
         finally:
             cur.close()
 

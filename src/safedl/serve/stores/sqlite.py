@@ -1,16 +1,16 @@
 """The SQLite settings of every store's connections (one shared implementation): WAL (readers never block the
-writer; a committed transaction survives a killed process), a busy timeout, and transactions begun by us, so that
-a write transaction can take the write lock up front (``BEGIN IMMEDIATE``) instead of failing on upgrade."""
+writer; a committed transaction survives a killed process), a busy timeout, and no transaction begun by the
+driver: a single statement runs atomically by itself, and a write transaction (engine.write) takes the write lock
+up front (``BEGIN IMMEDIATE``) instead of failing when a read would have to upgrade."""
 from __future__ import annotations
 
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 BUSY_TIMEOUT_MS = 5000
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-WRITE_OPTION = "safedl_write"  # execution option: this transaction writes (BEGIN IMMEDIATE on SQLite)
 
 
 def configure(dbapi_conn: Any, *, synchronous: str = "NORMAL") -> None:
@@ -26,20 +26,14 @@ def configure(dbapi_conn: Any, *, synchronous: str = "NORMAL") -> None:
 
 
 def install(engine: Engine, *, synchronous: str = "NORMAL") -> None:
-    """Configure every connection of ``engine``; a connection carrying the ``safedl_write`` execution option begins
-    its transaction with ``BEGIN IMMEDIATE`` (reads run statement by statement, in autocommit)."""
+    """Configure every connection of ``engine``: statements run in autocommit unless a transaction is begun
+    explicitly (engine.write: ``BEGIN IMMEDIATE``)."""
     if synchronous.upper() not in SYNCHRONOUS:
         raise ValueError(f"synchronous={synchronous!r}: choose one of {', '.join(SYNCHRONOUS)}")
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, record: Any) -> None:
         configure(dbapi_conn, synchronous=synchronous.upper())
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        if conn.get_execution_options().get(WRITE_OPTION, False):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        # a read runs in autocommit: each statement is its own consistent snapshot, no BEGIN/ROLLBACK round
 
 
 def set_max_pages(dbapi_conn: Any, pages: int) -> None:

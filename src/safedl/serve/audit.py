@@ -31,13 +31,12 @@ from typing import Any, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.dialects import postgresql, sqlite
 
 from safedl.errors import UserError
 from safedl.serve.stores import engine as engines
 from safedl.serve.stores import sqlite as sqlite_settings
 from safedl.serve.stores.migrate import ensure_schema
-from safedl.serve.stores.schema import AUDIT_COLUMNS, AUDIT_TABLES, audit, metadata, unauthenticated
+from safedl.serve.stores.schema import AUDIT_COLUMNS, AUDIT_TABLES, audit, metadata
 from safedl.utils.io import atomic_write_text
 
 log = logging.getLogger("safedl.serve.audit")
@@ -49,6 +48,13 @@ UNAUTHENTICATED_SHARE = 0.9
 POOL_SIZE = 2  # the writer thread and one inline commit at a time (``_conn_lock`` serializes them anyway)
 _STOP = object()
 _UNAUTH_KEY = ("minute", "client", "endpoint", "code")
+_UNAUTH_UPSERT = engines.Hot(
+    "INSERT INTO unauthenticated (minute, client, endpoint, code, count) VALUES (:minute, :client, :endpoint, :code, "
+    ":count) ON CONFLICT (minute, client, endpoint, code) DO UPDATE SET count = unauthenticated.count + "
+    "excluded.count")
+_PAGE_SIZE, _PAGE_COUNT = engines.Hot("PRAGMA page_size"), engines.Hot("PRAGMA page_count")
+_PG_SIZE = engines.Hot("SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(t))), 0) "
+                       "FROM unnest(CAST(:tables AS text[])) AS t")
 _INSERT = engines.Hot(f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join(':' + c for c in COLUMNS)})")
 
 
@@ -206,37 +212,33 @@ class AuditStore:
             try:
                 if not self._ready and not self._open():
                     return 0
-                with engines.write(self.engine, what=f"audit database {self.path}") as conn:
+                with engines.hot(self.engine, what=f"audit database {self.path}", transaction=True) as conn:
                     if self.max_bytes is not None and self._size(conn) >= UNAUTHENTICATED_SHARE * self.max_bytes:
                         return 0
-                    ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(unauthenticated)
-                    stmt = ins.on_conflict_do_update(index_elements=list(_UNAUTH_KEY),
-                                                     set_={"count": unauthenticated.c.count + ins.excluded.count})
-                    conn.execute(stmt, [dict(zip(_UNAUTH_KEY, k), count=n) for k, n in merged.items()])
+                    _UNAUTH_UPSERT.run_many(conn, [dict(zip(_UNAUTH_KEY, k), count=n) for k, n in merged.items()])
                 return len(merged)
             except (engines.StoreUnavailable, OSError) as exc:
                 log.warning("aggregated unauthenticated counts not written: %s", exc)
                 return 0
 
-    def _size(self, conn: sa.Connection) -> int:
+    def _size(self, conn: engines.HotConnection) -> int:
         """What the audit rows take, in bytes (see the module's note on ``max_bytes``)."""
-        if conn.dialect.name == "sqlite":
-            page, count = (int(conn.exec_driver_sql(f"PRAGMA {p}").scalar()) for p in ("page_size", "page_count"))
-            return max(0, count - empty_schema_pages()) * page
-        return int(conn.execute(sa.text("SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(t))), 0) "
-                                        "FROM unnest(CAST(:tables AS text[])) AS t"),
-                                {"tables": list(AUDIT_TABLES)}).scalar())
+        if not conn.postgresql:
+            (page,), = _PAGE_SIZE.run(conn, {})
+            (count,), = _PAGE_COUNT.run(conn, {})
+            return max(0, int(count) - empty_schema_pages()) * int(page)
+        (size,), = _PG_SIZE.run(conn, {"tables": list(AUDIT_TABLES)})
+        return int(size)
 
     def _write(self, rows: list[tuple]) -> None:
         try:
             if not self._ready and not self._open():
                 raise AuditUnavailable(self.last_error or "audit database unavailable")
-            with engines.write(self.engine, what=f"audit write to {self.path}") as conn:
-                if (self.max_bytes is not None and conn.dialect.name != "sqlite"
-                        and self._size(conn) >= self.max_bytes):
+            with engines.hot(self.engine, what=f"audit write to {self.path}", transaction=True) as conn:
+                if self.max_bytes is not None and conn.postgresql and self._size(conn) >= self.max_bytes:
                     raise AuditUnavailable(f"the audit tables reached --audit-max-mb "
                                            f"({self.max_bytes / 2**20:g} MB)")
-                _INSERT.run_many(engines.hot_of(conn), [dict(zip(COLUMNS, r)) for r in rows])
+                _INSERT.run_many(conn, [dict(zip(COLUMNS, r)) for r in rows])
             self.healthy, self.last_error = True, None
         except (engines.StoreUnavailable, OSError) as exc:
             self._fail(f"audit write to {self.path} failed: {exc}")

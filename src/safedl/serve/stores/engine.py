@@ -203,21 +203,33 @@ class HotConnection:
 
 
 @contextlib.contextmanager
-def hot(engine: Engine, *, what: str) -> Iterator[HotConnection]:
-    """A pooled DBAPI connection in autocommit for the request path's single statements (``Hot``): no SQLAlchemy
-    Connection around it (a third of the cost of a lookup). One that fails is discarded, not pooled again;
-    database failures raise StoreUnavailable."""
+def hot(engine: Engine, *, what: str, transaction: bool = False) -> Iterator[HotConnection]:
+    """A pooled DBAPI connection for the request path's statements (``Hot``), without a SQLAlchemy Connection
+    around it (a third of the cost of a lookup): in autocommit (single statements, each atomic by itself), or with
+    ``transaction`` one write transaction (SQLite: BEGIN IMMEDIATE), committed at the end and rolled back on error.
+    A connection that failed is discarded, not pooled again; database failures raise StoreUnavailable."""
     postgresql = engine.dialect.name == "postgresql"
     with unavailable_as(what):
         raw = engine.raw_connection()
+        dbapi = raw.driver_connection
         try:
-            if postgresql:
-                raw.driver_connection.autocommit = True
-            yield HotConnection(raw.driver_connection, postgresql)
-            if postgresql:
-                raw.driver_connection.autocommit = False
-        except BaseException:
+            if postgresql and not transaction:
+                dbapi.autocommit = True
+            elif not postgresql and transaction:
+                dbapi.execute("BEGIN IMMEDIATE")  # the driver begins none by itself: sqlite.py
+            yield HotConnection(dbapi, postgresql)
+            if transaction:
+                dbapi.commit()
+            elif postgresql:
+                dbapi.autocommit = False
+        except _UNAVAILABLE:
             raw.invalidate()
+            raise
+        except BaseException:
+            if transaction:
+                dbapi.rollback()
+            if postgresql:
+                dbapi.autocommit = False
             raise
         finally:
             raw.close()

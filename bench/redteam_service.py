@@ -60,6 +60,7 @@ import _redteam_probes as P  # noqa: E402
 from _redteam_net import AddressPool, Legit, LogCounter, RssSampler, cpu_delta, cpu_marks  # noqa: E402
 
 log = logging.getLogger("redteam_service")
+PROBES = ("slowloris", "flood", "flood_capped", "held", "connections", "fuzz", "swaps", "leak", "rotation")
 
 
 class Run:
@@ -370,7 +371,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-connections", type=int, default=600, help="the server's --max-connections")
     p.add_argument("--epochs", type=int, default=10, help="training epochs of the tiny model")
     p.add_argument("--out", type=Path, default=HERE / "results" / "redteam_service.json")
+    p.add_argument("--probes", default=",".join(PROBES),
+                   help=f"comma list of the probes to run after the baseline (default all: {','.join(PROBES)})")
     args = p.parse_args(argv)
+    args.probes = [s.strip() for s in args.probes.split(",") if s.strip()]
+    unknown = sorted(set(args.probes) - set(PROBES))
+    if unknown:
+        p.error(f"--probes: unknown {', '.join(unknown)}; choose from {', '.join(PROBES)}")
     if args.quick:
         args.fuzz, args.swaps, args.minutes, args.slowloris, args.flood = 300, 15, 0.3, 100, 1500
         args.probe_s, args.baseline_s, args.header_timeout_s, args.max_probe_s = 5.0, 5.0, 4.0, 60.0
@@ -406,15 +413,19 @@ def serve_and_probe(args, work: Path) -> tuple[Run, dict]:
         run.legit.stop()  # warm-up
         run.rss_start = run.rss.sample()
         probe_baseline(run, args)
-        probe_slowloris(run, args, pool, conns=args.slowloris, seconds=args.probe_s)
-        probe_flood(run, args, pool)
-        probe_flood_capped(run, args, pool, make_server)
-        probe_held(run, args, pool)
-        probe_connections(run, args, pool)
-        probe_fuzz(run, args, pool, n=args.fuzz, seed=args.seed)
-        probe_swaps(run, args, n=args.swaps, seed=args.seed)
-        probe_leak(run, args)
-        rotation(run, args, pool)
+        chosen = {
+            "slowloris": lambda: probe_slowloris(run, args, pool, conns=args.slowloris, seconds=args.probe_s),
+            "flood": lambda: probe_flood(run, args, pool),
+            "flood_capped": lambda: probe_flood_capped(run, args, pool, make_server),
+            "held": lambda: probe_held(run, args, pool),
+            "connections": lambda: probe_connections(run, args, pool),
+            "fuzz": lambda: probe_fuzz(run, args, pool, n=args.fuzz, seed=args.seed),
+            "swaps": lambda: probe_swaps(run, args, n=args.swaps, seed=args.seed),
+            "leak": lambda: probe_leak(run, args),
+            "rotation": lambda: rotation(run, args, pool)}
+        for name in PROBES:
+            if name in args.probes:
+                chosen[name]()
         ended = {"server_alive_at_end": srv.proc.poll() is None, "server_exit_code": srv.stop()}
         run.rss.stop()
         log_row(run, {**run.logs.update(), "first_errors": run.logs.first_errors,
@@ -441,13 +452,14 @@ def main(argv: list[str] | None = None) -> dict:
               "baseline_p99_ms": run.baseline_p99, **ended, "wall_s": round(time.monotonic() - t_start, 1),
               "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
               "legit_tool": run.legit.tool or "python-fallback", "rows": run.rows}
-    mem = next(r["figures"] for r in run.rows if r["probe"].startswith("9 "))
     print(table(run.rows))
-    print(f"\nmemory: server RSS start {mem['rss_start_mb']:.0f} MB, max {mem['rss_max_mb']:.0f} MB, end "
-          f"{mem['rss_end_mb']:.0f} MB, growth {mem['growth_mb']:+.0f} MB (peak {mem['peak_growth_mb']:+.0f}; "
-          f"target <= +100 MB{'' if mem['growth_mb'] <= 100 and mem['peak_growth_mb'] <= 100 else ': MISSED'}); "
-          f"{mem['samples']} samples; wall {result['wall_s']:.0f} s; load avg at end "
-          f"{result['load_avg_at_end'][0]:.2f}")
+    mem = next((r["figures"] for r in run.rows if r["probe"].startswith("9 ")), None)
+    if mem is not None:
+        print(f"\nmemory: server RSS start {mem['rss_start_mb']:.0f} MB, max {mem['rss_max_mb']:.0f} MB, end "
+              f"{mem['rss_end_mb']:.0f} MB, growth {mem['growth_mb']:+.0f} MB (peak {mem['peak_growth_mb']:+.0f}; "
+              f"target <= +100 MB{'' if mem['growth_mb'] <= 100 and mem['peak_growth_mb'] <= 100 else ': MISSED'}); "
+              f"{mem['samples']} samples; wall {result['wall_s']:.0f} s; load avg at end "
+              f"{result['load_avg_at_end'][0]:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result

@@ -6,6 +6,7 @@ and descriptor exhaustion in a subprocess with RLIMIT_NOFILE=256.
 (that is what they are for); the unit tests and the trusted-proxy case still pass."""
 from __future__ import annotations
 
+import asyncio
 import http.client
 import logging
 import os
@@ -33,10 +34,14 @@ MB = 1 << 20
 
 async def tiny_app(scope, receive, send) -> None:
     """/deny: 401 without reading the body (keep-alive); /deny-close: the same with Connection: close;
-    /upload: reads the whole body, answers 200 with its length; anything else: 200 "ok"."""
+    /upload: reads the whole body, answers 200 with its length; /hold: waits 1 s without reading the body (a slow
+    key check), then 401; anything else: 200 "ok"."""
     if scope["type"] != "http":
         return
     path, body, status, extra = scope["path"], b"ok", 200, []
+    if path == "/hold":
+        await asyncio.sleep(1.0)
+        path = "/deny-close"
     if path in ("/deny", "/deny-close"):
         status, body = 401, b"no"
         extra = [(b"connection", b"close")] if path == "/deny-close" else []
@@ -319,6 +324,29 @@ def test_unread_upload_the_client_reads_the_answer_and_the_server_stops_within_l
         assert result["error_at"] is not None, f"still accepting the unread body after {result['sent']} bytes"
         assert result["error_at"] - answered < limits.linger_s + 1.0
         assert result["sent"] < 8 * MB
+
+
+def test_a_body_the_app_has_not_read_is_buffered_64_kb_at_most():
+    """Deliverable: a refused key's upload has at most 64 KB of its body buffered (it was 64 KB + one 64 KB read).
+    The app takes 1 s before answering without reading; the client sends 4 MB as fast as the server takes it."""
+    with Served(ConnectionLimits()) as srv, srv.connect() as s:
+        s.sendall(f"POST /hold HTTP/1.1\r\nHost: t\r\nContent-Length: {4 * MB}\r\n\r\n".encode())
+        writer = threading.Thread(target=lambda: _send_quietly(s, b"x" * (4 * MB)), daemon=True)
+        writer.start()
+        buffered, deadline = [], time.monotonic() + 0.8
+        while time.monotonic() < deadline:
+            buffered += [len(p.cycle.body) for p in list(srv.server.server_state.connections) if p.cycle]
+            time.sleep(0.02)
+        status, _, _ = read_response(s, timeout=5.0)
+        assert status == 401
+        assert 0 < max(buffered) <= 64 * 1024, max(buffered)
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
 
 
 def test_a_client_that_sends_the_whole_body_before_reading_gets_the_early_answer():

@@ -56,6 +56,9 @@ def serve_command(
         unauth_rate: float = typer.Option(1.0, "--unauth-rate",
                                           help="failed authentications per second per client address (429 above)"),
         unauth_burst: int = typer.Option(20, "--unauth-burst", help="failed authentications allowed at once"),
+        slow_lane_rate: float = typer.Option(50.0, "--slow-lane-rate",
+                                             help="requests per second read, in all, from client addresses over "
+                                                  "their failed-authentication budget (the slow lane)"),
         quarantine: Optional[Path] = typer.Option(None, "--quarantine", help="keep rejected inputs in this folder"),
         quarantine_mb: float = typer.Option(100.0, "--quarantine-mb", help="size cap of the quarantine folder"),
         quarantine_days: float = typer.Option(30.0, "--quarantine-days", help="retention of quarantined inputs"),

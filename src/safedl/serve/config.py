@@ -36,6 +36,8 @@ class ServeConfig:
     # bounded work before authentication, per client address (serve/unauth.py)
     unauth_rate_per_s: float = 1.0
     unauth_burst: int = 20
+    unauth_total_rate_per_s: float = 20.0   # failures from all addresses together; over it, failing ones are slowed
+    unauth_total_burst: int = 100
     unauth_flush_s: float = 5.0
     # the body must arrive within body_timeout_s and, after body_grace_s, at min_body_bytes_per_s on average
     body_timeout_s: float = 30.0
@@ -56,8 +58,8 @@ class ServeConfig:
         check_positive(who, "top_k", self.top_k, integer=True)
         check_positive(who, "quarantine_max_bytes", self.quarantine_max_bytes, integer=True)
         check_positive(who, "quarantine_retention_days", self.quarantine_retention_days)
-        for name in ("key_pixel_burst", "unauth_burst"):
+        for name in ("key_pixel_burst", "unauth_burst", "unauth_total_burst"):
             check_positive(who, name, getattr(self, name), integer=True)
-        for name in ("key_pixels_per_s", "unauth_rate_per_s", "unauth_flush_s", "body_timeout_s", "body_grace_s",
-                     "min_body_bytes_per_s"):
+        for name in ("key_pixels_per_s", "unauth_rate_per_s", "unauth_total_rate_per_s", "unauth_flush_s",
+                     "body_timeout_s", "body_grace_s", "min_body_bytes_per_s"):
             check_positive(who, name, getattr(self, name))

@@ -29,7 +29,8 @@ FILTERED_LOGGERS = ("asyncio", "uvicorn.error", "safedl.serve.protocol", "python
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 COUNTERS = ("header_timeouts", "body_timeouts", "keepalive_timeouts", "drain_timeouts", "refused_per_client",
-            "refused_overall", "requests_capped", "lingering_closes", "linger_cutoffs", "bad_framing")
+            "refused_overall", "requests_capped", "lingering_closes", "linger_cutoffs", "bad_framing",
+            "slow_lane_holds")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -147,12 +148,14 @@ class ConnectionTable:
         self.stats = ProtocolStats()
         self.throttle = Throttle()
 
-    def admit(self, key: str | None) -> int | None:
-        """Count a new connection in, or return the status refusing it (503 overall, 429 per client)."""
+    def admit(self, key: str | None, *, per_client_cap: int | None = None) -> int | None:
+        """Count a new connection in, or return the status refusing it (503 overall, 429 per client: over
+        ``max_connections_per_client``, or over ``per_client_cap`` when smaller)."""
         if self.stats.open_connections >= self.limits.max_connections:
             self.stats.increment("refused_overall")
             return 503
-        if key is not None and self.per_client.get(key, 0) >= self.limits.max_connections_per_client:
+        cap = min(self.limits.max_connections_per_client, per_client_cap or self.limits.max_connections_per_client)
+        if key is not None and self.per_client.get(key, 0) >= cap:
             self.stats.increment("refused_per_client")
             return 429
         self.stats.open_connections += 1

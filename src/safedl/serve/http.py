@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 from safedl.serve.audit import AuditUnavailable
 from safedl.serve.edge import client_of
 from safedl.serve.keys import ApiKey
-from safedl.serve.request import ApiError, RequestContext, presented_token
+from safedl.serve.request import CONTEXT_STATE, ApiError, RequestContext, presented_token
 
 log = logging.getLogger("safedl.serve")
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer sdl_<id>_<secret>`")
@@ -45,7 +45,7 @@ def token_of(request: Request) -> str | None:
 
 
 def context_of(request: Request) -> RequestContext:
-    return request.state.safedl_ctx
+    return getattr(request.state, CONTEXT_STATE)
 
 
 def authorized(scope: str) -> Callable[..., Any]:
@@ -134,7 +134,7 @@ class AuditedRoute(APIRoute):
         async def handler(request: Request) -> Response:
             svc = request.app.state.service
             ctx = RequestContext(endpoint=endpoint, method=request.method, client=client_of(request.scope))
-            request.state.safedl_ctx = ctx
+            setattr(request.state, CONTEXT_STATE, ctx)
             try:
                 response = await inner(request)
                 error = None

@@ -8,6 +8,7 @@ from typing import Any
 from safedl.errors import UserError
 from safedl.serve.config import ServeConfig
 from safedl.serve.protocol import ConnectionLimits
+from safedl.serve.slow_lane import SlowLaneLimits
 from safedl.serve.stores.engine import parse_target
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -35,6 +36,7 @@ class ServeOptions:
     monitor_config: Any = None
     config: ServeConfig = field(default_factory=ServeConfig)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    slow_lane: SlowLaneLimits = field(default_factory=SlowLaneLimits)
 
     def __post_init__(self) -> None:
         parse_target(self.keys_db, flag="--keys")  # a value that is no database: exit 2 before anything is opened
@@ -54,12 +56,13 @@ class ServeOptions:
             raise UserError(f"--log-level {self.log_level!r}: choose debug, info, warning or error")
 
 
-def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, audit_max_mb: float | None, host: str, port: int,
+def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, audit_max_mb: float | None, host: str,
+                       port: int,
                        trusted_proxy: list[str], max_body_mb: float, max_images: int, max_pixels: int,
                        max_request_pixels: int, key_pixels_per_s: float, no_resize: bool, max_batch: int,
                        max_wait_ms: float, header_timeout_s: float, body_timeout_s: float, min_body_kbps: float,
                        keepalive_s: float, max_connections: int, max_connections_per_client: int,
-                       unauth_rate: float, unauth_burst: int, quarantine: Path | None, quarantine_mb: float,
+                       unauth_rate: float, unauth_burst: int, slow_lane_rate: float, quarantine: Path | None, quarantine_mb: float,
                        quarantine_days: float, device: str, torch_threads: int, workers: int, graceful_s: float,
                        signing_key_file: Path | None, monitor_config: Path | None) -> ServeOptions:
     """The ``safedl serve`` flags (sizes in MB and KiB/s, as typed) as one validated ``ServeOptions``; raises
@@ -88,4 +91,4 @@ def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, aud
                         port=port, device=device, torch_threads=torch_threads, workers=workers,
                         graceful_s=graceful_s,
                         signing_key=read_signing_key(signing_key_file), monitor_config=monitor, config=config,
-                        connections=connections)
+                        connections=connections, slow_lane=SlowLaneLimits(rate_per_s=slow_lane_rate))

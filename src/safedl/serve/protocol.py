@@ -21,6 +21,8 @@ from safedl.serve.connection_limits import (COUNTERS, REFUSAL_LINGER_SLOTS, Conn
                                             IPNetwork, ProtocolStats, RepeatFilter, client_key, harden_process,
                                             install_log_filters, parse_networks)
 from safedl.serve.edge import raw_head_framing_error
+from safedl.serve.request import context_in
+from safedl.serve.slow_lane import SlowLane
 
 __all__ = ["COUNTERS", "ConnectionLimits", "GuardedH11Protocol", "ProtocolStats", "RepeatFilter", "guarded_protocol",
            "harden_process", "install_log_filters"]
@@ -105,7 +107,8 @@ _BODIES = {408: b"Request Timeout: no complete request in time",
            400: b"Bad Request: ambiguous request framing (repeated Content-Length, or Content-Length with "
                 b"Transfer-Encoding)"}
 _MAX_HEAD_SCAN = 32 * 1024
-READ_SIZE = 64 * 1024
+READ_SIZE = 16 * 1024          # one socket read at most
+BODY_BUFFER_LIMIT = 48 * 1024  # body bytes held for an app that has not read them: then reading pauses
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -117,6 +120,7 @@ class GuardedH11Protocol(H11Protocol):
 
     table: ConnectionTable
     stats: ProtocolStats
+    lane: SlowLane | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -135,21 +139,28 @@ class GuardedH11Protocol(H11Protocol):
         self._tail: str | None = None
         self._tail_left = 0
         self._head_buf = b""
+        self._lane_client: str | None = None
+        self._proven = False  # a request on this connection presented a valid key: never held in the slow lane
 
     # -- connection lifecycle
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw = transport
-        # one socket read at most READ_SIZE: with uvicorn's 64 KB high-water mark, a request whose body the app
-        # never reads (a refused key) has at most 128 KB of it buffered, not 64 KB + asyncio's 256 KB reads
+        # a request whose body the app never reads (a refused key) has at most BODY_BUFFER_LIMIT + READ_SIZE
+        # (64 KB) of it buffered, not uvicorn's 64 KB high-water mark + asyncio's 256 KB reads
         if hasattr(transport, "max_size"):
             transport.max_size = READ_SIZE
         self._proxy = _LingeringTransport(transport, on_close=self._begin_linger)
         super().connection_made(self._proxy)
         self._slot = client_key(self.client, trusted=self.table.trusted)
-        refusal = self.table.admit(self._slot)
+        self._lane_client = self.client[0] if self.lane is not None and self._slot is not None else None
+        held = self._lane_holds()
+        refusal = self.table.admit(self._slot, per_client_cap=self.lane.limits.max_connections_per_client
+                                   if held else None)
         if refusal is None:
             self._admitted = True
             self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._on_head_timeout)
+            if held:
+                self._hold(then=None)
         else:
             self._refuse(refusal)
 
@@ -187,6 +198,22 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
         else:  # too many lingering already: their descriptors are the scarcer resource
             self._close_now()
+
+    # -- the slow lane (serve/slow_lane.py)
+    def _lane_holds(self) -> bool:
+        return self.lane is not None and not self._proven and self.lane.penalized(self._lane_client)
+
+    def _hold(self, *, then: Callable[[], None] | None) -> None:
+        """Stop reading until the lane releases this connection; then resume and call ``then``."""
+        self._raw.pause_reading()
+        self.stats.increment("slow_lane_holds")
+
+        def release() -> None:
+            self._raw.resume_reading()
+            if then is not None:
+                then()
+
+        self.lane.hold(release, alive=lambda: not self._done and not self._raw.is_closing())
 
     # -- reading
     def data_received(self, data: bytes) -> None:
@@ -227,6 +254,8 @@ class GuardedH11Protocol(H11Protocol):
     def handle_events(self) -> None:
         cycle = self.cycle
         super().handle_events()
+        if self.cycle is not None and len(self.cycle.body) >= BODY_BUFFER_LIMIT:
+            self.flow.pause_reading()  # resumed when the app reads (uvicorn's receive())
         if self.cycle is not cycle and self.cycle is not None:
             self._on_request_head()
         if self.conn.their_state is not h11.SEND_BODY:
@@ -245,8 +274,11 @@ class GuardedH11Protocol(H11Protocol):
 
     async def _guarded_app(self, scope: Any, receive: Any, send: Any) -> None:
         async def guarded_send(message: Any) -> None:
-            if message["type"] == "http.response.start" and self._must_close(scope):
-                message = _with_connection_close(message)
+            if message["type"] == "http.response.start":
+                ctx = context_in(scope)
+                self._proven = self._proven or bool(ctx is not None and ctx.authenticated)
+                if self._must_close(scope):
+                    message = _with_connection_close(message)
             await send(message)
 
         await self._inner_app(scope, receive, guarded_send)
@@ -270,6 +302,9 @@ class GuardedH11Protocol(H11Protocol):
             if self.conn.their_state is h11.SEND_BODY:  # a body nobody will read: wait linger_s for its end
                 self._tail, self._tail_left = "drain", self.limits.linger_max_bytes
                 self._tail_timer = self.loop.call_later(self.limits.linger_s, self._on_drain_timeout)
+            elif self._lane_holds():  # the next request (pipelined ones too) waits for the lane
+                self._hold(then=super().on_response_complete)
+                return
         super().on_response_complete()
 
     def _cancel_body_wait(self) -> None:
@@ -380,10 +415,13 @@ def _cancel(handle: asyncio.TimerHandle | None) -> None:
     return None
 
 
-def guarded_protocol(*, limits: ConnectionLimits, trusted_proxies: Sequence[IPNetwork | str] = ()) -> type:
+def guarded_protocol(*, limits: ConnectionLimits, trusted_proxies: Sequence[IPNetwork | str] = (),
+                     slow_lane: SlowLane | None = None) -> type:
     """A subclass of uvicorn's H11Protocol enforcing ``limits``, for ``uvicorn.Config(app, http=...)``. Peers in
-    ``trusted_proxies`` are exempt from the per-client limit (not the overall one). Counters: ``cls.stats``."""
+    ``trusted_proxies`` are exempt from the per-client limit (not the overall one) and from ``slow_lane``.
+    Counters: ``cls.stats``."""
     if not isinstance(limits, ConnectionLimits):
         raise UserError(f"limits must be a ConnectionLimits, got {type(limits).__name__}")
     table = ConnectionTable(limits=limits, trusted_proxies=parse_networks(trusted_proxies), log=logger)
-    return type("GuardedProtocol", (GuardedH11Protocol,), {"table": table, "stats": table.stats})
+    return type("GuardedProtocol", (GuardedH11Protocol,), {"table": table, "stats": table.stats,
+                                                           "lane": slow_lane})

@@ -16,6 +16,13 @@ from typing import Any
 # Statuses of requests that no valid key stands behind: counted and audited in aggregate per client address
 # (serve/unauth.py), never one audit row each, so keyless traffic cannot flood the audit log.
 UNAUTHENTICATED = "unauthenticated"
+CONTEXT_STATE = "safedl_ctx"  # the RequestContext in the ASGI scope's "state" (Starlette's request.state)
+
+
+def context_in(scope: dict) -> "RequestContext | None":
+    """The RequestContext a route stored in this ASGI scope, if any (read by the protocol after the answer)."""
+    state = scope.get("state")
+    return state.get(CONTEXT_STATE) if isinstance(state, dict) else None
 
 
 def presented_token(*, authorization: str | None, x_api_key: str | None) -> str | None:

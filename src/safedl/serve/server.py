@@ -49,11 +49,12 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 def prepare_server(options: ServeOptions, *, log_fields: dict[str, Any] | None = None) -> tuple[Any, type]:
     """What serving ``options`` needs in this process: JSON logs (``log_fields`` on every line), malloc arenas,
     torch threads, the descriptor ceiling, the app (bundle verified, stores opened), SIGHUP reload and the guarded
-    protocol class (built here: it holds this process's connection table and cannot be pickled)."""
+    protocol class (built here: it holds this process's connection table and slow lane, and cannot be pickled)."""
     import torch
 
     from safedl.serve.logs import setup_json_logging
     from safedl.serve.protocol import guarded_protocol, harden_process
+    from safedl.serve.slow_lane import SlowLane
     from safedl.serve.swap import install_sighup
 
     setup_json_logging(getattr(logging, options.log_level.upper(), logging.INFO), fields=log_fields)
@@ -67,7 +68,8 @@ def prepare_server(options: ServeOptions, *, log_fields: dict[str, Any] | None =
         limits = dataclasses.replace(limits, max_connections=ceiling)
     app = build_app(options)
     install_sighup(app.state.service.swapper)
-    protocol = guarded_protocol(limits=limits, trusted_proxies=options.config.trusted_proxies)
+    lane = SlowLane(limits=options.slow_lane, penalized=app.state.service.unauth.penalized)
+    protocol = guarded_protocol(limits=limits, trusted_proxies=options.config.trusted_proxies, slow_lane=lane)
     app.state.service.metrics.watch_connections(protocol.stats)
     return app, protocol
 

@@ -58,7 +58,9 @@ class Service:
         self.batcher = MicroBatcher(self._decide, max_batch=config.max_batch,
                                     max_wait_s=config.max_wait_ms / 1000.0, on_batch=self.metrics.batch_size.observe)
         self.actions = KeyActions(keys)  # automatic responses of the monitor, lifted with `safedl keys restore`
-        self.unauth = UnauthenticatedGuard(rate_per_s=config.unauth_rate_per_s, burst=config.unauth_burst)
+        self.unauth = UnauthenticatedGuard(rate_per_s=config.unauth_rate_per_s, burst=config.unauth_burst,
+                                           total_rate_per_s=config.unauth_total_rate_per_s,
+                                           total_burst=config.unauth_total_burst)
         self.monitor = None
         if monitor_config is not None:
             from safedl.serve.monitor.build import build_monitor

@@ -229,7 +229,8 @@ def audit_export(db: str = typer.Option("audit.db", "--db", help="the service's 
 def db_upgrade(target: str = typer.Argument(..., metavar="PATH_OR_URL", help="the key or audit database: "
                                                                              + DB_HELP)) -> None:
     """Bring a database to this safedl's schema revision, keeping its rows (back it up first). A database written
-    by a safedl from before revisions is adopted. Safe while servers run: the schema lock serializes it."""
+    by a safedl from before revisions is adopted. Servers starting meanwhile wait for it (the schema lock); stop
+    the servers of the older safedl first: they do not check the revision again once started."""
     from safedl.serve.stores import engine as engines
     from safedl.serve.stores.migrate import upgrade
 

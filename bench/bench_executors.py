@@ -30,7 +30,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from safedl.assess.pipeline import run_assessment  # noqa: E402
+from safedl.run import run_assessment  # noqa: E402
 from safedl.executors import Task, create_executor  # noqa: E402
 from safedl.profile import parse_profile  # noqa: E402
 from safedl.utils.progress import set_enabled  # noqa: E402

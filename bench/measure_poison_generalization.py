@@ -235,7 +235,7 @@ def strip_row(cell: Cell, model, trusted: Dataset, test: Dataset, xt, want) -> d
     """STRIP (Gao et al. 2019): FPR on the clean test split, TPR on triggered test inputs, ASR of what passes."""
     from types import SimpleNamespace
 
-    from safedl.assess.defend_poisoning import _triggered_detection
+    from safedl.evaluate.defend_poisoning import _triggered_detection
 
     det = registry.create("detector", "strip")
     det.fit(trusted.x, model=model, seed=cell.seed)

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from safedl import registry
-from safedl.assess.context import RunContext
-from safedl.assess.handlers import get_attack_handler
+from safedl.evaluate.context import RunContext
+from safedl.run.handlers import get_attack_handler
 from safedl.data import load_builtin, stratified_split
 from safedl.models import build_model, with_normalization
 from safedl.profile import AttackSpec, Profile

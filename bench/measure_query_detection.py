@@ -45,7 +45,7 @@ import torch
 
 from measure_evasion import default_model  # noqa: E402  (bench/ is on sys.path when run as a script)
 from safedl import registry
-from safedl.assess.attack_extraction import deployed_labels, extraction_curve, transfer_success
+from safedl.evaluate.attack_extraction import deployed_labels, extraction_curve, transfer_success
 from safedl.attacks.extraction.base import ExtractionOracle
 from safedl.defenses.query import PRADA, ObservedModel, StatefulDetector
 from safedl.defenses.query.streams import burst_stream, calibration_streams, in_order_stream

@@ -371,6 +371,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-connections", type=int, default=600, help="the server's --max-connections")
     p.add_argument("--epochs", type=int, default=10, help="training epochs of the tiny model")
     p.add_argument("--out", type=Path, default=HERE / "results" / "redteam_service.json")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="an extra `safedl serve` argument for the servers (repeat: --server-arg=--slow-lane-rate "
+                        "--server-arg=100)")
     p.add_argument("--probes", default=",".join(PROBES),
                    help=f"comma list of the probes to run after the baseline (default all: {','.join(PROBES)})")
     args = p.parse_args(argv)
@@ -394,7 +397,7 @@ def serve_and_probe(args, work: Path) -> tuple[Run, dict]:
         n_srv[0] += 1
         audit = work / f"audit{n_srv[0]}.db"
         srv = ServerProcess(built["root"], work / "keys.db", audit, "--header-timeout-s", str(args.header_timeout_s),
-                            *extra)
+                            *args.server_arg, *extra)
         srv.audit_path = audit
         return srv
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from safedl.assess.pipeline import load_stage_state, run_assessment
+from safedl.run import run_assessment
+from safedl.run.state import load_stage_state
 from safedl.profile import parse_profile
 from safedl.templates import default_profile_text
 from safedl.utils.progress import set_enabled

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from _browser import chromium_or_skip
-from safedl.assess.risk import assess_risk
+from safedl.decide.risk import assess_risk
 from safedl.profile import Profile
 from safedl.report.render import write_reports
 from safedl.report.tradeoff import tradeoff_points

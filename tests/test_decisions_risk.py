@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from safedl.assess.risk import assess_risk
+from safedl.decide.risk import assess_risk
 from safedl.profile import ThreatModel
 from safedl.utils.stats import proportion
 

@@ -8,9 +8,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from safedl.assess.compare import compare_pair, holm, mcnemar_exact
-from safedl.assess.recommend import recommend, recommended_profile
-from safedl.assess.slo import gate_with_slo, load_slo
+from safedl.decide.compare import compare_pair, holm, mcnemar_exact
+from safedl.decide.recommend import recommend, recommended_profile
+from safedl.decide.slo import gate_with_slo, load_slo
 from safedl.cli import app
 from safedl.errors import ProfileError, UserError
 from safedl.profile import GateSpec, Profile, parse_profile

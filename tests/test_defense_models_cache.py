@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from safedl import registry
-from safedl.assess.context import RunContext
-from safedl.assess.defense_models import train_defense_model
+from safedl.evaluate.context import RunContext
+from safedl.evaluate.defense_models import train_defense_model
 from safedl.data import load_builtin, stratified_split
 from safedl.models import build_model, with_normalization
 from safedl.profile import Profile
@@ -57,6 +57,9 @@ def test_dp_model_reloads_with_its_architecture_and_epsilon(tmp_path):
     dp = registry.create("trainer", "dp_training", target_epsilon=8.0, epochs=1)
     first = train_defense_model(ctx, dp, architecture=dp.architecture, facts=dp.facts)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in first.model.modules())
+    # the plain trained module (Opacus' to_standard_module): no grad-sample hooks or per-sample gradients left
+    assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in first.model.modules())
+    assert not any(hasattr(p, "grad_sample") for p in first.model.parameters())
     assert 0 < first.facts["epsilon_spent"] <= 8.0 + 1e-6
     fresh = registry.create("trainer", "dp_training", target_epsilon=8.0, epochs=1)
     again = train_defense_model(ctx, fresh, architecture=fresh.architecture, facts=fresh.facts)

@@ -11,9 +11,10 @@ from scipy.stats import norm
 from torch import nn
 
 from safedl import registry
-from safedl.assess.context import RunContext
-from safedl.assess.defend_evasion import evaluate_evasion_defense
-from safedl.assess.handlers import AttackOutcome, get_defense_handler
+from safedl.evaluate.context import RunContext
+from safedl.evaluate.defend_evasion import evaluate_evasion_defense
+from safedl.evaluate.base import AttackOutcome
+from safedl.run.handlers import get_defense_handler
 from safedl.defenses.adaptive import DetectorAwarePGD
 from safedl.utils.stats import auroc
 from safedl.models import TrainRecipe, build_model, with_normalization
@@ -263,3 +264,15 @@ def test_supervised_detectors_validate_and_use_their_fit_attack(tiny_model, digi
     xg = x[:8].clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(det.score_torch(xg).sum(), xg)
     assert float(grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("name", registry.names("detector"))
+def test_detector_used_before_fit_raises_not_fitted(name, eval_batch):
+    """score/predict before fit: one clear NotFittedError naming the detector (not a bare AttributeError)."""
+    from safedl.errors import NotFittedError
+
+    det = registry.create("detector", name)
+    x, _ = eval_batch
+    for use in (det.score, det.predict):
+        with pytest.raises(NotFittedError, match=rf"{type(det).__name__} is not fitted yet .*call fit\(x_clean"):
+            use(x[:4])

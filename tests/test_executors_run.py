@@ -13,8 +13,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from safedl.assess import handlers
-from safedl.assess.pipeline import Run
+from safedl.run import handlers, stages
+from safedl.run.cache import StageCache
 from safedl.cli import app
 
 TINY = {
@@ -86,14 +86,15 @@ def stage_keys(run_dir):
 def test_failed_stage_is_reported_the_others_finish_and_resume_redoes_it(tmp_path, monkeypatch):
     prof = json.loads(json.dumps(TINY))
     prof["defenses"][0]["against"] = ["fgsm", "pgd"]
-    real = handlers.ATTACK_HANDLERS["evasion"]
+    real = handlers.get_attack_handler("evasion")
 
     def planted(ctx, spec, attack):
         if spec.key == "fgsm":
             raise RuntimeError("planted stage failure")
         return real(ctx, spec, attack)
 
-    monkeypatch.setitem(handlers.ATTACK_HANDLERS, "evasion", planted)
+    monkeypatch.setattr(stages, "get_attack_handler",
+                        lambda cat: planted if cat == "evasion" else handlers.get_attack_handler(cat))
     res, run_dir = run_cli(tmp_path, prof)
     assert res.exit_code == 1, res.output  # the gate fails on a failed stage
     r = json.loads((run_dir / "results.json").read_text())
@@ -109,7 +110,7 @@ def test_failed_stage_is_reported_the_others_finish_and_resume_redoes_it(tmp_pat
     assert "Failed stages" in md and "planted stage failure" in md
     assert not (run_dir / "stages" / "attack-fgsm" / "stage.json").exists()  # a failure is never cached
 
-    monkeypatch.setitem(handlers.ATTACK_HANDLERS, "evasion", real)
+    monkeypatch.setattr(stages, "get_attack_handler", handlers.get_attack_handler)
     stamp = (run_dir / "stages" / "attack-pgd" / "stage.json").stat().st_mtime_ns
     res = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--no-progress", "-q"])
     assert res.exit_code == 0, res.output
@@ -122,14 +123,14 @@ def test_failed_stage_is_reported_the_others_finish_and_resume_redoes_it(tmp_pat
 def test_interrupted_process_run_exits_130_and_resumes_reusing_finished_stages(tmp_path, serial_run, monkeypatch):
     prof = json.loads(json.dumps(TINY))
     prof["defenses"] = [{"name": "spatial_smoothing", "params": {"window": 3}, "against": ["pgd"]}]
-    finish = Run._finish
+    finish = StageCache.finish
 
     def ctrl_c_after_pgd(self, name, key, entry, state=None):  # Ctrl-C reaches the driver right after it saved pgd
         finish(self, name, key, entry, state)
         if name == "attack-pgd":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(Run, "_finish", ctrl_c_after_pgd)
+    monkeypatch.setattr(StageCache, "finish", ctrl_c_after_pgd)
     args = ["--executor", "process", "--workers", "1", "--threads-per-task", "1"]
     before = {p.pid for p in mp.active_children()}
     res, run_dir = run_cli(tmp_path, prof, *args)
@@ -139,7 +140,7 @@ def test_interrupted_process_run_exits_130_and_resumes_reusing_finished_stages(t
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("*/stage.json")}
     assert set(stamps) == {"baseline", "attack-fgsm", "attack-pgd"}
 
-    monkeypatch.setattr(Run, "_finish", finish)
+    monkeypatch.setattr(StageCache, "finish", finish)
     res = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--no-progress", "-q", *args])
     assert res.exit_code == 0, res.output
     for stage, ns in stamps.items():  # finished stages reused, not redone
@@ -169,7 +170,7 @@ def _profile_file(tmp_path, prof):
 def test_ray_tasks_ask_for_a_gpu_share_only_on_cuda():
     import torch
 
-    from safedl.assess.pipeline import executor_for
+    from safedl.run.planning import executor_for
     from safedl.profile import parse_profile
 
     prof = parse_profile(dict(TINY, execution={"executor": "ray", "workers": 4}))

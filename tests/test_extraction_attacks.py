@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from safedl import registry
-from safedl.assess.attack_extraction import extraction_curve
+from safedl.evaluate.attack_extraction import extraction_curve
 from safedl.attacks.extraction.base import ExtractionOracle
 from safedl.errors import ConfigError, ProfileError, QueryBudgetExceeded
 from safedl.profile import parse_profile
@@ -48,7 +48,7 @@ def test_attack_spends_exactly_its_budget_through_the_oracle(tiny_model, digits_
 def test_copycat_fidelity_beats_chance_and_rises_with_the_budget(tiny_model, digits_splits):
     fid, pts = _curve(tiny_model, digits_splits, "copycat", "scores", [40, 400])
     assert pts[0]["fidelity"]["n"] == len(digits_splits.test)
-    assert fid[1] > 0.8 > 0.1  # chance agreement for 10 classes is about 0.1
+    assert fid[1] > 0.8  # chance agreement for 10 classes is about 0.1
     assert pts[1]["fidelity"]["ci95"][0] > pts[0]["fidelity"]["ci95"][1]  # significantly higher with more queries
 
 

@@ -8,8 +8,9 @@ import torch
 
 from _poison_planted import TARGET, fresh, plant_backdoor, trigger
 from safedl import registry
-from safedl.assess.context import RunContext
-from safedl.assess.handlers import AttackOutcome, get_defense_handler
+from safedl.evaluate.context import RunContext
+from safedl.evaluate.base import AttackOutcome
+from safedl.run.handlers import get_defense_handler
 from safedl.models import TrainRecipe
 from safedl.profile import DefenseSpec, Profile
 

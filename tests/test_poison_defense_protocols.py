@@ -9,9 +9,10 @@ import torch
 
 from _poison_planted import TARGET, fresh, plant_backdoor, trigger
 from safedl import registry
-from safedl.assess.context import RunContext
-from safedl.assess.defend_poisoning import contributors
-from safedl.assess.handlers import AttackOutcome, get_defense_handler
+from safedl.evaluate.context import RunContext
+from safedl.evaluate.defend_poisoning import contributors
+from safedl.evaluate.base import AttackOutcome
+from safedl.run.handlers import get_defense_handler
 from safedl.defenses.protocols import POISONING_PROTOCOLS
 from safedl.errors import ProfileError
 from safedl.models import TrainRecipe
@@ -145,7 +146,7 @@ def test_all_to_all_backdoor_relabels_c_to_c_plus_1_and_is_warned_about(digits_s
     assert torch.equal(p.y[idx], (train.y[idx] + 1) % 10) and len(torch.unique(train.y[idx])) == 10
     assert torch.equal(p.y[~p.is_poison], train.y[~p.is_poison])
     assert torch.equal(atk.backdoor_labels(torch.tensor([0, 9]), 10), torch.tensor([1, 0]))
-    from safedl.assess.defend_poisoning import known_weak_warnings
+    from safedl.evaluate.defend_poisoning import known_weak_warnings
 
     ss = registry.create("cleanser", "spectral_signatures")
     assert any("(mapping:all_to_all)" in w for w in known_weak_warnings(ss, p.info, trusted=True))

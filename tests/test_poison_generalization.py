@@ -32,10 +32,33 @@ def test_random_patch_cell_scored_against_ground_truth(grid):
     # the poisoned class is found and most poison removed, with the trusted set; removing it lowers the ASR
     assert 3 in best["poisoned_classes"] and best["tpr"]["value"] - best["fpr"]["value"] > 0.5
     assert best["asr_after"]["value"] < row["asr_before"]["value"]
-    assert row["target_met"] == (best["tpr"]["value"] >= 0.9 and best["fpr"]["value"] <= 0.05
-                                 and best["asr_after"]["value"] <= 0.05)
+    assert row["target_met"] is grid.target_met(cell, best) is not None  # the target applies to this cell
     # without trusted data the rule falls back to "the smaller mode is poison" and does worse (warned in reports)
     assert max(d["none"]["tpr"]["value"] for d in row["detectors"].values()) < best["tpr"]["value"]
+
+
+def _rates(tpr: float, fpr: float, asr_after: float | None) -> dict:
+    best = {"tpr": {"value": tpr}, "fpr": {"value": fpr}}
+    if asr_after is not None:
+        best["asr_after"] = {"value": asr_after}
+    return best
+
+
+@pytest.mark.parametrize("rate,mapping,tpr,fpr,asr_after,met", [
+    (0.1, "all_to_one", 0.9, 0.05, 0.05, True),      # every target exactly at its bound
+    (0.1, "all_to_one", 0.89, 0.0, 0.0, False),      # recall just short of 90%
+    (0.1, "all_to_one", 1.0, 0.051, 0.0, False),     # false positives just over 5%
+    (0.1, "all_to_one", 1.0, 0.0, 0.06, False),      # the backdoor survives retraining
+    (0.2, "all_to_one", 0.95, 0.01, 0.01, True),
+    (0.25, "all_to_one", 1.0, 0.0, 0.0, None),       # poison rates outside 5-20%: no target
+    (0.1, "all_to_all", 1.0, 0.0, 0.0, None),        # the target is for one-target backdoors
+    (0.1, "all_to_one", 1.0, 0.0, None, None),       # no retraining measured: nothing to judge
+])
+def test_target_is_the_documented_one(grid, rate, mapping, tpr, fpr, asr_after, met):
+    """The bench's published target (TPR >= 0.9, FPR <= 0.05, ASR after retraining <= 0.05, for one-target
+    backdoors at 5-20% poison), checked on planted numbers at and just past each bound."""
+    cell = grid.Cell("digits", 0, "random_patch", rate, mapping, 3)
+    assert grid.target_met(cell, _rates(tpr, fpr, asr_after)) is met
 
 
 def test_all_to_all_cell_measures_asr_on_every_test_image(grid):

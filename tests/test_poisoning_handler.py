@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from safedl import registry
-from safedl.assess.context import RunContext
-from safedl.assess.handlers import get_attack_handler
+from safedl.evaluate.context import RunContext
+from safedl.run.handlers import get_attack_handler
 from safedl.models import TrainRecipe, build_model, with_normalization
 from safedl.profile import AttackSpec, Profile
 from safedl.utils.tensors import predict
@@ -89,7 +89,7 @@ def test_poisoned_model_is_trained_exactly_like_the_baseline(digits_splits, tiny
 
 @pytest.mark.parametrize("access", ["white-box", "black-box"])
 def test_surrogate_follows_the_threat_model(digits_splits, tiny_model, tmp_path, monkeypatch, access):
-    from safedl.assess import attack_poisoning
+    from safedl.evaluate import attack_poisoning
 
     ctx = _ctx(digits_splits, tiny_model, tmp_path, threat_model={"model_access": access})
     trained = []
@@ -102,7 +102,7 @@ def test_surrogate_follows_the_threat_model(digits_splits, tiny_model, tmp_path,
 
 
 def test_fraction_of_target_class_counts_poison_among_samples_labelled_target():
-    from safedl.assess.attack_poisoning import _poison_metrics
+    from safedl.evaluate.attack_poisoning import _poison_metrics
     from safedl.data.dataset import Dataset, PoisonedDataset
 
     clean = Dataset(torch.zeros(8, 1, 2, 2), torch.tensor([0, 0, 1, 1, 1, 1, 2, 2]), num_classes=3)
@@ -123,7 +123,7 @@ def test_all_to_all_backdoor_success_is_measured_against_each_mapped_label(digit
     """An all-to-all backdoor (c -> c+1) has no single target: its success rate counts every triggered test image
     predicted as its own label + 1, in the attack stage and in the poisoning-defense stage (before: no rate at all,
     or, scored against one class, at most that class's share)."""
-    from safedl.assess.defend_poisoning import _outcome_metrics, aimed_labels
+    from safedl.evaluate.defend_poisoning import _outcome_metrics, aimed_labels
 
     ctx = _ctx(digits_splits, tiny_model, tmp_path)
     params = {"poison_fraction": 0.3, "target_class": 0, "patch_size": 3, "mapping": "all_to_all"}

@@ -80,7 +80,7 @@ def test_load_profile_file_errors(tmp_path):
 
 @pytest.mark.parametrize("path", ["examples/default.yaml", "examples/model-stealing.yaml", "examples/ci/profile.yaml"])
 def test_shipped_example_profiles_validate_and_plan(path):
-    from safedl.assess.pipeline import plan_defenses
+    from safedl.run.planning import plan_defenses
 
     prof = load_profile(path)
     assert plan_defenses(prof)  # every listed defense has at least one attack it is evaluated against

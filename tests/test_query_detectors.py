@@ -6,7 +6,7 @@ import torch
 
 from safedl import registry
 from safedl.attacks.extraction.base import ExtractionOracle
-from safedl.defenses.query import PRADA, ObservedModel, QueryDetector, StatefulDetector, VolumeAnomaly
+from safedl.defenses.query import PRADA, ObservedModel, QueryDetector, QueryVerdict, StatefulDetector, VolumeAnomaly
 from safedl.errors import ConfigError
 
 
@@ -22,9 +22,22 @@ def _benign(detector, x, key="benign"):
     return om.first_detection_
 
 
-def test_detectors_follow_the_protocol(stateful):
+def test_detectors_follow_the_protocol(stateful, digits_splits):
+    """The protocol's behaviour, not just its method names: a verdict per batch, counted per key, flagged exactly
+    when score > 1, and ``reset(key)`` forgets that key only."""
+    x = digits_splits.test.x[:30]
     for d in (stateful, PRADA(), VolumeAnomaly()):
         assert isinstance(d, QueryDetector)
+        d.reset()
+        for i in range(0, 30, 10):
+            v = d.observe("a", x[i:i + 10])
+            assert isinstance(v, QueryVerdict) and v.n_seen == i + 10, type(d).__name__
+            assert v.flagged == (v.score > 1) and (v.first_at is None) == (not v.flagged)
+            assert 0 <= v.n_flagged <= 10 and (v.n_flagged > 0) == v.flagged
+        assert d.observe("b", x[:10]).n_seen == 10  # another key starts from zero
+        d.reset("a")
+        assert d.observe("a", x[:5]).n_seen == 5 and d.observe("b", x[:5]).n_seen == 15
+        d.reset()
 
 
 def test_knn_scores_match_a_slow_reference(digits_splits):

@@ -1,8 +1,8 @@
 """Risk rating and release gate computed from results entries."""
 from __future__ import annotations
 
-from safedl.assess.gate import evaluate_gate
-from safedl.assess.risk import assess_risk, level
+from safedl.decide.gate import evaluate_gate
+from safedl.decide.risk import assess_risk, level
 from safedl.profile import GateSpec, ThreatModel
 from safedl.utils.stats import proportion
 

@@ -84,16 +84,39 @@ def test_resume_keeps_unchanged_stages_and_redoes_changed_ones(tmp_path, finishe
 
 
 def test_same_profile_and_seed_give_the_same_numbers(tmp_path, finished_run):
-    _, run_dir, _ = finished_run
-    _run(_write(tmp_path, PROFILE), "--runs-dir", tmp_path / "runs")
-    other = next((tmp_path / "runs").iterdir())
-    a = json.loads((run_dir / "results.json").read_text())
+    tmp, run_dir, _ = finished_run
+    before = (run_dir / "results.json").read_bytes()
+    _run(_write(tmp_path, PROFILE), "--runs-dir", tmp / "runs")  # the same root as the first run
+    (other,) = [d for d in (tmp / "runs").iterdir() if d != run_dir]
+    assert (run_dir / "results.json").read_bytes() == before  # a new run never overwrites another
+    a = json.loads(before)
     b = json.loads((other / "results.json").read_text())
     assert a["baseline"]["metrics"] == b["baseline"]["metrics"]
+    assert len(a["attacks"]) == len(b["attacks"]) == 3
     for x, y in zip(a["attacks"], b["attacks"]):
         x["metrics"].pop("time_per_sample_s"), y["metrics"].pop("time_per_sample_s")  # wall time varies
         assert x["metrics"] == y["metrics"]
-    assert other != run_dir  # a new run never overwrites another
+
+
+def test_a_new_run_dir_never_reuses_an_existing_folder(tmp_path, monkeypatch):
+    """Two runs started in the same second get different folders."""
+    import datetime as dt
+
+    from safedl.profile import parse_profile
+    from safedl.run import Run
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=tz)
+
+    monkeypatch.setattr("safedl.run.pipeline._dt.datetime", Frozen)
+    prof = parse_profile(PROFILE, source="p.yaml")
+    first = Run.new_run_dir(prof, tmp_path)
+    assert first == tmp_path / "20260102T030405Z-tiny"
+    first.mkdir()
+    second = Run.new_run_dir(prof, tmp_path)
+    assert second == tmp_path / "20260102T030405Z-tiny-2"
 
 
 def test_bad_profile_exits_2_and_writes_nothing(tmp_path):

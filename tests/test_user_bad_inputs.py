@@ -153,7 +153,7 @@ def test_ctrl_c_and_sigterm_name_the_real_run_dir(tmp_path, monkeypatch):
     import os
     import signal
 
-    import safedl.assess.pipeline as pipeline
+    import safedl.run as pipeline  # the CLI calls safedl.run.run_assessment
 
     seen = []
 
@@ -177,7 +177,7 @@ def test_verbose_shows_safedl_debug_lines_only():
 
     _setup_logging(True, False)
     try:
-        assert logging.getLogger("safedl.assess.pipeline").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("safedl.run.baseline").isEnabledFor(logging.DEBUG)
         for other in ("PIL.PngImagePlugin", "matplotlib.font_manager"):
             assert not logging.getLogger(other).isEnabledFor(logging.DEBUG)
             assert not logging.getLogger(other).isEnabledFor(logging.INFO)

@@ -208,7 +208,7 @@ def test_resume_from_another_directory_verifies_stages_and_data(photo_run, tmp_p
 def test_stage_state_packing_is_lossless_and_smaller(digits_splits, tmp_path):
     import io
 
-    from safedl.assess.pipeline import load_stage_state, pack_state
+    from safedl.run.state import load_stage_state, pack_state
     from safedl.data.dataset import PoisonedDataset
 
     train = digits_splits.train

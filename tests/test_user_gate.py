@@ -6,7 +6,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from safedl.assess.gate import evaluate_gate, gate_summary
+from safedl.decide.gate import evaluate_gate, gate_summary
 from safedl.cli import app
 from safedl.errors import ProfileError
 from safedl.profile import GateSpec, parse_profile

@@ -14,7 +14,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from safedl import registry
-from safedl.assess.pipeline import check_model_support, prepare
+from safedl.run.prepare import check_model_support, prepare
 from safedl.cli import app
 from safedl.data.dataset import Dataset
 from safedl.errors import ProfileError

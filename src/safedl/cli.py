@@ -20,6 +20,7 @@ from typer.exceptions import TyperException
 
 from safedl.utils.keyfile import read_signing_key
 from safedl.errors import UserError
+from safedl.rundir import RunDir
 
 log = logging.getLogger("safedl")
 EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -153,7 +154,7 @@ def validate(profile: Path = typer.Argument(..., help="threat profile (YAML)"),
     if require_gate:
         _require_gate(prof, profile)
     if check_data:
-        from safedl.assess.pipeline import prepare, resolve_paths
+        from safedl.run import prepare, resolve_paths
 
         with _naming(profile):
             prepare(resolve_paths(prof, profile.parent), base_dir=profile.parent)
@@ -224,7 +225,7 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
 
     if no_progress:
         set_enabled(False)
-    from safedl.assess.pipeline import Run, is_run_dir, run_assessment
+    from safedl.run import Run, is_run_dir, run_assessment
     from safedl.profile import load_profile
 
     dev = _device(device)
@@ -232,18 +233,18 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
         if not resume.is_dir() or not is_run_dir(resume):
             raise UserError(f"--resume {resume}: not a safedl run directory (a folder that `safedl run` created, "
                             "holding safedl-run.json and profile.yaml)")
-        profile = profile or resume / "profile.yaml"
+        profile = profile or RunDir(resume).profile
     if profile is None:
         raise UserError("give a PROFILE (or --resume RUN_DIR)")
     prof = _with_execution(load_profile(profile), executor=executor, workers=workers, ray_address=ray_address,
                            threads_per_task=threads_per_task)
     if slo is not None:
-        from safedl.assess.slo import profile_with_slo
+        from safedl.decide.slo import profile_with_slo
 
         prof = profile_with_slo(prof, slo)
     if require_gate:
         _require_gate(prof, profile)
-    base_dir = profile.parent if resume is None or profile != resume / "profile.yaml" else Path(".")
+    base_dir = profile.parent if resume is None or profile != RunDir(resume).profile else Path(".")
     run_dir = resume if resume is not None else Run.new_run_dir(prof, runs_dir)
     try:
         with _sigterm_as_interrupt(), _naming(profile):
@@ -260,10 +261,10 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
 
 
 def _print_outcome(run_dir: Path, gate: dict) -> None:
-    from safedl.assess.gate import gate_summary
+    from safedl.decide.gate import gate_summary
 
     typer.echo(f"run directory: {run_dir}")
-    typer.echo(f"report: {run_dir / 'report.md'}")
+    typer.echo(f"report: {RunDir(run_dir).report_md}")
     if not gate.get("configured", True):
         typer.echo("release gate: NOT CONFIGURED (evaluation.gate sets no threshold; nothing was checked; "
                    "use --require-gate in CI to make this an error)")
@@ -301,7 +302,7 @@ def _decision_artifacts(run_dir: Path, results: dict, *, junit: Optional[Path], 
     if junit is not None:
         typer.echo(f"junit: {junit}")
     if recommend:
-        from safedl.assess.recommend import write_recommendations
+        from safedl.decide.recommend import write_recommendations
 
         out = write_recommendations(run_dir, results)
         typer.echo(f"recommendations: {out['markdown']}; profile with them: {out['profile']}")
@@ -315,20 +316,21 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory holding res
     """Re-render report.md / report.html from a run's results.json (honours the profile's output.html/figures)."""
     from safedl.report.render import load_results, write_reports
 
-    path = run_dir if run_dir.is_file() else run_dir / "results.json"
+    path = run_dir if run_dir.is_file() else RunDir(run_dir).results
     results = load_results(path)
     out = (results.get("profile") or {}).get("output") or {}
     html = bool(out.get("html", True)) if html is None else html
     figures = bool(out.get("figures", True)) if figures is None else figures
     write_reports(results, path.parent, html=html, figures=figures)
-    typer.echo(f"wrote {path.parent / 'report.md'}" + (f" and {path.parent / 'report.html'}" if html else ""))
+    layout = RunDir(path.parent)
+    typer.echo(f"wrote {layout.report_md}" + (f" and {layout.report_html}" if html else ""))
 
 
 def _load_results(run_dir: Path) -> dict:
     """A run directory's results.json, checked (a DataError naming what is wrong)."""
     from safedl.report.render import load_results
 
-    return load_results(run_dir / "results.json")
+    return load_results(RunDir(run_dir).results)
 
 
 @app.command(name="recommend")
@@ -336,7 +338,7 @@ def recommend_cmd(run_dir: Path = typer.Argument(..., help="a run directory hold
                   out: Optional[Path] = typer.Option(None, "--out", help="profile to write (default RUN_DIR/recommended.yaml)")
                   ) -> None:
     """Rank defenses for every attack that succeeded, with the evidence; write a profile with them added."""
-    from safedl.assess.recommend import write_recommendations
+    from safedl.decide.recommend import write_recommendations
 
     try:
         paths = write_recommendations(run_dir, _load_results(run_dir), out=out)
@@ -353,7 +355,7 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="run directories; th
             fail_on_regression: bool = typer.Option(False, "--fail-on-regression",
                                                     help="exit 1 when any metric got significantly worse")) -> None:
     """Compare runs on the same test images: differences, paired tests (McNemar) and verdicts per metric."""
-    from safedl.assess.compare import compare_runs
+    from safedl.decide.compare import compare_runs
     from safedl.report.compare_report import write_comparison
 
     try:

@@ -50,3 +50,7 @@ class CheckpointError(UserError, ValueError):
 
 class BundleError(UserError, ValueError):
     """A deployment bundle that is missing, tampered with, truncated or of another schema; names the file."""
+
+
+class NotFittedError(SafedlError, ValueError, AttributeError):
+    """A fitted component (e.g. a detector) used before ``fit``; the message names the component and what to call."""

@@ -1,21 +1,23 @@
-"""Component registries, one per kind (timm-style): ``@register(kind, name)``, ``create``, ``names``, ``describe``.
+"""The one registry, one table per kind (timm-style): ``@register(kind, name)``, ``create``, ``names``, ``get``.
 
-Components are discovered by importing every module under ``safedl.attacks`` and ``safedl.defenses``, so a new
-component only needs its own module and decorator. A profile names components only by registry name.
+Kinds are the attack and defense components a profile names, the zoo's models, the stage evaluators (what a run
+does for an attack category, or a defense kind against an attack category) and the executors. Components are
+discovered by explicit imports: each package listed in ``_PACKAGES`` names its component modules in
+``COMPONENT_MODULES``, and a module that fails to import fails loudly (nothing is swallowed). A new component needs
+its module, its decorator and its line in its package's ``COMPONENT_MODULES`` (a test checks none is missing).
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import logging
-import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from safedl.errors import ConfigError, UnknownComponentError
 
-#: Every kind of component, in pipeline order.
-KINDS: tuple[str, ...] = (
+#: The kinds of attack and defense component a profile names, in pipeline order.
+COMPONENT_KINDS: tuple[str, ...] = (
     "evasion",        # attacks/evasion: __call__(model, x, y, *, target=None) -> x_adv
     "poisoning",      # attacks/poisoning: poison(train, *, generator) -> PoisonedDataset
     "backdoor",       # attacks/backdoor: poisoning + apply_trigger(x)
@@ -30,14 +32,23 @@ KINDS: tuple[str, ...] = (
     "inspector",      # defenses/inspect: diagnostics only
     "query_detector",  # defenses/query: observe(key, x) -> QueryVerdict, per API key (the service runs them online)
 )
+#: Every kind: the components, then the zoo's models, the stage evaluators and the executors.
+KINDS: tuple[str, ...] = COMPONENT_KINDS + (
+    "model",              # models/zoo: a network class built with (in_channels, num_classes, image_size, ...)
+    "attack_evaluator",   # evaluate/attack_*: fn(ctx, spec, attack) -> AttackOutcome, named by attack category
+    "defense_evaluator",  # evaluate/defend_*: fn(ctx, spec, components, outcome) -> entry, named "kind/category"
+    "executor",           # executors: who runs the stage graph (serial, process, ray)
+)
 ATTACK_KINDS = ("evasion", "poisoning", "backdoor", "extraction")
-DEFENSE_KINDS = tuple(k for k in KINDS if k not in ATTACK_KINDS)
+DEFENSE_KINDS = tuple(k for k in COMPONENT_KINDS if k not in ATTACK_KINDS)
 
-_REGISTRY: dict[str, dict[str, type]] = {k: {} for k in KINDS}
-_PACKAGES = ("safedl.attacks", "safedl.defenses")
-_loaded = False
-#: modules that failed to import (name -> error); a test asserts this stays empty
-import_errors: dict[str, str] = {}
+_REGISTRY: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
+#: the package whose ``COMPONENT_MODULES`` register each kind
+_PACKAGES: dict[str, str] = {**{k: "safedl.attacks" for k in ATTACK_KINDS},
+                             **{k: "safedl.defenses" for k in DEFENSE_KINDS},
+                             "model": "safedl.models", "attack_evaluator": "safedl.evaluate",
+                             "defense_evaluator": "safedl.evaluate", "executor": "safedl.executors"}
+_loaded: set[str] = set()
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -59,24 +70,24 @@ def register(kind: str, name: str) -> Callable[[T], T]:
     return deco
 
 
+def component_modules(package: str) -> list[str]:
+    """The modules ``package`` lists in ``COMPONENT_MODULES`` (full dotted names)."""
+    pkg = importlib.import_module(package)
+    return [f"{package}.{m}" for m in pkg.COMPONENT_MODULES]
+
+
+def _load(kinds: tuple[str, ...] | list[str]) -> None:
+    """Import the component modules that register ``kinds`` (once); an import error propagates."""
+    for pkg_name in dict.fromkeys(_PACKAGES[k] for k in kinds):
+        if pkg_name in _loaded:
+            continue
+        for module in component_modules(pkg_name):
+            importlib.import_module(module)
+        _loaded.add(pkg_name)
+
+
 def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for pkg_name in _PACKAGES:
-        pkg = importlib.import_module(pkg_name)
-        for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg_name + ".", onerror=_record_error):
-            try:
-                importlib.import_module(info.name)
-            except Exception as exc:  # one broken plug-in must not take down every other component
-                _record_error(info.name, exc)
-
-
-def _record_error(name: str, exc: BaseException | None = None) -> None:
-    import_errors[name] = f"{type(exc).__name__}: {exc}" if exc else "cannot import"
-    log.warning("component module %s failed to import (%s); its components are unavailable", name,
-                import_errors[name])
+    _load(KINDS)
 
 
 def _check_kind(kind: str) -> None:
@@ -87,14 +98,14 @@ def _check_kind(kind: str) -> None:
 def names(kind: str) -> list[str]:
     """Registered names of one kind, sorted."""
     _check_kind(kind)
-    _load_all()
+    _load((kind,))
     return sorted(_REGISTRY[kind])
 
 
 def get(kind: str, name: str) -> type:
     """The class registered as ``kind``/``name``; an unknown name lists the valid ones."""
     _check_kind(kind)
-    _load_all()
+    _load((kind,))
     try:
         return _REGISTRY[kind][name]
     except KeyError:
@@ -102,9 +113,9 @@ def get(kind: str, name: str) -> type:
         raise UnknownComponentError(f"unknown {kind} {name!r}; valid {kind} names are: {valid}") from None
 
 
-def find_kind(name: str, kinds: tuple[str, ...] = KINDS) -> str:
+def find_kind(name: str, kinds: tuple[str, ...] = COMPONENT_KINDS) -> str:
     """The kind under which ``name`` is registered (searching ``kinds``)."""
-    _load_all()
+    _load(kinds)
     hits = [k for k in kinds if name in _REGISTRY[k]]
     if not hits:
         valid = ", ".join(sorted({n for k in kinds for n in _REGISTRY[k]}))
@@ -121,10 +132,14 @@ class Param:
 
 
 def params(kind: str, name: str) -> list[Param]:
-    """The keyword parameters of a component's constructor, with their types and defaults."""
+    """The keyword parameters of a component's constructor (a registered function: its keyword-only parameters),
+    with their types and defaults."""
     cls = get(kind, name)
     out = []
-    for p in inspect.signature(cls.__init__).parameters.values():
+    sig = inspect.signature(cls.__init__ if isinstance(cls, type) else cls)
+    for p in sig.parameters.values():
+        if not isinstance(cls, type) and p.kind is not p.KEYWORD_ONLY:
+            continue
         if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         ann = p.annotation

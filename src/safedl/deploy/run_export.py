@@ -11,6 +11,7 @@ import torch
 from safedl.deploy.bundle import export_bundle, load_bundle
 from safedl.deploy.pipeline import SecurePipeline
 from safedl.errors import BundleError, UserError
+from safedl.rundir import RunDir
 
 
 def _data_info(splits: Any) -> dict[str, Any]:
@@ -24,7 +25,7 @@ def save_system(ctx: Any, system: SecurePipeline, *, name: str, trainer: dict[st
     """Write the measured system as a bundle under ``RUN_DIR/stages/systems/<name>``; returns its relative path."""
     if not (ctx.model_meta.get("arch") or ctx.model_meta.get("entry_point")):
         return ""  # a TorchScript model is not rebuilt from a spec: such systems are not exportable (yet)
-    folder = ctx.run_dir / "stages" / "systems" / name.replace("/", "_")
+    folder = RunDir(ctx.run_dir).system(name)
     spec = {k: v for k, v in ctx.model_meta.items()}
     if trainer is not None:
         spec["trainer"] = trainer
@@ -37,7 +38,7 @@ def save_system(ctx: Any, system: SecurePipeline, *, name: str, trainer: dict[st
 def _baseline_pipeline(run_dir: Path, results: dict[str, Any]) -> tuple[SecurePipeline, dict[str, Any]]:
     from safedl.deploy.bundle import build_model
 
-    ckpt = run_dir / "stages" / "baseline" / "model.pt"
+    ckpt = RunDir(run_dir).baseline_model
     if not ckpt.is_file():
         raise UserError(f"{ckpt}: not found; the run has no saved baseline model")
     blob = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -60,7 +61,7 @@ def export_from_run(run_dir: str | Path, *, out: str | Path, defense: str | None
     run_dir = Path(run_dir)
     from safedl.report.render import load_results
 
-    results = load_results(run_dir / "results.json")
+    results = load_results(RunDir(run_dir).results)
     run = {"run_id": results.get("run_id", run_dir.name), "profile_name": results["profile"].get("name")}
     if defense is None:
         pipe, spec = _baseline_pipeline(run_dir, results)
@@ -75,7 +76,7 @@ def export_from_run(run_dir: str | Path, *, out: str | Path, defense: str | None
     entries = [d for d in results.get("defenses", []) if d.get("id") == defense]
     if not entries:
         ids = sorted({d.get("id") for d in results.get("defenses", [])})
-        raise UserError(f"--defense {defense!r}: no such defense in {run_dir / 'results.json'}; its defenses are: "
+        raise UserError(f"--defense {defense!r}: no such defense in {RunDir(run_dir).results}; its defenses are: "
                         f"{', '.join(ids) or '(none)'} (or use --baseline)")
     saved = [d for d in entries if d.get("system")]
     if not saved:

@@ -17,6 +17,7 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any, Mapping
 
+from safedl.registry import register
 from safedl.executors.base import Executor, format_error, set_threads
 from safedl.executors.graph import Task
 
@@ -59,6 +60,7 @@ class _Worker:
         self.started = 0.0
 
 
+@register("executor", "process")
 class ProcessExecutor(Executor):
     """A local process pool; ``workers`` defaults to the number of CPUs divided by ``threads_per_task``, which
     defaults to the number of CPUs divided by ``workers``."""

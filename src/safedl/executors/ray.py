@@ -18,6 +18,7 @@ import time
 from typing import Any, Mapping
 
 from safedl.errors import ConfigError, UserError
+from safedl.registry import register
 from safedl.executors.base import Executor, format_error, set_threads
 from safedl.executors.graph import Task
 
@@ -50,6 +51,7 @@ def import_ray():
     return ray
 
 
+@register("executor", "ray")
 class RayExecutor(Executor):
     """Ray tasks. ``address``: None starts a local Ray with ``workers`` CPUs (default: all) and shuts it down after
     the run; ``"auto"`` or ``"ray://host:10001"`` connects to a running cluster. ``workers`` also caps the tasks in

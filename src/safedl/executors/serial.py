@@ -4,10 +4,12 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping
 
+from safedl.registry import register
 from safedl.executors.base import Executor, format_error, set_threads
 from safedl.executors.graph import Task
 
 
+@register("executor", "serial")
 class SerialExecutor(Executor):
     """Runs tasks in the calling process; values are passed by reference and nothing is pickled."""
 

@@ -6,3 +6,6 @@ from safedl.models.zoo import build_model, model_names
 
 __all__ = ["Normalize", "TrainRecipe", "TrainReport", "accuracy", "build_model", "load_checkpoint", "model_names",
            "save_checkpoint", "train_model", "unwrap", "with_normalization"]
+
+#: the modules that register models (``safedl.registry`` imports exactly these)
+COMPONENT_MODULES: tuple[str, ...] = ("zoo",)

@@ -116,15 +116,7 @@ def train_model(
     """
     device = torch.device(device)
     n = len(train)
-    if n == 0:
-        raise DataError(f"{train.name}: the training set is empty")
-    if sample_weight is not None:
-        if sample_weight.shape != (n,):
-            raise ConfigError(f"sample_weight must have shape ({n},) like the training set, got {tuple(sample_weight.shape)}")
-        if not bool(torch.isfinite(sample_weight).all()) or bool((sample_weight < 0).any()):
-            raise ConfigError("sample_weight must be finite and >= 0")
-        if loss_fn is not None:
-            raise ConfigError("sample_weight and loss_fn cannot be combined: a custom loss_fn does its own weighting")
+    _check_inputs(train, sample_weight, loss_fn)
     model.to(device)
     g = torch.Generator().manual_seed(int(seed))
     steps = max(1, (n + recipe.batch_size - 1) // recipe.batch_size)
@@ -137,27 +129,8 @@ def train_model(
     t0 = time.perf_counter()
     with progress_bar(recipe.epochs * steps, description) as bar:
         for epoch in range(recipe.epochs):
-            model.train()
-            perm = torch.randperm(n, generator=g).to(device)
-            total_loss = 0.0
-            for i in range(steps):
-                idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
-                xb, yb = x_all[idx], y_all[idx]
-                if recipe.augment == "shift":
-                    xb = random_shift(xb, recipe.shift_pixels, g)
-                if loss_fn is not None:
-                    loss = loss_fn(model, xb, yb)
-                elif w_all is not None:
-                    loss = (F.cross_entropy(model(xb), yb, reduction="none") * w_all[idx]).sum() / w_all[idx].sum().clamp_min(1e-12)
-                else:
-                    loss = F.cross_entropy(model(xb), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                total_loss += float(loss.detach()) * len(idx)
-                bar.advance(1)
+            total_loss = _train_epoch(model, x_all, y_all, w_all, recipe=recipe, opt=opt, sched=sched, g=g,
+                                      steps=steps, loss_fn=loss_fn, advance=bar.advance)
             entry = {"epoch": epoch + 1, "loss": total_loss / n}
             if val is not None and len(val):
                 with eval_mode(model):
@@ -182,3 +155,47 @@ def train_model(
     if val is not None and len(val):
         report.best_val_accuracy = accuracy(model, val, device=device)
     return report
+
+
+def _check_inputs(train: Dataset, sample_weight: torch.Tensor | None, loss_fn: LossFn | None) -> None:
+    """A non-empty training set; ``sample_weight``: one finite weight >= 0 per sample, never with ``loss_fn``."""
+    n = len(train)
+    if n == 0:
+        raise DataError(f"{train.name}: the training set is empty")
+    if sample_weight is not None:
+        if sample_weight.shape != (n,):
+            raise ConfigError(f"sample_weight must have shape ({n},) like the training set, got {tuple(sample_weight.shape)}")
+        if not bool(torch.isfinite(sample_weight).all()) or bool((sample_weight < 0).any()):
+            raise ConfigError("sample_weight must be finite and >= 0")
+        if loss_fn is not None:
+            raise ConfigError("sample_weight and loss_fn cannot be combined: a custom loss_fn does its own weighting")
+
+
+def _train_epoch(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, w_all: torch.Tensor | None, *,
+                 recipe: TrainRecipe, opt: torch.optim.Optimizer, sched, g: torch.Generator, steps: int,
+                 loss_fn: LossFn | None, advance: Callable[[int], None]) -> float:
+    """One pass over the shuffled training set (shuffle, then per batch the shift augmentation, from ``g``); returns
+    the summed loss (sum over batches of mean batch loss times batch size)."""
+    n = len(x_all)
+    model.train()
+    perm = torch.randperm(n, generator=g).to(x_all.device)
+    total_loss = 0.0
+    for i in range(steps):
+        idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
+        xb, yb = x_all[idx], y_all[idx]
+        if recipe.augment == "shift":
+            xb = random_shift(xb, recipe.shift_pixels, g)
+        if loss_fn is not None:
+            loss = loss_fn(model, xb, yb)
+        elif w_all is not None:
+            loss = (F.cross_entropy(model(xb), yb, reduction="none") * w_all[idx]).sum() / w_all[idx].sum().clamp_min(1e-12)
+        else:
+            loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        total_loss += float(loss.detach()) * len(idx)
+        advance(1)
+    return total_loss

@@ -1,4 +1,4 @@
-"""Model zoo: small networks for 28x28 grayscale, 8x8 digits and 32x32 colour images.
+"""Model zoo: small networks for 28x28 grayscale, 8x8 digits and 32x32 colour images (registry kind ``model``).
 
 Every network exposes ``features(x)`` (penultimate representation) and ``classifier`` (last linear layer), which
 feature-space defenses (spectral signatures, activation clustering, Mahalanobis, LID) rely on.
@@ -10,29 +10,24 @@ from typing import Callable
 import torch
 from torch import nn
 
+from safedl import registry
 from safedl.errors import UnknownComponentError
-
-_ZOO: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(name: str) -> Callable:
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _ZOO[name] = fn
-        return fn
-
-    return deco
+    """Register a network class (or factory) as registry kind ``model``."""
+    return registry.register("model", name)
 
 
 def model_names() -> list[str]:
-    return sorted(_ZOO)
+    return registry.names("model")
 
 
 def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int, **kwargs) -> nn.Module:
     """Build a zoo network by name (without normalization; see ``with_normalization``)."""
-    try:
-        fn = _ZOO[name]
-    except KeyError:
-        raise UnknownComponentError(f"unknown model {name!r}; zoo models are: {', '.join(model_names())}") from None
+    if name not in model_names():
+        raise UnknownComponentError(f"unknown model {name!r}; zoo models are: {', '.join(model_names())}")
+    fn = registry.get("model", name)
     return fn(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs)
 
 

@@ -15,7 +15,7 @@ def trend_figure(path: Path, runs: list[tuple[str, dict[str, Any]]], metrics: li
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from safedl.assess.compare import run_metrics
+    from safedl.decide.compare import run_metrics
 
     per_run = [run_metrics(res) for _, res in runs]
     keys = [k for k in metrics if any(k in m for m in per_run)]

@@ -2,6 +2,8 @@
 drawn from results.json alone (95% Wilson intervals as shaded bands)."""
 from __future__ import annotations
 
+from safedl.rundir import RunDir
+
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,7 @@ def curve_figure(path: Path, curves: dict[str, list[dict[str, Any]]], *, title: 
 def extraction_figures(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
     """One figure per extraction attack: its undefended curve and the curve under each defense evaluated against it."""
     out: dict[str, str] = {}
-    figdir = Path(run_dir) / "artifacts" / "figures"
+    figdir = RunDir(run_dir).figures
     for a in results.get("attacks", []):
         if a.get("category") != "extraction" or not a.get("curve"):
             continue

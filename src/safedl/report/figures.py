@@ -2,6 +2,8 @@
 attack, and each defense next to the undefended system, all with 95% intervals."""
 from __future__ import annotations
 
+from safedl.rundir import RunDir
+
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,7 @@ def _success(metrics: dict[str, Any]) -> Any:
 def summary_figures(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
     """Write the summary figures; returns label -> path relative to the run dir."""
     out: dict[str, str] = {}
-    figdir = run_dir / "artifacts" / "figures"
+    figdir = RunDir(run_dir).figures
     data = (results.get("data") or {}).get("name")
     on = f" on {data}" if data else ""
     attacks = {a["id"]: a for a in results.get("attacks", [])}

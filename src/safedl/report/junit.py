@@ -1,6 +1,6 @@
 """CI artifacts of a run: a JUnit XML file (one testcase per release-gate check) and a compact gate.json.
 
-The gate result is ``results["gate"]`` (``safedl.assess.gate``): ``checks`` is a list of
+The gate result is ``results["gate"]`` (``safedl.decide.gate``): ``checks`` is a list of
 ``{"name", "metric", "op", "threshold", "value", "bound", "passed", "reason"}``. Results written before the gate
 listed its checks (only ``failures``) still give a valid file: one testcase per failure, or one passing testcase.
 """
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from safedl.utils.io import atomic_write_json, atomic_write_text
+from safedl.rundir import RunDir
 
 
 def gate_checks(gate: dict[str, Any]) -> list[dict[str, Any]]:
@@ -100,6 +101,6 @@ def gate_json(results: dict[str, Any]) -> dict[str, Any]:
 
 def write_ci_artifacts(results: dict[str, Any], run_dir: Path, *, junit: Path | None = None) -> None:
     """RUN_DIR/gate.json always; the JUnit file where asked."""
-    atomic_write_json(Path(run_dir) / "gate.json", gate_json(results))
+    atomic_write_json(RunDir(run_dir).gate, gate_json(results))
     if junit is not None:
         atomic_write_text(junit, junit_xml(results))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from safedl.utils.io import atomic_write_text
+from safedl.rundir import RunDir
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", label, path) | ("list", items)
 
@@ -63,13 +64,35 @@ def _data_sentence(results: dict[str, Any]) -> str:
 
 
 def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block]:
-    from safedl.assess.gate import gate_summary
+    """The report as blocks: summary, baseline, figures, attacks, defenses, failed stages, risk, gate, environment."""
+    from safedl.report.risk_section import risk_blocks
 
-    b: list[Block] = []
-    prof = results["profile"]
-    gate = results["gate"]
     names = (results.get("data") or {}).get("class_names")
-    b.append(("h", 1, f"safedl report: {prof['name']}"))
+    b = _summary_blocks(results) + _baseline_blocks(results["baseline"], names)
+    if figures:
+        b.append(("h", 2, "Summary figures"))
+        b += [("img", label, path) for label, path in figures.items()]
+    b += _attack_blocks(results["attacks"], names)
+    b += _defense_blocks(results["defenses"], names)
+    if results.get("failed_stages"):
+        b.append(("h", 2, "Failed stages"))
+        b.append(("p", "These stages raised, or lost their worker, on every attempt; they are not measured."))
+        b.append(("table", ["stage", "attempts", "error"],
+                  [[f["stage"], str(f.get("attempts", "")), f.get("error") or ""] for f in results["failed_stages"]]))
+    b += risk_blocks(results["risk"])
+    b += _gate_blocks(results["gate"])
+    env = results["environment"]
+    b.append(("h", 2, "Environment"))
+    b.append(("p", ", ".join(f"{k} {v}" for k, v in env.items())))
+    return b
+
+
+def _summary_blocks(results: dict[str, Any]) -> list[Block]:
+    """Title, the one-paragraph verdict (gate, risk), the threat model and the data sentence."""
+    from safedl.decide.gate import gate_summary
+
+    prof, gate = results["profile"], results["gate"]
+    b: list[Block] = [("h", 1, f"safedl report: {prof['name']}")]
     b.append(("p", f"Run `{results['run_id']}`, created {results.get('created', '')}. "
                    f"Release gate: **{_gate_label(gate)}**. "
                    f"Overall risk: **{results['risk']['overall_level']}**"
@@ -80,8 +103,11 @@ def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block
     tm = prof["threat_model"]
     b.append(("p", "Threat model: " + ", ".join(f"{k}={v}" for k, v in tm.items()) + "."))
     b.append(("p", _data_sentence(results)))
-    b.append(("h", 2, "Baseline"))
-    base = results["baseline"]
+    return b
+
+
+def _baseline_blocks(base: dict[str, Any], names: list[str] | None) -> list[Block]:
+    b: list[Block] = [("h", 2, "Baseline")]
     rows = [[k, fmt_metric(v)] for k, v in flatten(base["metrics"]).items()]
     rows.append(["training time (s)", f"{base.get('time_s', 0):.1f}"])
     b.append(("table", ["metric", "value"], rows))
@@ -89,66 +115,61 @@ def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block
         b += _per_class(base["per_class"], names)
     if base.get("notes"):
         b.append(("list", list(base["notes"])))
-    if figures:
-        b.append(("h", 2, "Summary figures"))
-        b += [("img", label, path) for label, path in figures.items()]
-    attacks = results["attacks"]
-    if attacks:
-        b.append(("h", 2, "Attacks"))
-        rows = []
-        for a in attacks:
-            fm = flatten(a["metrics"])
-            rows.append([a["id"], a["category"], a.get("access", "")] + [fmt_metric(fm[c]) if c in fm else "" for c in _ATTACK_COLS]
-                        + [f"{a.get('time_s', 0):.1f}"])
-        b.append(("table", ["attack", "category", "access"] + list(_ATTACK_COLS) + ["time (s)"], rows))
-        for a in attacks:
-            b.append(("h", 3, f"Attack {a['id']} ({a['name']}, {a['category']})"))
-            b.append(("p", "Parameters: " + (", ".join(f"{k}={v}" for k, v in a.get("params", {}).items()) or "defaults")))
-            rows = [[k, fmt_metric(v)] for k, v in flatten(a["metrics"]).items()]
-            b.append(("table", ["metric", "value"], rows))
-            if a.get("broken_by"):
-                b.append(("table", ["ensemble member", "samples it broke first"], _broken_by_rows(a)))
-            if a.get("per_class"):
-                b += _per_class(a["per_class"], names)
-            if a.get("notes"):
-                b.append(("list", list(a["notes"])))
-            b += [("img", label, path) for label, path in a.get("artifacts", {}).items()]
-    defenses = results["defenses"]
-    if defenses:
-        b.append(("h", 2, "Defenses"))
-        cols = sorted({k for dd in defenses for k in flatten(dd["metrics"])},
-                      key=lambda c: (c not in _DEF_ORDER, _DEF_ORDER.index(c) if c in _DEF_ORDER else 0, c))[:10]
-        rows = [[dd["id"], dd.get("kind", ""), dd["against"]] + [fmt_metric(flatten(dd["metrics"]).get(c, "")) for c in cols]
-                + [f"{dd.get('time_s', 0):.1f}"] for dd in defenses]
-        b.append(("table", ["defense", "kind", "against"] + cols + ["time (s)"], rows))
-        for dd in defenses:
-            b.append(("h", 3, f"Defense {dd['id']} ({dd.get('kind', '')}) vs {dd['against']}"))
-            if dd.get("params"):
-                b.append(("p", "Parameters: " + ", ".join(f"{k}={v}" for k, v in dd["params"].items())))
-            b.append(("table", ["metric", "value"], [[k, fmt_metric(v)] for k, v in flatten(dd["metrics"]).items()]))
-            if dd.get("per_class"):
-                b += _per_class(dd["per_class"], names)
-            if dd.get("notes"):
-                b.append(("list", list(dd["notes"])))
-            b += [("img", label, path) for label, path in dd.get("artifacts", {}).items()]
-    if results.get("failed_stages"):
-        b.append(("h", 2, "Failed stages"))
-        b.append(("p", "These stages raised, or lost their worker, on every attempt; they are not measured."))
-        b.append(("table", ["stage", "attempts", "error"],
-                  [[f["stage"], str(f.get("attempts", "")), f.get("error") or ""] for f in results["failed_stages"]]))
-    from safedl.report.risk_section import risk_blocks
+    return b
 
-    b += risk_blocks(results["risk"])
-    b += _gate_blocks(gate)
-    env = results["environment"]
-    b.append(("h", 2, "Environment"))
-    b.append(("p", ", ".join(f"{k} {v}" for k, v in env.items())))
+
+def _attack_blocks(attacks: list[dict[str, Any]], names: list[str] | None) -> list[Block]:
+    """The attacks table, then one section per attack (parameters, metrics, per class, notes, artifacts)."""
+    if not attacks:
+        return []
+    b: list[Block] = [("h", 2, "Attacks")]
+    rows = []
+    for a in attacks:
+        fm = flatten(a["metrics"])
+        rows.append([a["id"], a["category"], a.get("access", "")] + [fmt_metric(fm[c]) if c in fm else "" for c in _ATTACK_COLS]
+                    + [f"{a.get('time_s', 0):.1f}"])
+    b.append(("table", ["attack", "category", "access"] + list(_ATTACK_COLS) + ["time (s)"], rows))
+    for a in attacks:
+        b.append(("h", 3, f"Attack {a['id']} ({a['name']}, {a['category']})"))
+        b.append(("p", "Parameters: " + (", ".join(f"{k}={v}" for k, v in a.get("params", {}).items()) or "defaults")))
+        rows = [[k, fmt_metric(v)] for k, v in flatten(a["metrics"]).items()]
+        b.append(("table", ["metric", "value"], rows))
+        if a.get("broken_by"):
+            b.append(("table", ["ensemble member", "samples it broke first"], _broken_by_rows(a)))
+        if a.get("per_class"):
+            b += _per_class(a["per_class"], names)
+        if a.get("notes"):
+            b.append(("list", list(a["notes"])))
+        b += [("img", label, path) for label, path in a.get("artifacts", {}).items()]
+    return b
+
+
+def _defense_blocks(defenses: list[dict[str, Any]], names: list[str] | None) -> list[Block]:
+    """The defenses table (up to 10 metric columns), then one section per (defense, attack) pair."""
+    if not defenses:
+        return []
+    b: list[Block] = [("h", 2, "Defenses")]
+    cols = sorted({k for dd in defenses for k in flatten(dd["metrics"])},
+                  key=lambda c: (c not in _DEF_ORDER, _DEF_ORDER.index(c) if c in _DEF_ORDER else 0, c))[:10]
+    rows = [[dd["id"], dd.get("kind", ""), dd["against"]] + [fmt_metric(flatten(dd["metrics"]).get(c, "")) for c in cols]
+            + [f"{dd.get('time_s', 0):.1f}"] for dd in defenses]
+    b.append(("table", ["defense", "kind", "against"] + cols + ["time (s)"], rows))
+    for dd in defenses:
+        b.append(("h", 3, f"Defense {dd['id']} ({dd.get('kind', '')}) vs {dd['against']}"))
+        if dd.get("params"):
+            b.append(("p", "Parameters: " + ", ".join(f"{k}={v}" for k, v in dd["params"].items())))
+        b.append(("table", ["metric", "value"], [[k, fmt_metric(v)] for k, v in flatten(dd["metrics"]).items()]))
+        if dd.get("per_class"):
+            b += _per_class(dd["per_class"], names)
+        if dd.get("notes"):
+            b.append(("list", list(dd["notes"])))
+        b += [("img", label, path) for label, path in dd.get("artifacts", {}).items()]
     return b
 
 
 def _gate_blocks(gate: dict[str, Any]) -> list[Block]:
     """The gate's verdict, the sentence saying what it checked, and one row per check (older results: failures)."""
-    from safedl.assess.gate import gate_summary
+    from safedl.decide.gate import gate_summary
 
     b: list[Block] = [("h", 2, "Release gate"), ("p", f"**{_gate_label(gate)}**. {gate_summary(gate)}")]
     checks = gate.get("checks")
@@ -306,6 +327,6 @@ def write_reports(results: dict[str, Any], run_dir: Path, *, html: bool = True, 
 
         figs.update(extraction_figures(results, run_dir))
     blocks = build_blocks(results, figs)
-    atomic_write_text(run_dir / "report.md", to_markdown(blocks))
+    atomic_write_text(RunDir(run_dir).report_md, to_markdown(blocks))
     if html:
-        atomic_write_text(run_dir / "report.html", to_html(blocks, f"safedl report: {results['profile']['name']}"))
+        atomic_write_text(RunDir(run_dir).report_html, to_html(blocks, f"safedl report: {results['profile']['name']}"))

@@ -6,6 +6,8 @@ One figure per evasion attack that defenses were evaluated against. A defense is
 """
 from __future__ import annotations
 
+from safedl.rundir import RunDir
+
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +80,7 @@ def tradeoff_figures(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
         pts = tradeoff_points(results, aid)
         if len(pts) < 2:
             continue
-        path = Path(run_dir) / "artifacts" / "figures" / f"tradeoff_{aid}.png"
+        path = RunDir(run_dir).figures / f"tradeoff_{aid}.png"
         _figure(path, pts, aid)
         front = ", ".join(p["label"] for p in pts if p["pareto"])
         out[f"Defense trade-off against {aid}: clean vs adaptive robust accuracy vs latency (Pareto-optimal: {front})"] = \

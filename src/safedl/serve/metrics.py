@@ -24,7 +24,7 @@ from safedl.serve.connection_limits import ProtocolStats
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # bands of score / threshold: well below, approaching, over, far over
 SCORE_BANDS = ((0.5, "lt_0.5"), (1.0, "0.5_1"), (2.0, "1_2"), (float("inf"), "ge_2"))
 
@@ -34,7 +34,7 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("safedl_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
         self.latency = Histogram("safedl_request_latency_seconds", "request latency (receipt to answer)",
-                                 ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("safedl_images_predicted", "images run through the pipeline", registry=r)
         self.rejected = Counter("safedl_images_rejected", "images rejected by the pipeline, by reason", ["reason"],
                                 registry=r)
@@ -54,7 +54,7 @@ class Metrics:
         self.batch_size = Histogram("safedl_batch_size", "images per forward pass",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.stage_latency = Histogram("safedl_stage_latency_seconds", "time per request stage (read, admit, "
-                                       "decode, model, audit)", ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+                                       "decode, model, audit)", ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.ready = Gauge("safedl_ready", "1 when the bundle is loaded and the audit log writable (workers: the "
                            "minimum over the live ones)", multiprocess_mode="livemin", registry=r)
         self._collectors: list[Collector] = []

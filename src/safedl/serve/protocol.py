@@ -169,6 +169,13 @@ class GuardedH11Protocol(H11Protocol):
         self._cancel_timers()
         self._release()
         super().connection_lost(exc)
+        # the protocol, its transport proxy and uvicorn's request cycle refer to each other: only the cyclic
+        # collector frees them, late under connection churn, so drop the buffers they hold now
+        self._head_buf = b""
+        if self._proxy is not None:
+            self._proxy.on_close = _ignore
+        if self.cycle is not None:  # disconnected: the app's receive() answers http.disconnect, never this body
+            self.cycle.body = b""
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
         self._done = True  # the websocket protocol owns the connection from here, outside these limits
@@ -352,7 +359,8 @@ class GuardedH11Protocol(H11Protocol):
 
     # -- closing
     def _begin_linger(self) -> None:
-        """Half-close, then read and discard for at most linger_s / linger_max_bytes before closing."""
+        """Half-close, then read and discard for at most linger_s / linger_max_bytes before closing (a client in
+        the slow lane: not read at all until then, so its upload costs no reads)."""
         raw = self._raw
         self._cancel_timers()
         if self._done or raw.is_closing():
@@ -362,7 +370,10 @@ class GuardedH11Protocol(H11Protocol):
         try:
             if raw.can_write_eof():  # not TLS: the peer reads the answer, then end of stream
                 raw.write_eof()
-            raw.resume_reading()
+            if self._lane_holds():  # a penalized client: it reads the answer, but what it still sends is not read
+                raw.pause_reading()
+            else:
+                raw.resume_reading()
         except (OSError, RuntimeError):
             raw.close()
             return
@@ -406,6 +417,10 @@ class GuardedH11Protocol(H11Protocol):
 
     def _peer(self) -> str:
         return self.client[0] if self.client else "a local socket"
+
+
+def _ignore() -> None:
+    return None
 
 
 def _cancel(handle: asyncio.TimerHandle | None) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from safedl.errors import ConfigError
+from safedl.errors import ConfigError, NotFittedError
 
 
 def _who(owner: Any) -> str:
@@ -53,3 +53,11 @@ def check_positive(owner: Any, key: str, value: Any, *, integer: bool = False, a
 
 def check_fraction(owner: Any, key: str, value: Any, *, allow_zero: bool = False, allow_one: bool = True) -> Any:
     return check_range(owner, key, value, low=0.0, high=1.0, low_inclusive=allow_zero, high_inclusive=allow_one)
+
+
+def check_is_fitted(owner: Any, *attributes: str, verb: str = "fit") -> None:
+    """Raise NotFittedError unless ``owner`` has every learned attribute (scikit-learn's ``check_is_fitted``)."""
+    missing = [a for a in attributes if getattr(owner, a, None) is None]
+    if missing:
+        raise NotFittedError(f"{type(owner).__name__} is not fitted yet (no {', '.join(missing)}): call "
+                             f"{verb}(...) before using it")

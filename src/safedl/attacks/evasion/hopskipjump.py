@@ -75,17 +75,8 @@ class HopSkipJump(EvasionAttack):
 
         # 0. a sample the model already gets wrong needs no perturbation (one query each)
         done = adversarial(x, torch.arange(n, device=x.device))
-        # 1. adversarial starting points: uniform noise, redrawn for samples that are not yet adversarial
-        x_cur = x.clone()
-        found = torch.zeros(n, dtype=torch.bool, device=x.device)
-        for _ in range(self.init_tries):
-            idx = torch.nonzero(~found & ~done & has_budget(torch.arange(n, device=x.device))).flatten()
-            if len(idx) == 0:
-                break
-            noise = torch.rand(x[idx].shape, generator=gen, device=x.device, dtype=x.dtype)
-            ok = adversarial(noise, idx)
-            x_cur[idx[ok]] = noise[ok]
-            found[idx[ok]] = True
+        # 1. adversarial starting points, moved to the boundary
+        x_cur, found = self._starting_points(x, done, gen, adversarial, has_budget)
         active = torch.nonzero(found).flatten()
         if len(active):
             x_cur[active] = self._binary_search(x[active], x_cur[active], active, adversarial, has_budget, theta,
@@ -105,40 +96,9 @@ class HopSkipJump(EvasionAttack):
                 delta = torch.full_like(dd, 0.1)
             else:
                 delta = (math.sqrt(d) if self.norm == "l2" else d) * theta * dd
-            # gradient-direction estimate at the boundary point from label flips of random probes
-            shape = (len(idx), num_evals) + tuple(x.shape[1:])
-            if self.norm == "l2":
-                rv = torch.randn(shape, generator=gen, device=x.device, dtype=x.dtype)
-            else:
-                rv = torch.rand(shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1
-            rv = rv / rv.flatten(2).norm(dim=2).clamp_min(1e-12).view(len(idx), num_evals, *([1] * (x.ndim - 1)))
-            dv = delta.clamp_min(1e-12).view(-1, 1, *([1] * (x.ndim - 1)))
-            probes = (xs.unsqueeze(1) + dv * rv).clamp(0, 1)
-            rv = (probes - xs.unsqueeze(1)) / dv
-            fval = adversarial(probes.flatten(0, 1), idx.repeat_interleave(num_evals)).view(len(idx), num_evals)
-            fval = fval.to(x.dtype) * 2 - 1
-            mean = fval.mean(1, keepdim=True)
-            # baseline subtraction except where every probe agrees (then the plain mean is the estimate)
-            unanimous = mean.abs() == 1
-            fval = torch.where(unanimous, fval, fval - mean)
-            grad = (fval.view(len(idx), num_evals, *([1] * (x.ndim - 1))) * rv).mean(1)
-            grad = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
+            grad = self._boundary_normal(xs, idx, delta, num_evals, gen, adversarial)
             update = grad if self.norm == "l2" else grad.sign()
-            # geometric step search: halve until the step lands on the adversarial side
-            step = dd / math.sqrt(t)
-            pending = torch.ones(len(idx), dtype=torch.bool, device=x.device)
-            new = xs.clone()
-            for _ in range(30):
-                sub = torch.nonzero(pending & has_budget(idx)).flatten()
-                if len(sub) == 0:
-                    break
-                cand = (xs[sub] + step[sub].view(view) * update[sub]).clamp(0, 1)
-                ok = adversarial(cand, idx[sub])
-                new[sub[ok]] = cand[ok]
-                pending[sub[ok]] = False
-                step[sub[~ok]] /= 2
-                pending &= has_budget(idx)
-            moved = ~pending
+            new, moved = self._geometric_step(xs, idx, dd / math.sqrt(t), update, adversarial, has_budget)
             if bool(moved.any()):
                 m = idx[moved]
                 x_cur[m] = self._binary_search(x[m], new[moved], m, adversarial, has_budget, theta)
@@ -148,6 +108,64 @@ class HopSkipJump(EvasionAttack):
             out = (x + project(out - x, self.norm, self.eps)).clamp(0, 1)
         self.queries_ = qi.counts.clone()
         return out
+
+    def _starting_points(self, x: torch.Tensor, done: torch.Tensor, gen: torch.Generator, adversarial, has_budget
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uniform noise, redrawn (up to ``init_tries`` times) for samples that are not yet adversarial; returns the
+        starting points (x where none was found) and the mask of samples that have one."""
+        n = len(x)
+        x_cur = x.clone()
+        found = torch.zeros(n, dtype=torch.bool, device=x.device)
+        for _ in range(self.init_tries):
+            idx = torch.nonzero(~found & ~done & has_budget(torch.arange(n, device=x.device))).flatten()
+            if len(idx) == 0:
+                break
+            noise = torch.rand(x[idx].shape, generator=gen, device=x.device, dtype=x.dtype)
+            ok = adversarial(noise, idx)
+            x_cur[idx[ok]] = noise[ok]
+            found[idx[ok]] = True
+        return x_cur, found
+
+    def _boundary_normal(self, xs: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, num_evals: int,
+                         gen: torch.Generator, adversarial) -> torch.Tensor:
+        """The unit gradient-direction estimate at the boundary points ``xs`` from label flips of random probes."""
+        view = (-1,) + (1,) * (xs.ndim - 1)
+        shape = (len(idx), num_evals) + tuple(xs.shape[1:])
+        if self.norm == "l2":
+            rv = torch.randn(shape, generator=gen, device=xs.device, dtype=xs.dtype)
+        else:
+            rv = torch.rand(shape, generator=gen, device=xs.device, dtype=xs.dtype) * 2 - 1
+        rv = rv / rv.flatten(2).norm(dim=2).clamp_min(1e-12).view(len(idx), num_evals, *([1] * (xs.ndim - 1)))
+        dv = delta.clamp_min(1e-12).view(-1, 1, *([1] * (xs.ndim - 1)))
+        probes = (xs.unsqueeze(1) + dv * rv).clamp(0, 1)
+        rv = (probes - xs.unsqueeze(1)) / dv
+        fval = adversarial(probes.flatten(0, 1), idx.repeat_interleave(num_evals)).view(len(idx), num_evals)
+        fval = fval.to(xs.dtype) * 2 - 1
+        mean = fval.mean(1, keepdim=True)
+        # baseline subtraction except where every probe agrees (then the plain mean is the estimate)
+        unanimous = mean.abs() == 1
+        fval = torch.where(unanimous, fval, fval - mean)
+        grad = (fval.view(len(idx), num_evals, *([1] * (xs.ndim - 1))) * rv).mean(1)
+        return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
+
+    def _geometric_step(self, xs: torch.Tensor, idx: torch.Tensor, step: torch.Tensor, update: torch.Tensor,
+                        adversarial, has_budget) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step along ``update``, halving the step until it lands on the adversarial side (at most 30 halvings);
+        returns the new points and the mask of those that moved."""
+        view = (-1,) + (1,) * (xs.ndim - 1)
+        pending = torch.ones(len(idx), dtype=torch.bool, device=xs.device)
+        new = xs.clone()
+        for _ in range(30):
+            sub = torch.nonzero(pending & has_budget(idx)).flatten()
+            if len(sub) == 0:
+                break
+            cand = (xs[sub] + step[sub].view(view) * update[sub]).clamp(0, 1)
+            ok = adversarial(cand, idx[sub])
+            new[sub[ok]] = cand[ok]
+            pending[sub[ok]] = False
+            step[sub[~ok]] /= 2
+            pending &= has_budget(idx)
+        return new, ~pending
 
     def _binary_search(self, x: torch.Tensor, p: torch.Tensor, idx: torch.Tensor, adversarial, has_budget,
                        theta: float, init: bool = False) -> torch.Tensor:

@@ -14,7 +14,7 @@ from safedl import registry
 from safedl.errors import ConfigError
 from safedl.models.normalize import Normalize
 from safedl.utils.tensors import eval_mode, frozen_params, model_device
-from safedl.utils.validate import check_fraction, check_positive
+from safedl.utils.validate import check_fraction, check_is_fitted, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,8 @@ class Detector:
         raise NotImplementedError
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores (N), batched, without gradients, on x's device."""
+        """Scores (N), batched, without gradients, on x's device; NotFittedError before ``fit``."""
+        check_is_fitted(self, "model_", verb="fit(x_clean, model=...)")
         dev = model_device(self.model_)
         outs = []
         with eval_mode(self.model_), frozen_params(self.model_):

@@ -102,7 +102,7 @@ class DPTraining(Trainer):
                          "epsilon": engine.get_epsilon(self.target_delta)}
                 history.append(entry)
                 log.debug("dp_training %s", entry)
-        trained = priv_model._module
+        trained = priv_model.to_standard_module()  # Opacus public API: the module, grad-sample hooks removed
         trained.eval()
         self.epsilon_spent_ = float(engine.get_epsilon(self.target_delta))
         self.noise_multiplier_ = float(priv_opt.noise_multiplier)

@@ -1,4 +1,5 @@
-"""``safedl monitor calibrate`` (detector thresholds for a bundle) and ``safedl monitor rules`` (the default rules)."""
+"""``safedl monitor calibrate`` (detector thresholds for a bundle), ``safedl monitor rules`` (the default rules) and
+``safedl monitor slo-rules`` (service SLOs as burn-rate Prometheus alerts)."""
 from __future__ import annotations
 
 import sys
@@ -84,3 +85,25 @@ def rules_command() -> None:
     from safedl.serve.monitor.config import DEFAULT_RULES
 
     typer.echo(DEFAULT_RULES.read_text(encoding="utf-8"), nl=False)
+
+
+@monitor_app.command("slo-rules")
+def slo_rules_command(
+        slo: Path = typer.Argument(..., help="service SLO file (objectives: availability, latency; period_days)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="write the Prometheus rule file here (default: "
+                                                                "stdout)")) -> None:
+    """Turn service SLOs into multi-window burn-rate Prometheus alerts (fast 1h/5m at 14.4x, slow 6h/30m at 6x
+    over a 30-day budget; SRE Workbook ch. 5)."""
+    from safedl.serve.monitor.burn_rate import load_service_slo, render_rules
+
+    try:
+        text = render_rules(load_service_slo(slo), source=slo.name)
+    except UserError as exc:
+        _fail(exc)
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)  # never half-written
+    typer.echo(f"{len(text.splitlines())} lines -> {out}")

@@ -32,12 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from safedl.assess.context import RunContext
-from safedl.assess.handlers import AttackOutcome, defense_handler
+from safedl.evaluate.context import RunContext
+from safedl.evaluate.base import AttackOutcome, defense_evaluator
 from safedl.data.dataset import Dataset, PoisonedDataset
 from safedl.defenses.protocols import (CleanserProtocol, InspectorProtocol, RepairProtocol, TrainerProtocol,
                                        poison_setting)
 from safedl.errors import ProfileError
+from safedl.report.stage_figures import image_grid, score_histograms, weight_histograms
 from safedl.utils.stats import auroc, proportion, scalar
 from safedl.utils.tensors import predict
 
@@ -212,16 +213,18 @@ def _cleanser_figures(ctx: RunContext, spec, outcome: AttackOutcome, res, poison
         show = flagged[torch.argsort(res.score[flagged], descending=True)][:32]
         titles = [f"y={int(poisoned.y[i])} {'P' if truth[i] else 'clean'}" for i in show]
         p = d / f"{stem}_flagged.png"
-        _grid(p, poisoned.x[show].cpu(), titles, f"{spec.key}: highest-scoring flagged samples (P = true poison)")
+        image_grid(p, poisoned.x[show].cpu(), titles, f"{spec.key}: highest-scoring flagged samples (P = true poison)")
         artifacts["flagged samples (highest scores)"] = ctx.rel(p)
     p = d / f"{stem}_scores.png"
-    _score_histograms(p, res.score, poisoned.y.cpu(), truth, poisoned.num_classes)
+    score_histograms(p, res.score, poisoned.y.cpu(), truth, poisoned.num_classes)
     artifacts["outlier scores per class"] = ctx.rel(p)
     return artifacts
 
 
-@defense_handler("cleanser", "poisoning", "backdoor")
+@defense_evaluator("cleanser", "poisoning", "backdoor")
 def evaluate_cleanser(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
+    """A cleanser against a poisoning or backdoor attack: its flags scored against the attack's ground truth, then
+    the model retrained on the kept data with the baseline recipe."""
     t_start = time.perf_counter()
     state, comp = outcome.state, components[0]
     poisoned: PoisonedDataset = state["poisoned"]
@@ -259,8 +262,9 @@ def evaluate_cleanser(ctx: RunContext, spec, components: list[Any], outcome: Att
 
 # ------------------------------------------------------------------------------------------------ trainer
 
-@defense_handler("trainer", "poisoning", "backdoor")
+@defense_evaluator("trainer", "poisoning", "backdoor")
 def evaluate_trainer(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
+    """A robust trainer on the poisoned training set: clean accuracy and attack success rate of what it trains."""
     t_start = time.perf_counter()
     state = outcome.state
     comp: TrainerProtocol = components[0]
@@ -296,8 +300,9 @@ def _repair_notes(report: dict, target: int | None, metrics: dict) -> list[str]:
     return notes
 
 
-@defense_handler("repair", "poisoning", "backdoor")
+@defense_evaluator("repair", "poisoning", "backdoor")
 def evaluate_repair(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
+    """A repair of the poisoned model: clean accuracy and attack success rate before and after it."""
     t_start = time.perf_counter()
     state = outcome.state
     comp: RepairProtocol = components[0]
@@ -314,7 +319,7 @@ def evaluate_repair(ctx: RunContext, spec, components: list[Any], outcome: Attac
     if ctx.profile.output.figures:
         for i, (title, (x, titles)) in enumerate(comp.diagnostic_images().items()):
             p = ctx.artifact_dir("defenses") / f"{_stem(ctx, spec, outcome)}_diagnostic{i}.png"
-            _grid(p, x, titles, title)
+            image_grid(p, x, titles, title)
             artifacts[title] = ctx.rel(p)
     return {"name": spec.name, "metrics": metrics, "notes": notes, "artifacts": artifacts,
             "info": _jsonable(comp.report_), "time_s": time.perf_counter() - t_start}
@@ -337,8 +342,10 @@ def _triggered_detection(model, det, s_clean: torch.Tensor, xt: torch.Tensor, ai
     return {"detection": out, "asr": asr}
 
 
-@defense_handler("detector", "poisoning", "backdoor")
+@defense_evaluator("detector", "poisoning", "backdoor")
 def evaluate_detector(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
+    """A test-time detector against a poisoning or backdoor attack, on the poisoned model: the attacked test inputs
+    it flags, the clean ones it flags, and the attack success rate on what it lets through."""
     t_start = time.perf_counter()
     state, det = outcome.state, components[0]
     model = _poisoned_model(ctx, state)
@@ -365,7 +372,7 @@ def evaluate_detector(ctx: RunContext, spec, components: list[Any], outcome: Att
 
 # ------------------------------------------------------------------------------------------------ inspector
 
-@defense_handler("inspector", "poisoning", "backdoor")
+@defense_evaluator("inspector", "poisoning", "backdoor")
 def evaluate_inspector(ctx: RunContext, spec, components: list[Any], outcome: AttackOutcome) -> dict:
     """The poisoned model against the clean baseline (same recipe), on the trusted set; the verdict is scored:
     the model is poisoned, so ``suspicious`` should be True, and the attack's target class should be named."""
@@ -385,100 +392,16 @@ def evaluate_inspector(ctx: RunContext, spec, components: list[Any], outcome: At
     artifacts: dict[str, str] = {}
     if ctx.profile.output.figures and report.get("histograms"):
         p = ctx.artifact_dir("defenses") / f"{_stem(ctx, spec, outcome)}_weights.png"
-        _weight_histograms(p, report["histograms"])
+        weight_histograms(p, report["histograms"])
         artifacts["weight histograms per layer"] = ctx.rel(p)
     return {"name": spec.name, "metrics": metrics, "per_class": per_class, "notes": notes, "artifacts": artifacts,
             "info": _jsonable({k: v for k, v in report.items() if k != "histograms"}),
             "time_s": time.perf_counter() - t_start}
 
 
-# ------------------------------------------------------------------------------------------------ figures
-
-def _grid(path, x: torch.Tensor, titles: list[str], suptitle: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(x)
-    cols = min(8, max(1, n))
-    rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows + 0.4), squeeze=False)
-    for i, ax in enumerate(axes.ravel()):
-        ax.axis("off")
-        if i < n:
-            img = x[i].permute(1, 2, 0).numpy()
-            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-            ax.set_title(titles[i], fontsize=7)
-    fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _score_histograms(path, score: torch.Tensor, y: torch.Tensor, truth: torch.Tensor, num_classes: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = 5
-    rows = math.ceil(num_classes / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 1.9 * rows), squeeze=False)
-    lo, hi = float(score.min()), float(score.max())
-    bins = torch.linspace(lo, hi if hi > lo else lo + 1, 31).numpy()
-    for c, ax in enumerate(axes.ravel()):
-        if c >= num_classes:
-            ax.axis("off")
-            continue
-        sel = y == c
-        ax.hist(score[sel & ~truth].numpy(), bins=bins, color="tab:blue", alpha=0.7, label="clean")
-        if bool((sel & truth).any()):
-            ax.hist(score[sel & truth].numpy(), bins=bins, color="tab:red", alpha=0.7, label="poison")
-        ax.set_title(f"class {c}", fontsize=8)
-        ax.tick_params(labelsize=6)
-        if c % cols == 0:
-            ax.set_ylabel("training samples", fontsize=7)
-        if c >= num_classes - cols:
-            ax.set_xlabel("outlier score", fontsize=7)
-    axes.ravel()[0].legend(fontsize=6)
-    fig.suptitle("outlier scores per class (red: true poisons)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
 
 def _stem(ctx: RunContext, spec, outcome: AttackOutcome) -> str:
     return f"{spec.key}_vs_{outcome.entry.get('id', outcome.entry.get('name', 'attack'))}"
-
-
-def _weight_histograms(path, hist: dict[str, dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(hist)
-    cols = min(4, max(1, len(names)))
-    rows = max(1, math.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.0 * rows), squeeze=False)
-    for ax, name in zip(axes.ravel(), names):
-        h = hist[name]
-        lo, hi = h["range"]
-        n = len(h["counts"])
-        edges = [lo + (hi - lo) * i / n for i in range(n)]
-        ax.bar(edges, h["counts"], width=(hi - lo) / max(n, 1), align="edge")
-        ax.set_yscale("log")
-        ax.set_title(name, fontsize=7)
-        ax.set_xlabel("weight value", fontsize=7)
-        ax.set_ylabel("count (log)", fontsize=7)
-        ax.tick_params(labelsize=6)
-    for ax in axes.ravel()[len(names):]:
-        ax.axis("off")
-    fig.suptitle("weight histograms per layer", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from safedl import registry
-from safedl.assess.context import RunContext
+from safedl.evaluate.context import RunContext
 from safedl.utils.io import atomic_torch_save, atomic_write_json, json_hash
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def train_defense_model(ctx: RunContext, component: Any, *,
     matches). ``architecture`` maps a fresh model to the structure ``fit`` returns (e.g. DP-SGD's GroupNorm), so
     the cached weights load into the right layers; ``facts`` are saved with the weights (e.g. epsilon spent)."""
     key = defense_model_key(ctx, component)
-    folder = ctx.stage_dir("defense-models", f"{component.registry_name}-{key[:16]}")
+    folder = ctx.layout.defense_model_dir(f"{component.registry_name}-{key[:16]}")
     weights, meta = folder / "model.pt", folder / "train.json"
     if weights.is_file() and meta.is_file():
         try:

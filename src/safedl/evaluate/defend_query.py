@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from safedl import registry
-from safedl.assess.attack_extraction import attacker_pool, deployed_labels
-from safedl.assess.context import RunContext
-from safedl.assess.handlers import AttackOutcome, defense_handler
+from safedl.evaluate.attack_extraction import attacker_pool, deployed_labels
+from safedl.evaluate.context import RunContext
+from safedl.evaluate.base import AttackOutcome, defense_evaluator
 from safedl.attacks.extraction.base import ExtractionOracle
 from safedl.defenses.query import ObservedModel
 from safedl.defenses.query.streams import burst_stream, calibration_streams, in_order_stream
@@ -175,7 +175,7 @@ def _extraction_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "surrogate_accuracy_after": scalar(mean["surrogate_accuracy_blocked"], n=n)}
 
 
-@defense_handler("query_detector", "evasion", "extraction")
+@defense_evaluator("query_detector", "evasion", "extraction")
 def defend_query_detector(ctx: RunContext, spec: DefenseSpec, components: Sequence[Any],
                           outcome: AttackOutcome) -> dict[str, Any]:
     """Queries until a per-key detector flags the attack, benign keys it flags, and what blocking leaves."""

@@ -31,12 +31,13 @@ from typing import Any
 
 import torch
 
-from safedl.assess.context import RunContext
-from safedl.assess.handlers import AttackOutcome, attack_handler
+from safedl.evaluate.context import RunContext
+from safedl.evaluate.base import AttackOutcome, attack_evaluator
 from safedl.attacks.poisoning.visibility import visibility
 from safedl.data.dataset import Dataset, PoisonedDataset
 from safedl.models.train import train_model
 from safedl.profile import AttackSpec
+from safedl.report.stage_figures import attacked_inputs_figure, poison_examples_figure, trigger_figure
 from safedl.utils.bits import pack as pack_bits
 from safedl.utils.stats import mean_metric, proportion, scalar
 from safedl.utils.tensors import predict
@@ -44,8 +45,8 @@ from safedl.utils.tensors import predict
 log = logging.getLogger(__name__)
 
 
-@attack_handler("poisoning")
-@attack_handler("backdoor")
+@attack_evaluator("poisoning")
+@attack_evaluator("backdoor")
 def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOutcome:
     """Poison ``ctx.splits.train`` (generator seeded from ``ctx.seed``), retrain like the baseline, measure."""
     t0 = time.perf_counter()
@@ -231,20 +232,10 @@ def _visibility_metrics(p: PoisonedDataset) -> dict[str, Any]:
     return out
 
 
-def _to_img(t: torch.Tensor):
-    t = t.detach().cpu().clamp(0, 1)
-    return t[0].numpy() if t.shape[0] == 1 else t.permute(1, 2, 0).numpy()
-
-
 def _save_artifacts(ctx: RunContext, spec: AttackSpec, attack: Any, p: PoisonedDataset, model: torch.nn.Module,
                     x_aim: torch.Tensor | None, aim: torch.Tensor | None) -> dict[str, str]:
     if not ctx.profile.output.figures:
         return {}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out: dict[str, str] = {}
     folder = ctx.artifact_dir("attacks", spec.key)
     n_ex = max(1, ctx.profile.evaluation.n_examples)
@@ -256,21 +247,9 @@ def _save_artifacts(ctx: RunContext, spec: AttackSpec, attack: Any, p: PoisonedD
     names = p.class_names or []
     cn = lambda c: names[c] if 0 <= c < len(names) else str(c)  # noqa: E731 - class names in every figure
     if len(idx):
-        fig, axes = plt.subplots(3, len(idx), figsize=(1.6 * len(idx), 5),
-                                 squeeze=False)
-        for j, i in enumerate(idx.tolist()):
-            diff = (p.x[i] - p.original_x[i]).abs().amax(0, keepdim=True)
-            for r, (img, title) in enumerate(((p.original_x[i], f"orig y={cn(int(p.original_y[i]))}"),
-                                              (p.x[i], f"poison y={cn(int(p.y[i]))}"), (diff, "|diff|"))):
-                ax = axes[r][j]
-                ax.imshow(_to_img(img), cmap=cmap if r < 2 else "magma", vmin=0, vmax=1)
-                ax.set_title(title, fontsize=7)
-                ax.axis("off")
-        fig.suptitle(f"{spec.key}: original vs poisoned training samples")
-        fig.tight_layout()
         path = folder / "poison_examples.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        poison_examples_figure(path, p.original_x[idx], p.x[idx], p.original_y[idx], p.y[idx], cmap=cmap,
+                               class_name=cn, title=f"{spec.key}: original vs poisoned training samples")
         out["original vs poisoned"] = ctx.rel(path)
     if hasattr(attack, "trigger") and callable(attack.trigger):
         try:
@@ -278,31 +257,13 @@ def _save_artifacts(ctx: RunContext, spec: AttackSpec, attack: Any, p: PoisonedD
         except (NotImplementedError, RuntimeError, ValueError):
             pattern = mask = None
         if pattern is not None:
-            fig, axes = plt.subplots(1, 3, figsize=(6, 2.4))
-            for ax, (img, title, cm) in zip(axes, ((pattern, "trigger pattern", cmap), (mask, "mask", "gray"),
-                                                   (pattern * mask, "pattern x mask", cmap))):
-                ax.imshow(_to_img(img), cmap=cm, vmin=0, vmax=1)
-                ax.set_title(title, fontsize=8)
-                ax.axis("off")
-            fig.tight_layout()
             path = folder / "trigger.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
+            trigger_figure(path, pattern, mask, cmap=cmap)
             out["trigger and mask"] = ctx.rel(path)
     if x_aim is not None and len(x_aim) and aim is not None:
         xs = x_aim[:n_ex]
         pred = predict(model, xs.to(ctx.device)).cpu()
-        fig, axes = plt.subplots(1, len(xs), figsize=(1.6 * len(xs), 2), squeeze=False)
-        for j in range(len(xs)):
-            axes[0][j].imshow(_to_img(xs[j]), cmap=cmap, vmin=0, vmax=1)
-            axes[0][j].set_title(f"pred {cn(int(pred[j]))}", fontsize=7, color="red" if int(pred[j]) == int(aim[j]) else "black")
-            axes[0][j].axis("off")
-        what = "all-to-all: each aimed at label + 1" if len(aim.unique()) > 1 else f"target {cn(int(aim[0]))}"
-        fig.suptitle(f"attacked test inputs ({what}), poisoned model's predictions; red: sent to its aimed label",
-                     fontsize=9)
-        fig.tight_layout()
         path = folder / "attacked_test_inputs.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        attacked_inputs_figure(path, xs, pred, aim, cmap=cmap, class_name=cn)
         out["attacked test inputs"] = ctx.rel(path)
     return out

@@ -9,8 +9,7 @@ matplotlib.use("Agg")  # stages draw their figures off-screen, as the serial run
 import matplotlib.pyplot  # noqa: E402,F401
 
 from safedl import registry
-from safedl.assess import stages  # noqa: F401
-from safedl.assess.handlers import load_handlers
+from safedl.run import stages  # noqa: F401
 
-load_handlers()
-registry.names("evasion")  # imports every component module
+for kind in registry.KINDS:  # imports every component module, stage evaluators included
+    registry.names(kind)

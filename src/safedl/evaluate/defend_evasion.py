@@ -23,15 +23,16 @@ import torch
 from torch import nn
 
 from safedl import registry
-from safedl.assess.context import RunContext
-from safedl.assess.defense_models import train_defense_model
-from safedl.assess.handlers import AttackOutcome, EvasionState, defense_handler
+from safedl.evaluate.context import RunContext
+from safedl.evaluate.defense_models import train_defense_model
+from safedl.evaluate.base import AttackOutcome, EvasionState, defense_evaluator
 from safedl.defenses.adaptive import DetectorAwarePGD, defended_model, strong_adaptive_suite
 from safedl.defenses.preprocess._base import Preprocessor
 from safedl.defenses.preprocess.gaussian_augmentation import GaussianAugmentation
 from safedl.deploy.pipeline import SecurePipeline
 from safedl.deploy.run_export import save_system
 from safedl.profile import DefenseSpec
+from safedl.report.stage_figures import bar_figure
 from safedl.utils.stats import auroc, proportion, scalar
 from safedl.utils.tensors import predict
 
@@ -287,35 +288,18 @@ def _certification(system: SecurePipeline, st: EvasionState, metrics: dict, note
         notes.append("the certificate is for L2; an L-inf eps ball has L2 radius up to eps * sqrt(d)")
 
 
-def _bar_figure(path, values: dict[str, float], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    names = list(values)
-    ax.bar(names, [values[k] for k in names], color=["#7a9", "#c66", "#69c"][: len(names)])
-    ax.set_ylim(0, 1.12)
-    ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=9)
-    for i, k in enumerate(names):
-        ax.text(i, values[k] + 0.02, f"{values[k]:.2f}", ha="center", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------- the handler
 
-@defense_handler("preprocessor", "evasion")
-@defense_handler("postprocessor", "evasion")
-@defense_handler("detector", "evasion")
-@defense_handler("trainer", "evasion")
-@defense_handler("certifier", "evasion")
-@defense_handler("pipeline", "evasion")
+@defense_evaluator("preprocessor", "evasion")
+@defense_evaluator("postprocessor", "evasion")
+@defense_evaluator("detector", "evasion")
+@defense_evaluator("trainer", "evasion")
+@defense_evaluator("certifier", "evasion")
+@defense_evaluator("pipeline", "evasion")
 def evaluate_evasion_defense(ctx: RunContext, spec: DefenseSpec, components: list[Any], outcome: AttackOutcome
                              ) -> dict[str, Any]:
+    """A defended system (preprocessors, detectors, trainer, certifier, postprocessors) against an evasion attack:
+    clean accuracy, the attack's examples made on the baseline, and the attack re-run adaptively on the system."""
     t_start = time.perf_counter()
     st = EvasionState.from_state(outcome.state, ctx.device)
     attack_id = outcome.entry.get("id", st.spec["name"])
@@ -343,7 +327,7 @@ def evaluate_evasion_defense(ctx: RunContext, spec: DefenseSpec, components: lis
                                   metrics=metrics, against=attack_id, attack_params=st.spec.get("params", {}))
     if ctx.profile.output.figures:
         path = ctx.artifact_dir("defenses") / f"{spec.key}_vs_{attack_id}.png"
-        _bar_figure(path, {"clean": metrics["clean_accuracy"]["value"],
+        bar_figure(path, {"clean": metrics["clean_accuracy"]["value"],
                            "non-adaptive": metrics["robust_accuracy_nonadaptive"]["value"],
                            "adaptive": metrics["robust_accuracy"]["value"]},
                     title=f"{spec.key} vs {attack_id}: accuracy of the defended system")

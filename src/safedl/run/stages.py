@@ -4,7 +4,7 @@ the attack it needs. The tasks are module-level functions over picklable inputs,
 
 A task never writes into the run directory itself (except under the serial executor, which runs in the driver's
 process): it works in a private folder and returns every file it made with its entry and state, and the driver
-writes them with the stage's content key (``Run._finish``). Each task seeds itself with the profile seed and the
+writes them with the stage's content key (``StageCache.finish``). Each task seeds itself with the profile seed and the
 executor sets its thread count, so a stage's numbers do not depend on where or in which order it ran.
 """
 from __future__ import annotations
@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from safedl import registry
-from safedl.assess.context import RunContext
-from safedl.assess.handlers import AttackOutcome, get_attack_handler, get_defense_handler
+from safedl.evaluate.base import AttackOutcome
+from safedl.evaluate.context import RunContext
+from safedl.run.handlers import get_attack_handler, get_defense_handler
+from safedl.run.prepare import model_factory
 from safedl.data.dataset import Splits
 from safedl.profile import AttackSpec, DefenseSpec, Profile
 from safedl.utils import progress
@@ -59,8 +61,6 @@ class StageShared:
         if self.baseline is not None and self.fresh is not None:
             return self.baseline, self.fresh
         if "model" not in self._cache:
-            from safedl.assess.pipeline import model_factory
-
             fresh, _ = model_factory(self.profile, self.splits, base_dir=Path(self.base_dir))
             model = fresh()
             model.load_state_dict(self.baseline_state)

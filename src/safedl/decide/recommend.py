@@ -2,7 +2,7 @@
 
 Ranking rule (reproducible from results.json and ``priors.yaml`` alone):
 
-1. An attack *succeeded* when the point value of its risk quantity (``safedl.assess.risk.quantity``: evasion
+1. An attack *succeeded* when the point value of its risk quantity (``safedl.decide.risk.quantity``: evasion
    1 - robust_accuracy, backdoor/poisoning the success rate, else the clean-accuracy drop) is at least
    ``SUCCESS_MIN``. Only those get recommendations.
 2. Candidates are the defenses evaluated against that attack in this run (evidence: *measured*), then the knowledge
@@ -25,17 +25,18 @@ from typing import Any, Optional
 
 import yaml
 
-from safedl.assess.risk import QUANTITIES, defended_success, quantity
+from safedl.decide.risk import QUANTITIES, defended_success, quantity
 from safedl.errors import UserError
 from safedl.utils.io import atomic_write_json, atomic_write_text
+from safedl.rundir import RunDir
 
 log = logging.getLogger(__name__)
 SUCCESS_MIN = 0.05
 
 
 def load_priors() -> list[dict[str, Any]]:
-    """The shipped knowledge base (``safedl/assess/priors.yaml``)."""
-    text = resources.files("safedl.assess").joinpath("priors.yaml").read_text(encoding="utf-8")
+    """The shipped knowledge base (``safedl/decide/priors.yaml``)."""
+    text = resources.files("safedl.decide").joinpath("priors.yaml").read_text(encoding="utf-8")
     return list(yaml.safe_load(text))
 
 
@@ -177,10 +178,10 @@ def write_recommendations(run_dir: Path, results: dict[str, Any], *, out: Option
     """recommendations.md / .json and the profile with the recommended defenses (default RUN_DIR/recommended.yaml)."""
     from safedl.profile import parse_profile
 
-    run_dir = Path(run_dir)
+    layout = RunDir(run_dir)
     rec = recommend(results)
     prof = recommended_profile(results, rec)
-    out = Path(out) if out is not None else run_dir / "recommended.yaml"
+    out = Path(out) if out is not None else layout.recommended_profile
     try:
         parse_profile(prof, source=str(out))
     except UserError as exc:
@@ -188,8 +189,8 @@ def write_recommendations(run_dir: Path, results: dict[str, Any], *, out: Option
     added = len(prof.get("defenses", [])) - len(results["profile"].get("defenses", []))
     header = (f"# {results['profile'].get('name')} with {added} recommended defense(s) added by `safedl recommend`\n"
               f"# (see recommendations.md). Measure them, reusing every finished stage:\n"
-              f"#   safedl run {out} --resume {run_dir}\n")
-    atomic_write_json(run_dir / "recommendations.json", rec)
-    atomic_write_text(run_dir / "recommendations.md", to_markdown(rec))
+              f"#   safedl run {out} --resume {layout.path}\n")
+    atomic_write_json(layout.recommendations_json, rec)
+    atomic_write_text(layout.recommendations_md, to_markdown(rec))
     atomic_write_text(out, header + yaml.safe_dump(prof, sort_keys=False))
-    return {"markdown": run_dir / "recommendations.md", "json": run_dir / "recommendations.json", "profile": out}
+    return {"markdown": layout.recommendations_md, "json": layout.recommendations_json, "profile": out}

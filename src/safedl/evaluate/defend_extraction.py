@@ -15,11 +15,11 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from safedl.assess.attack_extraction import (attacker_pool, curve_metrics, deployed_labels, extraction_curve,
+from safedl.evaluate.attack_extraction import (attacker_pool, curve_metrics, deployed_labels, extraction_curve,
                                              transfer_success)
-from safedl.assess.context import RunContext
-from safedl.assess.defense_models import train_defense_model
-from safedl.assess.handlers import AttackOutcome, defense_handler
+from safedl.evaluate.context import RunContext
+from safedl.evaluate.defense_models import train_defense_model
+from safedl.evaluate.base import AttackOutcome, defense_evaluator
 from safedl.profile import DefenseSpec
 from safedl.utils.stats import proportion, scalar
 
@@ -56,7 +56,7 @@ def _evaluate(ctx: RunContext, spec: DefenseSpec, outcome: AttackOutcome, victim
     return entry
 
 
-@defense_handler("postprocessor", "extraction")
+@defense_evaluator("postprocessor", "extraction")
 def defend_extraction_postprocessor(ctx: RunContext, spec: DefenseSpec, components: Sequence[Any],
                                     outcome: AttackOutcome) -> dict[str, Any]:
     """Output hardening: the attacker only ever sees the post-processed answers."""
@@ -67,7 +67,7 @@ def defend_extraction_postprocessor(ctx: RunContext, spec: DefenseSpec, componen
     return _evaluate(ctx, spec, outcome, ctx.baseline, post)
 
 
-@defense_handler("trainer", "extraction")
+@defense_evaluator("trainer", "extraction")
 def defend_extraction_trainer(ctx: RunContext, spec: DefenseSpec, components: Sequence[Any],
                               outcome: AttackOutcome) -> dict[str, Any]:
     """A victim trained by the defense (e.g. DP-SGD) with the baseline's recipe and seed, stolen the same way."""

@@ -1,4 +1,7 @@
-"""RunContext: everything a stage handler needs, and the honest-evaluation helpers every stage shares."""
+"""RunContext: everything a stage evaluator needs, and the honest-evaluation helpers every stage shares.
+
+The run spine (``safedl.run``) builds one per stage and calls an evaluator with it; it lives here, with the
+evaluators, because ``safedl.evaluate`` never imports ``safedl.run``."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +15,7 @@ from torch import nn
 from safedl.data.dataset import Dataset, Splits
 from safedl.models.train import LossFn, TrainRecipe, train_model
 from safedl.profile import Profile
+from safedl.rundir import RunDir
 from safedl.utils.tensors import seed_everything
 
 log = logging.getLogger(__name__)
@@ -62,16 +66,17 @@ class RunContext:
         n = self.profile.evaluation.n_eval
         return self.splits.test.x[:n].to(self.device), self.splits.test.y[:n].to(self.device)
 
+    @property
+    def layout(self) -> RunDir:
+        """The run directory's layout (every path a stage writes comes from it)."""
+        return RunDir(self.run_dir)
+
     def stage_dir(self, *parts: str) -> Path:
-        p = self.run_dir.joinpath("stages", *parts)
-        p.mkdir(parents=True, exist_ok=True)
-        return p
+        return self.layout.stage_dir(*parts)
 
     def artifact_dir(self, *parts: str) -> Path:
         """Where figures and example images go (paths in results.json are relative to the run directory)."""
-        p = self.run_dir.joinpath("artifacts", *parts)
-        p.mkdir(parents=True, exist_ok=True)
-        return p
+        return self.layout.artifact_dir(*parts)
 
     def rel(self, path: Path) -> str:
-        return str(Path(path).relative_to(self.run_dir))
+        return self.layout.rel(path)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from safedl.assess.risk import LEVELS
+from safedl.decide.risk import LEVELS
 from safedl.profile import GateSpec
 
 Check = dict[str, Any]

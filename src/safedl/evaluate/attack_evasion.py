@@ -8,11 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from safedl.assess.context import RunContext
-from safedl.assess.handlers import AttackOutcome, EvasionState, attack_handler
+from safedl.evaluate.context import RunContext
+from safedl.evaluate.base import AttackOutcome, EvasionState, attack_evaluator
 from safedl.profile import AttackSpec
 from safedl.utils.bits import pack as pack_bits
 from safedl.utils.progress import progress_bar
+from safedl.report.stage_figures import example_figure
 from safedl.utils.stats import mean_metric, proportion, scalar
 from safedl.utils.tensors import predict
 
@@ -80,34 +81,7 @@ def evasion_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: t
     return m
 
 
-def example_figure(path, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, pred: torch.Tensor,
-                   pred_adv: torch.Tensor, *, class_names: list[str] | None, n: int) -> None:
-    """A grid of clean / adversarial pairs with their predictions (broken examples first)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    order = torch.argsort((pred_adv == y).int(), stable=True)[:n]
-    n = len(order)
-    if n == 0:
-        return
-    name = (lambda c: class_names[c]) if class_names else str
-    fig, axes = plt.subplots(2, n, figsize=(1.4 * n, 3.2), squeeze=False)
-    for j, i in enumerate(order.tolist()):
-        for row, img, p in ((0, x[i], pred[i]), (1, x_adv[i], pred_adv[i])):
-            ax = axes[row][j]
-            arr = img.detach().cpu().permute(1, 2, 0).numpy()
-            ax.imshow(arr.squeeze(-1) if arr.shape[-1] == 1 else arr, cmap="gray", vmin=0, vmax=1)
-            ok = int(p) == int(y[i])
-            ax.set_title(f"{'clean' if row == 0 else 'adv'}: {name(int(p))}", fontsize=8, color="green" if ok else "red")
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-@attack_handler("evasion")
+@attack_evaluator("evasion")
 def simulate_evasion(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOutcome:
     """Attack the baseline on the evaluation images; transfer attacks first fit their surrogate."""
     x, y = ctx.eval_set()

@@ -1,23 +1,20 @@
-"""Stage handlers by component kind: how a run simulates an attack of a category, or evaluates a defense of a kind.
+"""What a stage evaluator returns, and how evaluators register (registry kinds ``attack_evaluator`` and
+``defense_evaluator``).
 
-An attack handler ``fn(ctx, spec, attack) -> AttackOutcome`` runs one attack named in the profile and returns its
-results.json entry plus the state that defenses against it need (saved in the stage folder by the spine).
-A defense handler ``fn(ctx, spec, defense_spec_components, outcome) -> dict`` evaluates one defense against one
-attack outcome and returns its results.json entry. Handlers are registered by (defense kind, attack category);
-modules named ``safedl.assess.attack_*`` and ``safedl.assess.defend_*`` are imported automatically.
+An attack evaluator ``fn(ctx, spec, attack) -> AttackOutcome`` runs one attack named in the profile and returns its
+results.json entry plus the state that defenses against it need (saved in the stage folder by the run spine).
+A defense evaluator ``fn(ctx, spec, components, outcome) -> dict`` evaluates one defense against one attack outcome
+and returns its results.json entry. Attack evaluators are registered by attack category, defense evaluators by
+``"<defense kind>/<attack category>"`` (``defense_evaluator_name``).
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-ATTACK_HANDLERS: dict[str, Callable] = {}
-DEFENSE_HANDLERS: dict[tuple[str, str], Callable] = {}
-_loaded = False
+from safedl import registry
 
 
 @dataclass
@@ -56,42 +53,22 @@ class EvasionState:
                    target=None if target is None else target.to(device), spec=dict(state["spec"]))
 
 
-def attack_handler(category: str) -> Callable:
-    def deco(fn: Callable) -> Callable:
-        ATTACK_HANDLERS[category] = fn
-        return fn
-
-    return deco
+def defense_evaluator_name(kind: str, category: str) -> str:
+    """The registry name of the evaluator of ``kind`` defenses against ``category`` attacks."""
+    return f"{kind}/{category}"
 
 
-def defense_handler(kind: str, *categories: str) -> Callable:
+def attack_evaluator(category: str) -> Callable:
+    """Register ``fn`` as the evaluator of attacks of ``category``."""
+    return registry.register("attack_evaluator", category)
+
+
+def defense_evaluator(kind: str, *categories: str) -> Callable:
     """Register ``fn`` as the evaluator of defenses of ``kind`` against attacks of ``categories``."""
 
     def deco(fn: Callable) -> Callable:
         for cat in categories:
-            DEFENSE_HANDLERS[(kind, cat)] = fn
+            registry.register("defense_evaluator", defense_evaluator_name(kind, cat))(fn)
         return fn
 
     return deco
-
-
-def load_handlers() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import safedl.assess as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name.startswith(("attack_", "defend_")):
-            importlib.import_module(f"safedl.assess.{info.name}")
-
-
-def get_attack_handler(category: str) -> Callable:
-    load_handlers()
-    return ATTACK_HANDLERS[category]
-
-
-def get_defense_handler(kind: str, category: str) -> Callable | None:
-    load_handlers()
-    return DEFENSE_HANDLERS.get((kind, category))

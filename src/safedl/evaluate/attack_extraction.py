@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from safedl import registry
-from safedl.assess.context import RunContext
-from safedl.assess.handlers import AttackOutcome, attack_handler
+from safedl.evaluate.context import RunContext
+from safedl.evaluate.base import AttackOutcome, attack_evaluator
 from safedl.attacks.extraction.base import ExtractionAttack, ExtractionOracle
 from safedl.data.builtin import load_builtin
 from safedl.data.dataset import Splits
@@ -99,7 +99,7 @@ def curve_metrics(points: list[dict[str, Any]], transfer: dict[str, Any], *, suf
     return m
 
 
-@attack_handler("extraction")
+@attack_evaluator("extraction")
 def simulate_extraction(ctx: RunContext, spec: AttackSpec, attack: ExtractionAttack) -> AttackOutcome:
     """Steal the baseline at every budget with the access the threat model exposes (scores or labels)."""
     output = ctx.profile.threat_model.interface_exposed

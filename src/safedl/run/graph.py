@@ -1,0 +1,88 @@
+"""The stage graph: one node per attack and per (defense, attack) pair, each with the content key its stage is
+saved under; running it reuses finished stages and saves each other stage the moment it finishes."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from safedl.executors import Executor, Outcome, Task
+from safedl.executors.progress import GraphView
+from safedl.profile import DefenseSpec, Profile
+from safedl.run.cache import StageCache
+from safedl.run.planning import defense_kinds
+from safedl.run.stages import StageResult, StageShared, attack_stage, defense_stage
+from safedl.utils import progress
+from safedl.utils.io import json_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Node:
+    """A stage of the graph: its folder name, content key, kind, component id, attack it is evaluated against."""
+
+    stage: str
+    key: str
+    kind: str
+    id: str
+    against: str | None
+    task: Task
+
+
+def build_graph(profile: Profile, plan: list[tuple[DefenseSpec, str, str]], baseline_key: str) -> list[Node]:
+    """One node per attack and per (defense, attack) pair, with the content key its stage is saved under."""
+    p = profile
+    nodes, attack_keys = [], {}
+    for cat, spec in p.attacks.all():
+        key = json_hash({"baseline": baseline_key, "category": cat, "spec": spec.model_dump(),
+                         "evaluation": p.evaluation.model_dump(exclude={"gate"}), "output": p.output.figures})
+        attack_keys[spec.key] = key
+        nodes.append(Node(f"attack-{spec.key}", key, "attack", spec.key, None,
+                          Task(f"attack-{spec.key}", attack_stage, {"category": cat, "spec": spec})))
+    for dspec, aid, kind in plan:
+        key = json_hash({"attack": attack_keys[aid], "defense": dspec.model_dump(), "kind": kind})
+        stage = f"defense-{dspec.key}-vs-{aid}"
+        kwargs = {"dspec": dspec, "kind": kind, "attack_id": aid, "components": defense_kinds(dspec)}
+        nodes.append(Node(stage, key, "defense", dspec.key, aid,
+                          Task(stage, defense_stage, kwargs, deps=(f"attack-{aid}",))))
+    return nodes
+
+
+def run_graph(graph: list[Node], executor: Executor, shared: StageShared, cache: StageCache
+              ) -> tuple[dict[str, dict], list[dict]]:
+    """Reuse finished stages, run the others on ``executor`` and save each the moment it finishes; returns the
+    entries by stage and the failed stages (in graph order)."""
+    entries: dict[str, dict] = {}
+    todo = []
+    view = GraphView(title=f"stages ({executor.name})", enabled=progress.enabled())
+    for n in graph:
+        cached = cache.cached(n.stage, n.key)
+        if cached is None:
+            todo.append(n)
+            continue
+        log.info("%s: reusing finished stage", n.stage)
+        entries[n.stage] = cached["entry"]
+        view.mark_reused(n.stage)
+    given: dict[str, StageResult] = {}
+    for d in {d for n in todo for d in n.task.deps} - {n.stage for n in todo}:  # finished attacks still needed
+        state = cache.state(d)
+        given[d] = StageResult(entry=entries[d], state=state if executor.in_process else dict(state))
+    by_stage = {n.stage: n for n in graph}
+    failed: dict[str, dict] = {}
+
+    def save(out: Outcome) -> None:
+        n = by_stage[out.id]
+        if not out.ok:
+            failed[n.stage] = {"stage": n.stage, "kind": n.kind, "id": n.id, "against": n.against,
+                               "error": out.error, "attempts": out.attempts}
+            return
+        for rel, data in out.value.files.items():
+            cache.write_file(rel, data)
+        cache.finish(n.stage, n.key, out.value.entry, out.value.state if n.kind == "attack" else None)
+        entries[n.stage] = out.value.entry
+        log.debug("%s: finished in %.1f s", n.stage, out.time_s)
+
+    if todo:
+        with view:
+            executor.run([n.task for n in todo], shared=shared, given=given, on_result=save, on_event=view.update)
+    return entries, [failed[n.stage] for n in graph if n.stage in failed]

@@ -43,7 +43,7 @@ def test_a_broken_component_module_fails_loudly(monkeypatch):
 def test_every_kind_is_listed_with_entries():
     assert set(registry.COMPONENT_KINDS) < set(registry.KINDS)
     assert {"model", "executor", "attack_evaluator", "defense_evaluator"} <= set(registry.KINDS)
-    assert registry.names("model") == ["mlp", "resnet_small", "small_cnn", "tiny_cnn"]
+    assert registry.names("model") == ["mlp", "preact_resnet18", "resnet18", "resnet_small", "small_cnn", "tiny_cnn"]
     assert registry.names("executor") == ["process", "ray", "serial"]
     assert registry.names("attack_evaluator") == ["backdoor", "evasion", "extraction", "poisoning"]
     assert "cleanser/backdoor" in registry.names("defense_evaluator")

@@ -151,6 +151,17 @@ def test_serve_exits_2_on_a_bad_monitor_config(tmp_path, bundle_dir):
     assert "rules[0].severity" in res.output and "loud" in res.output and str(path) in res.output
 
 
+def test_serve_exits_2_when_a_sink_names_an_unset_secret_variable(tmp_path, bundle_dir, calibration, monkeypatch):
+    monkeypatch.delenv("SAFEDL_TEST_NO_SUCH_VAR", raising=False)
+    path = write_config(tmp_path / "m.yml", calibration=calibration, rules=[ATTACK_RULE],
+                        sinks={"pagerduty": {"routing_key_env": "SAFEDL_TEST_NO_SUCH_VAR"}})
+    KeyStore(tmp_path / "keys.db", create=True)
+    res = CliRunner().invoke(cli_app, ["serve", str(bundle_dir), "--keys", str(tmp_path / "keys.db"),
+                                       "--audit", str(tmp_path / "a.db"), "--monitor-config", str(path)])
+    assert res.exit_code == 2, res.output
+    assert "sinks.pagerduty.routing_key_env" in res.output and "SAFEDL_TEST_NO_SUCH_VAR" in res.output
+
+
 def test_the_shipped_default_config_is_valid_and_names_every_detector():
     cfg = load_monitor_config(DEFAULT_RULES)
     assert {r.metric for r in cfg.rules} >= {"stateful_flags", "prada_flags", "volume_flags", "rejection_rate"}
@@ -206,7 +217,7 @@ def test_summary_matches_the_contract_and_needs_the_admin_scope(mon_factory, dig
 
 def test_an_alert_resolves_when_its_time_window_clears(mon_factory, digits_splits):
     rule = dict(ATTACK_RULE, window={"seconds": 1.0}, threshold=1)
-    m = mon_factory([rule])
+    m = mon_factory([rule], routing={"suppress_s": 0})  # announce the resolution at once (no flapping hold)
     _attack(m, digits_splits, 69)
     t_last = time.time()
     _attack(m, digits_splits, 1, seed=1)

@@ -8,4 +8,4 @@ __all__ = ["Normalize", "TrainRecipe", "TrainReport", "accuracy", "build_model",
            "save_checkpoint", "train_model", "unwrap", "with_normalization"]
 
 #: the modules that register models (``safedl.registry`` imports exactly these)
-COMPONENT_MODULES: tuple[str, ...] = ("zoo",)
+COMPONENT_MODULES: tuple[str, ...] = ("zoo", "resnet")

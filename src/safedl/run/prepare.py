@@ -13,6 +13,7 @@ from safedl.data.dataset import Splits
 from safedl.data.source import load_dataset
 from safedl.data.split import stratified_split
 from safedl.errors import CheckpointError, ConfigError, DataError, ProfileError
+from safedl.models.checkpoint import load_network_state
 from safedl.models.features import feature_problem, model_problems, set_feature_layer
 from safedl.models.normalize import with_normalization
 from safedl.models.user import load_entry_point, load_torchscript
@@ -36,13 +37,29 @@ def model_factory(profile: Profile, splits: Splits, *, base_dir: Path):
         def fresh() -> nn.Module:
             return load_torchscript(path)
         return fresh, {"torchscript": str(path)}
+    mean, std = model_normalization(profile, splits)
     meta = {"arch": spec.arch, "arch_params": spec.params, "in_channels": c, "num_classes": splits.num_classes,
-            "image_size": h, "mean": list(splits.mean), "std": list(splits.std)}
+            "image_size": h, "mean": mean, "std": std}
 
     def fresh() -> nn.Module:
         net = build_model(spec.arch, in_channels=c, num_classes=splits.num_classes, image_size=h, **spec.params)
-        return with_normalization(net, splits.mean, splits.std)
+        return with_normalization(net, mean, std)
     return fresh, meta
+
+
+def model_normalization(profile: Profile, splits: Splits) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) inside the model: ``model.normalization`` (e.g. the statistics a pretrained network
+    was trained with), else the training split's; ProfileError when the profile's do not match the channels."""
+    norm = profile.model.normalization
+    if norm is None:
+        return list(splits.mean), list(splits.std)
+    c = splits.shape[0]
+    for key in ("mean", "std"):
+        values = getattr(norm, key)
+        if len(values) != c:
+            raise ProfileError(f"model.normalization.{key}: {len(values)} values for images with {c} channel(s); "
+                               f"give one per channel")
+    return list(norm.mean), list(norm.std)
 
 
 
@@ -118,7 +135,9 @@ def load_user_checkpoint(model: nn.Module, path: Path) -> None:
         raise CheckpointError(f"model.checkpoint {path}: file not found")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(blob.get("state_dict", blob) if isinstance(blob, dict) else blob)
+        load_network_state(model, blob.get("state_dict", blob) if isinstance(blob, dict) else blob)
+    except CheckpointError as exc:
+        raise CheckpointError(f"model.checkpoint {path}: cannot load it into the model ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - unpickling refusal, corrupt zip, key/shape mismatch ...
         raise CheckpointError(f"model.checkpoint {path}: cannot load it into the model "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None

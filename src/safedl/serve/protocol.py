@@ -21,6 +21,7 @@ from safedl.serve.connection_limits import (COUNTERS, REFUSAL_LINGER_SLOTS, Conn
                                             IPNetwork, ProtocolStats, RepeatFilter, client_key, harden_process,
                                             install_log_filters, parse_networks)
 from safedl.serve.edge import raw_head_framing_error
+from safedl.serve.lingering import LingeringTransport
 from safedl.serve.request import context_in
 from safedl.serve.slow_lane import SlowLane
 
@@ -28,71 +29,6 @@ __all__ = ["COUNTERS", "ConnectionLimits", "GuardedH11Protocol", "ProtocolStats"
            "harden_process", "install_log_filters"]
 
 logger = logging.getLogger(__name__)
-
-
-class _LingeringTransport(asyncio.Transport):
-    """The transport uvicorn is given: ``close()`` hands over to the protocol's lingering close, and writes after
-    it are dropped; everything else goes to the real transport."""
-
-    def __init__(self, transport: asyncio.Transport, *, on_close: Callable[[], None]):
-        super().__init__()
-        self.inner = transport
-        self.on_close = on_close
-        self.closing = False
-
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            self.on_close()
-
-    def is_closing(self) -> bool:
-        return self.closing or self.inner.is_closing()
-
-    def write(self, data: Any) -> None:
-        if not self.closing:
-            self.inner.write(data)
-
-    def writelines(self, list_of_data: Any) -> None:
-        for data in list_of_data:
-            self.write(data)
-
-    def pause_reading(self) -> None:
-        if not self.closing:  # a lingering connection keeps reading (and discarding)
-            self.inner.pause_reading()
-
-    def resume_reading(self) -> None:
-        self.inner.resume_reading()
-
-    def abort(self) -> None:
-        self.closing = True
-        self.inner.abort()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.inner.get_extra_info(name, default)
-
-    def is_reading(self) -> bool:
-        return self.inner.is_reading()
-
-    def write_eof(self) -> None:
-        self.inner.write_eof()
-
-    def can_write_eof(self) -> bool:
-        return self.inner.can_write_eof()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self.inner.set_protocol(protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self.inner.get_protocol()
-
-    def get_write_buffer_size(self) -> int:
-        return self.inner.get_write_buffer_size()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self.inner.get_write_buffer_limits()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self.inner.set_write_buffer_limits(high, low)
 
 
 def _with_connection_close(message: dict) -> dict:
@@ -128,7 +64,7 @@ class GuardedH11Protocol(H11Protocol):
         self.timeout_keep_alive = self.limits.keepalive_timeout_s
         self._inner_app, self.app = self.app, self._guarded_app
         self._raw: asyncio.Transport | None = None
-        self._proxy: _LingeringTransport | None = None
+        self._proxy: LingeringTransport | None = None
         self._slot: str | None = None
         self._admitted = self._refusal_lingering = self._done = False
         self._requests = 0
@@ -149,7 +85,7 @@ class GuardedH11Protocol(H11Protocol):
         # (64 KB) of it buffered, not uvicorn's 64 KB high-water mark + asyncio's 256 KB reads
         if hasattr(transport, "max_size"):
             transport.max_size = READ_SIZE
-        self._proxy = _LingeringTransport(transport, on_close=self._begin_linger)
+        self._proxy = LingeringTransport(transport, on_close=self._begin_linger)
         super().connection_made(self._proxy)
         self._slot = client_key(self.client, trusted=self.table.trusted)
         self._lane_client = self.client[0] if self.lane is not None and self._slot is not None else None

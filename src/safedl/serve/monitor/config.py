@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -19,7 +19,11 @@ METRICS = ("requests", "queries", "rejected", "rejection_rate", "detected", "det
            "stateful_flags", "prada_flags", "volume_flags", "anomalous", "anomaly_rate")
 RATES = {"rejection_rate": "rejected", "detection_rate": "detected", "anomaly_rate": "anomalous"}
 ACTIONS = ("throttle", "labels_only", "block")
-SEVERITIES = ("info", "warning", "critical")
+#: alert levels, lowest first; ``low | medium | high | critical`` grade by evidence (``bands``), the others are
+#: the original fixed levels (kept so existing files stay valid)
+SEVERITIES = ("info", "low", "warning", "medium", "high", "critical")
+SEVERITY_RANK = {"info": 0, "low": 1, "warning": 2, "medium": 2, "high": 3, "critical": 4}
+BANDS = ("low", "medium", "high", "critical")
 COMPARISONS = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
 
 
@@ -49,14 +53,50 @@ class Rule(_Strict):
     threshold: float
     for_s: float = Field(0.0, ge=0, description="the condition must hold this long before the alert fires")
     severity: Literal[SEVERITIES] = "warning"  # type: ignore[valid-type]
+    bands: Optional[dict[Literal[BANDS], float]] = Field(  # type: ignore[valid-type]
+        None, description="severity graded from the value: the value at which each of low/medium/high/critical "
+                          "starts (in the rule's comparison direction); replaces the fixed severity")
     action: Optional[Literal[ACTIONS]] = None  # type: ignore[valid-type]
     min_queries: int = Field(20, ge=0, description="a rate metric is not judged on fewer images in the window")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _threshold_from_bands(cls, data: Any) -> Any:
+        """With ``bands`` and no ``threshold``, the alert fires where the lowest band starts."""
+        if isinstance(data, dict) and data.get("threshold") is None and isinstance(data.get("bands"), dict):
+            first = [data["bands"][b] for b in BANDS if b in data["bands"]] or list(data["bands"].values())
+            if first:  # (an unknown band name is then the error reported, not a missing threshold)
+                return {**data, "threshold": first[0]}
+        return data
 
     @model_validator(mode="after")
     def _action_needs_key(self) -> "Rule":
         if self.action is not None and self.scope != "key":
             raise ValueError(f"action {self.action!r} needs scope 'key' (a global alert has no key to act on)")
         return self
+
+    @model_validator(mode="after")
+    def _bands_ordered(self) -> "Rule":
+        if self.bands is None:
+            return self
+        if not self.bands:
+            raise ValueError("bands: give at least one of low, medium, high, critical")
+        levels = [b for b in BANDS if b in self.bands]
+        values = [self.bands[b] for b in levels]
+        up = self.comparison in (">", ">=")
+        if values != sorted(values, reverse=not up):
+            raise ValueError(f"bands must {'grow' if up else 'shrink'} from low to critical for comparison "
+                             f"{self.comparison!r}; got {dict(zip(levels, values))}")
+        return self
+
+    def graded(self, value: float) -> str:
+        """The alert's severity at ``value``: the highest band reached (the lowest band below the first one), or
+        the fixed ``severity`` when the rule has no bands."""
+        if not self.bands:
+            return self.severity
+        levels = [b for b in BANDS if b in self.bands]
+        reached = [b for b in levels if COMPARISONS[self.comparison](float(value), float(self.bands[b]))]
+        return reached[-1] if reached else levels[0]
 
 
 class StatefulConfig(_Strict):
@@ -89,18 +129,101 @@ class Detectors(_Strict):
     volume: VolumeConfig = VolumeConfig()
 
 
-class Webhook(_Strict):
-    url: str = Field(pattern=r"^https?://")
-    timeout_s: float = Field(2.0, gt=0, le=60)
+class _Delivery(_Strict):
+    """What every queued sink shares: its own thread and bounded queue, a timeout per attempt, retries with
+    exponential backoff (``backoff_s * 2**attempt``) on connection errors and transient answers."""
+
+    timeout_s: float = Field(5.0, gt=0, le=60)
     retries: int = Field(3, ge=0, le=10)
     backoff_s: float = Field(0.5, ge=0, le=60)
     queue_size: int = Field(1000, ge=1)
+
+
+class Webhook(_Delivery):
+    """POST each notification as it is (``{"event", "alert"[, "group"]}``) to ``url``."""
+
+    url: str = Field(pattern=r"^https?://")
+    timeout_s: float = Field(2.0, gt=0, le=60)
+
+
+def _one_of(obj: BaseModel, value: str, env: str) -> None:
+    if (getattr(obj, value) is None) == (getattr(obj, env) is None):
+        raise ValueError(f"give exactly one of {value} or {env} (the name of an environment variable holding it)")
+
+
+class Slack(_Delivery):
+    """A Slack incoming webhook. The URL is a secret: prefer ``url_env``."""
+
+    url: Optional[str] = Field(None, pattern=r"^https?://")
+    url_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    channel: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _url(self) -> "Slack":
+        _one_of(self, "url", "url_env")
+        return self
+
+
+class PagerDuty(_Delivery):
+    """PagerDuty Events API v2 (``dedup_key`` = the alert's fingerprint, so a re-trigger updates one incident)."""
+
+    url: str = Field("https://events.pagerduty.com/v2/enqueue", pattern=r"^https?://")
+    routing_key: Optional[str] = Field(None, min_length=1)
+    routing_key_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    source: str = Field("safedl-serve", min_length=1, description="payload.source: this service, as on-call knows it")
+
+    @model_validator(mode="after")
+    def _key(self) -> "PagerDuty":
+        _one_of(self, "routing_key", "routing_key_env")
+        return self
+
+
+class Email(_Delivery):
+    """SMTP (smtplib). The password is never in the file: ``password_env`` names the environment variable."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(25, ge=1, le=65535)
+    from_: str = Field(alias="from", pattern=r"^[^@\s]+@[^@\s]+$")
+    to: list[str] = Field(min_length=1)
+    starttls: bool = False
+    username: Optional[str] = None
+    password_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    subject_prefix: str = "[safedl]"
+
+    @field_validator("to")
+    @classmethod
+    def _addresses(cls, to: list[str]) -> list[str]:
+        bad = [a for a in to if "@" not in a or any(c.isspace() for c in a)]
+        if bad:
+            raise ValueError(f"not an e-mail address: {', '.join(bad)}")
+        return to
+
+    @model_validator(mode="after")
+    def _login(self) -> "Email":
+        if (self.username is None) != (self.password_env is None):
+            raise ValueError("username and password_env go together (the password is read from that variable)")
+        return self
 
 
 class Sinks(_Strict):
     log: bool = True
     jsonl: Optional[Path] = None
     webhook: Optional[Webhook] = None
+    slack: Optional[Slack] = None
+    pagerduty: Optional[PagerDuty] = None
+    email: Optional[Email] = None
+
+
+class Routing(_Strict):
+    """What reaches the sinks: suppression of flapping, allow-listed keys, grouping across keys."""
+
+    suppress_s: float = Field(300.0, ge=0, le=86_400, description="an alert that fires again this soon after it "
+                              "resolved re-opens (same alert, no new notification); its resolution is announced "
+                              "only once it stayed resolved this long")
+    allow_keys: list[str] = Field(default_factory=list, description="key ids or names never alerted or acted on "
+                                                                    "(the team's own canary and scanner keys)")
+    group_s: float = Field(0.0, ge=0, le=3600, description="alerts of one rule firing on several keys within this "
+                           "many seconds go out as one grouped notification (0: one per alert)")
 
 
 class Actions(_Strict):
@@ -114,6 +237,7 @@ class MonitorConfig(_Strict):
     rules: list[Rule] = Field(default_factory=list)
     sinks: Sinks = Sinks()
     actions: Actions = Actions()
+    routing: Routing = Routing()
     max_keys: int = Field(10_000, ge=1)
     queue_size: int = Field(10_000, ge=1, description="predict batches waiting for the monitor worker, at most")
     queue_mb: float = Field(256.0, gt=0, description="... and at most this many MB of their pixels")

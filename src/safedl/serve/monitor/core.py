@@ -4,7 +4,10 @@
 The request path only enqueues (``observe``: a tuple into a bounded queue); one worker thread runs the detectors
 (stateful k-NN, Chen et al. 2019; PRADA, Juuti et al. 2019; query volume), adds the request to its key's and the
 global windows, evaluates the rules, and stores, notifies and acts on alerts. Alerts are deduplicated by
-(rule, key): while the condition holds, further matching requests only raise the alert's event count.
+(rule, key), i.e. by fingerprint: while the condition holds, further matching requests only raise the alert's event
+count; a rule with ``bands`` grades the alert's severity from its value and escalates it (notified) while firing.
+What reaches the sinks (suppression of flapping, grouping across keys) is ``routing.Router``'s; keys on
+``routing.allow_keys`` are never alerted or acted on.
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from safedl.serve.monitor.config import COMPARISONS, RATES, MonitorConfig, Rule
+from safedl.serve.monitor.config import COMPARISONS, RATES, SEVERITY_RANK, MonitorConfig, Rule
 from safedl.serve.monitor.metrics import MonitorMetrics
+from safedl.serve.monitor.routing import Router, fingerprint
 from safedl.serve.monitor.sinks import Notifier
 from safedl.serve.monitor.store import AlertStore, KeyActions, new_alert_id, strongest
 from safedl.serve.monitor.windows import Windows
@@ -45,6 +49,7 @@ class _Key:
     rejected: int = 0
     flags: dict = field(default_factory=lambda: {d: None for d in DETECTORS})
     gallery_at: float = float("-inf")
+    first_flag_at: float | None = None  # when a query detector first flagged the key (time to mitigate)
 
 
 def _window_span(rules: list[Rule]) -> tuple[int, float]:
@@ -92,6 +97,8 @@ class SecurityMonitor:
         self._queued_bytes = 0
         self._bytes_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._allow = frozenset(config.routing.allow_keys)
+        self.router = Router(config.routing, notify=notifier.notify, public=self.public)
 
     # -- request path ------------------------------------------------------------------------------------------
     def observe(self, key: ApiKey, x: torch.Tensor, decision_slice: dict, *, request_id: str | None = None,
@@ -137,7 +144,9 @@ class SecurityMonitor:
             self._queue.put(_STOP)
             self._thread.join(30.0)
             self._thread = None
-        self._save_dirty()
+        with self._lock:
+            self._save_dirty()
+            self.router.close()
         self.notifier.close()
         self.alerts.close()
 
@@ -198,8 +207,9 @@ class SecurityMonitor:
             self.global_windows.add(now, gvec)
             row = self._bucket(now)
             row[0], row[1], row[2] = row[0] + n, row[1] + nrej, row[2] + int(bool(flagged))
-            for rule in self.key_rules:
-                self._evaluate(rule, key_id, ks.windows, now, event=True)
+            if key_id not in self._allow and name not in self._allow:
+                for rule in self.key_rules:
+                    self._evaluate(rule, key_id, ks.windows, now, event=True)
             for rule in self.global_rules:
                 self._evaluate(rule, None, self.global_windows, now, event=True)
 
@@ -220,6 +230,7 @@ class SecurityMonitor:
         first = ks.flags[det] is None
         if first:
             ks.flags[det] = v.first_at or v.n_seen
+            ks.first_flag_at = ts if ks.first_flag_at is None else min(ks.first_flag_at, ts)
             self.metrics.flags.labels(det).inc()
             self.metrics.ttd.labels(det).observe(ks.flags[det])
             if det == "prada":
@@ -264,6 +275,7 @@ class SecurityMonitor:
                 alert["events"] += 1
             alert["value"], alert["last_at"] = value, now
             self._dirty.add(ident)
+            self._escalate(rule, alert, rule.graded(value))
         elif holds:
             since = self._pending.setdefault(ident, now)
             if now - since >= rule.for_s:
@@ -275,20 +287,44 @@ class SecurityMonitor:
                 self._resolve(rule, ident, alert, now)
 
     def _fire(self, rule: Rule, key_id: str | None, value: float, now: float) -> None:
-        alert = {"alert_id": new_alert_id(), "rule": rule.name, "severity": rule.severity, "key_id": key_id,
-                 "state": "firing", "started_at": now, "resolved_at": None, "last_at": now, "value": value,
-                 "events": 1, "action": rule.action, "metric": rule.metric, "threshold": rule.threshold,
-                 "bundle_version": self.bundle_version()}
-        self._firing[(rule.name, key_id)] = alert
-        self.alerts.upsert(alert)
-        self.metrics.fired.labels(rule.name, rule.severity).inc()
-        self.metrics.firing.labels(rule.name, rule.severity).inc()
-        self._bucket(now)[3] += 1
+        ident, severity = (rule.name, key_id), rule.graded(value)
+        alert = self.router.reopen(fingerprint(rule.name, key_id), now)
+        if alert is not None:  # it resolved less than routing.suppress_s ago: the same alert goes on, silently
+            alert.update(state="firing", resolved_at=None, last_at=now, value=value, events=alert["events"] + 1)
+            self._firing[ident] = alert
+            self.alerts.upsert(alert)
+            self.metrics.firing.labels(rule.name, alert["severity"]).inc()
+            self.metrics.suppressed.labels(rule.name).inc()
+            self._escalate(rule, alert, severity)
+        else:
+            alert = {"alert_id": new_alert_id(), "rule": rule.name, "severity": severity, "key_id": key_id,
+                     "state": "firing", "started_at": now, "resolved_at": None, "last_at": now, "value": value,
+                     "events": 1, "action": rule.action, "metric": rule.metric, "threshold": rule.threshold,
+                     "bundle_version": self.bundle_version()}
+            self._firing[ident] = alert
+            self.alerts.upsert(alert)
+            self.metrics.fired.labels(rule.name, severity).inc()
+            self.metrics.firing.labels(rule.name, severity).inc()
+            self._bucket(now)[3] += 1
+            self.router.fired(alert, now)
         if rule.action is not None and key_id is not None:
-            self._act(rule, key_id, alert, value)
-        self.notifier.notify({"event": "alert_fired", "alert": self.public(alert)})
+            self._act(rule, key_id, alert, value, now)
 
-    def _act(self, rule: Rule, key_id: str, alert: dict, value: float) -> None:
+    def _escalate(self, rule: Rule, alert: dict, severity: str) -> None:
+        """Raise a firing alert's severity to ``severity`` if that is higher (never lowers it while firing)."""
+        old = alert["severity"]
+        if SEVERITY_RANK[severity] <= SEVERITY_RANK.get(old, 0):
+            return
+        alert["severity"] = severity
+        self.alerts.upsert(alert)
+        self.metrics.firing.labels(rule.name, old).dec()
+        self.metrics.firing.labels(rule.name, severity).inc()
+        self.metrics.escalations.labels(rule.name, severity).inc()
+        log.warning("alert %s escalated: %s -> %s (value %.4g)", alert["alert_id"], old, severity, alert["value"],
+                    extra={"event": "alert_escalated", "alert_id": alert["alert_id"], "severity": severity})
+        self.router.escalated(alert)
+
+    def _act(self, rule: Rule, key_id: str, alert: dict, value: float, now: float) -> None:
         if any(a.action == rule.action for a in self.actions.active(key_id)):
             return
         params = {"factor": self.config.actions.throttle_factor} if rule.action == "throttle" else {}
@@ -296,6 +332,9 @@ class SecurityMonitor:
                             reason=f"rule {rule.name}: {rule.metric} {rule.comparison} {rule.threshold:g} "
                                    f"(value {value:.4g})")
         self.metrics.actions.labels(rule.action).inc()
+        ks = self._keys.get(key_id)
+        if ks is not None and ks.first_flag_at is not None:  # from the first query-detector flag to this action
+            self.metrics.ttm.labels(rule.action).observe(max(0.0, now - ks.first_flag_at))
         log.warning("key %s: %s (alert %s, rule %s)", key_id, rule.action, alert["alert_id"], rule.name,
                     extra={"event": "key_action", "key_id": key_id, "action": rule.action,
                            "alert_id": alert["alert_id"]})
@@ -305,8 +344,8 @@ class SecurityMonitor:
         del self._firing[ident]
         self._dirty.discard(ident)
         self.alerts.upsert(alert)
-        self.metrics.firing.labels(rule.name, rule.severity).dec()
-        self.notifier.notify({"event": "alert_resolved", "alert": self.public(alert)})
+        self.metrics.firing.labels(rule.name, alert["severity"]).dec()
+        self.router.resolved(alert, now)
 
     def tick(self) -> None:
         """Re-evaluate what time alone can change (time windows, for-durations), then save changed alerts."""
@@ -326,6 +365,7 @@ class SecurityMonitor:
                     elif ident in self._firing or ident in self._pending:
                         self._evaluate(rule, key_id, ks.windows, now, event=False)
             self._save_dirty()
+            self.router.tick(now)
 
     def _save_dirty(self) -> None:
         for ident in list(self._dirty):
@@ -335,8 +375,11 @@ class SecurityMonitor:
 
     @staticmethod
     def public(alert: dict) -> dict:
-        return {k: alert[k] for k in ("alert_id", "rule", "severity", "key_id", "state", "started_at", "resolved_at",
-                                      "value", "events", "action")}
+        """An alert as the summary and the sinks show it (its ``fingerprint`` included)."""
+        out = {k: alert.get(k) for k in ("alert_id", "rule", "severity", "key_id", "state", "started_at",
+                                          "resolved_at", "value", "events", "action", "metric", "threshold")}
+        out["fingerprint"] = fingerprint(alert["rule"], alert["key_id"])
+        return out
 
     # -- the summary -------------------------------------------------------------------------------------------
     def snapshot(self) -> dict:

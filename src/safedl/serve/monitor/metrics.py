@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _TTD_BUCKETS = (10, 25, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+_TTM_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
 class MonitorMetrics:
@@ -21,6 +22,12 @@ class MonitorMetrics:
         self.firing = Gauge("safedl_alerts_firing", "alerts firing now", ["rule", "severity"],
                             multiprocess_mode="livesum", registry=r)
         self.fired = Counter("safedl_alerts_fired", "alerts that started firing", ["rule", "severity"], registry=r)
+        self.escalations = Counter("safedl_alert_escalations", "firing alerts whose graded severity rose, by the "
+                                   "new severity", ["rule", "severity"], registry=r)
+        self.suppressed = Counter("safedl_alerts_suppressed", "firings that re-opened an alert resolved less than "
+                                  "routing.suppress_s ago (not notified again)", ["rule"], registry=r)
+        self.ttm = Histogram("safedl_time_to_mitigate_seconds", "seconds from a key's first query-detector flag to "
+                             "an automatic action on it", ["action"], buckets=_TTM_BUCKETS, registry=r)
         self.notifications = Counter("safedl_alert_notifications", "alert notifications by sink and outcome",
                                      ["sink", "outcome"], registry=r)
         self.actions = Counter("safedl_key_actions", "automatic key actions taken", ["action"], registry=r)

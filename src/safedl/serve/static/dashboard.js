@@ -7,7 +7,7 @@
   const STORE = "safedl.dashboard.key";
   const SUMMARY = "v1/monitor/summary";  // relative: works behind a path prefix too
   const SVG = "http://www.w3.org/2000/svg";
-  const SEVERITIES = ["critical", "warning", "info"];
+  const SEVERITIES = ["critical", "high", "medium", "warning", "low", "info"];
   const B64 = /^[A-Za-z0-9+/]*={0,2}$/;
   let timer = null;
   let updates = 0;

@@ -13,7 +13,6 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.engine import Connection, Engine
@@ -23,6 +22,7 @@ from safedl.serve.stores import engine as engines
 from safedl.serve.stores.schema import TABLES
 
 log = logging.getLogger("safedl.serve.stores")
+logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines per migration step; ours says what ran
 SCRIPT_LOCATION = Path(__file__).with_name("migrations")
 LOCK_KEY = 0x5AFED1_0001  # the advisory lock of safedl's schema (any one bigint, the same in every process)
 
@@ -47,8 +47,15 @@ def _known(revision: str) -> bool:
 
 
 def current(conn: Connection) -> str | None:
-    """The revision recorded in the database (None: none recorded)."""
-    return MigrationContext.configure(conn).get_current_revision()
+    """The revision recorded in the database (None: none recorded). Read directly (Alembic's MigrationContext
+    would log two lines on every store opened)."""
+    if not sa.inspect(conn).has_table("alembic_version"):
+        return None
+    rows = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
+    if len(rows) > 1:
+        raise UserError(f"{engines.target_of(conn.engine).display}: several schema revisions recorded "
+                        f"({', '.join(rows)}); this safedl keeps one")
+    return rows[0] if rows else None
 
 
 def _lock(conn: Connection) -> None:

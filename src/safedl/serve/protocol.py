@@ -45,6 +45,7 @@ _BODIES = {408: b"Request Timeout: no complete request in time",
 _MAX_HEAD_SCAN = 32 * 1024
 READ_SIZE = 16 * 1024          # one socket read at most
 BODY_BUFFER_LIMIT = 48 * 1024  # body bytes held for an app that has not read them: then reading pauses
+PENALIZED_LINGER_BYTES = 64 * 1024
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -296,20 +297,19 @@ class GuardedH11Protocol(H11Protocol):
     # -- closing
     def _begin_linger(self) -> None:
         """Half-close, then read and discard for at most linger_s / linger_max_bytes before closing (a client in
-        the slow lane: not read at all until then, so its upload costs no reads)."""
+        the slow lane: PENALIZED_LINGER_BYTES, so its uploads cost a few reads, not a megabyte each)."""
         raw = self._raw
         self._cancel_timers()
         if self._done or raw.is_closing():
             raw.close()
             return
-        self._tail, self._tail_left = "linger", self.limits.linger_max_bytes
+        # a client in the slow lane: discard little of what it still sends (its close is still seen at once)
+        budget = PENALIZED_LINGER_BYTES if self._lane_holds() else self.limits.linger_max_bytes
+        self._tail, self._tail_left = "linger", budget
         try:
             if raw.can_write_eof():  # not TLS: the peer reads the answer, then end of stream
                 raw.write_eof()
-            if self._lane_holds():  # a penalized client: it reads the answer, but what it still sends is not read
-                raw.pause_reading()
-            else:
-                raw.resume_reading()
+            raw.resume_reading()
         except (OSError, RuntimeError):
             raw.close()
             return

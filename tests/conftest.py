@@ -34,3 +34,14 @@ def tiny_model(digits_splits):
 def eval_batch(digits_splits):
     """128 test images and labels."""
     return digits_splits.test.x[:128].clone(), digits_splits.test.y[:128].clone()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (tests/_postgres.py): skipped without PostgreSQL's binaries,
+    a failure when CI is set; removed at the end of the session."""
+    from _postgres import Cluster, pg_bindir
+
+    cluster = Cluster(pg_bindir()).start()
+    yield cluster
+    cluster.remove()

@@ -1,5 +1,5 @@
 """The service's offline commands on hostile values: CSV injection in the audit export, key limits that are not
-finite positive numbers, and database URLs where this version takes only SQLite file paths."""
+finite positive numbers, and database values that are neither a file path nor a supported URL."""
 from __future__ import annotations
 
 import csv
@@ -15,7 +15,8 @@ from safedl.errors import UserError
 from safedl.serve.audit import AuditStore, export_rows
 from safedl.serve.keys import KeyStore
 
-URLS = ["postgresql://u@h/db", "sqlite:///keys.db", "./x/postgresql://u@h/db", "postgres://u:pw@10.0.0.1:5432/k"]
+URLS = ["mysql://u@h/db", "postgres://u:pw@10.0.0.1:5432/k", "./x/postgresql://u@h/db", "postgresql+asyncpg://u@h/db",
+        "sqlite://", "oracle://u:pw@h/db"]
 
 
 def _invoke(*args: str):
@@ -86,28 +87,48 @@ def test_keys_create_accepts_large_finite_limits(tmp_path):
 def _commands(url: str) -> list[list[str]]:
     return [["keys", "create", "--db", url, "--name", "ci"], ["keys", "list", "--db", url],
             ["keys", "revoke", "ci", "--db", url], ["keys", "actions", "--db", url],
-            ["keys", "restore", "ci", "--db", url], ["audit", "export", "--db", url, "--out", "out.csv"]]
+            ["keys", "restore", "ci", "--db", url], ["audit", "export", "--db", url, "--out", "out.csv"],
+            ["db", "upgrade", url]]
 
 
 @pytest.mark.parametrize("url", URLS)
-def test_every_db_option_refuses_urls_and_creates_nothing(tmp_path, monkeypatch, url):
+def test_every_db_option_refuses_unsupported_urls_and_creates_nothing(tmp_path, monkeypatch, url):
     monkeypatch.chdir(tmp_path)
     for args in _commands(url):
         res = _invoke(*args)
         assert res.exit_code == 2, (args, res.output)
-        assert "only SQLite file paths" in res.output and "PostgreSQL" in res.output and url in res.output, res.output
+        msg = res.output.strip().splitlines()[-1]
+        flag = "PATH_OR_URL" if args[0] == "db" else "--db"
+        assert msg.startswith(f"error: {flag} ") and "postgresql://" in msg and "sqlite:///" in msg, msg
+        assert url.replace(":pw@", ":***@") in msg and ":pw@" not in msg, msg  # the value, its password hidden
         assert list(tmp_path.iterdir()) == [], (args, list(tmp_path.iterdir()))
 
 
-@pytest.mark.parametrize("url", URLS)
-def test_stores_refuse_urls_given_as_text_or_as_paths(tmp_path, monkeypatch, url):
+@pytest.mark.parametrize("url", URLS + ["postgresql://u@h/db"])
+def test_stores_refuse_urls_given_as_paths_or_unsupported(tmp_path, monkeypatch, url):
     monkeypatch.chdir(tmp_path)
-    # Path() collapses '//' ("postgresql:/u@h/db"): a URL given as a Path must still be seen as one
-    for value in (url,) if url.startswith("./") else (url, Path(url)):
+    # Path() collapses '//' ("postgresql:/u@h/db"): a URL given as a Path is refused, never taken for a file
+    values = ([Path(url)] if url.startswith("postgresql://") else [url] if url.startswith("./")
+              else [url, Path(url)])
+    for value in values:
         for open_store in (lambda v: KeyStore(v, create=True), KeyStore, AuditStore):
-            with pytest.raises(UserError, match="only SQLite file paths"):
+            with pytest.raises(UserError, match="not a supported database|needs a file path"):
                 open_store(value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sqlite_urls_are_files_and_unreachable_postgres_exits_2_fast(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    res = _invoke("keys", "create", "--db", "sqlite:///sub/keys.db", "--name", "ci")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "sub" / "keys.db").is_file()
+    assert _invoke("keys", "list", "--db", "sub/keys.db").stdout.split()[1] == "ci"
+    t0 = time.monotonic()
+    res = _invoke("keys", "list", "--db", "postgresql://u:secret@127.0.0.1:1/db")  # nothing listens on port 1
+    assert res.exit_code == 2 and "cannot open the key database" in res.output, res.output
+    assert "secret" not in res.output and time.monotonic() - t0 < 10
 
 
 @pytest.mark.parametrize("path", ["keys.db", "sub/dir/keys.db", "weird:name.db", "a/b:/c.db"])

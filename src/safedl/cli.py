@@ -413,11 +413,12 @@ def verify_bundle(bundle: Path = typer.Argument(..., help="bundle directory"),
 
 
 # `safedl serve`, `safedl keys ...`, `safedl audit export`: the HTTP service (logic in safedl.serve.cli)
-from safedl.serve.cli import audit_app, keys_app, serve_command  # noqa: E402
+from safedl.serve.cli import audit_app, db_app, keys_app, serve_command  # noqa: E402
 
 app.command(name="serve")(serve_command)
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
+app.add_typer(db_app, name="db")
 
 from safedl.serve.monitor.cli import monitor_app  # noqa: E402
 

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from safedl.serve.http import AuditedRoute, authorized, context_of, finite, read_body
 from safedl.serve.keys import ApiKey
 from safedl.serve.request import ApiError
+from safedl.serve.stores.engine import StoreUnavailable
 from safedl.serve.schemas import ErrorResponse
 from safedl.serve.swap import SwapRefused
 
@@ -59,6 +60,10 @@ def admin_router() -> APIRouter:
         if svc.monitor is None:
             raise ApiError(404, "monitor_off", "the security monitor is off; start the service with "
                                                "--monitor-config FILE")
-        return JSONResponse(finite(await to_thread.run_sync(svc.monitor.snapshot)))
+        try:
+            return JSONResponse(finite(await to_thread.run_sync(svc.monitor.snapshot)))
+        except StoreUnavailable as exc:  # the alert store (audit database) cannot answer: fail closed, not 500
+            raise ApiError(503, "store_unavailable", f"the monitor's alert store is unavailable ({exc})",
+                           {"Retry-After": "5"}) from None
 
     return router

@@ -1,108 +1,156 @@
-"""The audit log: one row per request and image, committed before the response is sent (SQLite, WAL).
+"""The audit log: one row per request and image, committed before the response is sent (a SQLite file or a
+PostgreSQL database: serve/stores/engine.py).
 
 A single writer thread commits the rows of all requests waiting at that moment in one transaction (group commit)
-and then releases them (when it is idle, a worker thread may commit its request's rows itself, saving a hand-off); a request whose rows could not be committed (read-only or full location, locked database)
-is answered 503, never without a record. With WAL and ``synchronous=NORMAL`` a committed transaction survives a
-killed server process (only an operating-system crash can lose the last transactions; pass ``synchronous="FULL"``
-to rule that out too, at a higher cost per commit).
+and then releases them (when it is idle, a worker thread may commit its request's rows itself, saving a hand-off); a
+request whose rows could not be committed (read-only or full location, locked or unreachable database, exhausted
+pool) is answered 503, never without a record, and the store recovers by itself once the database answers again.
+On SQLite, with WAL and ``synchronous=NORMAL`` a committed transaction survives a killed server process (only an
+operating-system crash can lose the last transactions; pass ``synchronous="FULL"`` to rule that out too, at a
+higher cost per commit); on PostgreSQL a commit is durable as the server is configured.
+
+``max_bytes`` (``--audit-max-mb``) caps what the audit rows take: on SQLite the file may not grow past the empty
+schema's pages plus ``max_bytes`` (a hard limit, ``PRAGMA max_page_count``); on PostgreSQL the summed
+``pg_total_relation_size`` of the audit tables (schema.AUDIT_TABLES, indexes and TOAST included), checked before
+every group commit, so one group may overshoot it; deleted rows free space there only after VACUUM.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
+import functools
 import io
 import json
 import logging
+import os
 import queue
-import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from safedl.errors import SafedlError, UserError
-from safedl.serve._sqlite import connect, immediate
-from safedl.serve.dburl import sqlite_path
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from safedl.errors import UserError
+from safedl.serve.stores import engine as engines
+from safedl.serve.stores import sqlite as sqlite_settings
+from safedl.serve.stores.migrate import ensure_schema
+from safedl.serve.stores.schema import AUDIT_COLUMNS, AUDIT_TABLES, audit, metadata
 from safedl.utils.io import atomic_write_text
 
 log = logging.getLogger("safedl.serve.audit")
 
-COLUMNS = ("ts", "request_id", "image_index", "key_id", "client", "endpoint", "http_status", "error", "tier",
-           "input_sha256", "shape", "label", "class_name", "confidence", "rejected", "reason", "detector_scores",
-           "latency_ms", "bundle_version")
-_TYPES = {"ts": "REAL NOT NULL", "request_id": "TEXT NOT NULL", "image_index": "INTEGER", "http_status": "INTEGER NOT NULL",
-          "label": "INTEGER", "confidence": "REAL", "rejected": "INTEGER", "latency_ms": "REAL"}
-_SCHEMA = ("CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-           + ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in COLUMNS) + ");"
-           "CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);"
-           "CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);"
-           # failures before authentication, aggregated (serve/unauth.py): one row per client, minute, endpoint, code
-           "CREATE TABLE IF NOT EXISTS unauthenticated (minute INTEGER NOT NULL, client TEXT NOT NULL, "
-           "endpoint TEXT NOT NULL, code TEXT NOT NULL, count INTEGER NOT NULL, "
-           "PRIMARY KEY (minute, client, endpoint, code));")
-_UPSERT = ("INSERT INTO unauthenticated (minute, client, endpoint, code, count) VALUES (?, ?, ?, ?, ?) "
-           "ON CONFLICT (minute, client, endpoint, code) DO UPDATE SET count = count + excluded.count")
+COLUMNS = AUDIT_COLUMNS
 # Aggregated rows stop being written once the database holds this share of --audit-max-mb: the rest of the cap is
 # kept for the rows of authenticated requests, so keyless traffic can never make legit requests fail.
 UNAUTHENTICATED_SHARE = 0.9
-_INSERT = f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+POOL_SIZE = 2  # the writer thread and one inline commit at a time (``_conn_lock`` serializes them anyway)
 _STOP = object()
+_UNAUTH_KEY = ("minute", "client", "endpoint", "code")
+_UNAUTH_UPSERT = engines.Hot(
+    "INSERT INTO unauthenticated (minute, client, endpoint, code, count) VALUES (:minute, :client, :endpoint, :code, "
+    ":count) ON CONFLICT (minute, client, endpoint, code) DO UPDATE SET count = unauthenticated.count + "
+    "excluded.count")
+_PAGE_SIZE, _PAGE_COUNT = engines.Hot("PRAGMA page_size"), engines.Hot("PRAGMA page_count")
+_PG_SIZE = engines.Hot("SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(t))), 0) "
+                       "FROM unnest(CAST(:tables AS text[])) AS t")
+_INSERT = engines.Hot(f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join(':' + c for c in COLUMNS)})")
 
 
-class AuditUnavailable(SafedlError, RuntimeError):
+class AuditUnavailable(engines.StoreUnavailable):
     """The audit rows could not be committed: the request must not be answered (HTTP 503)."""
 
 
-class AuditStore:
-    """``submit(rows) -> Future`` resolved once the rows are committed; ``start()`` / ``close()`` run the writer."""
+@functools.lru_cache(maxsize=1)
+def empty_schema_pages() -> int:
+    """Pages of a SQLite database holding only the empty schema (what --audit-max-mb does not count)."""
+    eng = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool)
+    with eng.begin() as conn:
+        metadata.create_all(conn)
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+                             "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))")
+        pages = int(conn.exec_driver_sql("PRAGMA page_count").scalar())
+    eng.dispose()
+    return pages
 
-    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL", max_group: int = 512,
-                 max_bytes: int | None = None):
-        self.path = sqlite_path(path, what="audit database")
-        self.max_bytes = max_bytes  # size cap of the database file: once reached, requests are answered 503
+
+class AuditStore:
+    """``submit(rows) -> Future`` resolved once the rows are committed; ``start()`` / ``close()`` run the writer.
+
+    The database is opened (and its schema created or checked) here: a schema of another revision raises
+    UserError; a location that cannot be opened yet leaves the store unhealthy (503) until it can."""
+
+    def __init__(self, path: str | os.PathLike, *, synchronous: str = "NORMAL", max_group: int = 512,
+                 max_bytes: int | None = None, flag: str = "--audit"):
+        self.target = engines.parse_target(path, flag=flag)
+        self.path: Path | str = self.target.path if self.target.is_sqlite else self.target.display
+        self.flag = flag
+        self.max_bytes = max_bytes  # cap of what the audit rows take: once reached, requests are answered 503
         self.synchronous = synchronous
         self.max_group = max_group
         self.healthy = False
         self.last_error: str | None = None
-        self._conn: sqlite3.Connection | None = None
+        self.engine: sa.Engine | None = None
+        self._ready = False
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._conn_lock = threading.Lock()  # one transaction at a time: the writer's or an inline one
+        self._open(first=True)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._open()
+        if self._ready:
+            self.healthy, self.last_error = True, None
+        else:
+            self._open()
         self._thread = threading.Thread(target=self._run, name="safedl-audit", daemon=True)
         self._thread.start()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Commit everything queued, checkpoint the WAL and close (graceful shutdown)."""
+        """Commit everything queued, checkpoint the SQLite WAL and close (graceful shutdown)."""
         if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join(timeout)
             self._thread = None
-        if self._conn is not None:
+        if self.engine is not None:
             try:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                self._conn.close()
-            except sqlite3.Error as exc:
+                engines.checkpoint(self.engine)
+            except sa.exc.SQLAlchemyError as exc:
                 log.warning("audit close: %s", exc)
-            self._conn = None
+            self.engine.dispose()
+        self._ready = False
 
-    def _open(self) -> bool:
+    def _engine(self) -> sa.Engine:
+        if self.engine is None:
+            if self.target.is_sqlite:
+                self.target.path.parent.mkdir(parents=True, exist_ok=True)
+            eng = engines.open_engine(self.target, flag=self.flag, synchronous=self.synchronous,
+                                      pool_size=POOL_SIZE, max_overflow=2)
+            if self.target.is_sqlite and self.max_bytes is not None:
+                pages = empty_schema_pages() + max(1, int(self.max_bytes) // 4096)
+
+                @event.listens_for(eng, "connect")
+                def _cap(dbapi_conn: Any, record: Any) -> None:
+                    sqlite_settings.set_max_pages(dbapi_conn, pages)
+            self.engine = eng
+        return self.engine
+
+    def _open(self, *, first: bool = False) -> bool:
+        """Open the database and create or check its schema; False (unhealthy) when it cannot be opened yet. A
+        schema of another revision raises UserError the first time (the server does not start), later it only
+        keeps the store unhealthy."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = connect(self.path, synchronous=self.synchronous)
-            conn.executescript(_SCHEMA)
-            if self.max_bytes is not None:
-                page = conn.execute("PRAGMA page_size").fetchone()[0]
-                conn.execute(f"PRAGMA max_page_count={max(1, int(self.max_bytes) // page)}")
-            self._conn = conn
-            self.healthy, self.last_error = True, None
+            ensure_schema(self._engine(), what=f"audit database {self.path}")
+            self._ready = True
             return True
-        except (sqlite3.Error, OSError) as exc:
+        except (engines.StoreUnavailable, OSError) as exc:
             self._fail(f"cannot open the audit database {self.path}: {exc}")
-            return False
+        except UserError as exc:
+            if first:
+                raise
+            self._fail(str(exc))
+        return False
 
     def _fail(self, message: str) -> None:
         if self.healthy or self.last_error != message:
@@ -156,31 +204,43 @@ class AuditStore:
         the caller counts them)."""
         if not rows or self._thread is None:
             return 0
+        merged: dict[tuple, int] = {}
+        for r in rows:  # one row per key: PostgreSQL refuses to update one row twice in a statement
+            k = tuple(r[c] for c in _UNAUTH_KEY)
+            merged[k] = merged.get(k, 0) + int(r["count"])
         with self._conn_lock:
             try:
-                if self._conn is None or (self.max_bytes is not None and self._size() >= UNAUTHENTICATED_SHARE
-                                          * self.max_bytes):
+                if not self._ready and not self._open():
                     return 0
-                with immediate(self._conn):
-                    self._conn.executemany(_UPSERT, [(r["minute"], r["client"], r["endpoint"], r["code"], r["count"])
-                                                     for r in rows])
-                return len(rows)
-            except (sqlite3.Error, OSError) as exc:
+                with engines.hot(self.engine, what=f"audit database {self.path}", transaction=True) as conn:
+                    if self.max_bytes is not None and self._size(conn) >= UNAUTHENTICATED_SHARE * self.max_bytes:
+                        return 0
+                    _UNAUTH_UPSERT.run_many(conn, [dict(zip(_UNAUTH_KEY, k), count=n) for k, n in merged.items()])
+                return len(merged)
+            except (engines.StoreUnavailable, OSError) as exc:
                 log.warning("aggregated unauthenticated counts not written: %s", exc)
                 return 0
 
-    def _size(self) -> int:
-        page, count = (self._conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_size", "page_count"))
-        return int(page) * int(count)
+    def _size(self, conn: engines.HotConnection) -> int:
+        """What the audit rows take, in bytes (see the module's note on ``max_bytes``)."""
+        if not conn.postgresql:
+            (page,), = _PAGE_SIZE.run(conn, {})
+            (count,), = _PAGE_COUNT.run(conn, {})
+            return max(0, int(count) - empty_schema_pages()) * int(page)
+        (size,), = _PG_SIZE.run(conn, {"tables": list(AUDIT_TABLES)})
+        return int(size)
 
     def _write(self, rows: list[tuple]) -> None:
         try:
-            if self._conn is None and not self._open():
+            if not self._ready and not self._open():
                 raise AuditUnavailable(self.last_error or "audit database unavailable")
-            with immediate(self._conn):
-                self._conn.executemany(_INSERT, rows)
+            with engines.hot(self.engine, what=f"audit write to {self.path}", transaction=True) as conn:
+                if self.max_bytes is not None and conn.postgresql and self._size(conn) >= self.max_bytes:
+                    raise AuditUnavailable(f"the audit tables reached --audit-max-mb "
+                                           f"({self.max_bytes / 2**20:g} MB)")
+                _INSERT.run_many(conn, [dict(zip(COLUMNS, r)) for r in rows])
             self.healthy, self.last_error = True, None
-        except (sqlite3.Error, OSError) as exc:
+        except (engines.StoreUnavailable, OSError) as exc:
             self._fail(f"audit write to {self.path} failed: {exc}")
             raise AuditUnavailable(str(exc)) from None
 
@@ -216,20 +276,23 @@ def parse_time(text: str | None, *, flag: str) -> float | None:
     return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def read_rows(db: str | Path, *, since: float | None = None, until: float | None = None) -> Iterator[dict]:
-    db = sqlite_path(db, what="--db")
-    if not db.is_file():
-        raise UserError(f"--db {db}: no such audit database")
+def read_rows(db: str | os.PathLike, *, since: float | None = None, until: float | None = None) -> Iterator[dict]:
+    """The audit rows in [since, until), oldest first (the table is read as it is: any schema revision)."""
+    target = engines.parse_target(db, flag="--db")
+    if target.is_sqlite and not target.path.is_file():
+        raise UserError(f"--db {target.display}: no such audit database")
+    eng = engines.open_engine(target, flag="--db", pool_size=1, max_overflow=0)
+    query = (sa.select(audit.c.id, *(audit.c[c] for c in COLUMNS))
+             .where(audit.c.ts >= (since if since is not None else float("-inf")),
+                    audit.c.ts < (until if until is not None else float("inf"))).order_by(audit.c.id))
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        cur = conn.execute(f"SELECT id, {', '.join(COLUMNS)} FROM audit WHERE ts >= ? AND ts < ? ORDER BY id",
-                           (since if since is not None else float("-inf"), until if until is not None else float("inf")))
-        names = [d[0] for d in cur.description]
-        for row in cur:
-            yield dict(zip(names, row))
-        conn.close()
-    except sqlite3.Error as exc:
-        raise UserError(f"--db {db}: cannot read the audit table ({exc})") from None
+        with eng.connect() as conn:
+            for row in conn.execute(query):
+                yield dict(row._mapping)
+    except sa.exc.SQLAlchemyError as exc:
+        raise UserError(f"--db {target.display}: cannot read the audit table ({engines.first_line(exc)})") from None
+    finally:
+        eng.dispose()
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

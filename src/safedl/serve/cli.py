@@ -1,4 +1,5 @@
-"""The service's commands (``safedl serve``, ``safedl keys ...``, ``safedl audit export``), mounted by safedl.cli.
+"""The service's commands (``safedl serve``, ``safedl keys ...``, ``safedl audit export``, ``safedl db upgrade``),
+mounted by safedl.cli. Every database option takes PATH_OR_URL: a SQLite file or a PostgreSQL URL.
 Heavy imports (FastAPI, torch) happen inside the commands, so ``safedl --help`` stays fast."""
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from safedl.errors import UserError
 
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys of `safedl serve`.")
 audit_app = typer.Typer(no_args_is_help=True, help="Read the audit log of `safedl serve`.")
+db_app = typer.Typer(no_args_is_help=True, help="The schema of the service's databases (keys, audit).")
+DB_HELP = "a SQLite file path or a PostgreSQL URL (postgresql://USER@HOST/DB)"
 
 
 def _fail(exc: BaseException) -> None:
@@ -22,8 +25,9 @@ def _fail(exc: BaseException) -> None:
 
 def serve_command(
         bundle: Path = typer.Argument(..., help="a bundle directory from `safedl export` (verified at start)"),
-        keys: Path = typer.Option(..., "--keys", help="API key database (`safedl keys create --db PATH`)"),
-        audit: Path = typer.Option(Path("audit.db"), "--audit", help="audit log (SQLite, WAL)"),
+        keys: str = typer.Option(..., "--keys", help="API key database (`safedl keys create --db PATH_OR_URL`): "
+                                                     + DB_HELP),
+        audit: str = typer.Option("audit.db", "--audit", help="audit log and monitor alerts: " + DB_HELP),
         audit_max_mb: Optional[float] = typer.Option(None, "--audit-max-mb",
                                                       help="cap of the audit database; above it requests get 503"),
         host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on"),
@@ -98,7 +102,8 @@ def serve_command(
 
 
 @keys_app.command("create")
-def keys_create(db: str = typer.Option(..., "--db", help="key database, a SQLite file (created if missing)"),
+def keys_create(db: str = typer.Option(..., "--db", help="key database (a SQLite file is created if missing): "
+                                                          + DB_HELP),
                 name: str = typer.Option(..., "--name"),
                 tier: str = typer.Option("rounded", "--tier", help="output tier: full, rounded, topk or label"),
                 scopes: str = typer.Option("predict,model", "--scopes", help="comma-separated: predict, model, admin (bundle swap, monitor, metrics), metrics (the Prometheus scraper)"),
@@ -106,15 +111,15 @@ def keys_create(db: str = typer.Option(..., "--db", help="key database, a SQLite
                 burst: int = typer.Option(40, "--burst", help="requests allowed at once (>= 1)"),
                 quota: int = typer.Option(100_000, "--quota", help="images per UTC day (>= 1)")) -> None:
     """Create a key and print it once (only its hash is stored). A value not allowed: exit 2, nothing written."""
-    from safedl.serve.dburl import sqlite_path
     from safedl.serve.keys import KeyStore, check_key_settings
+    from safedl.serve.stores.engine import parse_target
 
     try:
         settings = dict(name=name, tier=tier, scopes=tuple(s.strip() for s in scopes.split(",") if s.strip()),
                         rate_per_s=rate, burst=burst, daily_quota=quota)
-        path = sqlite_path(db, what="--db")
+        target = parse_target(db, flag="--db")
         check_key_settings(**settings)  # before the database is created
-        key, token = KeyStore(path, create=True).create(**settings)
+        key, token = KeyStore(target, create=True, flag="--db").create(**settings)
     except UserError as exc:
         _fail(exc)
     sys.stderr.write(f"created key {key.name} (id {key.key_id}, tier {key.tier}); store it now, it is not shown again:\n")
@@ -122,14 +127,13 @@ def keys_create(db: str = typer.Option(..., "--db", help="key database, a SQLite
 
 
 @keys_app.command("list")
-def keys_list(db: str = typer.Option(..., "--db", help="key database (a SQLite file)"),
+def keys_list(db: str = typer.Option(..., "--db", help="key database: " + DB_HELP),
               as_json: bool = typer.Option(False, "--json", help="one JSON object per line")) -> None:
     """List keys (never their secrets)."""
-    from safedl.serve.dburl import sqlite_path
     from safedl.serve.keys import KeyStore
 
     try:
-        keys = KeyStore(sqlite_path(db, what="--db")).list()
+        keys = KeyStore(db, flag="--db").list()
     except UserError as exc:
         _fail(exc)
     for k in keys:
@@ -142,31 +146,29 @@ def keys_list(db: str = typer.Option(..., "--db", help="key database (a SQLite f
 
 @keys_app.command("revoke")
 def keys_revoke(name: str = typer.Argument(..., help="key name or id"),
-                db: str = typer.Option(..., "--db", help="key database (a SQLite file)")) -> None:
+                db: str = typer.Option(..., "--db", help="key database: " + DB_HELP)) -> None:
     """Revoke a key: the service answers 401 to it from its next request on."""
-    from safedl.serve.dburl import sqlite_path
     from safedl.serve.keys import KeyStore
 
     try:
-        key = KeyStore(sqlite_path(db, what="--db")).revoke(name)
+        key = KeyStore(db, flag="--db").revoke(name)
     except UserError as exc:
         _fail(exc)
     typer.echo(f"revoked {key.name} ({key.key_id})")
 
 
 @keys_app.command("actions")
-def keys_actions(db: str = typer.Option(..., "--db", help="key database (a SQLite file)"),
+def keys_actions(db: str = typer.Option(..., "--db", help="key database: " + DB_HELP),
                  show_all: bool = typer.Option(False, "--all", help="also the restored ones"),
                  as_json: bool = typer.Option(False, "--json", help="one JSON object per line")) -> None:
     """List the security monitor's automatic key actions (throttle, labels_only, block): who, what, when, why."""
     import dataclasses
 
-    from safedl.serve.dburl import sqlite_path
     from safedl.serve.keys import KeyStore
     from safedl.serve.monitor.store import KeyActions
 
     try:
-        store = KeyStore(sqlite_path(db, what="--db"))
+        store = KeyStore(db, flag="--db")
         acts = KeyActions(store)
         rows = acts.history() if show_all else acts.active()
         names = {k.key_id: k.name for k in store.list()}
@@ -182,16 +184,15 @@ def keys_actions(db: str = typer.Option(..., "--db", help="key database (a SQLit
 
 @keys_app.command("restore")
 def keys_restore(name: str = typer.Argument(..., help="key name or id"),
-                 db: str = typer.Option(..., "--db", help="key database (a SQLite file)"),
+                 db: str = typer.Option(..., "--db", help="key database: " + DB_HELP),
                  action: Optional[str] = typer.Option(None, "--action",
                                                       help="only this action (default: all)")) -> None:
     """Lift the monitor's active actions on a key (works on a running server: it reads them on every request)."""
-    from safedl.serve.dburl import sqlite_path
     from safedl.serve.keys import KeyStore
     from safedl.serve.monitor.store import KeyActions
 
     try:
-        lifted = KeyActions(KeyStore(sqlite_path(db, what="--db"))).restore(name, action=action)
+        lifted = KeyActions(KeyStore(db, flag="--db")).restore(name, action=action)
     except UserError as exc:
         _fail(exc)
     if not lifted:
@@ -207,19 +208,44 @@ def _iso(ts: float) -> str:
 
 
 @audit_app.command("export")
-def audit_export(db: str = typer.Option("audit.db", "--db", help="the service's audit database (a SQLite file)"),
+def audit_export(db: str = typer.Option("audit.db", "--db", help="the service's audit database: " + DB_HELP),
                  out: Path = typer.Option(..., "--out", help="output file"),
                  fmt: Optional[str] = typer.Option(None, "--format", help="csv or jsonl (default: from --out suffix)"),
                  since: Optional[str] = typer.Option(None, "--since", help="ISO 8601 start (inclusive, UTC if naive)"),
                  until: Optional[str] = typer.Option(None, "--until", help="ISO 8601 end (exclusive)")) -> None:
     """Write the audit rows of a time range as CSV or JSONL."""
     from safedl.serve.audit import export_rows, parse_time
-    from safedl.serve.dburl import sqlite_path
 
     try:
         fmt = fmt or ("jsonl" if out.suffix.lower() in (".jsonl", ".json") else "csv")
-        n = export_rows(sqlite_path(db, what="--db"), out, fmt=fmt, since=parse_time(since, flag="--since"),
+        n = export_rows(db, out, fmt=fmt, since=parse_time(since, flag="--since"),
                         until=parse_time(until, flag="--until"))
     except UserError as exc:
         _fail(exc)
     typer.echo(f"wrote {n} rows to {out}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(target: str = typer.Argument(..., metavar="PATH_OR_URL", help="the key or audit database: "
+                                                                             + DB_HELP)) -> None:
+    """Bring a database to this safedl's schema revision, keeping its rows (back it up first). A database written
+    by a safedl from before revisions is adopted. Servers starting meanwhile wait for it (the schema lock); stop
+    the servers of the older safedl first: they do not check the revision again once started."""
+    from safedl.serve.stores import engine as engines
+    from safedl.serve.stores.migrate import upgrade
+
+    try:
+        where = engines.parse_target(target, flag="PATH_OR_URL")
+        if where.is_sqlite and not where.path.is_file():
+            raise UserError(f"PATH_OR_URL {where.display}: no such database file")
+        eng = engines.open_engine(where, flag="PATH_OR_URL")
+        try:
+            before, after = upgrade(eng, what=where.display)
+        except engines.StoreUnavailable as exc:
+            raise UserError(f"{where.display}: cannot open the database ({exc})") from None
+        finally:
+            eng.dispose()
+    except UserError as exc:
+        _fail(exc)
+    typer.echo(f"{where.display}: schema at revision {after}" + ("" if before == after else
+                                                                 f" (was {before or 'unversioned'})"))

@@ -12,12 +12,17 @@ import numbers
 import re
 import secrets
 import time
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
 from safedl.errors import UserError
-from safedl.serve._sqlite import PerThread, connect
-from safedl.serve.dburl import sqlite_path
+from safedl.serve.stores import engine as engines
+from safedl.serve.stores.migrate import ensure_schema
+from safedl.serve.stores.schema import api_keys
 from safedl.serve.tiers import TIERS
 
 SCOPES = ("predict", "model", "admin", "metrics")  # metrics: the Prometheus scraper (admin may too)
@@ -29,14 +34,6 @@ MAX_RATE_PER_S = 1e9          # upper bounds of a key's limits: finite, and exac
 MAX_BURST = 10**12
 MAX_DAILY_QUOTA = 10**15
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, secret_sha256 TEXT NOT NULL, tier TEXT NOT NULL,
-    scopes TEXT NOT NULL, rate_per_s REAL NOT NULL, burst INTEGER NOT NULL, daily_quota INTEGER NOT NULL,
-    created_at REAL NOT NULL, revoked_at REAL);
-CREATE TABLE IF NOT EXISTS rate_state (
-    key_id TEXT PRIMARY KEY, tokens REAL NOT NULL, updated_at REAL NOT NULL, day TEXT NOT NULL, used INTEGER NOT NULL);
-"""
 
 
 def well_formed(token: str | None) -> bool:
@@ -101,26 +98,35 @@ def _row_to_key(row: tuple) -> ApiKey:
                   rate_per_s=rate, burst=burst, daily_quota=quota, created_at=created, revoked_at=revoked)
 
 
-_COLS = "key_id, name, tier, scopes, rate_per_s, burst, daily_quota, created_at, revoked_at"
+_COLS = ("key_id", "name", "tier", "scopes", "rate_per_s", "burst", "daily_quota", "created_at", "revoked_at")
+_SELECT = sa.select(*(api_keys.c[c] for c in _COLS))
+# the lookup of every request, on the DBAPI cursor (engines.Hot)
+_BY_ID = engines.Hot(f"SELECT {', '.join(_COLS)}, secret_sha256 FROM api_keys WHERE key_id = :key_id")
 
 
 class KeyStore:
-    """The key database (SQLite, WAL); safe to use from many threads and processes at once."""
+    """The key database (a SQLite file or a PostgreSQL URL: serve/stores/engine.py); safe to use from many
+    threads, processes and replicas at once. ``engine`` is shared with the rate limiter and the key actions."""
 
-    def __init__(self, path: str | Path, *, create: bool = False):
-        self.path = sqlite_path(path, what="key database")
-        if not create and not self.path.is_file():
-            raise UserError(f"--keys {self.path}: no such key database; create one with "
+    def __init__(self, path: str | os.PathLike, *, create: bool = False, flag: str = "--keys"):
+        target = engines.parse_target(path, flag=flag)
+        self.target = target
+        self.path: Path | str = target.path if target.is_sqlite else target.display
+        if target.is_sqlite and not create and not target.path.is_file():
+            raise UserError(f"{flag} {self.path}: no such key database; create one with "
                             f"`safedl keys create --db {self.path} --name NAME`")
+        self.engine = engines.open_engine(target, flag=flag, create=create)
         try:
-            if create:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = connect(self.path)
-            conn.executescript(_SCHEMA)
-            conn.close()
-        except Exception as exc:  # sqlite3.Error or OSError
+            ensure_schema(self.engine, what="key database")
+        except engines.StoreUnavailable as exc:
+            self.engine.dispose()
             raise UserError(f"{self.path}: cannot open the key database ({exc})") from exc
-        self.conns = PerThread(self.path)
+        except UserError:
+            self.engine.dispose()
+            raise
+
+    def _what(self) -> str:
+        return f"key database {self.path}"
 
     def create(self, *, name: str, tier: str = "rounded", scopes: tuple[str, ...] = DEFAULT_SCOPES,
                rate_per_s: float = 20.0,
@@ -132,29 +138,35 @@ class KeyStore:
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         key = ApiKey(key_id=key_id, name=name, tier=tier, scopes=tuple(scopes), rate_per_s=float(rate_per_s),
                      burst=int(burst), daily_quota=int(daily_quota), created_at=time.time())
-        conn = self.conns.get()
-        if conn.execute("SELECT 1 FROM api_keys WHERE name=?", (name,)).fetchone():
-            raise UserError(f"--name {name!r}: a key with this name exists in {self.path}")
-        conn.execute(f"INSERT INTO api_keys ({_COLS}, secret_sha256) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                     (key_id, name, tier, ",".join(scopes), key.rate_per_s, key.burst, key.daily_quota,
-                      key.created_at, None, _hash(secret)))
+        try:
+            with engines.write(self.engine, what=self._what()) as conn:
+                conn.execute(api_keys.insert().values(
+                    key_id=key_id, name=name, tier=tier, scopes=",".join(scopes), rate_per_s=key.rate_per_s,
+                    burst=key.burst, daily_quota=key.daily_quota, created_at=key.created_at, revoked_at=None,
+                    secret_sha256=_hash(secret)))
+        except sa_exc.IntegrityError:
+            raise UserError(f"--name {name!r}: a key with this name exists in {self.path}") from None
         return key, f"sdl_{key_id}_{secret}"
 
     def list(self) -> list[ApiKey]:
-        rows = self.conns.get().execute(f"SELECT {_COLS} FROM api_keys ORDER BY created_at").fetchall()
-        return [_row_to_key(r) for r in rows]
+        with engines.read(self.engine, what=self._what()) as conn:
+            rows = conn.execute(_SELECT.order_by(api_keys.c.created_at)).all()
+        return [_row_to_key(tuple(r)) for r in rows]
 
     def revoke(self, name_or_id: str) -> ApiKey:
-        conn = self.conns.get()
-        row = conn.execute(f"SELECT {_COLS} FROM api_keys WHERE name=? OR key_id=?", (name_or_id, name_or_id)).fetchone()
-        if row is None:
-            raise UserError(f"{name_or_id!r}: no key with this name or id in {self.path}")
-        if row[-1] is None:
-            conn.execute("UPDATE api_keys SET revoked_at=? WHERE key_id=?", (time.time(), row[0]))
-        return _row_to_key(conn.execute(f"SELECT {_COLS} FROM api_keys WHERE key_id=?", (row[0],)).fetchone())
+        match = sa.or_(api_keys.c.name == name_or_id, api_keys.c.key_id == name_or_id)
+        with engines.write(self.engine, what=self._what()) as conn:
+            row = conn.execute(_SELECT.where(match)).first()
+            if row is None:
+                raise UserError(f"{name_or_id!r}: no key with this name or id in {self.path}")
+            conn.execute(api_keys.update().where(api_keys.c.key_id == row.key_id, api_keys.c.revoked_at.is_(None))
+                         .values(revoked_at=time.time()))
+            row = conn.execute(_SELECT.where(api_keys.c.key_id == row.key_id)).first()
+        return _row_to_key(tuple(row))
 
     def authenticate(self, token: str | None) -> ApiKey | None:
-        """The live key this token belongs to, or None (unknown, malformed, wrong secret or revoked).
+        """The live key this token belongs to, or None (unknown, malformed, wrong secret or revoked); raises
+        StoreUnavailable when the database cannot answer.
 
         The secret's hash is compared with ``hmac.compare_digest``, and an unknown id is compared against a dummy
         hash, so timing does not tell a wrong secret from an unknown key.
@@ -163,13 +175,13 @@ class KeyStore:
         key_id, secret = (m.group(1), m.group(2)) if m else ("", "x")
         row = None
         if m:
-            row = self.conns.get().execute(f"SELECT {_COLS}, secret_sha256 FROM api_keys WHERE key_id=?",
-                                           (key_id,)).fetchone()
+            with engines.hot(self.engine, what=self._what()) as conn:
+                row = next(iter(_BY_ID.run(conn, {"key_id": key_id})), None)
         stored = row[-1] if row else _DUMMY_HASH
         ok = hmac.compare_digest(stored, _hash(secret))
         if not (ok and row and m) or row[-2] is not None:
             return None
-        return _row_to_key(row[:-1])
+        return _row_to_key(tuple(row)[:-1])
 
     def close(self) -> None:
-        self.conns.close()
+        self.engine.dispose()

@@ -9,6 +9,7 @@ from safedl.errors import UserError
 from safedl.serve.config import ServeConfig
 from safedl.serve.protocol import ConnectionLimits
 from safedl.serve.slow_lane import SlowLaneLimits
+from safedl.serve.stores.engine import parse_target
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_WORKERS = 64
@@ -21,8 +22,8 @@ class ServeOptions:
     socket (serve/workers.py); picklable, so a worker gets it through its start pipe, never its environment."""
 
     bundle_path: Path
-    keys_db: Path
-    audit_db: Path = Path("audit.db")
+    keys_db: str | Path                 # PATH_OR_URL (serve/stores/engine.py)
+    audit_db: str | Path = Path("audit.db")
     audit_max_bytes: int | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -38,6 +39,8 @@ class ServeOptions:
     slow_lane: SlowLaneLimits = field(default_factory=SlowLaneLimits)
 
     def __post_init__(self) -> None:
+        parse_target(self.keys_db, flag="--keys")  # a value that is no database: exit 2 before anything is opened
+        parse_target(self.audit_db, flag="--audit")
         if not (0 < int(self.port) < 65536):
             raise UserError(f"--port {self.port}: must be 1-65535")
         if self.torch_threads < 1:
@@ -53,7 +56,8 @@ class ServeOptions:
             raise UserError(f"--log-level {self.log_level!r}: choose debug, info, warning or error")
 
 
-def options_from_flags(*, bundle: Path, keys: Path, audit: Path, audit_max_mb: float | None, host: str, port: int,
+def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, audit_max_mb: float | None, host: str,
+                       port: int,
                        trusted_proxy: list[str], max_body_mb: float, max_images: int, max_pixels: int,
                        max_request_pixels: int, key_pixels_per_s: float, no_resize: bool, max_batch: int,
                        max_wait_ms: float, header_timeout_s: float, body_timeout_s: float, min_body_kbps: float,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from safedl.serve.metrics import Metrics
 from safedl.serve.monitor.store import KeyActions, KeyBlocked
 from safedl.serve.quarantine import Quarantine
 from safedl.serve.request import ApiError, RequestContext
+from safedl.serve.stores.engine import StoreUnavailable
 from safedl.serve.swap import BundleSwapper
 from safedl.serve.unauth import UnauthenticatedGuard
 
@@ -63,7 +65,7 @@ class Service:
         if monitor_config is not None:
             from safedl.serve.monitor.build import build_monitor
 
-            self.monitor = build_monitor(monitor_config, keys=keys, audit_path=audit.path,
+            self.monitor = build_monitor(monitor_config, keys=keys, audit_path=audit.target,
                                          registry=self.metrics.registry, num_classes=len(self.class_names),
                                          bundle_version=lambda: self.bundle.version)
         self.quarantine = (Quarantine(config.quarantine_dir, max_bytes=config.quarantine_max_bytes,
@@ -160,7 +162,14 @@ class Service:
             log.warning("could not refresh the key ids: %s", exc)
 
     def admit(self, token: str | None, scope: str, ctx: RequestContext) -> ApiKey:
-        """Key lookup, scope, key actions and the request token bucket (a worker thread; raises ApiError)."""
+        """Key lookup, scope, key actions and the request token bucket (a worker thread; raises ApiError: 503
+        when the key database cannot answer, fail closed)."""
+        try:
+            return self._admit(token, scope, ctx)
+        except StoreUnavailable as exc:
+            raise _store_unavailable(exc) from None
+
+    def _admit(self, token: str | None, scope: str, ctx: RequestContext) -> ApiKey:
         key = self.keys.authenticate(token)
         if key is None:
             raise self.refuse_unauthenticated(client=ctx.client, endpoint=ctx.endpoint)
@@ -192,10 +201,24 @@ class Service:
             self._refuse_if(self.limiter.charge_pixels(key, pixels=pixels, rate_per_s=cfg.key_pixels_per_s,
                                                        burst=max(cfg.key_pixel_burst, cfg.max_request_pixels)))
             decoded = decode_items(items, shape=self.shape, config=self.config)
+            self._refuse_if(self.limiter.charge_images(key, images=decoded.x.shape[0]))
         except InputError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
-        self._refuse_if(self.limiter.charge_images(key, images=decoded.x.shape[0]))
+        except StoreUnavailable as exc:
+            raise _store_unavailable(exc) from None
         return decoded
+
+
+_last_store_log = [0.0]
+
+
+def _store_unavailable(exc: StoreUnavailable) -> ApiError:
+    now = time.monotonic()
+    if now - _last_store_log[0] >= 5.0:  # one line per 5 s during an outage, not one per request
+        _last_store_log[0] = now
+        log.error("key database unavailable, answering 503: %s", exc, extra={"event": "store_unavailable"})
+    return ApiError(503, "store_unavailable", "the key and limit store is unavailable; retry later",
+                    {"Retry-After": "5"})
 
 
 def _unauth_limited(retry_after_s: int) -> ApiError:

@@ -21,20 +21,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 import torch
 from prometheus_client import Counter
 
 from safedl.deploy import load_bundle
 from safedl.errors import UserError
-from safedl.serve._sqlite import connect, immediate
+from safedl.serve.stores import engine as engines
+from safedl.serve.stores.migrate import ensure_schema
+from safedl.serve.stores.schema import SWAP_COLUMNS, bundle_swaps
 from safedl.serve.slis import BundleSLICollector, bundle_slis
 
 log = logging.getLogger("safedl.serve.swap")
 OUTCOMES = ("swapped", "rolled_back", "refused", "failed")
-_SCHEMA = ("CREATE TABLE IF NOT EXISTS bundle_swaps (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, "
-           "request_id TEXT, key_id TEXT, trigger TEXT NOT NULL, action TEXT NOT NULL, outcome TEXT NOT NULL, "
-           "from_version TEXT, to_version TEXT, path TEXT, detail TEXT)")
-_COLS = ("ts", "request_id", "key_id", "trigger", "action", "outcome", "from_version", "to_version", "path", "detail")
+_COLS = SWAP_COLUMNS
 
 
 class SwapRefused(Exception):
@@ -45,16 +45,19 @@ class SwapRefused(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def record_swap(audit_path: Path, row: dict[str, Any]) -> None:
-    """Commit one ``bundle_swaps`` row to the audit database (raises sqlite3.Error / OSError on failure)."""
-    conn = connect(audit_path)
+def record_swap(audit: Any, row: dict[str, Any]) -> None:
+    """Commit one ``bundle_swaps`` row to the audit database: ``audit`` is the audit store's Engine, or a
+    PATH_OR_URL opened for this one row (raises StoreUnavailable / UserError on failure)."""
+    engine = audit if isinstance(audit, sa.Engine) else engines.open_engine(audit, flag="--audit", pool_size=1,
+                                                                            max_overflow=0)
     try:
-        conn.execute(_SCHEMA)
-        with immediate(conn):
-            conn.execute(f"INSERT INTO bundle_swaps ({', '.join(_COLS)}) VALUES ({', '.join('?' * len(_COLS))})",
-                         tuple(row.get(c) for c in _COLS))
+        if engine is not audit:
+            ensure_schema(engine, what="audit database")
+        with engines.write(engine, what="bundle swap audit") as conn:
+            conn.execute(bundle_swaps.insert().values(**{c: row.get(c) for c in _COLS}))
     finally:
-        conn.close()
+        if engine is not audit:
+            engine.dispose()
 
 
 def _event(action: str, outcome: str, ctx: dict, path: Any, **more: Any) -> dict:
@@ -139,7 +142,8 @@ class BundleSwapper:
                "trigger": ctx.get("trigger", "http"), "action": action, "outcome": outcome,
                "from_version": self.svc.bundle.version, "to_version": to,
                "path": None if path is None else str(path), "detail": detail}
-        record_swap(self.svc.audit.path, row)
+        audit = self.svc.audit
+        record_swap(audit.engine if audit.engine is not None else audit.target, row)
 
     def _refused(self, exc: SwapRefused, action: str, ctx: dict, path: Any) -> SwapRefused:
         outcome = "failed" if exc.status >= 500 else "refused"
@@ -156,7 +160,7 @@ class BundleSwapper:
         outcome = "rolled_back" if action == "rollback" else "swapped"
         try:
             self._audit(outcome, action, ctx, to=new.version, path=path, detail=None)
-        except Exception as exc:  # sqlite3.Error, OSError: no unaudited swap
+        except Exception as exc:  # StoreUnavailable, OSError: no unaudited swap
             raise SwapRefused(503, "audit_unavailable", f"the swap could not be audited ({exc}); nothing changed")
         old = self._install(new)
         self.previous = old

@@ -22,7 +22,7 @@ Supervision. A worker that dies is restarted in its slot, at most ``RESTARTS_PER
 
 Per worker, not shared: the security monitor's per-key history, the failed-authentication budget of a client
 address (serve/unauth.py) and the connection limits. Shared through the databases: keys, rate limits, quotas, key
-actions and the audit (SQLite in WAL mode, across the processes of one host).
+actions and the audit (SQLite in WAL mode across the processes of one host, or PostgreSQL across hosts).
 """
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ def build_detectors(config: MonitorConfig, *, num_classes: int, bundle_version: 
     return out
 
 
-def build_monitor(config: MonitorConfig, *, keys: KeyStore, audit_path: str | Path, registry: CollectorRegistry,
+def build_monitor(config: MonitorConfig, *, keys: KeyStore, audit_path: Any, registry: CollectorRegistry,
                   num_classes: int, bundle_version: Callable[[], str]) -> SecurityMonitor:
     detectors = build_detectors(config, num_classes=num_classes, bundle_version=bundle_version())
     metrics = MonitorMetrics(registry)

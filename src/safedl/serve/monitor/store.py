@@ -1,6 +1,7 @@
 """Where the monitor's state lives: alerts in the audit database (table ``monitor_alerts``), automatic key actions
 in the key database (table ``key_actions``, read by the service on every request, so `safedl keys restore` takes
-effect on a running server). Both SQLite (WAL), both append-mostly: a restored action keeps its row."""
+effect on a running server, or on every replica sharing a PostgreSQL key database). Both append-mostly: a
+restored action keeps its row."""
 from __future__ import annotations
 
 import getpass
@@ -8,67 +9,64 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-from safedl.errors import UserError
-from safedl.serve._sqlite import PerThread, connect, immediate
-from safedl.serve.keys import ApiKey, KeyStore
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
-_ALERTS = """
-CREATE TABLE IF NOT EXISTS monitor_alerts (
-    alert_id TEXT PRIMARY KEY, rule TEXT NOT NULL, severity TEXT NOT NULL, key_id TEXT, state TEXT NOT NULL,
-    started_at REAL NOT NULL, resolved_at REAL, last_at REAL NOT NULL, value REAL, events INTEGER NOT NULL,
-    action TEXT, metric TEXT NOT NULL, threshold REAL NOT NULL, bundle_version TEXT);
-CREATE INDEX IF NOT EXISTS monitor_alerts_started ON monitor_alerts (started_at);
-"""
-_ALERT_COLS = ("alert_id", "rule", "severity", "key_id", "state", "started_at", "resolved_at", "last_at", "value",
-               "events", "action", "metric", "threshold", "bundle_version")
-_ACTIONS = """
-CREATE TABLE IF NOT EXISTS key_actions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, key_id TEXT NOT NULL, action TEXT NOT NULL, actor TEXT NOT NULL,
-    reason TEXT NOT NULL, alert_id TEXT, params TEXT NOT NULL, created_at REAL NOT NULL,
-    restored_at REAL, restored_by TEXT);
-CREATE INDEX IF NOT EXISTS key_actions_key ON key_actions (key_id, restored_at);
-"""
+from safedl.errors import UserError
+from safedl.serve.keys import ApiKey, KeyStore
+from safedl.serve.stores import engine as engines
+from safedl.serve.stores.migrate import ensure_schema
+from safedl.serve.stores.schema import ALERT_COLUMNS, key_actions, monitor_alerts
+
+_ALERT_COLS = ALERT_COLUMNS
 _ACTION_COLS = ("id", "key_id", "action", "actor", "reason", "alert_id", "params", "created_at", "restored_at",
                 "restored_by")
+# the read of every request (``enforce``), on the DBAPI cursor (engines.Hot)
+_ACTIVE_OF_KEY = engines.Hot(f"SELECT {', '.join(_ACTION_COLS)} FROM key_actions WHERE key_id = :key_id AND "
+                         "restored_at IS NULL ORDER BY id")
 SEVERITY_ORDER = ("throttle", "labels_only", "block")
 
 
 class AlertStore:
-    """Alert rows (one per alert, updated in place: state, events, value, resolved_at)."""
+    """Alert rows (one per alert, updated in place: state, events, value, resolved_at). ``path``: the audit
+    database's PATH_OR_URL (or its Target)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(self.path)
-        conn.executescript(_ALERTS)
-        conn.close()
-        self.conns = PerThread(self.path)
+    def __init__(self, path: Any):
+        target = engines.parse_target(path, flag="--audit")
+        self.path = target.path if target.is_sqlite else target.display
+        if target.is_sqlite:
+            target.path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = engines.open_engine(target, flag="--audit", pool_size=2, max_overflow=2)
+        ensure_schema(self.engine, what=f"audit database {self.path}")
 
     def upsert(self, alert: dict[str, Any]) -> None:
-        conn = self.conns.get()
-        with immediate(conn):
-            conn.execute(f"INSERT OR REPLACE INTO monitor_alerts ({', '.join(_ALERT_COLS)}) "
-                         f"VALUES ({', '.join('?' * len(_ALERT_COLS))})", tuple(alert.get(c) for c in _ALERT_COLS))
+        t = monitor_alerts
+        values = {c: alert.get(c) for c in _ALERT_COLS}
+        with engines.write(self.engine, what="monitor alerts") as conn:
+            ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(t).values(**values)
+            conn.execute(ins.on_conflict_do_update(index_elements=[t.c.alert_id],
+                                                   set_={c: ins.excluded[c] for c in _ALERT_COLS if c != "alert_id"}))
 
     def resolve_stale(self, *, now: float) -> int:
         """Resolve alerts a previous run left firing (its windows are gone; an ongoing attack fires anew)."""
-        conn = self.conns.get()
-        with immediate(conn):
-            return conn.execute("UPDATE monitor_alerts SET state='resolved', resolved_at=?, last_at=? "
-                                "WHERE state='firing'", (now, now)).rowcount
+        t = monitor_alerts
+        with engines.write(self.engine, what="monitor alerts") as conn:
+            return conn.execute(t.update().where(t.c.state == "firing")
+                                .values(state="resolved", resolved_at=now, last_at=now)).rowcount
 
     def recent(self, *, since: float, limit: int = 100) -> list[dict[str, Any]]:
         """Alerts still firing or started/resolved since ``since``, newest first."""
-        rows = self.conns.get().execute(
-            f"SELECT {', '.join(_ALERT_COLS)} FROM monitor_alerts WHERE state='firing' OR last_at >= ? "
-            "ORDER BY started_at DESC LIMIT ?", (since, limit)).fetchall()
+        t = monitor_alerts
+        with engines.read(self.engine, what="monitor alerts") as conn:
+            rows = conn.execute(sa.select(*(t.c[c] for c in _ALERT_COLS))
+                                .where(sa.or_(t.c.state == "firing", t.c.last_at >= since))
+                                .order_by(t.c.started_at.desc()).limit(limit)).all()
         return [dict(zip(_ALERT_COLS, r)) for r in rows]
 
     def close(self) -> None:
-        self.conns.close()
+        self.engine.dispose()
 
 
 @dataclass(frozen=True)
@@ -101,21 +99,24 @@ class KeyActions:
 
     def __init__(self, store: KeyStore):
         self.store = store
-        conn = store.conns.get()
-        conn.executescript(_ACTIONS)
 
-    def _rows(self, where: str, args: tuple) -> list[KeyAction]:
-        rows = self.store.conns.get().execute(
-            f"SELECT {', '.join(_ACTION_COLS)} FROM key_actions WHERE {where} ORDER BY id", args).fetchall()
+    def _rows(self, where: Any, args: dict | None = None) -> list[KeyAction]:
+        t = key_actions
+        if isinstance(where, engines.Hot):
+            with engines.hot(self.store.engine, what="key actions") as conn:
+                rows = where.run(conn, args or {})
+        else:
+            with engines.read(self.store.engine, what="key actions") as conn:
+                rows = conn.execute(sa.select(*(t.c[c] for c in _ACTION_COLS)).where(where).order_by(t.c.id)).all()
         return [KeyAction(**{**dict(zip(_ACTION_COLS, r)), "params": json.loads(r[6])}) for r in rows]
 
     def active(self, key_id: str | None = None) -> list[KeyAction]:
         if key_id is None:
-            return self._rows("restored_at IS NULL", ())
-        return self._rows("key_id=? AND restored_at IS NULL", (key_id,))
+            return self._rows(key_actions.c.restored_at.is_(None))
+        return self._rows(_ACTIVE_OF_KEY, {"key_id": key_id})
 
     def history(self) -> list[KeyAction]:
-        return self._rows("1=1", ())
+        return self._rows(sa.true())
 
     def enforce(self, key: ApiKey) -> ApiKey:
         """The key as its active actions leave it (raises KeyBlocked when blocked): one indexed read per request."""
@@ -137,12 +138,12 @@ class KeyActions:
                params: dict | None = None) -> KeyAction:
         if action not in SEVERITY_ORDER:
             raise UserError(f"action {action!r}: choose one of {', '.join(SEVERITY_ORDER)}")
-        conn = self.store.conns.get()
-        with immediate(conn):
-            cur = conn.execute("INSERT INTO key_actions (key_id, action, actor, reason, alert_id, params, created_at) "
-                               "VALUES (?,?,?,?,?,?,?)", (key_id, action, actor, reason, alert_id,
-                                                          json.dumps(params or {}), time.time()))
-        return self._rows("id=?", (cur.lastrowid,))[0]
+        t = key_actions
+        with engines.write(self.store.engine, what="key actions") as conn:
+            new_id = conn.execute(t.insert().values(key_id=key_id, action=action, actor=actor, reason=reason,
+                                                    alert_id=alert_id, params=json.dumps(params or {}),
+                                                    created_at=time.time()).returning(t.c.id)).scalar_one()
+        return self._rows(t.c.id == new_id)[0]
 
     def restore(self, name_or_id: str, *, action: str | None = None, actor: str | None = None) -> list[KeyAction]:
         """Lift the key's active actions (all, or only ``action``); the rows stay, with who lifted them and when."""
@@ -153,11 +154,11 @@ class KeyActions:
             raise UserError(f"--action {action!r}: choose one of {', '.join(SEVERITY_ORDER)}")
         acts = [a for a in self.active(key.key_id) if action is None or a.action == action]
         who = actor or f"cli:{getpass.getuser()}"
-        conn = self.store.conns.get()
-        with immediate(conn):
+        t = key_actions
+        with engines.write(self.store.engine, what="key actions") as conn:
             for a in acts:
-                conn.execute("UPDATE key_actions SET restored_at=?, restored_by=? WHERE id=?", (time.time(), who, a.id))
-        return [self._rows("id=?", (a.id,))[0] for a in acts]
+                conn.execute(t.update().where(t.c.id == a.id).values(restored_at=time.time(), restored_by=who))
+        return [self._rows(t.c.id == a.id)[0] for a in acts]
 
 
 def strongest(actions: list[KeyAction]) -> str | None:

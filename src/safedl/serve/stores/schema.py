@@ -1,0 +1,73 @@
+"""The tables of every store, as one SQLAlchemy MetaData (Core, no ORM). Every safedl database holds all of them
+(one schema, one revision line: the key and audit stores may share one PostgreSQL database); a store uses its own.
+
+The key database's tables: ``api_keys``, ``rate_state`` (request token bucket and daily image count per key),
+``pixel_state`` (the per-key pixel budget), ``key_actions`` (the monitor's automatic responses). The audit
+database's: ``audit`` (one row per request and image), ``unauthenticated`` (failures before authentication, in
+aggregate), ``bundle_swaps``, ``monitor_alerts``. The migrations (serve/stores/migrations) create exactly this;
+tests/test_stores.py compares the two."""
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+SERIAL = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite: INTEGER PRIMARY KEY AUTOINCREMENT
+AUDIT_TABLES = ("audit", "unauthenticated", "bundle_swaps", "monitor_alerts")  # what --audit-max-mb counts
+
+
+def _text(name: str, nullable: bool = True, **kw) -> sa.Column:
+    return sa.Column(name, sa.Text(), nullable=nullable, **kw)
+
+
+def _real(name: str, nullable: bool = True) -> sa.Column:
+    return sa.Column(name, sa.Float(), nullable=nullable)
+
+
+def _int(name: str, nullable: bool = True) -> sa.Column:
+    return sa.Column(name, sa.BigInteger(), nullable=nullable)
+
+
+api_keys = sa.Table(
+    "api_keys", metadata, _text("key_id", False, primary_key=True), _text("name", False, unique=True),
+    _text("secret_sha256", False), _text("tier", False), _text("scopes", False), _real("rate_per_s", False),
+    _int("burst", False), _int("daily_quota", False), _real("created_at", False), _real("revoked_at"))
+rate_state = sa.Table(
+    "rate_state", metadata, _text("key_id", False, primary_key=True), _real("tokens", False), _real("updated_at", False),
+    _text("day", False), _int("used", False))
+pixel_state = sa.Table(
+    "pixel_state", metadata, _text("key_id", False, primary_key=True), _real("tokens", False), _real("updated_at", False))
+key_actions = sa.Table(
+    "key_actions", metadata, sa.Column("id", SERIAL, primary_key=True, autoincrement=True), _text("key_id", False),
+    _text("action", False), _text("actor", False), _text("reason", False), _text("alert_id"), _text("params", False),
+    _real("created_at", False), _real("restored_at"), _text("restored_by"),
+    sa.Index("key_actions_key", "key_id", "restored_at"), sqlite_autoincrement=True)
+
+AUDIT_COLUMNS = ("ts", "request_id", "image_index", "key_id", "client", "endpoint", "http_status", "error", "tier",
+                 "input_sha256", "shape", "label", "class_name", "confidence", "rejected", "reason",
+                 "detector_scores", "latency_ms", "bundle_version")
+_AUDIT_TYPES = {"ts": (sa.Float, False), "request_id": (sa.Text, False), "image_index": (sa.Integer, True),
+                "http_status": (sa.Integer, False), "label": (sa.Integer, True), "confidence": (sa.Float, True),
+                "rejected": (sa.Integer, True), "latency_ms": (sa.Float, True)}
+audit = sa.Table(
+    "audit", metadata, sa.Column("id", SERIAL, primary_key=True, autoincrement=True),
+    *(sa.Column(c, _AUDIT_TYPES.get(c, (sa.Text, True))[0](), nullable=_AUDIT_TYPES.get(c, (sa.Text, True))[1])
+      for c in AUDIT_COLUMNS),
+    sa.Index("audit_ts", "ts"), sa.Index("audit_request", "request_id"), sqlite_autoincrement=True)
+unauthenticated = sa.Table(
+    "unauthenticated", metadata, _int("minute", False), _text("client", False), _text("endpoint", False),
+    _text("code", False), _int("count", False), sa.PrimaryKeyConstraint("minute", "client", "endpoint", "code"))
+SWAP_COLUMNS = ("ts", "request_id", "key_id", "trigger", "action", "outcome", "from_version", "to_version", "path",
+                "detail")
+bundle_swaps = sa.Table(
+    "bundle_swaps", metadata, sa.Column("id", SERIAL, primary_key=True, autoincrement=True), _real("ts", False),
+    _text("request_id"), _text("key_id"), _text("trigger", False), _text("action", False), _text("outcome", False),
+    _text("from_version"), _text("to_version"), _text("path"), _text("detail"), sqlite_autoincrement=True)
+ALERT_COLUMNS = ("alert_id", "rule", "severity", "key_id", "state", "started_at", "resolved_at", "last_at", "value",
+                 "events", "action", "metric", "threshold", "bundle_version")
+monitor_alerts = sa.Table(
+    "monitor_alerts", metadata, _text("alert_id", False, primary_key=True), _text("rule", False), _text("severity", False),
+    _text("key_id"), _text("state", False), _real("started_at", False), _real("resolved_at"),
+    _real("last_at", False), _real("value"), _int("events", False), _text("action"), _text("metric", False),
+    _real("threshold", False), _text("bundle_version"), sa.Index("monitor_alerts_started", "started_at"))
+
+TABLES = tuple(metadata.tables)

@@ -77,7 +77,10 @@ def _stages(block: type, width: int) -> list[nn.Sequential]:
 
 
 class _ResNet(nn.Module):
-    """Shared head: global average pool, then ``fc``; ``classifier`` names ``fc`` for the feature-space defenses."""
+    """Shared head: global average pool, then ``fc``; ``classifier`` names ``fc`` for the feature-space defenses
+    (a property, so the state dict keeps torchvision's names; TorchScript skips it)."""
+
+    __jit_unused_properties__ = ["classifier"]
 
     @property
     def classifier(self) -> nn.Linear:

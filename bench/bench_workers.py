@@ -116,6 +116,25 @@ def _audit(db: Path, done: int, ok: int, in_flight: int) -> dict:
             "rows_cover_answered": 0 <= rows - done <= in_flight and 0 <= (rows_ok or 0) - ok <= in_flight}
 
 
+def _postgres_cluster():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (the tests' own, tests/_postgres.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from _postgres import Cluster, pg_bindir
+
+    return Cluster(pg_bindir()).start()
+
+
+def _postgres_key(url: str) -> str:
+    """A key without effective limits in the database at ``url`` (as bench_serve.prepare makes in SQLite)."""
+    from safedl.serve.keys import KeyStore
+
+    keys = KeyStore(url, create=True)
+    try:
+        return keys.create(name="bench", tier="rounded", rate_per_s=1e6, burst=10**6, daily_quota=10**9)[1]
+    finally:
+        keys.close()
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=15.0, help="per measurement (ab -t)")
@@ -124,13 +143,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-requests", type=int, default=50_000, help="per measurement (ab -n)")
     p.add_argument("--out", type=Path, default=None, help="also write the results here (JSON)")
+    p.add_argument("--postgres", action="store_true", help="also measure safedl with its keys, limits and audit on "
+                   "PostgreSQL (a throwaway local cluster, tests/_postgres.py: fsync off)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     levels, counts = [int(v) for v in args.levels.split(",")], [int(v) for v in args.workers.split(",")]
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="1")
     load_start = os.getloadavg()
-    results: dict = {"bare": {}, "safedl": {}, "audit": {}}
+    results: dict = {"bare": {}, "safedl": {}, "audit": {}, **({"safedl_postgres": {}} if args.postgres else {})}
+    cluster = _postgres_cluster() if args.postgres else None
     with tempfile.TemporaryDirectory(prefix="bench_workers_") as tmp:
         work = Path(tmp)
         bundle, token, pngs = prepare(work, args.seed)
@@ -153,12 +175,25 @@ def main(argv: list[str] | None = None) -> dict:
                 ready=('"event": "workers_ready"', 1) if n > 1 else ('"event": "start"', 1), **common)
             results["audit"][str(n)] = _audit(db, done, ok, in_flight=2 * sum(levels))
             time.sleep(1.0)
+            if cluster is not None:
+                url, port = cluster.database(), _free_port()
+                pg_token = _postgres_key(url)
+                cmd = [sys.executable, "-m", "safedl.cli", "serve", str(bundle), "--keys", url, "--audit", url,
+                       "--port", str(port), "--workers", str(n), "--torch-threads", "1"]
+                results["safedl_postgres"][str(n)], _, _ = measure(
+                    f"safedl on postgresql x{n}", cmd, port=port, log_path=work / f"pg{n}.log", token=pg_token,
+                    env=env, ready=('"event": "workers_ready"', 1) if n > 1 else ('"event": "start"', 1), **common)
+                time.sleep(1.0)
+    if cluster is not None:
+        cluster.remove()
     out = {"seed": args.seed, "seconds_per_measurement": args.seconds, "cpu_count": os.cpu_count(),
            "load_avg_at_start": [round(v, 2) for v in load_start],
            "load_avg_at_end": [round(v, 2) for v in os.getloadavg()], **results,
            "ratio_2_vs_1_workers": {k: _ratios(results[k]["2"], results[k]["1"]) for k in ("bare", "safedl")
                                     if "1" in results[k] and "2" in results[k]},
-           "ratio_safedl_vs_bare": {n: _ratios(results["safedl"][n], results["bare"][n]) for n in results["safedl"]}}
+           "ratio_safedl_vs_bare": {n: _ratios(results["safedl"][n], results["bare"][n]) for n in results["safedl"]},
+           "ratio_postgres_vs_sqlite": {n: _ratios(v, results["safedl"][n])
+                                        for n, v in results.get("safedl_postgres", {}).items()}}
     print(json.dumps(out, indent=2))
     if args.out:
         from safedl.utils.io import atomic_write_json

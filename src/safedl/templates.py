@@ -24,7 +24,7 @@ dataset:
   val_fraction: 0.1
 
 model:
-  arch: small_cnn                # zoo: small_cnn | mlp | resnet_small | tiny_cnn; or entry_point / torchscript
+  arch: small_cnn                # zoo: small_cnn | mlp | resnet_small | tiny_cnn | resnet18 | preact_resnet18; or entry_point / torchscript
 
 training:                        # the baseline recipe; attacked and defended models reuse it exactly
   epochs: 10

@@ -3,14 +3,13 @@ rules use reaches its channel (critical pages, warning goes to Slack, both mail 
 and `amtool check-config` accepts it where amtool is installed."""
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from _binaries import required_binary
 
 PROM = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 AM = yaml.safe_load((PROM / "alertmanager.yml").read_text())
@@ -67,12 +66,7 @@ def test_no_secret_is_inline_and_a_fast_burn_silences_the_slow_one():
 
 
 def _amtool() -> str:
-    tool = shutil.which("amtool")
-    if tool is None:
-        if os.environ.get("CI"):
-            pytest.fail("amtool is not installed but CI is set: install Debian's prometheus-alertmanager (.ci/run does)")
-        pytest.skip("needs amtool (apt-get install -y prometheus-alertmanager); CI=1 makes this a failure")
-    return tool
+    return required_binary("amtool", package="prometheus-alertmanager")
 
 
 def test_amtool_checks_the_config():

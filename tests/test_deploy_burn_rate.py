@@ -3,13 +3,13 @@ file is the generator's output for the shipped SLO file; promtool accepts it; an
 series show each alert firing when the budget burns too fast and staying silent when it does not."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from _binaries import required_binary
 
 pytest.importorskip("prometheus_client")
 
@@ -23,12 +23,7 @@ LABELS = 'instance="a:8000",job="safedl"'
 
 
 def _promtool() -> str:
-    tool = shutil.which("promtool")
-    if tool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is not installed but CI is set: install Debian's prometheus package (.ci/run does)")
-        pytest.skip("needs promtool (apt-get install -y prometheus); CI=1 makes this a failure")
-    return tool
+    return required_binary("promtool", package="prometheus")
 
 
 def test_the_shipped_rules_are_the_generated_rules_of_the_shipped_slo():

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from _binaries import required_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -27,12 +26,7 @@ _KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_le
 
 
 def _promtool() -> str:
-    tool = shutil.which("promtool")
-    if tool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is not installed but CI is set: install Debian's prometheus package (.ci/run does)")
-        pytest.skip("needs promtool (apt-get install -y prometheus); CI=1 makes this a failure")
-    return tool
+    return required_binary("promtool", package="prometheus")
 
 
 def metric_names(expr: str) -> set[str]:

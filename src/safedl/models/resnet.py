@@ -27,6 +27,13 @@ def _stem_of(stem: str | None, image_size: int) -> str:
     return stem
 
 
+def _stem_layers(stem: str, in_channels: int) -> tuple[nn.Conv2d, nn.Module]:
+    """(first convolution, pooling) of a stem: 7x7/2 + 3x3/2 max-pool (imagenet) or 3x3/1 and none (cifar)."""
+    if stem == "imagenet":
+        return nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.MaxPool2d(3, 2, 1)
+    return nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.Identity()
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with batch norm and an identity (or 1x1 projection) shortcut."""
 
@@ -98,12 +105,7 @@ class ResNet18(_ResNet):
                  stem: str | None = None):
         super().__init__()
         self.stem = _stem_of(stem, image_size)
-        if self.stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-            self.maxpool: nn.Module = nn.MaxPool2d(3, 2, 1)
-        else:
-            self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-            self.maxpool = nn.Identity()
+        self.conv1, self.maxpool = _stem_layers(self.stem, in_channels)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.layer1, self.layer2, self.layer3, self.layer4 = _stages(BasicBlock, 64)
@@ -125,12 +127,7 @@ class PreActResNet18(_ResNet):
                  stem: str | None = None):
         super().__init__()
         self.stem = _stem_of(stem, image_size)
-        if self.stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-            self.maxpool: nn.Module = nn.MaxPool2d(3, 2, 1)
-        else:
-            self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-            self.maxpool = nn.Identity()
+        self.conv1, self.maxpool = _stem_layers(self.stem, in_channels)
         self.layer1, self.layer2, self.layer3, self.layer4 = _stages(PreActBlock, 64)
         self.bn = nn.BatchNorm2d(512)
         self.avgpool = nn.AdaptiveAvgPool2d(1)

@@ -62,20 +62,13 @@ class SlowLane:
         self._queue: deque[_Waiting] = deque()
         self._tokens, self._updated = float(limits.burst), clock()
         self._timer: asyncio.TimerHandle | None = None
-        self.held_total = 0
 
     def penalized(self, client: str | None) -> bool:
         """Whether connections of ``client`` (a direct peer's address; None: exempt) go through the lane."""
         return client is not None and self.is_penalized(client)
 
-    @property
-    def waiting(self) -> int:
-        """Connections queued now (some may have closed since)."""
-        return len(self._queue)
-
     def hold(self, release: Callable[[], None], *, alive: Callable[[], bool]) -> None:
         """Queue a connection: ``release()`` is called (from the event loop) when its turn comes."""
-        self.held_total += 1
         self._queue.append(_Waiting(release, alive))
         if self._timer is None:  # else the pending timer releases it in turn
             self._drain()
@@ -100,7 +93,7 @@ class SlowLane:
             self._timer = asyncio.get_running_loop().call_later(max(delay, 0.001), self._drain)
 
     def close(self) -> None:
-        """Cancel the release timer (server shutdown)."""
+        """Cancel the release timer and forget the queue."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -50,7 +50,9 @@ def freeze_startup_heap() -> int:
     """Move every object alive after start-up (torch, the bundle, the app) out of the cyclic garbage collector's
     reach (``gc.freeze``): a full collection would otherwise walk that heap while the event loop waits, and under
     connection churn (floods, held uploads) those pauses were the legit requests' tail latency (p99 3.2x -> 1.6x
-    of unloaded in bench/redteam_service.py's held uploads). Returns the number of objects frozen."""
+    of unloaded in bench/redteam_service.py's held uploads). A start bundle swapped out later is still freed by
+    reference counting; only what of it sits in a reference cycle stays (once: later bundles are not frozen).
+    Returns the number of objects frozen."""
     import gc
 
     gc.collect()

@@ -389,3 +389,22 @@ def test_non_finite_scores_never_break_the_answer(tmp_path, bundle, eval_batch):
         r = _post_png(s, eval_batch[0][0])
         assert r.status_code == 200 and r.json()["results"][0]["detector_scores"][DET] is None
         assert PredictResponse.model_validate(r.json()) and len(s.rows("http_status=200")) == 1
+
+
+def test_not_ready_while_the_key_store_cannot_be_read(svc, monkeypatch):
+    """Defect (issue 23's note): /v1/ready checked the audit store only, so a replica whose key database was gone
+    stayed in the load balancer and answered 503 to every request."""
+    from safedl.serve.stores.engine import StoreUnavailable
+
+    service = svc.app.state.service
+
+    def gone():
+        raise StoreUnavailable("connection refused")
+
+    monkeypatch.setattr(service.keys, "list", gone)
+    service.refresh_known_keys()
+    r = svc.client.get("/v1/ready")
+    assert r.status_code == 503 and any("key store unavailable" in p for p in r.json()["problems"])
+    monkeypatch.undo()
+    service.refresh_known_keys()
+    assert svc.client.get("/v1/ready").status_code == 200

@@ -74,6 +74,7 @@ class Service:
         self.swapper = BundleSwapper(self, start_path=bundle.path,
                                      device=str(getattr(self.pipeline, "device", None) or "cpu"))
         self._known_ids: frozenset[str] = frozenset()
+        self._keys_error: str | None = None
         self._flusher: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -132,6 +133,8 @@ class Service:
             out.append("model worker not running")
         if not self.audit.healthy:
             out.append(f"audit log unavailable: {self.audit.last_error}")
+        if self._keys_error is not None:  # as of the last refresh (every unauth_flush_s): not ready, not routed to
+            out.append(f"key store unavailable: {self._keys_error}")
         return out
 
     # -- admission -------------------------------------------------------------------------------------------
@@ -158,8 +161,11 @@ class Service:
         """The ids of the live keys, for ``refuse_early`` (refreshed with the aggregated counts' flush)."""
         try:
             self._known_ids = frozenset(k.key_id for k in self.keys.list() if k.revoked_at is None)
+            self._keys_error = None
         except Exception as exc:  # noqa: BLE001 - a store hiccup: keep the previous set; lookups still decide
-            log.warning("could not refresh the key ids: %s", exc)
+            if self._keys_error is None:
+                log.warning("could not refresh the key ids: %s", exc)
+            self._keys_error = f"{type(exc).__name__}: {exc}"
 
     def admit(self, token: str | None, scope: str, ctx: RequestContext) -> ApiKey:
         """Key lookup, scope, key actions and the request token bucket (a worker thread; raises ApiError: 503

@@ -31,6 +31,7 @@ from prometheus_client.utils import floatToGoString
 
 from safedl.errors import UserError
 from safedl.serve.metrics import LATENCY_BUCKETS
+from safedl.serve.monitor.config import field_path
 
 PREDICT = "/v1/predict"
 WINDOWS = ("5m", "30m", "1h", "6h")
@@ -83,8 +84,7 @@ def load_service_slo(path: str | Path) -> ServiceSLO:
         raise UserError(f"{path}: not valid YAML ({exc})") from None
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise UserError(f"{path}: {where} = {json.dumps(err.get('input'), default=str)[:120]}: {err['msg']}") from None
+        raise UserError(f"{path}: {field_path(err['loc'])} = {json.dumps(err.get('input'), default=str)[:120]}: {err['msg']}") from None
 
 
 def _error_ratio(o: Objective, window: str) -> str:

@@ -256,7 +256,8 @@ class MonitorConfig(_Strict):
         return rules
 
 
-def _where(loc: tuple) -> str:
+def field_path(loc: tuple) -> str:
+    """A pydantic error location as the key path a user writes (``rules[2].window.count``)."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -281,7 +282,7 @@ def load_monitor_config(path: str | Path) -> MonitorConfig:
     except ValidationError as exc:
         err = exc.errors()[0]
         value = json.dumps(err.get("input"), default=str)
-        raise UserError(f"{path}: {_where(err['loc'])} = {value[:120]}: {err['msg']}"
+        raise UserError(f"{path}: {field_path(err['loc'])} = {value[:120]}: {err['msg']}"
                         + (f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else "")) from None
     updates = {}
     if cfg.calibration is not None and not cfg.calibration.is_absolute():

@@ -49,5 +49,5 @@ def test_fab_with_a_target_hits_it_or_leaves_the_input(tiny_model, eval_batch):
 def test_default_ensemble_is_autoattacks_standard_suite():
     assert [a["name"] for a in DEFAULT_ATTACKS] == ["apgd_ce", "apgd_dlr", "fab", "square"]
     ens = registry.create("evasion", "ensemble", eps=0.1)
-    assert [a["name"] for a in ens.attacks] == ["apgd_ce", "apgd_dlr", "fab", "square"]
-    assert ens.attacks[2]["params"]["n_target_classes"] == 9 and ens.attacks[2]["params"]["eps"] == 0.1
+    assert [a["name"] for a in ens.member_specs] == ["apgd_ce", "apgd_dlr", "fab", "square"]
+    assert ens.member_specs[2]["params"]["n_target_classes"] == 9 and ens.member_specs[2]["params"]["eps"] == 0.1

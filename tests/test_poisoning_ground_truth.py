@@ -22,12 +22,11 @@ ATTACKS = [
     ("poisoning", "label_flipping", {"strategy": "many_to_one", "flip_rate": 0.2, "target_class": 2}, False),
     ("poisoning", "label_flipping", {"strategy": "one_to_one", "flip_rate": 0.5, "source_classes": [7],
                                      "target_class": 1}, False),
-    ("poisoning", "clean_label", {"method": "clean_label_backdoor", "eps": 0.1, "steps": 5,
-                                  "all_corners": False, "eot_shift": 0}, True),
+    ("poisoning", "label_consistent_backdoor", {"eps": 0.1, "steps": 5, "all_corners": False, "eot_shift": 0}, True),
     ("poisoning", "clean_label", {"method": "clean_label_backdoor", "eps": 0.1, "steps": 3, "eot_shift": 1,
                                   "eot_samples": 2, "class_fraction": 0.3, "all_corners": True}, True),
-    ("poisoning", "clean_label", {"method": "feature_collision", "n_victims": 3, "poisons_per_victim": 5,
-                                  "fc_steps": 20, "source_class": 6}, True),
+    ("poisoning", "feature_collision", {"n_victims": 3, "poisons_per_victim": 5, "fc_steps": 20, "source_class": 6},
+     True),
     ("backdoor", "learned_trigger", {"steps": 20, "batch_size": 32, "patch_size_ratio": 0.1}, True),
 ]
 IDS = [f"{n}-{i}" for i, (_, n, _, _) in enumerate(ATTACKS)]
@@ -73,7 +72,7 @@ def test_deterministic_under_seed(i, poisoned, digits_splits, tiny_model):
 
 
 @pytest.mark.parametrize("key", [k for k, s in zip(IDS, ATTACKS)
-                                 if s[1] == "clean_label" or s[2].get("label_mode") == "clean"])
+                                 if s[1] in ("clean_label", "label_consistent_backdoor", "feature_collision") or s[2].get("label_mode") == "clean"])
 def test_clean_label_attacks_keep_every_label(key, poisoned):
     p = poisoned[key]
     assert torch.equal(p.y, p.original_y)
@@ -134,7 +133,7 @@ def test_learned_trigger_beats_a_random_trigger_on_the_surrogate(digits_splits, 
     attack = registry.create("backdoor", "learned_trigger", steps=60, batch_size=64, patch_size_ratio=0.25,
                              position="bottom_right")
     attack.fit(digits_splits.train, surrogate=tiny_model)
-    pattern, mask = attack.trigger((1, 8, 8))
+    pattern, mask = attack.trigger_pattern((1, 8, 8))
     assert pattern.shape == mask.shape == (1, 4, 4) and float(mask.min()) >= 0 and float(mask.max()) <= 1
     x = digits_splits.test.x[digits_splits.test.y != 0]
     xt = attack.apply_trigger(x)
@@ -152,15 +151,24 @@ def test_learned_trigger_beats_a_random_trigger_on_the_surrogate(digits_splits, 
     ("poisoning", "label_flipping", {"strategy": "swap"}, "strategy"),
     ("poisoning", "label_flipping", {"source_classes": [0], "target_class": 0}, "target_class"),
     ("poisoning", "clean_label", {"method": "bullseye"}, "method"),
-    ("poisoning", "clean_label", {"eps": 1.5}, "eps"),
-    ("poisoning", "clean_label", {"class_fraction": 0.0}, "class_fraction"),
-    ("poisoning", "clean_label", {"opacity": 1.0}, "opacity"),
-    ("poisoning", "clean_label", {"trigger": "star"}, "trigger"),
-    ("poisoning", "clean_label", {"source_class": 0, "target_class": 0}, "source_class"),
+    ("poisoning", "label_consistent_backdoor", {"eps": 1.5}, "eps"),
+    ("poisoning", "label_consistent_backdoor", {"class_fraction": 0.0}, "class_fraction"),
+    ("poisoning", "feature_collision", {"opacity": 1.0}, "opacity"),
+    ("poisoning", "clean_label", {"opacity": 0.5}, "do not apply to method='clean_label_backdoor'"),
+    ("poisoning", "label_consistent_backdoor", {"trigger": "star"}, "trigger"),
+    ("poisoning", "feature_collision", {"source_class": 0, "target_class": 0}, "source_class"),
 ])
 def test_invalid_poisoning_params_raise_config_error(kind, name, params, match):
     with pytest.raises(ConfigError, match=match):
         registry.create(kind, name, **params)
+
+
+def test_the_clean_label_alias_builds_the_class_its_method_names():
+    """``clean_label`` stays for one release: it builds the registered class, which a bundle then records."""
+    fc = registry.create("poisoning", "clean_label", method="feature_collision", n_victims=3)
+    lcb = registry.create("poisoning", "clean_label", eps=0.1)
+    assert (fc.registry_name, registry.creation_params(fc)) == ("feature_collision", {"n_victims": 3})
+    assert (lcb.registry_name, registry.creation_params(lcb)) == ("label_consistent_backdoor", {"eps": 0.1})
 
 
 def test_class_out_of_range_is_a_config_error(digits_splits):

@@ -26,7 +26,7 @@ def test_trigger_lands_where_asked(channels, position, kind):
     attack = registry.create("backdoor", "static_patch", trigger=kind, patch_size=3, position=position, margin=1)
     xt = attack.apply_trigger(x)
     r, c = CORNERS[position]
-    pattern, mask = attack.trigger(tuple(x.shape[1:]))
+    pattern, mask = attack.trigger_pattern(tuple(x.shape[1:]))
     assert pattern.shape == (channels, 3, 3) and mask.shape == (1, 3, 3)
     inside = torch.zeros(12, 12, dtype=torch.bool)
     inside[r : r + 3, c : c + 3] = True

@@ -37,7 +37,7 @@ def test_create_rejects_unknown_params_naming_the_valid_ones():
 
 def test_create_passes_params_and_validates_values():
     pgd = registry.create("evasion", "pgd", eps=0.1, steps=4)
-    assert pgd.eps == 0.1 and pgd.steps == 4 and pgd.alpha == pytest.approx(2.5 * 0.1 / 4)
+    assert pgd.eps == 0.1 and pgd.steps == 4 and pgd.step_size == pytest.approx(2.5 * 0.1 / 4)
     with pytest.raises(ConfigError, match="steps"):
         registry.create("evasion", "pgd", steps=0)
     with pytest.raises(ConfigError, match="norm"):
@@ -77,6 +77,10 @@ def test_every_component_documents_typed_params_and_builds_with_defaults(kind, n
     ps = registry.params(kind, name)
     untyped = [p.name for p in ps if not p.type]
     assert not untyped, f"{kind} {name!r}: parameters without a type annotation: {untyped}"
+    if not isinstance(cls, type) and getattr(cls, "alias_of", None):  # a deprecated alias builds a registered class
+        obj = registry.create(kind, name)
+        assert obj.registry_kind == kind and obj.registry_name in cls.alias_of
+        return
     if not isinstance(cls, type):  # a stage evaluator: a function of the run context, not built from parameters
         assert kind in ("attack_evaluator", "defense_evaluator") and callable(cls)
         return

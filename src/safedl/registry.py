@@ -160,21 +160,36 @@ def create(kind: str, name: str, /, **kwargs: Any) -> Any:
             f"its parameters are: {', '.join(sorted(valid)) or '(none)'}"
         )
     try:
-        obj = cls(**kwargs)
+        return cls(**kwargs)
     except TypeError as exc:  # a missing required parameter
         raise ConfigError(f"{kind} {name!r}: {exc}") from None
-    # the exact constructor arguments, so a deployed bundle can rebuild the component without pickling it
-    object.__setattr__(obj, "_registry_params", dict(kwargs))
-    return obj
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` with tuples as lists, so a stored list compares equal to a tuple default."""
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    return value
 
 
 def creation_params(obj: Any) -> dict[str, Any]:
-    """The keyword arguments ``create`` built ``obj`` with; raises ConfigError for objects made otherwise."""
-    try:
-        return dict(obj._registry_params)
-    except AttributeError:
-        raise ConfigError(f"{type(obj).__name__} was not created with safedl.registry.create, so its constructor "
-                          "parameters are unknown") from None
+    """The constructor arguments of a registered component that differ from their defaults, read back from the
+    attributes of the same names (scikit-learn's ``get_params`` convention: constructors store their arguments
+    unchanged), so a deployed bundle can rebuild the component without pickling it."""
+    cls = type(obj)
+    kind, name = getattr(cls, "registry_kind", None), getattr(cls, "registry_name", None)
+    if kind is None or name is None:
+        raise ConfigError(f"{cls.__name__} is not a registered component, so its constructor parameters are unknown")
+    out = {}
+    for p in params(kind, name):
+        if not hasattr(obj, p.name):
+            raise ConfigError(f"{kind} {name!r} does not store its constructor argument {p.name!r} as an attribute")
+        value = getattr(obj, p.name)
+        if p.required or _canonical(value) != _canonical(p.default):
+            out[p.name] = value
+    return out
 
 
 def summary(cls: type) -> str:

@@ -19,5 +19,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "extraction.copycat",
     "extraction.jacobian_augmentation",
     "poisoning.clean_label",
+    "poisoning.feature_collision",
+    "poisoning.label_consistent",
     "poisoning.label_flipping",
 )

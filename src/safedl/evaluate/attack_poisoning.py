@@ -251,9 +251,9 @@ def _save_artifacts(ctx: RunContext, spec: AttackSpec, attack: Any, p: PoisonedD
         poison_examples_figure(path, p.original_x[idx], p.x[idx], p.original_y[idx], p.y[idx], cmap=cmap,
                                class_name=cn, title=f"{spec.key}: original vs poisoned training samples")
         out["original vs poisoned"] = ctx.rel(path)
-    if hasattr(attack, "trigger") and callable(attack.trigger):
+    if callable(getattr(attack, "trigger_pattern", None)):
         try:
-            pattern, mask = attack.trigger(p.shape)
+            pattern, mask = attack.trigger_pattern(p.shape)
         except (NotImplementedError, RuntimeError, ValueError):
             pattern = mask = None
         if pattern is not None:

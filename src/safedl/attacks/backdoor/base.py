@@ -69,7 +69,7 @@ class BackdoorAttack:
         raise NotImplementedError
 
     # -- public API --------------------------------------------------------------------------------------------
-    def trigger(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def trigger_pattern(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The trigger pattern and mask this attack stamps into images of ``shape`` (C, H, W)."""
         return self._trigger(tuple(shape))  # type: ignore[arg-type]
 
@@ -79,7 +79,7 @@ class BackdoorAttack:
             raise ValueError(f"{self.registry_name}: x must be N x C x H x W, got shape {tuple(x.shape)}")
         if generator is None:
             generator = torch.Generator().manual_seed(self.seed + 1)
-        pattern, mask = self.trigger(tuple(x.shape[1:]))
+        pattern, mask = self.trigger_pattern(tuple(x.shape[1:]))
         rows, cols = triggers.offsets(self.position, len(x), image_hw=(x.shape[2], x.shape[3]),
                                       patch_hw=tuple(mask.shape[1:]), margin=self.margin, generator=generator,
                                       who=self.registry_name)
@@ -109,7 +109,7 @@ class BackdoorAttack:
                         self.registry_name, k_req, int(candidates.sum()),
                         "non-target" if self.label_mode == "dirty" else "target-class")
         idx = select_indices(candidates=candidates, k=k_req, generator=generator)
-        pattern, mask = self.trigger(train.shape)
+        pattern, mask = self.trigger_pattern(train.shape)
         rows, cols = triggers.offsets(self.position, len(idx), image_hw=train.shape[1:], patch_hw=tuple(mask.shape[1:]),
                                       margin=self.margin, generator=generator, who=self.registry_name)
         x = train.x.clone()

@@ -33,7 +33,7 @@ class StaticPatch(BackdoorAttack):
                  image_path: str | None = None, mapping: str = "all_to_one", seed: int = 0):
         self._init_common(target_class=target_class, poison_fraction=poison_fraction, label_mode=label_mode,
                           blend_alpha=blend_alpha, position=position, margin=margin, seed=seed, mapping=mapping)
-        self.trigger_type = check_choice(self, "trigger", trigger, triggers.TRIGGERS)
+        self.trigger = check_choice(self, "trigger", trigger, triggers.TRIGGERS)
         self.patch_size = None if patch_size is None else check_range(self, "patch_size", patch_size, low=1,
                                                                        integer=True)
         if isinstance(color, (int, float)) and not isinstance(color, bool):
@@ -59,7 +59,7 @@ class StaticPatch(BackdoorAttack):
             hw = (self.patch_size, self.patch_size)
             if hw[0] > H or hw[1] > W:
                 raise ConfigError(f"static_patch: patch_size={self.patch_size} does not fit in {H}x{W} images")
-        if self.trigger_type == "single_pixel":
+        if self.trigger == "single_pixel":
             hw = (1, 1)
-        return triggers.make_patch(self.trigger_type, channels=c, size=hw, color=self.color, noise_seed=self.seed,
+        return triggers.make_patch(self.trigger, channels=c, size=hw, color=self.color, noise_seed=self.seed,
                                    image_path=self.image_path)

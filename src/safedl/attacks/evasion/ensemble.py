@@ -53,7 +53,8 @@ class EnsembleAttack(EvasionAttack):
         specs = [dict(s) for s in (DEFAULT_ATTACKS if attacks is None else attacks)]
         if not specs:
             raise ConfigError("ensemble: attacks=[] is empty; give at least one {'name', 'params'} spec")
-        self.attacks: list[dict] = []
+        self.attacks = attacks
+        self.member_specs: list[dict] = []  # the members as run: the ensemble's eps and norm filled in
         self._members: list[EvasionAttack] = []
         for i, spec in enumerate(specs):
             if not isinstance(spec, dict) or "name" not in spec or set(spec) - {"name", "params"}:
@@ -74,7 +75,7 @@ class EnsembleAttack(EvasionAttack):
                 raise ConfigError(f"ensemble: attacks[{i}] ({name}) has no eps budget (it minimises the perturbation); "
                                   f"give it an eps or choose a bounded attack")
             self._members.append(member)
-            self.attacks.append({"name": name, "params": params})
+            self.member_specs.append({"name": name, "params": params})
 
     def fit(self, train: Dataset, *, model: nn.Module, device: torch.device | str = "cpu") -> "EnsembleAttack":
         """Fit the members that learn something first (e.g. a transfer attack's surrogate)."""
@@ -106,6 +107,6 @@ class EnsembleAttack(EvasionAttack):
             broken_by[todo[ok]] = i
             todo = todo[~ok]
         self.broken_by_ = broken_by
-        self.attack_names_ = [s["name"] for s in self.attacks]
+        self.attack_names_ = [s["name"] for s in self.member_specs]
         self.queries_ = queries
         return out

@@ -35,9 +35,13 @@ class NES(EvasionAttack):
         self.max_queries = check_positive(self, "max_queries", max_queries, integer=True)
         self.samples = check_positive(self, "samples", samples, integer=True)
         self.sigma = float(check_positive(self, "sigma", sigma))
-        default_alpha = self.eps / (10 if norm == "linf" else 5)
-        self.alpha = float(check_positive(self, "alpha", alpha)) if alpha is not None else default_alpha
+        self.alpha = None if alpha is None else float(check_positive(self, "alpha", alpha))
         self.seed = seed
+
+    @property
+    def step_size(self) -> float:
+        """``alpha``, or eps / 10 (L-inf) or eps / 5 (L2) when it is None."""
+        return self.eps / (10 if self.norm == "linf" else 5) if self.alpha is None else self.alpha
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         gen = make_generator(self.seed, x.device)
@@ -62,7 +66,7 @@ class NES(EvasionAttack):
             lp = loss(probes, idx.repeat_interleave(2 * self.samples)).view(len(idx), 2 * self.samples)
             # the margin is minimised, so the ascent direction of the attack loss is -grad(margin)
             g = -(lp.view(len(idx), -1, *([1] * (x.ndim - 1))) * u).mean(1) / self.sigma
-            delta = project(xa + self.alpha * steepest_step(g, self.norm) - x[idx], self.norm, self.eps)
+            delta = project(xa + self.step_size * steepest_step(g, self.norm) - x[idx], self.norm, self.eps)
             x_adv[idx] = (x[idx] + delta).clamp(0, 1)
             m[idx] = loss(x_adv[idx], idx)
         self.queries_ = qi.counts.clone()

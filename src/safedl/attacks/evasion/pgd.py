@@ -24,10 +24,15 @@ class PGD(EvasionAttack):
                  random_start: bool = True, restarts: int = 1, seed: int | None = 0):
         self._init_norm_eps(norm, eps)
         self.steps = check_positive(self, "steps", steps, integer=True)
-        self.alpha = float(check_positive(self, "alpha", alpha)) if alpha is not None else 2.5 * self.eps / self.steps
+        self.alpha = None if alpha is None else float(check_positive(self, "alpha", alpha))
         self.random_start = bool(random_start)
         self.restarts = check_positive(self, "restarts", restarts, integer=True)
         self.seed = seed
+
+    @property
+    def step_size(self) -> float:
+        """``alpha``, or Madry et al.'s 2.5 * eps / steps when it is None."""
+        return 2.5 * self.eps / self.steps if self.alpha is None else self.alpha
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         gen = make_generator(self.seed, x.device)
@@ -57,5 +62,5 @@ class PGD(EvasionAttack):
         labels = y if target is None else target
         # untargeted: ascend the loss of the true label; targeted: descend the loss of the target
         delta = pgd_steps(x, delta, lambda xa: F.cross_entropy(model(xa), labels, reduction="sum"),
-                          steps=self.steps, alpha=self.alpha, norm=self.norm, eps=self.eps, ascend=target is None)
+                          steps=self.steps, alpha=self.step_size, norm=self.norm, eps=self.eps, ascend=target is None)
         return x + delta

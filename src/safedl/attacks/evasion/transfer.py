@@ -54,14 +54,15 @@ class TransferAttack(EvasionAttack):
         self.seed = int(seed)
         self.attack = check_choice(self, "attack", attack, [n for n in registry.names("evasion")
                                                             if registry.get("evasion", n).access == "white-box"])
-        self.attack_params = dict(attack_params or {})
+        self.attack_params = attack_params
+        given = dict(attack_params or {})
         accepted = {p.name for p in registry.params("evasion", attack)}
         inner = {k: v for k, v in (("eps", self.eps), ("norm", self.norm)) if k in accepted}
         for k, v in inner.items():
-            if k in self.attack_params and self.attack_params[k] != v:
-                raise ConfigError(f"transfer: attack_params.{k}={self.attack_params[k]!r} conflicts with {k}={v!r}; "
+            if k in given and given[k] != v:
+                raise ConfigError(f"transfer: attack_params.{k}={given[k]!r} conflicts with {k}={v!r}; "
                                   f"set the budget on the transfer attack itself")
-        self._inner = registry.create("evasion", attack, **{**self.attack_params, **inner})
+        self._inner = registry.create("evasion", attack, **{**given, **inner})
         if not getattr(self._inner, "bounded", True):
             raise ConfigError(f"transfer: attack={attack!r} minimises the perturbation and has no eps budget; "
                               f"choose a bounded white-box attack")

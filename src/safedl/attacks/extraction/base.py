@@ -116,7 +116,7 @@ class ExtractionAttack:
     def _init_surrogate(self, *, surrogate: str, surrogate_params: dict | None, epochs: int, lr: float,
                         batch_size: int, seed: int) -> None:
         self.surrogate = check_choice(self, "surrogate", surrogate, model_names())
-        self.surrogate_params = dict(surrogate_params or {})
+        self.surrogate_params = surrogate_params
         self.epochs = check_positive(self, "epochs", epochs, integer=True)
         self.lr = float(check_positive(self, "lr", lr))
         self.batch_size = check_positive(self, "batch_size", batch_size, integer=True)
@@ -139,7 +139,7 @@ class ExtractionAttack:
         mean = pool.mean(dim=(0, 2, 3)).tolist()
         std = pool.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
         torch.manual_seed(self.seed)
-        net = build_model(self.surrogate, in_channels=c, num_classes=num_classes, image_size=h, **self.surrogate_params)
+        net = build_model(self.surrogate, in_channels=c, num_classes=num_classes, image_size=h, **(self.surrogate_params or {}))
         return with_normalization(net, mean, std)
 
     def train_surrogate(self, model: nn.Module, x: torch.Tensor, answers: torch.Tensor, output: str, *,

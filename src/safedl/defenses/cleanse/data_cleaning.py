@@ -61,11 +61,16 @@ class DataCleaning:
     def __init__(self, *, method: str = "loss_filtering", threshold: float | None = None, n_folds: int = 4,
                  seed: int = 0):
         self.method = check_choice(self, "method", method, ("loss_filtering", "outlier_detection"))
-        if threshold is None:  # 2 x mean loss, or 1 standard deviation above the mean loss
-            threshold = 2.0 if method == "loss_filtering" else 1.0
-        self.threshold = check_positive(self, "threshold", threshold)
+        self.threshold = None if threshold is None else check_positive(self, "threshold", threshold)
         self.n_folds = check_range(self, "n_folds", n_folds, low=2, high=20, integer=True)
         self.seed = check_range(self, "seed", seed, low=0, integer=True)
+
+    @property
+    def effective_threshold(self) -> float:
+        """``threshold``, or when None 2 x mean loss (loss filtering) or 1 standard deviation above the mean."""
+        if self.threshold is not None:
+            return float(self.threshold)
+        return 2.0 if self.method == "loss_filtering" else 1.0
 
     def find_poison(self, data: Dataset, *, model: nn.Module | None = None, trusted: Dataset | None = None,
                     train_fn: TrainFn | None = None, device: str | torch.device = "cpu",
@@ -79,11 +84,12 @@ class DataCleaning:
             losses = cross_validated_losses(data, train_fn, n_folds=self.n_folds, seed=self.seed)
         losses = losses.float().cpu()
         mean, std = float(losses.mean()), float(losses.std())
+        threshold = self.effective_threshold
         if self.method == "loss_filtering":
-            cut = self.threshold * mean
+            cut = threshold * mean
             flag = losses > cut
         else:
-            cut = mean + self.threshold * std
-            flag = (losses - mean) / max(std, 1e-12) > self.threshold
-        return DetectionResult(flag, losses, {"method": self.method, "threshold": self.threshold, "cutoff_loss": cut,
+            cut = mean + threshold * std
+            flag = (losses - mean) / max(std, 1e-12) > threshold
+        return DetectionResult(flag, losses, {"method": self.method, "threshold": threshold, "cutoff_loss": cut,
                                               "mean_loss": mean, "std_loss": std, "n_folds": self.n_folds})

@@ -126,17 +126,20 @@ class SupervisedDetector(Detector):
     def _init_attack(self, attack: str, eps: float, attack_params: dict | None, max_fit: int) -> None:
         registry.get("evasion", attack)  # an unknown name lists the valid ones
         accepted = {p.name for p in registry.params("evasion", attack)}
-        if attack_params is None:  # an iterative attack gets 20 steps by default (the papers' BIM/PGD budgets)
-            attack_params = {"steps": 20} if "steps" in accepted else {}
-        params = dict(attack_params)
+        params = dict(self._default_attack_params(attack) if attack_params is None else attack_params)
         unknown = sorted(set(params) - accepted)
         if unknown or "eps" in params:
             raise ConfigError(f"{self.registry_name}: attack_params {sorted(params)} for {attack!r} are not allowed; "
                               f"use eps={eps!r} for the budget and choose from: {', '.join(sorted(accepted - {'eps'}))}")
         self.attack = attack
         self.eps = float(check_positive(self, "eps", eps))
-        self.attack_params = params
+        self.attack_params = attack_params
         self.max_fit = check_positive(self, "max_fit", max_fit, integer=True)
+
+    @staticmethod
+    def _default_attack_params(attack: str) -> dict:
+        """An iterative attack gets 20 steps by default (the papers' BIM/PGD budgets)."""
+        return {"steps": 20} if "steps" in {p.name for p in registry.params("evasion", attack)} else {}
 
     def _characteristics(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -150,7 +153,7 @@ class SupervisedDetector(Detector):
         from sklearn.linear_model import LogisticRegression
 
         g = torch.Generator().manual_seed(int(seed) + 1)
-        params = dict(self.attack_params)
+        params = dict(self._default_attack_params(self.attack) if self.attack_params is None else self.attack_params)
         if "seed" in {p.name for p in registry.params("evasion", self.attack)}:
             params.setdefault("seed", seed)
         attack = registry.create("evasion", self.attack, eps=self.eps, **params)

@@ -50,7 +50,8 @@ class PRADA:
                  num_classes: int = 10, fpr: float = 0.01,
                  classify: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  encoder: nn.Module | None = None, max_keys: int = 1000):
-        self.delta_ = float(check_range(self, "delta", delta, low=0.0, high=1.0, low_inclusive=False))
+        self.delta = float(check_range(self, "delta", delta, low=0.0, high=1.0, low_inclusive=False))
+        self.delta_ = self.delta  # calibrate() replaces it
         self.fpr = float(check_fraction(self, "fpr", fpr))
         self.min_queries = check_range(self, "min_queries", min_queries, low=3, integer=True)
         self.window = check_positive(self, "window", window, integer=True)

@@ -50,7 +50,8 @@ default target. Memory per key:
             raise ConfigError(f"StatefulDetector: history={history} must be at least k={k}")
         self.max_keys = check_positive(self, "max_keys", max_keys, integer=True)
         self.encoder = encoder
-        self.threshold_ = None if threshold is None else float(check_positive(self, "threshold", threshold))
+        self.threshold = None if threshold is None else float(check_positive(self, "threshold", threshold))
+        self.threshold_ = self.threshold  # calibrate() replaces it
         self._store: KeyStore[_KeyState] = KeyStore(_KeyState, max_keys=self.max_keys)
 
     def _knn_means(self, st: _KeyState, f: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,8 @@ def test_deterministic_under_seed(i, poisoned, digits_splits, tiny_model):
 
 
 @pytest.mark.parametrize("key", [k for k, s in zip(IDS, ATTACKS)
-                                 if s[1] in ("clean_label", "label_consistent_backdoor", "feature_collision") or s[2].get("label_mode") == "clean"])
+                                 if s[1] in ("clean_label", "label_consistent_backdoor", "feature_collision")
+                                 or s[2].get("label_mode") == "clean"])
 def test_clean_label_attacks_keep_every_label(key, poisoned):
     p = poisoned[key]
     assert torch.equal(p.y, p.original_y)

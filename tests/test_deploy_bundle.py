@@ -18,23 +18,20 @@ from safedl import registry
 from safedl.cli import app
 from safedl.deploy import SecurePipeline, load_bundle
 from safedl.errors import BundleError, ConfigError
+from _profiles import tiny_profile
 
-PROFILE = {
-    "name": "tinydeploy",
-    "seed": 0,
-    "dataset": {"name": "digits", "test_fraction": 0.2, "val_fraction": 0.1},
-    "model": {"arch": "tiny_cnn"},
-    "training": {"epochs": 3, "batch_size": 64, "lr": 0.003, "augment": "none"},
-    "attacks": {"evasion": [{"name": "pgd", "params": {"eps": 0.2, "steps": 5}}]},
-    "defenses": [
+PROFILE = tiny_profile(
+    name="tinydeploy", training={"epochs": 3},
+    attacks={"evasion": [{"name": "pgd", "params": {"eps": 0.2, "steps": 5}}]},
+    defenses=[
         {"name": "feature_squeezing", "params": {"bit_depth": 2}, "against": ["pgd"]},
         {"id": "squeeze_and_detect", "against": ["pgd"],
          "pipeline": [{"name": "feature_squeezing", "params": {"bit_depth": 2}},
                       {"name": "feature_squeezing_detector", "params": {"bit_depth": 2, "fpr": 0.1}}]},
     ],
-    "evaluation": {"n_eval": 120, "batch_size": 60, "n_examples": 0},
-    "output": {"dir": "runs", "html": False, "figures": False},
-}
+    evaluation={"n_eval": 120},
+    output={"dir": "runs", "html": False, "figures": False},
+)
 
 RELOAD = """
 import json, sys, torch

@@ -16,16 +16,15 @@ from typer.testing import CliRunner
 from safedl.run import handlers, stages
 from safedl.run.cache import StageCache
 from safedl.cli import app
+from _profiles import tiny_profile
 
-TINY = {
-    "name": "tiny", "seed": 0,
-    "dataset": {"name": "digits"}, "model": {"arch": "tiny_cnn"},
-    "training": {"epochs": 1, "batch_size": 64, "lr": 0.003, "augment": "none"},
-    "attacks": {"evasion": [{"name": "fgsm", "params": {"eps": 0.2}},
-                            {"name": "pgd", "params": {"eps": 0.2, "steps": 3}}]},
-    "defenses": [{"name": "feature_squeezing", "params": {"bit_depth": 2}, "against": ["pgd"]}],
-    "evaluation": {"n_eval": 60, "batch_size": 60, "n_examples": 2, "gate": {"min_clean_accuracy": 0.1}},
-}
+TINY = tiny_profile(
+    training={"epochs": 1},
+    attacks={"evasion": [{"name": "fgsm", "params": {"eps": 0.2}},
+                         {"name": "pgd", "params": {"eps": 0.2, "steps": 3}}]},
+    defenses=[{"name": "feature_squeezing", "params": {"bit_depth": 2}, "against": ["pgd"]}],
+    evaluation={"n_examples": 2, "gate": {"min_clean_accuracy": 0.1}},
+)
 WALL_CLOCK = ("time", "latency")  # metrics that measure wall time, not the model
 
 

@@ -8,19 +8,16 @@ import yaml
 from typer.testing import CliRunner
 
 from safedl.cli import app
+from _profiles import tiny_profile
 
-PROFILE = {
-    "name": "steal",
-    "seed": 0,
-    "dataset": {"name": "digits", "test_fraction": 0.2, "val_fraction": 0.1},
-    "model": {"arch": "tiny_cnn"},
-    "training": {"epochs": 8, "batch_size": 64, "lr": 0.003, "augment": "none"},
-    "attacks": {"extraction": [{"name": "copycat", "params": {"surrogate": "tiny_cnn", "epochs": 15, "lr": 0.003,
-                                                              "budgets": [60, 300], "transfer_eps": 0.3}}]},
-    "defenses": [{"name": "class_labels"}, {"name": "reverse_sigmoid", "params": {"beta": 0.7}},
-                 {"name": "dp_training", "params": {"epochs": 2}}],
-    "evaluation": {"n_eval": 100, "n_examples": 0},
-}
+PROFILE = tiny_profile(
+    name="steal", training={"epochs": 8},
+    attacks={"extraction": [{"name": "copycat", "params": {"surrogate": "tiny_cnn", "epochs": 15, "lr": 0.003,
+                                                           "budgets": [60, 300], "transfer_eps": 0.3}}]},
+    defenses=[{"name": "class_labels"}, {"name": "reverse_sigmoid", "params": {"beta": 0.7}},
+              {"name": "dp_training", "params": {"epochs": 2}}],
+    evaluation={"n_eval": 100, "batch_size": None},
+)
 
 
 @pytest.fixture(scope="module")

@@ -9,24 +9,19 @@ import yaml
 from typer.testing import CliRunner
 
 from safedl.cli import app
+from _profiles import tiny_profile
 
-PROFILE = {
-    "name": "query-detectors",
-    "seed": 0,
-    "dataset": {"name": "digits", "test_fraction": 0.2, "val_fraction": 0.1},
-    "model": {"arch": "tiny_cnn"},
-    "training": {"epochs": 8, "batch_size": 64, "lr": 0.003, "augment": "none"},
-    "attacks": {"evasion": [{"name": "square", "params": {"eps": 0.1, "max_queries": 300}},
-                            {"name": "fgsm", "params": {"eps": 0.3}}],
-                "extraction": [{"name": "copycat", "params": {"surrogate": "tiny_cnn", "epochs": 5, "lr": 0.003,
-                                                              "budgets": [400], "transfer_eps": 0.3}}]},
-    "defenses": [{"name": "stateful_detector"},
-                 {"name": "prada", "against": ["copycat"]}],
-    "evaluation": {"n_eval": 100, "n_examples": 0,
-                   "query_detection": {"benign_keys": 2, "benign_queries": 1000, "attack_keys": 2,
-                                       "attack_budget": 400}},
-    "output": {"html": False, "figures": False},
-}
+PROFILE = tiny_profile(
+    name="query-detectors", training={"epochs": 8},
+    attacks={"evasion": [{"name": "square", "params": {"eps": 0.1, "max_queries": 300}},
+                         {"name": "fgsm", "params": {"eps": 0.3}}],
+             "extraction": [{"name": "copycat", "params": {"surrogate": "tiny_cnn", "epochs": 5, "lr": 0.003,
+                                                           "budgets": [400], "transfer_eps": 0.3}}]},
+    defenses=[{"name": "stateful_detector"}, {"name": "prada", "against": ["copycat"]}],
+    evaluation={"n_eval": 100, "batch_size": None,
+                "query_detection": {"benign_keys": 2, "benign_queries": 1000, "attack_keys": 2, "attack_budget": 400}},
+    output={"html": False, "figures": False},
+)
 
 
 def _run(tmp, profile):

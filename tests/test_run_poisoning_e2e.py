@@ -8,19 +8,17 @@ import yaml
 from typer.testing import CliRunner
 
 from safedl.cli import app
+from _profiles import tiny_profile
 
-PROFILE = {
-    "name": "tiny-poison", "seed": 0,
-    "dataset": {"name": "digits", "test_fraction": 0.2, "val_fraction": 0.1},
-    "model": {"arch": "tiny_cnn"},
-    "training": {"epochs": 8, "batch_size": 64, "lr": 0.003, "augment": "none"},
-    "attacks": {"backdoor": [{"name": "static_patch", "params": {"target_class": 3, "patch_size": 2,
-                                                                "poison_fraction": 0.1}}]},
-    "defenses": [{"name": "spectral_signatures", "against": ["static_patch"]}],
-    "trusted_clean_set": {"source": "validation", "size": 100},
-    "evaluation": {"n_eval": 60, "batch_size": 60, "n_examples": 2},
-    "output": {"dir": "runs", "figures": False, "html": False},
-}
+PROFILE = tiny_profile(
+    name="tiny-poison", training={"epochs": 8},
+    attacks={"backdoor": [{"name": "static_patch", "params": {"target_class": 3, "patch_size": 2,
+                                                             "poison_fraction": 0.1}}]},
+    defenses=[{"name": "spectral_signatures", "against": ["static_patch"]}],
+    trusted_clean_set={"source": "validation", "size": 100},
+    evaluation={"n_examples": 2},
+    output={"dir": "runs", "figures": False, "html": False},
+)
 
 
 def test_cli_run_with_a_backdoor_and_a_cleanser(tmp_path):

@@ -9,20 +9,15 @@ import yaml
 from typer.testing import CliRunner
 
 from safedl.cli import app
+from _profiles import tiny_profile
 
-PROFILE = {
-    "name": "tiny",
-    "seed": 0,
-    "dataset": {"name": "digits", "test_fraction": 0.2, "val_fraction": 0.1},
-    "model": {"arch": "tiny_cnn"},
-    "training": {"epochs": 4, "batch_size": 64, "lr": 0.003, "augment": "none"},
-    "attacks": {"evasion": [{"name": "fgsm", "params": {"eps": 0.2}},
-                            {"name": "pgd", "params": {"eps": 0.2, "steps": 5}},
-                            {"name": "pgd", "id": "pgd_targeted", "params": {"eps": 0.3, "steps": 10}, "targeted": True}]},
-    "evaluation": {"n_eval": 120, "batch_size": 60, "n_examples": 4, "gate": {"min_clean_accuracy": 0.5,
-                                                                             "min_robust_accuracy": 0.99}},
-    "output": {"dir": "runs"},
-}
+PROFILE = tiny_profile(
+    attacks={"evasion": [{"name": "fgsm", "params": {"eps": 0.2}},
+                         {"name": "pgd", "params": {"eps": 0.2, "steps": 5}},
+                         {"name": "pgd", "id": "pgd_targeted", "params": {"eps": 0.3, "steps": 10}, "targeted": True}]},
+    evaluation={"n_eval": 120, "n_examples": 4, "gate": {"min_clean_accuracy": 0.5, "min_robust_accuracy": 0.99}},
+    output={"dir": "runs"},
+)
 
 
 def _write(tmp_path, prof, name="p.yaml"):

@@ -45,3 +45,26 @@ def pg_cluster():
     cluster = Cluster(pg_bindir()).start()
     yield cluster
     cluster.remove()
+
+
+#: modules that run whole assessments (``safedl run`` end to end on tiny data): the slow part of the suite
+WHOLE_RUN_MODULES = ("test_decisions_ci", "test_deploy_bundle", "test_executors_run", "test_extraction_stage",
+                     "test_models_resnet_color", "test_query_detector_stage", "test_run_poisoning_e2e",
+                     "test_run_spine", "test_user_data", "test_user_model")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers from what a test needs, so ``-m "not slow and not browser"`` gives a quick loop: ``browser`` (real
+    headless Chromium: the ``browser`` fixture), ``postgres`` (a throwaway PostgreSQL cluster: ``pg_cluster``),
+    ``service`` (a running ``safedl serve`` or the deployment stack), ``slow`` (whole assessments)."""
+    for item in items:
+        module = item.module.__name__ if item.module else ""
+        if "browser" in item.fixturenames:
+            item.add_marker(pytest.mark.browser)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "pg_cluster" in item.fixturenames or any(isinstance(v, str) and v == "postgresql" for v in params.values()):
+            item.add_marker(pytest.mark.postgres)
+        if module.startswith(("test_serve_", "test_stores_serve", "test_deploy_postgres_stack")):
+            item.add_marker(pytest.mark.service)
+        if module in WHOLE_RUN_MODULES:
+            item.add_marker(pytest.mark.slow)

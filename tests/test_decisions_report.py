@@ -6,6 +6,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from _browser import chromium_or_skip
 from safedl.decide.risk import assess_risk
 from safedl.profile import Profile
@@ -73,6 +75,7 @@ window.addEventListener('load', () => {
 </script>"""
 
 
+@pytest.mark.browser
 def test_html_report_in_headless_chromium(tmp_path):
     browser = chromium_or_skip()
     write_reports(_results(), tmp_path)

@@ -421,8 +421,10 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 
 from safedl.serve.monitor.cli import monitor_app  # noqa: E402
+from safedl.serve.review.cli import review_app  # noqa: E402
 
 app.add_typer(monitor_app, name="monitor")
+app.add_typer(review_app, name="review")
 
 
 def main() -> None:  # pragma: no cover

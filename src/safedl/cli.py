@@ -420,11 +420,13 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 
+from safedl.cli_retrain import retrain_command  # noqa: E402
 from safedl.serve.monitor.cli import monitor_app  # noqa: E402
 from safedl.serve.review.cli import review_app  # noqa: E402
 
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(review_app, name="review")
+app.command(name="retrain")(retrain_command)
 
 
 def main() -> None:  # pragma: no cover

@@ -78,3 +78,82 @@ def test_replacement_needs_a_passed_configured_gate_and_no_regression():
     assert decide_replacement(old, failed)["reasons"] == ["gate: min_clean_accuracy: 0.9 < 0.95"]
     unset = ("new", _results([1] * 90 + [0] * 10, gate={"passed": True, "configured": False, "failures": []}))
     assert "sets no threshold" in decide_replacement(old, unset)["reasons"][0]
+
+
+E2E = {"name": "e2e", "seed": 0,
+       "dataset": {"name": "digits", "test_fraction": 0.2, "val_fraction": 0.1, "split_seed": 0},
+       "model": {"arch": "tiny_cnn"}, "training": {"epochs": 4, "batch_size": 64, "lr": 0.003, "augment": "none"},
+       "attacks": {"evasion": [{"name": "fgsm", "params": {"eps": 0.2}}]},
+       "defenses": [{"id": "detect", "against": ["fgsm"],
+                     "pipeline": [{"name": "mahalanobis", "params": {"fpr": 0.1}}]}],
+       "evaluation": {"n_eval": 120, "batch_size": 120, "n_examples": 0, "gate": {"min_clean_accuracy": 0.5}},
+       "output": {"dir": "runs", "html": False, "figures": False}}
+
+
+def _ok(res, code=0):
+    assert res.exit_code == code, res.output
+    return res
+
+
+def test_done_when_serve_review_label_export_retrain_compare_gate_new_bundle(tmp_path, digits_splits):
+    """Issue 24's done-when on tiny seeded data (digits, tiny_cnn, seed 0): FGSM traffic against the served
+    detector is rejected and queued; a reviewer labels it (the true class, or attack); the export is added to
+    training; the new run is compared with the served one and gated; its bundle replaces the served one."""
+    from _serve_helpers import ServerProcess, png_bytes, quantized
+    from safedl import registry
+    from safedl.deploy import load_bundle
+    from safedl.serve.keys import KeyStore
+
+    run = CliRunner().invoke
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(E2E))
+    _ok(run(cli, ["run", str(tmp_path / "p.yaml"), "--runs-dir", str(tmp_path / "runs"), "--no-progress", "-q"]))
+    run_a = next((tmp_path / "runs").iterdir())
+    _ok(run(cli, ["export", str(run_a), "--defense", "detect", "--out", str(tmp_path / "b1")]))
+    b1 = load_bundle(tmp_path / "b1")
+    keys = KeyStore(tmp_path / "keys.db", create=True)
+    user = keys.create(name="attacker", tier="full", rate_per_s=1e4, burst=10_000)[1]
+    ops = keys.create(name="ops", scopes=("admin", "model"), rate_per_s=1e4, burst=10_000)[1]
+    review = tmp_path / "review.db"
+    # white-box FGSM on the served model, on images of the data set's own test split (eps 0.2, seed-free)
+    x, y = digits_splits.test.x[:60], digits_splits.test.y[:60]
+    x_adv = quantized(registry.create("evasion", "fgsm", eps=0.2)(b1.pipeline.model, x, y))
+    truth = {}
+    server = ServerProcess(tmp_path / "b1", tmp_path / "keys.db", tmp_path / "audit.db", "--review", str(review))
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            rejected = 0
+            for img, label in zip(x_adv, y.tolist()):
+                r = c.post("/v1/predict", files={"file": ("a.png", png_bytes(img), "image/png")},
+                           headers={"Authorization": f"Bearer {user}"})
+                assert r.status_code == 200, r.text
+                res = r.json()["results"][0]
+                truth[res["input_sha256"]] = label
+                rejected += res["rejected"]
+            assert rejected >= 30, rejected  # the detector flags most of the attack traffic
+            lines = _ok(run(cli, ["review", "list", "--db", str(review), "--json"])).output.splitlines()
+            queued = [json.loads(line) for line in lines]
+            assert len(queued) == rejected and all(q["key_id"] == keys.list()[0].key_id for q in queued)
+            for k, q in enumerate(queued):  # the reviewer: every third is called an attack, the rest get their class
+                label = "attack" if k % 3 == 0 else str(truth[q["input_sha256"]])
+                _ok(run(cli, ["review", "label", str(q["id"]), label, "--db", str(review), "--by", "reviewer"]))
+            _ok(run(cli, ["review", "export", "--db", str(review), "--out", str(tmp_path / "reviewed.npz")]))
+            added = len(queued) - len(range(0, len(queued), 3))
+            res = run(cli, ["retrain", str(run_a), "--add", str(tmp_path / "reviewed.npz"), "--runs-dir",
+                            str(tmp_path / "runs")])
+            doc = json.loads(next(p for p in (tmp_path / "runs").glob("*/retrain.json")).read_text())
+            assert doc["train_size"]["after"] == doc["train_size"]["before"] + added
+            assert doc["added"][0]["n"] == added
+            cmp = json.loads((tmp_path / "runs" / doc["run"].split("/")[-1] / "comparison" /
+                              "comparison.json").read_text())
+            assert any(r["test"] == "McNemar exact (paired)" for r in cmp["comparisons"][0]["rows"])
+            assert doc["replace"] == (doc["gate"]["passed"] and not doc["regressions"]) and doc["replace"], doc
+            assert res.exit_code == 0, res.output
+            _ok(run(cli, ["export", doc["run"], "--defense", "detect", "--out", str(tmp_path / "b2")]))
+            swap = c.post("/v1/admin/bundle", json={"path": str(tmp_path / "b2")},
+                          headers={"Authorization": f"Bearer {ops}"})
+            assert swap.status_code == 200, swap.text
+            served = c.get("/v1/model", headers={"Authorization": f"Bearer {ops}"}).json()["bundle_version"]
+            assert served == load_bundle(tmp_path / "b2").version != b1.version
+    finally:
+        server.stop()

@@ -90,6 +90,15 @@ E2E = {"name": "e2e", "seed": 0,
        "output": {"dir": "runs", "html": False, "figures": False}}
 
 
+def _keep_artifact(doc: dict, tmp_path) -> None:
+    import os
+    from pathlib import Path
+
+    out = Path(os.environ.get("SAFEDL_TEST_ARTIFACTS", tmp_path))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "review_e2e.json").write_text(json.dumps(doc, indent=2, default=str))
+
+
 def _ok(res, code=0):
     assert res.exit_code == code, res.output
     return res
@@ -149,6 +158,8 @@ def test_done_when_serve_review_label_export_retrain_compare_gate_new_bundle(tmp
             assert any(r["test"] == "McNemar exact (paired)" for r in cmp["comparisons"][0]["rows"])
             assert doc["replace"] == (doc["gate"]["passed"] and not doc["regressions"]) and doc["replace"], doc
             assert res.exit_code == 0, res.output
+            _keep_artifact({"sent": len(x_adv), "rejected": rejected, "queued": len(queued), "added": added,
+                            "retrain": doc, "comparison": cmp["comparisons"][0]["rows"]}, tmp_path)
             _ok(run(cli, ["export", doc["run"], "--defense", "detect", "--out", str(tmp_path / "b2")]))
             swap = c.post("/v1/admin/bundle", json={"path": str(tmp_path / "b2")},
                           headers={"Authorization": f"Bearer {ops}"})

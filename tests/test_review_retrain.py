@@ -168,3 +168,14 @@ def test_done_when_serve_review_label_export_retrain_compare_gate_new_bundle(tmp
             assert served == load_bundle(tmp_path / "b2").version != b1.version
     finally:
         server.stop()
+
+
+def test_retrain_refuses_a_folder_that_is_no_finished_run_and_a_missing_file(tmp_path):
+    run = CliRunner().invoke
+    res = run(cli, ["retrain", str(tmp_path), "--add", str(tmp_path / "r.npz")])
+    assert res.exit_code == 2 and "not a finished safedl run" in res.output
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "results.json").write_text("{}")
+    (tmp_path / "runs" / "a" / "safedl-run.json").write_text(json.dumps({"format": "safedl-run"}))
+    res = run(cli, ["retrain", str(tmp_path / "runs" / "a"), "--add", str(tmp_path / "missing.npz")])
+    assert res.exit_code == 2 and "missing.npz: file not found" in res.output, res.output

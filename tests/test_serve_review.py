@@ -197,3 +197,37 @@ def test_quarantine_is_an_alias_of_review(tmp_path):
     res = CliRunner().invoke(cli, ["serve", str(tmp_path), "--keys", str(tmp_path / "k.db"), "--review", "r.db",
                                    "--quarantine", str(tmp_path / "q")])
     assert res.exit_code == 2 and "alias of --review" in res.output
+
+
+def test_inputs_the_monitor_flags_are_queued_too(tmp_path, bundle, digits_splits):
+    """The shipped monitor rules (thresholds calibrated on benign streams of the digits training split, seed 0) and
+    a square-attack-like stream of near-duplicates (+-0.1 squares on one test digit, seed 0) from one key: the input
+    a query detector flagged lands in the queue as ``source: flagged`` with its detector and score."""
+    import yaml
+
+    from _monitor_helpers import near_duplicates, npy, write_config
+    from safedl.serve.monitor import DEFAULT_RULES, load_monitor_config
+    from safedl.serve.monitor.calibration import calibrate, quantize, save_calibration
+
+    calib = save_calibration(calibrate(bundle, digits_splits.train.x, seed=0), tmp_path / "calibration.json")
+    rules = yaml.safe_load(DEFAULT_RULES.read_text())["rules"]
+    cfg = load_monitor_config(write_config(tmp_path / "monitor.yml", calibration=calib, rules=rules))
+    keys = KeyStore(tmp_path / "keys.db", create=True)
+    token = keys.create(name="attacker", tier="full", rate_per_s=1e4, burst=10_000)[1]
+    db = str(tmp_path / "review.db")
+    app = create_app(bundle=bundle, keys=keys, audit=AuditStore(tmp_path / "audit.db"),
+                     config=ServeConfig(review_db=db), monitor_config=cfg)
+    attack = near_duplicates(quantize(digits_splits.test.x[0]), 150, eps=0.1, seed=0)
+    with TestClient(app) as c:
+        for img in attack:
+            r = c.post("/v1/predict", content=npy(img[None]), headers={"Authorization": f"Bearer {token}",
+                                                                       "Content-Type": "application/x-npy"})
+            assert r.status_code == 200
+        assert app.state.service.monitor.flush()
+        flagged = [it for it in ReviewStore(db).items(with_images=True) if it.source == "flagged"]
+    assert flagged, "the monitor flagged nothing"
+    it = flagged[-1]
+    det = it.reason.removeprefix("query_flag:").split(" ")[0]
+    assert det in it.detector_scores and not it.rejected and it.key_id == keys.list()[0].key_id
+    assert any(torch.equal(torch.from_numpy(it.image), a) for a in attack)
+    assert it.class_names == bundle.pipeline.class_names and it.bundle_version == bundle.version

@@ -61,6 +61,9 @@ class Service:
         self.unauth = UnauthenticatedGuard(rate_per_s=config.unauth_rate_per_s, burst=config.unauth_burst,
                                            total_rate_per_s=config.unauth_total_rate_per_s,
                                            total_burst=config.unauth_total_burst)
+        self.review = (ReviewStore(config.review_db, max_bytes=config.review_max_bytes, create=True,
+                                   retention_days=config.review_retention_days)
+                       if config.review_db is not None else None)
         self.monitor = None
         if monitor_config is not None:
             from safedl.serve.monitor.build import build_monitor
@@ -68,9 +71,8 @@ class Service:
             self.monitor = build_monitor(monitor_config, keys=keys, audit_path=audit.target,
                                          registry=self.metrics.registry, num_classes=len(self.class_names),
                                          bundle_version=lambda: self.bundle.version)
-        self.review = (ReviewStore(config.review_db, max_bytes=config.review_max_bytes, create=True,
-                                   retention_days=config.review_retention_days)
-                       if config.review_db is not None else None)
+            if self.review is not None:
+                self.monitor.on_flag = self._queue_flagged
         self.swapper = BundleSwapper(self, start_path=bundle.path,
                                      device=str(getattr(self.pipeline, "device", None) or "cpu"))
         self._known_ids: frozenset[str] = frozenset()
@@ -128,6 +130,15 @@ class Service:
         return type(d)(labels=d.labels.cpu(), probs=d.probs.cpu(), rejected=d.rejected.cpu(), reasons=d.reasons,
                        detector_scores={k: v.cpu() for k, v in d.detector_scores.items()}, thresholds=d.thresholds,
                        bundle_version=version)
+
+    def _queue_flagged(self, rows: list[dict]) -> None:
+        """Inputs the monitor's query detectors flagged, into the review queue (the monitor's thread)."""
+        try:
+            self.review.keep([{**r, "bundle_version": self.bundle.version, "class_names": self.class_names}
+                              for r in rows])
+        except StoreUnavailable as exc:
+            log.warning("review queue unavailable, %d flagged input(s) not queued: %s", len(rows), exc,
+                        extra={"event": "review_unavailable"})
 
     def problems(self) -> list[str]:
         out = []

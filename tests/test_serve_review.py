@@ -231,3 +231,13 @@ def test_inputs_the_monitor_flags_are_queued_too(tmp_path, bundle, digits_splits
     assert det in it.detector_scores and not it.rejected and it.key_id == keys.list()[0].key_id
     assert any(torch.equal(torch.from_numpy(it.image), a) for a in attack)
     assert it.class_names == bundle.pipeline.class_names and it.bundle_version == bundle.version
+
+
+def test_an_unreachable_review_database_is_one_clear_error(tmp_path):
+    url = "postgresql://nobody@127.0.0.1:1/none"
+    with pytest.raises(UserError, match="--db postgresql://nobody@127.0.0.1:1/none: cannot open the review database"):
+        ReviewStore(url, flag="--db")
+    res = CliRunner().invoke(cli, ["review", "list", "--db", url])
+    assert res.exit_code == 2 and "cannot open the review database" in res.output
+    res = CliRunner().invoke(cli, ["review", "list", "--db", str(tmp_path / "none.db")])
+    assert res.exit_code == 2 and "no such review database" in res.output

@@ -87,7 +87,10 @@ class Service:
         if self.monitor is not None:
             self.monitor.start()
         if self.review is not None:
-            self.review.prune()
+            try:
+                self.review.prune()
+            except StoreUnavailable as exc:  # queueing retries it; requests never depend on the review queue
+                log.warning("review queue: pruning at start failed: %s", exc, extra={"event": "review_unavailable"})
         self.swapper.publish()
         self.refresh_known_keys()
         self._stop.clear()

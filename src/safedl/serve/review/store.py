@@ -104,7 +104,11 @@ class ReviewStore:
                             "be positive")
         self.max_bytes, self.retention_s, self.clock = int(max_bytes), float(retention_days) * 86400.0, clock
         self.engine = engines.open_engine(self.target, flag=flag, create=create, pool_size=2, max_overflow=2)
-        ensure_schema(self.engine, what=f"review database {self.target.display}")
+        try:
+            ensure_schema(self.engine, what=f"review database {self.target.display}")
+        except engines.StoreUnavailable as exc:
+            self.engine.dispose()
+            raise UserError(f"{flag} {self.target.display}: cannot open the review database ({exc})") from None
         self.skipped_full = 0
         self._lock = threading.Lock()
         self._pruned_at = -float("inf")

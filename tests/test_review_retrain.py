@@ -179,3 +179,28 @@ def test_retrain_refuses_a_folder_that_is_no_finished_run_and_a_missing_file(tmp
     (tmp_path / "runs" / "a" / "safedl-run.json").write_text(json.dumps({"format": "safedl-run"}))
     res = run(cli, ["retrain", str(tmp_path / "runs" / "a"), "--add", str(tmp_path / "missing.npz")])
     assert res.exit_code == 2 and "missing.npz: file not found" in res.output, res.output
+
+
+def test_field_test_set_is_measured_by_the_baseline_and_compared_only_on_the_same_set(tmp_path):
+    from safedl.decide.compare import compare_pair
+    from safedl.run import run_assessment
+
+    plain, _, _ = prepare(parse_profile(BASE), base_dir=tmp_path)
+    _npz(tmp_path / "field.npz", plain.test.x[:30], plain.test.y[:30])
+    prof = parse_profile({**BASE, "dataset": {**BASE["dataset"], "field_test": {"path": "field.npz"}}})
+    splits, _, _ = prepare(prof, base_dir=tmp_path)
+    assert len(splits.field) == 30 and splits.hashes()["test"] == plain.hashes()["test"] and "field" in splits.hashes()
+    assert "field" not in plain.hashes()  # runs without one keep their hashes
+    _npz(tmp_path / "bad.npz", torch.rand(2, 3, 8, 8), [0, 1])
+    with pytest.raises(DataError, match=r"dataset.field_test .*bad.npz: images of shape \[3, 8, 8\]"):
+        prepare(parse_profile({**BASE, "dataset": {**BASE["dataset"], "field_test": {"path": "bad.npz"}}}),
+                base_dir=tmp_path)
+    _, results = run_assessment(prof, base_dir=tmp_path, run_dir=tmp_path / "run")
+    m = results["baseline"]["metrics"]["field_accuracy"]
+    assert m["n"] == 30 and 0 <= m["value"] <= 1 and results["data"]["hashes"]["field"] == splits.hashes()["field"]
+    other = json.loads(json.dumps(results))
+    other["baseline"]["metrics"]["field_accuracy"] = {"value": 0.5, "ci95": [0, 1], "n": 30}
+    row = next(r for r in compare_pair(results, other) if r["metric"] == "baseline.field_accuracy")
+    assert row["test"] == "McNemar exact (paired)"
+    other["data"]["hashes"]["field"] = "another set"
+    assert all(r["metric"] != "baseline.field_accuracy" for r in compare_pair(results, other))

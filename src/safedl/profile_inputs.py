@@ -60,6 +60,9 @@ class DatasetSpec(StrictModel):
     limit: Optional[int] = Field(None, ge=10, description="use only the first N samples (quick runs)")
     extra: list[ExtraDataSpec] = Field(default_factory=list, description="more training data added to the "
                                        "training split only: [{format: npz, path: reviewed.npz}]")
+    field_test: Optional[ExtraDataSpec] = Field(None, description="a held-out field test set (.npz, e.g. reviewed "
+                                                "inputs kept out of training): the baseline's accuracy on it is "
+                                                "baseline.metrics.field_accuracy, compared by `safedl compare`")
 
     @model_validator(mode="after")
     def _check(self) -> "DatasetSpec":

@@ -2,6 +2,7 @@
 data set after it was split, so validation, test and the normalization statistics stay those of the base data."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -19,11 +20,13 @@ def _resolve(path: str, base_dir: Path) -> Path:
     return q if q.is_absolute() else base_dir / q
 
 
-def load_extra(spec, *, shape: tuple[int, int, int], num_classes: int, base_dir: Path, index: int) -> Dataset:
-    """One ``dataset.extra`` entry, checked against the base data set's image shape and classes."""
+def load_extra(spec, *, shape: tuple[int, int, int], num_classes: int, base_dir: Path,
+               index: int | None) -> Dataset:
+    """One ``dataset.extra`` entry (``index`` None: ``dataset.field_test``), checked against the base data set's
+    image shape and classes."""
     path = _resolve(spec.path, Path(base_dir))
     data = load_npz(path)
-    where = f"dataset.extra[{index}] {path}"
+    where = f"dataset.field_test {path}" if index is None else f"dataset.extra[{index}] {path}"
     if len(data) == 0:
         raise DataError(f"{where}: holds no images")
     if tuple(data.shape) != tuple(shape):
@@ -45,4 +48,13 @@ def with_extra(splits: Splits, specs: list, *, base_dir: Path) -> Splits:
         parts_y.append(extra.y)
         log.info("dataset.extra[%d]: %d images added to the training split (%s)", i, len(extra), spec.path)
     grown = Dataset(torch.cat(parts_x), torch.cat(parts_y), train.num_classes, train.name, train.class_names)
-    return Splits(train=grown, val=splits.val, test=splits.test, mean=splits.mean, std=splits.std)
+    return dataclasses.replace(splits, train=grown)
+
+
+def with_field_test(splits: Splits, spec, *, base_dir: Path) -> Splits:
+    """``splits`` with ``dataset.field_test`` (None: unchanged) as its held-out field set."""
+    if spec is None:
+        return splits
+    field = load_extra(spec, shape=splits.shape, num_classes=splits.num_classes, base_dir=base_dir,
+                       index=None)
+    return dataclasses.replace(splits, field=field)

@@ -336,37 +336,6 @@ def test_full_audit_database_answers_503(tmp_path, bundle, eval_batch):
     assert len(s.rows("http_status=200")) == statuses.count(200)  # every 200 is on record
 
 
-def test_quarantine_keeps_rejected_inputs_under_a_cap_and_retention(tmp_path, bundle, eval_batch):
-    import os
-
-    x = quantized(eval_batch[0])
-    d = bundle.pipeline.decide(x)
-    flagged = d.rejected.nonzero().flatten().tolist()
-    clean = (~d.rejected).nonzero().flatten().tolist()
-    qdir = tmp_path / "q"
-    qdir.mkdir()
-    old = qdir / "old.bin"
-    old.write_bytes(b"x")
-    os.utime(old, (time.time() - 40 * 86400,) * 2)
-    s = Svc(tmp_path, bundle, config=ServeConfig(quarantine_dir=qdir, quarantine_max_bytes=3000,
-                                                 quarantine_retention_days=30))
-    with TestClient(s.app) as c:
-        s.client = c
-        assert not old.exists()  # past retention: pruned at start
-        r = _post_png(s, x[flagged[0]])
-        sha = r.json()["results"][0]["input_sha256"]
-        _post_png(s, x[clean[0]])
-        for i in flagged[1:8]:
-            _post_png(s, x[i])
-        time.sleep(0.5)  # quarantine writes run after the answer
-    kept = sorted(p.name for p in qdir.glob("*.bin"))
-    assert (qdir / f"{sha}.bin").read_bytes() == png_bytes(x[flagged[0]])
-    meta = json.loads((qdir / f"{sha}.json").read_text())
-    assert meta["request_id"] == r.json()["request_id"] and meta["reason"] == f"detector:{DET}"
-    assert all(n[:-4] in {row["input_sha256"] for row in s.rows("rejected=1")} for n in kept)
-    assert sum(p.stat().st_size for p in qdir.iterdir()) <= 3000 and len(kept) < min(8, len(flagged))
-
-
 def test_non_finite_scores_never_break_the_answer(tmp_path, bundle, eval_batch):
     """A detector returning inf/NaN (a broken component) still gives a valid JSON answer, audited."""
     class Broken:

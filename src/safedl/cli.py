@@ -395,6 +395,19 @@ def export(run_dir: Path = typer.Argument(..., help="a finished run directory"),
     typer.echo(f"wrote bundle {path}")
 
 
+@app.command()
+def retrain(run_dir: Path = typer.Argument(..., help="the finished run the served bundle was exported from"),
+            add: list[Path] = typer.Option(..., "--add", help="an .npz of labelled images for the training split "
+                                                             "(`safedl review export`); repeatable"),
+            device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto"),
+            runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="default: next to RUN_DIR")) -> None:
+    """Rerun RUN_DIR's profile with reviewed data added (dataset.extra) as a new run, compare it with RUN_DIR on the
+    same test images (paired tests) and apply its gate: exit 0 when its model may replace the served one, 1 not."""
+    from safedl.run.retrain_cli import retrain_and_report
+
+    raise typer.Exit(retrain_and_report(run_dir, added=add, device=str(_device(device)), runs_dir=runs_dir))
+
+
 @app.command(name="verify")
 def verify_bundle(bundle: Path = typer.Argument(..., help="bundle directory"),
                   signing_key_file: Optional[Path] = typer.Option(None, "--signing-key-file",
@@ -421,8 +434,10 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 
 from safedl.serve.monitor.cli import monitor_app  # noqa: E402
+from safedl.serve.review.cli import review_app  # noqa: E402
 
 app.add_typer(monitor_app, name="monitor")
+app.add_typer(review_app, name="review")
 
 
 def main() -> None:  # pragma: no cover

@@ -24,6 +24,15 @@ class ThreatModel(StrictModel):
     interface_exposed: Literal["scores", "labels", "none"] = Field("scores", description="what a query returns to users")
 
 
+class ExtraDataSpec(StrictModel):
+    """More labelled training data: an ``.npz`` file (``x``, ``y``) of images of the data set's shape and classes,
+    e.g. the export of a review queue (``safedl review export``). Added to the training split only, after the
+    split, so the validation and test splits (and a comparison with a run without it) stay the same."""
+
+    format: Literal["npz"] = "npz"
+    path: str = Field(description="the .npz file (x: images, y: labels of the data set's classes)")
+
+
 class DatasetSpec(StrictModel):
     """A built-in data set by name, or files by format and path.
 
@@ -49,6 +58,11 @@ class DatasetSpec(StrictModel):
     split_seed: Optional[int] = Field(None, ge=0, description="seed of the train/val/test split (default: the "
                                       "profile's seed); fix it to compare model versions on the same test images")
     limit: Optional[int] = Field(None, ge=10, description="use only the first N samples (quick runs)")
+    extra: list[ExtraDataSpec] = Field(default_factory=list, description="more training data added to the "
+                                       "training split only: [{format: npz, path: reviewed.npz}]")
+    field_test: Optional[ExtraDataSpec] = Field(None, description="a held-out field test set (.npz, e.g. reviewed "
+                                                "inputs kept out of training): the baseline's accuracy on it is "
+                                                "baseline.metrics.field_accuracy, compared by `safedl compare`")
 
     @model_validator(mode="after")
     def _check(self) -> "DatasetSpec":

@@ -22,6 +22,7 @@ dataset:
   # channels: 3 (or 1), resize: stretch | center_crop | letterbox
   test_fraction: 0.2             # 1,000 test images for mnist5k
   val_fraction: 0.1
+  extra: []                      # more training data, e.g. [{format: npz, path: reviewed.npz}] (`safedl review export`)
 
 model:
   arch: small_cnn                # zoo: small_cnn | mlp | resnet_small | tiny_cnn | resnet18 | preact_resnet18; or entry_point / torchscript

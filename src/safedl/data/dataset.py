@@ -110,6 +110,7 @@ class Splits:
     test: Dataset
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    field: Dataset | None = None  # dataset.field_test: a held-out set from the field (data/extra.py)
 
     @property
     def num_classes(self) -> int:
@@ -120,4 +121,7 @@ class Splits:
         return self.train.shape
 
     def hashes(self) -> dict[str, str]:
-        return {"train": self.train.content_hash(), "val": self.val.content_hash(), "test": self.test.content_hash()}
+        out = {"train": self.train.content_hash(), "val": self.val.content_hash(), "test": self.test.content_hash()}
+        if self.field is not None:
+            out["field"] = self.field.content_hash()
+        return out

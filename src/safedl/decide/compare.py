@@ -21,6 +21,7 @@ from safedl.utils.bits import unpack
 
 ALPHA = 0.05
 NO_CHANGE = "no significant change"
+FIELD = "baseline.field_accuracy"  # on dataset.field_test, compared only between runs on the same field set
 
 
 @dataclass
@@ -51,6 +52,7 @@ def run_metrics(results: dict[str, Any]) -> dict[str, Metric]:
 
     base = results.get("baseline", {})
     add("baseline.clean_accuracy", _m(base.get("metrics", {}), "clean_accuracy"), True, _bits(base, "clean_correct"))
+    add(FIELD, _m(base.get("metrics", {}), "field_accuracy"), True, _bits(base, "field_correct"))
     for a in results.get("attacks", []):
         m = a.get("metrics", {})
         if a.get("category") == "evasion":
@@ -94,6 +96,10 @@ def holm(pvalues: list[float]) -> list[float]:
     return adj
 
 
+def _hashes(results: dict[str, Any]) -> dict[str, Any]:
+    return (results.get("data") or {}).get("hashes") or {}
+
+
 def _same_test_images(ref: dict[str, Any], new: dict[str, Any], names: tuple[str, str]) -> bool:
     """True when both runs hold the same test split (paired tests allowed); refuses different data sets."""
     da, db = ref.get("data") or {}, new.get("data") or {}
@@ -109,17 +115,21 @@ def compare_pair(ref: dict[str, Any], new: dict[str, Any], *, names: tuple[str, 
                  alpha: float = ALPHA) -> list[dict[str, Any]]:
     """One row per metric both runs measured: values, difference (B - A), test, p, Holm-adjusted p, verdict."""
     paired = _same_test_images(ref, new, names)
+    same_field = _hashes(ref).get("field") == _hashes(new).get("field")  # dataset.field_test: its own images
     ma, mb = run_metrics(ref), run_metrics(new)
     rows = []
     for key in [k for k in ma if k in mb]:
         a, b = ma[key], mb[key]
+        if key == FIELD and not same_field:
+            continue  # accuracies on different field sets say nothing about the change
         row = {"metric": key, "a": a.value, "b": b.value, "diff": float(b.value["value"]) - float(a.value["value"]),
                "higher_is_better": a.higher_is_better}
-        if paired and a.per_image is not None and b.per_image is not None and len(a.per_image) == len(b.per_image):
+        pair = same_field if key == FIELD else paired
+        if pair and a.per_image is not None and b.per_image is not None and len(a.per_image) == len(b.per_image):
             only_a, only_b, p = mcnemar_exact(a.per_image, b.per_image)
             row.update(test="McNemar exact (paired)", discordant={"only_a": only_a, "only_b": only_b}, p=p)
         else:
-            why = "no per-image record" if paired else "different test images (set dataset.split_seed to pair)"
+            why = "no per-image record" if pair else "different test images (set dataset.split_seed to pair)"
             row.update(test=f"Fisher exact (unpaired: {why})", p=fisher_p(a.value, b.value))
         rows.append(row)
     for row, p_adj in zip(rows, holm([r["p"] for r in rows])):

@@ -69,6 +69,10 @@ def baseline_stage(profile: Profile, *, cache: StageCache, key: str, splits: Spl
         "recipe": p.training.model_dump(),
         "notes": _baseline_notes(p, splits),
     }
+    if splits.field is not None:  # dataset.field_test: the held-out field set
+        field_correct = predict(model, splits.field.x.to(device)).cpu() == splits.field.y
+        entry["metrics"]["field_accuracy"] = proportion(int(field_correct.sum()), len(field_correct))
+        entry["per_image"]["field_correct"] = pack_bits(field_correct)
     meta = dict(model_meta, data_hash=splits.hashes()["train"], recipe=p.training.model_dump(),
                 clean_accuracy=entry["metrics"]["clean_accuracy"]["value"])
     save_checkpoint(ckpt, model, meta)

@@ -55,7 +55,10 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.layout.profile, yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
         data_info = data_summary(p, splits)
-        baseline_key = json_hash({"data": data_info["hashes"], "dataset": p.dataset.model_dump(),
+        # dataset.extra and field_test are left out of the key: their content is in the splits' hashes, and runs made
+        # before these fields existed keep their keys (a resumed run reuses its stages)
+        baseline_key = json_hash({"data": data_info["hashes"],
+                                  "dataset": p.dataset.model_dump(exclude={"extra", "field_test"}),
                                   "model": p.model.model_dump(), "training": p.training.model_dump(), "seed": p.seed})
         baseline, baseline_entry = baseline_stage(p, cache=self.cache, key=baseline_key, splits=splits, fresh=fresh,
                                                   model_meta=model_meta, device=self.device, base_dir=self.base_dir)

@@ -10,6 +10,7 @@ from torch import nn
 
 from safedl import registry
 from safedl.data.dataset import Splits
+from safedl.data.extra import with_extra, with_field_test
 from safedl.data.source import load_dataset
 from safedl.data.split import stratified_split
 from safedl.errors import CheckpointError, ConfigError, DataError, ProfileError
@@ -72,7 +73,10 @@ def resolve_paths(profile: Profile, base_dir: Path) -> Profile:
         q = Path(p).expanduser()
         return str((q if q.is_absolute() else Path(base_dir) / q).resolve())
 
-    ds = profile.dataset.model_copy(update={"path": absolute(profile.dataset.path),
+    extra = [e.model_copy(update={"path": absolute(e.path)}) for e in profile.dataset.extra]
+    field = profile.dataset.field_test
+    field = field.model_copy(update={"path": absolute(field.path)}) if field is not None else None
+    ds = profile.dataset.model_copy(update={"path": absolute(profile.dataset.path), "extra": extra, "field_test": field,
                                             "labels_path": absolute(profile.dataset.labels_path)})
     md = profile.model.model_copy(update={"torchscript": absolute(profile.model.torchscript),
                                           "checkpoint": absolute(profile.model.checkpoint)})
@@ -118,6 +122,8 @@ def prepare(profile: Profile, *, base_dir: Path) -> tuple[Splits, Any, dict]:
     except DataError as exc:
         where = profile.dataset.path or profile.dataset.name
         raise DataError(f"dataset {where}: {str(exc).removeprefix(data.name + ': ')}") from None
+    splits = with_extra(splits, profile.dataset.extra, base_dir=Path(base_dir))
+    splits = with_field_test(splits, profile.dataset.field_test, base_dir=Path(base_dir))
     fresh, meta = model_factory(profile, splits, base_dir=base_dir)
     fresh = _with_feature_layer(fresh, profile.model.feature_layer)
     model = fresh()  # a broken entry point or architecture fails here, before anything is written

@@ -7,7 +7,7 @@ security headers), ``http`` (authentication before the body, bounded body readin
 ``request`` (the typed request context, ApiError), ``unauth`` (bounded work before authentication), ``service``
 (the state and admission rules), ``predict`` / ``admin`` / ``app`` (routes), ``decode`` (untrusted bytes ->
 tensors), ``batcher`` (micro-batching), ``tiers`` (per-key output hardening), ``keys``, ``limits``, ``audit``,
-``quarantine``, ``metrics``, ``swap`` (bundle hot swap), ``monitor/`` (security monitor), ``config`` / ``options``
+``review/`` (the review queue), ``metrics``, ``swap`` (bundle hot swap), ``monitor/`` (security monitor), ``config`` / ``options``
 (validated settings), ``server`` (start-up and shutdown), ``workers`` (``--workers N``: the supervisor
 and its worker processes on one socket), ``client`` (the service as an attack oracle).
 """

@@ -59,9 +59,10 @@ def serve_command(
         slow_lane_rate: float = typer.Option(50.0, "--slow-lane-rate",
                                              help="requests per second read, in all, from client addresses over "
                                                   "their failed-authentication budget (the slow lane)"),
-        quarantine: Optional[Path] = typer.Option(None, "--quarantine", help="keep rejected inputs in this folder"),
-        quarantine_mb: float = typer.Option(100.0, "--quarantine-mb", help="size cap of the quarantine folder"),
-        quarantine_days: float = typer.Option(30.0, "--quarantine-days", help="retention of quarantined inputs"),
+        review: Optional[str] = typer.Option(None, "--review", help="review queue of rejected inputs: " + DB_HELP),
+        quarantine: Optional[Path] = typer.Option(None, "--quarantine", help="alias: DIR = --review DIR/review.db"),
+        review_mb: float = typer.Option(100.0, "--review-mb", "--quarantine-mb", help="size cap of queued images"),
+        review_days: float = typer.Option(30.0, "--review-days", "--quarantine-days", help="retention of the queue"),
         device: str = typer.Option("cpu", "--device"),
         torch_threads: int = typer.Option(1, "--torch-threads", help="intra-op threads of the model (per worker)"),
         workers: int = typer.Option(1, "--workers", help="worker processes on one listening socket (1-64); each loads "

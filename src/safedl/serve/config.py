@@ -11,7 +11,7 @@ from safedl.utils.validate import check_positive, check_range
 
 @dataclass(frozen=True, kw_only=True)
 class ServeConfig:
-    """Limits on untrusted input, batching, output tiers and the quarantine folder.
+    """Limits on untrusted input, batching, output tiers and the review queue.
 
     ``resize``: encoded images (PNG/JPEG/BMP/WebP) of another size are resized to the bundle's H x W (bilinear,
     antialiased) and converted to its channel count (gray <-> RGB, alpha dropped); with ``resize=False`` they are
@@ -27,9 +27,9 @@ class ServeConfig:
     max_wait_ms: float = 3.0             # how long a batch waits for more requests
     round_decimals: int = 2
     top_k: int = 3
-    quarantine_dir: Path | None = None   # keep rejected inputs here for review (None: off)
-    quarantine_max_bytes: int = 100 * 2**20
-    quarantine_retention_days: float = 30.0
+    review_db: str | Path | None = None  # queue rejected inputs for review in this database (None: off)
+    review_max_bytes: int = 100 * 2**20
+    review_retention_days: float = 30.0
     # decode cost: pixels the image headers of one request declare, and a per-key pixel bucket
     key_pixels_per_s: float = 2_000_000.0
     key_pixel_burst: int = 32_000_000   # at least max_request_pixels is used, so the largest request can pass
@@ -56,8 +56,8 @@ class ServeConfig:
         check_range(who, "max_wait_ms", self.max_wait_ms, low=0.0, high=100.0)
         check_range(who, "round_decimals", self.round_decimals, low=0, high=8, integer=True)
         check_positive(who, "top_k", self.top_k, integer=True)
-        check_positive(who, "quarantine_max_bytes", self.quarantine_max_bytes, integer=True)
-        check_positive(who, "quarantine_retention_days", self.quarantine_retention_days)
+        check_positive(who, "review_max_bytes", self.review_max_bytes, integer=True)
+        check_positive(who, "review_retention_days", self.review_retention_days)
         for name in ("key_pixel_burst", "unauth_burst", "unauth_total_burst"):
             check_positive(who, name, getattr(self, name), integer=True)
         for name in ("key_pixels_per_s", "unauth_rate_per_s", "unauth_total_rate_per_s", "unauth_flush_s",

@@ -48,7 +48,7 @@ class Decoded:
     x: torch.Tensor
     sha256: list[str] = field(default_factory=list)
     shapes: list[list[int]] = field(default_factory=list)   # as received (C, H, W), before any conversion
-    raw: list[bytes] = field(default_factory=list)          # the bytes as received (for the quarantine)
+    raw: list[bytes] = field(default_factory=list)          # the bytes as received
 
 
 @dataclass(frozen=True)

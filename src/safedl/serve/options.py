@@ -56,14 +56,26 @@ class ServeOptions:
             raise UserError(f"--log-level {self.log_level!r}: choose debug, info, warning or error")
 
 
+def review_target(review: str | None, quarantine: Path | None) -> str | None:
+    """``--review PATH_OR_URL``, or the database ``--quarantine DIR`` (its former folder flag, kept as an alias)
+    names: ``DIR/review.db``; UserError when both are given or the value is no database."""
+    if review is not None and quarantine is not None:
+        raise UserError("--quarantine is an alias of --review (--quarantine DIR = --review DIR/review.db); give one")
+    if quarantine is not None:
+        review = str(Path(quarantine) / "review.db")
+    if review is not None:
+        parse_target(review, flag="--review")
+    return review
+
+
 def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, audit_max_mb: float | None, host: str,
                        port: int,
                        trusted_proxy: list[str], max_body_mb: float, max_images: int, max_pixels: int,
                        max_request_pixels: int, key_pixels_per_s: float, no_resize: bool, max_batch: int,
                        max_wait_ms: float, header_timeout_s: float, body_timeout_s: float, min_body_kbps: float,
                        keepalive_s: float, max_connections: int, max_connections_per_client: int,
-                       unauth_rate: float, unauth_burst: int, slow_lane_rate: float, quarantine: Path | None, quarantine_mb: float,
-                       quarantine_days: float, device: str, torch_threads: int, workers: int, graceful_s: float,
+                       unauth_rate: float, unauth_burst: int, slow_lane_rate: float, review: str | None,
+                       quarantine: Path | None, review_mb: float, review_days: float, device: str, torch_threads: int, workers: int, graceful_s: float,
                        signing_key_file: Path | None, monitor_config: Path | None) -> ServeOptions:
     """The ``safedl serve`` flags (sizes in MB and KiB/s, as typed) as one validated ``ServeOptions``; raises
     UserError naming the flag."""
@@ -78,8 +90,8 @@ def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, aud
     config = ServeConfig(max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_pixels=max_pixels,
                          max_request_pixels=max_request_pixels, key_pixels_per_s=key_pixels_per_s,
                          key_pixel_burst=2 * max_request_pixels, resize=not no_resize, max_batch=max_batch,
-                         max_wait_ms=max_wait_ms, quarantine_dir=quarantine,
-                         quarantine_max_bytes=int(quarantine_mb * 2**20), quarantine_retention_days=quarantine_days,
+                         max_wait_ms=max_wait_ms, review_db=review_target(review, quarantine),
+                         review_max_bytes=int(review_mb * 2**20), review_retention_days=review_days,
                          unauth_rate_per_s=unauth_rate, unauth_burst=unauth_burst, body_timeout_s=body_timeout_s,
                          min_body_bytes_per_s=min_body_kbps * 1024.0,
                          trusted_proxies=parse_networks(trusted_proxy, name="--trusted-proxy"))

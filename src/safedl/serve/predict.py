@@ -8,6 +8,7 @@ thread that decodes (one hand-off); otherwise the request joins the next micro-b
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from anyio import to_thread
@@ -21,8 +22,10 @@ from safedl.serve.http import audit_rows, finite, read_body
 from safedl.serve.keys import ApiKey
 from safedl.serve.request import ApiError, RequestContext
 from safedl.serve.service import Service
+from safedl.serve.stores.engine import StoreUnavailable
 from safedl.serve.tiers import harden
 
+log = logging.getLogger("safedl.serve.review")
 OPENAPI_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
@@ -100,11 +103,17 @@ def _results(svc: Service, d: dict, decoded: Decoded, tier: str) -> tuple[list[d
     return out, audit
 
 
-def _quarantine(svc: Service, decoded: Decoded, ctx: RequestContext) -> None:
-    for i, a in enumerate(ctx.audit_fields):
-        if a["rejected"]:
-            meta = {"request_id": ctx.request_id, "key_id": ctx.key_id, "client": ctx.client, **a, "ts": ctx.ts}
-            svc.quarantine.keep(decoded.raw[i], sha256=a["input_sha256"], meta=meta)
+def _queue_for_review(svc: Service, decoded: Decoded, ctx: RequestContext, version: str | None) -> None:
+    """The rejected images of an answered request into the review queue (after the answer; a store failure is
+    logged, never turned into an error the client sees)."""
+    rows = [{**a, "request_id": ctx.request_id, "key_id": ctx.key_id, "client": ctx.client, "ts": ctx.ts,
+             "bundle_version": version, "class_names": svc.class_names, "source": "rejected",
+             "image": decoded.x[i].numpy()} for i, a in enumerate(ctx.audit_fields) if a["rejected"]]
+    try:
+        svc.review.keep(rows)
+    except StoreUnavailable as exc:
+        log.warning("review queue unavailable, %d rejected input(s) of request %s not queued: %s", len(rows),
+                    ctx.request_id, exc, extra={"event": "review_unavailable"})
 
 
 def _answer(svc: Service, ctx: RequestContext, key: ApiKey, decoded: Decoded, d: dict, *, in_thread: bool) -> dict:
@@ -114,12 +123,13 @@ def _answer(svc: Service, ctx: RequestContext, key: ApiKey, decoded: Decoded, d:
     ctx.input_sha256 = decoded.sha256
     if svc.monitor is not None:
         svc.monitor.observe(key, decoded.x, d, request_id=ctx.request_id, ts=ctx.ts, input_sha256=decoded.sha256)
-    if svc.quarantine is not None and any(a["rejected"] for a in ctx.audit_fields):
-        if in_thread:
-            _quarantine(svc, decoded, ctx)
-        else:
-            asyncio.get_running_loop().run_in_executor(None, _quarantine, svc, decoded, ctx)
     ctx.bundle_version = d.get("bundle_version") or svc.bundle.version  # the bundle that decided
+    if svc.review is not None and any(a["rejected"] for a in ctx.audit_fields):
+        if in_thread:
+            _queue_for_review(svc, decoded, ctx, ctx.bundle_version)
+        else:
+            asyncio.get_running_loop().run_in_executor(None, _queue_for_review, svc, decoded, ctx,
+                                                       ctx.bundle_version)
     return {"request_id": ctx.request_id, "bundle_version": ctx.bundle_version, "tier": key.tier,
             "results": finite(results)}
 

@@ -24,8 +24,8 @@ from safedl.serve.keys import ApiKey, KeyStore, token_key_id, well_formed
 from safedl.serve.limits import RateLimiter, Verdict
 from safedl.serve.metrics import Metrics
 from safedl.serve.monitor.store import KeyActions, KeyBlocked
-from safedl.serve.quarantine import Quarantine
 from safedl.serve.request import ApiError, RequestContext
+from safedl.serve.review.store import ReviewStore
 from safedl.serve.stores.engine import StoreUnavailable
 from safedl.serve.swap import BundleSwapper
 from safedl.serve.unauth import UnauthenticatedGuard
@@ -46,7 +46,7 @@ def _bundle_shape_and_names(bundle: Any) -> tuple[tuple[int, int, int], list[str
 
 
 class Service:
-    """The app's state: bundle, stores, batcher, limits, metrics, monitor, swapper."""
+    """The app's state: bundle, stores (keys, audit, review queue), batcher, limits, metrics, monitor, swapper."""
 
     def __init__(self, *, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeConfig,
                  monitor_config: Any = None):
@@ -61,6 +61,9 @@ class Service:
         self.unauth = UnauthenticatedGuard(rate_per_s=config.unauth_rate_per_s, burst=config.unauth_burst,
                                            total_rate_per_s=config.unauth_total_rate_per_s,
                                            total_burst=config.unauth_total_burst)
+        self.review = (ReviewStore(config.review_db, max_bytes=config.review_max_bytes, create=True,
+                                   retention_days=config.review_retention_days)
+                       if config.review_db is not None else None)
         self.monitor = None
         if monitor_config is not None:
             from safedl.serve.monitor.build import build_monitor
@@ -68,9 +71,8 @@ class Service:
             self.monitor = build_monitor(monitor_config, keys=keys, audit_path=audit.target,
                                          registry=self.metrics.registry, num_classes=len(self.class_names),
                                          bundle_version=lambda: self.bundle.version)
-        self.quarantine = (Quarantine(config.quarantine_dir, max_bytes=config.quarantine_max_bytes,
-                                      retention_days=config.quarantine_retention_days)
-                           if config.quarantine_dir is not None else None)
+            if self.review is not None:
+                self.monitor.on_flag = self._queue_flagged
         self.swapper = BundleSwapper(self, start_path=bundle.path,
                                      device=str(getattr(self.pipeline, "device", None) or "cpu"))
         self._known_ids: frozenset[str] = frozenset()
@@ -84,8 +86,11 @@ class Service:
         self.batcher.start()
         if self.monitor is not None:
             self.monitor.start()
-        if self.quarantine is not None:
-            self.quarantine.prune()
+        if self.review is not None:
+            try:
+                self.review.prune()
+            except StoreUnavailable as exc:  # queueing retries it; requests never depend on the review queue
+                log.warning("review queue: pruning at start failed: %s", exc, extra={"event": "review_unavailable"})
         self.swapper.publish()
         self.refresh_known_keys()
         self._stop.clear()
@@ -103,6 +108,8 @@ class Service:
         self.flush_unauthenticated()
         self.audit.close()
         self.keys.close()
+        if self.review is not None:
+            self.review.close()
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.config.unauth_flush_s):
@@ -126,6 +133,15 @@ class Service:
         return type(d)(labels=d.labels.cpu(), probs=d.probs.cpu(), rejected=d.rejected.cpu(), reasons=d.reasons,
                        detector_scores={k: v.cpu() for k, v in d.detector_scores.items()}, thresholds=d.thresholds,
                        bundle_version=version)
+
+    def _queue_flagged(self, rows: list[dict]) -> None:
+        """Inputs the monitor's query detectors flagged, into the review queue (the monitor's thread)."""
+        try:
+            self.review.keep([{**r, "bundle_version": self.bundle.version, "class_names": self.class_names}
+                              for r in rows])
+        except StoreUnavailable as exc:
+            log.warning("review queue unavailable, %d flagged input(s) not queued: %s", len(rows), exc,
+                        extra={"event": "review_unavailable"})
 
     def problems(self) -> list[str]:
         out = []

@@ -92,6 +92,8 @@ class SecurityMonitor:
         self._dirty: set[tuple[str, str | None]] = set()
         self._series: OrderedDict[int, list[int]] = OrderedDict()
         self._gallery: deque[dict] = deque(maxlen=config.gallery_size)
+        self.on_flag: Callable[[list[dict]], None] | None = None  # the review queue's sink (serve/service.py)
+        self._to_review: list[dict] = []
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
         self._queued_bytes = 0
@@ -164,6 +166,7 @@ class SecurityMonitor:
                     t0 = time.perf_counter()
                     self._release(item[3].element_size() * item[3].nelement())
                     self._process(*item)
+                    self._flush_review()
                     self.metrics.work.observe(time.perf_counter() - t0)
                 if time.monotonic() - last_tick >= self.config.tick_s:
                     last_tick = time.monotonic()
@@ -175,6 +178,12 @@ class SecurityMonitor:
                     self._queue.task_done()
 
     # -- worker ------------------------------------------------------------------------------------------------
+    def _flush_review(self) -> None:
+        """The flagged inputs of the last batch to the review queue (outside the lock: a database write)."""
+        rows, self._to_review = self._to_review, []
+        if rows and self.on_flag is not None:
+            self.on_flag(rows)
+
     def _verdicts(self, key_id: str, x: torch.Tensor, labels: torch.Tensor) -> tuple[dict, Any]:
         out, glob = {}, None
         for name, det in self.detectors.items():
@@ -241,9 +250,14 @@ class SecurityMonitor:
             ks.gallery_at = ts
             i = min(max((v.first_at or v.n_seen) - (v.n_seen - len(x)) - 1, 0), len(x) - 1)
             digest = sha[i] if sha else hashlib.sha256(x[i].numpy().tobytes()).hexdigest()
-            self._gallery.appendleft({"ts": ts, "key_id": key_id, "request_id": request_id,
-                                      "reason": f"{det} (key query {v.first_at or v.n_seen}, score {v.score:.3g})",
+            reason = f"{det} (key query {v.first_at or v.n_seen}, score {v.score:.3g})"
+            self._gallery.appendleft({"ts": ts, "key_id": key_id, "request_id": request_id, "reason": reason,
                                       "sha256": digest, "png_base64": thumbnail(x[i])})
+            if self.on_flag is not None:  # as often as the gallery: a key's first flag, then once an interval
+                self._to_review.append({"ts": ts, "key_id": key_id, "request_id": request_id or f"monitor-{digest}",
+                                        "image_index": i, "input_sha256": digest, "reason": f"query_flag:{reason}",
+                                        "detector_scores": {det: float(v.score)}, "rejected": False,
+                                        "source": "flagged", "image": x[i].numpy()})
 
     def _bucket(self, now: float) -> list[int]:
         b = int(now // self.config.series_bucket_s) * self.config.series_bucket_s

@@ -4,7 +4,8 @@
 The key database's tables: ``api_keys``, ``rate_state`` (request token bucket and daily image count per key),
 ``pixel_state`` (the per-key pixel budget), ``key_actions`` (the monitor's automatic responses). The audit
 database's: ``audit`` (one row per request and image), ``unauthenticated`` (failures before authentication, in
-aggregate), ``bundle_swaps``, ``monitor_alerts``. The migrations (serve/stores/migrations) create exactly this;
+aggregate), ``bundle_swaps``, ``monitor_alerts``. The review database's: ``review_queue`` (flagged and rejected inputs with
+their decision and the reviewer's label: serve/review/store.py). The migrations (serve/stores/migrations) create exactly this;
 tests/test_stores.py compares the two."""
 from __future__ import annotations
 
@@ -69,5 +70,18 @@ monitor_alerts = sa.Table(
     _text("key_id"), _text("state", False), _real("started_at", False), _real("resolved_at"),
     _real("last_at", False), _real("value"), _int("events", False), _text("action"), _text("metric", False),
     _real("threshold", False), _text("bundle_version"), sa.Index("monitor_alerts_started", "started_at"))
+
+REVIEW_COLUMNS = ("ts", "request_id", "image_index", "key_id", "client", "input_sha256", "shape", "label",
+                  "class_name", "confidence", "rejected", "reason", "detector_scores", "bundle_version", "source",
+                  "class_names", "image", "size_bytes", "review_label", "labelled_by", "labelled_at")
+review_queue = sa.Table(
+    "review_queue", metadata, sa.Column("id", SERIAL, primary_key=True, autoincrement=True), _real("ts", False),
+    _text("request_id", False), _int("image_index", False), _text("key_id"), _text("client"),
+    _text("input_sha256", False), _text("shape", False), _int("label"), _text("class_name"), _real("confidence"),
+    _int("rejected", False), _text("reason"), _text("detector_scores", False), _text("bundle_version"),
+    _text("source", False), _text("class_names", False), sa.Column("image", sa.LargeBinary(), nullable=False),
+    _int("size_bytes", False), _text("review_label"), _text("labelled_by"), _real("labelled_at"),
+    sa.UniqueConstraint("request_id", "image_index", name="review_queue_request"),
+    sa.Index("review_queue_ts", "ts"), sqlite_autoincrement=True)
 
 TABLES = tuple(metadata.tables)

@@ -30,6 +30,9 @@ def serve_command(
         audit: str = typer.Option("audit.db", "--audit", help="audit log and monitor alerts: " + DB_HELP),
         audit_max_mb: Optional[float] = typer.Option(None, "--audit-max-mb",
                                                       help="cap of the audit database; above it requests get 503"),
+        audit_retention_days: Optional[float] = typer.Option(
+            None, "--audit-retention-days", help="delete audit rows (and resolved alerts, swaps) older than this many "
+                                                 "days (1-3650; 30-90 typical); default: keep all"),
         host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on"),
         port: int = typer.Option(8000, "--port"),
         trusted_proxy: list[str] = typer.Option([], "--trusted-proxy",

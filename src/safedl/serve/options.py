@@ -25,6 +25,7 @@ class ServeOptions:
     keys_db: str | Path                 # PATH_OR_URL (serve/stores/engine.py)
     audit_db: str | Path = Path("audit.db")
     audit_max_bytes: int | None = None
+    audit_retention: Any = None         # serve/stores/retention.Retention (--audit-retention-days), None: keep all
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "cpu"
@@ -57,7 +58,7 @@ class ServeOptions:
 
 
 def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, audit_max_mb: float | None, host: str,
-                       port: int,
+                       port: int, audit_retention_days: float | None = None,
                        trusted_proxy: list[str], max_body_mb: float, max_images: int, max_pixels: int,
                        max_request_pixels: int, key_pixels_per_s: float, no_resize: bool, max_batch: int,
                        max_wait_ms: float, header_timeout_s: float, body_timeout_s: float, min_body_kbps: float,
@@ -68,6 +69,7 @@ def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, aud
     """The ``safedl serve`` flags (sizes in MB and KiB/s, as typed) as one validated ``ServeOptions``; raises
     UserError naming the flag."""
     from safedl.serve.protocol import parse_networks
+    from safedl.serve.stores.retention import Retention
     from safedl.utils.keyfile import read_signing_key
 
     monitor = None
@@ -88,6 +90,7 @@ def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, aud
                                    max_connections_per_client=max_connections_per_client)
     return ServeOptions(bundle_path=bundle, keys_db=keys, audit_db=audit,
                         audit_max_bytes=None if audit_max_mb is None else int(audit_max_mb * 2**20), host=host,
+                        audit_retention=None if audit_retention_days is None else Retention(days=audit_retention_days),
                         port=port, device=device, torch_threads=torch_threads, workers=workers,
                         graceful_s=graceful_s,
                         signing_key=read_signing_key(signing_key_file), monitor_config=monitor, config=config,

@@ -58,7 +58,8 @@ class ServeOptions:
 
 
 def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, audit_max_mb: float | None, host: str,
-                       port: int, audit_retention_days: float | None = None,
+                       port: int, audit_retention_days: float | None = None, input_cache_key_mb: float = 2.0,
+                       input_cache_keys: int = 256,
                        trusted_proxy: list[str], max_body_mb: float, max_images: int, max_pixels: int,
                        max_request_pixels: int, key_pixels_per_s: float, no_resize: bool, max_batch: int,
                        max_wait_ms: float, header_timeout_s: float, body_timeout_s: float, min_body_kbps: float,
@@ -81,6 +82,8 @@ def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, aud
                          max_request_pixels=max_request_pixels, key_pixels_per_s=key_pixels_per_s,
                          key_pixel_burst=2 * max_request_pixels, resize=not no_resize, max_batch=max_batch,
                          max_wait_ms=max_wait_ms, quarantine_dir=quarantine,
+                         input_cache_bytes_per_key=_mb_bytes(input_cache_key_mb, flag="--input-cache-key-mb"),
+                         input_cache_keys=input_cache_keys,
                          quarantine_max_bytes=int(quarantine_mb * 2**20), quarantine_retention_days=quarantine_days,
                          unauth_rate_per_s=unauth_rate, unauth_burst=unauth_burst, body_timeout_s=body_timeout_s,
                          min_body_bytes_per_s=min_body_kbps * 1024.0,
@@ -95,3 +98,9 @@ def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, aud
                         graceful_s=graceful_s,
                         signing_key=read_signing_key(signing_key_file), monitor_config=monitor, config=config,
                         connections=connections, slow_lane=SlowLaneLimits(rate_per_s=slow_lane_rate))
+
+
+def _mb_bytes(mb: float, *, flag: str) -> int:
+    if not 0 <= mb <= 1024:
+        raise UserError(f"{flag} {mb!r}: must be a number of MB from 0 (off) to 1024")
+    return int(mb * 2**20)

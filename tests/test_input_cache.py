@@ -54,6 +54,18 @@ def test_hits_equal_decoding_and_are_per_key():
     assert torch.equal(cache.decode("A", items, dec)[0].x, ref.x)
 
 
+def test_a_bad_item_is_refused_naming_its_place_in_the_request():
+    from safedl.serve.decode import InputError
+
+    items = _items(2) + [b"\x89PNG\r\n\x1a\n-truncated"]
+    with pytest.raises(InputError) as info:
+        InputCache().decode("A", items, CountingDecoder())
+    with pytest.raises(InputError) as plain:
+        decode_items(items, shape=SHAPE, config=ServeConfig())
+    assert info.value.message.startswith("image 2") and (info.value.status, info.value.code) == (
+        plain.value.status, plain.value.code)
+
+
 def test_bounds_per_key_and_key_count():
     per_image = 4 * 8 * 8
     cache, dec = InputCache(max_bytes_per_key=3 * per_image, max_keys=2), CountingDecoder()

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from safedl.serve.decode import Decoded
+from safedl.serve.decode import Decoded, InputError
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class InputCache:
         found = [self._get(key_id, d) for d in digests]
         missing = [i for i, e in enumerate(found) if e is None]
         for i in missing:  # one item at a time: its rows are exactly what it decodes to
-            fresh = decode_items([items[i]])
+            fresh = _decode_one(decode_items, items[i], index=i)
             entry = _Entry(x=fresh.x.clone(), sha256=tuple(fresh.sha256), shapes=tuple(tuple(s) for s in fresh.shapes))
             found[i] = entry
             self._put(key_id, digests[i], entry)
@@ -108,3 +108,13 @@ class InputCache:
             out.raw += [item] * len(e.sha256)
         return out, hits
 
+
+
+def _decode_one(decode_items: Callable[[list[bytes]], Decoded], item: bytes, *, index: int) -> Decoded:
+    """``decode_items([item])``; a refusal names the item's place in the request (``image <index>``)."""
+    try:
+        return decode_items([item])
+    except InputError as exc:
+        if index and exc.message.startswith("image 0"):
+            raise InputError(exc.status, exc.code, f"image {index}" + exc.message[len("image 0"):]) from None
+        raise

@@ -181,3 +181,12 @@ def test_fail_open_answers_without_the_detector_and_flags_it(tmp_path, bundles, 
         assert took < 1.4  # the 0.3 s timeout, not the 1.5 s the detector takes
     (row,) = audit_rows(tmp_path / "a.db", "endpoint = '/v1/predict'")
     assert row["http_status"] == 200 and row["error"] == f"detector_failed:{DET}" and row["label"] is not None
+
+
+def test_back_to_back_calls_never_find_the_previous_one_still_running():
+    """The worker is free before its caller wakes: 300 quick calls in a row, no spurious 'still running'."""
+    guard = GuardedScoring(DetectorFailurePolicy(timeout_s=5.0))
+    x = torch.zeros(1, 1, 8, 8)
+    for _ in range(300):
+        scores, failures = guard.score([FakeDetector("quick", _ones)], x)
+        assert not failures and torch.equal(scores["quick"], torch.ones(1))

@@ -77,11 +77,13 @@ class _Worker:
             fn, x, fut = self._jobs.get()
             try:
                 with torch.inference_mode():
-                    fut.set_result(fn(x))
+                    result = fn(x)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller as the detector's failure
+                self.busy = False  # before the caller wakes: its next call must not find this one running
                 fut.set_exception(exc)
-            finally:
+            else:
                 self.busy = False
+                fut.set_result(result)
 
     def call(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, timeout_s: float) -> torch.Tensor:
         if self.busy:

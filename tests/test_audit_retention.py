@@ -119,3 +119,35 @@ def test_serve_flag_refuses_a_bad_value_with_exit_2_and_accepts_30(tmp_path):
     flags = {n: p.default.default for n, p in inspect.signature(serve_command).parameters.items()}
     flags.update(bundle=tmp_path / "b", keys=str(tmp_path / "k.db"), audit_retention_days=30.0)
     assert options_from_flags(**flags).audit_retention == Retention(days=30.0)
+
+
+def test_safedl_serve_purges_at_start_and_keeps_what_it_answers(tiny_model, digits_splits, tmp_path):
+    """The real server with --audit-retention-days 1: a 2-day-old row is gone once it is ready, the rows of the
+    requests it answers stay."""
+    import httpx
+
+    from _serve_helpers import ServerProcess, make_bundle, png_bytes
+    from safedl.serve.keys import KeyStore
+
+    bundle = make_bundle(tiny_model, digits_splits, tmp_path / "b")
+    keys = KeyStore(tmp_path / "k.db", create=True)
+    token = keys.create(name="u", rate_per_s=100, burst=100)[1]
+    keys.close()
+    audit_db = tmp_path / "audit.db"
+    old = AuditStore(audit_db)
+    old.start()
+    old.submit([{"ts": time.time() - 2 * DAY_S, "request_id": "stale", "http_status": 200}]).result(10)
+    old.close()
+    with ServerProcess(bundle, tmp_path / "k.db", audit_db, "--audit-retention-days", "1") as srv:
+        srv.wait_ready()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(r["request_id"] == "stale" for r in read_rows(audit_db)):
+            time.sleep(0.2)
+        img = png_bytes(digits_splits.test.x[0])
+        for _ in range(2):
+            r = httpx.post(srv.url + "/v1/predict", files={"file": ("x.png", img, "image/png")},
+                           headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            assert r.status_code == 200, r.text
+        srv.stop()  # graceful: the audit is flushed
+    ids = [r["request_id"] for r in read_rows(audit_db)]
+    assert "stale" not in ids and len([r for r in read_rows(audit_db) if r["endpoint"] == "/v1/predict"]) == 2

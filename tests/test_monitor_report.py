@@ -70,7 +70,7 @@ def test_report_counts_rates_alerts_and_response_times(dbs, tmp_path):
     res = CliRunner().invoke(cli, ["monitor", "report", "--db", audit_db, "--keys", keys_db, "--days", "2",
                                    "--until", "2026-12-02", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    data = json.loads((out / "report.json").read_text())
+    data = json.loads((out / "ops_report.json").read_text())
     d1, d2 = data["days"]
     assert (d1["date"], d1["requests"], d1["images"], d1["blocked"], d1["flagged_keys"]) == ("2026-12-01", 6, 5, 1, 1)
     assert d1["attack_rate"] == {"value": 0.2, "ci95": list(wilson_interval(1, 5)), "n": 5}
@@ -80,9 +80,9 @@ def test_report_counts_rates_alerts_and_response_times(dbs, tmp_path):
     (timing,) = data["timings"]  # the global alert has no key: not timed
     assert (timing["alert_id"], timing["ttd_s"], timing["ttm_s"]) == ("al1", 120.0, 150.0)
     assert data["summary"]["ttm_n"] == 1 and data["summary"]["not_mitigated"] == 0
-    md = (out / "report.md").read_text()
+    md = (out / "ops_report.md").read_text()
     assert "| 2026-12-01 | 6 | 5 | 1 | 0.200 [" in md and "time to detect, median: 120.0 s (n=1)" in md
-    html = (out / "report.html").read_text()
+    html = (out / "ops_report.html").read_text()
     for name in ("requests", "blocked", "attack_rate", "flagged_keys", "alerts", "response_times"):
         assert (out / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"figures/{name}.png" in md and f'src="figures/{name}.png"' in html
@@ -94,7 +94,7 @@ def test_an_alert_without_an_action_is_not_mitigated(tmp_path):
     res = CliRunner().invoke(cli, ["monitor", "report", "--db", audit_db, "--days", "2", "--until", "2026-12-02",
                                    "--out", str(tmp_path / "r")])  # no --keys: the audit file has no key actions
     assert res.exit_code == 0, res.output
-    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    data = json.loads((tmp_path / "r" / "ops_report.json").read_text())
     assert data["timings"][0]["ttm_s"] is None and data["summary"]["not_mitigated"] == 1
 
 

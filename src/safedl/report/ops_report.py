@@ -169,11 +169,11 @@ def render_html(data: dict, figures: dict[str, str], *, source: str) -> str:
 
 
 def write_report(data: dict, out: str | Path, *, source: str) -> dict[str, Path]:
-    """``report.md``, ``report.html``, ``report.json`` (the data) and ``figures/*.png`` under ``out``."""
+    """``ops_report.md``, ``ops_report.html``, ``ops_report.json`` (the data) and ``figures/*.png`` under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(data, out)
-    paths = {"markdown": out / "report.md", "html": out / "report.html", "json": out / "report.json"}
+    paths = {"markdown": out / "ops_report.md", "html": out / "ops_report.html", "json": out / "ops_report.json"}
     atomic_write_text(paths["markdown"], render_markdown(data, figures, source=source))
     atomic_write_text(paths["html"], render_html(data, figures, source=source))
     atomic_write_text(paths["json"], json.dumps(data, indent=1, sort_keys=True) + "\n")

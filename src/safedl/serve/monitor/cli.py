@@ -114,7 +114,7 @@ def report_command(
         db: str = typer.Option(..., "--db", help="the audit database of `safedl serve` (alerts included): a SQLite "
                                                  "file path or a PostgreSQL URL"),
         days: int = typer.Option(7, "--days", help="whole UTC days to report, ending with --until (1-366)"),
-        out: Path = typer.Option(..., "--out", help="folder for report.md, report.html, report.json, figures/"),
+        out: Path = typer.Option(..., "--out", help="folder for ops_report.md, .html, .json and figures/"),
         until: Optional[str] = typer.Option(None, "--until", help="last day of the period (ISO date; default: "
                                                                   "today, UTC)"),
         keys: Optional[str] = typer.Option(None, "--keys", help="the key database (key actions, for time to "

@@ -246,3 +246,20 @@ def test_headline_robust_accuracy_includes_the_strong_adaptive_suite(run_dir):
     assert m["robust_accuracy"]["value"] <= min(parts)
     # on bit-depth squeezing PGD-5 through BPDA is weak: the suite must find at least as many adversarial examples
     assert m["robust_accuracy_strong_suite"]["value"] <= m["robust_accuracy_paired_adaptive"]["value"]
+
+
+def test_export_records_the_detector_failure_policy_and_fits_the_output_sanity_on_the_run(run_dir, tmp_path):
+    res = _export(run_dir, tmp_path / "b", "--defense", "squeeze_and_detect", "--detector-failure", "fail_open",
+                  "--detector-timeout-s", "2", "--output-sanity", "--sanity-quantile", "0.99")
+    assert res.exit_code == 0, res.output
+    b = load_bundle(tmp_path / "b")
+    assert b.manifest["detector_failure"] == {"policy": "fail_open", "timeout_s": 2.0}
+    from safedl.data import load_builtin, stratified_split
+
+    s = stratified_split(load_builtin("digits"), test_fraction=0.2, val_fraction=0.1, seed=0)
+    check = b.pipeline.output_sanity
+    assert check is not None and b.manifest["output_sanity"]["n_calibration"] == len(s.val.x)
+    assert int((check.distance(s.val.x) > check.distance_threshold_).sum()) <= int(0.01 * len(s.val.x)) + 1
+    assert torch.allclose(check.mean_, s.train.x.flatten(1).mean(0))
+    plain = _export(run_dir, tmp_path / "p", "--defense", "squeeze_and_detect")
+    assert plain.exit_code == 0 and load_bundle(tmp_path / "p").manifest["output_sanity"] is None

@@ -18,7 +18,6 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-from safedl.utils.keyfile import read_signing_key
 from safedl.errors import UserError
 from safedl.rundir import RunDir
 
@@ -376,26 +375,6 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="run directories; th
 
 
 @app.command()
-def export(run_dir: Path = typer.Argument(..., help="a finished run directory"),
-           out: Path = typer.Option(..., "--out", help="bundle directory to write (must not exist)"),
-           defense: Optional[str] = typer.Option(None, "--defense", help="id of an evaluated evasion defense"),
-           baseline: bool = typer.Option(False, "--baseline", help="export the undefended baseline model"),
-           signing_key_file: Optional[Path] = typer.Option(None, "--signing-key-file",
-                                                           help="sign the manifest with HMAC-SHA256 and this key")) -> None:
-    """Export the defended system of one evaluated defense (or the baseline) as a verified bundle."""
-    from safedl.deploy.run_export import export_from_run
-
-    try:
-        if (defense is None) == (not baseline):
-            raise UserError("give exactly one of --defense ID or --baseline")
-        key = read_signing_key(signing_key_file)
-        path = export_from_run(run_dir, out=out, defense=defense, signing_key=key)
-    except UserError as exc:
-        _fail(exc)
-    typer.echo(f"wrote bundle {path}")
-
-
-@app.command()
 def retrain(run_dir: Path = typer.Argument(..., help="the finished run the served bundle was exported from"),
             add: list[Path] = typer.Option(..., "--add", help="an .npz of labelled images for the training split "
                                                              "(`safedl review export`); repeatable"),
@@ -408,22 +387,11 @@ def retrain(run_dir: Path = typer.Argument(..., help="the finished run the serve
     raise typer.Exit(retrain_and_report(run_dir, added=add, device=str(_device(device)), runs_dir=runs_dir))
 
 
-@app.command(name="verify")
-def verify_bundle(bundle: Path = typer.Argument(..., help="bundle directory"),
-                  signing_key_file: Optional[Path] = typer.Option(None, "--signing-key-file",
-                                                                  help="require a valid HMAC signature")) -> None:
-    """Verify a bundle (schema, manifest digest or signature, every file's sha256) and rebuild its system."""
-    from safedl.deploy import load_bundle
+# `safedl export` and `safedl verify`: bundles (safedl.deploy.cli)
+from safedl.deploy.cli import export_command, verify_command  # noqa: E402
 
-    try:
-        b = load_bundle(bundle, signing_key=read_signing_key(signing_key_file))
-    except UserError as exc:
-        _fail(exc)
-    names = [f"{c['kind']}:{c['name']}" for c in b.manifest["components"]] or ["(undefended model)"]
-    typer.echo(f"{bundle}: verified, version {b.version}; components: {', '.join(names)}")
-
-
-
+app.command(name="export")(export_command)
+app.command(name="verify")(verify_command)
 
 # `safedl serve`, `safedl keys ...`, `safedl audit export`: the HTTP service (logic in safedl.serve.cli)
 from safedl.serve.cli import audit_app, db_app, keys_app, serve_command  # noqa: E402

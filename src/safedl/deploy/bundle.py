@@ -32,6 +32,8 @@ from torch import nn
 
 import safedl
 from safedl import registry
+from safedl.deploy.detector_guard import DetectorFailurePolicy
+from safedl.deploy.output_sanity import OutputSanity
 from safedl.deploy.pipeline import SecurePipeline
 from safedl.deploy.state import fitted_state, restore_state
 from safedl.deploy.verify import (DIGEST, KIND, MANIFEST, SCHEMA_VERSION, WEIGHTS, VerifiedBundle,
@@ -40,6 +42,7 @@ from safedl.errors import BundleError, UserError
 from safedl.utils.io import file_sha256
 
 log = logging.getLogger("safedl.deploy.bundle")
+SANITY_STATE = "state/output_sanity.safetensors"
 
 
 @dataclass
@@ -94,14 +97,20 @@ def _component_record(index: int, comp: Any, folder: Path) -> dict[str, Any]:
 
 def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict[str, Any], data: dict[str, Any],
                   metrics: dict[str, Any] | None = None, run: dict[str, Any] | None = None,
-                  signing_key: bytes | None = None, overwrite: bool = False) -> Path:
+                  signing_key: bytes | None = None, overwrite: bool = False,
+                  detector_failure: DetectorFailurePolicy | None = None,
+                  output_sanity: OutputSanity | None = None) -> Path:
     """Write ``pipeline`` as a bundle directory at ``out`` (atomically: a temporary folder renamed at the end).
 
     ``model_spec``: how to rebuild the model's architecture (a zoo ``arch`` with its checkpoint metadata, or an
     ``entry_point``; optional ``trainer`` whose ``architecture`` transform the weights need); ``data``: name,
     shape (C, H, W), num_classes, class_names; ``metrics``: what the run measured for this system; ``run``: run id
-    and what the system was evaluated against.
+    and what the system was evaluated against; ``detector_failure``: what the served system does when a detector
+    fails (deploy/detector_guard.py; default: the pipeline's, else fail_closed); ``output_sanity``: a fitted
+    output sanity check (deploy/output_sanity.py; default: the pipeline's, else none).
     """
+    policy = detector_failure or pipeline.detector_failure or DetectorFailurePolicy()
+    sanity = output_sanity or pipeline.output_sanity
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: exists; choose another --out or remove it first")
@@ -110,6 +119,7 @@ def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict
     try:
         _save_tensors(tmp / WEIGHTS, pipeline.model.state_dict())
         components = [_component_record(i, c, tmp) for i, c in enumerate(pipeline.components)]
+        sanity_rec = _sanity_record(sanity, tmp) if sanity is not None else None
         files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "bundle_schema_version": SCHEMA_VERSION, "kind": KIND,
@@ -117,6 +127,7 @@ def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict
             "versions": {"safedl": safedl.__version__, "torch": torch.__version__},
             "run": run or {}, "data": data, "model": dict(model_spec, file=WEIGHTS),
             "components": components, "batch_size": pipeline.batch_size,
+            "detector_failure": policy.to_manifest(), "output_sanity": sanity_rec,
             "files": files, "metrics": metrics or {},
         }
         text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False)
@@ -129,6 +140,23 @@ def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _sanity_record(sanity: OutputSanity, folder: Path) -> dict[str, Any]:
+    meta, tensors = sanity.to_record()
+    (folder / "state").mkdir(exist_ok=True)
+    _save_tensors(folder / SANITY_STATE, tensors)
+    return dict(meta, state=SANITY_STATE)
+
+
+def _load_sanity(verified: VerifiedBundle) -> OutputSanity | None:
+    rec = verified.manifest.get("output_sanity")
+    if rec is None:
+        return None
+    where = str(verified.root / MANIFEST)
+    if not isinstance(rec, dict) or rec.get("state") != SANITY_STATE:
+        raise BundleError(f"{where}: output_sanity must name its state file {SANITY_STATE}")
+    return OutputSanity.from_record(rec, _load_tensors(verified, SANITY_STATE), where=where)
 
 
 def _digest_text(manifest_bytes: bytes, key: bytes | None) -> str:
@@ -202,12 +230,18 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu", signing
         raise BundleError(f"{root / MANIFEST}: the model is built by the Python entry point "
                           f"{manifest['model']['entry_point']!r}, which is not run for an unsigned bundle here "
                           "(sign it and start the server with --signing-key-file)")
+    try:  # absent (a bundle from before the policy): fail_closed
+        policy = DetectorFailurePolicy.from_manifest(manifest.get("detector_failure"), where=str(root / MANIFEST))
+    except UserError as exc:
+        raise BundleError(str(exc)) from None
     model, parts = _rebuild(verified, torch.device(device))
+    sanity = _load_sanity(verified)
     data = manifest.get("data", {})
     pipe = SecurePipeline(model=model, preprocessors=[p.to(torch.device(device)) for p in parts["preprocessor"]],
                           detectors=parts["detector"], postprocessors=parts["postprocessor"],
                           certifier=parts["certifier"][0] if parts["certifier"] else None,
                           class_names=data.get("class_names"), input_shape=data.get("shape"),
-                          batch_size=int(manifest.get("batch_size", 256)))
+                          batch_size=int(manifest.get("batch_size", 256)), detector_failure=policy,
+                          output_sanity=sanity)
     log.debug("loaded bundle %s version %s (%d files verified)", root, verified.version, len(verified.files))
     return Bundle(path=root, manifest=manifest, pipeline=pipe, version=verified.version)

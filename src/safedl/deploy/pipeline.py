@@ -7,7 +7,7 @@ so what is deployed is what was measured.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -16,6 +16,9 @@ from torch import nn
 from safedl.defenses.adaptive import BPDA, defended_model
 from safedl.defenses.protocols import (CertifierProtocol, DetectorProtocol, PostprocessorProtocol,
                                        PreprocessorProtocol)
+from safedl.deploy.detector_guard import DetectorFailurePolicy, GuardedScoring
+from safedl.deploy.output_sanity import REASON as SANITY_REASON
+from safedl.deploy.output_sanity import OutputSanity
 from safedl.errors import ConfigError
 from safedl.utils.tensors import eval_mode, model_device
 
@@ -26,9 +29,10 @@ class Decision:
 
     ``labels``: the model's label (also for rejected images); ``probs``: N x K scores after the postprocessors
     (vote shares under randomized smoothing); ``rejected``: a detector flagged the image or the certifier
-    abstained; ``reasons``: None, ``"detector:<name>"`` (the first detector over its threshold) or
-    ``"abstain:<certifier>"``; ``detector_scores`` / ``thresholds``: per detector name; ``bundle_version``: the
-    bundle that decided (set by the service, which may swap bundles).
+    abstained; ``reasons``: None, ``"detector:<name>"`` (the first detector over its threshold),
+    ``"abstain:<certifier>"`` or ``"sanity:overconfident_far"`` (the output sanity check); ``detector_scores`` / ``thresholds``: per detector name; ``bundle_version``: the
+    bundle that decided (set by the service, which may swap bundles); ``detector_failures``: per detector that
+    failed under a ``fail_open`` policy, why (its scores and threshold are then absent: deploy/detector_guard.py).
     """
 
     labels: torch.Tensor
@@ -38,6 +42,7 @@ class Decision:
     detector_scores: dict[str, torch.Tensor]
     thresholds: dict[str, float]
     bundle_version: str | None = None
+    detector_failures: dict[str, str] = field(default_factory=dict)
 
     def accepted_correct(self, y: torch.Tensor) -> torch.Tensor:
         """Per image: accepted and classified as ``y`` (clean accuracy counts these)."""
@@ -98,7 +103,8 @@ class SecurePipeline:
     def __init__(self, *, model: nn.Module, preprocessors: Sequence[nn.Module] = (), detectors: Sequence[Any] = (),
                  postprocessors: Sequence[nn.Module] = (), certifier: Any = None,
                  class_names: Sequence[str] | None = None, input_shape: Sequence[int] | None = None,
-                 batch_size: int = 256):
+                 batch_size: int = 256, detector_failure: DetectorFailurePolicy | None = None,
+                 output_sanity: OutputSanity | None = None):
         self.preprocessors = _check(preprocessors, PreprocessorProtocol, "preprocessor")
         self.postprocessors = _check(postprocessors, PostprocessorProtocol, "postprocessor")
         self.detectors = [PreprocessedDetector(d, self.preprocessors)
@@ -114,6 +120,10 @@ class SecurePipeline:
         self.class_names = list(class_names) if class_names is not None else None
         self.input_shape = tuple(int(v) for v in input_shape) if input_shape is not None else None
         self.batch_size = int(batch_size)
+        # None (the offline evaluation): a detector's exception propagates; a bundle's policy otherwise
+        self.detector_failure = detector_failure
+        self._guard = GuardedScoring(detector_failure) if detector_failure is not None else None
+        self.output_sanity = output_sanity  # deploy/output_sanity.py: a confident answer far from the training data
         self._lock = threading.Lock()
 
     # -- what the pipeline holds ------------------------------------------------------------------------------
@@ -152,8 +162,8 @@ class SecurePipeline:
         with self._lock, torch.no_grad():
             self._restart_randomness()
             labels, probs, abstain = self._classify(x)
-            scores = {d.name: d.score(x).to(x.device) for d in self.detectors} if with_detectors else {}
-        thresholds = {d.name: float(d.threshold_) for d in self.detectors} if with_detectors else {}
+            scores, failures = self._score(x) if with_detectors else ({}, {})
+        thresholds = {d.name: float(d.threshold_) for d in self.detectors if d.name in scores}
         rejected = abstain.clone()
         reasons: list[str | None] = [f"abstain:{self.certifier.registry_name}" if a else None for a in abstain.tolist()]
         for name, s in scores.items():
@@ -161,8 +171,19 @@ class SecurePipeline:
             for i in torch.nonzero(flagged & ~rejected).flatten().tolist():
                 reasons[i] = f"detector:{name}"
             rejected |= flagged
+        if self.output_sanity is not None and with_detectors:
+            insane = self.output_sanity.check(x, probs) & ~rejected
+            for i in torch.nonzero(insane).flatten().tolist():
+                reasons[i] = SANITY_REASON
+            rejected |= insane
         return Decision(labels=labels, probs=probs, rejected=rejected, reasons=reasons, detector_scores=scores,
-                        thresholds=thresholds)
+                        thresholds=thresholds, detector_failures=failures)
+
+    def _score(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Every detector's scores, under the detector failure policy when there is one."""
+        if self._guard is None:
+            return {d.name: d.score(x).to(x.device) for d in self.detectors}, {}
+        return self._guard.score(self.detectors, x)
 
     def _classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.certifier is not None:

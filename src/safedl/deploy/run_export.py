@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from safedl.deploy.bundle import export_bundle, load_bundle
+from safedl.deploy.detector_guard import DetectorFailurePolicy
+from safedl.deploy.output_sanity import OutputSanity
 from safedl.deploy.pipeline import SecurePipeline
 from safedl.errors import BundleError, UserError
 from safedl.rundir import RunDir
@@ -55,13 +57,37 @@ def _baseline_pipeline(run_dir: Path, results: dict[str, Any]) -> tuple[SecurePi
     return pipe, spec
 
 
+def fit_sanity_on_run(results: dict[str, Any], sanity: OutputSanity, *, base_dir: Path) -> OutputSanity:
+    """Fit ``sanity`` on the run's own split: statistics of its training images, threshold on its validation
+    images (the data set is loaded again from the resolved profile, paths relative to ``base_dir``)."""
+    from safedl.data import stratified_split
+    from safedl.data.source import load_dataset
+    from safedl.profile import parse_profile
+
+    profile = parse_profile(results["profile"], source="results.json profile")
+    ds = profile.dataset
+    try:
+        data = load_dataset(ds, base_dir=base_dir)
+    except (OSError, UserError) as exc:
+        raise UserError(f"--output-sanity: cannot load the run's data set again ({exc}); run the export from the "
+                        "profile's folder") from None
+    splits = stratified_split(data, test_fraction=ds.test_fraction, val_fraction=ds.val_fraction,
+                              seed=profile.seed if ds.split_seed is None else ds.split_seed)
+    return sanity.fit(splits.train.x, splits.val.x)
+
+
 def export_from_run(run_dir: str | Path, *, out: str | Path, defense: str | None = None,
-                    signing_key: bytes | None = None) -> Path:
-    """Export the system of defense ``defense`` (its id in the run), or the undefended baseline when None."""
+                    signing_key: bytes | None = None, detector_failure: DetectorFailurePolicy | None = None,
+                    output_sanity: OutputSanity | None = None) -> Path:
+    """Export the system of defense ``defense`` (its id in the run), or the undefended baseline when None;
+    ``detector_failure``: the served system's detector failure policy (default: fail_closed); ``output_sanity``:
+    an unfitted check, fitted here on the run's data (default: none)."""
+    policy = detector_failure or DetectorFailurePolicy()
     run_dir = Path(run_dir)
     from safedl.report.render import load_results
 
     results = load_results(RunDir(run_dir).results)
+    sanity = fit_sanity_on_run(results, output_sanity, base_dir=Path.cwd()) if output_sanity is not None else None
     run = {"run_id": results.get("run_id", run_dir.name), "profile_name": results["profile"].get("name")}
     if defense is None:
         pipe, spec = _baseline_pipeline(run_dir, results)
@@ -72,7 +98,8 @@ def export_from_run(run_dir: str | Path, *, out: str | Path, defense: str | None
         data.setdefault("class_names", [str(i) for i in range(int(data.get("num_classes", 0)))])
         return export_bundle(pipe, out, model_spec=spec, data=data, metrics=metrics,
                              run=dict(run, defense=None, against=sorted(metrics.keys() - {"baseline"})),
-                             signing_key=signing_key)
+                             signing_key=signing_key, detector_failure=policy,
+                             output_sanity=sanity)
     entries = [d for d in results.get("defenses", []) if d.get("id") == defense]
     if not entries:
         ids = sorted({d.get("id") for d in results.get("defenses", [])})
@@ -90,4 +117,5 @@ def export_from_run(run_dir: str | Path, *, out: str | Path, defense: str | None
                                                            if k != "file"},
                          data=bundle.manifest["data"], metrics=metrics,
                          run=dict(run, defense=defense, against=[d["against"] for d in saved]),
-                         signing_key=signing_key)
+                         signing_key=signing_key, detector_failure=policy,
+                             output_sanity=sanity)

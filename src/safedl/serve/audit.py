@@ -13,6 +13,9 @@ higher cost per commit); on PostgreSQL a commit is durable as the server is conf
 schema's pages plus ``max_bytes`` (a hard limit, ``PRAGMA max_page_count``); on PostgreSQL the summed
 ``pg_total_relation_size`` of the audit tables (schema.AUDIT_TABLES, indexes and TOAST included), checked before
 every group commit, so one group may overshoot it; deleted rows free space there only after VACUUM.
+
+``retention`` (``--audit-retention-days``) deletes rows older than that many days, one bounded batch at a time in
+the writer thread between group commits (serve/stores/retention.py: why that never races an insert).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +40,7 @@ from safedl.errors import UserError
 from safedl.serve.stores import engine as engines
 from safedl.serve.stores import sqlite as sqlite_settings
 from safedl.serve.stores.migrate import ensure_schema
+from safedl.serve.stores.retention import Retention, purge_batch
 from safedl.serve.stores.schema import AUDIT_COLUMNS, AUDIT_TABLES, audit, metadata
 from safedl.utils.io import atomic_write_text
 
@@ -82,13 +87,18 @@ class AuditStore:
     UserError; a location that cannot be opened yet leaves the store unhealthy (503) until it can."""
 
     def __init__(self, path: str | os.PathLike, *, synchronous: str = "NORMAL", max_group: int = 512,
-                 max_bytes: int | None = None, flag: str = "--audit"):
+                 max_bytes: int | None = None, flag: str = "--audit", retention: Retention | None = None,
+                 clock: Any = time.time):
         self.target = engines.parse_target(path, flag=flag)
         self.path: Path | str = self.target.path if self.target.is_sqlite else self.target.display
         self.flag = flag
         self.max_bytes = max_bytes  # cap of what the audit rows take: once reached, requests are answered 503
         self.synchronous = synchronous
         self.max_group = max_group
+        self.retention = retention
+        self.clock = clock
+        self.purged: dict[str, int] = {}  # rows deleted by retention so far, per table
+        self._purge_at = 0.0  # when the writer runs its next purge batch (monotonic seconds)
         self.healthy = False
         self.last_error: str | None = None
         self.engine: sa.Engine | None = None
@@ -169,7 +179,11 @@ class AuditStore:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            self._purge_if_due()
+            try:
+                item = self._queue.get(timeout=self._purge_wait())
+            except queue.Empty:
+                continue
             if item is _STOP:
                 return
             group = [item]
@@ -186,6 +200,43 @@ class AuditStore:
             self._commit(group)
             if stop:
                 return
+
+    # -- retention -------------------------------------------------------------------------------------------
+    def _purge_wait(self) -> float | None:
+        if self.retention is None:
+            return None
+        return min(60.0, max(0.0, self._purge_at - time.monotonic()))
+
+    def _purge_if_due(self) -> None:
+        if self.retention is None or time.monotonic() < self._purge_at:
+            return
+        try:
+            deleted = self.purge_expired()
+        except AuditUnavailable:
+            deleted = {}
+        more = any(n >= self.retention.batch for n in deleted.values())  # a full batch: go on after the next group
+        self._purge_at = time.monotonic() + (0.0 if more else self.retention.interval_s)
+
+    def purge_expired(self, *, now: float | None = None) -> dict[str, int]:
+        """Delete one batch of rows older than the retention (per table; ``{}`` without retention), under the
+        commit lock: no group commit of this store runs meanwhile. Raises AuditUnavailable if the database fails."""
+        if self.retention is None:
+            return {}
+        cutoff = self.retention.cutoff(self.clock() if now is None else now)
+        with self._conn_lock:
+            try:
+                if not self._ready and not self._open():
+                    raise AuditUnavailable(self.last_error or "audit database unavailable")
+                with engines.hot(self.engine, what=f"audit retention in {self.path}", transaction=True) as conn:
+                    deleted = purge_batch(conn, cutoff=cutoff, batch=self.retention.batch)
+            except (engines.StoreUnavailable, OSError) as exc:
+                log.warning("audit retention: %s", exc)
+                raise AuditUnavailable(str(exc)) from None
+        for table, n in deleted.items():
+            self.purged[table] = self.purged.get(table, 0) + n
+        if any(deleted.values()):
+            log.info("audit retention deleted %s", deleted, extra={"event": "audit_retention", "deleted": deleted})
+        return deleted
 
     def try_commit_inline(self, rows: list[dict[str, Any]]) -> bool:
         """Commit ``rows`` now, in the calling (worker) thread, if the writer is idle; False if it is not (then

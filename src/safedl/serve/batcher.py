@@ -34,7 +34,8 @@ def slice_decision(d: Any, start: int, stop: int) -> dict:
     return {"labels": d.labels[start:stop], "probs": d.probs[start:stop], "rejected": d.rejected[start:stop],
             "reasons": list(d.reasons[start:stop]),
             "detector_scores": {k: v[start:stop] for k, v in d.detector_scores.items()},
-            "thresholds": dict(d.thresholds), "bundle_version": getattr(d, "bundle_version", None)}
+            "thresholds": dict(d.thresholds), "bundle_version": getattr(d, "bundle_version", None),
+            "detector_failures": dict(getattr(d, "detector_failures", None) or {})}
 
 
 class MicroBatcher:

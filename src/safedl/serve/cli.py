@@ -15,6 +15,9 @@ from safedl.errors import UserError
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys of `safedl serve`.")
 audit_app = typer.Typer(no_args_is_help=True, help="Read the audit log of `safedl serve`.")
 db_app = typer.Typer(no_args_is_help=True, help="The schema of the service's databases (keys, audit).")
+RETENTION_HELP = ("delete audit rows (and resolved alerts, swaps) older than this many days (1-3650; 30-90 "
+                  "typical); default: keep all")
+INPUT_CACHE_HELP = "MB of decoded inputs kept per key by content hash (a key's repeat skips decoding only; 0: off)"
 DB_HELP = "a SQLite file path or a PostgreSQL URL (postgresql://USER@HOST/DB)"
 
 
@@ -30,6 +33,7 @@ def serve_command(
         audit: str = typer.Option("audit.db", "--audit", help="audit log and monitor alerts: " + DB_HELP),
         audit_max_mb: Optional[float] = typer.Option(None, "--audit-max-mb",
                                                       help="cap of the audit database; above it requests get 503"),
+        audit_retention_days: Optional[float] = typer.Option(None, "--audit-retention-days", help=RETENTION_HELP),
         host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on"),
         port: int = typer.Option(8000, "--port"),
         trusted_proxy: list[str] = typer.Option([], "--trusted-proxy",
@@ -42,6 +46,8 @@ def serve_command(
                                                help="most pixels per request (all images), before decoding"),
         key_pixels_per_s: float = typer.Option(2_000_000.0, "--key-pixels-per-s",
                                                help="per-key pixel budget refill (burst: 2x --max-request-pixels)"),
+        input_cache_key_mb: float = typer.Option(2.0, "--input-cache-key-mb", help=INPUT_CACHE_HELP),
+        input_cache_keys: int = typer.Option(256, "--input-cache-keys", help="keys the input cache holds at most"),
         no_resize: bool = typer.Option(False, "--no-resize", help="refuse (422) images whose size differs, don't resize"),
         max_batch: int = typer.Option(64, "--max-batch", help="most images per forward pass"),
         max_wait_ms: float = typer.Option(3.0, "--max-wait-ms", help="how long a batch waits for more requests"),

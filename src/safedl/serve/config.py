@@ -43,6 +43,9 @@ class ServeConfig:
     body_timeout_s: float = 30.0
     body_grace_s: float = 5.0
     min_body_bytes_per_s: float = 16_384.0
+    # decoded inputs kept per key by content hash (serve/input_cache.py); 0 bytes: off
+    input_cache_bytes_per_key: int = 2 * 2**20
+    input_cache_keys: int = 256
     # X-Forwarded-For is honoured only from these peers (a reverse proxy); empty: never
     trusted_proxies: tuple[IPNetwork, ...] = ()
 
@@ -58,6 +61,9 @@ class ServeConfig:
         check_positive(who, "top_k", self.top_k, integer=True)
         check_positive(who, "review_max_bytes", self.review_max_bytes, integer=True)
         check_positive(who, "review_retention_days", self.review_retention_days)
+        check_range(who, "input_cache_bytes_per_key", self.input_cache_bytes_per_key, low=0, high=2**30,
+                    integer=True)
+        check_range(who, "input_cache_keys", self.input_cache_keys, low=1, high=1_000_000, integer=True)
         for name in ("key_pixel_burst", "unauth_burst", "unauth_total_burst"):
             check_positive(who, name, getattr(self, name), integer=True)
         for name in ("key_pixels_per_s", "unauth_rate_per_s", "unauth_total_rate_per_s", "unauth_flush_s",

@@ -52,6 +52,15 @@ class Metrics:
                                     registry=r)
         self.audit_failures = Counter("safedl_audit_failures", "requests answered 503 because the audit failed",
                                       registry=r)
+        self.detector_failures = Counter("safedl_detector_failures", "requests whose detector failed (raised, timed "
+                                         "out, no finite score), by detector and the bundle's policy (fail_closed: "
+                                         "answered 503; fail_open: answered without it)", ["detector", "policy"],
+                                         registry=r)
+        self.output_sanity = Counter("safedl_output_sanity_rejected", "images refused by an output sanity check "
+                                     "(check: overconfident_far, a confident answer far from the training data)",
+                                     ["check"], registry=r)
+        self.input_cache = Counter("safedl_input_cache", "items of predict requests by input cache outcome (hit: "
+                                   "decoding skipped, everything else done)", ["outcome"], registry=r)
         self.batch_size = Histogram("safedl_batch_size", "images per forward pass",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.stage_latency = Histogram("safedl_stage_latency_seconds", "time per request stage (read, admit, "
@@ -67,6 +76,10 @@ class Metrics:
         for reason in d["reasons"]:
             if reason is not None:
                 self.rejected.labels(reason).inc()
+                if reason.startswith("sanity:"):
+                    self.output_sanity.labels(reason.removeprefix("sanity:")).inc()
+        for name in d.get("detector_failures") or {}:
+            self.detector_failures.labels(name, "fail_open").inc()
         bounds = [b for b, _ in SCORE_BANDS[:-1]]
         for name, scores in d["detector_scores"].items():
             threshold = float(d.get("thresholds", {}).get(name) or 0.0)

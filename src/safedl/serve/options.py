@@ -25,6 +25,7 @@ class ServeOptions:
     keys_db: str | Path                 # PATH_OR_URL (serve/stores/engine.py)
     audit_db: str | Path = Path("audit.db")
     audit_max_bytes: int | None = None
+    audit_retention: Any = None         # serve/stores/retention.Retention (--audit-retention-days), None: keep all
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "cpu"
@@ -69,17 +70,20 @@ def review_target(review: str | None, quarantine: Path | None) -> str | None:
 
 
 def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, audit_max_mb: float | None, host: str,
-                       port: int,
+                       port: int, audit_retention_days: float | None = None, input_cache_key_mb: float = 2.0,
+                       input_cache_keys: int = 256,
                        trusted_proxy: list[str], max_body_mb: float, max_images: int, max_pixels: int,
                        max_request_pixels: int, key_pixels_per_s: float, no_resize: bool, max_batch: int,
                        max_wait_ms: float, header_timeout_s: float, body_timeout_s: float, min_body_kbps: float,
                        keepalive_s: float, max_connections: int, max_connections_per_client: int,
                        unauth_rate: float, unauth_burst: int, slow_lane_rate: float, review: str | None,
-                       quarantine: Path | None, review_mb: float, review_days: float, device: str, torch_threads: int, workers: int, graceful_s: float,
+                       quarantine: Path | None, review_mb: float, review_days: float, device: str,
+                       torch_threads: int, workers: int, graceful_s: float,
                        signing_key_file: Path | None, monitor_config: Path | None) -> ServeOptions:
     """The ``safedl serve`` flags (sizes in MB and KiB/s, as typed) as one validated ``ServeOptions``; raises
     UserError naming the flag."""
     from safedl.serve.protocol import parse_networks
+    from safedl.serve.stores.retention import Retention
     from safedl.utils.keyfile import read_signing_key
 
     monitor = None
@@ -92,6 +96,8 @@ def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, aud
                          key_pixel_burst=2 * max_request_pixels, resize=not no_resize, max_batch=max_batch,
                          max_wait_ms=max_wait_ms, review_db=review_target(review, quarantine),
                          review_max_bytes=int(review_mb * 2**20), review_retention_days=review_days,
+                         input_cache_bytes_per_key=_mb_bytes(input_cache_key_mb, flag="--input-cache-key-mb"),
+                         input_cache_keys=input_cache_keys,
                          unauth_rate_per_s=unauth_rate, unauth_burst=unauth_burst, body_timeout_s=body_timeout_s,
                          min_body_bytes_per_s=min_body_kbps * 1024.0,
                          trusted_proxies=parse_networks(trusted_proxy, name="--trusted-proxy"))
@@ -100,7 +106,14 @@ def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, aud
                                    max_connections_per_client=max_connections_per_client)
     return ServeOptions(bundle_path=bundle, keys_db=keys, audit_db=audit,
                         audit_max_bytes=None if audit_max_mb is None else int(audit_max_mb * 2**20), host=host,
+                        audit_retention=None if audit_retention_days is None else Retention(days=audit_retention_days),
                         port=port, device=device, torch_threads=torch_threads, workers=workers,
                         graceful_s=graceful_s,
                         signing_key=read_signing_key(signing_key_file), monitor_config=monitor, config=config,
                         connections=connections, slow_lane=SlowLaneLimits(rate_per_s=slow_lane_rate))
+
+
+def _mb_bytes(mb: float, *, flag: str) -> int:
+    if not 0 <= mb <= 1024:
+        raise UserError(f"{flag} {mb!r}: must be a number of MB from 0 (off) to 1024")
+    return int(mb * 2**20)

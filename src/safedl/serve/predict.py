@@ -16,6 +16,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from safedl.deploy.detector_guard import DetectorUnavailable
 from safedl.serve.audit import AuditUnavailable
 from safedl.serve.decode import Decoded, InputError, items_from_json, raw_content_type_ok
 from safedl.serve.http import audit_rows, finite, read_body
@@ -25,7 +26,7 @@ from safedl.serve.service import Service
 from safedl.serve.stores.engine import StoreUnavailable
 from safedl.serve.tiers import harden
 
-log = logging.getLogger("safedl.serve.review")
+log = logging.getLogger("safedl.serve")
 OPENAPI_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
@@ -84,6 +85,8 @@ def _results(svc: Service, d: dict, decoded: Decoded, tier: str) -> tuple[list[d
     scores = {k: v.tolist() for k, v in d["detector_scores"].items()}
     shown = harden(d["probs"], tier=tier, decimals=svc.config.round_decimals, k=svc.config.top_k)
     names = svc.class_names
+    failed = sorted(d.get("detector_failures") or {})  # fail_open: answered without them, audited as an error
+    error = f"detector_failed:{','.join(failed)}" if failed else None
     out, audit = [], []
     for i, lab in enumerate(labels):
         img_scores = {k: float(v[i]) for k, v in scores.items()}
@@ -99,7 +102,7 @@ def _results(svc: Service, d: dict, decoded: Decoded, tier: str) -> tuple[list[d
         out.append(r)
         audit.append({"image_index": i, "input_sha256": decoded.sha256[i], "shape": decoded.shapes[i], "label": lab,
                       "class_name": names[lab], "confidence": conf[i], "rejected": bool(rejected[i]),
-                      "reason": d["reasons"][i], "detector_scores": img_scores})
+                      "reason": d["reasons"][i], "detector_scores": img_scores, "error": error})
     return out, audit
 
 
@@ -120,6 +123,10 @@ def _answer(svc: Service, ctx: RequestContext, key: ApiKey, decoded: Decoded, d:
     """The 200 body of a request from its Decision slice; fills the context's audit fields."""
     results, ctx.audit_fields = _results(svc, d, decoded, key.tier)
     svc.metrics.observe_decision(d, tier=key.tier)
+    if d.get("detector_failures"):
+        log.warning("request %s answered without failed detectors (fail_open): %s", ctx.request_id,
+                    d["detector_failures"], extra={"event": "detector_failed", "request_id": ctx.request_id,
+                                                   "policy": "fail_open", "failures": d["detector_failures"]})
     ctx.input_sha256 = decoded.sha256
     if svc.monitor is not None:
         svc.monitor.observe(key, decoded.x, d, request_id=ctx.request_id, ts=ctx.ts, input_sha256=decoded.sha256)
@@ -167,6 +174,12 @@ async def predict(svc: Service, request: Request, key: ApiKey, ctx: RequestConte
             return body
         d = await asyncio.wrap_future(svc.batcher.submit(decoded.x))
         ctx.mark("model")
+    except DetectorUnavailable as exc:  # fail_closed: no answer without the detector
+        svc.metrics.detector_failures.labels(exc.detector, "fail_closed").inc()
+        log.error("request %s refused: %s", ctx.request_id, exc,
+                  extra={"event": "detector_failed", "request_id": ctx.request_id, "policy": "fail_closed"})
+        raise ApiError(503, "detector_unavailable", f"detector {exc.detector!r} is unavailable; the request was "
+                                                    "not answered", {"Retry-After": "5"}) from None
     finally:
         if not submitted:
             svc.batcher.cancel()

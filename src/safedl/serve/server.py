@@ -22,7 +22,8 @@ def build_app(options: ServeOptions) -> Any:
 
     bundle = load_bundle(options.bundle_path, device=options.device, signing_key=options.signing_key)
     keys = KeyStore(options.keys_db)
-    app = create_app(bundle=bundle, keys=keys, audit=AuditStore(options.audit_db, max_bytes=options.audit_max_bytes),
+    audit = AuditStore(options.audit_db, max_bytes=options.audit_max_bytes, retention=options.audit_retention)
+    app = create_app(bundle=bundle, keys=keys, audit=audit,
                      config=options.config, monitor_config=options.monitor_config)
     # a swap verifies a new bundle as the start did (same signing key, device); SIGHUP reloads bundle_path (with
     # workers, the only swap: each worker gets it from the supervisor)

@@ -20,6 +20,7 @@ from safedl.serve.audit import AuditStore
 from safedl.serve.batcher import MicroBatcher
 from safedl.serve.config import ServeConfig
 from safedl.serve.decode import Decoded, InputError, check_request_pixels, declared_pixels, decode_items
+from safedl.serve.input_cache import InputCache
 from safedl.serve.keys import ApiKey, KeyStore, token_key_id, well_formed
 from safedl.serve.limits import RateLimiter, Verdict
 from safedl.serve.metrics import Metrics
@@ -75,6 +76,9 @@ class Service:
                 self.monitor.on_flag = self._queue_flagged
         self.swapper = BundleSwapper(self, start_path=bundle.path,
                                      device=str(getattr(self.pipeline, "device", None) or "cpu"))
+        self.input_cache = (InputCache(max_bytes_per_key=config.input_cache_bytes_per_key,
+                                       max_keys=config.input_cache_keys)
+                            if config.input_cache_bytes_per_key > 0 else None)
         self._known_ids: frozenset[str] = frozenset()
         self._keys_error: str | None = None
         self._flusher: threading.Thread | None = None
@@ -132,7 +136,7 @@ class Service:
         d = pipe.decide(x.to(dev))
         return type(d)(labels=d.labels.cpu(), probs=d.probs.cpu(), rejected=d.rejected.cpu(), reasons=d.reasons,
                        detector_scores={k: v.cpu() for k, v in d.detector_scores.items()}, thresholds=d.thresholds,
-                       bundle_version=version)
+                       bundle_version=version, detector_failures=d.detector_failures)
 
     def _queue_flagged(self, rows: list[dict]) -> None:
         """Inputs the monitor's query detectors flagged, into the review queue (the monitor's thread)."""
@@ -222,12 +226,26 @@ class Service:
             check_request_pixels(pixels, config=cfg)  # before the key's budget: one that can never pass is a 413
             self._refuse_if(self.limiter.charge_pixels(key, pixels=pixels, rate_per_s=cfg.key_pixels_per_s,
                                                        burst=max(cfg.key_pixel_burst, cfg.max_request_pixels)))
-            decoded = decode_items(items, shape=self.shape, config=self.config)
+            decoded = self._decode(items, key)
             self._refuse_if(self.limiter.charge_images(key, images=decoded.x.shape[0]))
         except InputError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
         except StoreUnavailable as exc:
             raise _store_unavailable(exc) from None
+        return decoded
+
+    def _decode(self, items: list[bytes], key: ApiKey) -> Decoded:
+        """Decoding, through the key's input cache when there is one (a hit skips decoding only)."""
+        cfg = self.config
+        if self.input_cache is None:
+            return decode_items(items, shape=self.shape, config=cfg)
+        decoded, hits = self.input_cache.decode(key.key_id, items,
+                                                lambda some: decode_items(some, shape=self.shape, config=cfg))
+        self.metrics.input_cache.labels("hit").inc(hits)
+        self.metrics.input_cache.labels("miss").inc(len(items) - hits)
+        n = decoded.x.shape[0]
+        if n > cfg.max_images:  # the request's total, as decode_items checks it for one call
+            raise InputError(413, "too_many_images", f"{n} images in one request; at most {cfg.max_images}")
         return decoded
 
 

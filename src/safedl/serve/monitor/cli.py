@@ -107,3 +107,29 @@ def slo_rules_command(
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)  # never half-written
     typer.echo(f"{len(text.splitlines())} lines -> {out}")
+
+
+@monitor_app.command("report")
+def report_command(
+        db: str = typer.Option(..., "--db", help="the audit database of `safedl serve` (alerts included): a SQLite "
+                                                 "file path or a PostgreSQL URL"),
+        days: int = typer.Option(7, "--days", help="whole UTC days to report, ending with --until (1-366)"),
+        out: Path = typer.Option(..., "--out", help="folder for ops_report.md, .html, .json and figures/"),
+        until: Optional[str] = typer.Option(None, "--until", help="last day of the period (ISO date; default: "
+                                                                  "today, UTC)"),
+        keys: Optional[str] = typer.Option(None, "--keys", help="the key database (key actions, for time to "
+                                                                "mitigate; default: --db)")) -> None:
+    """Security operations report over days: requests, attacks blocked, attack rate, flagged keys, alerts by rule,
+    time to detect and to mitigate (Markdown and HTML with PNG trend charts)."""
+    from safedl.report.ops_report import write_report
+    from safedl.serve.monitor.weekly import weekly_data
+    from safedl.serve.stores.engine import parse_target
+
+    try:
+        data = weekly_data(db, days=days, until=until, keys_db=keys)
+        paths = write_report(data, out, source=parse_target(db, flag="--db").display)
+    except UserError as exc:
+        _fail(exc)
+    s = data["summary"]
+    typer.echo(f"{s['requests']} requests, {s['blocked']} of {s['images']} images blocked, {data['alerts']} alerts "
+               f"-> {paths['markdown']} and {paths['html']}")

@@ -381,7 +381,10 @@ def export(run_dir: Path = typer.Argument(..., help="a finished run directory"),
            defense: Optional[str] = typer.Option(None, "--defense", help="id of an evaluated evasion defense"),
            baseline: bool = typer.Option(False, "--baseline", help="export the undefended baseline model"),
            signing_key_file: Optional[Path] = typer.Option(None, "--signing-key-file",
-                                                           help="sign the manifest with HMAC-SHA256 and this key")) -> None:
+                                                           help="sign the manifest with HMAC-SHA256 and this key"),
+           drift_reference: bool = typer.Option(True, "--drift-reference/--no-drift-reference",
+                                                help="store the validation split's features and labels for drift "
+                                                     "tests in `safedl serve`")) -> None:
     """Export the defended system of one evaluated defense (or the baseline) as a verified bundle."""
     from safedl.deploy.run_export import export_from_run
 
@@ -389,7 +392,7 @@ def export(run_dir: Path = typer.Argument(..., help="a finished run directory"),
         if (defense is None) == (not baseline):
             raise UserError("give exactly one of --defense ID or --baseline")
         key = read_signing_key(signing_key_file)
-        path = export_from_run(run_dir, out=out, defense=defense, signing_key=key)
+        path = export_from_run(run_dir, out=out, defense=defense, signing_key=key, drift_reference=drift_reference)
     except UserError as exc:
         _fail(exc)
     typer.echo(f"wrote bundle {path}")

@@ -32,6 +32,8 @@ from torch import nn
 
 import safedl
 from safedl import registry
+from safedl.deploy.drift_reference import FILE as DRIFT_FILE
+from safedl.deploy.drift_reference import DriftReference, reference_from_tensors
 from safedl.deploy.pipeline import SecurePipeline
 from safedl.deploy.state import fitted_state, restore_state
 from safedl.deploy.verify import (DIGEST, KIND, MANIFEST, SCHEMA_VERSION, WEIGHTS, VerifiedBundle,
@@ -50,6 +52,7 @@ class Bundle:
     manifest: dict[str, Any]
     pipeline: SecurePipeline
     version: str
+    drift: DriftReference | None = None  # the reference the service tests its traffic against (None: not exported)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -94,13 +97,15 @@ def _component_record(index: int, comp: Any, folder: Path) -> dict[str, Any]:
 
 def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict[str, Any], data: dict[str, Any],
                   metrics: dict[str, Any] | None = None, run: dict[str, Any] | None = None,
-                  signing_key: bytes | None = None, overwrite: bool = False) -> Path:
+                  signing_key: bytes | None = None, overwrite: bool = False,
+                  drift: DriftReference | None = None) -> Path:
     """Write ``pipeline`` as a bundle directory at ``out`` (atomically: a temporary folder renamed at the end).
 
     ``model_spec``: how to rebuild the model's architecture (a zoo ``arch`` with its checkpoint metadata, or an
     ``entry_point``; optional ``trainer`` whose ``architecture`` transform the weights need); ``data``: name,
     shape (C, H, W), num_classes, class_names; ``metrics``: what the run measured for this system; ``run``: run id
-    and what the system was evaluated against.
+    and what the system was evaluated against; ``drift``: the drift reference (``drift/reference.safetensors``,
+    hashed with the other files, summarized in the manifest's ``drift`` section).
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -110,6 +115,9 @@ def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict
     try:
         _save_tensors(tmp / WEIGHTS, pipeline.model.state_dict())
         components = [_component_record(i, c, tmp) for i, c in enumerate(pipeline.components)]
+        if drift is not None:
+            (tmp / DRIFT_FILE).parent.mkdir(exist_ok=True)
+            _save_tensors(tmp / DRIFT_FILE, drift.tensors())
         files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "bundle_schema_version": SCHEMA_VERSION, "kind": KIND,
@@ -119,6 +127,8 @@ def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict
             "components": components, "batch_size": pipeline.batch_size,
             "files": files, "metrics": metrics or {},
         }
+        if drift is not None:
+            manifest["drift"] = drift.manifest_entry()
         text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False)
         (tmp / MANIFEST).write_text(text, encoding="utf-8")
         (tmp / DIGEST).write_text(_digest_text(text.encode(), signing_key), encoding="utf-8")
@@ -210,4 +220,14 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu", signing
                           class_names=data.get("class_names"), input_shape=data.get("shape"),
                           batch_size=int(manifest.get("batch_size", 256)))
     log.debug("loaded bundle %s version %s (%d files verified)", root, verified.version, len(verified.files))
-    return Bundle(path=root, manifest=manifest, pipeline=pipe, version=verified.version)
+    return Bundle(path=root, manifest=manifest, pipeline=pipe, version=verified.version, drift=_drift(verified))
+
+
+def _drift(verified: VerifiedBundle) -> DriftReference | None:
+    """The verified drift reference, or None for a bundle exported without one."""
+    entry = verified.manifest.get("drift")
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or entry.get("file") != DRIFT_FILE:
+        raise BundleError(f"{verified.root / MANIFEST}: drift section must name the file {DRIFT_FILE}")
+    return reference_from_tensors(_load_tensors(verified, DRIFT_FILE), entry, where=verified.root / DRIFT_FILE)

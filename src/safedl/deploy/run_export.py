@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from safedl.deploy.bundle import export_bundle, load_bundle
+from safedl.deploy.drift_reference import DriftReference, compute_reference, run_validation_split
 from safedl.deploy.pipeline import SecurePipeline
 from safedl.errors import BundleError, UserError
 from safedl.rundir import RunDir
@@ -55,9 +56,16 @@ def _baseline_pipeline(run_dir: Path, results: dict[str, Any]) -> tuple[SecurePi
     return pipe, spec
 
 
+def _reference(run_dir: Path, results: dict[str, Any], pipe: SecurePipeline) -> DriftReference:
+    x, y = run_validation_split(run_dir, results)
+    return compute_reference(pipe.model, x, y, num_classes=int(results.get("data", {}).get("num_classes")
+                                                                or int(y.max()) + 1), seed=0)
+
+
 def export_from_run(run_dir: str | Path, *, out: str | Path, defense: str | None = None,
-                    signing_key: bytes | None = None) -> Path:
-    """Export the system of defense ``defense`` (its id in the run), or the undefended baseline when None."""
+                    signing_key: bytes | None = None, drift_reference: bool = True) -> Path:
+    """Export the system of defense ``defense`` (its id in the run), or the undefended baseline when None; with
+    ``drift_reference`` the bundle carries the bare model's features and labels on the run's validation split."""
     run_dir = Path(run_dir)
     from safedl.report.render import load_results
 
@@ -72,7 +80,8 @@ def export_from_run(run_dir: str | Path, *, out: str | Path, defense: str | None
         data.setdefault("class_names", [str(i) for i in range(int(data.get("num_classes", 0)))])
         return export_bundle(pipe, out, model_spec=spec, data=data, metrics=metrics,
                              run=dict(run, defense=None, against=sorted(metrics.keys() - {"baseline"})),
-                             signing_key=signing_key)
+                             signing_key=signing_key,
+                             drift=_reference(run_dir, results, pipe) if drift_reference else None)
     entries = [d for d in results.get("defenses", []) if d.get("id") == defense]
     if not entries:
         ids = sorted({d.get("id") for d in results.get("defenses", [])})
@@ -90,4 +99,5 @@ def export_from_run(run_dir: str | Path, *, out: str | Path, defense: str | None
                                                            if k != "file"},
                          data=bundle.manifest["data"], metrics=metrics,
                          run=dict(run, defense=defense, against=[d["against"] for d in saved]),
-                         signing_key=signing_key)
+                         signing_key=signing_key,
+                         drift=_reference(run_dir, results, bundle.pipeline) if drift_reference else None)

@@ -67,7 +67,7 @@ class Service:
 
             self.monitor = build_monitor(monitor_config, keys=keys, audit_path=audit.target,
                                          registry=self.metrics.registry, num_classes=len(self.class_names),
-                                         bundle_version=lambda: self.bundle.version)
+                                         bundle_version=lambda: self.bundle.version, bundle=lambda: self.bundle)
         self.quarantine = (Quarantine(config.quarantine_dir, max_bytes=config.quarantine_max_bytes,
                                       retention_days=config.quarantine_retention_days)
                            if config.quarantine_dir is not None else None)

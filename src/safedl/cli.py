@@ -214,7 +214,9 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
         ray_address: Optional[str] = typer.Option(None, "--ray-address",
                                                   help="existing Ray cluster: auto or ray://HOST:10001"),
         threads_per_task: Optional[int] = typer.Option(None, "--threads-per-task", min=1,
-                                                       help="torch threads per stage")) -> None:
+                                                       help="torch threads per stage"),
+        mlflow_uri: Optional[str] = typer.Option(None, "--mlflow", help="log the run to this MLflow tracking URI "
+                                                 "(e.g. sqlite:///PATH/mlflow.db; needs safedl[mlflow])")) -> None:
     """Run the assessment a profile describes; writes RUN_DIR/results.json, report.md and report.html.
 
     Exit codes: 0 gate passed (or not configured), 1 gate failed, 2 bad input, 3 internal error, 130 interrupted
@@ -257,6 +259,9 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
             sys.stderr.write("interrupted before the run directory was created; nothing was written\n")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     _decision_artifacts(run_dir, results, junit=junit, recommend=recommend)
+    if mlflow_uri is not None:
+        from safedl.tracking.mlflow_store import log_run
+        typer.echo(f"logged to MLflow {mlflow_uri}: run {log_run(run_dir, uri=mlflow_uri)}")
     _print_outcome(run_dir, results["gate"])
 
 
@@ -384,7 +389,10 @@ def export(run_dir: Path = typer.Argument(..., help="a finished run directory"),
                                                            help="sign the manifest with HMAC-SHA256 and this key"),
            drift_reference: bool = typer.Option(True, "--drift-reference/--no-drift-reference",
                                                 help="store the validation split's features and labels for drift "
-                                                     "tests in `safedl serve`")) -> None:
+                                                     "tests in `safedl serve`"),
+           register: Optional[str] = typer.Option(None, "--register", help="register the bundle as a new version "
+                                                  "of this MLflow model (needs --mlflow)"),
+           mlflow_uri: Optional[str] = typer.Option(None, "--mlflow", help="MLflow tracking URI for --register")) -> None:
     """Export the defended system of one evaluated defense (or the baseline) as a verified bundle."""
     from safedl.deploy.run_export import export_from_run
 
@@ -392,10 +400,13 @@ def export(run_dir: Path = typer.Argument(..., help="a finished run directory"),
         if (defense is None) == (not baseline):
             raise UserError("give exactly one of --defense ID or --baseline")
         key = read_signing_key(signing_key_file)
+        from safedl.tracking.options import check_register, register_exported
+
+        check_register(register, mlflow_uri)  # before anything is written
         path = export_from_run(run_dir, out=out, defense=defense, signing_key=key, drift_reference=drift_reference)
+        typer.echo(f"wrote bundle {path}" + register_exported(path, name=register, uri=mlflow_uri, signing_key=key))
     except UserError as exc:
         _fail(exc)
-    typer.echo(f"wrote bundle {path}")
 
 
 @app.command(name="verify")

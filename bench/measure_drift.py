@@ -1,7 +1,7 @@
 """Issue 24, drift: false alarms and detection delay of the service's drift tests (serve/monitor/drift.py).
 
 The model is the data set's default CNN trained with the default recipe (``small_cnn`` on mnist5k, ``tiny_cnn`` on
-digits; cached under /tmp per data set and seed). The reference is what ``safedl export`` stores (the validation
+digits; ``--epochs`` overrides its 8 epochs; cached under /tmp per data set, seed and epochs). The reference is what ``safedl export`` stores (the validation
 split's penultimate features and predicted labels, ``compute_reference``); the held-out clean data is the test
 split, never seen by training or the reference. Per window of ``--window`` images the two tests of the service run
 exactly as there (``MMDPermutationTest`` with ``--permutations``, ``chi2_homogeneity``); an alarm is p <= 0.005 in
@@ -46,17 +46,17 @@ ALPHA = 0.005
 ARCH = {"mnist5k": ("small_cnn", 28), "digits": ("tiny_cnn", 8)}
 
 
-def trained_model(dataset: str, seed: int):
+def trained_model(dataset: str, seed: int, epochs: int):
     splits = stratified_split(load_builtin(dataset), test_fraction=0.2, val_fraction=0.1, seed=seed)
     arch, size = ARCH[dataset]
     seed_everything(seed)
     model = with_normalization(build_model(arch, in_channels=1, num_classes=10, image_size=size),
                                splits.mean, splits.std)
-    cache = Path(f"/tmp/safedl_drift_{dataset}_{arch}_seed{seed}.pt")
+    cache = Path(f"/tmp/safedl_drift_{dataset}_{arch}_seed{seed}_e{epochs}.pt")
     if cache.exists():
         model.load_state_dict(torch.load(cache, weights_only=True))
     else:
-        train_model(model, splits.train, recipe=TrainRecipe(), seed=seed, val=splits.val)
+        train_model(model, splits.train, recipe=TrainRecipe(epochs=epochs), seed=seed, val=splits.val)
         torch.save(model.state_dict(), cache)
     return model.eval(), splits
 
@@ -144,16 +144,17 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--max-images", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=TrainRecipe().epochs, help="training epochs (default recipe: 8)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-    model, splits = trained_model(a.dataset, a.seed)
+    model, splits = trained_model(a.dataset, a.seed, a.epochs)
     ref = compute_reference(model, splits.val.x, splits.val.y, num_classes=10, seed=0)
     t = Tester(model, ref, permutations=a.permutations, seed=a.seed)
     clean = t.encode(splits.test.x)
-    res = {"dataset": a.dataset, "seed": a.seed, "window": a.window, "permutations": a.permutations,
+    res = {"dataset": a.dataset, "seed": a.seed, "epochs": a.epochs, "window": a.window, "permutations": a.permutations,
            "alpha": ALPHA, "reference_images": len(ref.features), "held_out_images": len(splits.test),
            "feature_dim": int(ref.features.shape[1])}
     res["false_alarms"] = false_alarms(t, *clean, windows=a.windows, window=a.window, seed=a.seed)

@@ -133,3 +133,26 @@ def test_the_default_rules_have_drift_rules():
     assert rules["input_drift"].metric == "input_drift_p" and rules["prediction_drift"].metric == "prediction_drift_p"
     assert rules["input_drift"].scope == "global" and rules["key_input_drift"].scope == "key"
     assert cfg.drift.window == 200 and cfg.drift.enabled
+
+
+def test_a_swapped_bundle_restarts_every_window_with_its_own_reference(drift_bundle, digits_splits):
+    import dataclasses
+
+    from safedl.serve.monitor.config import Drift
+    from safedl.serve.monitor.drift import DriftMonitor
+
+    first = load_bundle(drift_bundle)
+    mon = DriftMonitor(Drift(window=WINDOW))
+    x = digits_splits.test.x
+    assert mon.observe("k", x[:WINDOW - 5], bundle=first) == []
+    assert mon.snapshot()["filled"] == WINDOW - 5
+    half = first.drift.features[: len(first.drift.features) // 2]
+    smaller = dataclasses.replace(first.drift, features=half, pred_labels=first.drift.pred_labels[:len(half)],
+                                  labels=first.drift.labels[:len(half)])
+    second = dataclasses.replace(first, version="other", drift=smaller)
+    assert mon.observe("k", x[:10], bundle=second) == []  # the open windows were dropped, not completed
+    s = mon.snapshot()
+    assert s["filled"] == 10 and s["reference_images"] == len(half) and s["keys_tracked"] == 1
+    done = mon.observe("k", x[10:WINDOW], bundle=second)
+    assert {(k, t) for k, t, _ in done} == {(None, "input"), (None, "prediction"), ("k", "input"),
+                                            ("k", "prediction")}

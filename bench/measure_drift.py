@@ -13,8 +13,8 @@ either test (the default rules' threshold).
   window then holds that many clean images first); the delay is the number of shifted images sent until the end of
   the first alarming window, over ``--trials`` trials per shift, each stopped after ``--max-images`` shifted images
   (not detected). Shifts: Gaussian noise (sigma 0.1, 0.3; clamped to [0, 1]), rotation (15, 30 degrees, bilinear,
-  zero padding), brightness (+0.2, clamped), inversion (1 - x), class prior (classes 0-4 drawn twice as often as
-  5-9).
+  zero padding), brightness (+0.2, clamped), inversion (1 - x), class prior (each image's true class drawn with
+  probability 2/15 for classes 0-4 and 1/15 for 5-9, then an image of that class; uniform in the test split).
 
     PYTHONPATH=src nice -n 10 python bench/measure_drift.py --dataset mnist5k --seed 0 --out drift_mnist_s0.json
 
@@ -108,7 +108,17 @@ def false_alarms(t: Tester, f: torch.Tensor, y: torch.Tensor, *, windows: int, w
     return {k: proportion(v, windows) for k, v in hits.items()}
 
 
-def delay(t: Tester, clean: tuple, shifted: tuple, *, weights: torch.Tensor | None, trials: int, window: int,
+def prior_sample(y: torch.Tensor, prior: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` indices whose classes are drawn from ``prior``, each class's images without replacement."""
+    counts = torch.bincount(torch.multinomial(prior, n, replacement=True, generator=g), minlength=len(prior))
+    out = []
+    for c, k in enumerate(counts.tolist()):
+        pool = torch.nonzero(y == c).flatten()
+        out.append(pool[torch.randperm(len(pool), generator=g)[:k]])
+    return torch.cat(out)
+
+
+def delay(t: Tester, clean: tuple, shifted: tuple, *, prior: torch.Tensor | None, trials: int, window: int,
           max_images: int, seed: int) -> dict:
     """Shifted images sent until the first alarming window ends, per trial (None: not within max_images)."""
     g = torch.Generator().manual_seed(seed + 3)
@@ -120,7 +130,7 @@ def delay(t: Tester, clean: tuple, shifted: tuple, *, weights: torch.Tensor | No
             n_clean = off if sent == 0 else 0
             n_shift = window - n_clean
             ci = torch.randperm(len(clean[0]), generator=g)[:n_clean]
-            si = (torch.multinomial(weights, n_shift, replacement=False, generator=g) if weights is not None
+            si = (prior_sample(shifted[2], prior, n_shift, g) if prior is not None
                   else torch.randperm(len(shifted[0]), generator=g)[:n_shift])
             f = torch.cat([clean[0][ci], shifted[0][si]])
             y = torch.cat([clean[1][ci], shifted[1][si]])
@@ -161,12 +171,12 @@ def main() -> None:
     log.info("false alarms: %s", {k: round(v["value"], 4) for k, v in res["false_alarms"].items()})
     res["delay"] = {}
     for name, fn in shifts(a.seed).items():
-        res["delay"][name] = delay(t, clean, t.encode(fn(splits.test.x)), weights=None, trials=a.trials,
+        res["delay"][name] = delay(t, clean, t.encode(fn(splits.test.x)), prior=None, trials=a.trials,
                                    window=a.window, max_images=a.max_images, seed=a.seed)
         log.info("%s: %s", name, res["delay"][name])
-    prior = torch.where(splits.test.y < 5, 2.0, 1.0)
-    res["delay"]["class_prior_0-4_x2"] = delay(t, clean, clean, weights=prior, trials=a.trials, window=a.window,
-                                               max_images=a.max_images, seed=a.seed)
+    prior = torch.where(torch.arange(10) < 5, 2.0, 1.0) / 15.0   # true labels 0-4: 2/15 each, 5-9: 1/15 each
+    res["delay"]["class_prior_0-4_x2"] = delay(t, clean, (*clean, splits.test.y), prior=prior, trials=a.trials,
+                                               window=a.window, max_images=a.max_images, seed=a.seed)
     log.info("class prior: %s", res["delay"]["class_prior_0-4_x2"])
     res["test_seconds"] = {"median": statistics.median(t.times), "max": max(t.times), "n": len(t.times),
                            "threads": a.threads}

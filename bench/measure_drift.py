@@ -144,6 +144,32 @@ def delay(t: Tester, clean: tuple, shifted: tuple, *, prior: torch.Tensor | None
             "max_images": max_images}
 
 
+def _pct(m: dict) -> str:
+    return f"{m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] (n={m['n']})"
+
+
+def table(paths: list[Path]) -> str:
+    """The README's Markdown table of result files (one column per file)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    head = [f"{r['dataset']} seed {r['seed']} ({r['epochs']} epochs; ref {r['reference_images']}, held-out "
+            f"{r['held_out_images']})" for r in runs]
+    lines = ["| | " + " | ".join(head) + " |", "|---|" + "---|" * len(runs)]
+    for test in ("input", "prediction", "either"):
+        lines.append(f"| false alarms per window: {test} | " + " | ".join(_pct(r["false_alarms"][test]) for r in runs)
+                     + " |")
+    for shift in runs[0]["delay"]:
+        cells = []
+        for r in runs:
+            d = r["delay"][shift]
+            med = "-" if d["median_delay"] is None else f"{d['median_delay']:g} / {d['p90_delay']:g}"
+            cells.append(f"{med}; detected {_pct(d['detected'])}")
+        lines.append(f"| delay {shift}: median / p90 images | " + " | ".join(cells) + " |")
+    lines.append("| one window's tests: median / max s (1 thread) | " + " | ".join(
+        f"{r['test_seconds']['median']:.3f} / {r['test_seconds']['max']:.3f} (n={r['test_seconds']['n']})"
+        for r in runs) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", choices=sorted(ARCH), default="mnist5k")
@@ -155,8 +181,14 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=TrainRecipe().epochs, help="training epochs (default recipe: 8)")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--table", type=Path, nargs="+", help="print the Markdown table of these result files and stop")
     a = ap.parse_args()
+    if a.table:
+        print(table(a.table))  # noqa: T201 - the table is this mode's output
+        return
+    if a.out is None:
+        ap.error("--out is required (or --table FILES)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()

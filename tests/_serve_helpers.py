@@ -46,9 +46,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_bundle(model, splits, out, *, fpr: float = 0.1, detect: bool = True):
+def make_bundle(model, splits, out, *, fpr: float = 0.1, detect: bool = True, drift: bool = False):
     """Export the default deployed system of the tests (feature squeezing + its detector around ``model``, digits;
-    ``detect=False``: without the detector) as a real bundle at ``out``, through ``safedl.deploy.export_bundle``."""
+    ``detect=False``: without the detector; ``drift``: with the validation split as drift reference) as a real
+    bundle at ``out``, through ``safedl.deploy.export_bundle``."""
     from safedl import registry
     from safedl.deploy import SecurePipeline, export_bundle
 
@@ -60,7 +61,10 @@ def make_bundle(model, splits, out, *, fpr: float = 0.1, detect: bool = True):
     spec = {"arch": "tiny_cnn", "arch_params": {}, "in_channels": 1, "num_classes": 10, "image_size": 8,
             "mean": list(splits.mean), "std": list(splits.std)}
     data = {"name": "digits", "shape": list(splits.shape), "num_classes": 10, "class_names": splits.train.class_names}
-    return export_bundle(pipe, out, model_spec=spec, data=data,
+    from safedl.deploy.drift_reference import compute_reference
+
+    ref = compute_reference(model, splits.val.x, splits.val.y, num_classes=10) if drift else None
+    return export_bundle(pipe, out, model_spec=spec, data=data, drift=ref,
                          metrics={"pgd": {"metrics": {"robust_accuracy": {"value": 0.5, "ci95": [0.4, 0.6], "n": 100}}}})
 
 

@@ -206,7 +206,8 @@ def test_summary_matches_the_contract_and_needs_the_admin_scope(mon_factory, dig
     m = mon_factory([ATTACK_RULE])
     _benign(m, digits_splits, 8)
     s = m.summary()
-    assert set(s) == {"now", "bundle_version", "alerts", "keys", "series", "flagged_inputs"}
+    assert set(s) == {"now", "bundle_version", "alerts", "keys", "series", "flagged_inputs", "drift"}
+    assert s["drift"]["enabled"] is False  # this bundle was exported without a drift reference
     assert set(s["series"]) == {"bucket_s", "t", "queries", "rejected", "flags", "alerts"}
     assert sum(s["series"]["queries"]) == 8 and len(s["series"]["t"]) == 3600 // s["series"]["bucket_s"]
     assert set(s["keys"][0]) == {"key_id", "name", "queries", "rejected", "tier", "action", "flags"}

@@ -155,6 +155,14 @@ def oncall() -> dict:
         _panel(12, "Alert notifications by sink and outcome", "timeseries",
                [_target(f"sum by (sink, outcome) (increase(safedl_alert_notifications_total{{{SEL}}}[5m]))",
                         "{{sink}} {{outcome}}")], (0, 33, 24, 6)),
+        _panel(13, "Drift: p-value of the latest global window (alarm at <= 0.005)", "timeseries",
+               [_target(f"min by (test) (safedl_drift_p_value{{{SEL}}})", "{{test}}")], (0, 39, 12, 7),
+               unit="short", thresholds=[("red", None), ("green", 0.005)],
+               desc="MMD permutation test on the penultimate features (input) and chi-square on the predicted "
+                    "labels (prediction), one window of drift.window images against the bundle's reference"),
+        _panel(14, "Drift windows by outcome (1h)", "timeseries",
+               [_target(f"sum by (test, scope, outcome) (increase(safedl_drift_windows_total{{{SEL}}}[1h]))",
+                        "{{test}} {{scope}} {{outcome}}")], (12, 39, 12, 7)),
     ]
     return _dashboard("safedl-oncall", "safedl: on-call", "What is firing, who is attacking, and whether the service "
                       "is healthy. First responses: docs/runbook.md.", p)

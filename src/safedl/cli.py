@@ -213,7 +213,9 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
         ray_address: Optional[str] = typer.Option(None, "--ray-address",
                                                   help="existing Ray cluster: auto or ray://HOST:10001"),
         threads_per_task: Optional[int] = typer.Option(None, "--threads-per-task", min=1,
-                                                       help="torch threads per stage")) -> None:
+                                                       help="torch threads per stage"),
+        mlflow_uri: Optional[str] = typer.Option(None, "--mlflow", help="log the run to this MLflow tracking URI "
+                                                 "(e.g. sqlite:///PATH/mlflow.db; needs safedl[mlflow])")) -> None:
     """Run the assessment a profile describes; writes RUN_DIR/results.json, report.md and report.html.
 
     Exit codes: 0 gate passed (or not configured), 1 gate failed, 2 bad input, 3 internal error, 130 interrupted
@@ -256,6 +258,9 @@ def run(profile: Optional[Path] = typer.Argument(None, help="threat profile (YAM
             sys.stderr.write("interrupted before the run directory was created; nothing was written\n")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     _decision_artifacts(run_dir, results, junit=junit, recommend=recommend)
+    if mlflow_uri is not None:
+        from safedl.tracking.mlflow_store import log_run
+        typer.echo(f"logged to MLflow {mlflow_uri}: run {log_run(run_dir, uri=mlflow_uri)}")
     _print_outcome(run_dir, results["gate"])
 
 

@@ -34,6 +34,8 @@ import safedl
 from safedl import registry
 from safedl.deploy.detector_guard import DetectorFailurePolicy
 from safedl.deploy.output_sanity import OutputSanity
+from safedl.deploy.drift_reference import FILE as DRIFT_FILE
+from safedl.deploy.drift_reference import DriftReference, reference_from_tensors
 from safedl.deploy.pipeline import SecurePipeline
 from safedl.deploy.state import fitted_state, restore_state
 from safedl.deploy.verify import (DIGEST, KIND, MANIFEST, SCHEMA_VERSION, WEIGHTS, VerifiedBundle,
@@ -53,6 +55,7 @@ class Bundle:
     manifest: dict[str, Any]
     pipeline: SecurePipeline
     version: str
+    drift: DriftReference | None = None  # the reference the service tests its traffic against (None: not exported)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -99,7 +102,7 @@ def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict
                   metrics: dict[str, Any] | None = None, run: dict[str, Any] | None = None,
                   signing_key: bytes | None = None, overwrite: bool = False,
                   detector_failure: DetectorFailurePolicy | None = None,
-                  output_sanity: OutputSanity | None = None) -> Path:
+                  output_sanity: OutputSanity | None = None, drift: DriftReference | None = None) -> Path:
     """Write ``pipeline`` as a bundle directory at ``out`` (atomically: a temporary folder renamed at the end).
 
     ``model_spec``: how to rebuild the model's architecture (a zoo ``arch`` with its checkpoint metadata, or an
@@ -107,7 +110,9 @@ def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict
     shape (C, H, W), num_classes, class_names; ``metrics``: what the run measured for this system; ``run``: run id
     and what the system was evaluated against; ``detector_failure``: what the served system does when a detector
     fails (deploy/detector_guard.py; default: the pipeline's, else fail_closed); ``output_sanity``: a fitted
-    output sanity check (deploy/output_sanity.py; default: the pipeline's, else none).
+    output sanity check (deploy/output_sanity.py; default: the pipeline's, else none); ``drift``: the drift
+    reference (``drift/reference.safetensors``, hashed with the other files, summarized in the manifest's ``drift``
+    section).
     """
     policy = detector_failure or pipeline.detector_failure or DetectorFailurePolicy()
     sanity = output_sanity or pipeline.output_sanity
@@ -120,6 +125,9 @@ def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict
         _save_tensors(tmp / WEIGHTS, pipeline.model.state_dict())
         components = [_component_record(i, c, tmp) for i, c in enumerate(pipeline.components)]
         sanity_rec = _sanity_record(sanity, tmp) if sanity is not None else None
+        if drift is not None:
+            (tmp / DRIFT_FILE).parent.mkdir(exist_ok=True)
+            _save_tensors(tmp / DRIFT_FILE, drift.tensors())
         files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "bundle_schema_version": SCHEMA_VERSION, "kind": KIND,
@@ -130,6 +138,8 @@ def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict
             "detector_failure": policy.to_manifest(), "output_sanity": sanity_rec,
             "files": files, "metrics": metrics or {},
         }
+        if drift is not None:
+            manifest["drift"] = drift.manifest_entry()
         text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False)
         (tmp / MANIFEST).write_text(text, encoding="utf-8")
         (tmp / DIGEST).write_text(_digest_text(text.encode(), signing_key), encoding="utf-8")
@@ -244,4 +254,14 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu", signing
                           batch_size=int(manifest.get("batch_size", 256)), detector_failure=policy,
                           output_sanity=sanity)
     log.debug("loaded bundle %s version %s (%d files verified)", root, verified.version, len(verified.files))
-    return Bundle(path=root, manifest=manifest, pipeline=pipe, version=verified.version)
+    return Bundle(path=root, manifest=manifest, pipeline=pipe, version=verified.version, drift=_drift(verified))
+
+
+def _drift(verified: VerifiedBundle) -> DriftReference | None:
+    """The verified drift reference, or None for a bundle exported without one."""
+    entry = verified.manifest.get("drift")
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or entry.get("file") != DRIFT_FILE:
+        raise BundleError(f"{verified.root / MANIFEST}: drift section must name the file {DRIFT_FILE}")
+    return reference_from_tensors(_load_tensors(verified, DRIFT_FILE), entry, where=verified.root / DRIFT_FILE)

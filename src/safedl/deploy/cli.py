@@ -29,19 +29,29 @@ def export_command(
         detector_timeout_s: float = typer.Option(5.0, "--detector-timeout-s", help="seconds a detector may take"),
         output_sanity: bool = typer.Option(False, "--output-sanity", help=_SANITY_HELP),
         sanity_max_confidence: float = typer.Option(0.99, "--sanity-max-confidence", help="(--output-sanity)"),
-        sanity_quantile: float = typer.Option(0.999, "--sanity-quantile", help="(--output-sanity)")) -> None:
+        sanity_quantile: float = typer.Option(0.999, "--sanity-quantile", help="(--output-sanity)"),
+        drift_reference: bool = typer.Option(True, "--drift-reference/--no-drift-reference",
+                                             help="store the validation split's features and labels for drift "
+                                                  "tests in `safedl serve`"),
+        register: Optional[str] = typer.Option(None, "--register", help="register the bundle as a new version "
+                                               "of this MLflow model (needs --mlflow)"),
+        mlflow_uri: Optional[str] = typer.Option(None, "--mlflow", help="MLflow tracking URI for --register")) -> None:
     """Export the defended system of one evaluated defense (or the baseline) as a verified bundle."""
     from safedl.deploy.detector_guard import DetectorFailurePolicy
     from safedl.deploy.output_sanity import OutputSanity
     from safedl.deploy.run_export import export_from_run
 
+    from safedl.tracking.options import check_register, register_exported
+
     if (defense is None) == (not baseline):
         raise UserError("give exactly one of --defense ID or --baseline")
     policy = DetectorFailurePolicy(mode=detector_failure, timeout_s=detector_timeout_s)
     sanity = OutputSanity(max_confidence=sanity_max_confidence, quantile=sanity_quantile) if output_sanity else None
-    path = export_from_run(run_dir, out=out, defense=defense, signing_key=read_signing_key(signing_key_file),
-                           detector_failure=policy, output_sanity=sanity)
-    typer.echo(f"wrote bundle {path}")
+    key = read_signing_key(signing_key_file)
+    check_register(register, mlflow_uri)  # before anything is written
+    path = export_from_run(run_dir, out=out, defense=defense, signing_key=key, detector_failure=policy,
+                           output_sanity=sanity, drift_reference=drift_reference)
+    typer.echo(f"wrote bundle {path}" + register_exported(path, name=register, uri=mlflow_uri, signing_key=key))
 
 
 def verify_command(bundle: Path = typer.Argument(..., help="bundle directory"),

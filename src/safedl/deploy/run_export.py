@@ -10,6 +10,7 @@ import torch
 
 from safedl.deploy.bundle import export_bundle, load_bundle
 from safedl.deploy.detector_guard import DetectorFailurePolicy
+from safedl.deploy.drift_reference import DriftReference, compute_reference
 from safedl.deploy.output_sanity import OutputSanity
 from safedl.deploy.pipeline import SecurePipeline
 from safedl.errors import BundleError, UserError
@@ -57,37 +58,50 @@ def _baseline_pipeline(run_dir: Path, results: dict[str, Any]) -> tuple[SecurePi
     return pipe, spec
 
 
-def fit_sanity_on_run(results: dict[str, Any], sanity: OutputSanity, *, base_dir: Path) -> OutputSanity:
-    """Fit ``sanity`` on the run's own split: statistics of its training images, threshold on its validation
-    images (the data set is loaded again from the resolved profile, paths relative to ``base_dir``)."""
-    from safedl.data import stratified_split
+def run_splits(run_dir: Path, results: dict[str, Any]) -> Any:
+    """The splits of a finished run, loaded again from its saved profile (paths saved absolute) and checked against
+    the validation split's content hash results.json recorded (UserError when the data changed since)."""
     from safedl.data.source import load_dataset
-    from safedl.profile import parse_profile
+    from safedl.data.split import stratified_split
+    from safedl.profile import load_profile
 
-    profile = parse_profile(results["profile"], source="results.json profile")
+    profile = load_profile(RunDir(run_dir).profile)
     ds = profile.dataset
     try:
-        data = load_dataset(ds, base_dir=base_dir)
-    except (OSError, UserError) as exc:
-        raise UserError(f"--output-sanity: cannot load the run's data set again ({exc}); run the export from the "
-                        "profile's folder") from None
-    splits = stratified_split(data, test_fraction=ds.test_fraction, val_fraction=ds.val_fraction,
-                              seed=profile.seed if ds.split_seed is None else ds.split_seed)
-    return sanity.fit(splits.train.x, splits.val.x)
+        data = load_dataset(ds, base_dir=run_dir)
+    except OSError as exc:
+        raise UserError(f"{run_dir}: cannot load the run's data set again ({exc})") from None
+    seed = profile.seed if ds.split_seed is None else ds.split_seed
+    splits = stratified_split(data, test_fraction=ds.test_fraction, val_fraction=ds.val_fraction, seed=seed)
+    expected = (results.get("data", {}).get("hashes") or {}).get("val")
+    if expected is not None and splits.val.content_hash() != expected:
+        raise UserError(f"{run_dir}: the validation split's content hash is {splits.val.content_hash()[:12]}, but "
+                        f"the run recorded {expected[:12]}: the data changed since the run (rerun it, or export "
+                        "without --output-sanity and with --no-drift-reference)")
+    return splits
+
+
+def _reference(splits: Any, results: dict[str, Any], pipe: SecurePipeline) -> DriftReference:
+    x, y = splits.val.x, splits.val.y
+    return compute_reference(pipe.model, x, y, num_classes=int(results.get("data", {}).get("num_classes")
+                                                                or int(y.max()) + 1), seed=0)
 
 
 def export_from_run(run_dir: str | Path, *, out: str | Path, defense: str | None = None,
                     signing_key: bytes | None = None, detector_failure: DetectorFailurePolicy | None = None,
-                    output_sanity: OutputSanity | None = None) -> Path:
+                    output_sanity: OutputSanity | None = None, drift_reference: bool = True) -> Path:
     """Export the system of defense ``defense`` (its id in the run), or the undefended baseline when None;
     ``detector_failure``: the served system's detector failure policy (default: fail_closed); ``output_sanity``:
-    an unfitted check, fitted here on the run's data (default: none)."""
-    policy = detector_failure or DetectorFailurePolicy()
-    run_dir = Path(run_dir)
+    an unfitted check, fitted here on the run's training and validation images (default: none); with
+    ``drift_reference`` the bundle carries the bare model's features and labels on the run's validation split."""
     from safedl.report.render import load_results
 
+    run_dir = Path(run_dir)
+    policy = detector_failure or DetectorFailurePolicy()
     results = load_results(RunDir(run_dir).results)
-    sanity = fit_sanity_on_run(results, output_sanity, base_dir=Path.cwd()) if output_sanity is not None else None
+    splits = run_splits(run_dir, results) if output_sanity is not None or drift_reference else None
+    sanity = output_sanity.fit(splits.train.x, splits.val.x) if output_sanity is not None else None
+    options = {"signing_key": signing_key, "detector_failure": policy, "output_sanity": sanity}
     run = {"run_id": results.get("run_id", run_dir.name), "profile_name": results["profile"].get("name")}
     if defense is None:
         pipe, spec = _baseline_pipeline(run_dir, results)
@@ -98,8 +112,7 @@ def export_from_run(run_dir: str | Path, *, out: str | Path, defense: str | None
         data.setdefault("class_names", [str(i) for i in range(int(data.get("num_classes", 0)))])
         return export_bundle(pipe, out, model_spec=spec, data=data, metrics=metrics,
                              run=dict(run, defense=None, against=sorted(metrics.keys() - {"baseline"})),
-                             signing_key=signing_key, detector_failure=policy,
-                             output_sanity=sanity)
+                             drift=_reference(splits, results, pipe) if drift_reference else None, **options)
     entries = [d for d in results.get("defenses", []) if d.get("id") == defense]
     if not entries:
         ids = sorted({d.get("id") for d in results.get("defenses", [])})
@@ -117,5 +130,4 @@ def export_from_run(run_dir: str | Path, *, out: str | Path, defense: str | None
                                                            if k != "file"},
                          data=bundle.manifest["data"], metrics=metrics,
                          run=dict(run, defense=defense, against=[d["against"] for d in saved]),
-                         signing_key=signing_key, detector_failure=policy,
-                             output_sanity=sanity)
+                         drift=_reference(splits, results, bundle.pipeline) if drift_reference else None, **options)

@@ -71,7 +71,7 @@ class Service:
 
             self.monitor = build_monitor(monitor_config, keys=keys, audit_path=audit.target,
                                          registry=self.metrics.registry, num_classes=len(self.class_names),
-                                         bundle_version=lambda: self.bundle.version)
+                                         bundle_version=lambda: self.bundle.version, bundle=lambda: self.bundle)
             if self.review is not None:
                 self.monitor.on_flag = self._queue_flagged
         self.swapper = BundleSwapper(self, start_path=bundle.path,

@@ -13,6 +13,7 @@ from safedl.serve.keys import KeyStore
 from safedl.serve.monitor.calibration import load_calibration
 from safedl.serve.monitor.config import MonitorConfig
 from safedl.serve.monitor.core import SecurityMonitor
+from safedl.serve.monitor.drift import DriftMetrics, DriftMonitor
 from safedl.serve.monitor.metrics import MonitorMetrics
 from safedl.serve.monitor.sinks import Notifier
 from safedl.serve.monitor.store import AlertStore, KeyActions
@@ -65,12 +66,14 @@ def build_detectors(config: MonitorConfig, *, num_classes: int, bundle_version: 
 
 
 def build_monitor(config: MonitorConfig, *, keys: KeyStore, audit_path: Any, registry: CollectorRegistry,
-                  num_classes: int, bundle_version: Callable[[], str]) -> SecurityMonitor:
+                  num_classes: int, bundle_version: Callable[[], str],
+                  bundle: Callable[[], Any] | None = None) -> SecurityMonitor:
     detectors = build_detectors(config, num_classes=num_classes, bundle_version=bundle_version())
     metrics = MonitorMetrics(registry)
+    drift = DriftMonitor(config.drift, metrics=DriftMetrics(registry)) if config.drift.enabled and bundle else None
     log.info("monitor: detectors %s, %d rules", {n: getattr(d, "threshold_", None) or getattr(d, "delta_", None)
                                                  for n, d in detectors.items()}, len(config.rules),
              extra={"event": "monitor_start"})
     return SecurityMonitor(config=config, detectors=detectors, alerts=AlertStore(audit_path), actions=KeyActions(keys),
                            metrics=metrics, notifier=Notifier(config.sinks, count=metrics.count_notification),
-                           bundle_version=bundle_version)
+                           bundle_version=bundle_version, drift=drift, bundle=bundle)

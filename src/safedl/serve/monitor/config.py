@@ -16,7 +16,10 @@ from safedl.errors import UserError
 DEFAULT_RULES = Path(__file__).with_name("default.yml")
 #: metrics a rule may watch, computed over its window (per key or over all keys)
 METRICS = ("requests", "queries", "rejected", "rejection_rate", "detected", "detection_rate", "flags",
-           "stateful_flags", "prada_flags", "volume_flags", "anomalous", "anomaly_rate")
+           "stateful_flags", "prada_flags", "volume_flags", "anomalous", "anomaly_rate", "input_drift_p",
+           "prediction_drift_p")
+#: metrics that are the p-value of the scope's latest drift test (``drift:``), not sums over the rule's window
+DRIFT_METRICS = {"input_drift_p": "input", "prediction_drift_p": "prediction"}
 RATES = {"rejection_rate": "rejected", "detection_rate": "detected", "anomaly_rate": "anomalous"}
 ACTIONS = ("throttle", "labels_only", "block")
 #: alert levels, lowest first; ``low | medium | high | critical`` grade by evidence (``bands``), the others are
@@ -226,6 +229,19 @@ class Routing(_Strict):
                            "many seconds go out as one grouped notification (0: one per alert)")
 
 
+class Drift(_Strict):
+    """Windowed two-sample tests of the served traffic against the bundle's drift reference (serve/monitor/drift.py).
+    Windows count images (rejected ones included), one per scope (all traffic, and each key with ``per_key``)."""
+
+    enabled: bool = True
+    window: int = Field(200, ge=20, le=10_000, description="images per test window")
+    permutations: int = Field(199, ge=19, le=9_999, description="MMD permutations; p >= 1 / (permutations + 1)")
+    per_key: bool = True
+    max_keys: int = Field(100, ge=1, le=10_000, description="keys with an open window, at most (the least "
+                                                            "recently seen one is forgotten first)")
+    seed: int = Field(0, ge=0)
+
+
 class Actions(_Strict):
     throttle_factor: float = Field(0.1, gt=0, lt=1, description="a throttled key keeps this share of its rate")
 
@@ -238,6 +254,7 @@ class MonitorConfig(_Strict):
     sinks: Sinks = Sinks()
     actions: Actions = Actions()
     routing: Routing = Routing()
+    drift: Drift = Drift()
     max_keys: int = Field(10_000, ge=1)
     queue_size: int = Field(10_000, ge=1, description="predict batches waiting for the monitor worker, at most")
     queue_mb: float = Field(256.0, gt=0, description="... and at most this many MB of their pixels")

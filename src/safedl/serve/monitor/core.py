@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from safedl.serve.monitor.config import COMPARISONS, RATES, SEVERITY_RANK, MonitorConfig, Rule
+from safedl.serve.monitor.config import COMPARISONS, DRIFT_METRICS, RATES, SEVERITY_RANK, MonitorConfig, Rule
+from safedl.serve.monitor.drift import DriftMonitor
 from safedl.serve.monitor.metrics import MonitorMetrics
 from safedl.serve.monitor.routing import Router, fingerprint
 from safedl.serve.monitor.sinks import Notifier
@@ -78,8 +79,10 @@ class SecurityMonitor:
 
     def __init__(self, *, config: MonitorConfig, detectors: dict[str, Any], alerts: AlertStore, actions: KeyActions,
                  metrics: MonitorMetrics, notifier: Notifier, bundle_version: Callable[[], str],
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, drift: DriftMonitor | None = None,
+                 bundle: Callable[[], Any] | None = None):
         self.config, self.detectors, self.alerts, self.actions = config, detectors, alerts, actions
+        self.drift, self.bundle = drift, bundle
         self.metrics, self.notifier, self.bundle_version, self.clock = metrics, notifier, bundle_version, clock
         self.key_rules = [r for r in config.rules if r.scope == "key"]
         self.global_rules = [r for r in config.rules if r.scope == "global"]
@@ -195,6 +198,7 @@ class SecurityMonitor:
     def _process(self, key_id: str, name: str, tier: str, x: torch.Tensor, labels: torch.Tensor,
                  rejected: list, reasons: list, request_id: str | None, ts: float, sha: list | None) -> None:
         verdicts, glob = self._verdicts(key_id, x, labels)
+        self._observe_drift(key_id, x)
         n, nrej = len(x), int(sum(rejected))
         ndet = sum(1 for r in reasons if r is not None and r.startswith("detector:"))
         flagged = [d for d, v in verdicts.items() if v.flagged]
@@ -221,6 +225,14 @@ class SecurityMonitor:
                     self._evaluate(rule, key_id, ks.windows, now, event=True)
             for rule in self.global_rules:
                 self._evaluate(rule, None, self.global_windows, now, event=True)
+
+    def _observe_drift(self, key_id: str, x: torch.Tensor) -> None:
+        if self.drift is None or self.bundle is None:
+            return
+        try:
+            self.drift.observe(key_id, x, bundle=self.bundle())
+        except Exception:  # a drift failure must not stop the other detectors and rules
+            log.exception("monitor: drift test failed", extra={"event": "drift_error"})
 
     def _key(self, key_id: str, name: str, tier: str) -> _Key:
         ks = self._keys.get(key_id)
@@ -279,8 +291,10 @@ class SecurityMonitor:
         return float(sums[rule.metric])
 
     def _evaluate(self, rule: Rule, key_id: str | None, windows: Windows, now: float, *, event: bool) -> None:
-        sums = windows.sums(count=rule.window.count, seconds=rule.window.seconds, now=now)
-        value = self.value(rule, sums)
+        if rule.metric in DRIFT_METRICS:  # the p-value of the scope's latest drift test, not a window sum
+            value = self.drift.latest_p(DRIFT_METRICS[rule.metric], key_id) if self.drift is not None else None
+        else:
+            value = self.value(rule, windows.sums(count=rule.window.count, seconds=rule.window.seconds, now=now))
         holds = value is not None and COMPARISONS[rule.comparison](value, float(rule.threshold))
         ident = (rule.name, key_id)
         alert = self._firing.get(ident)
@@ -417,4 +431,4 @@ class SecurityMonitor:
         return {"now": now, "bundle_version": self.bundle_version(), "alerts": alerts, "keys": keys,
                 "series": {"bucket_s": bs, "t": ts, "queries": [r[0] for r in rows], "rejected": [r[1] for r in rows],
                            "flags": [r[2] for r in rows], "alerts": [r[3] for r in rows]},
-                "flagged_inputs": gallery}
+                "flagged_inputs": gallery, "drift": self.drift.snapshot() if self.drift is not None else None}

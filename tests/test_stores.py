@@ -152,8 +152,8 @@ NEXT = '''"""test: a later revision"""
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "9999"
+down_revision = "HEAD"
 branch_labels = None
 depends_on = None
 
@@ -175,16 +175,17 @@ def test_older_schema_is_refused_and_db_upgrade_keeps_rows(db, tmp_path, monkeyp
     audit.close()
     later = tmp_path / "migrations"  # this safedl's migrations plus one more: the database is now one behind
     shutil.copytree(migrate.SCRIPT_LOCATION, later, ignore=shutil.ignore_patterns("__pycache__"))
-    (later / "versions" / "0002_next.py").write_text(NEXT)
+    was = migrate.head()
+    (later / "versions" / "9999_next.py").write_text(NEXT.replace("HEAD", was))
     monkeypatch.setattr(migrate, "SCRIPT_LOCATION", later)
     for opener in (AuditStore, KeyStore):
-        with pytest.raises(UserError, match=r"revision 0001; this safedl needs revision 0002") as err:
+        with pytest.raises(UserError, match=rf"revision {was}; this safedl needs revision 9999") as err:
             opener(url)
         assert f"safedl db upgrade {engines.parse_target(url, flag='x').display}" in str(err.value)
     res = CliRunner().invoke(cli, ["db", "upgrade", url])
-    assert res.exit_code == 0 and "revision 0002 (was 0001)" in res.output, res.output
+    assert res.exit_code == 0 and f"revision 9999 (was {was})" in res.output, res.output
     assert [r["request_id"] for r in read_rows(url)] == ["r0", "r1", "r2"]
-    assert _revisions(url)[0] == ["0002"]
+    assert _revisions(url)[0] == ["9999"]
     AuditStore(url).close()  # opens now
     assert CliRunner().invoke(cli, ["db", "upgrade", url]).exit_code == 0  # again: nothing to do
 

@@ -1,5 +1,6 @@
 """Assemble a ``SecurityMonitor`` from a validated config: detectors with their calibrated thresholds, the alert
-table in the audit database, the key-action table in the key database, the sinks and the metrics."""
+table in the audit database, the key-action table in the key database, the stateful detector's shared per-key
+history (in the audit database, unless ``detectors.stateful.history_store: memory``), the sinks and the metrics."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +17,7 @@ from safedl.serve.monitor.core import SecurityMonitor
 from safedl.serve.monitor.metrics import MonitorMetrics
 from safedl.serve.monitor.sinks import Notifier
 from safedl.serve.monitor.store import AlertStore, KeyActions
+from safedl.serve.stores.history import DatabaseHistory
 
 log = logging.getLogger("safedl.serve.monitor")
 
@@ -36,7 +38,9 @@ def _threshold(name: str, override: float | None, calib: dict | None, field: str
     return float(rec[field])
 
 
-def build_detectors(config: MonitorConfig, *, num_classes: int, bundle_version: str | None = None) -> dict[str, Any]:
+def build_detectors(config: MonitorConfig, *, num_classes: int, bundle_version: str | None = None,
+                    shared: Any = None) -> dict[str, Any]:
+    """The enabled detectors; ``shared``: the SharedHistory of the stateful detector (None: in memory)."""
     from safedl.defenses.query import PRADA, StatefulDetector, VolumeAnomaly
 
     d = config.detectors
@@ -50,7 +54,7 @@ def build_detectors(config: MonitorConfig, *, num_classes: int, bundle_version: 
         thr = _threshold("stateful", d.stateful.threshold, calib, "threshold",
                          {"k": d.stateful.k, "history": d.stateful.history})
         out["stateful"] = StatefulDetector(k=d.stateful.k, history=d.stateful.history, threshold=thr,
-                                           max_keys=config.max_keys)
+                                           max_keys=config.max_keys, shared=shared, name="stateful")
     if d.prada.enabled:
         delta = _threshold("prada", d.prada.delta, calib, "delta",
                            {"min_queries": d.prada.min_queries, "window": d.prada.window})
@@ -66,11 +70,14 @@ def build_detectors(config: MonitorConfig, *, num_classes: int, bundle_version: 
 
 def build_monitor(config: MonitorConfig, *, keys: KeyStore, audit_path: Any, registry: CollectorRegistry,
                   num_classes: int, bundle_version: Callable[[], str]) -> SecurityMonitor:
-    detectors = build_detectors(config, num_classes=num_classes, bundle_version=bundle_version())
+    shared = None
+    if config.detectors.stateful.enabled and config.detectors.stateful.history_store == "database":
+        shared = DatabaseHistory(audit_path)
+    detectors = build_detectors(config, num_classes=num_classes, bundle_version=bundle_version(), shared=shared)
     metrics = MonitorMetrics(registry)
     log.info("monitor: detectors %s, %d rules", {n: getattr(d, "threshold_", None) or getattr(d, "delta_", None)
                                                  for n, d in detectors.items()}, len(config.rules),
              extra={"event": "monitor_start"})
     return SecurityMonitor(config=config, detectors=detectors, alerts=AlertStore(audit_path), actions=KeyActions(keys),
                            metrics=metrics, notifier=Notifier(config.sinks, count=metrics.count_notification),
-                           bundle_version=bundle_version)
+                           bundle_version=bundle_version, history=shared)

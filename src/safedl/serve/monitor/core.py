@@ -78,8 +78,9 @@ class SecurityMonitor:
 
     def __init__(self, *, config: MonitorConfig, detectors: dict[str, Any], alerts: AlertStore, actions: KeyActions,
                  metrics: MonitorMetrics, notifier: Notifier, bundle_version: Callable[[], str],
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, history: Any = None):
         self.config, self.detectors, self.alerts, self.actions = config, detectors, alerts, actions
+        self.history = history  # the detectors' shared history (serve/stores/history.py), closed with the monitor
         self.metrics, self.notifier, self.bundle_version, self.clock = metrics, notifier, bundle_version, clock
         self.key_rules = [r for r in config.rules if r.scope == "key"]
         self.global_rules = [r for r in config.rules if r.scope == "global"]
@@ -149,6 +150,8 @@ class SecurityMonitor:
             self.router.close()
         self.notifier.close()
         self.alerts.close()
+        if self.history is not None:
+            self.history.close()
 
     def _run(self) -> None:
         last_tick = time.monotonic()

@@ -151,3 +151,10 @@ def test_revision_0001_upgrades_to_the_history_tables_keeping_audit_rows(db_url)
     if not engines.looks_like_url(db_url):
         names = {r[0] for r in sqlite3.connect(db_url).execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"query_history", "query_history_keys"} <= names
+
+
+def test_an_empty_batch_is_counted_as_nothing(db_url, digits_splits):
+    a, b = (StatefulDetector(k=2, history=50, threshold=1.0, shared=DatabaseHistory(db_url)) for _ in range(2))
+    x = digits_splits.test.x[:5]
+    a.observe("k", x)
+    assert b.observe("k", x[:0]).n_seen == 5 and a.observe("k", x).n_seen == 10 and b.observe("k", x).n_seen == 15

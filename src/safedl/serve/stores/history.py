@@ -96,8 +96,9 @@ class DatabaseHistory:
                 lower = n_before - int(window) if since is None else max(since, n_before - int(window))
                 rows = _READ.run(conn, {**ident, "lower": lower, "upper": n_before,
                                         "writer": "" if since is None else self.writer})
-                _APPEND.run(conn, {**ident, "seq": end, "writer": self.writer, "n": n, "dim": dim, "feats": blob,
-                                   "ts": now})
+                if n:  # (an empty batch only reads)
+                    _APPEND.run(conn, {**ident, "seq": end, "writer": self.writer, "n": n, "dim": dim,
+                                       "feats": blob, "ts": now})
                 if n_before // window != end // window:
                     _DROP_OLD.run(conn, {**ident, "cut": n_before - int(window)})
                 if now - self._pruned_at >= PRUNE_EVERY_S:

@@ -5,6 +5,7 @@ judges the key's last ``history`` queries; the table stays bounded per key; an u
 detector judging on its own queries; schema revision 0001 upgrades without losing audit rows."""
 from __future__ import annotations
 
+import multiprocessing as mp
 import sqlite3
 
 import pytest
@@ -21,8 +22,9 @@ from safedl.errors import ConfigError, UserError
 from safedl.serve.audit import AuditStore, read_rows
 from safedl.serve.stores import engine as engines
 from safedl.serve.stores import migrate
-from safedl.serve.stores.history import DatabaseHistory
+from safedl.serve.stores.history import DatabaseHistory, decode
 
+FORK = mp.get_context("fork")
 CHUNK = 16  # queries per observed batch (the monitor sees one predict request's images at a time)
 K, HISTORY = 20, 200
 
@@ -158,3 +160,40 @@ def test_an_empty_batch_is_counted_as_nothing(db_url, digits_splits):
     x = digits_splits.test.x[:5]
     a.observe("k", x)
     assert b.observe("k", x[:0]).n_seen == 5 and a.observe("k", x).n_seen == 10 and b.observe("k", x).n_seen == 15
+
+
+def _writer(url: str, who: int, rounds: int, go, out) -> None:
+    """One replica: ``rounds`` exchanges of one query each (its features: who, round); what it ends up holding."""
+    store = DatabaseHistory(url)
+    held, since = [], None
+    go.wait()
+    for i in range(rounds):
+        ex = store.exchange(detector="d", key="k", feats=torch.tensor([[float(who), float(i)]]), since=since,
+                            window=10_000)
+        assert ex is not None and ex.lost == 0
+        held += [tuple(r) for r in ex.earlier.tolist()] + [(float(who), float(i))]
+        since = ex.n_before + 1
+    out.put((who, held))
+    store.close()
+
+
+def test_concurrent_replicas_each_hold_the_whole_stream_in_order(db_url):
+    """Four processes exchanging on one key at once: each one's view (what it got, then its own query, exchange
+    after exchange) is the key's stream in the database's order up to its last query: nothing lost, nothing
+    twice (on PostgreSQL, rows committed while an exchange waited for the key's lock are read again)."""
+    DatabaseHistory(db_url).close()  # the schema, before the race
+    go, out = FORK.Event(), FORK.Queue()
+    procs = [FORK.Process(target=_writer, args=(db_url, w, 40, go, out)) for w in range(4)]
+    for p in procs:
+        p.start()
+    go.set()
+    views = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    with engines.read(DatabaseHistory(db_url).engine, what="test") as conn:
+        rows = conn.exec_driver_sql("SELECT seq, n, dim, feats FROM query_history ORDER BY seq").all()
+    stream = [tuple(r) for r in decode(rows, dim=2)[0].tolist()]
+    assert len(stream) == 160 and len(set(stream)) == 160
+    for who, view in views.items():
+        assert view == stream[:len(view)] and view[-1] == (float(who), 39.0), who

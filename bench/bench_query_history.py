@@ -3,8 +3,10 @@ batch, and at which query an attack spread round-robin over R replicas is flagge
 
 - Cost: two detectors (two replicas: their own engine and writer id) on one key whose window is full (``history``
   queries), batches of 1 and 16 mnist5k images (784 pixels each) sent alternately; the median and p95 time of
-  ``StatefulDetector.observe`` (k-NN included) and of the store exchange alone (one write transaction), in memory,
-  on SQLite (a local file) and with ``--postgres`` on PostgreSQL (a throwaway local cluster, tests/_postgres.py,
+  ``StatefulDetector.observe`` (k-NN included) and of the store exchange alone (one write transaction), against
+  one in-memory detector that sees every query (the same window), on SQLite (a local file) and with
+  ``--postgres`` on PostgreSQL; the backends take turns in blocks. Wall time and the calling thread's CPU time
+  (the database server's work on PostgreSQL is in its own process: in the wall time only) (a throwaway local cluster, tests/_postgres.py,
   fsync off). This runs on the monitor's worker thread, not on the request path.
 - Detection: per seed, a small_cnn trained one epoch on mnist5k (split seed = the seed), the stateful threshold
   calibrated as `safedl monitor calibrate` does (0.1% quantile over the benign calibration streams of the training
@@ -60,29 +62,44 @@ def _ms(v: list[float], q: float) -> float:
     return round(float(torch.quantile(torch.tensor(v, dtype=torch.float64), q)) * 1000.0, 3)
 
 
-def cost(url: str | None, x: torch.Tensor, *, threshold: float, batches: int, k: int, history: int) -> dict:
-    """observe/exchange times for batches of 1 and 16 on a key with a full window, two replicas alternating."""
-    out = {}
+def _replicas(url: str | None, x: torch.Tensor, key: str, *, k: int, history: int) -> tuple[list, list]:
+    """Two detectors (replicas) on ``url`` with the key's window already full; None: one detector in memory (one
+    process seeing every query: the same window, the baseline)."""
+    stores = [TimedHistory(DatabaseHistory(url)) for _ in range(2)] if url else []
+    dets = [StatefulDetector(k=k, history=history, threshold=1.0, shared=stores[i] if stores else None)
+            for i in range(2 if url else 1)]  # threshold: irrelevant to the cost
+    dets = dets * (2 // len(dets))
+    for i in range(0, history, CHUNK):
+        dets[(i // CHUNK) % 2].observe(key, x[i:i + CHUNK])
+    for s in stores:
+        s.times.clear()
+    return dets, stores
+
+
+def cost(urls: dict[str, str | None], x: torch.Tensor, *, batches: int, blocks: int, k: int, history: int) -> dict:
+    """observe/exchange times for batches of 1 and 16 on a key with a full window, two replicas alternating; the
+    backends take turns in ``blocks`` blocks (drift on a shared machine hits them alike)."""
+    out: dict = {}
     for size in (1, CHUNK):
-        stores = [TimedHistory(DatabaseHistory(url)) for _ in range(2)] if url else [None, None]
-        dets = [StatefulDetector(k=k, history=history, threshold=threshold, shared=s) for s in stores]
-        key = f"bench-{size}"
-        for i in range(0, history, CHUNK):  # fill the key's window
-            dets[(i // CHUNK) % 2].observe(key, x[i:i + CHUNK])
-        for s in stores:
-            if s is not None:
-                s.times.clear()
-        times = []
-        for b in range(batches):
-            j = history + (b * size) % (len(x) - history - size)
-            t0 = time.perf_counter()
-            dets[b % 2].observe(key, x[j:j + size])
-            times.append(time.perf_counter() - t0)
-        ex = [t for s in stores if s is not None for t in s.times]
-        out[str(size)] = {"observe_ms_p50": _ms(times, 0.5), "observe_ms_p95": _ms(times, 0.95), "n": len(times),
-                          **({"exchange_ms_p50": _ms(ex, 0.5), "exchange_ms_p95": _ms(ex, 0.95)} if ex else {})}
-        for s in stores:
-            if s is not None:
+        made = {b: _replicas(u, x, f"bench-{size}", k=k, history=history) for b, u in urls.items()}
+        times: dict[str, list] = {b: [] for b in urls}
+        cpu: dict[str, list] = {b: [] for b in urls}
+        pos = history
+        for _ in range(blocks):
+            for b, (dets, _) in made.items():
+                for j in range(batches // blocks):
+                    pos = history + (pos + size - history) % (len(x) - history - size)
+                    t0, c0 = time.perf_counter(), time.thread_time()
+                    dets[j % 2].observe(f"bench-{size}", x[pos:pos + size])
+                    times[b].append(time.perf_counter() - t0)
+                    cpu[b].append(time.thread_time() - c0)
+        for b, (dets, stores) in made.items():
+            ex = [t for s in stores for t in s.times]
+            out.setdefault(b, {})[str(size)] = {
+                "observe_ms_p50": _ms(times[b], 0.5), "observe_ms_p95": _ms(times[b], 0.95), "n": len(times[b]),
+                "observe_cpu_ms_p50": _ms(cpu[b], 0.5), "observe_cpu_ms_mean": round(1000 * statistics.mean(cpu[b]), 3),
+                **({"exchange_ms_p50": _ms(ex, 0.5), "exchange_ms_p95": _ms(ex, 0.95)} if ex else {})}
+            for s in stores:
                 s.store.close()
     return out
 
@@ -134,19 +151,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--batches", type=int, default=300, help="timed observe calls per batch size and backend")
+    ap.add_argument("--blocks", type=int, default=6, help="the backends take turns this many times")
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--history", type=int, default=1000)
     ap.add_argument("--postgres", action="store_true")
+    ap.add_argument("--parts", nargs="+", choices=("cost", "detection"), default=["cost", "detection"])
     ap.add_argument("--out", default="/tmp/bench_query_history.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="safedl-history-"))
     x = load_builtin("mnist5k").x  # 5,000 distinct images: every timed batch is new to the window
-    res: dict = {"args": vars(args), "torch_threads": 1, "cost": {}}
-    kw = dict(threshold=1.0, batches=args.batches, k=args.k, history=args.history)  # threshold: cost only
-    res["cost"]["memory"] = cost(None, x, **kw)
-    res["cost"]["sqlite"] = cost(str(work / "cost.db"), x, **kw)
+    res: dict = {"args": vars(args), "torch_threads": 1}
     cluster = None
     if args.postgres:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -154,14 +170,18 @@ def main() -> None:
 
         cluster = Cluster(pg_bindir()).start()
     try:
-        if cluster is not None:
-            res["cost"]["postgresql"] = cost(cluster.database(), x, **kw)
-        for backend in [b for b in res["cost"] if b != "memory"]:
-            res["cost"][f"ratio_{backend}_vs_memory"] = {
-                s: round(res["cost"][backend][s]["observe_ms_p50"] / res["cost"]["memory"][s]["observe_ms_p50"], 2)
-                for s in res["cost"]["memory"]}
-        log.info("cost: %s", json.dumps(res["cost"]))
-        res["detection"] = {str(s): detection(s, work, k=args.k, history=args.history) for s in args.seeds}
+        urls = {"memory": None, "sqlite": str(work / "cost.db"),
+                **({"postgresql": cluster.database()} if cluster is not None else {})}
+        if "cost" in args.parts:
+            res["cost"] = cost(urls, x, batches=args.batches, blocks=args.blocks, k=args.k, history=args.history)
+            for backend in [b for b in urls if b != "memory"]:
+                for what in ("observe_ms_p50", "observe_cpu_ms_mean"):
+                    res["cost"][f"ratio_{backend}_vs_memory_{what}"] = {
+                        s: round(res["cost"][backend][s][what] / res["cost"]["memory"][s][what], 2)
+                        for s in res["cost"]["memory"]}
+            log.info("cost: %s", json.dumps(res["cost"]))
+        if "detection" in args.parts:
+            res["detection"] = {str(s): detection(s, work, k=args.k, history=args.history) for s in args.seeds}
     finally:
         if cluster is not None:
             cluster.remove()

@@ -89,3 +89,50 @@ def test_an_attack_spread_over_two_replicas_is_flagged_as_on_one(tmp_path, bundl
     assert one is not None and 50 < one <= 60  # k = 50 neighbours needed before the first judgement
     assert min(f for f in found["two_shared"] if f is not None) == one, found  # the same query of the key
     assert found["two_memory"] == [None, None], found  # each replica saw half of the key's queries
+
+
+@pytest.mark.parametrize("layout", ["sqlite_two_workers", "postgresql_two_replicas"])
+def test_real_processes_flag_a_spread_attack_within_the_one_replica_range(layout, tmp_path, bundle_dir, calibration,
+                                                                         digits_splits, request):
+    """`safedl serve --workers 2` on SQLite files, or two `safedl serve` replicas on one PostgreSQL database: 64
+    near-duplicate queries, one a request, each on a new connection (spread over the workers by the kernel, or
+    alternating replicas). One replica flags this stream within its first 60 queries (as the test above; k = 50); with
+    per-process histories no process could (none holds 50 of them when split evenly); shared, a process does."""
+    import time
+
+    import httpx
+
+    from _serve_helpers import ServerProcess
+
+    if layout.startswith("sqlite"):
+        keys_db, audit_db, extra, n = tmp_path / "keys.db", tmp_path / "audit.db", ("--workers", "2"), 1
+    else:
+        keys_db = audit_db = request.getfixturevalue("pg_cluster").database()
+        extra, n = (), 2
+    keys = KeyStore(keys_db, create=True)
+    _, token = keys.create(name="attacker", tier="full", rate_per_s=1e4, burst=10_000)
+    _, ops = keys.create(name="ops", scopes=("admin",))
+    keys.close()
+    cfg = write_config(tmp_path / "monitor.yml", calibration=calibration, rules=[RULE],
+                       detectors={"stateful": {"history_store": "database"}})
+    x = near_duplicates(quantize(digits_splits.test.x[0]), 64, eps=0.1, seed=0)
+    servers = [ServerProcess(bundle_dir, keys_db, audit_db, "--monitor-config", str(cfg), *extra) for _ in range(n)]
+    try:
+        for s in servers:
+            s.wait_ready()
+        for i in range(len(x)):
+            r = httpx.post(servers[i % n].url + "/v1/predict", content=npy(x[i:i + 1]), timeout=30,
+                           headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-npy"})
+            assert r.status_code == 200, r.text
+        flags, deadline = [], time.monotonic() + 30
+        while time.monotonic() < deadline and not any(flags):
+            for s in servers:  # (each answer is from the worker that took the connection: its own summary)
+                keys_seen = httpx.get(s.url + "/v1/monitor/summary", timeout=30,
+                                      headers={"Authorization": f"Bearer {ops}"}).json()["keys"]
+                flags += [k["flags"]["stateful"] for k in keys_seen if k["name"] == "attacker"]
+            time.sleep(0.2)
+    finally:
+        for s in servers:
+            s.__exit__(None, None, None)
+    first = min(f for f in flags if f is not None)
+    assert 50 < first <= 60, flags

@@ -5,6 +5,7 @@ has flagged it by then."""
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 from typer.testing import CliRunner
 
 pytest.importorskip("fastapi")
@@ -19,6 +20,8 @@ from safedl.serve.audit import AuditStore  # noqa: E402
 from safedl.serve.keys import KeyStore  # noqa: E402
 from safedl.serve.monitor import load_monitor_config  # noqa: E402
 from safedl.serve.monitor.calibration import quantize  # noqa: E402
+from safedl.serve.stores import engine as engines  # noqa: E402
+from safedl.serve.stores.history import history_location  # noqa: E402
 
 RULE = {"name": "query_attack", "metric": "stateful_flags", "scope": "key", "window": {"count": 50},
         "threshold": 1, "severity": "critical"}
@@ -89,6 +92,12 @@ def test_an_attack_spread_over_two_replicas_is_flagged_as_on_one(tmp_path, bundl
     assert one is not None and 50 < one <= 60  # k = 50 neighbours needed before the first judgement
     assert min(f for f in found["two_shared"] if f is not None) == one, found  # the same query of the key
     assert found["two_memory"] == [None, None], found  # each replica saw half of the key's queries
+    written = sa.text("SELECT COALESCE(SUM(n), 0) FROM query_history")
+    for where, expect in ((history_location(dbs[1]), one), (dbs[1], one if engines.looks_like_url(dbs[1]) else 0)):
+        eng = engines.open_engine(where, flag="--audit")  # SQLite: the history has a file of its own
+        with eng.connect() as conn:
+            assert conn.execute(written).scalar() == expect, where  # only the shared configuration wrote
+        eng.dispose()
 
 
 @pytest.mark.parametrize("layout", ["sqlite_two_workers", "postgresql_two_replicas"])

@@ -1,6 +1,7 @@
 """Assemble a ``SecurityMonitor`` from a validated config: detectors with their calibrated thresholds, the alert
 table in the audit database, the key-action table in the key database, the stateful detector's shared per-key
-history (in the audit database, unless ``detectors.stateful.history_store: memory``), the sinks and the metrics."""
+history (stores/history.py: next to a SQLite audit file, or in the PostgreSQL audit database; unless
+``detectors.stateful.history_store: memory``), the sinks and the metrics."""
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,7 @@ from safedl.serve.monitor.core import SecurityMonitor
 from safedl.serve.monitor.metrics import MonitorMetrics
 from safedl.serve.monitor.sinks import Notifier
 from safedl.serve.monitor.store import AlertStore, KeyActions
-from safedl.serve.stores.history import DatabaseHistory
+from safedl.serve.stores.history import DatabaseHistory, history_location
 
 log = logging.getLogger("safedl.serve.monitor")
 
@@ -72,7 +73,7 @@ def build_monitor(config: MonitorConfig, *, keys: KeyStore, audit_path: Any, reg
                   num_classes: int, bundle_version: Callable[[], str]) -> SecurityMonitor:
     shared = None
     if config.detectors.stateful.enabled and config.detectors.stateful.history_store == "database":
-        shared = DatabaseHistory(audit_path)
+        shared = DatabaseHistory(history_location(audit_path))
     detectors = build_detectors(config, num_classes=num_classes, bundle_version=bundle_version(), shared=shared)
     metrics = MonitorMetrics(registry)
     log.info("monitor: detectors %s, %d rules", {n: getattr(d, "threshold_", None) or getattr(d, "delta_", None)

@@ -14,7 +14,7 @@ on PostgreSQL steps 1-3 are one statement, so one round trip):
 4. now and then, the rows no later exchange can ask for (older than the key's last ``window`` queries), and rows
    older than ``retention_s`` (keys gone quiet).
 
-Per key at most about twice ``window`` queries are kept. While the database is unavailable an exchange returns None
+Per key at most about twice ``window`` queries are kept (784-pixel images, ``window`` 1000: about 3 MB a key). While the database is unavailable an exchange returns None
 (logged once per outage): the detector judges the batch on what its process holds, and the batch is not shared.
 """
 from __future__ import annotations
@@ -71,6 +71,17 @@ def decode(rows: list[tuple], *, dim: int) -> tuple[torch.Tensor, int]:
         parts.append(torch.frombuffer(bytearray(blob), dtype=torch.float16).view(int(n), dim))
     feats = torch.cat(parts).float() if parts else torch.empty(0, dim)
     return feats, skipped
+
+
+def history_location(audit: Any, *, flag: str = "--audit") -> Any:
+    """Where the service keeps the shared history: next to a SQLite audit file, its own file (``audit.db`` ->
+    ``audit.query-history.db``: its writes neither take the audit's write lock, which answered requests wait for,
+    nor count against ``--audit-max-mb``); on PostgreSQL the audit database itself (its tables are not among those
+    the cap counts)."""
+    target = engines.parse_target(audit, flag=flag)
+    if not target.is_sqlite:
+        return target
+    return str(target.path.with_name(f"{target.path.stem}.query-history{target.path.suffix or '.db'}"))
 
 
 class DatabaseHistory:

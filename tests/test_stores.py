@@ -19,7 +19,7 @@ from safedl.serve.limits import RateLimiter
 from safedl.serve.monitor.store import AlertStore, KeyActions, KeyBlocked
 from safedl.serve.stores import engine as engines
 from safedl.serve.stores import migrate
-from safedl.serve.stores.schema import metadata
+from safedl.serve.stores.schema import AUDIT_TABLES, metadata
 from safedl.serve.swap import record_swap
 
 FORK = mp.get_context("fork")  # children inherit the imports (seconds saved per process); each opens its own engine
@@ -280,6 +280,27 @@ def test_audit_size_cap_refuses_and_keeps_every_acknowledged_row(db):
     assert audit.record_unauthenticated([{"minute": 1, "client": "c", "endpoint": "e", "code": "u", "count": 1}]) == 0
     audit.close()
     assert len(list(read_rows(url))) == acked
+
+
+def test_a_group_that_would_pass_the_audit_cap_is_refused_whole(db):
+    """One group commit of about 200 KB into a cap 64 KB above the empty tables: refused, none of its rows kept
+    (PostgreSQL checked the size only before the group: it was committed, 3x past the cap)."""
+    url = db("audit")
+    AuditStore(url).close()  # the empty schema
+    empty = 0
+    if engines.looks_like_url(url):
+        eng = engines.open_engine(url, flag="--audit")
+        with eng.connect() as conn:
+            empty = conn.execute(sa.text("SELECT SUM(pg_total_relation_size(to_regclass(t))) FROM "
+                                         "unnest(CAST(:t AS text[])) AS t"), {"t": list(AUDIT_TABLES)}).scalar()
+        eng.dispose()
+    audit = AuditStore(url, max_bytes=int(empty) + 64 * 1024)
+    audit.start()
+    rows = [{"ts": float(i), "request_id": f"r{i}", "http_status": 200, "reason": "x" * 1000} for i in range(200)]
+    with pytest.raises(AuditUnavailable):
+        audit.submit(rows).result(10)
+    audit.close()
+    assert list(read_rows(url)) == []
 
 
 def test_alerts_and_key_actions(db):

@@ -12,7 +12,9 @@ higher cost per commit); on PostgreSQL a commit is durable as the server is conf
 ``max_bytes`` (``--audit-max-mb``) caps what the audit rows take: on SQLite the file may not grow past the empty
 schema's pages plus ``max_bytes`` (a hard limit, ``PRAGMA max_page_count``); on PostgreSQL the summed
 ``pg_total_relation_size`` of the audit tables (schema.AUDIT_TABLES, indexes and TOAST included), checked before
-every group commit, so one group may overshoot it; deleted rows free space there only after VACUUM.
+every group commit and again after its inserts, inside its transaction: a group that would take them past the cap
+is rolled back and its requests answered 503, so no acknowledged row lies beyond it (the rolled-back rows' pages stay
+allocated until VACUUM, as deleted rows' do).
 
 ``retention`` (``--audit-retention-days``) deletes rows older than that many days, one bounded batch at a time in
 the writer thread between group commits (serve/stores/retention.py: why that never races an insert).
@@ -290,6 +292,9 @@ class AuditStore:
                     raise AuditUnavailable(f"the audit tables reached --audit-max-mb "
                                            f"({self.max_bytes / 2**20:g} MB)")
                 _INSERT.run_many(conn, [dict(zip(COLUMNS, r)) for r in rows])
+                if self.max_bytes is not None and conn.postgresql and self._size(conn) > self.max_bytes:
+                    raise AuditUnavailable(f"this group of {len(rows)} rows would take the audit tables past "
+                                           f"--audit-max-mb ({self.max_bytes / 2**20:g} MB); rolled back")
             self.healthy, self.last_error = True, None
         except (engines.StoreUnavailable, OSError) as exc:
             self._fail(f"audit write to {self.path} failed: {exc}")

@@ -20,9 +20,10 @@ Supervision. A worker that dies is restarted in its slot, at most ``RESTARTS_PER
 (each logged; past the budget a slot waits for it while the others serve). A dead worker's live gauges are dropped
 (``multiprocess.mark_process_dead``); its counters stay, so totals never go back.
 
-Per worker, not shared: the security monitor's per-key history, the failed-authentication budget of a client
-address (serve/unauth.py) and the connection limits. Shared through the databases: keys, rate limits, quotas, key
-actions and the audit (SQLite in WAL mode across the processes of one host, or PostgreSQL across hosts).
+Per worker, not shared: the security monitor's windows and its PRADA and volume state, the failed-authentication
+budget of a client address (serve/unauth.py) and the connection limits. Shared through the databases: keys, rate
+limits, quotas, key actions, the audit and the stateful detector's per-key query history (serve/stores/history.py;
+SQLite in WAL mode across the processes of one host, or PostgreSQL across hosts).
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from safedl.defenses.query.base import KeyStore, QueryVerdict, encode, first_flag
+from safedl.defenses.query.history import SharedHistory
 from safedl.errors import ConfigError
 from safedl.registry import register
 from safedl.utils.validate import check_fraction, check_positive
@@ -22,6 +23,7 @@ class _KeyState:
     filled: int = 0
     ptr: int = 0
     n_seen: int = 0
+    since: int | None = None            # the key's count over all writers after the last shared exchange
     scores: list = field(default_factory=list)  # only used during calibration
 
 
@@ -39,10 +41,19 @@ class StatefulDetector:
 default target. Memory per key:
     ``history * D`` floats; at most ``max_keys`` keys (least recently seen forgotten first). Within a batch each
     query also sees the batch's earlier queries (so the window is briefly up to history + batch size).
+
+    ``shared`` (a :class:`~safedl.defenses.query.history.SharedHistory`, e.g. the service database's): every batch
+    is appended to the key's shared history under ``name`` and, in the same exchange, the queries other workers
+    or replicas sent under the key since this one last saw it enter the window first, so the k-NN runs over the
+    union of the key's queries and ``n_seen`` / ``first_at`` count them all (an attacker spreading queries over
+    replicas is flagged at the same query number as on one). Features are then rounded to the shared
+    history's dtype (float16) here too, so every replica judges the same numbers. While the shared history is
+    unavailable a batch is judged on what this process holds.
     """
 
     def __init__(self, *, k: int = 50, history: int = 1000, threshold: float | None = None,
-                 fpr: float = 1e-3, encoder: nn.Module | None = None, max_keys: int = 1000):
+                 fpr: float = 1e-3, encoder: nn.Module | None = None, max_keys: int = 1000,
+                 shared: SharedHistory | None = None, name: str = "stateful"):
         self.k = check_positive(self, "k", k, integer=True)
         self.fpr = float(check_fraction(self, "fpr", fpr))
         self.history = check_positive(self, "history", history, integer=True)
@@ -50,6 +61,9 @@ default target. Memory per key:
             raise ConfigError(f"StatefulDetector: history={history} must be at least k={k}")
         self.max_keys = check_positive(self, "max_keys", max_keys, integer=True)
         self.encoder = encoder
+        if shared is not None and not isinstance(shared, SharedHistory):
+            raise ConfigError(f"StatefulDetector: shared={shared!r} is not a SharedHistory (exchange, forget, dtype)")
+        self.shared, self.name = shared, str(name)
         self.threshold = None if threshold is None else float(check_positive(self, "threshold", threshold))
         self.threshold_ = self.threshold  # calibrate() replaces it
         self._store: KeyStore[_KeyState] = KeyStore(_KeyState, max_keys=self.max_keys)
@@ -84,10 +98,17 @@ default target. Memory per key:
             raise ConfigError("StatefulDetector: no threshold; pass threshold= or call calibrate() on benign streams")
         st = self._store.get(key)
         f = encode(self.encoder, x)
+        before = st.n_seen
+        if self.shared is not None:
+            f = f.to(self.shared.dtype).float()
+            ex = self.shared.exchange(detector=self.name, key=key, feats=f, since=st.since, window=self.history)
+            if ex is not None:
+                if len(ex.earlier):
+                    self._push(st, ex.earlier.to(device=f.device, dtype=f.dtype))
+                before, st.since = ex.n_before, ex.n_before + len(x)
         dist = self._knn_means(st, f)
         self._push(st, f)
-        before = st.n_seen
-        st.n_seen += len(x)
+        st.n_seen = before + len(x)
         flags = dist < self.threshold_
         suspicion = (self.threshold_ / dist.clamp_min(1e-12)).where(torch.isfinite(dist), torch.zeros_like(dist))
         return QueryVerdict(bool(flags.any()), float(suspicion.max()) if len(x) else 0.0, st.n_seen,

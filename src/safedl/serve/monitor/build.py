@@ -1,5 +1,7 @@
 """Assemble a ``SecurityMonitor`` from a validated config: detectors with their calibrated thresholds, the alert
-table in the audit database, the key-action table in the key database, the sinks and the metrics."""
+table in the audit database, the key-action table in the key database, the stateful detector's shared per-key
+history (stores/history.py: next to a SQLite audit file, or in the PostgreSQL audit database; unless
+``detectors.stateful.history_store: memory``), the sinks and the metrics."""
 from __future__ import annotations
 
 import logging
@@ -17,6 +19,7 @@ from safedl.serve.monitor.drift import DriftMetrics, DriftMonitor
 from safedl.serve.monitor.metrics import MonitorMetrics
 from safedl.serve.monitor.sinks import Notifier
 from safedl.serve.monitor.store import AlertStore, KeyActions
+from safedl.serve.stores.history import DatabaseHistory, history_location
 
 log = logging.getLogger("safedl.serve.monitor")
 
@@ -37,7 +40,9 @@ def _threshold(name: str, override: float | None, calib: dict | None, field: str
     return float(rec[field])
 
 
-def build_detectors(config: MonitorConfig, *, num_classes: int, bundle_version: str | None = None) -> dict[str, Any]:
+def build_detectors(config: MonitorConfig, *, num_classes: int, bundle_version: str | None = None,
+                    shared: Any = None) -> dict[str, Any]:
+    """The enabled detectors; ``shared``: the SharedHistory of the stateful detector (None: in memory)."""
     from safedl.defenses.query import PRADA, StatefulDetector, VolumeAnomaly
 
     d = config.detectors
@@ -51,7 +56,7 @@ def build_detectors(config: MonitorConfig, *, num_classes: int, bundle_version: 
         thr = _threshold("stateful", d.stateful.threshold, calib, "threshold",
                          {"k": d.stateful.k, "history": d.stateful.history})
         out["stateful"] = StatefulDetector(k=d.stateful.k, history=d.stateful.history, threshold=thr,
-                                           max_keys=config.max_keys)
+                                           max_keys=config.max_keys, shared=shared, name="stateful")
     if d.prada.enabled:
         delta = _threshold("prada", d.prada.delta, calib, "delta",
                            {"min_queries": d.prada.min_queries, "window": d.prada.window})
@@ -68,7 +73,10 @@ def build_detectors(config: MonitorConfig, *, num_classes: int, bundle_version: 
 def build_monitor(config: MonitorConfig, *, keys: KeyStore, audit_path: Any, registry: CollectorRegistry,
                   num_classes: int, bundle_version: Callable[[], str],
                   bundle: Callable[[], Any] | None = None) -> SecurityMonitor:
-    detectors = build_detectors(config, num_classes=num_classes, bundle_version=bundle_version())
+    shared = None
+    if config.detectors.stateful.enabled and config.detectors.stateful.history_store == "database":
+        shared = DatabaseHistory(history_location(audit_path))
+    detectors = build_detectors(config, num_classes=num_classes, bundle_version=bundle_version(), shared=shared)
     metrics = MonitorMetrics(registry)
     drift = DriftMonitor(config.drift, metrics=DriftMetrics(registry)) if config.drift.enabled and bundle else None
     log.info("monitor: detectors %s, %d rules", {n: getattr(d, "threshold_", None) or getattr(d, "delta_", None)
@@ -76,4 +84,4 @@ def build_monitor(config: MonitorConfig, *, keys: KeyStore, audit_path: Any, reg
              extra={"event": "monitor_start"})
     return SecurityMonitor(config=config, detectors=detectors, alerts=AlertStore(audit_path), actions=KeyActions(keys),
                            metrics=metrics, notifier=Notifier(config.sinks, count=metrics.count_notification),
-                           bundle_version=bundle_version, drift=drift, bundle=bundle)
+                           bundle_version=bundle_version, drift=drift, bundle=bundle, history=shared)

@@ -107,6 +107,10 @@ class StatefulConfig(_Strict):
     k: int = Field(50, ge=1)
     history: int = Field(1000, ge=1)
     threshold: Optional[float] = Field(None, gt=0, description="overrides the calibration file")
+    history_store: Literal["database", "memory"] = Field(
+        "database", description="database: each key's history is shared by every worker and replica (next to a "
+                                "SQLite audit file, or in the PostgreSQL audit database: serve/stores/history.py); "
+                                "memory: per process only")
 
 
 class PradaConfig(_Strict):

@@ -80,9 +80,10 @@ class SecurityMonitor:
     def __init__(self, *, config: MonitorConfig, detectors: dict[str, Any], alerts: AlertStore, actions: KeyActions,
                  metrics: MonitorMetrics, notifier: Notifier, bundle_version: Callable[[], str],
                  clock: Callable[[], float] = time.time, drift: DriftMonitor | None = None,
-                 bundle: Callable[[], Any] | None = None):
+                 bundle: Callable[[], Any] | None = None, history: Any = None):
         self.config, self.detectors, self.alerts, self.actions = config, detectors, alerts, actions
         self.drift, self.bundle = drift, bundle
+        self.history = history  # the detectors' shared history (serve/stores/history.py), closed with the monitor
         self.metrics, self.notifier, self.bundle_version, self.clock = metrics, notifier, bundle_version, clock
         self.key_rules = [r for r in config.rules if r.scope == "key"]
         self.global_rules = [r for r in config.rules if r.scope == "global"]
@@ -154,6 +155,8 @@ class SecurityMonitor:
             self.router.close()
         self.notifier.close()
         self.alerts.close()
+        if self.history is not None:
+            self.history.close()
 
     def _run(self) -> None:
         last_tick = time.monotonic()

@@ -4,8 +4,11 @@
 The key database's tables: ``api_keys``, ``rate_state`` (request token bucket and daily image count per key),
 ``pixel_state`` (the per-key pixel budget), ``key_actions`` (the monitor's automatic responses). The audit
 database's: ``audit`` (one row per request and image), ``unauthenticated`` (failures before authentication, in
-aggregate), ``bundle_swaps``, ``monitor_alerts``. The review database's: ``review_queue`` (flagged and rejected inputs with
-their decision and the reviewer's label: serve/review/store.py). The migrations (serve/stores/migrations) create exactly this;
+aggregate), ``bundle_swaps``, ``monitor_alerts``, and the stateful query detectors' shared per-key history
+(``query_history_keys``: each (detector, key)'s query count across replicas, the order of its rows;
+``query_history``: one row per observed batch, its features as float16 bytes; serve/stores/history.py). The review
+database's: ``review_queue`` (flagged and rejected inputs with their decision and the reviewer's label:
+serve/review/store.py). The migrations (serve/stores/migrations) create exactly this;
 tests/test_stores.py compares the two."""
 from __future__ import annotations
 
@@ -70,6 +73,14 @@ monitor_alerts = sa.Table(
     _text("key_id"), _text("state", False), _real("started_at", False), _real("resolved_at"),
     _real("last_at", False), _real("value"), _int("events", False), _text("action"), _text("metric", False),
     _real("threshold", False), _text("bundle_version"), sa.Index("monitor_alerts_started", "started_at"))
+
+query_history_keys = sa.Table(
+    "query_history_keys", metadata, _text("detector", False), _text("key_id", False), _int("seq", False),
+    _real("updated_at", False), sa.PrimaryKeyConstraint("detector", "key_id"))
+query_history = sa.Table(
+    "query_history", metadata, _text("detector", False), _text("key_id", False), _int("seq", False),
+    _text("writer", False), _int("n", False), _int("dim", False), sa.Column("feats", sa.LargeBinary(), nullable=False),
+    _real("ts", False), sa.PrimaryKeyConstraint("detector", "key_id", "seq"), sa.Index("query_history_ts", "ts"))
 
 REVIEW_COLUMNS = ("ts", "request_id", "image_index", "key_id", "client", "input_sha256", "shape", "label",
                   "class_name", "confidence", "rejected", "reason", "detector_scores", "bundle_version", "source",

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("safedl.serve.monitor")
 _STOP = object()
-DETECTORS = ("stateful", "prada", "volume")
+DETECTORS = ("stateful", "prada", "volume", "copycat", "sybil")
 TOP_KEYS = 20
 
 
@@ -89,6 +89,7 @@ class SecurityMonitor:
         self._keys: OrderedDict[str, _Key] = OrderedDict()
         self._firing: dict[tuple[str, str | None], dict] = {}
         self._pending: dict[tuple[str, str | None], float] = {}
+        self._clearing: dict[tuple[str, str | None], float] = {}  # firing alerts whose condition stopped (clear_s)
         self._dirty: set[tuple[str, str | None]] = set()
         self._series: OrderedDict[int, list[int]] = OrderedDict()
         self._gallery: deque[dict] = deque(maxlen=config.gallery_size)
@@ -191,7 +192,8 @@ class SecurityMonitor:
         flagged = [d for d, v in verdicts.items() if v.flagged]
         anomalous = max((v.n_flagged for v in verdicts.values()), default=0)
         per = {d: int(d in flagged) for d in DETECTORS}
-        vec = (1, n, nrej, ndet, int(bool(flagged)), per["stateful"], per["prada"], per["volume"], anomalous)
+        vec = (1, n, nrej, ndet, int(bool(flagged)), per["stateful"], per["prada"], per["volume"], anomalous,
+               per["copycat"], per["sybil"])
         gvec = vec[:7] + (int(glob is not None and glob.flagged),) + vec[8:]
         now = self.clock()
         with self._lock:
@@ -233,7 +235,7 @@ class SecurityMonitor:
             ks.first_flag_at = ts if ks.first_flag_at is None else min(ks.first_flag_at, ts)
             self.metrics.flags.labels(det).inc()
             self.metrics.ttd.labels(det).observe(ks.flags[det])
-            if det == "prada":
+            if det in ("prada", "copycat", "sybil"):
                 self.metrics.extraction.inc()
             log.warning("key %s (%s) flagged by %s at query %d", ks.name, key_id, det, ks.flags[det],
                         extra={"event": "key_flagged", "key_id": key_id, "detector": det, "query": ks.flags[det]})
@@ -270,6 +272,8 @@ class SecurityMonitor:
         holds = value is not None and COMPARISONS[rule.comparison](value, float(rule.threshold))
         ident = (rule.name, key_id)
         alert = self._firing.get(ident)
+        if holds:
+            self._clearing.pop(ident, None)
         if holds and alert is not None:
             if event:
                 alert["events"] += 1
@@ -283,7 +287,8 @@ class SecurityMonitor:
                 self._fire(rule, key_id, value, now)
         else:
             self._pending.pop(ident, None)
-            if alert is not None:
+            if alert is not None and now - self._clearing.setdefault(ident, now) >= rule.clear_s:
+                self._clearing.pop(ident, None)
                 self._resolve(rule, ident, alert, now)
 
     def _fire(self, rule: Rule, key_id: str | None, value: float, now: float) -> None:
@@ -360,6 +365,7 @@ class SecurityMonitor:
                     ident = (rule.name, key_id)
                     if ks is None:  # forgotten (max_keys): its windows are gone
                         self._pending.pop(ident, None)
+                        self._clearing.pop(ident, None)
                         if ident in self._firing:
                             self._resolve(rule, ident, self._firing[ident], now)
                     elif ident in self._firing or ident in self._pending:

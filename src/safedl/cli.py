@@ -424,6 +424,10 @@ from safedl.serve.monitor.cli import monitor_app  # noqa: E402
 
 app.add_typer(monitor_app, name="monitor")
 
+from safedl.deploy.ownership_cli import ownership_app  # noqa: E402
+
+app.add_typer(ownership_app, name="ownership")
+
 
 def main() -> None:  # pragma: no cover
     app()

@@ -9,6 +9,8 @@ from safedl.errors import ConfigError
 from safedl.registry import register
 from safedl.utils.validate import check_fraction, check_positive
 
+DEFAULT_NU = 1000.0  #: sharpness of the switch: misinformation within about 0.005 below tau
+
 
 def misinformed(p: torch.Tensor, *, tau: float, nu: float) -> torch.Tensor:
     """y = (1 - a) p + a q with a = sigmoid(nu (tau - max p)) and q = softmax(-logits) = normalize(1 / p).
@@ -35,7 +37,7 @@ class AdaptiveMisinformation(Postprocessor):
 
     preserves_argmax = False
 
-    def __init__(self, *, tau: float = 0.5, nu: float = 1000.0):
+    def __init__(self, *, tau: float = 0.5, nu: float = DEFAULT_NU):
         super().__init__()
         self.tau = float(check_fraction(self, "tau", tau))
         self.nu = float(check_positive(self, "nu", nu))

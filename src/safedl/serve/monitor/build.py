@@ -92,10 +92,12 @@ def _ood_detectors(config: MonitorConfig, calib: dict | None) -> dict[str, Any]:
 def build_monitor(config: MonitorConfig, *, keys: KeyStore, audit_path: Any, registry: CollectorRegistry,
                   num_classes: int, bundle_version: Callable[[], str]) -> SecurityMonitor:
     detectors = build_detectors(config, num_classes=num_classes, bundle_version=bundle_version())
+    calib = load_calibration(config.calibration) if config.calibration is not None else None
+    mis = (calib or {}).get("misinformation") if config.misinformation else None
     metrics = MonitorMetrics(registry)
     log.info("monitor: detectors %s, %d rules", {n: getattr(d, "threshold_", None) or getattr(d, "delta_", None)
                                                  for n, d in detectors.items()}, len(config.rules),
              extra={"event": "monitor_start"})
     return SecurityMonitor(config=config, detectors=detectors, alerts=AlertStore(audit_path), actions=KeyActions(keys),
                            metrics=metrics, notifier=Notifier(config.sinks, count=metrics.count_notification),
-                           bundle_version=bundle_version)
+                           bundle_version=bundle_version, misinformation_tau=None if mis is None else float(mis["tau"]))

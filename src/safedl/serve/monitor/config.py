@@ -266,6 +266,8 @@ class MonitorConfig(_Strict):
     actions: Actions = Actions()
     routing: Routing = Routing()
     max_keys: int = Field(10_000, ge=1)
+    misinformation: bool = Field(True, description="adaptive misinformation (Kariyappa & Qureshi 2020) on the scores "
+                                 "of every key that receives scores, at the calibration file's confidence threshold")
     queue_size: int = Field(10_000, ge=1, description="predict batches waiting for the monitor worker, at most")
     queue_mb: float = Field(256.0, gt=0, description="... and at most this many MB of their pixels")
     series_bucket_s: int = Field(60, ge=1, le=3600)

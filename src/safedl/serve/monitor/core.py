@@ -78,8 +78,9 @@ class SecurityMonitor:
 
     def __init__(self, *, config: MonitorConfig, detectors: dict[str, Any], alerts: AlertStore, actions: KeyActions,
                  metrics: MonitorMetrics, notifier: Notifier, bundle_version: Callable[[], str],
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, misinformation_tau: float | None = None):
         self.config, self.detectors, self.alerts, self.actions = config, detectors, alerts, actions
+        self.misinformation_tau = misinformation_tau  # answers of score-tier keys below it turn to misinformation
         self.metrics, self.notifier, self.bundle_version, self.clock = metrics, notifier, bundle_version, clock
         self.key_rules = [r for r in config.rules if r.scope == "key"]
         self.global_rules = [r for r in config.rules if r.scope == "global"]

@@ -202,6 +202,37 @@ def ownership_rows(args, sp, victim, rates) -> list[dict]:
     return rows
 
 
+def _pct(m) -> str:
+    return "-" if m is None else f"{100 * m['value']:.1f}% [{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]"
+
+
+def render(res: dict) -> str:
+    """The README tables of one result file."""
+    b, d = res["benign"], res["output_defense"]
+    lines = [f"{res['data']}, seed {res['seed']}, {res['budget']} queries per attacker",
+             "", "| attacker | keys | first flag (key query) by detector | fidelity at detection | fidelity at end |"
+             " fidelity with adaptive misinformation |", "|---|---|---|---|---|---|"]
+    for r in res["attackers"]:
+        am = d["attackers"].get(r["attacker"], {}).get("fidelity_with_am")
+        flags = ", ".join(f"{k}: {v}" for k, v in r["first_flag"].items()) or "never"
+        lines.append(f"| {r['attacker']} | {r['keys']} | {flags} | {_pct(r.get('fidelity_at_detection'))} | "
+                     f"{_pct(r['fidelity_end'])} | {_pct(am)} |")
+    lines += ["", "| detector | benign keys falsely flagged (all profiles) | natural | one class | bursts | repeats |"
+              " long-running |", "|---|---|---|---|---|---|---|"]
+    for name, row in b.items():
+        lines.append(f"| {name} | {_pct(row['all'])} | " + " | ".join(
+            _pct(row[p]) for p in ("natural", "one_class", "bursts", "repeats", "long_running")) + " |")
+    lines += ["", f"Adaptive misinformation (tau {d['tau']:.3f}): benign top-1 {_pct(d['benign_top1'])} -> "
+              f"{_pct(d['benign_top1_with_am'])}; a label-tier copycat (in distribution, no misinformation) reaches "
+              f"fidelity {_pct(d['label_tier_copycat_in_fidelity'])}.", "",
+              "| watermark rate | copy's queries | watermarked | copy matches | copy p-value | independent models' "
+              "p-values (min) | copy fidelity |", "|---|---|---|---|---|---|---|"]
+    for o in res["ownership"]:
+        lines.append(f"| {o['rate']:g} | {o['queries']} | {o['watermarked']} | {o['matches']} | {o['copy_p']:.3g} | "
+                     f"{min(o['independent_p'].values()):.3g} | {_pct(o['copy_fidelity'])} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="digits", choices=("digits", "mnist5k"))
@@ -209,10 +240,17 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=1000)
     ap.add_argument("--keys", type=int, default=10, help="benign keys per traffic profile")
     ap.add_argument("--wm-rate", type=float, default=0.005)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="result JSON")
+    ap.add_argument("--render", help="print the README tables of this result JSON and exit")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.render:
+        with open(args.render, encoding="utf-8") as fh:
+            print(render(json.load(fh)))  # noqa: T201 (the bench's output)
+        return
+    if not args.out:
+        ap.error("--out is required (or --render)")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     set_enabled(False)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safedl import registry
-from safedl.attacks.extraction.base import ExtractionOracle
 from safedl.defenses.ownership import ResponseWatermark, WatermarkedModel, verify_ownership
 from safedl.defenses.postprocess.adaptive_misinformation import AdaptiveMisinformation, misinformed
 from safedl.errors import ConfigError, UserError
@@ -27,22 +25,20 @@ def test_misinformation_keeps_confident_answers_and_reverses_unsure_ones():
         AdaptiveMisinformation().calibrate(torch.zeros(3), max_flip=0.01)
 
 
-def test_adaptive_misinformation_lowers_an_ood_copy_at_small_benign_cost(tiny_model, digits_splits):
+def test_adaptive_misinformation_changes_ood_answers_far_more_often_than_benign_ones(tiny_model, digits_splits):
+    """The mechanism, not a copy's fidelity (that is measured, on two seeds, by bench/measure_model_stealing.py):
+    with tau at the 0.5% confidence quantile of training images, few benign answers change and many more answers
+    to out-of-distribution queries do."""
     am = AdaptiveMisinformation().calibrate(_probs(tiny_model, digits_splits.train.x), max_flip=0.005)
     tx, ty = digits_splits.test.x, digits_splits.test.y
-    with torch.no_grad():
-        clean = (tiny_model(tx).argmax(1) == ty).float().mean()
-        defended = (am(tiny_model(tx)).argmax(1) == ty).float().mean()
-    assert clean - defended <= 0.02  # n = 360 test images: at most 7 answers changed
     pool = attacker_pool(digits_splits, "mnist5k")[:1000]
-    fid = {}
-    for name, post in (("plain", None), ("am", am)):
-        attack = registry.create("extraction", "copycat", pool="mnist5k", epochs=10, seed=0)
-        oracle = ExtractionOracle(tiny_model, budget=1000, output="scores", postprocess=post)
-        copy = attack.extract(oracle, pool, num_classes=10).surrogate
-        with torch.no_grad():
-            fid[name] = float((copy(tx).argmax(1) == tiny_model(tx).argmax(1)).float().mean())
-    assert fid["am"] < fid["plain"] - 0.05, fid
+    with torch.no_grad():
+        clean, defended = tiny_model(tx).argmax(1), am(tiny_model(tx)).argmax(1)
+        changed_ood = float((am(tiny_model(pool)).argmax(1) != tiny_model(pool).argmax(1)).float().mean())
+    changed_benign = float((clean != defended).float().mean())
+    assert changed_benign <= 0.02  # n = 360 test images
+    assert float((clean == ty).float().mean() - (defended == ty).float().mean()) <= 0.02
+    assert changed_ood > 3 * max(changed_benign, 1 / len(tx)), (changed_ood, changed_benign)
 
 
 def test_watermark_is_keyed_deterministic_rare_and_always_a_wrong_label(tiny_model, digits_splits):

@@ -166,7 +166,8 @@ def monitor_settings() -> dict:
     from safedl.serve.monitor.config import DEFAULT_RULES
 
     return {**yaml.safe_load(DEFAULT_RULES.read_text()), "calibration": None,
-            "detectors": {"stateful": {"threshold": 1.0}, "prada": {"delta": 0.9}}, "sinks": {"log": True}}
+            "detectors": {"stateful": {"threshold": 1.0}, "prada": {"delta": 0.9}, "copycat": {"enabled": False},
+                          "sybil": {"enabled": False}}, "sinks": {"log": True}}
 
 
 def test_every_metric_in_the_rules_and_dashboards_is_exported_by_the_service(served_metrics):

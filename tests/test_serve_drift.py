@@ -17,7 +17,8 @@ from safedl.serve.audit import AuditStore  # noqa: E402
 from safedl.serve.keys import KeyStore  # noqa: E402
 from safedl.serve.monitor import DEFAULT_RULES, load_monitor_config  # noqa: E402
 
-OFF = {"stateful": {"enabled": False}, "prada": {"enabled": False}, "volume": {"enabled": False}}
+OFF = {"stateful": {"enabled": False}, "prada": {"enabled": False}, "volume": {"enabled": False},
+       "copycat": {"enabled": False}, "sybil": {"enabled": False}}
 WINDOW = 60
 
 

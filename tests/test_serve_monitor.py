@@ -185,7 +185,8 @@ def test_near_duplicate_stream_is_flagged_and_alerted_once_benign_stream_is_not(
     _attack(m, digits_splits, 150)
     s = m.summary()
     keys = {k["name"]: k for k in s["keys"]}
-    assert keys["benign"]["flags"] == {"stateful": None, "prada": None, "volume": None}
+    assert keys["benign"]["flags"] == {"stateful": None, "prada": None, "volume": None, "copycat": None,
+                                        "sybil": None}
     first = keys["attacker"]["flags"]["stateful"]
     assert first is not None and 50 < first <= 60  # k = 50 neighbours needed before the first judgement
     alerts = m.alerts()
@@ -393,7 +394,8 @@ def test_scenario_square_and_copycat_keys_are_flagged_and_alerted_the_benign_key
             metrics = http.get("/metrics", headers=ops).text
     k = {r["name"]: r for r in s["keys"]}
     assert set(benign_status) == {200} and k["benign"]["queries"] == len(benign_x)
-    assert k["benign"]["flags"] == {"stateful": None, "prada": None, "volume": None}
+    assert k["benign"]["flags"] == {"stateful": None, "prada": None, "volume": None, "copycat": None,
+                                        "sybil": None}
     assert k["square"]["flags"]["stateful"] <= 60 and k["square"]["tier"] == "label"  # labels_only after the alert
     assert stolen.log.x.shape[0] == 600
     conn = sqlite3.connect(tmp_path / "audit.db")

@@ -412,6 +412,10 @@ from safedl.serve.review.cli import review_app  # noqa: E402
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(review_app, name="review")
 
+from safedl.deploy.ownership_cli import ownership_app  # noqa: E402
+
+app.add_typer(ownership_app, name="ownership")
+
 
 def main() -> None:  # pragma: no cover
     app()

@@ -16,6 +16,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from safedl.defenses.postprocess.adaptive_misinformation import DEFAULT_NU as MISINFORMATION_NU, misinformed
 from safedl.deploy.detector_guard import DetectorUnavailable
 from safedl.serve.audit import AuditUnavailable
 from safedl.serve.decode import Decoded, InputError, items_from_json, raw_content_type_ok
@@ -83,14 +84,20 @@ def _results(svc: Service, d: dict, decoded: Decoded, tier: str) -> tuple[list[d
     labels, rejected = d["labels"].tolist(), d["rejected"].tolist()
     conf = d["probs"].max(1).values.tolist()
     scores = {k: v.tolist() for k, v in d["detector_scores"].items()}
-    shown = harden(d["probs"], tier=tier, decimals=svc.config.round_decimals, k=svc.config.top_k)
+    probs, served = d["probs"], labels
+    tau = None if svc.monitor is None else svc.monitor.misinformation_tau
+    if tau is not None and tier != "label":  # adaptive misinformation: score keys only; the label is the scores'
+        probs = misinformed(probs, tau=tau, nu=MISINFORMATION_NU)
+        served = probs.argmax(1).tolist()
+    shown = harden(probs, tier=tier, decimals=svc.config.round_decimals, k=svc.config.top_k)
     names = svc.class_names
     failed = sorted(d.get("detector_failures") or {})  # fail_open: answered without them, audited as an error
     error = f"detector_failed:{','.join(failed)}" if failed else None
     out, audit = [], []
     for i, lab in enumerate(labels):
         img_scores = {k: float(v[i]) for k, v in scores.items()}
-        r = {"index": i, "label": None if rejected[i] else lab, "class_name": None if rejected[i] else names[lab],
+        r = {"index": i, "label": None if rejected[i] else served[i],
+             "class_name": None if rejected[i] else names[served[i]],
              "rejected": bool(rejected[i]), "reason": d["reasons"][i], "probabilities": None, "top_k": None,
              "detector_scores": None, "input_sha256": decoded.sha256[i]}
         if not rejected[i]:

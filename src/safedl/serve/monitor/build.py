@@ -63,10 +63,35 @@ def build_detectors(config: MonitorConfig, *, num_classes: int, bundle_version: 
         out["prada"] = PRADA(delta=delta, min_queries=d.prada.min_queries, window=d.prada.window,
                              max_growing=d.prada.max_growing, num_classes=max(1, num_classes),
                              max_keys=config.max_keys)  # classes: the labels the service answered
+    out.update(_ood_detectors(config, calib))
     if d.volume.enabled:
         out["volume"] = VolumeAnomaly(bucket_s=d.volume.bucket_s, baseline_buckets=d.volume.baseline_buckets,
                                       sigma=d.volume.sigma, warmup_buckets=d.volume.warmup_buckets,
                                       prior_rate=d.volume.prior_rate, max_keys=config.max_keys)
+    return out
+
+
+def _ood_detectors(config: MonitorConfig, calib: dict | None) -> dict[str, Any]:
+    """The copycat and Sybil detectors, sharing the pixel subspace the calibration file measured."""
+    from safedl.defenses.query import CopycatDetector, PixelSubspace, SybilDetector
+
+    c, s = config.detectors.copycat, config.detectors.sybil
+    if not (c.enabled or s.enabled):
+        return {}
+    rec = None if calib is None else calib.get("copycat")
+    if rec is None:
+        raise UserError("monitor config: detectors.copycat / detectors.sybil need the pixel subspace of a calibration "
+                        "file made by this version; run `safedl monitor calibrate BUNDLE --out calibration.json` and "
+                        "set `calibration:` (or set detectors.copycat.enabled and detectors.sybil.enabled to false)")
+    sub, q = PixelSubspace.from_record(rec), float(rec["quantile"])
+    out: dict[str, Any] = {}
+    if c.enabled:
+        out["copycat"] = CopycatDetector(subspace=sub, quantile=q, null_rate=c.null_rate, alpha=c.alpha,
+                                         min_queries=c.min_queries, window=c.window, max_keys=config.max_keys)
+    if s.enabled:
+        out["sybil"] = SybilDetector(subspace=sub, quantile=q, null_rate=s.null_rate, alpha=s.alpha,
+                                     key_alpha=s.key_alpha, min_queries=s.min_queries, window=s.window,
+                                     global_window=s.global_window, max_keys=config.max_keys)
     return out
 
 
@@ -77,6 +102,8 @@ def build_monitor(config: MonitorConfig, *, keys: KeyStore, audit_path: Any, reg
     if config.detectors.stateful.enabled and config.detectors.stateful.history_store == "database":
         shared = DatabaseHistory(history_location(audit_path))
     detectors = build_detectors(config, num_classes=num_classes, bundle_version=bundle_version(), shared=shared)
+    calib = load_calibration(config.calibration) if config.calibration is not None else None
+    mis = (calib or {}).get("misinformation") if config.misinformation else None
     metrics = MonitorMetrics(registry)
     drift = DriftMonitor(config.drift, metrics=DriftMetrics(registry)) if config.drift.enabled and bundle else None
     log.info("monitor: detectors %s, %d rules", {n: getattr(d, "threshold_", None) or getattr(d, "delta_", None)
@@ -84,4 +111,5 @@ def build_monitor(config: MonitorConfig, *, keys: KeyStore, audit_path: Any, reg
              extra={"event": "monitor_start"})
     return SecurityMonitor(config=config, detectors=detectors, alerts=AlertStore(audit_path), actions=KeyActions(keys),
                            metrics=metrics, notifier=Notifier(config.sinks, count=metrics.count_notification),
-                           bundle_version=bundle_version, drift=drift, bundle=bundle, history=shared)
+                           bundle_version=bundle_version, drift=drift, bundle=bundle, history=shared,
+                           misinformation_tau=None if mis is None else float(mis["tau"]))

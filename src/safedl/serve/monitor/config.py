@@ -16,8 +16,8 @@ from safedl.errors import UserError
 DEFAULT_RULES = Path(__file__).with_name("default.yml")
 #: metrics a rule may watch, computed over its window (per key or over all keys)
 METRICS = ("requests", "queries", "rejected", "rejection_rate", "detected", "detection_rate", "flags",
-           "stateful_flags", "prada_flags", "volume_flags", "anomalous", "anomaly_rate", "input_drift_p",
-           "prediction_drift_p")
+           "stateful_flags", "prada_flags", "volume_flags", "anomalous", "anomaly_rate", "copycat_flags",
+           "sybil_flags", "input_drift_p", "prediction_drift_p")
 #: metrics that are the p-value of the scope's latest drift test (``drift:``), not sums over the rule's window
 DRIFT_METRICS = {"input_drift_p": "input", "prediction_drift_p": "prediction"}
 RATES = {"rejection_rate": "rejected", "detection_rate": "detected", "anomaly_rate": "anomalous"}
@@ -55,6 +55,8 @@ class Rule(_Strict):
     comparison: Literal[">", ">=", "<", "<="] = ">="
     threshold: float
     for_s: float = Field(0.0, ge=0, description="the condition must hold this long before the alert fires")
+    clear_s: float = Field(0.0, ge=0, le=86_400, description="hysteresis: the condition must stay false this long "
+                           "before a firing alert resolves (one continuous attack with quiet spells is one alert)")
     severity: Literal[SEVERITIES] = "warning"  # type: ignore[valid-type]
     bands: Optional[dict[Literal[BANDS], float]] = Field(  # type: ignore[valid-type]
         None, description="severity graded from the value: the value at which each of low/medium/high/critical "
@@ -130,10 +132,35 @@ class VolumeConfig(_Strict):
     prior_rate: Optional[float] = Field(None, gt=0, description="queries per bucket expected of a new key")
 
 
+class CopycatConfig(_Strict):
+    """The per-key copycat detector (out-of-distribution share); its pixel subspace comes from the calibration."""
+
+    enabled: bool = True
+    null_rate: Optional[float] = Field(None, gt=0, lt=1, description="benign OOD share tolerated (default 2x the "
+                                                                      "calibrated per-query rate)")
+    alpha: float = Field(1e-4, gt=0, lt=1)
+    min_queries: int = Field(50, ge=1)
+    window: int = Field(1000, ge=1)
+
+
+class SybilConfig(_Strict):
+    """The cross-key detector: keys with weak evidence (``key_alpha``) pooled, the pool tested at ``alpha``."""
+
+    enabled: bool = True
+    null_rate: Optional[float] = Field(None, gt=0, lt=1)
+    alpha: float = Field(1e-4, gt=0, lt=1)
+    key_alpha: float = Field(1e-2, gt=0, lt=1)
+    min_queries: int = Field(30, ge=1)
+    window: int = Field(1000, ge=1)
+    global_window: int = Field(2000, ge=1)
+
+
 class Detectors(_Strict):
     stateful: StatefulConfig = StatefulConfig()
     prada: PradaConfig = PradaConfig()
     volume: VolumeConfig = VolumeConfig()
+    copycat: CopycatConfig = CopycatConfig()
+    sybil: SybilConfig = SybilConfig()
 
 
 class _Delivery(_Strict):
@@ -260,6 +287,8 @@ class MonitorConfig(_Strict):
     routing: Routing = Routing()
     drift: Drift = Drift()
     max_keys: int = Field(10_000, ge=1)
+    misinformation: bool = Field(True, description="adaptive misinformation (Kariyappa & Qureshi 2020) on the scores "
+                                 "of every key that receives scores, at the calibration file's confidence threshold")
     queue_size: int = Field(10_000, ge=1, description="predict batches waiting for the monitor worker, at most")
     queue_mb: float = Field(256.0, gt=0, description="... and at most this many MB of their pixels")
     series_bucket_s: int = Field(60, ge=1, le=3600)

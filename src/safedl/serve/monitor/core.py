@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("safedl.serve.monitor")
 _STOP = object()
-DETECTORS = ("stateful", "prada", "volume")
+DETECTORS = ("stateful", "prada", "volume", "copycat", "sybil")
 TOP_KEYS = 20
 
 
@@ -80,10 +80,12 @@ class SecurityMonitor:
     def __init__(self, *, config: MonitorConfig, detectors: dict[str, Any], alerts: AlertStore, actions: KeyActions,
                  metrics: MonitorMetrics, notifier: Notifier, bundle_version: Callable[[], str],
                  clock: Callable[[], float] = time.time, drift: DriftMonitor | None = None,
-                 bundle: Callable[[], Any] | None = None, history: Any = None):
+                 bundle: Callable[[], Any] | None = None, history: Any = None,
+                 misinformation_tau: float | None = None):
         self.config, self.detectors, self.alerts, self.actions = config, detectors, alerts, actions
         self.drift, self.bundle = drift, bundle
         self.history = history  # the detectors' shared history (serve/stores/history.py), closed with the monitor
+        self.misinformation_tau = misinformation_tau  # answers of score-tier keys below it turn to misinformation
         self.metrics, self.notifier, self.bundle_version, self.clock = metrics, notifier, bundle_version, clock
         self.key_rules = [r for r in config.rules if r.scope == "key"]
         self.global_rules = [r for r in config.rules if r.scope == "global"]
@@ -93,6 +95,7 @@ class SecurityMonitor:
         self._keys: OrderedDict[str, _Key] = OrderedDict()
         self._firing: dict[tuple[str, str | None], dict] = {}
         self._pending: dict[tuple[str, str | None], float] = {}
+        self._clearing: dict[tuple[str, str | None], float] = {}  # firing alerts whose condition stopped (clear_s)
         self._dirty: set[tuple[str, str | None]] = set()
         self._series: OrderedDict[int, list[int]] = OrderedDict()
         self._gallery: deque[dict] = deque(maxlen=config.gallery_size)
@@ -207,7 +210,8 @@ class SecurityMonitor:
         flagged = [d for d, v in verdicts.items() if v.flagged]
         anomalous = max((v.n_flagged for v in verdicts.values()), default=0)
         per = {d: int(d in flagged) for d in DETECTORS}
-        vec = (1, n, nrej, ndet, int(bool(flagged)), per["stateful"], per["prada"], per["volume"], anomalous)
+        vec = (1, n, nrej, ndet, int(bool(flagged)), per["stateful"], per["prada"], per["volume"], anomalous,
+               per["copycat"], per["sybil"])
         gvec = vec[:7] + (int(glob is not None and glob.flagged),) + vec[8:]
         now = self.clock()
         with self._lock:
@@ -257,7 +261,7 @@ class SecurityMonitor:
             ks.first_flag_at = ts if ks.first_flag_at is None else min(ks.first_flag_at, ts)
             self.metrics.flags.labels(det).inc()
             self.metrics.ttd.labels(det).observe(ks.flags[det])
-            if det == "prada":
+            if det in ("prada", "copycat", "sybil"):
                 self.metrics.extraction.inc()
             log.warning("key %s (%s) flagged by %s at query %d", ks.name, key_id, det, ks.flags[det],
                         extra={"event": "key_flagged", "key_id": key_id, "detector": det, "query": ks.flags[det]})
@@ -301,6 +305,8 @@ class SecurityMonitor:
         holds = value is not None and COMPARISONS[rule.comparison](value, float(rule.threshold))
         ident = (rule.name, key_id)
         alert = self._firing.get(ident)
+        if holds:
+            self._clearing.pop(ident, None)
         if holds and alert is not None:
             if event:
                 alert["events"] += 1
@@ -314,7 +320,8 @@ class SecurityMonitor:
                 self._fire(rule, key_id, value, now)
         else:
             self._pending.pop(ident, None)
-            if alert is not None:
+            if alert is not None and now - self._clearing.setdefault(ident, now) >= rule.clear_s:
+                self._clearing.pop(ident, None)
                 self._resolve(rule, ident, alert, now)
 
     def _fire(self, rule: Rule, key_id: str | None, value: float, now: float) -> None:
@@ -391,6 +398,7 @@ class SecurityMonitor:
                     ident = (rule.name, key_id)
                     if ks is None:  # forgotten (max_keys): its windows are gone
                         self._pending.pop(ident, None)
+                        self._clearing.pop(ident, None)
                         if ident in self._firing:
                             self._resolve(rule, ident, self._firing[ident], now)
                     elif ident in self._firing or ident in self._pending:

@@ -8,7 +8,7 @@ from collections import deque
 
 #: what each predict request adds to its scopes' windows
 FIELDS = ("requests", "queries", "rejected", "detected", "flags", "stateful_flags", "prada_flags", "volume_flags",
-          "anomalous")
+          "anomalous", "copycat_flags", "sybil_flags")
 
 
 class Windows:

@@ -115,7 +115,7 @@ DETECTORS = ("spectral_signatures", "activation_clustering")
 #: trusted data), neural_cleanse (repair: reversed triggers, anomaly index in both spaces, unlearning), strip
 #: (detector on triggered test inputs), fine_pruning (repair; the default next to prune-only and a gentler
 #: fine-tuning). The repairs and STRIP use the first trusted setting (skipped when it is ``none``).
-EXTRAS = ("data_cleaning", "neural_cleanse", "strip", "fine_pruning")
+EXTRAS = ("data_cleaning", "neural_cleanse", "strip", "fine_pruning", "isolate_cross_fit")
 FINE_PRUNING_VARIANTS = {"default": {}, "prune_only": {"epochs": 0}, "epochs5_lr5e-4": {"epochs": 5, "lr": 5e-4}}
 TRUSTED = ("val", "small", "none")
 SMALL_TRUSTED = 100
@@ -165,12 +165,12 @@ SETUPS = {
 }
 
 
-def train(s: Splits, data: Dataset, seed: int, data_name: str) -> torch.nn.Module:
+def train(s: Splits, data: Dataset, seed: int, data_name: str, **kw: Any) -> torch.nn.Module:
     arch, recipe = SETUPS[data_name]
     seed_everything(seed)
     m = with_normalization(build_model(arch, in_channels=data.shape[0], num_classes=data.num_classes,
                                        image_size=data.shape[1]), s.mean, s.std)
-    train_model(m, data, recipe=recipe, seed=seed)
+    train_model(m, data, recipe=recipe, seed=seed, **kw)
     return m.eval()
 
 
@@ -256,6 +256,24 @@ def fine_pruning_rows(cell: Cell, model, trusted: Dataset, test: Dataset, xt, wa
     return out
 
 
+def untrusted_row(cell: Cell, s: Splits, p: PoisonedDataset, xt, want) -> dict[str, Any]:
+    """isolate_cross_fit with NO trusted data (its own seeded trainings), then retrained on what it keeps; its time
+    next to one baseline training's."""
+    t0 = time.perf_counter()
+    train(s, p, cell.seed, cell.data)
+    t_base = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = registry.create("cleanser", "isolate_cross_fit", seed=cell.seed).find_poison(
+        p, train_fn=lambda d, **kw: train(s, d, cell.seed, cell.data, **kw))
+    t_det = time.perf_counter() - t0
+    f, t = res.is_suspect.bool(), p.is_poison.bool()
+    m2 = train(s, p.subset(res.keep), cell.seed, cell.data)
+    return {"tpr": proportion(int((f & t).sum()), int(t.sum())), "fpr": proportion(int((f & ~t).sum()), int((~t).sum())),
+            "flagged": int(f.sum()), "poisoned_classes": res.info["poisoned_classes"], "asr_after": asr(m2, xt, want),
+            "clean_accuracy_after": accuracy(m2, s.test), "time_vs_baseline": round(t_det / max(t_base, 1e-9), 2),
+            "per_class": res.info["per_class"]}
+
+
 def extra_rows(cell: Cell, extras: list[str], *, s: Splits, p: PoisonedDataset, m, trusted: Dataset | None, xt,
                want) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -267,6 +285,8 @@ def extra_rows(cell: Cell, extras: list[str], *, s: Splits, p: PoisonedDataset, 
             f, t = res.is_suspect.bool(), p.is_poison.bool()
             row = {"tpr": proportion(int((f & t).sum()), int(t.sum())),
                    "fpr": proportion(int((f & ~t).sum()), int((~t).sum()))}
+        elif name == "isolate_cross_fit":
+            row = untrusted_row(cell, s, p, xt, want)
         elif trusted is None:
             continue
         else:
@@ -350,6 +370,10 @@ def clean_row(data_name: str, seed: int) -> dict[str, Any]:
         res = registry.create("cleanser", name).find_poison(s.train, model=m, trusted=s.val)
         row["detectors"][name] = {"fpr": proportion(int(res.is_suspect.sum()), len(s.train)),
                                   "poisoned_classes": res.info.get("poisoned_classes")}
+    icf = registry.create("cleanser", "isolate_cross_fit", seed=seed).find_poison(
+        s.train, train_fn=lambda d, **kw: train(s, d, seed, data_name, **kw))
+    row["detectors"]["isolate_cross_fit"] = {"fpr": proportion(int(icf.is_suspect.sum()), len(s.train)),
+                                             "poisoned_classes": icf.info["poisoned_classes"]}
     nc = registry.create("repair", "neural_cleanse", unlearn_epochs=0)
     nc.repair(m, clean=s.val, seed=seed)
     r, thr = nc.report_, nc.anomaly_threshold
@@ -374,7 +398,8 @@ def summary_line(row: dict[str, Any]) -> str:
     if row.get("clean_model"):
         nc = row["neural_cleanse"]
         return (f"{row['data']} s{row['seed']} CLEAN model: SS flags {_p(row['detectors']['spectral_signatures']['fpr'])}"
-                f" AC {_p(row['detectors']['activation_clustering']['fpr'])}; NC flags log {nc['log_l1']['flagged']}"
+                f" AC {_p(row['detectors']['activation_clustering']['fpr'])}"
+                f" ICF {_p(row['detectors'].get('isolate_cross_fit', {}).get('fpr'), True)}; NC flags log {nc['log_l1']['flagged']}"
                 f" L1 {nc['l1']['flagged']}")
     where = (f"{row['data']} s{row['seed']} {row['trigger']} {row['rate']:.0%} "
              f"{'a2a' if row['mapping'] == 'all_to_all' else 't' + str(row['target'])}"
@@ -405,6 +430,10 @@ def summary_line(row: dict[str, Any]) -> str:
         fp = ex["fine_pruning"]
         parts.append("FP " + " ".join(f"{k} ASR->{_p(fp[k]['asr_after'])} acc {_p(fp[k]['clean_accuracy_after'])}"
                                       for k in FINE_PRUNING_VARIANTS if k in fp))
+    if "isolate_cross_fit" in ex:
+        u = ex["isolate_cross_fit"]
+        parts.append(f"ICF(no trusted) TPR {_p(u['tpr'], True)} (n={u['tpr']['n']}) FPR {_p(u['fpr'])} "
+                     f"ASR->{_p(u['asr_after'])} acc {_p(u['clean_accuracy_after'])} x{u['time_vs_baseline']}")
     if "data_cleaning" in ex:
         parts.append(f"DC TPR {_p(ex['data_cleaning']['tpr'])} FPR {_p(ex['data_cleaning']['fpr'])}")
     return " | ".join(parts)

@@ -41,9 +41,21 @@ Run (torch single-threaded, CPU; one JSON line per cell on stdout, and to ``--ou
         --triggers checkerboard random_patch --mappings all_to_one --poison-before-split
 
 Beside them (``--extra``): data_cleaning, neural_cleanse (both anomaly indices), strip, fine_pruning (the default,
-prune-only, 5 epochs at 5e-4). ``--clean``: false alarms on a clean model. ``--summarize FILE``: one line a cell.
+prune-only, 5 epochs at 5e-4), isolate_cross_fit (issue 27: NO trusted data under any ``--trusted`` setting; its own
+seeded trainings with the cell's recipe, then retrained on what it keeps; ``time_vs_baseline`` = its run time over
+one baseline training of the cell). ``--clean``: false alarms on a clean model. ``--summarize FILE``: one line a cell.
 Measured cells (JSON lines): bench/results/poison_generalization.jsonl; the known-weak table
 (cleanse/_common.FEATURE_SPACE_KNOWN_WEAK) is tied to it by tests/test_poison_generalization.py.
+
+Untrusted column (issue 27; defaults of isolate_cross_fit chosen on digits seed 0, measured on seeds 1-2; 2 shared
+cores, so digits/tiny_cnn only, one mnist5k cell): bench/results/poison_generalization_untrusted.jsonl, table in the
+README ("Poison without trusted data"), from
+
+    nice -n 10 .venv/bin/python bench/measure_poison_generalization.py --data digits --seeds 1 2 \
+        --triggers checkerboard single_pixel blended_noise random_patch --rates 0.1 --mappings all_to_one \
+        --trusted val none --extra isolate_cross_fit --out bench/results/poison_generalization_untrusted.jsonl
+    (the same with --seeds 1 --triggers checkerboard blended_noise --poison-before-split; --mappings all_to_all;
+    --rates 0.05 0.2; and --clean --data digits --seeds 1 2)
 
 Measured (mnist5k, small_cnn, all-to-one to class 3 unless said; TPR n = poisons, FPR n = clean training samples;
 best of SS/AC with the validation split trusted, retrained; ASR on 900 triggered test images):

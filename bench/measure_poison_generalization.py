@@ -116,6 +116,7 @@ import torch
 from safedl import registry
 from safedl.data import load_builtin, stratified_split
 from safedl.data.dataset import Dataset, PoisonedDataset, Splits
+from safedl.evaluate.cleanse_safeguard import per_class_accuracy, whole_mode_classes
 from safedl.models import TrainRecipe, build_model, train_model, with_normalization
 from safedl.utils.stats import proportion
 from safedl.utils.tensors import predict, seed_everything
@@ -268,7 +269,7 @@ def fine_pruning_rows(cell: Cell, model, trusted: Dataset, test: Dataset, xt, wa
     return out
 
 
-def untrusted_row(cell: Cell, s: Splits, p: PoisonedDataset, xt, want) -> dict[str, Any]:
+def untrusted_row(cell: Cell, s: Splits, p: PoisonedDataset, xt, want, m) -> dict[str, Any]:
     """isolate_cross_fit with NO trusted data (its own seeded trainings), then retrained on what it keeps; its time
     next to one baseline training's."""
     t0 = time.perf_counter()
@@ -283,7 +284,9 @@ def untrusted_row(cell: Cell, s: Splits, p: PoisonedDataset, xt, want) -> dict[s
     return {"tpr": proportion(int((f & t).sum()), int(t.sum())), "fpr": proportion(int((f & ~t).sum()), int((~t).sum())),
             "flagged": int(f.sum()), "poisoned_classes": res.info["poisoned_classes"], "asr_after": asr(m2, xt, want),
             "clean_accuracy_after": accuracy(m2, s.test), "time_vs_baseline": round(t_det / max(t_base, 1e-9), 2),
-            "per_class": res.info["per_class"]}
+            "per_class": res.info["per_class"],
+            "whole_mode": whole_mode_classes(flagged=res.is_suspect, labels=p.y, acc_before=per_class_accuracy(
+                m, s.test), acc_after=per_class_accuracy(m2, s.test))}
 
 
 def extra_rows(cell: Cell, extras: list[str], *, s: Splits, p: PoisonedDataset, m, trusted: Dataset | None, xt,
@@ -298,7 +301,7 @@ def extra_rows(cell: Cell, extras: list[str], *, s: Splits, p: PoisonedDataset, 
             row = {"tpr": proportion(int((f & t).sum()), int(t.sum())),
                    "fpr": proportion(int((f & ~t).sum()), int((~t).sum()))}
         elif name == "isolate_cross_fit":
-            row = untrusted_row(cell, s, p, xt, want)
+            row = untrusted_row(cell, s, p, xt, want, m)
         elif trusted is None:
             continue
         else:
@@ -445,7 +448,8 @@ def summary_line(row: dict[str, Any]) -> str:
     if "isolate_cross_fit" in ex:
         u = ex["isolate_cross_fit"]
         parts.append(f"ICF(no trusted) TPR {_p(u['tpr'], True)} (n={u['tpr']['n']}) FPR {_p(u['fpr'])} "
-                     f"ASR->{_p(u['asr_after'])} acc {_p(u['clean_accuracy_after'])} x{u['time_vs_baseline']}")
+                     f"ASR->{_p(u['asr_after'])} acc {_p(u['clean_accuracy_after'])} x{u['time_vs_baseline']}"
+                     + (f" WHOLE-MODE {[d['class'] for d in u['whole_mode']]}" if u.get("whole_mode") else ""))
     if "data_cleaning" in ex:
         parts.append(f"DC TPR {_p(ex['data_cleaning']['tpr'])} FPR {_p(ex['data_cleaning']['fpr'])}")
     return " | ".join(parts)

@@ -22,7 +22,7 @@ def test_removing_poison_that_keeps_held_out_accuracy_is_not_reported():
     flagged[10:16] = True  # half of the class, but its held-out accuracy stays: the flagged part was poison
     assert whole_mode_classes(flagged=flagged, labels=LABELS, acc_before=[0.98, 0.95], acc_after=[0.97, 0.93]) == []
     few = torch.zeros(20, dtype=torch.bool)
-    few[10] = True  # one sample cannot be a mode, whatever the accuracy did
+    few[10] = True  # one sample in ten (under 15%) is not a mode, whatever the accuracy did
     assert whole_mode_classes(flagged=few, labels=LABELS, acc_before=[0.98, 0.95], acc_after=[0.97, 0.30]) == []
 
 

@@ -5,7 +5,9 @@ sub-population) for poison. Removing such a mode costs that class most of its cl
 per class this compares the held-out accuracy of the model trained on all the data with that of the model retrained
 on the kept data: a class that lost ``min_flag_share`` or more of its training samples and kept less than
 ``max_kept_accuracy`` of its held-out accuracy is reported (the flagged samples were likely clean and the retrained
-model is no fix).
+model is no fix). Measured case: digits seed 2, 10% single-pixel backdoor, isolate_cross_fit with no trusted
+data flagged 28 of the 109 training samples of the clean class 1 (26%) and none of the poison
+(bench/results/poison_generalization_untrusted.jsonl).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def per_class_accuracy(model: nn.Module, data: Dataset, *, device: str | torch.d
 
 
 def whole_mode_classes(*, flagged: torch.Tensor, labels: torch.Tensor, acc_before: list[float | None],
-                       acc_after: list[float | None], min_flag_share: float = 0.3,
+                       acc_after: list[float | None], min_flag_share: float = 0.15,
                        max_kept_accuracy: float = 0.5) -> list[dict]:
     """Classes where the flagged samples look like a whole mode: at least ``min_flag_share`` of the class flagged
     and held-out accuracy after removal below ``max_kept_accuracy`` x before."""

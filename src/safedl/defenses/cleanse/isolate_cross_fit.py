@@ -107,7 +107,17 @@ class IsolateCrossFit:
     inputs: ClassVar[frozenset[str]] = frozenset({"train_fn"})
     trusted_data: ClassVar[str] = "unused"
     trusted_role: ClassVar[str] = "not used: no trusted data and no known poison rate"
-    known_weak: ClassVar[dict[str, str]] = {}
+    known_weak: ClassVar[dict[str, str]] = {
+        "any": "a trigger learned as fast as clean content (a checkerboard patch) is not isolated by high early loss, "
+               "the cross-fitted models learn it from the remaining poison and nothing is found: digits 10% "
+               "checkerboard to class 3, seeds 1 and 2, and before the split: TPR 0.000 (n=126; ASR left 0.99-1.00); "
+               "blended noise 10%: TPR 0.865 / 0.492 (seeds 1 / 2, n=126), 0.832 before the split (n=125); "
+               "(bench/measure_poison_generalization.py --extra isolate_cross_fit, "
+               "bench/results/poison_generalization_untrusted.jsonl)",
+        "trigger:single_pixel": "digits 10% single pixel to class 3: seed 1 TPR 0.643 (n=126); seed 2 TPR 0.000 and a "
+                                "clean mode of class 1 flagged instead (28 of 109 samples, FPR 0.025, clean accuracy "
+                                "0.939 -> 0.903; bench/results/poison_generalization_untrusted.jsonl)",
+    }
 
     def __init__(self, *, isolation_epochs: int = 100, isolation_fit: float = 0.8, isolation_fraction: float = 0.2,
                  loss_direction: str = "high",

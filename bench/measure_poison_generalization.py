@@ -472,7 +472,8 @@ def done_keys(path: str | None) -> set[tuple]:
     if not path or not os.path.exists(path):
         return set()
     with open(path) as fh:
-        return {cell_key(json.loads(line)) for line in fh if line.strip()}
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return {cell_key(r) for r in rows if not r.get("clean_model")}  # clean-model rows (--clean) are not cells
 
 
 def main() -> None:

@@ -72,7 +72,8 @@ class TrustedDataSpec(_Strict):
     """The trusted clean set poisoning defenses rely on (an assumption: say where it comes from).
 
     ``validation`` (default): the validation split, clean in the simulation because only the training split is
-    poisoned (a real user's data may be poisoned before splitting); ``path``: an ``.npz`` file of images the user
+    poisoned (a real user's data may be poisoned before splitting: with ``threat_model.poison_stage: before_split``
+    the default is ``none`` and ``validation`` is refused); ``path``: an ``.npz`` file of images the user
     vouches for; ``none``: no trusted data (defenses that need it are refused at validation). ``size`` keeps only the
     first ``size`` images (e.g. 100: a small hand-checked set)."""
 

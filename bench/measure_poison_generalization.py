@@ -54,8 +54,9 @@ README ("Poison without trusted data"), from
     nice -n 10 .venv/bin/python bench/measure_poison_generalization.py --data digits --seeds 1 2 \
         --triggers checkerboard single_pixel blended_noise random_patch --rates 0.1 --mappings all_to_one \
         --trusted val none --extra isolate_cross_fit --out bench/results/poison_generalization_untrusted.jsonl
-    (the same with --seeds 1 --triggers checkerboard blended_noise --poison-before-split; --mappings all_to_all;
-    --rates 0.05 0.2; and --clean --data digits --seeds 1 2)
+    (and --seeds 1 --poison-before-split; --seeds 1 --triggers checkerboard blended_noise --mappings all_to_all;
+    --seeds 1 2 --triggers blended_noise --rates 0.05 0.2; --seeds 1 --triggers checkerboard --rates 0.01 0.05 0.2;
+    --clean --data digits --seeds 1 2)
 
 Measured (mnist5k, small_cnn, all-to-one to class 3 unless said; TPR n = poisons, FPR n = clean training samples;
 best of SS/AC with the validation split trusted, retrained; ASR on 900 triggered test images):

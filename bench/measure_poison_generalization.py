@@ -41,9 +41,22 @@ Run (torch single-threaded, CPU; one JSON line per cell on stdout, and to ``--ou
         --triggers checkerboard random_patch --mappings all_to_one --poison-before-split
 
 Beside them (``--extra``): data_cleaning, neural_cleanse (both anomaly indices), strip, fine_pruning (the default,
-prune-only, 5 epochs at 5e-4). ``--clean``: false alarms on a clean model. ``--summarize FILE``: one line a cell.
+prune-only, 5 epochs at 5e-4), isolate_cross_fit (issue 27: NO trusted data under any ``--trusted`` setting; its own
+seeded trainings with the cell's recipe, then retrained on what it keeps; ``time_vs_baseline`` = its run time over
+one baseline training of the cell). ``--clean``: false alarms on a clean model. ``--summarize FILE``: one line a cell.
 Measured cells (JSON lines): bench/results/poison_generalization.jsonl; the known-weak table
 (cleanse/_common.FEATURE_SPACE_KNOWN_WEAK) is tied to it by tests/test_poison_generalization.py.
+
+Untrusted column (issue 27; defaults of isolate_cross_fit chosen on digits seed 0, measured on seeds 1-2; 2 shared
+cores, so digits/tiny_cnn only, one mnist5k cell): bench/results/poison_generalization_untrusted.jsonl, table in the
+README ("Poison without trusted data"), from
+
+    nice -n 10 .venv/bin/python bench/measure_poison_generalization.py --data digits --seeds 1 2 \
+        --triggers checkerboard single_pixel blended_noise random_patch --rates 0.1 --mappings all_to_one \
+        --trusted val none --extra isolate_cross_fit --out bench/results/poison_generalization_untrusted.jsonl
+    (and --seeds 1 --poison-before-split; --seeds 1 --triggers checkerboard blended_noise --mappings all_to_all;
+    --seeds 1 2 --triggers blended_noise --rates 0.05 0.2; --seeds 1 --triggers checkerboard --rates 0.01 0.05 0.2;
+    --clean --data digits --seeds 1 2)
 
 Measured (mnist5k, small_cnn, all-to-one to class 3 unless said; TPR n = poisons, FPR n = clean training samples;
 best of SS/AC with the validation split trusted, retrained; ASR on 900 triggered test images):
@@ -104,6 +117,7 @@ import torch
 from safedl import registry
 from safedl.data import load_builtin, stratified_split
 from safedl.data.dataset import Dataset, PoisonedDataset, Splits
+from safedl.evaluate.cleanse_safeguard import per_class_accuracy, whole_mode_classes
 from safedl.models import TrainRecipe, build_model, train_model, with_normalization
 from safedl.utils.stats import proportion
 from safedl.utils.tensors import predict, seed_everything
@@ -115,7 +129,7 @@ DETECTORS = ("spectral_signatures", "activation_clustering")
 #: trusted data), neural_cleanse (repair: reversed triggers, anomaly index in both spaces, unlearning), strip
 #: (detector on triggered test inputs), fine_pruning (repair; the default next to prune-only and a gentler
 #: fine-tuning). The repairs and STRIP use the first trusted setting (skipped when it is ``none``).
-EXTRAS = ("data_cleaning", "neural_cleanse", "strip", "fine_pruning")
+EXTRAS = ("data_cleaning", "neural_cleanse", "strip", "fine_pruning", "isolate_cross_fit")
 FINE_PRUNING_VARIANTS = {"default": {}, "prune_only": {"epochs": 0}, "epochs5_lr5e-4": {"epochs": 5, "lr": 5e-4}}
 TRUSTED = ("val", "small", "none")
 SMALL_TRUSTED = 100
@@ -165,12 +179,12 @@ SETUPS = {
 }
 
 
-def train(s: Splits, data: Dataset, seed: int, data_name: str) -> torch.nn.Module:
+def train(s: Splits, data: Dataset, seed: int, data_name: str, **kw: Any) -> torch.nn.Module:
     arch, recipe = SETUPS[data_name]
     seed_everything(seed)
     m = with_normalization(build_model(arch, in_channels=data.shape[0], num_classes=data.num_classes,
                                        image_size=data.shape[1]), s.mean, s.std)
-    train_model(m, data, recipe=recipe, seed=seed)
+    train_model(m, data, recipe=recipe, seed=seed, **kw)
     return m.eval()
 
 
@@ -256,6 +270,26 @@ def fine_pruning_rows(cell: Cell, model, trusted: Dataset, test: Dataset, xt, wa
     return out
 
 
+def untrusted_row(cell: Cell, s: Splits, p: PoisonedDataset, xt, want, m) -> dict[str, Any]:
+    """isolate_cross_fit with NO trusted data (its own seeded trainings), then retrained on what it keeps; its time
+    next to one baseline training's."""
+    t0 = time.perf_counter()
+    train(s, p, cell.seed, cell.data)
+    t_base = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = registry.create("cleanser", "isolate_cross_fit", seed=cell.seed).find_poison(
+        p, train_fn=lambda d, **kw: train(s, d, cell.seed, cell.data, **kw))
+    t_det = time.perf_counter() - t0
+    f, t = res.is_suspect.bool(), p.is_poison.bool()
+    m2 = train(s, p.subset(res.keep), cell.seed, cell.data)
+    return {"tpr": proportion(int((f & t).sum()), int(t.sum())), "fpr": proportion(int((f & ~t).sum()), int((~t).sum())),
+            "flagged": int(f.sum()), "poisoned_classes": res.info["poisoned_classes"], "asr_after": asr(m2, xt, want),
+            "clean_accuracy_after": accuracy(m2, s.test), "time_vs_baseline": round(t_det / max(t_base, 1e-9), 2),
+            "per_class": res.info["per_class"],
+            "whole_mode": whole_mode_classes(flagged=res.is_suspect, labels=p.y, acc_before=per_class_accuracy(
+                m, s.test), acc_after=per_class_accuracy(m2, s.test))}
+
+
 def extra_rows(cell: Cell, extras: list[str], *, s: Splits, p: PoisonedDataset, m, trusted: Dataset | None, xt,
                want) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -267,6 +301,8 @@ def extra_rows(cell: Cell, extras: list[str], *, s: Splits, p: PoisonedDataset, 
             f, t = res.is_suspect.bool(), p.is_poison.bool()
             row = {"tpr": proportion(int((f & t).sum()), int(t.sum())),
                    "fpr": proportion(int((f & ~t).sum()), int((~t).sum()))}
+        elif name == "isolate_cross_fit":
+            row = untrusted_row(cell, s, p, xt, want, m)
         elif trusted is None:
             continue
         else:
@@ -350,6 +386,10 @@ def clean_row(data_name: str, seed: int) -> dict[str, Any]:
         res = registry.create("cleanser", name).find_poison(s.train, model=m, trusted=s.val)
         row["detectors"][name] = {"fpr": proportion(int(res.is_suspect.sum()), len(s.train)),
                                   "poisoned_classes": res.info.get("poisoned_classes")}
+    icf = registry.create("cleanser", "isolate_cross_fit", seed=seed).find_poison(
+        s.train, train_fn=lambda d, **kw: train(s, d, seed, data_name, **kw))
+    row["detectors"]["isolate_cross_fit"] = {"fpr": proportion(int(icf.is_suspect.sum()), len(s.train)),
+                                             "poisoned_classes": icf.info["poisoned_classes"]}
     nc = registry.create("repair", "neural_cleanse", unlearn_epochs=0)
     nc.repair(m, clean=s.val, seed=seed)
     r, thr = nc.report_, nc.anomaly_threshold
@@ -374,7 +414,8 @@ def summary_line(row: dict[str, Any]) -> str:
     if row.get("clean_model"):
         nc = row["neural_cleanse"]
         return (f"{row['data']} s{row['seed']} CLEAN model: SS flags {_p(row['detectors']['spectral_signatures']['fpr'])}"
-                f" AC {_p(row['detectors']['activation_clustering']['fpr'])}; NC flags log {nc['log_l1']['flagged']}"
+                f" AC {_p(row['detectors']['activation_clustering']['fpr'])}"
+                f" ICF {_p(row['detectors'].get('isolate_cross_fit', {}).get('fpr'), True)}; NC flags log {nc['log_l1']['flagged']}"
                 f" L1 {nc['l1']['flagged']}")
     where = (f"{row['data']} s{row['seed']} {row['trigger']} {row['rate']:.0%} "
              f"{'a2a' if row['mapping'] == 'all_to_all' else 't' + str(row['target'])}"
@@ -405,6 +446,11 @@ def summary_line(row: dict[str, Any]) -> str:
         fp = ex["fine_pruning"]
         parts.append("FP " + " ".join(f"{k} ASR->{_p(fp[k]['asr_after'])} acc {_p(fp[k]['clean_accuracy_after'])}"
                                       for k in FINE_PRUNING_VARIANTS if k in fp))
+    if "isolate_cross_fit" in ex:
+        u = ex["isolate_cross_fit"]
+        parts.append(f"ICF(no trusted) TPR {_p(u['tpr'], True)} (n={u['tpr']['n']}) FPR {_p(u['fpr'])} "
+                     f"ASR->{_p(u['asr_after'])} acc {_p(u['clean_accuracy_after'])} x{u['time_vs_baseline']}"
+                     + (f" WHOLE-MODE {[d['class'] for d in u['whole_mode']]}" if u.get("whole_mode") else ""))
     if "data_cleaning" in ex:
         parts.append(f"DC TPR {_p(ex['data_cleaning']['tpr'])} FPR {_p(ex['data_cleaning']['fpr'])}")
     return " | ".join(parts)
@@ -427,7 +473,8 @@ def done_keys(path: str | None) -> set[tuple]:
     if not path or not os.path.exists(path):
         return set()
     with open(path) as fh:
-        return {cell_key(json.loads(line)) for line in fh if line.strip()}
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return {cell_key(r) for r in rows if not r.get("clean_model")}  # clean-model rows (--clean) are not cells
 
 
 def main() -> None:

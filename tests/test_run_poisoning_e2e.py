@@ -37,3 +37,22 @@ def test_cli_run_with_a_backdoor_and_a_cleanser(tmp_path):
     assert "attack_success_rate_after" in entry["metrics"]
     assert any(n.startswith("trusted clean set: the validation split (100 images)") for n in entry["notes"])
     assert results["profile"]["trusted_clean_set"] == {"source": "validation", "path": None, "size": 100}
+
+
+def test_cli_run_poisoned_before_the_split_with_the_untrusted_cleanser(tmp_path):
+    profile = {**PROFILE, "threat_model": {"poison_stage": "before_split"},
+               "dataset": {**PROFILE["dataset"], "holdout_fraction": 0.25},
+               "defenses": [{"name": "isolate_cross_fit", "against": ["static_patch"]}]}
+    del profile["trusted_clean_set"]
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    res = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--no-progress", "-q"])
+    assert res.exit_code == 0, res.output
+    results = json.loads((next((tmp_path / "runs").iterdir()) / "results.json").read_text())
+    assert results["profile"]["trusted_clean_set"]["source"] == "none"
+    attack = next(a for a in results["attacks"] if a["name"] == "static_patch")
+    assert any("poisoned before the split" in n for n in attack["notes"])
+    assert attack["metrics"]["clean_accuracy"]["n"] == 450  # the 25% hold-out of digits' 1797 images
+    entry = next(d for d in results["defenses"] if d["name"] == "isolate_cross_fit")
+    assert entry["metrics"]["whole_mode_classes"]["n"] == 10 and "whole_mode" in entry["info"]
+    assert entry["metrics"]["detection"]["tpr"]["n"] > 0

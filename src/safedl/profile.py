@@ -72,7 +72,8 @@ class TrustedDataSpec(_Strict):
     """The trusted clean set poisoning defenses rely on (an assumption: say where it comes from).
 
     ``validation`` (default): the validation split, clean in the simulation because only the training split is
-    poisoned (a real user's data may be poisoned before splitting); ``path``: an ``.npz`` file of images the user
+    poisoned (a real user's data may be poisoned before splitting: with ``threat_model.poison_stage: before_split``
+    the default is ``none`` and ``validation`` is refused); ``path``: an ``.npz`` file of images the user
     vouches for; ``none``: no trusted data (defenses that need it are refused at validation). ``size`` keeps only the
     first ``size`` images (e.g. 100: a small hand-checked set)."""
 
@@ -199,6 +200,13 @@ class Profile(_Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
 
+    @model_validator(mode="after")
+    def _default_trusted(self) -> "Profile":
+        """Data poisoned before splitting leave no clean split: the trusted set defaults to none."""
+        if self.threat_model.poison_stage == "before_split" and "source" not in self.trusted_clean_set.model_fields_set:
+            self.trusted_clean_set.source = "none"
+        return self
+
 
 def _loc(loc: tuple) -> str:
     out = ""
@@ -237,7 +245,7 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
                     errors.append((f"{where}.name", "threat_model.interface_exposed is 'none': no query attack is possible"))
     from safedl.threat import threat_errors
 
-    errors += threat_errors(profile, built)
+    errors += threat_errors(profile, built) + _poison_stage_errors(profile)
     if not ids and not profile.baseline_only:
         errors.append(("attacks", "the profile lists no attack, so the run would assess nothing; add at least one "
                        "under attacks.evasion, attacks.poisoning or attacks.backdoor (`safedl list` names them), or set "
@@ -264,6 +272,15 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
             if a != "all" and a not in ids:
                 errors.append((f"{where}.against", f"no attack with id {a!r}; attack ids are: {', '.join(ids) or '(none)'}"))
     return errors
+
+
+def _poison_stage_errors(profile: Profile) -> list[tuple[str, str]]:
+    """With poison before the split the validation split carries poison: it cannot be the trusted clean set."""
+    if profile.threat_model.poison_stage != "before_split" or profile.trusted_clean_set.source != "validation":
+        return []
+    return [("trusted_clean_set.source", "'validation' is not clean when threat_model.poison_stage is "
+             "'before_split' (the data were poisoned before the validation split was carved); allowed: 'none' "
+             "(the default in that mode) or 'path' (images you vouch for)")]
 
 
 def _needs_trusted(kind: str, comp: Any, profile: Profile) -> bool:

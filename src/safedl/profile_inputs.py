@@ -22,6 +22,11 @@ class ThreatModel(StrictModel):
     data_sensitivity: Literal["low", "medium", "high"] = "medium"
     training_data_source: Literal["trusted", "curated", "crowdsourced", "scraped", "third_party"] = "curated"
     interface_exposed: Literal["scores", "labels", "none"] = Field("scores", description="what a query returns to users")
+    poison_stage: Literal["after_split", "before_split"] = Field(
+        "after_split", description="when a poisoning attacker strikes: after_split (only the training split is "
+                                   "poisoned) or before_split (the data set is poisoned before it is split, so the "
+                                   "training and validation splits both carry poison; the evaluation hold-out, "
+                                   "dataset.holdout_fraction, is carved before poisoning; default trusted set: none)")
 
 
 class ExtraDataSpec(StrictModel):
@@ -54,6 +59,9 @@ class DatasetSpec(StrictModel):
         "stretch", description="image_folder with image_size: stretch to the size, scale and crop the centre, "
                                "or scale to fit and pad with black (letterbox)")
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    holdout_fraction: float = Field(0.2, gt=0, lt=0.9, description="threat_model.poison_stage before_split: the "
+                                    "share carved out before poisoning as the evaluation hold-out (ASR, clean "
+                                    "accuracy); it replaces test_fraction in that mode")
     val_fraction: float = Field(0.1, ge=0, lt=1)
     split_seed: Optional[int] = Field(None, ge=0, description="seed of the train/val/test split (default: the "
                                       "profile's seed); fix it to compare model versions on the same test images")

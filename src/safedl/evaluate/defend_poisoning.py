@@ -34,6 +34,7 @@ from torch import nn
 
 from safedl.evaluate.context import RunContext
 from safedl.evaluate.base import AttackOutcome, defense_evaluator
+from safedl.evaluate.cleanse_safeguard import per_class_accuracy, whole_mode_classes, whole_mode_note
 from safedl.data.dataset import Dataset, PoisonedDataset
 from safedl.defenses.protocols import (CleanserProtocol, InspectorProtocol, RepairProtocol, TrainerProtocol,
                                        poison_setting)
@@ -249,10 +250,17 @@ def evaluate_cleanser(ctx: RunContext, spec, components: list[Any], outcome: Att
                                **extra}
     retrained = ctx.train_like_baseline(poisoned.subset(res.keep), description=f"{spec.key}: retraining on kept data")
     metrics.update(_outcome_metrics(ctx, retrained, state))
+    whole = whole_mode_classes(flagged=res.is_suspect, labels=poisoned.y.cpu(), acc_before=per_class_accuracy(
+        _poisoned_model(ctx, state), ctx.splits.test, device=ctx.device), acc_after=per_class_accuracy(
+        retrained, ctx.splits.test, device=ctx.device))
+    metrics["whole_mode_classes"] = scalar(len(whole), n=poisoned.num_classes)
+    if whole:
+        notes.append(whole_mode_note(spec.key, whole))
     metrics["poison_remaining"] = proportion(int((truth & res.keep).sum()), int(res.keep.sum()))
     per_class = {"flagged": [int((res.is_suspect & (poisoned.y == c)).sum()) for c in range(poisoned.num_classes)],
                  "true_poison": [int((truth & (poisoned.y == c)).sum()) for c in range(poisoned.num_classes)]}
     info = {k: v for k, v in res.info.items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
+    info["whole_mode"] = whole
     if "poisoned_classes" in info:
         notes.append(f"classes judged poisoned: {info['poisoned_classes']}")
     return {"name": spec.name, "metrics": metrics, "per_class": per_class, "notes": notes,

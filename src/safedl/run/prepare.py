@@ -115,7 +115,9 @@ def prepare(profile: Profile, *, base_dir: Path) -> tuple[Splits, Any, dict]:
     before a run dir exists (nothing is written)."""
     data = load_dataset(profile.dataset, base_dir=base_dir)
     try:
-        splits = stratified_split(data, test_fraction=profile.dataset.test_fraction,
+        before = profile.threat_model.poison_stage == "before_split"  # the hold-out is carved before poisoning
+        splits = stratified_split(data, test_fraction=profile.dataset.holdout_fraction if before
+                                  else profile.dataset.test_fraction,
                                   val_fraction=profile.dataset.val_fraction,
                                   seed=profile.seed if profile.dataset.split_seed is None
                                   else profile.dataset.split_seed)

@@ -85,6 +85,8 @@ def bundle_dir(tiny_model, digits_splits, tmp_path_factory):
 
 
 class Recorder:
+    misinformation_tau = None  # answers unchanged: the test compares a hit's answer with a miss's
+
     def __init__(self):
         self.seen = []
 

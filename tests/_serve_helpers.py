@@ -1,8 +1,10 @@
-"""Helpers of the service tests: images as bytes, a tiny stand-in bundle, free ports."""
+"""Helpers of the service tests: images as bytes, a tiny stand-in bundle, free ports, an app served in a thread."""
 from __future__ import annotations
 
 import io
 import socket
+import threading
+import time
 
 import numpy as np
 import torch
@@ -132,3 +134,27 @@ class ServerProcess:
         self.stop()
         self.log.close()
         os.unlink(self.log.name)
+
+
+class Uvicorn:
+    """``app`` served by uvicorn in a thread on 127.0.0.1 and a free port (lifespan included); stopped on exit."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "Uvicorn":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -8,7 +8,6 @@ import os
 import re
 import sqlite3
 import subprocess
-import threading
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -24,7 +23,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from _browser import chromium_or_skip  # noqa: E402
 from _monitor_helpers import near_duplicates, npy, write_config  # noqa: E402
-from _serve_helpers import free_port, make_bundle, png_bytes  # noqa: E402
+from _serve_helpers import Uvicorn, make_bundle, png_bytes  # noqa: E402
 from safedl.deploy import load_bundle  # noqa: E402
 from safedl.serve import create_app  # noqa: E402
 from safedl.serve.audit import AuditStore  # noqa: E402
@@ -107,30 +106,6 @@ def chromium(browser: str, url: str, profile: Path, *, screenshot: Path | None =
     out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
-
-
-class Uvicorn:
-    """``app`` served by uvicorn in a thread on 127.0.0.1 and a free port (lifespan included); stopped on exit."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "Uvicorn":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 # ---- a summary in the contract's schema (CONTRACT.md), hostile strings included ----------------------------------

@@ -5,7 +5,6 @@ kept in $SAFEDL_TEST_ARTIFACTS."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 pytest.importorskip("fastapi")
 from _browser import chromium_or_skip  # noqa: E402
 from _cdp import Browser  # noqa: E402
-from _serve_helpers import free_port, make_bundle  # noqa: E402
+from _serve_helpers import Uvicorn, make_bundle  # noqa: E402
 from safedl.deploy import load_bundle  # noqa: E402
 from safedl.serve import ServeConfig, create_app  # noqa: E402
 from safedl.serve.audit import AuditStore  # noqa: E402
@@ -27,28 +26,6 @@ HOSTILE = '<img src=x onerror="document.body.dataset.pwned=1">'
 @pytest.fixture(scope="module")
 def browser() -> str:
     return chromium_or_skip()
-
-
-class Uvicorn:
-    def __init__(self, app):
-        import uvicorn
-
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = int(self.url.rsplit(":", 1)[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "Uvicorn":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 def test_review_page_shows_thumbnails_and_labels_by_click(tmp_path, browser, tiny_model, digits_splits):

@@ -278,3 +278,19 @@ def load_cifar10(path: str | Path, *, split: str = "train") -> Dataset:
             names = None
     x = _to_nchw(np.concatenate(xs), root)
     return Dataset(x, torch.cat(ys), 10, "cifar10", names)
+
+
+def load_image_array(path: str | Path, *, flag: str, what: str = "images") -> torch.Tensor:
+    """An ``.npy`` array of images, N x C x H x W, as float in [0, 1] (uint8 arrays are scaled by 1/255); DataError
+    naming ``flag`` and the file when it is missing, not an array (no pickles) or of another shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{flag} {path}: no such file (a .npy array N x C x H x W of {what})")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise DataError(f"{flag} {path}: not a .npy array ({exc})") from None
+    if arr.ndim != 4:
+        raise DataError(f"{flag} {path}: shape {arr.shape}; expected N x C x H x W")
+    x = torch.from_numpy(arr).float()
+    return x / 255.0 if arr.dtype == np.uint8 else x

@@ -18,22 +18,6 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
-def _images(path: Path):
-    import numpy as np
-    import torch
-
-    if not path.is_file():
-        raise UserError(f"--evidence {path}: no such file (a .npy array N x C x H x W of the suspected copier's queries)")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise UserError(f"--evidence {path}: not a .npy array ({exc})") from None
-    if arr.ndim != 4:
-        raise UserError(f"--evidence {path}: shape {arr.shape}; expected N x C x H x W")
-    x = torch.from_numpy(arr).float()
-    return x / 255.0 if arr.dtype == np.uint8 else x
-
-
 def _suspect_labels(suspect: Path, x, signing_key):
     import torch
 
@@ -61,6 +45,7 @@ def verify_command(
         alpha: float = typer.Option(0.01, "--alpha", help="significance level of the verdict"),
         signing_key_file: Optional[Path] = typer.Option(None, "--signing-key-file")) -> None:
     """Print the number of watermarked queries, the suspect's matches, the p-value and the verdict."""
+    from safedl.data.loaders import load_image_array
     from safedl.defenses.ownership import ResponseWatermark, verify_ownership
     from safedl.deploy import load_bundle
     from safedl.utils.keyfile import read_signing_key
@@ -71,7 +56,7 @@ def verify_command(
         key = watermark_key_file.read_bytes().strip()
         sk = read_signing_key(signing_key_file)
         b = load_bundle(bundle, signing_key=sk)
-        x = _images(evidence)
+        x = load_image_array(evidence, flag="--evidence", what="the suspected copier's queries")
         num_classes = len(b.pipeline.class_names or []) or int(b.manifest.get("data", {}).get("num_classes", 0))
         try:
             wm = ResponseWatermark(key=key, num_classes=num_classes, rate=rate)

@@ -20,20 +20,12 @@ def _fail(exc: BaseException) -> None:
 
 def _train_images(bundle, data: Optional[str], images: Optional[Path], split_seed: int, test_fraction: float,
                   val_fraction: float):
-    import numpy as np
-    import torch
-
     if images is not None:
-        if not images.is_file():
-            raise UserError(f"--images {images}: no such file")
-        try:
-            arr = np.load(images, allow_pickle=False)
-        except ValueError as exc:
-            raise UserError(f"--images {images}: not a .npy array ({exc})") from None
-        x = torch.from_numpy(arr).float()
-        x = x / 255.0 if arr.dtype == np.uint8 else x
+        from safedl.data.loaders import load_image_array
+
+        x = load_image_array(images, flag="--images", what="benign training images")
         shape = tuple(bundle.manifest.get("data", {}).get("shape") or ())
-        if x.ndim != 4 or (shape and tuple(x.shape[1:]) != shape):
+        if shape and tuple(x.shape[1:]) != shape:
             raise UserError(f"--images {images}: shape {tuple(x.shape)}; expected N x {' x '.join(map(str, shape))}")
         return x
     from safedl.data import load_builtin, stratified_split

@@ -56,3 +56,7 @@ def test_cli_run_poisoned_before_the_split_with_the_untrusted_cleanser(tmp_path)
     entry = next(d for d in results["defenses"] if d["name"] == "isolate_cross_fit")
     assert entry["metrics"]["whole_mode_classes"]["n"] == 10 and "whole_mode" in entry["info"]
     assert entry["metrics"]["detection"]["tpr"]["n"] > 0
+    # export reloads the run's splits (drift reference) the way the run carved them: the hold-out first
+    run_dir = next((tmp_path / "runs").iterdir())
+    res = CliRunner().invoke(app, ["export", str(run_dir), "--baseline", "--out", str(tmp_path / "bundle")])
+    assert res.exit_code == 0, res.output

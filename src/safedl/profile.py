@@ -200,6 +200,15 @@ class Profile(_Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
 
+    @property
+    def split_args(self) -> dict[str, Any]:
+        """The keyword arguments of ``stratified_split`` for this profile's data: before-split poisoning carves the
+        test split as the clean hold-out (``dataset.holdout_fraction``), otherwise ``dataset.test_fraction``."""
+        ds = self.dataset
+        test = ds.holdout_fraction if self.threat_model.poison_stage == "before_split" else ds.test_fraction
+        return {"test_fraction": test, "val_fraction": ds.val_fraction,
+                "seed": self.seed if ds.split_seed is None else ds.split_seed}
+
     @model_validator(mode="after")
     def _default_trusted(self) -> "Profile":
         """Data poisoned before splitting leave no clean split: the trusted set defaults to none."""

@@ -66,13 +66,11 @@ def run_splits(run_dir: Path, results: dict[str, Any]) -> Any:
     from safedl.profile import load_profile
 
     profile = load_profile(RunDir(run_dir).profile)
-    ds = profile.dataset
     try:
-        data = load_dataset(ds, base_dir=run_dir)
+        data = load_dataset(profile.dataset, base_dir=run_dir)
     except OSError as exc:
         raise UserError(f"{run_dir}: cannot load the run's data set again ({exc})") from None
-    seed = profile.seed if ds.split_seed is None else ds.split_seed
-    splits = stratified_split(data, test_fraction=ds.test_fraction, val_fraction=ds.val_fraction, seed=seed)
+    splits = stratified_split(data, **profile.split_args)
     expected = (results.get("data", {}).get("hashes") or {}).get("val")
     if expected is not None and splits.val.content_hash() != expected:
         raise UserError(f"{run_dir}: the validation split's content hash is {splits.val.content_hash()[:12]}, but "

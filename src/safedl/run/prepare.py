@@ -115,12 +115,7 @@ def prepare(profile: Profile, *, base_dir: Path) -> tuple[Splits, Any, dict]:
     before a run dir exists (nothing is written)."""
     data = load_dataset(profile.dataset, base_dir=base_dir)
     try:
-        before = profile.threat_model.poison_stage == "before_split"  # the hold-out is carved before poisoning
-        splits = stratified_split(data, test_fraction=profile.dataset.holdout_fraction if before
-                                  else profile.dataset.test_fraction,
-                                  val_fraction=profile.dataset.val_fraction,
-                                  seed=profile.seed if profile.dataset.split_seed is None
-                                  else profile.dataset.split_seed)
+        splits = stratified_split(data, **profile.split_args)  # before_split: the clean hold-out is carved first
     except DataError as exc:
         where = profile.dataset.path or profile.dataset.name
         raise DataError(f"dataset {where}: {str(exc).removeprefix(data.name + ': ')}") from None

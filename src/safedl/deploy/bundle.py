@@ -37,6 +37,8 @@ from safedl.deploy.output_sanity import OutputSanity
 from safedl.deploy.drift_reference import FILE as DRIFT_FILE
 from safedl.deploy.drift_reference import DriftReference, reference_from_tensors
 from safedl.deploy.pipeline import SecurePipeline
+from safedl.deploy.probes import FILE as PROBES_FILE
+from safedl.deploy.probes import ProbeSet, probes_of_verified
 from safedl.deploy.state import fitted_state, restore_state
 from safedl.deploy.verify import (DIGEST, KIND, MANIFEST, SCHEMA_VERSION, WEIGHTS, VerifiedBundle,
                                   read_verified_bundle)
@@ -56,6 +58,7 @@ class Bundle:
     pipeline: SecurePipeline
     version: str
     drift: DriftReference | None = None  # the reference the service tests its traffic against (None: not exported)
+    probes: ProbeSet | None = None  # the labelled probe set (deploy/probes.py; None: exported without one)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -102,7 +105,8 @@ def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict
                   metrics: dict[str, Any] | None = None, run: dict[str, Any] | None = None,
                   signing_key: bytes | None = None, overwrite: bool = False,
                   detector_failure: DetectorFailurePolicy | None = None,
-                  output_sanity: OutputSanity | None = None, drift: DriftReference | None = None) -> Path:
+                  output_sanity: OutputSanity | None = None, drift: DriftReference | None = None,
+                  probes: ProbeSet | None = None) -> Path:
     """Write ``pipeline`` as a bundle directory at ``out`` (atomically: a temporary folder renamed at the end).
 
     ``model_spec``: how to rebuild the model's architecture (a zoo ``arch`` with its checkpoint metadata, or an
@@ -112,7 +116,7 @@ def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict
     fails (deploy/detector_guard.py; default: the pipeline's, else fail_closed); ``output_sanity``: a fitted
     output sanity check (deploy/output_sanity.py; default: the pipeline's, else none); ``drift``: the drift
     reference (``drift/reference.safetensors``, hashed with the other files, summarized in the manifest's ``drift``
-    section).
+    section); ``probes``: the labelled probe set (``probes/probes.safetensors``, deploy/probes.py).
     """
     policy = detector_failure or pipeline.detector_failure or DetectorFailurePolicy()
     sanity = output_sanity or pipeline.output_sanity
@@ -128,6 +132,9 @@ def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict
         if drift is not None:
             (tmp / DRIFT_FILE).parent.mkdir(exist_ok=True)
             _save_tensors(tmp / DRIFT_FILE, drift.tensors())
+        if probes is not None:
+            (tmp / PROBES_FILE).parent.mkdir(exist_ok=True)
+            _save_tensors(tmp / PROBES_FILE, probes.tensors())
         files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "bundle_schema_version": SCHEMA_VERSION, "kind": KIND,
@@ -140,6 +147,8 @@ def export_bundle(pipeline: SecurePipeline, out: str | Path, *, model_spec: dict
         }
         if drift is not None:
             manifest["drift"] = drift.manifest_entry()
+        if probes is not None:
+            manifest["probes"] = probes.manifest_entry()
         text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False)
         (tmp / MANIFEST).write_text(text, encoding="utf-8")
         (tmp / DIGEST).write_text(_digest_text(text.encode(), signing_key), encoding="utf-8")
@@ -254,7 +263,8 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu", signing
                           batch_size=int(manifest.get("batch_size", 256)), detector_failure=policy,
                           output_sanity=sanity)
     log.debug("loaded bundle %s version %s (%d files verified)", root, verified.version, len(verified.files))
-    return Bundle(path=root, manifest=manifest, pipeline=pipe, version=verified.version, drift=_drift(verified))
+    return Bundle(path=root, manifest=manifest, pipeline=pipe, version=verified.version, drift=_drift(verified),
+                  probes=_probes(verified))
 
 
 def _drift(verified: VerifiedBundle) -> DriftReference | None:
@@ -265,3 +275,13 @@ def _drift(verified: VerifiedBundle) -> DriftReference | None:
     if not isinstance(entry, dict) or entry.get("file") != DRIFT_FILE:
         raise BundleError(f"{verified.root / MANIFEST}: drift section must name the file {DRIFT_FILE}")
     return reference_from_tensors(_load_tensors(verified, DRIFT_FILE), entry, where=verified.root / DRIFT_FILE)
+
+
+def _probes(verified: VerifiedBundle) -> ProbeSet | None:
+    """The verified probe set, or None for a bundle exported without one."""
+    from safetensors.torch import load
+
+    entry = verified.manifest.get("probes")
+    if entry is None:
+        return None
+    return probes_of_verified(verified.files, entry, where=verified.root / PROBES_FILE, load=load)

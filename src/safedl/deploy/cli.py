@@ -33,6 +33,9 @@ def export_command(
         drift_reference: bool = typer.Option(True, "--drift-reference/--no-drift-reference",
                                              help="store the validation split's features and labels for drift "
                                                   "tests in `safedl serve`"),
+        probes: int = typer.Option(200, "--probes", help="labelled probe images per source stored in the bundle "
+                                                          "(held-out test images, the run's adversarial and "
+                                                          "triggered examples) for canary checks; 0: none"),
         register: Optional[str] = typer.Option(None, "--register", help="register the bundle as a new version "
                                                "of this MLflow model (needs --mlflow)"),
         mlflow_uri: Optional[str] = typer.Option(None, "--mlflow", help="MLflow tracking URI for --register")) -> None:
@@ -43,6 +46,8 @@ def export_command(
 
     from safedl.tracking.options import check_register, register_exported
 
+    if probes < 0:
+        raise UserError(f"--probes {probes}: must be 0 (none) or a positive number of images")
     if (defense is None) == (not baseline):
         raise UserError("give exactly one of --defense ID or --baseline")
     policy = DetectorFailurePolicy(mode=detector_failure, timeout_s=detector_timeout_s)
@@ -50,7 +55,7 @@ def export_command(
     key = read_signing_key(signing_key_file)
     check_register(register, mlflow_uri)  # before anything is written
     path = export_from_run(run_dir, out=out, defense=defense, signing_key=key, detector_failure=policy,
-                           output_sanity=sanity, drift_reference=drift_reference)
+                           output_sanity=sanity, drift_reference=drift_reference, probes=probes)
     typer.echo(f"wrote bundle {path}" + register_exported(path, name=register, uri=mlflow_uri, signing_key=key))
 
 
@@ -62,4 +67,5 @@ def verify_command(bundle: Path = typer.Argument(..., help="bundle directory"),
 
     b = load_bundle(bundle, signing_key=read_signing_key(signing_key_file))
     names = [f"{c['kind']}:{c['name']}" for c in b.manifest["components"]] or ["(undefended model)"]
-    typer.echo(f"{bundle}: verified, version {b.version}; components: {', '.join(names)}")
+    probes = "" if b.probes is None else f"; probes: {len(b.probes)} {b.probes.counts()}"
+    typer.echo(f"{bundle}: verified, version {b.version}; components: {', '.join(names)}{probes}")

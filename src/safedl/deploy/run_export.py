@@ -13,6 +13,7 @@ from safedl.deploy.detector_guard import DetectorFailurePolicy
 from safedl.deploy.drift_reference import DriftReference, compute_reference
 from safedl.deploy.output_sanity import OutputSanity
 from safedl.deploy.pipeline import SecurePipeline
+from safedl.deploy.run_probes import probes_from_run
 from safedl.errors import BundleError, UserError
 from safedl.rundir import RunDir
 
@@ -87,19 +88,22 @@ def _reference(splits: Any, results: dict[str, Any], pipe: SecurePipeline) -> Dr
 
 def export_from_run(run_dir: str | Path, *, out: str | Path, defense: str | None = None,
                     signing_key: bytes | None = None, detector_failure: DetectorFailurePolicy | None = None,
-                    output_sanity: OutputSanity | None = None, drift_reference: bool = True) -> Path:
+                    output_sanity: OutputSanity | None = None, drift_reference: bool = True,
+                    probes: int = 200) -> Path:
     """Export the system of defense ``defense`` (its id in the run), or the undefended baseline when None;
     ``detector_failure``: the served system's detector failure policy (default: fail_closed); ``output_sanity``:
     an unfitted check, fitted here on the run's training and validation images (default: none); with
-    ``drift_reference`` the bundle carries the bare model's features and labels on the run's validation split."""
+    ``drift_reference`` the bundle carries the bare model's features and labels on the run's validation split;
+    ``probes`` > 0: the bundle carries a probe set of at most that many images per source (deploy/run_probes.py)."""
     from safedl.report.render import load_results
 
     run_dir = Path(run_dir)
     policy = detector_failure or DetectorFailurePolicy()
     results = load_results(RunDir(run_dir).results)
-    splits = run_splits(run_dir, results) if output_sanity is not None or drift_reference else None
+    splits = run_splits(run_dir, results) if output_sanity is not None or drift_reference or probes > 0 else None
     sanity = output_sanity.fit(splits.train.x, splits.val.x) if output_sanity is not None else None
-    options = {"signing_key": signing_key, "detector_failure": policy, "output_sanity": sanity}
+    options = {"signing_key": signing_key, "detector_failure": policy, "output_sanity": sanity,
+               "probes": probes_from_run(run_dir, results, splits, n=probes) if probes > 0 else None}
     run = {"run_id": results.get("run_id", run_dir.name), "profile_name": results["profile"].get("name")}
     if defense is None:
         pipe, spec = _baseline_pipeline(run_dir, results)

@@ -28,6 +28,7 @@ from safedl.serve.keys import ApiKey, KeyStore
 from safedl.serve.metrics import CONTENT_TYPE
 from safedl.serve.predict import OPENAPI_BODY, predict
 from safedl.serve.review.routes import review_api_router, review_page_router
+from safedl.serve.rollout.routes import rollout_router
 from safedl.serve.schemas import ErrorResponse, Health, ModelInfo, PredictResponse, Ready
 from safedl.serve.service import Service
 
@@ -108,7 +109,7 @@ def create_app(*, bundle: Any, keys: KeyStore, audit: AuditStore, config: ServeC
                   redoc_url=None, description="A verified safedl bundle's defended model behind API keys, rate "
                                               "limits and an audit log.")
     app.state.service = svc
-    keyed_routers = (_keyed_routes(svc), admin_router(), review_api_router())
+    keyed_routers = (_keyed_routes(svc), admin_router(), review_api_router(), rollout_router())
     for router in keyed_routers:
         app.include_router(router)
     app.include_router(_open_routes(svc))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from anyio import to_thread
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException
 from safedl.defenses.postprocess.adaptive_misinformation import DEFAULT_NU as MISINFORMATION_NU, misinformed
 from safedl.deploy.detector_guard import DetectorUnavailable
 from safedl.serve.audit import AuditUnavailable
+from safedl.serve.batcher import MicroBatcher
 from safedl.serve.decode import Decoded, InputError, items_from_json, raw_content_type_ok
 from safedl.serve.http import audit_rows, finite, read_body
 from safedl.serve.keys import ApiKey
@@ -138,6 +140,7 @@ def _answer(svc: Service, ctx: RequestContext, key: ApiKey, decoded: Decoded, d:
     if svc.monitor is not None:
         svc.monitor.observe(key, decoded.x, d, request_id=ctx.request_id, ts=ctx.ts, input_sha256=decoded.sha256)
     ctx.bundle_version = d.get("bundle_version") or svc.bundle.version  # the bundle that decided
+    svc.rollout.observe(decoded.x, d)  # per-version SLIs; a shadow compares this answer off the request path
     if svc.review is not None and any(a["rejected"] for a in ctx.audit_fields):
         if in_thread:
             _queue_for_review(svc, decoded, ctx, ctx.bundle_version)
@@ -148,38 +151,54 @@ def _answer(svc: Service, ctx: RequestContext, key: ApiKey, decoded: Decoded, d:
             "results": finite(results)}
 
 
-def _work_in_thread(svc: Service, key: ApiKey, items: list[bytes], ctx: RequestContext
+def _work_in_thread(svc: Service, key: ApiKey, items: list[bytes], ctx: RequestContext, batcher: MicroBatcher
                     ) -> tuple[Decoded, dict | None]:
     """Decoding and, when the model and the audit writer are idle, the forward pass, the answer and its audit
     commit too. Returns (decoded, body or None)."""
     ctx.mark("read")
     decoded = svc.decode_and_charge(items, key)
     ctx.mark("decode")
-    d = svc.batcher.try_inline(decoded.x)
+    d = batcher.try_inline(decoded.x)
     if d is None:
         return decoded, None
     ctx.mark("model")
     body = _answer(svc, ctx, key, decoded, d, in_thread=True)
     try:
         ctx.audited = svc.audit.try_commit_inline(audit_rows(ctx, status=200, error=None,
-                                                             bundle_version=svc.bundle.version))
+                                                             bundle_version=ctx.bundle_version))
     except AuditUnavailable as exc:
         ctx.audit_error = exc
     return decoded, body
 
 
 async def predict(svc: Service, request: Request, key: ApiKey, ctx: RequestContext) -> dict[str, Any]:
-    """The 200 body of an admitted predict request (raises ApiError for refusals)."""
+    """The 200 body of an admitted predict request (raises ApiError for refusals), answered by the stable
+    version or, for a key in a canary's share, by the canary (serve/rollout); counted per version."""
+    (batcher, version), t0 = svc.rollout.route(key.key_id), time.perf_counter()
+    try:
+        body = await _predict(svc, request, key, ctx, batcher)
+    except ApiError as exc:
+        svc.rollout.record(version, status=exc.status, latency_s=time.perf_counter() - t0)
+        raise
+    except Exception:
+        svc.rollout.record(version, status=500, latency_s=time.perf_counter() - t0)
+        raise
+    svc.rollout.record(body["bundle_version"], status=200, latency_s=time.perf_counter() - t0)
+    return body
+
+
+async def _predict(svc: Service, request: Request, key: ApiKey, ctx: RequestContext,
+                   batcher: MicroBatcher) -> dict[str, Any]:
     ctx.mark("admit")
-    svc.batcher.expect()
+    batcher.expect()
     submitted = False
     try:
         items = await request_items(request, svc)
-        decoded, body = await to_thread.run_sync(_work_in_thread, svc, key, items, ctx)
+        decoded, body = await to_thread.run_sync(_work_in_thread, svc, key, items, ctx, batcher)
         submitted = True
         if body is not None:
             return body
-        d = await asyncio.wrap_future(svc.batcher.submit(decoded.x))
+        d = await asyncio.wrap_future(batcher.submit(decoded.x))
         ctx.mark("model")
     except DetectorUnavailable as exc:  # fail_closed: no answer without the detector
         svc.metrics.detector_failures.labels(exc.detector, "fail_closed").inc()
@@ -189,5 +208,5 @@ async def predict(svc: Service, request: Request, key: ApiKey, ctx: RequestConte
                                                     "not answered", {"Retry-After": "5"}) from None
     finally:
         if not submitted:
-            svc.batcher.cancel()
+            batcher.cancel()
     return _answer(svc, ctx, key, decoded, d, in_thread=False)

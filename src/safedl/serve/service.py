@@ -27,6 +27,7 @@ from safedl.serve.metrics import Metrics
 from safedl.serve.monitor.store import KeyActions, KeyBlocked
 from safedl.serve.request import ApiError, RequestContext
 from safedl.serve.review.store import ReviewStore
+from safedl.serve.rollout.manager import RolloutManager
 from safedl.serve.stores.engine import StoreUnavailable
 from safedl.serve.swap import BundleSwapper
 from safedl.serve.unauth import UnauthenticatedGuard
@@ -76,6 +77,7 @@ class Service:
                 self.monitor.on_flag = self._queue_flagged
         self.swapper = BundleSwapper(self, start_path=bundle.path,
                                      device=str(getattr(self.pipeline, "device", None) or "cpu"))
+        self.rollout = RolloutManager(self)  # canary / shadow releases (serve/rollout)
         self.input_cache = (InputCache(max_bytes_per_key=config.input_cache_bytes_per_key,
                                        max_keys=config.input_cache_keys)
                             if config.input_cache_bytes_per_key > 0 else None)
@@ -103,6 +105,7 @@ class Service:
 
     def stop(self) -> None:
         """In-flight requests have finished: flush the model queue, the aggregated counts, then the audit."""
+        self.rollout.close()
         self.batcher.stop()
         if self.monitor is not None:
             self.monitor.close()

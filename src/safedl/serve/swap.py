@@ -195,6 +195,16 @@ class BundleSwapper:
         ``operator_path``: the path the operator started the server with (SIGHUP), trusted as at start."""
         return self._locked("swap", ctx, Path(path), lambda: self._load(Path(path), operator_path=operator_path))
 
+    def check_bundle(self, path: str | Path, *, operator_path: bool = False) -> Any:
+        """Verify, load and check the bundle at ``path`` as a swap would, without swapping (a canary or shadow:
+        serve/rollout); raises SwapRefused."""
+        return self._load(Path(path), operator_path=operator_path)
+
+    def promote(self, new: Any, *, ctx: dict) -> dict:
+        """Swap to ``new``, a bundle loaded and checked already (a canary that passed its rollout); audited and
+        counted like every swap (raises SwapRefused, nothing changed)."""
+        return self._locked("swap", ctx, new.path, lambda: new)
+
     def rollback(self, *, ctx: dict) -> dict:
         """Swap back to the bundle served before the last swap (the current one becomes the previous one)."""
         def previous() -> Any:

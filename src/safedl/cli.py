@@ -412,6 +412,10 @@ from safedl.serve.review.cli import review_app  # noqa: E402
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(review_app, name="review")
 
+from safedl.serve.rollout.cli import rollout_app  # noqa: E402
+
+app.add_typer(rollout_app, name="rollout")
+
 from safedl.deploy.ownership_cli import ownership_app  # noqa: E402
 
 app.add_typer(ownership_app, name="ownership")

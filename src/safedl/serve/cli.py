@@ -82,6 +82,14 @@ def serve_command(
         monitor_config: Optional[Path] = typer.Option(None, "--monitor-config",
                                                       help="security monitor rules (YAML; `safedl monitor rules` "
                                                            "prints the default); off without it"),
+        canary: Optional[Path] = typer.Option(None, "--canary", help="a new bundle served to a sticky share of "
+                                              "keys, promoted step by step or rolled back by the rollout rules"),
+        shadow: Optional[Path] = typer.Option(None, "--shadow", help="a new bundle run on every answered batch; "
+                                              "answers come from BUNDLE, disagreements are counted"),
+        canary_fraction: Optional[float] = typer.Option(None, "--canary-fraction",
+                                                        help="the first step's share of keys (0.1 = 10%)"),
+        rollout: Optional[Path] = typer.Option(None, "--rollout", help="rollout rules (YAML; `safedl rollout "
+                                               "rules` prints the default, used without it)"),
 ) -> None:
     """Serve a bundle over HTTP: API keys, rate limits, input limits, audit log, Prometheus metrics.
 

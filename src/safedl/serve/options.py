@@ -38,8 +38,16 @@ class ServeOptions:
     config: ServeConfig = field(default_factory=ServeConfig)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     slow_lane: SlowLaneLimits = field(default_factory=SlowLaneLimits)
+    canary_path: Path | None = None     # --canary: served to a sticky share of keys, promoted or rolled back
+    shadow_path: Path | None = None     # --shadow: run next to the stable bundle, answers never served
+    rollout: Any = None                 # serve/rollout/config.RolloutConfig (--rollout FILE, --canary-fraction)
 
     def __post_init__(self) -> None:
+        if self.canary_path is not None and self.shadow_path is not None:
+            raise UserError("--canary and --shadow: give one (start a shadow, then a canary, one after the other)")
+        if (self.canary_path or self.shadow_path) and self.workers > 1:
+            raise UserError(f"--canary / --shadow with --workers {self.workers}: a rollout runs in one process; "
+                            "use --workers 1")
         parse_target(self.keys_db, flag="--keys")  # a value that is no database: exit 2 before anything is opened
         parse_target(self.audit_db, flag="--audit")
         if not (0 < int(self.port) < 65536):
@@ -79,7 +87,9 @@ def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, aud
                        unauth_rate: float, unauth_burst: int, slow_lane_rate: float, review: str | None,
                        quarantine: Path | None, review_mb: float, review_days: float, device: str,
                        torch_threads: int, workers: int, graceful_s: float,
-                       signing_key_file: Path | None, monitor_config: Path | None) -> ServeOptions:
+                       signing_key_file: Path | None, monitor_config: Path | None, canary: Path | None = None,
+                       shadow: Path | None = None, canary_fraction: float | None = None,
+                       rollout: Path | None = None) -> ServeOptions:
     """The ``safedl serve`` flags (sizes in MB and KiB/s, as typed) as one validated ``ServeOptions``; raises
     UserError naming the flag."""
     from safedl.serve.protocol import parse_networks
@@ -101,6 +111,11 @@ def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, aud
                          unauth_rate_per_s=unauth_rate, unauth_burst=unauth_burst, body_timeout_s=body_timeout_s,
                          min_body_bytes_per_s=min_body_kbps * 1024.0,
                          trusted_proxies=parse_networks(trusted_proxy, name="--trusted-proxy"))
+    if (rollout is not None or canary_fraction is not None) and canary is None:
+        raise UserError("--rollout and --canary-fraction need --canary BUNDLE")
+    from safedl.serve.rollout.config import load_rollout
+
+    plan = load_rollout(rollout).with_first_step(canary_fraction) if canary is not None else None
     connections = ConnectionLimits(header_timeout_s=header_timeout_s, keepalive_timeout_s=keepalive_s,
                                    max_connections=max_connections,
                                    max_connections_per_client=max_connections_per_client)
@@ -110,7 +125,8 @@ def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, aud
                         port=port, device=device, torch_threads=torch_threads, workers=workers,
                         graceful_s=graceful_s,
                         signing_key=read_signing_key(signing_key_file), monitor_config=monitor, config=config,
-                        connections=connections, slow_lane=SlowLaneLimits(rate_per_s=slow_lane_rate))
+                        connections=connections, slow_lane=SlowLaneLimits(rate_per_s=slow_lane_rate),
+                        canary_path=canary, shadow_path=shadow, rollout=plan)
 
 
 def _mb_bytes(mb: float, *, flag: str) -> int:

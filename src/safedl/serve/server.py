@@ -29,7 +29,24 @@ def build_app(options: ServeOptions) -> Any:
     # workers, the only swap: each worker gets it from the supervisor)
     app.state.service.swapper.configure(start_path=options.bundle_path, signing_key=options.signing_key,
                                         device=options.device, workers=options.workers)
+    _start_release(app.state.service, options)
     return app
+
+
+def _start_release(svc: Any, options: ServeOptions) -> None:
+    """``--canary`` / ``--shadow``: the new bundle verified and checked as a swap would be (UserError, exit 2,
+    when refused), then served next to the stable one (serve/rollout)."""
+    from safedl.errors import UserError
+    from safedl.serve.swap import SwapRefused
+
+    path = options.canary_path or options.shadow_path
+    if path is None:
+        return
+    try:
+        svc.rollout.begin(str(path), mode="canary" if options.canary_path else "shadow", config=options.rollout,
+                          ctx={"trigger": "start"}, operator_path=True)
+    except SwapRefused as exc:
+        raise UserError(f"--{'canary' if options.canary_path else 'shadow'} {path}: {exc.message}") from None
 
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:

@@ -6,7 +6,9 @@ rejected or answered with its label; triggered probe attack success = answered w
 Each check compares a one-sided bound (decide/paired.py) with its limit: in ``evidence`` mode a check fails when
 even the bound most favourable to the canary is past the limit; in ``non_inferiority`` mode when the least
 favourable one is. Latency is no proportion: the canary's p99 over single-image probe calls (interleaved with
-the stable version's) against ``latency_p99_ratio`` x the stable p99 (or ``latency_slack_s`` above it).
+the stable version's, alternating which goes first) against ``latency_p99_ratio`` x the stable p99 (or
+``latency_slack_s`` above it); in ``evidence`` mode the canary's side is the distribution-free lower bound of its
+p99 (order statistics), so one timer spike does not roll a release back.
 """
 from __future__ import annotations
 
@@ -56,8 +58,9 @@ def latencies(decides: dict[str, Callable[[torch.Tensor], Any]], ps: ProbeSet, *
               samples: int = LATENCY_SAMPLES) -> dict[str, list[float]]:
     """Seconds per single-image call of each version, interleaved (both see the same load)."""
     out: dict[str, list[float]] = {k: [] for k in decides}
+    order = list(decides.items())
     for i in range(min(samples, len(ps))):
-        for name, decide in decides.items():
+        for name, decide in (order if i % 2 == 0 else order[::-1]):  # alternating: neither always runs second
             t0 = time.perf_counter()
             try:
                 decide(ps.x[i:i + 1])
@@ -69,6 +72,18 @@ def latencies(decides: dict[str, Callable[[torch.Tensor], Any]], ps: ProbeSet, *
 
 def p99(values: list[float]) -> float | None:
     return float(torch.quantile(torch.tensor(values, dtype=torch.float64), 0.99)) if values else None
+
+
+def quantile_lower_bound(values: list[float], *, q: float = 0.99, confidence: float = 0.95) -> float:
+    """A distribution-free one-sided lower ``confidence`` bound of the ``q`` quantile: the order statistic
+    X_(k) with the largest k such that P(Binomial(n, q) >= k) >= confidence (so one timer spike in n samples does
+    not decide it); the smallest sample when no k qualifies."""
+    from scipy.stats import binom
+
+    xs = sorted(values)
+    n = len(xs)
+    ks = [k for k in range(1, n + 1) if binom.sf(k - 1, n, q) >= confidence]
+    return xs[(max(ks) if ks else 1) - 1]
 
 
 def _check(name: str, stat: dict, limit: float, cfg: Checks, *, note: str | None = None) -> dict[str, Any]:
@@ -118,10 +133,13 @@ def evaluate(ps: ProbeSet, stable: ProbeRun, canary: ProbeRun, lat: dict[str, li
 
 
 def _latency_check(lat: dict[str, list[float]], cfg: Checks) -> dict[str, Any]:
+    """Canary p99 against the stable p99 x ratio (or + slack); ``evidence`` mode compares the canary p99's
+    distribution-free lower bound, ``non_inferiority`` its point estimate."""
     s, c = p99(lat.get("stable", [])), p99(lat.get("canary", []))
     if s is None or c is None:
         return {"check": "latency_p99", "passed": True, "value": c, "bound": None, "limit": None, "n": 0,
                 "note": "no latency samples"}
     limit = max(cfg.latency_p99_ratio * s, s + cfg.latency_slack_s)
-    return {"check": "latency_p99", "passed": bool(c <= limit), "value": c, "bound": c, "limit": limit,
+    bound = quantile_lower_bound(lat["canary"], confidence=cfg.confidence) if cfg.mode == "evidence" else c
+    return {"check": "latency_p99", "passed": bool(bound <= limit), "value": c, "bound": bound, "limit": limit,
             "n": len(lat["canary"]), "note": f"stable p99 {s:.6f} s"}

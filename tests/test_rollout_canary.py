@@ -48,7 +48,7 @@ class _Svc:
         self.app = create_app(bundle=load_bundle(stable_path), keys=self.keys, audit=AuditStore(self.audit_path),
                               config=ServeConfig())
         self.svc = self.app.state.service
-        self.svc.rollout.config = FAST
+        self.svc.rollout.rules = FAST
         self.h = {"Authorization": f"Bearer {self.admin}"}
 
     def status(self, c):
@@ -165,7 +165,7 @@ def test_admin_canary_refuses_bad_bodies_and_a_second_rollout(tmp_path, releases
                            ({"path": str(tmp_path / "missing")}, 422), ({"action": "abort"}, 409), ({"pth": 1}, 400)):
             r = c.post("/v1/admin/canary", json=body, headers=s.h)
             assert r.status_code == code, (body, r.text)
-        s.svc.rollout.config = parse_rollout("interval_s: 30", where="t")
+        s.svc.rollout.rules = parse_rollout("interval_s: 30", where="t")
         assert c.post("/v1/admin/canary", json={"path": str(releases["good"])}, headers=s.h).status_code == 200
         r = c.post("/v1/admin/canary", json={"path": str(releases["good"])}, headers=s.h)
         assert r.status_code == 409 and r.json()["error"]["code"] == "rollout_in_progress"

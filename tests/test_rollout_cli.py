@@ -47,7 +47,7 @@ def test_canary_fraction_sets_the_first_step_and_needs_a_canary(tmp_path):
         load_rollout(None).with_first_step(1.5)
     r = CliRunner().invoke(cli, ["serve", str(tmp_path / "b"), "--keys", str(tmp_path / "k.db"),
                                  "--canary-fraction", "0.1"])
-    assert r.exit_code == 2 and "need --canary" in r.output
+    assert r.exit_code == 2 and "needs --canary" in r.output
     with pytest.raises(UserError, match="give one"):
         ServeOptions(bundle_path=tmp_path, keys_db=tmp_path / "k.db", canary_path=tmp_path, shadow_path=tmp_path)
     with pytest.raises(UserError, match="--workers 1"):

@@ -19,6 +19,10 @@ RETENTION_HELP = ("delete audit rows (and resolved alerts, swaps) older than thi
                   "typical); default: keep all")
 INPUT_CACHE_HELP = "MB of decoded inputs kept per key by content hash (a key's repeat skips decoding only; 0: off)"
 DB_HELP = "a SQLite file path or a PostgreSQL URL (postgresql://USER@HOST/DB)"
+CANARY_HELP = "a new bundle served to a sticky share of keys, promoted step by step or rolled back by the rules"
+SHADOW_HELP = "a new bundle run on every answered batch; answers come from BUNDLE, disagreements are counted"
+FRACTION_HELP = "the canary's first step: its share of keys (0.1 = 10%)"
+ROLLOUT_HELP = "rollout rules (YAML; `safedl rollout rules` prints the default, used without it)"
 
 
 def _fail(exc: BaseException) -> None:
@@ -82,22 +86,23 @@ def serve_command(
         monitor_config: Optional[Path] = typer.Option(None, "--monitor-config",
                                                       help="security monitor rules (YAML; `safedl monitor rules` "
                                                            "prints the default); off without it"),
-        canary: Optional[Path] = typer.Option(None, "--canary", help="a new bundle served to a sticky share of "
-                                              "keys, promoted step by step or rolled back by the rollout rules"),
-        shadow: Optional[Path] = typer.Option(None, "--shadow", help="a new bundle run on every answered batch; "
-                                              "answers come from BUNDLE, disagreements are counted"),
-        canary_fraction: Optional[float] = typer.Option(None, "--canary-fraction",
-                                                        help="the first step's share of keys (0.1 = 10%)"),
-        rollout: Optional[Path] = typer.Option(None, "--rollout", help="rollout rules (YAML; `safedl rollout "
-                                               "rules` prints the default, used without it)"),
+        canary: Optional[Path] = typer.Option(None, "--canary", help=CANARY_HELP),
+        shadow: Optional[Path] = typer.Option(None, "--shadow", help=SHADOW_HELP),
+        canary_fraction: Optional[float] = typer.Option(None, "--canary-fraction", help=FRACTION_HELP),
+        rollout: Optional[Path] = typer.Option(None, "--rollout", help=ROLLOUT_HELP),
 ) -> None:
     """Serve a bundle over HTTP: API keys, rate limits, input limits, audit log, Prometheus metrics.
 
     Exit code 2 when the bundle fails verification or an option is wrong. SIGHUP reloads BUNDLE (verified as at
     start) without downtime; POST /v1/admin/bundle and /v1/admin/rollback (scope admin) swap and roll back.
     With --workers N, SIGHUP to the supervisor reloads every worker and SIGTERM stops them all gracefully.
+    --canary NEW (or POST /v1/admin/canary) releases NEW to a sticky share of keys under the rollout rules.
     """
-    flags = dict(locals())  # every option, by parameter name: one ServeOptions is built from them
+    _serve(dict(locals()))  # every option, by parameter name: one ServeOptions is built from them
+
+
+def _serve(flags: dict) -> None:
+    """Run ``safedl serve`` with its flags (exit 2 on a UserError; a worker supervisor's exit code)."""
     from safedl.serve.options import options_from_flags
 
     try:

@@ -40,7 +40,8 @@ class ServeOptions:
     slow_lane: SlowLaneLimits = field(default_factory=SlowLaneLimits)
     canary_path: Path | None = None     # --canary: served to a sticky share of keys, promoted or rolled back
     shadow_path: Path | None = None     # --shadow: run next to the stable bundle, answers never served
-    rollout: Any = None                 # serve/rollout/config.RolloutConfig (--rollout FILE, --canary-fraction)
+    rollout: Any = None                 # serve/rollout/config.RolloutConfig (--rollout FILE, --canary-fraction);
+                                        # None: the default rules
 
     def __post_init__(self) -> None:
         if self.canary_path is not None and self.shadow_path is not None:
@@ -111,11 +112,11 @@ def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, aud
                          unauth_rate_per_s=unauth_rate, unauth_burst=unauth_burst, body_timeout_s=body_timeout_s,
                          min_body_bytes_per_s=min_body_kbps * 1024.0,
                          trusted_proxies=parse_networks(trusted_proxy, name="--trusted-proxy"))
-    if (rollout is not None or canary_fraction is not None) and canary is None:
-        raise UserError("--rollout and --canary-fraction need --canary BUNDLE")
+    if canary_fraction is not None and canary is None:
+        raise UserError("--canary-fraction needs --canary BUNDLE")
     from safedl.serve.rollout.config import load_rollout
 
-    plan = load_rollout(rollout).with_first_step(canary_fraction) if canary is not None else None
+    plan = load_rollout(rollout).with_first_step(canary_fraction)  # also the rules of canaries started over HTTP
     connections = ConnectionLimits(header_timeout_s=header_timeout_s, keepalive_timeout_s=keepalive_s,
                                    max_connections=max_connections,
                                    max_connections_per_client=max_connections_per_client)

@@ -39,6 +39,8 @@ def _start_release(svc: Any, options: ServeOptions) -> None:
     from safedl.errors import UserError
     from safedl.serve.swap import SwapRefused
 
+    if options.rollout is not None:
+        svc.rollout.rules = options.rollout  # also for canaries started later over POST /v1/admin/canary
     path = options.canary_path or options.shadow_path
     if path is None:
         return

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 import torch
@@ -68,6 +69,14 @@ class Lane:
             self._queue.put(None)
             self._thread.join(10.0)
         self.batcher.stop()
+
+    def retire(self, *, grace_s: float) -> None:
+        """Stop after ``grace_s`` seconds, in a thread (requests routed here just before are still answered)."""
+        def later() -> None:
+            time.sleep(grace_s)
+            self.stop()
+
+        threading.Thread(target=later, name="safedl-lane-retire", daemon=True).start()
 
     def shadow(self, x: torch.Tensor, labels: torch.Tensor, rejected: torch.Tensor) -> None:
         """Queue a stable answer to be compared with this version's (dropped, and counted, when the queue is full)."""

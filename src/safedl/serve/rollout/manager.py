@@ -21,6 +21,7 @@ from safedl.serve.swap import SwapRefused, record_swap
 
 log = logging.getLogger("safedl.serve.rollout")
 MODES = ("canary", "shadow")
+RETIRE_GRACE_S = 2.0  # a lane no key is routed to any more stops this long after the decision
 
 
 class RolloutManager:
@@ -28,7 +29,8 @@ class RolloutManager:
         self.svc = svc
         self.metrics = RolloutMetrics(svc.metrics.registry)
         self.lane: Lane | None = None
-        self.config: RolloutConfig = load_rollout(None)
+        self.rules: RolloutConfig = load_rollout(None)  # what a canary without its own rules gets (--rollout)
+        self.config: RolloutConfig = self.rules  # the running (or last) rollout's rules
         self.fraction = 0.0
         self.step = -1
         self.state: dict[str, Any] = {"state": "idle"}
@@ -93,7 +95,7 @@ class RolloutManager:
         ctx = ctx or {}
         if mode not in MODES:
             raise SwapRefused(400, "bad_request", f"mode {mode!r}: choose canary or shadow")
-        cfg = (config or self.config).with_first_step(fraction)
+        cfg = (config or self.rules).with_first_step(fraction)
         with self._lock:
             if self.state.get("state") == "progressing" or (self.lane is not None and self.lane.role == "shadow"):
                 raise SwapRefused(409, "rollout_in_progress", "a canary or shadow is already running; abort it "
@@ -154,8 +156,8 @@ class RolloutManager:
         if stop_lane or (stop_lane is None and state in ("promoted", "rolled_back", "aborted")):
             self.set_fraction(0.0)
             self.lane = None
-            if lane is not None:
-                lane.stop()
+            if lane is not None:  # a request routed to it just before still gets its answer
+                lane.retire(grace_s=RETIRE_GRACE_S)
         return entry
 
     def _audit(self, entry: dict, ctx: dict) -> None:

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from safedl.data.packing import load_packed
 from safedl.deploy.probes import ProbeSet, probe_set
 from safedl.rundir import RunDir
 
@@ -14,14 +15,12 @@ log = logging.getLogger("safedl.deploy.probes")
 
 
 def _attack_states(run_dir: Path, results: dict[str, Any]) -> list[tuple[str, dict]]:
-    from safedl.run.state import load_stage_state
-
     out = []
     for a in results.get("attacks", []):
         path = RunDir(run_dir).stage_state(f"attack-{a.get('id')}")
         if a.get("category") in ("evasion", "poisoning", "backdoor") and path.is_file():
             try:
-                out.append((str(a.get("id")), load_stage_state(path)))
+                out.append((str(a.get("id")), load_packed(path)))
             except (OSError, RuntimeError, KeyError) as exc:  # a stage state that cannot be read adds no probes
                 log.warning("probe set: %s unreadable (%s); its examples are left out", path, exc)
     return out

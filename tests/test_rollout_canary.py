@@ -13,11 +13,13 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from _rollout_helpers import bundle, probes_for, train, wait_final  # noqa: E402
+from _monitor_helpers import write_config  # noqa: E402
 from _serve_helpers import npy_bytes  # noqa: E402
 from safedl.deploy import load_bundle  # noqa: E402
 from safedl.serve import ServeConfig, create_app  # noqa: E402
 from safedl.serve.audit import AuditStore  # noqa: E402
 from safedl.serve.keys import KeyStore  # noqa: E402
+from safedl.serve.monitor import load_monitor_config  # noqa: E402
 from safedl.serve.rollout.config import parse_rollout  # noqa: E402
 from safedl.serve.rollout.lane import key_share  # noqa: E402
 
@@ -38,7 +40,7 @@ def releases(digits_splits, tmp_path_factory):
 
 
 class _Svc:
-    def __init__(self, tmp_path, stable_path, *, users: int = 1):
+    def __init__(self, tmp_path, stable_path, *, users: int = 1, monitor=None):
         self.keys = KeyStore(tmp_path / "keys.db", create=True)
         self.admin = self.keys.create(name="ops", tier="full", scopes=("predict", "model", "admin"),
                                       rate_per_s=1000, burst=1000)[1]
@@ -46,7 +48,7 @@ class _Svc:
                       for i in range(users)]
         self.audit_path = tmp_path / "audit.db"
         self.app = create_app(bundle=load_bundle(stable_path), keys=self.keys, audit=AuditStore(self.audit_path),
-                              config=ServeConfig())
+                              config=ServeConfig(), monitor_config=monitor)
         self.svc = self.app.state.service
         self.svc.rollout.rules = FAST
         self.h = {"Authorization": f"Bearer {self.admin}"}
@@ -73,7 +75,9 @@ def _metric(text: str, name: str, **labels) -> float:
 # ---------------------------------------------------------------------------------------------- done when
 
 def test_a_backdoored_canary_is_rolled_back_without_user_traffic(tmp_path, releases):
-    s = _Svc(tmp_path, releases["stable"])
+    off = {d: {"enabled": False} for d in ("stateful", "prada", "volume", "copycat", "sybil")}
+    monitor = load_monitor_config(write_config(tmp_path / "monitor.yml", calibration=None, rules=[], detectors=off))
+    s = _Svc(tmp_path, releases["stable"], monitor=monitor)
     stable_version = load_bundle(releases["stable"]).version
     with TestClient(s.app) as c:
         r = c.post("/v1/admin/canary", json={"path": str(releases["backdoored"])}, headers=s.h)
@@ -93,6 +97,10 @@ def test_a_backdoored_canary_is_rolled_back_without_user_traffic(tmp_path, relea
     assert [r["action"] for r in rows] == ["canary_start", "canary_rollback"]
     assert rows[-1]["outcome"] == "rolled_back" and rows[-1]["from_version"] == stable_version
     assert "backdoor_asr_increase" in rows[-1]["detail"]
+    sent = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines()]
+    alert = next(n["alert"] for n in sent if n["alert"]["rule"] == "canary_rollback")  # to the alert sinks
+    assert alert["severity"] == "critical" and alert["metric"] == "backdoor_asr_increase"
+    assert alert["value"] == final["decided_by"]["bound"] and alert["threshold"] == 0.05
 
 
 def test_a_good_canary_is_promoted_step_by_step(tmp_path, releases):

@@ -1,0 +1,145 @@
+"""The ART adapter (``art:ClassName`` components): registry resolution, parameter errors, the [0, 1] / eps-ball
+contract, counted queries for black-box ART attacks, ART preprocessors/postprocessors as pipeline components, and
+safedl working without ART."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from safedl import registry
+from safedl.errors import AttackContractError, ConfigError, UnknownComponentError
+from safedl.utils.tensors import predict
+
+pytest.importorskip("art")
+
+
+def test_art_names_resolve_to_registered_components_of_the_right_kind():
+    assert registry.find_kind("art:SpatialSmoothing", registry.DEFENSE_KINDS) == "preprocessor"
+    assert registry.find_kind("art:ReverseSigmoid", registry.DEFENSE_KINDS) == "postprocessor"
+    pgd = registry.create("evasion", "art:ProjectedGradientDescent", eps=0.1, max_iter=5)
+    assert pgd.access == "white-box" and pgd.bounded and pgd.eps == 0.1 and pgd.norm == "linf"
+    assert registry.create("evasion", "art:SquareAttack", eps=0.1).access == "scores"
+    assert not registry.create("evasion", "art:DeepFool").bounded
+    # the bundle round trip: non-default arguments read back and rebuilt
+    params = registry.creation_params(pgd)
+    assert params == {"eps": 0.1, "max_iter": 5, "norm": "linf"}
+    assert registry.creation_params(registry.create("evasion", "art:ProjectedGradientDescent", **params)) == params
+
+
+@pytest.mark.parametrize("kind,name,params,needle", [
+    ("evasion", "art:NoSuchAttack", {}, "art:ProjectedGradientDescent"),
+    ("evasion", "art:ProjectedGradientDescent", {"epsilon": 0.1}, "its parameters are"),
+    ("evasion", "art:ProjectedGradientDescent", {"max_iter": -3}, "max_iter"),
+    ("evasion", "art:ProjectedGradientDescent", {"norm": 1}, "allowed: 'linf'"),
+    ("evasion", "art:ProjectedGradientDescent", {"eps": 2.0}, "pixel range"),
+    ("evasion", "art:FastGradientMethod", {"on_violation": "ignore"}, "on_violation"),
+    ("preprocessor", "art:SpatialSmoothing", {"window_size": 0}, "window_size"),
+    ("preprocessor", "art:NoSuchDefence", {}, "art:SpatialSmoothing"),
+])
+def test_bad_art_names_and_params_are_one_clear_user_error(kind, name, params, needle):
+    with pytest.raises((ConfigError, UnknownComponentError)) as exc:
+        registry.create(kind, name, **params)
+    assert needle in str(exc.value)
+
+
+def test_art_pgd_equals_native_pgd_without_random_start(tiny_model, eval_batch):
+    x, y = eval_batch
+    theirs = registry.create("evasion", "art:ProjectedGradientDescent", eps=0.1, eps_step=0.01, max_iter=20,
+                             batch_size=len(x))(tiny_model, x, y)
+    ours = registry.create("evasion", "pgd", eps=0.1, alpha=0.01, steps=20, random_start=False)(tiny_model, x, y)
+    np.testing.assert_allclose(theirs.numpy(), ours.numpy(), atol=1e-5)
+
+
+def test_targeted_art_attack_aims_at_the_target(tiny_model, eval_batch):
+    x, y = eval_batch
+    target = (y + 1) % 10
+    x_adv = registry.create("evasion", "art:ProjectedGradientDescent", eps=0.3, eps_step=0.03, max_iter=20)(
+        tiny_model, x, y, target=target)
+    assert float((predict(tiny_model, x_adv) == target).float().mean()) > 0.5
+
+
+class _Escaping:
+    """An ART-like attack that ignores its budget: returns x + 0.5 (outside both the eps-ball and [0, 1])."""
+
+    def __init__(self, estimator, **kw):
+        pass
+
+    def generate(self, x, y=None):
+        return x + 0.5
+
+
+def test_outputs_outside_the_eps_ball_or_pixel_range_are_refused_or_projected(tiny_model, eval_batch, monkeypatch):
+    x, y = eval_batch[0][:8], eval_batch[1][:8]
+    attack = registry.create("evasion", "art:FastGradientMethod", eps=0.05)
+    monkeypatch.setattr(type(attack), "art_class", _Escaping)
+    with pytest.raises(AttackContractError, match="eps-ball"):
+        attack(tiny_model, x, y)
+    flagged = registry.create("evasion", "art:FastGradientMethod", eps=0.05, on_violation="project")
+    monkeypatch.setattr(type(flagged), "art_class", _Escaping)
+    x_adv = flagged(tiny_model, x, y)
+    assert flagged.eps_violations_ == 8
+    assert float((x_adv - x).abs().max()) <= 0.05 + 1e-6 and 0 <= float(x_adv.min()) and float(x_adv.max()) <= 1
+
+
+def test_black_box_art_attack_is_counted_per_sample_through_the_query_interface(tiny_model, eval_batch):
+    x, y = eval_batch[0][:6], eval_batch[1][:6]
+    attack = registry.create("evasion", "art:SquareAttack", eps=0.2, max_iter=20, nb_restarts=1)
+    calls = []
+    hook = tiny_model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    try:
+        x_adv = attack(tiny_model, x, y)
+    finally:
+        hook.remove()
+    q = attack.queries_
+    assert q.shape == (6,) and bool((q > 0).all())
+    # every forward of the model (less the one class-count probe per batch) is a counted query
+    assert int(q.sum()) == sum(calls) - 1
+    assert float((x_adv - x).abs().amax()) <= 0.2 + 1e-5
+
+
+def test_art_preprocessor_matches_art_and_is_bpda_in_adaptive_attacks(eval_batch):
+    from art.defences.preprocessor import FeatureSqueezing
+
+    from safedl.defenses.adaptive import BPDA, defended_model
+
+    x = eval_batch[0][:16]
+    pre = registry.create("preprocessor", "art:FeatureSqueezing", bit_depth=2)
+    theirs, _ = FeatureSqueezing(clip_values=(0, 1), bit_depth=2)(x.numpy())
+    np.testing.assert_allclose(pre(x).numpy(), theirs, atol=1e-6)
+    native = registry.create("preprocessor", "feature_squeezing", bit_depth=2)
+    np.testing.assert_allclose(pre(x).numpy(), native(x).numpy(), atol=1e-6)
+    assert pre.differentiable is False
+    surface = defended_model([pre], torch.nn.Flatten(), adaptive=True)
+    assert isinstance(surface.inner[0], BPDA)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(surface(xg).sum(), xg)
+    assert torch.equal(g, torch.ones_like(g))  # identity backward through ART's numpy code
+
+
+def test_art_postprocessor_turns_logits_into_art_scores():
+    from art.defences.postprocessor import Rounded
+
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.1, 0.2, 0.3]])
+    post = registry.create("postprocessor", "art:Rounded", decimals=1)
+    expected = Rounded(decimals=1)(logits.softmax(1).numpy())
+    np.testing.assert_allclose(post(logits).numpy(), expected, atol=1e-6)
+
+
+def test_safedl_imports_and_names_art_clearly_without_art(tmp_path):
+    """With ART unimportable, safedl and its registry still work; an art: name is one clear ConfigError."""
+    code = (
+        "import sys; sys.modules['art'] = None\n"
+        "from safedl import registry\n"
+        "from safedl.errors import ConfigError\n"
+        "assert 'pgd' in registry.names('evasion')\n"
+        "try:\n    registry.create('evasion', 'art:ProjectedGradientDescent')\n"
+        "except ConfigError as e:\n    print('ERR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": "src", "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert "ERR" in out.stdout and "pip install 'safedl[art]'" in out.stdout

@@ -143,3 +143,33 @@ def test_safedl_imports_and_names_art_clearly_without_art(tmp_path):
                          env={"PYTHONPATH": "src", "PATH": ""})
     assert out.returncode == 0, out.stderr
     assert "ERR" in out.stdout and "pip install 'safedl[art]'" in out.stdout
+
+
+def test_art_backdoor_poisons_with_exact_ground_truth_and_arts_own_trigger(digits_splits):
+    from art.attacks.poisoning.perturbations import add_pattern_bd
+
+    train = digits_splits.train
+    attack = registry.create("backdoor", "art:PoisoningAttackBackdoor", perturbation="add_pattern_bd",
+                             perturbation_params={"distance": 1}, target_class=3, poison_fraction=0.05)
+    p = attack.poison(train, generator=torch.Generator().manual_seed(0))
+    idx = torch.nonzero(p.is_poison).flatten()
+    assert len(idx) == round(0.05 * len(train))
+    assert bool((p.y[idx] == 3).all()) and bool((p.original_y[idx] != 3).all())
+    assert torch.equal(p.x[~p.is_poison], train.x[~p.is_poison]) and torch.equal(p.original_x, train.x)
+    nhwc = train.x[idx].permute(0, 2, 3, 1).numpy()
+    expected = torch.as_tensor(add_pattern_bd(nhwc, distance=1)).permute(0, 3, 1, 2)
+    assert torch.equal(p.x[idx], expected)
+    assert torch.equal(attack.apply_trigger(train.x[:4]), attack.apply_trigger(train.x[:4]))
+
+
+@pytest.mark.parametrize("kind,name,params,needle", [
+    ("backdoor", "art:PoisoningAttackBackdoor", {"perturbation": "add_noise"}, "add_pattern_bd"),
+    ("backdoor", "art:PoisoningAttackBackdoor", {"perturbation_params": {"size": 3}}, "allowed: distance"),
+    ("backdoor", "art:PoisoningAttackBackdoor", {"perturbation_params": {"pixel_value": 3}}, "[0, 1]"),
+    ("poisoning", "art:PoisoningAttackBackdoor", {}, "backdoor"),
+    ("backdoor", "art:HiddenTriggerBackdoor", {}, "art:PoisoningAttackBackdoor"),
+])
+def test_bad_art_backdoor_entries_are_one_clear_user_error(kind, name, params, needle):
+    with pytest.raises((ConfigError, UnknownComponentError)) as exc:
+        registry.create(kind, name, **params)
+    assert needle in str(exc.value)

@@ -63,3 +63,20 @@ def test_art_preprocessor_matches_native_through_the_pipeline(results, native, a
         assert _overlap(ours[key], theirs[key]), (key, ours[key], theirs[key])
     assert any("BPDA" in n for n in defenses[art]["notes"])  # evaluated adaptively through BPDA
     assert defenses[art]["components"][0]["name"].startswith("art:")
+
+
+def test_art_backdoor_runs_through_the_poisoning_stage(tmp_path):
+    prof = tiny_profile(
+        attacks={"backdoor": [{"name": "art:PoisoningAttackBackdoor", "id": "art_bd",
+                               "params": {"perturbation_params": {"distance": 1}, "target_class": 0,
+                                          "poison_fraction": 0.1}}]},
+        output={"dir": "runs", "html": False, "figures": False})
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    res = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--no-progress", "-q"])
+    assert res.exit_code in (0, 1), res.output
+    r = json.loads(next((tmp_path / "runs").iterdir()).joinpath("results.json").read_text())
+    (a,) = r["attacks"]
+    assert a["category"] == "backdoor" and not r.get("failed_stages")
+    asr = a["metrics"]["attack_success_rate"]
+    assert asr["n"] > 0 and asr["ci95"][0] > 1 / 10  # the trigger steers well above chance (10 classes)

@@ -23,6 +23,7 @@ def test_art_names_resolve_to_registered_components_of_the_right_kind():
     pgd = registry.create("evasion", "art:ProjectedGradientDescent", eps=0.1, max_iter=5)
     assert pgd.access == "white-box" and pgd.bounded and pgd.eps == 0.1 and pgd.norm == "linf"
     assert registry.create("evasion", "art:SquareAttack", eps=0.1).access == "scores"
+    assert registry.create("postprocessor", "art:ClassLabels").preserves_argmax is False  # ART 1.20.1 batch bug
     assert not registry.create("evasion", "art:DeepFool").bounded
     # the bundle round trip: non-default arguments read back and rebuilt
     params = registry.creation_params(pgd)
@@ -173,3 +174,31 @@ def test_bad_art_backdoor_entries_are_one_clear_user_error(kind, name, params, n
     with pytest.raises((ConfigError, UnknownComponentError)) as exc:
         registry.create(kind, name, **params)
     assert needle in str(exc.value)
+
+
+def test_decision_based_art_attack_gets_labels_only_and_every_query_is_counted(tiny_model, eval_batch):
+    x, y = eval_batch[0][:3], eval_batch[1][:3]
+    attack = registry.create("evasion", "art:HopSkipJump", max_iter=2, max_eval=20, init_eval=5)
+    assert attack.access == "labels" and not attack.bounded
+    seen = []
+    hook = tiny_model.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+    try:
+        x_adv = attack(tiny_model, x, y)  # ART queries batches of rows (float64): each row counts for its sample
+    finally:
+        hook.remove()
+    assert int(attack.queries_.sum()) == sum(seen) - 1 and bool((attack.queries_ > 0).all())
+    assert 0 <= float(x_adv.min()) and float(x_adv.max()) <= 1
+
+
+def test_an_art_attack_that_returns_no_adversarial_images_is_refused(tiny_model, eval_batch, monkeypatch):
+    class _Patch:
+        def __init__(self, estimator, **kw):
+            pass
+
+        def generate(self, x, y=None):
+            return np.zeros((3, 3)), np.ones((3, 3))
+
+    attack = registry.create("evasion", "art:FastGradientMethod", eps=0.05)
+    monkeypatch.setattr(type(attack), "art_class", _Patch)
+    with pytest.raises(AttackContractError, match="shape"):
+        attack(tiny_model, eval_batch[0][:4], eval_batch[1][:4])

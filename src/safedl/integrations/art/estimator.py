@@ -14,15 +14,32 @@ from safedl.integrations.art.loader import import_art
 
 
 class QueryModel(nn.Module):
-    """A black-box view of a model for ART: every forward goes through a counted :class:`QueryInterface` and
-    returns log-scores, so ART sees scores only and each query is counted."""
+    """A black-box view of a model for ART, attacking one sample: every forward goes through a counted
+    :class:`QueryInterface` (``n=1``; each row of a batch is one query of that sample) and returns log-scores, so
+    ART sees scores only and each query is counted."""
 
-    def __init__(self, interface: QueryInterface):
+    def __init__(self, interface: QueryInterface, *, num_classes: int):
         super().__init__()
         self.interface = interface
+        self.num_classes = int(num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.interface(x).clamp_min(1e-12).log()
+        rows = torch.zeros(len(x), dtype=torch.long, device=x.device)  # one sample at a time: every row is its query
+        out = self.interface(x, rows)
+        if self.interface.output == "labels":  # decision-based: ART reads the top-1 label of a one-hot vector
+            out = torch.nn.functional.one_hot(out, self.num_classes).float()
+        return out.clamp_min(1e-12).log()
+
+
+class Float32(nn.Module):
+    """Casts ART's inputs to float32 (some ART attacks, e.g. HopSkipJump, query with float64 arrays)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.float())
 
 
 def num_classes(model: nn.Module, x: torch.Tensor) -> int:
@@ -35,7 +52,7 @@ def art_classifier(model: nn.Module, *, input_shape: tuple[int, ...], nb_classes
     """ART's ``PyTorchClassifier`` over ``model`` in [0, 1] pixel space."""
     classification = import_art("art.estimators.classification")
     return classification.PyTorchClassifier(
-        model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(input_shape), nb_classes=int(nb_classes),
+        model=Float32(model), loss=nn.CrossEntropyLoss(), input_shape=tuple(input_shape), nb_classes=int(nb_classes),
         clip_values=(0.0, 1.0), device_type="gpu" if device.type == "cuda" else "cpu")
 
 

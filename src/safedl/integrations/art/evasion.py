@@ -41,6 +41,17 @@ def canonical_norm(owner: Any, value: Any) -> str:
     return NORM_NAMES[key]
 
 
+#: ART's decision-based attacks: they read only the top-1 label, so they get labels-only access
+DECISION_BASED = frozenset({"HopSkipJump", "BoundaryAttack", "GeoDA", "SignOPTAttack"})
+
+
+def access_of(art_cls: type) -> str:
+    """``white-box`` (ART needs gradients), ``labels`` (decision-based) or ``scores``."""
+    if gradient_access(art_cls):
+        return "white-box"
+    return "labels" if art_cls.__name__ in DECISION_BASED else "scores"
+
+
 def gradient_access(art_cls: type) -> bool:
     """Whether the ART attack needs gradients (its estimator requirements name a gradients mixin)."""
     reqs = getattr(art_cls, "_estimator_requirements", ()) or ()
@@ -119,7 +130,12 @@ class ArtEvasionAttack(EvasionAttack):
             if self.seed is not None:
                 torch.manual_seed(int(self.seed))
             out = attack.generate(x.detach().cpu().numpy(), y=labels.detach().cpu().numpy())
-        return torch.as_tensor(np.asarray(out), dtype=x.dtype).reshape(x.shape).to(x.device)
+        try:
+            return torch.as_tensor(np.asarray(out, dtype=np.float32), dtype=x.dtype).reshape(x.shape).to(x.device)
+        except (ValueError, TypeError, RuntimeError):
+            raise AttackContractError(f"{self.registry_name}: ART's generate did not return adversarial images of the "
+                                      f"input's shape {tuple(x.shape)} (attacks that return a patch or a universal "
+                                      "perturbation are not supported by the adapter)") from None
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         k = num_classes(model, x)
@@ -130,8 +146,9 @@ class ArtEvasionAttack(EvasionAttack):
             return self.checked(x, self._generate(clf, x, labels, targeted=targeted))
         advs, counts = [], []
         for i in range(len(x)):  # one sample at a time: each query is counted for the sample it belongs to
-            interface = QueryInterface(model, n=1, output="scores", device=x.device)
-            clf = art_classifier(QueryModel(interface), input_shape=tuple(x.shape[1:]), nb_classes=k, device=x.device)
+            interface = QueryInterface(model, n=1, output=self.access, device=x.device)
+            clf = art_classifier(QueryModel(interface, num_classes=k), input_shape=tuple(x.shape[1:]), nb_classes=k,
+                                 device=x.device)
             advs.append(self._generate(clf, x[i:i + 1], labels[i:i + 1], targeted=targeted))
             counts.append(interface.counts.cpu())
         self.queries_ = torch.cat(counts)

@@ -13,8 +13,9 @@ from safedl.defenses.postprocess._base import Postprocessor
 from safedl.errors import ConfigError
 from safedl.integrations.art.estimator import numpy_seed
 
-#: ART postprocessors whose output can change the top-1 label
-CHANGES_ARGMAX = frozenset({"GaussianNoise"})
+#: ART postprocessors whose output can change the top-1 label (ART 1.20.1's ClassLabels sets, in every row of a
+#: batch, the argmax column of every row, so its labels are wrong for batches of more than one image)
+CHANGES_ARGMAX = frozenset({"GaussianNoise", "ClassLabels"})
 OWN_PARAMS = [inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=0, annotation="int | None")]
 
 

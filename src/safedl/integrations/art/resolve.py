@@ -26,7 +26,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {"GaussianAugmentation": {"augmentation": 
 def _attrs(kind: str, art_cls: type) -> dict[str, Any]:
     name = art_cls.__name__
     if kind == "evasion":
-        return {"access": "white-box" if evasion.gradient_access(art_cls) else "scores"}
+        return {"access": evasion.access_of(art_cls)}
     if kind == "preprocessor":
         return {"randomized": name in preprocess.RANDOMIZED}
     return {"preserves_argmax": name not in postprocess.CHANGES_ARGMAX}

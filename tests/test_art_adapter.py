@@ -202,3 +202,23 @@ def test_an_art_attack_that_returns_no_adversarial_images_is_refused(tiny_model,
     monkeypatch.setattr(type(attack), "art_class", _Patch)
     with pytest.raises(AttackContractError, match="shape"):
         attack(tiny_model, eval_batch[0][:4], eval_batch[1][:4])
+
+
+def test_a_profile_with_bad_art_entries_exits_2_naming_each_key(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from safedl.cli import app
+    from _profiles import tiny_profile
+
+    prof = tiny_profile(attacks={"evasion": [{"name": "art:ProjectedGradientDescent", "params": {"max_iter": -1}},
+                                             {"name": "art:NoSuch"}]},
+                        defenses=[{"name": "art:SpatialSmoothing", "params": {"window": 3}}])
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    res = CliRunner().invoke(app, ["validate", str(path)])
+    assert res.exit_code == 2
+    out = " ".join(res.output.split())
+    for needle in ("attacks.evasion[0].params", "max_iter", "attacks.evasion[1].name", "art:ProjectedGradientDescent",
+                   "defenses[0].params", "window_size"):
+        assert needle in out, needle

@@ -222,3 +222,30 @@ def test_a_profile_with_bad_art_entries_exits_2_naming_each_key(tmp_path):
     for needle in ("attacks.evasion[0].params", "max_iter", "attacks.evasion[1].name", "art:ProjectedGradientDescent",
                    "defenses[0].params", "window_size"):
         assert needle in out, needle
+
+
+ART_CONFORMANCE = [("art:ProjectedGradientDescent", {"eps": 0.1, "max_iter": 5, "num_random_init": 1}),
+                   ("art:FastGradientMethod", {"eps": 0.1}),
+                   ("art:SquareAttack", {"eps": 0.2, "max_iter": 10})]
+
+
+@pytest.mark.parametrize("name,params", ART_CONFORMANCE)
+def test_art_attacks_keep_safedls_attack_contract(name, params, tiny_model, eval_batch):
+    """The conformance checks of tests/test_attack_conformance.py for the adapter: shape, dtype, [0, 1], eps-ball,
+    determinism under the seed, and the model's parameters, .grad and train mode left as they were."""
+    import copy
+
+    x, y = eval_batch[0][:16], eval_batch[1][:16]
+    a = registry.create("evasion", name, **params)(tiny_model, x, y)
+    b = registry.create("evasion", name, **params)(tiny_model, x, y)
+    assert a.shape == x.shape and a.dtype == x.dtype and not a.requires_grad and torch.equal(a, b)
+    assert 0 <= float(a.min()) and float(a.max()) <= 1 and float((a - x).abs().max()) <= params["eps"] + 1e-5
+    model = copy.deepcopy(tiny_model).train()
+    first = next(model.parameters())
+    first.grad = torch.full_like(first, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    registry.create("evasion", name, **params)(model, x, y)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(first.grad, torch.full_like(first, 0.5))
+    assert all(p.grad is None for p in list(model.parameters())[1:]) and all(p.requires_grad for p in model.parameters())

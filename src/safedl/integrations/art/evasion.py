@@ -143,7 +143,13 @@ class ArtEvasionAttack(EvasionAttack):
         if self.access == "white-box":
             clf = art_classifier(model, input_shape=tuple(x.shape[1:]), nb_classes=k, device=x.device)
             self.queries_ = None
-            return self.checked(x, self._generate(clf, x, labels, targeted=targeted))
+            params = list(model.parameters())
+            grads = [p.grad for p in params]  # ART's loss_gradient calls model.zero_grad(): put .grad back
+            try:
+                return self.checked(x, self._generate(clf, x, labels, targeted=targeted))
+            finally:
+                for p, g in zip(params, grads):
+                    p.grad = g
         advs, counts = [], []
         for i in range(len(x)):  # one sample at a time: each query is counted for the sample it belongs to
             interface = QueryInterface(model, n=1, output=self.access, device=x.device)

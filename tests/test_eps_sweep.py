@@ -84,3 +84,12 @@ def test_the_report_draws_and_references_the_eps_curve(sweep_run):
     fig = run_dir / "artifacts" / "figures" / "eps_sweep_pgd.png"
     assert fig.is_file() and fig.stat().st_size > 1000
     assert "artifacts/figures/eps_sweep_pgd.png" in md and "Robustness vs eps: pgd (3 values)" in md
+
+
+def test_the_eps_sweep_example_validates():
+    pytest.importorskip("art")
+    from safedl.profile import load_profile
+
+    p = load_profile("examples/eps_sweep.yaml")
+    assert [a.key for a in p.attacks.evasion][:5] == [f"pgd@{e:g}" for e in (0.01, 0.03, 0.05, 0.1, 0.2)]
+    assert len(p.attacks.evasion) == 10

@@ -44,6 +44,10 @@ class QueryBudgetExceeded(SafedlError, RuntimeError):
     """A black-box attack asked for more queries than its budget allows."""
 
 
+class AttackContractError(SafedlError, RuntimeError):
+    """An attack returned examples outside [0, 1] or outside its eps-ball (e.g. a wrapped ART attack)."""
+
+
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded or does not match the expected model."""
 

@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError, model_validator
 from safedl.errors import ProfileError
 from safedl.models.train import TrainRecipe
 from safedl.profile_inputs import DatasetSpec, ModelSpec, Normalization, StrictModel, ThreatModel
+from safedl.sweeps import check_eps_list, expand_against, expand_attacks, source_indices
 
 __all__ = ["DatasetSpec", "ModelSpec", "Normalization", "Profile", "ThreatModel", "load_profile", "parse_profile"]
 
@@ -34,6 +35,12 @@ class AttackSpec(ComponentSpec):
     @property
     def key(self) -> str:
         return self.id or self.name
+
+    @model_validator(mode="after")
+    def _check_sweep(self) -> "AttackSpec":
+        """``params.eps`` may be a list: an eps sweep (see :mod:`safedl.sweeps`)."""
+        check_eps_list(self.params.get("eps"))
+        return self
 
 
 class AttacksSection(_Strict):
@@ -210,6 +217,18 @@ class Profile(_Strict):
                 "seed": self.seed if ds.split_seed is None else ds.split_seed}
 
     @model_validator(mode="after")
+    def _expand_sweeps(self) -> "Profile":
+        """Each eps sweep becomes one attack per value (``<id>@<eps>``); ``against: [<id>]`` covers them all."""
+        groups: dict[str, list[str]] = {}
+        for cat in ("evasion", "poisoning", "backdoor", "extraction"):
+            expanded, found = expand_attacks(getattr(self.attacks, cat))
+            setattr(self.attacks, cat, expanded)
+            groups.update(found)
+        for d in self.defenses:
+            d.against = expand_against(d.against, groups)
+        return self
+
+    @model_validator(mode="after")
     def _default_trusted(self) -> "Profile":
         """Data poisoned before splitting leave no clean split: the trusted set defaults to none."""
         if self.threat_model.poison_stage == "before_split" and "source" not in self.trusted_clean_set.model_fields_set:
@@ -233,8 +252,9 @@ def _component_errors(profile: Profile) -> list[tuple[str, str]]:
     ids: dict[str, str] = {}
     built: dict[tuple[str, int], Any] = {}
     for cat in ("evasion", "poisoning", "backdoor", "extraction"):
-        for i, spec in enumerate(getattr(profile.attacks, cat)):
-            where = f"attacks.{cat}[{i}]"
+        specs = getattr(profile.attacks, cat)
+        for i, (spec, origin) in enumerate(zip(specs, source_indices(specs))):
+            where = f"attacks.{cat}[{origin}]"
             if spec.key in ids:
                 errors.append((f"{where}.id", f"attack id {spec.key!r} is used twice; give each attack a distinct 'id'"))
             ids[spec.key] = cat

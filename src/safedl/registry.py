@@ -49,6 +49,9 @@ _PACKAGES: dict[str, str] = {**{k: "safedl.attacks" for k in ATTACK_KINDS},
                              "model": "safedl.models", "attack_evaluator": "safedl.evaluate",
                              "defense_evaluator": "safedl.evaluate", "executor": "safedl.executors"}
 _loaded: set[str] = set()
+#: registry-name prefixes served by an integration module (``component_class(kind, name)``, ``kind_of(name, kinds)``):
+#: ``art:ClassName`` wraps an ART class on first use (imported lazily, so safedl runs without ART)
+_PREFIXES: dict[str, str] = {"art:": "safedl.integrations.art.resolve"}
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -90,6 +93,14 @@ def _load_all() -> None:
     _load(KINDS)
 
 
+def _integration(name: str) -> Any:
+    """The integration module serving a prefixed name such as ``art:ProjectedGradientDescent`` (None otherwise)."""
+    for prefix, module in _PREFIXES.items():
+        if isinstance(name, str) and name.startswith(prefix):
+            return importlib.import_module(module)
+    return None
+
+
 def _check_kind(kind: str) -> None:
     if kind not in _REGISTRY:
         raise UnknownComponentError(f"unknown component kind {kind!r}; kinds are: {', '.join(KINDS)}")
@@ -106,6 +117,9 @@ def get(kind: str, name: str) -> type:
     """The class registered as ``kind``/``name``; an unknown name lists the valid ones."""
     _check_kind(kind)
     _load((kind,))
+    integration = None if name in _REGISTRY[kind] else _integration(name)
+    if integration is not None:
+        return integration.component_class(kind, name)
     try:
         return _REGISTRY[kind][name]
     except KeyError:
@@ -117,6 +131,9 @@ def find_kind(name: str, kinds: tuple[str, ...] = COMPONENT_KINDS) -> str:
     """The kind under which ``name`` is registered (searching ``kinds``)."""
     _load(kinds)
     hits = [k for k in kinds if name in _REGISTRY[k]]
+    integration = None if hits else _integration(name)
+    if integration is not None:
+        return integration.kind_of(name, kinds)
     if not hits:
         valid = ", ".join(sorted({n for k in kinds for n in _REGISTRY[k]}))
         raise UnknownComponentError(f"unknown component {name!r}; valid names are: {valid}")

@@ -109,6 +109,11 @@ def simulate_evasion(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOu
     if fit_queries:
         metrics["fit_queries_total"] = scalar(float(fit_queries))
         entry["notes"].append(f"{int(fit_queries)} label queries to the target were spent training the surrogate")
+    violations = getattr(attack, "eps_violations_", 0)
+    if violations:  # an adapted attack (e.g. art:...) returned examples outside [0, 1] or its eps-ball
+        metrics["eps_violations"] = proportion(int(violations), len(x))
+        entry["notes"].append(f"{violations} of {len(x)} examples came back outside [0, 1] or the eps-ball and "
+                              "were projected back (on_violation: project)")
     if not getattr(attack, "bounded", True):
         entry["notes"].append("minimum-norm attack with no eps budget: read robust accuracy together with the "
                               "perturbation norms")

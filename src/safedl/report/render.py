@@ -326,6 +326,9 @@ def write_reports(results: dict[str, Any], run_dir: Path, *, html: bool = True, 
         from safedl.report.extraction_figures import extraction_figures  # model-extraction curves (issue 13)
 
         figs.update(extraction_figures(results, run_dir))
+        from safedl.report.eps_curve import eps_curve_figures  # robustness-vs-eps curves of eps sweeps (issue 30)
+
+        figs.update(eps_curve_figures(results, run_dir))
     blocks = build_blocks(results, figs)
     atomic_write_text(RunDir(run_dir).report_md, to_markdown(blocks))
     if html:

@@ -14,6 +14,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "evasion.hopskipjump",
     "evasion.nes",
     "evasion.pgd",
+    "evasion.sparse_rs",
     "evasion.square",
     "evasion.transfer",
     "extraction.copycat",

@@ -14,6 +14,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "detect.feature_squeezing_detector",
     "detect.frequency_statistics",
     "detect.lid",
+    "detect.magnet",
     "detect.mahalanobis",
     "detect.strip",
     "inspect.model_inspection",

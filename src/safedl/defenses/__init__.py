@@ -6,6 +6,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "cleanse.activation_clustering",
     "cleanse.anomaly_detection",
     "cleanse.data_cleaning",
+    "cleanse.dbscan",
     "cleanse.influence_functions",
     "cleanse.isolate_cross_fit",
     "cleanse.provenance_tracking",

@@ -29,6 +29,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "preprocess.feature_squeezing",
     "preprocess.gaussian_augmentation",
     "preprocess.jpeg_compression",
+    "preprocess.local_gradient_smoothing",
     "preprocess.spatial_smoothing",
     "preprocess.total_variance_minimization",
     "query.copycat",

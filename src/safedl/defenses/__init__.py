@@ -42,6 +42,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "train.adversarial_training",
     "train.dp_training",
     "train.fast_adversarial_training",
+    "train.model_ensemble",
     "train.robust_loss",
     "train.trades",
 )

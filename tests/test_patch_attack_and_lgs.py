@@ -142,3 +142,20 @@ def test_stage_runs_the_patch_attack_adaptively_on_lgs(tmp_path, digits_splits, 
     m = entry["metrics"]
     assert m["robust_accuracy"]["value"] <= m["robust_accuracy_nonadaptive"]["value"]
     assert any("local_gradient_smoothing: BPDA" in s for s in entry["notes"])
+
+
+def test_attack_stage_fits_the_universal_patch_and_declares_the_threat(tmp_path, digits_splits, tiny_model):
+    from safedl.evaluate.attack_evasion import simulate_evasion
+    from safedl.profile import AttackSpec
+
+    profile = Profile(training=TrainRecipe(epochs=2, batch_size=64, lr=3e-3, augment="none"),
+                      evaluation=EvaluationSpec(n_eval=64, batch_size=64))
+    ctx = RunContext(profile=profile, splits=digits_splits, device=torch.device("cpu"), run_dir=tmp_path,
+                     baseline=tiny_model, build_fresh=lambda: None)
+    spec = AttackSpec(name="adversarial_patch", params={"patch_fraction": 0.15, "steps": 60})
+    attack = registry.create("evasion", "adversarial_patch", **spec.params)
+    entry = simulate_evasion(ctx, spec, attack).entry
+    assert attack.patch_ is not None  # fitted on the training split before the evaluation images were attacked
+    assert entry["threat"]["kind"] == "patch" and entry["threat"]["area_fraction"] == 0.15
+    assert any("threat model: a square patch" in s for s in entry["notes"])
+    assert entry["metrics"]["perturbation"]["l0_max"]["value"] <= 9

@@ -50,7 +50,7 @@ def pg_cluster():
 #: modules that run whole assessments (``safedl run`` end to end on tiny data): the slow part of the suite
 WHOLE_RUN_MODULES = ("test_decisions_ci", "test_deploy_bundle", "test_executors_run", "test_extraction_stage",
                      "test_models_resnet_color", "test_query_detector_stage", "test_run_poisoning_e2e",
-                     "test_run_spine", "test_user_data", "test_user_model")
+                     "test_run_families_e2e", "test_run_spine", "test_user_data", "test_user_model")
 
 
 def pytest_collection_modifyitems(config, items):

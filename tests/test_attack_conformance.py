@@ -1,7 +1,10 @@
 """Conformance suite run over every registered evasion attack (scikit-learn estimator-checks style).
 
 A new attack is checked automatically once registered. Attacks may set ``conformance_params`` (small settings for
-a quick run) and ``bounded = False`` when they minimise the perturbation instead of keeping an eps budget.
+a quick run) and ``bounded = False`` when they minimise the perturbation instead of keeping an eps budget. Threats
+that are not an L-p ball are checked by their own budget: ``norm = "l0"`` (at most ``k`` pixels change) and
+``norm = "patch"`` (nothing outside the ``support_`` mask of the last call changes, whose area is at most
+``patch_fraction`` of the image).
 """
 from __future__ import annotations
 
@@ -38,7 +41,15 @@ def test_output_contract_and_budget(name, tiny_model, eval_batch):
     assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
     if getattr(attack, "bounded", True):
         delta = (x_adv - x).flatten(1)
-        if attack.norm == "linf":
+        if attack.norm == "l0":  # a pixel budget, not an L-p ball: at most k pixel positions change
+            changed = ((x_adv - x).abs() > 1e-7).any(1).flatten(1).sum(1)
+            assert int(changed.max()) <= attack.k
+        elif attack.norm == "patch":  # a patch support, not an L-p ball: pixels outside the patch are unchanged
+            support = attack.support_.to(x.device).expand_as(x)
+            assert torch.equal(x_adv[~support], x[~support])
+            area = support[:, 0].flatten(1).float().mean(1)
+            assert float(area.max()) <= attack.patch_fraction + 1e-6
+        elif attack.norm == "linf":
             assert float(delta.abs().max()) <= attack.eps + 1e-5
         else:
             assert float(delta.norm(dim=1).max()) <= attack.eps + 1e-4

@@ -4,6 +4,7 @@
 COMPONENT_MODULES: tuple[str, ...] = (
     "backdoor.learned_trigger",
     "backdoor.static_patch",
+    "evasion.adversarial_patch",
     "evasion.apgd_ce",
     "evasion.apgd_dlr",
     "evasion.cw_l2",
@@ -14,6 +15,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "evasion.hopskipjump",
     "evasion.nes",
     "evasion.pgd",
+    "evasion.sparse_rs",
     "evasion.square",
     "evasion.transfer",
     "extraction.copycat",

@@ -61,6 +61,7 @@ def evasion_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: t
     n, n_ok = len(y), int(correct.sum())
     delta = (x_adv - x).flatten(1)
     linf, l2 = delta.abs().amax(1), delta.norm(dim=1)
+    l0 = ((x_adv - x).abs() > 1e-7).any(1).flatten(1).sum(1).float()  # changed pixel positions, any channel
     m: dict[str, Any] = {
         "clean_accuracy": proportion(int(correct.sum()), n),
         "robust_accuracy": proportion(int(robust.sum()), n),
@@ -68,6 +69,7 @@ def evasion_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: t
         "perturbation": {
             "linf_mean": mean_metric(linf.cpu()), "linf_max": scalar(float(linf.max()) if n else 0.0, n=n),
             "l2_mean": mean_metric(l2.cpu()), "l2_max": scalar(float(l2.max()) if n else 0.0, n=n),
+            "l0_mean": mean_metric(l0.cpu()), "l0_max": scalar(float(l0.max()) if n else 0.0, n=n),
         },
     }
     if target is not None:
@@ -114,6 +116,9 @@ def simulate_evasion(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOu
         metrics["eps_violations"] = proportion(int(violations), len(x))
         entry["notes"].append(f"{violations} of {len(x)} examples came back outside [0, 1] or the eps-ball and "
                               "were projected back (on_violation: project)")
+    if hasattr(attack, "threat"):  # a threat that is not an L-p ball (a pixel budget, a patch): say which
+        entry["threat"] = attack.threat()
+        entry["notes"].append(f"threat model: {entry['threat']['description']}; the eps-ball metrics do not apply")
     if not getattr(attack, "bounded", True):
         entry["notes"].append("minimum-norm attack with no eps budget: read robust accuracy together with the "
                               "perturbation norms")

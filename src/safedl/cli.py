@@ -416,6 +416,10 @@ from safedl.deploy.ownership_cli import ownership_app  # noqa: E402
 
 app.add_typer(ownership_app, name="ownership")
 
+from safedl.redteam.cli import redteam_command  # noqa: E402
+
+app.command(name="redteam")(redteam_command)
+
 
 def main() -> None:  # pragma: no cover
     app()

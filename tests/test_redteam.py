@@ -3,6 +3,7 @@ that promtool accepts, agreement with the same attack run offline, SLO breaks (e
 query and time bounds, backdoor replay, bad input (exit 2, nothing written)."""
 from __future__ import annotations
 
+import logging
 import subprocess
 
 import numpy as np
@@ -112,6 +113,9 @@ def test_square_through_http_agrees_with_the_offline_run_within_their_intervals(
     adv = attack(PipelineClassifier(served.bundle.pipeline), x, y)
     k = int((served.bundle.pipeline.decide(adv).labels == y).sum())
     off_lo, off_hi = wilson_interval(k, 100)
+    logging.getLogger("test_redteam").info("square eps=%g, 50 queries/probe, seed 0, n=100: HTTP %.2f [%.3f, %.3f], "
+                                           "offline %.2f [%.3f, %.3f]", SQUARE_EPS, http_ra, lo, hi, k / 100,
+                                           off_lo, off_hi)
     assert _get(s, "safedl_redteam_n", attack="square") == 100
     assert lo <= k / 100 <= hi and off_lo <= http_ra <= off_hi, (http_ra, k)
     assert http_ra < 0.9 and k < 90  # the attack did break some probes on both paths (a test that could fail)

@@ -128,7 +128,7 @@ class LocalDeployment:
             self._log.close()
 
     def __enter__(self) -> "LocalDeployment":
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()

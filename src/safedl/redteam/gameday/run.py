@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 
+from safedl.errors import UserError
 from safedl.redteam.gameday.deployment import LocalDeployment, write_monitor_config
 from safedl.redteam.gameday.scenarios import Scenario
 
 log = logging.getLogger("safedl.redteam.gameday")
+START_TIMEOUT_S = 300.0  # a 2-worker start on a loaded 2-core machine took over 120 s
 
 
 @dataclass
@@ -64,7 +66,16 @@ def run_scenario(sc: Scenario, *, bundle: Path, workdir: Path, monitor: dict[str
     res = ScenarioResult(sc.name, sc.summary)
     workdir.mkdir(parents=True, exist_ok=True)
     monitor_config = write_monitor_config(workdir, **monitor)
-    with LocalDeployment(bundle, workdir, monitor_config=monitor_config, workers=sc.workers) as dep:
+    dep = LocalDeployment(bundle, workdir, monitor_config=monitor_config, workers=sc.workers)
+    try:
+        dep.start(timeout_s=min(START_TIMEOUT_S, max(ctx.deadline - time.monotonic(), 1.0)))
+    except UserError as exc:  # the deployment never served: the scenario's result, not the end of the game day
+        dep.stop()
+        res.error = f"the deployment did not start: {exc}"
+        res.alerts = [{"alert": e.alert, "source": e.source, "target_s": e.target_s, "fired": False,
+                       "after_s": None, "met": False} for e in sc.expect]
+        return res
+    with dep:
         baseline, started_wall, t0 = dep.scrape(), time.time(), time.monotonic()
         def act() -> None:
             try:

@@ -209,3 +209,25 @@ def test_bad_input_is_one_message_exit_2_and_writes_nothing(served, tmp_path, ar
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
     assert not out.exists()
+
+
+def test_queries_to_detection_counts_images_until_the_detector_first_rejects(tiny_model, digits_splits, tmp_path):
+    """Behind the feature-squeezing detector, square's probes get rejected: detected 1 and the images sent up to
+    that request, at most all the attack sent; rejected final images count as robust."""
+    bundle = load_bundle(make_bundle(tiny_model, digits_splits, tmp_path / "b", fpr=0.2))
+    keys = KeyStore(tmp_path / "k.db", create=True)
+    key = tmp_path / "full.key"
+    key.write_text(keys.create(name="f", tier="full", rate_per_s=10_000, burst=10_000, daily_quota=10**7)[1])
+    data = tmp_path / "p.npz"
+    save_probe_file(data, ProbeSet(x=digits_splits.test.x[:20], y=digits_splits.test.y[:20]))
+    app = create_app(bundle=bundle, keys=keys, audit=AuditStore(tmp_path / "a.db"), config=ServeConfig(max_images=64))
+    out = tmp_path / "slis.prom"
+    with Uvicorn(app) as srv:
+        res = CliRunner().invoke(cli_app, ["redteam", "--url", srv.url, "--key-file", str(key), "--out", str(out),
+                                           "--attacks", "square", "--eps", "square=0.3", "--queries-per-image", "30",
+                                           "--data", str(data), "--slo", str(_slo(tmp_path, "{}"))])
+    assert res.exit_code in (0, 1), res.output
+    s = _series(out)
+    assert _get(s, "safedl_redteam_detected", attack="square") == 1
+    q, first = _get(s, "safedl_redteam_queries", attack="square"), _get(s, "safedl_redteam_queries_to_detection")
+    assert 1 <= first <= q

@@ -156,7 +156,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              extraction_run, [monitor_alert("extraction_suspected", 60),
                               counter_rose("SafedlExtractionAttempt", "safedl_extraction_attempts_total", 60)],
              watch_s=90),
-    Scenario("drifted_stream", "400 inverted test images from one key", drifted_stream,
+    Scenario("drifted_stream", "the test split (at most 400 images) inverted, from one key", drifted_stream,
              [monitor_alert("input_drift", 30),
               gauge_at_most("SafedlInputDrift", "safedl_drift_p_value", 0.005, 30, test="input")], watch_s=45),
     Scenario("kill_worker", "SIGKILL to one of two workers while requests flow", kill_worker,

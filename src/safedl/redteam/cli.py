@@ -26,6 +26,16 @@ ATTACKS = (*BLACKBOX, "replay")
 DEFAULT_EPS = {"square": 8 / 255, "hopskipjump": 0.5}  # L-inf for square, L2 for hopskipjump
 
 
+def ensure_logging() -> None:
+    """safedl's INFO lines (each attack's numbers) on stderr when no handler is configured yet."""
+    root, pkg = logging.getLogger(), logging.getLogger("safedl")
+    if not root.handlers and not pkg.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        pkg.addHandler(handler)
+        pkg.setLevel(logging.INFO)
+
+
 def read_token(path: Path, flag: str = "--key-file") -> str:
     """The API key in ``path`` (white space stripped)."""
     if not path.is_file():
@@ -119,6 +129,7 @@ def redteam_command(
         allow_remote: bool = typer.Option(False, "--allow-remote", help="allow a host other than loopback")) -> None:
     """Red-team a running service through HTTP; exit 1 when an SLO breaks."""
     started = time.monotonic()
+    ensure_logging()
     if out.suffix != ".prom":
         raise UserError(f"--out {out}: the textfile collector reads files ending in .prom")
     names, slo_cfg, eps_map = parse_attacks(attacks), load_slo(slo), parse_eps(eps)

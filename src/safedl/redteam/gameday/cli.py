@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from safedl.errors import UserError
+from safedl.redteam.cli import ensure_logging
 from safedl.redteam.gameday.report import summary, write_report
 from safedl.redteam.gameday.run import Context, run_scenario
 from safedl.redteam.gameday.scenarios import SCENARIOS
@@ -69,6 +70,7 @@ def gameday_command(
     """Run game-day scenarios against local deployments on 127.0.0.1; exit 1 when an expected alert did not fire
     within its target."""
     started, t0 = dt.datetime.now(dt.timezone.utc), time.monotonic()
+    ensure_logging()
     names = parse_scenarios(scenarios)
     out_dir.mkdir(parents=True, exist_ok=True)
     if bundle is None:

@@ -107,6 +107,14 @@ def executive() -> dict:
         _panel(7, "Images answered and rejected", "timeseries",
                [_target(f"sum(rate(safedl_images_predicted_total{{{SEL}}}[5m]))", "answered/s"),
                 _target(f"sum(rate(safedl_images_rejected_total{{{SEL}}}[5m]))", "rejected/s")], (0, 23, 24, 7)),
+        # `safedl redteam` (textfile collector: its own instance, so no $instance filter); alert 2 points below
+        _panel(8, "Red team: robust accuracy through the serving path vs the release (alert 2 points below)",
+               "timeseries",
+               [_target("safedl_redteam_robust_accuracy", "red team {{attack}} eps={{eps}} {{bundle_version}}"),
+                _target("safedl_redteam_release_robust_accuracy", "release {{attack}} eps={{eps}}"),
+                _target("safedl_redteam_backdoor_asr", "backdoor ASR {{attack}}")], (0, 30, 24, 7),
+               unit="percentunit", desc="safedl redteam's last run per attack and eps (README: Continuous red "
+               "team); the release line is the bundle manifest's measured value."),
     ]
     return _dashboard("safedl-executive", "safedl: executive", "Robustness SLIs of the served bundle against their "
                       "targets, and what the service stopped.", p)

@@ -420,6 +420,12 @@ from safedl.deploy.ownership_cli import ownership_app  # noqa: E402
 
 app.add_typer(ownership_app, name="ownership")
 
+from safedl.redteam.cli import redteam_command  # noqa: E402
+from safedl.redteam.gameday.cli import gameday_command  # noqa: E402
+
+app.command(name="redteam")(redteam_command)
+app.command(name="gameday")(gameday_command)
+
 
 def main() -> None:  # pragma: no cover
     app()

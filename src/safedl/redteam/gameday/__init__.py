@@ -1,0 +1,1 @@
+"""``safedl gameday``: scripted fault and attack scenarios against a local deployment it starts itself."""

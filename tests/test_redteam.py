@@ -231,3 +231,24 @@ def test_queries_to_detection_counts_images_until_the_detector_first_rejects(tin
     assert _get(s, "safedl_redteam_detected", attack="square") == 1
     q, first = _get(s, "safedl_redteam_queries", attack="square"), _get(s, "safedl_redteam_queries_to_detection")
     assert 1 <= first <= q
+
+
+def test_the_bundles_probe_layout_from_the_admin_endpoint_splits_by_kind():
+    """``GET /v1/admin/probes`` answers deploy/probes.py's layout (one ``kind`` per row); the red team reads its
+    clean, adversarial and triggered rows as their own pairs (read as one ``x`` they would mix attacks into the
+    clean probes)."""
+    from safedl.deploy.probes import probe_set, probes_npz
+    from safedl.redteam.probes import parse_probes
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, 1, 8, 8, generator=g)
+    y = torch.arange(12) % 10
+    bundle_probes = probe_set(clean=(x[:5], y[:5]), adversarial=[(x[5:9], y[5:9])],
+                              triggered=[(x[9:], y[9:], torch.full((3,), 7))], n=50)
+    got = parse_probes(probes_npz(bundle_probes), source="GET /v1/admin/probes")
+    assert torch.equal(got.x, x[:5]) and torch.equal(got.y, y[:5])
+    assert torch.equal(got.x_adv, x[5:9]) and torch.equal(got.y_adv, y[5:9])
+    assert torch.equal(got.x_trigger, x[9:]) and torch.equal(got.y_trigger, y[9:])
+    assert got.trigger_target.tolist() == [7, 7, 7]
+    only_clean = parse_probes(probes_npz(probe_set(clean=(x[:5], y[:5]))), source="GET /v1/admin/probes")
+    assert only_clean.x_adv is None and only_clean.x_trigger is None

@@ -7,8 +7,8 @@ File format (what ``safedl review export`` writes, plus optional replay arrays):
 - ``x_trigger`` / ``y_trigger`` (optional): backdoor-triggered inputs and their true labels; ``trigger_target``
   (an int, or one per row): the class the backdoor sends them to.
 
-``GET /v1/admin/probes`` (the canary work of issue 25 adds it to the service) is expected to answer this same
-``.npz`` as its body.
+``GET /v1/admin/probes`` answers the bundle's probe set in its own layout (deploy/probes.py: ``x``, ``y``,
+``kind``, ``target``, ``kind_names``), which is split by kind into the arrays above.
 """
 from __future__ import annotations
 
@@ -69,13 +69,34 @@ def _labels(source: str, key: str, arr: np.ndarray, n: int) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
+def _split_bundle_layout(source: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A bundle's probe arrays (one ``kind`` per row: deploy/probes.py) as this file format's pairs."""
+    names = [str(n) for n in arrays["kind_names"].tolist()]
+    kind, wanted = arrays["kind"], {"clean": "x", "adversarial": "x_adv", "triggered": "x_trigger"}
+    if set(names) - set(wanted) or kind.ndim != 1 or len(kind) != len(arrays["x"]) or "target" not in arrays:
+        raise UserError(f"{source}: a bundle probe set needs kind (one per image, an index into kind_names "
+                        f"{sorted(wanted)}) and target; got kind_names {names}")
+    out: dict[str, np.ndarray] = {}
+    for i, name in enumerate(names):
+        rows = kind == i
+        if name == "clean" or rows.any():
+            xk = wanted[name]
+            out[xk], out["y" + xk[1:]] = arrays["x"][rows], arrays["y"][rows]
+            if name == "triggered":
+                out["trigger_target"] = arrays["target"][rows]
+    return out
+
+
 def parse_probes(data: bytes, *, source: str) -> ProbeSet:
-    """The probe set in ``data`` (.npz bytes); UserError naming ``source`` and the key on anything malformed."""
+    """The probe set in ``data`` (.npz bytes: this module's format or a bundle's, split by kind); UserError naming
+    ``source`` and the key on anything malformed."""
     try:
         npz = np.load(io.BytesIO(data), allow_pickle=False)
         arrays = {k: npz[k] for k in npz.files}
     except (ValueError, OSError, EOFError) as exc:
         raise UserError(f"{source}: not a readable .npz file ({exc})") from None
+    if "kind" in arrays and "kind_names" in arrays and "x" in arrays and "y" in arrays:
+        arrays = _split_bundle_layout(source, arrays)
     out: dict[str, torch.Tensor | None] = {}
     for xk, yk in PAIRS:
         if (xk in arrays) != (yk in arrays):

@@ -20,6 +20,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "extraction.jacobian_augmentation",
     "poisoning.clean_label",
     "poisoning.feature_collision",
+    "poisoning.inject",
     "poisoning.label_consistent",
     "poisoning.label_flipping",
 )

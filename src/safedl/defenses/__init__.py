@@ -2,6 +2,7 @@
 
 #: every module that registers a component (``safedl.registry`` imports exactly these; a test checks the list)
 COMPONENT_MODULES: tuple[str, ...] = (
+    "certify.ibp",
     "certify.randomized_smoothing",
     "cleanse.activation_clustering",
     "cleanse.anomaly_detection",
@@ -39,6 +40,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "train.adversarial_training",
     "train.dp_training",
     "train.fast_adversarial_training",
+    "train.ibp",
     "train.robust_loss",
     "train.trades",
 )

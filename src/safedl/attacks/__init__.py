@@ -2,6 +2,7 @@
 
 #: every module that registers a component (``safedl.registry`` imports exactly these; a test checks the list)
 COMPONENT_MODULES: tuple[str, ...] = (
+    "backdoor.hidden_trigger",
     "backdoor.learned_trigger",
     "backdoor.static_patch",
     "evasion.apgd_ce",

@@ -76,3 +76,16 @@ def test_finetune_keys_are_validated():
         parse_profile({"training": {"mode": "transfer"}, "baseline_only": True})
     with pytest.raises(ProfileError, match="replay_fraction"):
         parse_profile({"training": {"mode": "finetune", "finetune": {"replay_fraction": 2}}, "baseline_only": True})
+
+
+def test_finetune_mode_keys_the_poisoning_stages_only():
+    """A cached retrain-from-scratch stage is never reused for fine-tuning (and evasion stages are unaffected)."""
+    from safedl.run.graph import build_graph
+
+    attacks = {"evasion": [{"name": "fgsm"}], "poisoning": [{"name": "label_flipping"}]}
+    keys = {}
+    for mode in ("scratch", "finetune"):
+        prof = parse_profile({"attacks": attacks, "training": {"mode": mode}})
+        keys[mode] = {n.stage: n.key for n in build_graph(prof, [], "baseline-key")}
+    assert keys["scratch"]["attack-fgsm"] == keys["finetune"]["attack-fgsm"]
+    assert keys["scratch"]["attack-label_flipping"] != keys["finetune"]["attack-label_flipping"]

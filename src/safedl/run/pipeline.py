@@ -59,7 +59,9 @@ class Run:
         # before these fields existed keep their keys (a resumed run reuses its stages)
         baseline_key = json_hash({"data": data_info["hashes"],
                                   "dataset": p.dataset.model_dump(exclude={"extra", "field_test"}),
-                                  "model": p.model.model_dump(), "training": p.training.model_dump(), "seed": p.seed})
+                                  "model": p.model.model_dump(),
+                                  # the poisoned model's mode is not the baseline's: it keys the attack stages
+                                  "training": p.training.model_dump(exclude={"mode", "finetune"}), "seed": p.seed})
         baseline, baseline_entry = baseline_stage(p, cache=self.cache, key=baseline_key, splits=splits, fresh=fresh,
                                                   model_meta=model_meta, device=self.device, base_dir=self.base_dir)
         graph = build_graph(p, plan, baseline_key)

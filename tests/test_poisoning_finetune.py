@@ -89,3 +89,25 @@ def test_finetune_mode_keys_the_poisoning_stages_only():
         keys[mode] = {n.stage: n.key for n in build_graph(prof, [], "baseline-key")}
     assert keys["scratch"]["attack-fgsm"] == keys["finetune"]["attack-fgsm"]
     assert keys["scratch"]["attack-label_flipping"] != keys["finetune"]["attack-label_flipping"]
+
+
+def test_a_profile_run_injects_and_fine_tunes_end_to_end(tmp_path):
+    """`safedl run` with poisoning:inject in finetune mode and a cleanser against it: the stage is stored, reported
+    and resumed (the injected rows make the poisoned set longer than the training split)."""
+    from _profiles import tiny_profile
+    from safedl.run import run_assessment
+
+    _save_pngs(tmp_path / "crosses", _object_images(40))
+    prof = parse_profile(tiny_profile(
+        training={"mode": "finetune", "finetune": {"epochs": 10, "lr": 1e-3}},
+        attacks={"poisoning": [{"name": "inject", "params": {"path": str(tmp_path / "crosses"), "target_class": 7,
+                                                              "n": 25, "holdout_fraction": 0.25}}]},
+        defenses=[{"name": "spectral_signatures", "against": ["inject"]}]))
+    run_dir, res = run_assessment(prof, base_dir=tmp_path, run_dir=tmp_path / "run")
+    entry = res["attacks"][0]
+    assert entry["metrics"]["poison"]["count"]["value"] == 25
+    assert entry["metrics"]["finetune"]["new_samples"]["value"] == 25
+    assert entry["metrics"]["attack_success_rate"]["n"] == 10
+    assert res["defenses"] and "inject" in (run_dir / "report.md").read_text()
+    _, again = run_assessment(prof, base_dir=tmp_path, run_dir=run_dir)  # resumed from the stored stages
+    assert again["attacks"][0]["metrics"] == entry["metrics"]

@@ -85,3 +85,29 @@ def test_a_retrain_on_mislabelled_data_flips_canaries_and_is_refused(tmp_path, d
     decision = decide_replacement(("a", res_a), ("b", res_b))
     assert decision["canaries"]["changed"] == len(flipped) and not any(r.startswith("canary:")
                                                                         for r in decision["reasons"])
+
+
+def test_poisoning_stage_reports_the_canary_predictions_its_retraining_changed(digits_splits, tiny_model, tmp_path):
+    from safedl import registry
+    from safedl.evaluate.context import RunContext
+    from safedl.models import TrainRecipe, build_model, with_normalization
+    from safedl.profile import AttackSpec, CanarySpec, Profile
+    from safedl.run.handlers import get_attack_handler
+
+    def fresh():
+        return with_normalization(build_model("tiny_cnn", in_channels=1, num_classes=10, image_size=8),
+                                  digits_splits.mean, digits_splits.std)
+
+    profile = Profile(seed=0, training=TrainRecipe(epochs=15, batch_size=64, lr=3e-3, augment="none"),
+                      canary_records=CanarySpec(source="holdout", n=200))
+    ctx = RunContext(profile=profile, splits=digits_splits, device=torch.device("cpu"), run_dir=tmp_path,
+                     baseline=tiny_model, build_fresh=fresh)
+    params = {"strategy": "one_to_one", "source_classes": [3], "target_class": 8, "flip_rate": 0.6}
+    out = get_attack_handler("poisoning")(ctx, AttackSpec(name="label_flipping", params=params),
+                                          registry.create("poisoning", "label_flipping", **params))
+    model = fresh()
+    model.load_state_dict(out.state["model_state"])
+    x = digits_splits.test.x[:200]
+    expected = int((predict(model.eval(), x) != predict(tiny_model, x)).sum())
+    m = out.entry["metrics"]["canary_changes"]
+    assert m["n"] == 200 and round(m["value"] * 200) == expected > 0

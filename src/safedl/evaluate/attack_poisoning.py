@@ -34,6 +34,7 @@ import torch
 
 from safedl.evaluate.context import RunContext
 from safedl.evaluate.base import AttackOutcome, attack_evaluator
+from safedl.evaluate.canary import canary_changes, canary_records
 from safedl.evaluate.finetune import train_poisoned
 from safedl.attacks.poisoning.visibility import visibility
 from safedl.data.dataset import Dataset, PoisonedDataset
@@ -91,6 +92,12 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
                          "whole training set is poisoned")
 
     metrics["poison"] = _poison_metrics(poisoned, target)
+    canaries = canary_records(ctx.profile.canary_records, ctx.splits)
+    if canaries is not None:  # would the canary check have caught this retraining?
+        changed = canary_changes(ctx.baseline, model, canaries[0], device=dev)
+        metrics["canary_changes"] = proportion(len(changed), len(canaries[0]))
+        notes.append(f"canary records: {len(changed)} of {len(canaries[0])} predictions changed from the clean "
+                     "model's (canary_records)")
     if finetune is not None:
         metrics["finetune"] = {k_: scalar(v) for k_, v in finetune.items() if isinstance(v, (int, float))}
     metrics["visibility"] = _visibility_metrics(poisoned)

@@ -48,3 +48,10 @@ def canary_entry(spec: CanarySpec, model: nn.Module, x: torch.Tensor, y: torch.T
     return {"source": spec.source, "path": spec.path, "n": len(x), "images_sha256": tensor_hash(x, y),
             "labels": y.tolist(), "predictions": pred.tolist(), "correct": int((pred == y).sum()),
             "max_changes": spec.max_changes}
+
+
+def canary_changes(before: nn.Module, after: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu"
+                   ) -> list[int]:
+    """Indices of the canary records ``after`` predicts differently from ``before``."""
+    a, b = predict(before, x.to(device)).cpu(), predict(after, x.to(device)).cpu()
+    return torch.nonzero(a != b).flatten().tolist()

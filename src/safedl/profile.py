@@ -9,7 +9,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from safedl.errors import ProfileError
 from safedl.models.train import TrainRecipe
-from safedl.profile_inputs import DatasetSpec, ModelSpec, Normalization, StrictModel, ThreatModel
+from safedl.profile_inputs import CanarySpec, DatasetSpec, ModelSpec, Normalization, StrictModel, ThreatModel
 from safedl.sweeps import check_eps_list, expand_against, expand_attacks, source_indices
 
 __all__ = ["DatasetSpec", "ModelSpec", "Normalization", "Profile", "ThreatModel", "load_profile", "parse_profile"]
@@ -203,6 +203,7 @@ class Profile(_Strict):
     defenses: list[DefenseSpec] = Field(default_factory=list)
     trusted_clean_set: TrustedDataSpec = Field(default_factory=TrustedDataSpec)
     data_provenance: DataProvenanceSpec = Field(default_factory=DataProvenanceSpec)
+    canary_records: CanarySpec = Field(default_factory=CanarySpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)

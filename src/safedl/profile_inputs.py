@@ -144,3 +144,21 @@ class ModelSpec(StrictModel):
         if self.entry_point and self.torchscript:
             raise ValueError("give either entry_point or torchscript, not both")
         return self
+
+
+class CanarySpec(StrictModel):
+    """Canary records: known-good samples whose predictions are stored with the run and checked after every
+    retraining (``safedl retrain``); ``max_changes`` makes a change beyond it block the replacement."""
+
+    source: Literal["none", "holdout", "path"] = Field(
+        "none", description="'holdout': the first n images of the test split; 'path': an .npz (x, y) you vouch for")
+    path: Optional[str] = Field(None, description="source 'path': an .npz with arrays x (images) and y (labels)")
+    n: int = Field(50, ge=1, le=100000, description="how many canary records (at most the source's size)")
+    max_changes: Optional[int] = Field(None, ge=0, description="the retrain decision refuses a model whose "
+                                                              "predictions change on more canary records than this")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CanarySpec":
+        if (self.source == "path") != (self.path is not None):
+            raise ValueError("give path exactly when source is 'path'")
+        return self

@@ -2,6 +2,7 @@
 
 #: every module that registers a component (``safedl.registry`` imports exactly these; a test checks the list)
 COMPONENT_MODULES: tuple[str, ...] = (
+    "backdoor.hidden_trigger",
     "backdoor.learned_trigger",
     "backdoor.static_patch",
     "evasion.adversarial_patch",
@@ -22,6 +23,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "extraction.jacobian_augmentation",
     "poisoning.clean_label",
     "poisoning.feature_collision",
+    "poisoning.inject",
     "poisoning.label_consistent",
     "poisoning.label_flipping",
 )

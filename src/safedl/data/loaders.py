@@ -294,3 +294,47 @@ def load_image_array(path: str | Path, *, flag: str, what: str = "images") -> to
         raise DataError(f"{flag} {path}: shape {arr.shape}; expected N x C x H x W")
     x = torch.from_numpy(arr).float()
     return x / 255.0 if arr.dtype == np.uint8 else x
+
+
+def load_images(path: str | Path, *, size: tuple[int, int] | None = None, channels: int | None = None,
+                resize: str = "stretch") -> torch.Tensor:
+    """Unlabelled images (N x C x H x W in [0, 1]) from a folder of image files (its class subfolders, if any, are
+    read too), an ``.npz`` with an array ``x`` or an ``.npy`` array; DataError naming the path when none can be read.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    if root.is_file() and root.suffix.lower() in (".npz", ".npy"):
+        try:
+            loaded = np.load(root, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                arr = loaded
+            else:
+                with loaded as f:
+                    if "x" not in f.files:
+                        raise DataError(f"{root}: no array 'x' (the images) in this .npz; found "
+                                        f"{', '.join(f.files) or 'none'}")
+                    arr = np.asarray(f["x"])
+        except DataError:
+            raise
+        except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError ...
+            raise DataError(f"{root}: not a readable .npz/.npy file ({exc})") from None
+        return _to_nchw(arr, root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder or .npz/.npy file (expected a folder of images, an .npz with an "
+                        "array 'x' or an .npy array)")
+    files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                   and not any(part.startswith(".") for part in f.relative_to(root).parts))
+    if not files:
+        raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                arr = _read_image(im, channels, size, resize)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise DataError(f"{f}: not a readable image ({type(exc).__name__}: {exc})") from None
+        if images and arr.shape != images[0].shape:
+            raise DataError(f"{f}: image shape {arr.shape} differs from {images[0].shape} of {files[0]}")
+        images.append(arr)
+    return _to_nchw(np.stack(images), root, channels_last=True)

@@ -2,6 +2,7 @@
 
 #: every module that registers a component (``safedl.registry`` imports exactly these; a test checks the list)
 COMPONENT_MODULES: tuple[str, ...] = (
+    "certify.ibp",
     "certify.randomized_smoothing",
     "cleanse.activation_clustering",
     "cleanse.anomaly_detection",
@@ -43,6 +44,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "train.dp_training",
     "train.fast_adversarial_training",
     "train.model_ensemble",
+    "train.ibp",
     "train.robust_loss",
     "train.trades",
 )

@@ -2,7 +2,8 @@
 and report baseline and poisoned numbers side by side.
 
 Honest rule: the poisoned model is built by ``ctx.build_model()`` and trained by ``ctx.train_like_baseline`` (the
-baseline's architecture, recipe and seed), so it differs from the baseline only by the data.
+baseline's architecture, recipe and seed), so it differs from the baseline only by the data; with
+``training.mode: finetune`` it is the clean baseline fine-tuned on the new samples (``evaluate/finetune.py``).
 
 Attacks that optimise against a model (``fit`` method: clean-label, learned trigger) get a surrogate trained on the
 clean training set: with ``threat_model.model_access == "white-box"`` the clean baseline itself (the attacker knows
@@ -33,6 +34,8 @@ import torch
 
 from safedl.evaluate.context import RunContext
 from safedl.evaluate.base import AttackOutcome, attack_evaluator
+from safedl.evaluate.canary import canary_changes, canary_records
+from safedl.evaluate.finetune import train_poisoned
 from safedl.attacks.poisoning.visibility import visibility
 from safedl.data.dataset import Dataset, PoisonedDataset
 from safedl.models.train import train_model
@@ -59,8 +62,7 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
 
     gen = torch.Generator().manual_seed(int(ctx.seed))
     poisoned, poisoned_val = poison_stage_data(ctx, attack, gen, notes)
-    model = ctx.train_like_baseline(poisoned, description=f"training on poisoned data ({spec.key})")
-    notes.append("poisoned model: the baseline's architecture, recipe and seed; only the training data differ")
+    model, finetune = train_poisoned(ctx, poisoned, description=f"training on poisoned data ({spec.key})", notes=notes)
 
     dev = ctx.device
     pred_b = predict(ctx.baseline, test.x.to(dev)).cpu()
@@ -90,6 +92,14 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
                          "whole training set is poisoned")
 
     metrics["poison"] = _poison_metrics(poisoned, target)
+    canaries = canary_records(ctx.profile.canary_records, ctx.splits)
+    if canaries is not None:  # would the canary check have caught this retraining?
+        changed = canary_changes(ctx.baseline, model, canaries[0], device=dev)
+        metrics["canary_changes"] = proportion(len(changed), len(canaries[0]))
+        notes.append(f"canary records: {len(changed)} of {len(canaries[0])} predictions changed from the clean "
+                     "model's (canary_records)")
+    if finetune is not None:
+        metrics["finetune"] = {k_: scalar(v) for k_, v in finetune.items() if isinstance(v, (int, float))}
     metrics["visibility"] = _visibility_metrics(poisoned)
     for key in ("linf_budget", "opacity"):
         if key in info:

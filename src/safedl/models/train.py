@@ -22,6 +22,17 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class FinetuneSpec(BaseModel):
+    """How ``training.mode: finetune`` fine-tunes: passes, learning rate and the share of clean samples replayed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=1, le=1000, description="passes over the new samples (and the replayed ones)")
+    lr: Optional[float] = Field(None, gt=0, le=10, description="learning rate (None: the recipe's lr)")
+    replay_fraction: float = Field(0.0, ge=0, le=1, description="share of the clean training samples replayed "
+                                                                 "beside the new ones (0: the new samples only)")
+
+
 class TrainRecipe(BaseModel):
     """A training recipe. Attacked and defended models reuse the baseline's recipe exactly."""
 
@@ -37,6 +48,10 @@ class TrainRecipe(BaseModel):
     augment: Literal["none", "shift"] = Field("shift", description="'shift': random translations of up to shift_pixels")
     shift_pixels: int = Field(2, ge=0, le=8)
     early_stopping_patience: Optional[int] = Field(None, ge=1, description="epochs without val improvement before stopping")
+    mode: Literal["scratch", "finetune"] = Field("scratch", description="how a poisoned model is made: 'scratch' "
+                                                 "retrains like the baseline, 'finetune' fine-tunes the clean model "
+                                                 "(or model.checkpoint) on the new (poisoned) samples only")
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
 
 
 @dataclass

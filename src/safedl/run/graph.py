@@ -34,8 +34,13 @@ def build_graph(profile: Profile, plan: list[tuple[DefenseSpec, str, str]], base
     p = profile
     nodes, attack_keys = [], {}
     for cat, spec in p.attacks.all():
-        key = json_hash({"baseline": baseline_key, "category": cat, "spec": spec.model_dump(),
-                         "evaluation": p.evaluation.model_dump(exclude={"gate"}), "output": p.output.figures})
+        parts = {"baseline": baseline_key, "category": cat, "spec": spec.model_dump(),
+                 "evaluation": p.evaluation.model_dump(exclude={"gate"}), "output": p.output.figures}
+        if cat in ("poisoning", "backdoor") and p.training.mode == "finetune":  # scratch runs keep their old keys
+            parts["finetune"] = p.training.finetune.model_dump()
+        if cat in ("poisoning", "backdoor") and p.canary_records.source != "none":
+            parts["canaries"] = p.canary_records.model_dump(exclude={"max_changes"})
+        key = json_hash(parts)
         attack_keys[spec.key] = key
         nodes.append(Node(f"attack-{spec.key}", key, "attack", spec.key, None,
                           Task(f"attack-{spec.key}", attack_stage, {"category": cat, "spec": spec})))

@@ -18,6 +18,7 @@ from safedl.executors import Executor
 from safedl.profile import Profile
 from safedl.report.render import write_reports
 from safedl.run.adopt import adopt_run_dir
+from safedl.evaluate.canary import canary_entry, canary_records
 from safedl.run.baseline import baseline_stage
 from safedl.run.cache import StageCache
 from safedl.run.graph import build_graph, run_graph
@@ -52,6 +53,7 @@ class Run:
         p = self.profile
         plan = plan_defenses(p)
         executor = executor if executor is not None else executor_for(p, self.device)
+        canaries = canary_records(p.canary_records, splits)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.layout.profile, yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
         data_info = data_summary(p, splits)
@@ -59,7 +61,9 @@ class Run:
         # before these fields existed keep their keys (a resumed run reuses its stages)
         baseline_key = json_hash({"data": data_info["hashes"],
                                   "dataset": p.dataset.model_dump(exclude={"extra", "field_test"}),
-                                  "model": p.model.model_dump(), "training": p.training.model_dump(), "seed": p.seed})
+                                  "model": p.model.model_dump(),
+                                  # the poisoned model's mode is not the baseline's: it keys the attack stages
+                                  "training": p.training.model_dump(exclude={"mode", "finetune"}), "seed": p.seed})
         baseline, baseline_entry = baseline_stage(p, cache=self.cache, key=baseline_key, splits=splits, fresh=fresh,
                                                   model_meta=model_meta, device=self.device, base_dir=self.base_dir)
         graph = build_graph(p, plan, baseline_key)
@@ -70,6 +74,8 @@ class Run:
             baseline_entry=baseline_entry, failed=failed,
             attacks=[entries[n.stage] for n in graph if n.kind == "attack" and n.stage in entries],
             defenses=[entries[n.stage] for n in graph if n.kind == "defense" and n.stage in entries])
+        if canaries is not None:  # stored with the run, checked by every retraining (safedl retrain)
+            results["canaries"] = canary_entry(p.canary_records, baseline, *canaries, device=self.device)
         atomic_write_json(self.layout.results, results)
         write_reports(results, self.run_dir, html=p.output.html, figures=p.output.figures)
         return results
@@ -94,6 +100,7 @@ def run_assessment(profile: Profile, *, base_dir: Path = Path("."), run_dir: Pat
     """
     profile = resolve_paths(profile, Path(base_dir))
     splits, fresh, meta = prepare(profile, base_dir=base_dir)
+    canary_records(profile.canary_records, splits)  # a bad canary source fails before anything is written
     run_dir = Path(run_dir) if run_dir is not None else Run.new_run_dir(profile, runs_root)
     adopt_run_dir(run_dir, profile, splits)
     run = Run(profile, run_dir=run_dir, device=torch.device(device), base_dir=base_dir)

@@ -80,7 +80,8 @@ def resolve_paths(profile: Profile, base_dir: Path) -> Profile:
                                             "labels_path": absolute(profile.dataset.labels_path)})
     md = profile.model.model_copy(update={"torchscript": absolute(profile.model.torchscript),
                                           "checkpoint": absolute(profile.model.checkpoint)})
-    return profile.model_copy(update={"dataset": ds, "model": md})
+    canary = profile.canary_records.model_copy(update={"path": absolute(profile.canary_records.path)})
+    return profile.model_copy(update={"dataset": ds, "model": md, "canary_records": canary})
 
 
 def check_model_support(profile: Profile, model: nn.Module, sample: torch.Tensor) -> None:

@@ -50,7 +50,9 @@ def _check_inputs(run_dir: Path, added: list[Path]) -> tuple[RunDir, list[dict[s
 
 def decide_replacement(old: tuple[str, dict], new: tuple[str, dict]) -> dict[str, Any]:
     """Whether the new run's model may replace the old one: its gate is configured and passed, and no metric got
-    significantly worse in the paired comparison."""
+    significantly worse in the paired comparison, and (with ``canary_records.max_changes``) its predictions on the
+    canary records changed no more than allowed."""
+    from safedl.decide.canary import canary_reasons, compare_canaries
     from safedl.decide.compare import compare_runs
 
     cmp = compare_runs([old, new])
@@ -61,7 +63,9 @@ def decide_replacement(old: tuple[str, dict], new: tuple[str, dict]) -> dict[str
     elif not gate.get("passed"):
         reasons += [f"gate: {f}" for f in gate.get("failures", [])] or ["gate: failed"]
     reasons += [f"regression: {r}" for r in cmp["regressions"]]
-    return {"replace": not reasons, "reasons": reasons, "comparison": cmp}
+    canaries = compare_canaries(old[1].get("canaries"), new[1].get("canaries"))
+    reasons += canary_reasons(canaries)
+    return {"replace": not reasons, "reasons": reasons, "comparison": cmp, "canaries": canaries}
 
 
 def retrain(run_dir: str | Path, *, added: list[str | Path], device: str = "cpu",
@@ -83,7 +87,7 @@ def retrain(run_dir: str | Path, *, added: list[str | Path], device: str = "cpu"
            "train_size": {"before": runs[0][1].get("data", {}).get("sizes", {}).get("train"),
                           "after": new_results.get("data", {}).get("sizes", {}).get("train")},
            "gate": new_results.get("gate"), "regressions": decision["comparison"]["regressions"],
-           "replace": decision["replace"], "reasons": decision["reasons"],
+           "canaries": decision["canaries"], "replace": decision["replace"], "reasons": decision["reasons"],
            "comparison": {k: str(v) for k, v in paths.items()}}
     atomic_write_json(new_dir / "retrain.json", doc)
     log.info("retrain: %s -> %s: %s", run_dir, new_dir, "may replace" if doc["replace"] else "keep the old one")

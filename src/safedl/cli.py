@@ -272,6 +272,8 @@ def _print_outcome(run_dir: Path, gate: dict) -> None:
     if not gate.get("configured", True):
         typer.echo("release gate: NOT CONFIGURED (evaluation.gate sets no threshold; nothing was checked; "
                    "use --require-gate in CI to make this an error)")
+        for f in gate.get("failures", []):  # always-on checks (models at chance, failed stages) still say so
+            typer.echo(f"  - {f}")
         raise typer.Exit(0)
     typer.echo(f"release gate: {'PASSED' if gate['passed'] else 'FAILED'}")
     typer.echo(f"  {gate_summary(gate)}")

@@ -9,6 +9,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from safedl.errors import ProfileError
 from safedl.models.train import TrainRecipe
+from safedl.param_aliases import resolve_aliases
 from safedl.profile_inputs import DatasetSpec, ModelSpec, Normalization, StrictModel, ThreatModel
 
 __all__ = ["DatasetSpec", "ModelSpec", "Normalization", "Profile", "ThreatModel", "load_profile", "parse_profile"]
@@ -22,6 +23,11 @@ class ComponentSpec(_Strict):
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _aliases(self) -> "ComponentSpec":
+        self.params = resolve_aliases(self.name, self.params)  # names users know (safedl.param_aliases)
+        return self
 
 
 class AttackSpec(ComponentSpec):
@@ -59,6 +65,8 @@ class DefenseSpec(_Strict):
     def _check(self) -> "DefenseSpec":
         if (self.name is None) == (self.pipeline is None):
             raise ValueError("a defense needs exactly one of 'name' or 'pipeline'")
+        if self.name is not None:
+            self.params = resolve_aliases(self.name, self.params)  # names users know (safedl.param_aliases)
         return self
 
     @property

@@ -400,6 +400,11 @@ from safedl.deploy.cli import export_command, verify_command  # noqa: E402
 app.command(name="export")(export_command)
 app.command(name="verify")(verify_command)
 
+from safedl.workflow.cli import defend_command, export_results_command  # noqa: E402  (Safe-DL workflow, issue 30)
+
+app.command(name="export-results")(export_results_command)
+app.command(name="defend")(defend_command)
+
 # `safedl serve`, `safedl keys ...`, `safedl audit export`: the HTTP service (logic in safedl.serve.cli)
 from safedl.serve.cli import audit_app, db_app, keys_app, serve_command  # noqa: E402
 

@@ -40,7 +40,7 @@ from safedl.defenses.protocols import (CleanserProtocol, InspectorProtocol, Repa
                                        poison_setting)
 from safedl.errors import ProfileError
 from safedl.report.stage_figures import image_grid, score_histograms, weight_histograms
-from safedl.utils.confusion import confusion_counts
+from safedl.evaluate.defense_records import clean_confusion, removed_examples
 from safedl.utils.stats import auroc, proportion, scalar
 from safedl.utils.tensors import predict
 
@@ -100,12 +100,6 @@ def aimed_labels(state: dict) -> torch.Tensor | None:
         return state["test_triggered_aim"].cpu()
     target = state.get("target_class")
     return None if target is None else torch.full((len(xt),), int(target), dtype=torch.long)
-
-
-def clean_confusion(ctx: RunContext, model: nn.Module) -> list[list[int]]:
-    """The defended model's full confusion matrix on the clean test split (row = true class)."""
-    test = ctx.splits.test
-    return confusion_counts(predict(model, test.x.to(ctx.device)).cpu(), test.y, test.num_classes)
 
 
 def _outcome_metrics(ctx: RunContext, model: nn.Module, state: dict) -> dict[str, Any]:
@@ -272,7 +266,9 @@ def evaluate_cleanser(ctx: RunContext, spec, components: list[Any], outcome: Att
         notes.append(f"classes judged poisoned: {info['poisoned_classes']}")
     return {"name": spec.name, "metrics": metrics, "per_class": per_class, "notes": notes,
             "artifacts": _cleanser_figures(ctx, spec, outcome, res, poisoned), "info": _jsonable(info),
-            "confusion": clean_confusion(ctx, retrained), "time_s": time.perf_counter() - t_start}
+            "confusion": clean_confusion(ctx, retrained),
+            "removed_indices": torch.nonzero(res.is_suspect).flatten().tolist(),  # into the poisoned training set
+            "examples": removed_examples(ctx, _stem(ctx, spec, outcome), res, poisoned), "time_s": time.perf_counter() - t_start}
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -383,7 +379,7 @@ def evaluate_detector(ctx: RunContext, spec, components: list[Any], outcome: Att
     metrics["clean_accuracy_after"] = proportion(int((correct & (s_clean <= det.threshold_)).sum()), len(clean))
     notes.append("clean_accuracy_after counts a rejected clean input as an error")
     return {"name": spec.name, "metrics": metrics, "notes": notes, "artifacts": {},
-            "confusion": clean_confusion(ctx, m), "time_s": time.perf_counter() - t_start}
+            "time_s": time.perf_counter() - t_start}
 
 
 # ------------------------------------------------------------------------------------------------ inspector

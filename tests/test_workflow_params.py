@@ -95,3 +95,22 @@ def test_activation_clustering_num_clusters_splits_each_class_into_k(digits_spli
     assert tpr >= 0.5 and fpr <= 0.05, (tpr, fpr)
     with pytest.raises(ConfigError):
         registry.create("cleanser", "activation_clustering", n_clusters=1)
+
+
+def test_data_cleaning_granularity_sample_or_batch():
+    from safedl.data.dataset import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    losses = torch.rand(100, generator=g) * 0.5 + 0.5  # clean: 0.5..1.0
+    losses[40:50] += 1.5  # one delivery of 10 (batch 4 of size 10) has high loss
+    losses[[3, 77]] = 5.0  # two scattered outliers
+    data = Dataset(torch.zeros(100, 1, 2, 2), torch.zeros(100, dtype=torch.long), 2)
+    per_sample = registry.create("cleanser", "data_cleaning").find_poison(data, losses=losses)
+    assert set(torch.nonzero(per_sample.is_suspect).flatten().tolist()) == set(range(40, 50)) | {3, 77}
+    dc = registry.create("cleanser", "data_cleaning", granularity="batch", batch_size=10)
+    res = dc.find_poison(data, losses=losses)
+    assert res.info["flagged_batches"] == [4] and res.info["batches"] == 10
+    assert torch.equal(res.is_suspect, (torch.arange(100) // 10) == 4)  # the delivery, whole; not the stray ones
+    assert torch.allclose(res.score[40], losses[40:50].mean())
+    with pytest.raises(ConfigError):
+        registry.create("cleanser", "data_cleaning", granularity="epoch")

@@ -14,8 +14,9 @@ log = logging.getLogger(__name__)
 
 def _results(run_dir: Path) -> dict:
     from safedl.report.render import load_results
+    from safedl.rundir import RunDir
 
-    return load_results(run_dir / "results.json" if run_dir.is_dir() else run_dir)
+    return load_results(RunDir(run_dir).results if run_dir.is_dir() else run_dir)
 
 
 def export_results_command(
@@ -82,6 +83,7 @@ def defend_command(
         out: Optional[Path] = typer.Option(None, "--out", help="profile to write (default RUN_DIR/defended.yaml)")) -> None:
     """Choose, per attack, among the defenses the evidence recommends, accept or customise their parameters, and
     write them into a new profile (validated; written whole or not at all)."""
+    from safedl.rundir import RunDir
     from safedl.workflow.defend import apply, choices, customise, parse_set, write_profile
 
     results = _results(run_dir)
@@ -118,6 +120,6 @@ def defend_command(
                         f"{', '.join(sorted(used)) or '(none)'}")
     if not picks:
         raise UserError("no defense was chosen for any attack, so there is no profile to write")
-    dest = write_profile(apply(results, picks), out or run_dir / "defended.yaml", run_dir=run_dir)
+    dest = write_profile(apply(results, picks), out or RunDir(run_dir).defended_profile, run_dir=run_dir)
     typer.echo(f"profile with {len(picks)} chosen defense(s): {dest}")
     typer.echo(f"measure them: safedl run {dest} --resume {run_dir}")

@@ -143,8 +143,12 @@ def _explanations(ctx, spec, model, x, x_adv, pred, pred_adv, entry: dict) -> No
         return
     n = min(MAX_EXPLAINED, ctx.profile.evaluation.n_examples, len(x))
     xc, xa = x[:n], x_adv[:n]
-    a_c, d_c = explain.integrated_gradients(model, xc, target=pred[:n])
-    a_a, d_a = explain.integrated_gradients(model, xa, target=pred_adv[:n])
+    try:
+        a_c, d_c = explain.integrated_gradients(model, xc, target=pred[:n])
+        a_a, d_a = explain.integrated_gradients(model, xa, target=pred_adv[:n])
+    except RuntimeError as exc:  # e.g. a user model autograd cannot differentiate: the figure is optional
+        entry["notes"].append(f"no explanation figure: integrated gradients failed on this model ({exc})")
+        return
     names = ctx.splits.train.class_names or [str(i) for i in range(ctx.splits.num_classes)]
     titles = [(f"pred {names[int(pred[i])]}", f"pred {names[int(pred_adv[i])]}") for i in range(n)]
     path = ctx.artifact_dir("attacks") / f"{spec.key}_integrated_gradients.png"

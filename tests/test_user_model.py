@@ -161,8 +161,10 @@ def test_default_profile_defenses_run_on_an_entry_point_sequential(tmp_path, mon
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(prof))
     res = CliRunner().invoke(app, ["run", str(tmp_path / "p.yaml"), "--runs-dir", str(tmp_path / "runs"),
                                    "--no-progress", "-q"])
-    assert res.exit_code == 0, res.output
     r = json.loads(next((tmp_path / "runs").iterdir()).joinpath("results.json").read_text())
+    # one epoch can leave the model at chance: then the gate fails it (not_at_chance, issue 30) and nothing else
+    assert res.exit_code == (1 if r["gate"]["failures"] else 0), res.output
+    assert all(f.startswith("not_at_chance: ") for f in r["gate"]["failures"]), res.output
     got = {d["id"]: d["metrics"] for d in r["defenses"]}
     assert set(got) == {"feature_squeezing", "spectral_signatures", "data_cleaning"}
     assert got["spectral_signatures"]["detection"]["tpr"]["n"] > 0  # scored against the planted poison

@@ -272,6 +272,8 @@ def _print_outcome(run_dir: Path, gate: dict) -> None:
     if not gate.get("configured", True):
         typer.echo("release gate: NOT CONFIGURED (evaluation.gate sets no threshold; nothing was checked; "
                    "use --require-gate in CI to make this an error)")
+        for f in gate.get("failures", []):  # always-on checks (models at chance, failed stages) still say so
+            typer.echo(f"  - {f}")
         raise typer.Exit(0)
     typer.echo(f"release gate: {'PASSED' if gate['passed'] else 'FAILED'}")
     typer.echo(f"  {gate_summary(gate)}")
@@ -397,6 +399,11 @@ from safedl.deploy.cli import export_command, verify_command  # noqa: E402
 
 app.command(name="export")(export_command)
 app.command(name="verify")(verify_command)
+
+from safedl.workflow.cli import defend_command, export_results_command  # noqa: E402  (Safe-DL workflow, issue 30)
+
+app.command(name="export-results")(export_results_command)
+app.command(name="defend")(defend_command)
 
 # `safedl serve`, `safedl keys ...`, `safedl audit export`: the HTTP service (logic in safedl.serve.cli)
 from safedl.serve.cli import audit_app, db_app, keys_app, serve_command  # noqa: E402

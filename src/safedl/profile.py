@@ -9,6 +9,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from safedl.errors import ProfileError
 from safedl.models.train import TrainRecipe
+from safedl.param_aliases import resolve_aliases
 from safedl.profile_inputs import CanarySpec, DatasetSpec, ModelSpec, Normalization, StrictModel, ThreatModel
 from safedl.sweeps import check_eps_list, expand_against, expand_attacks, source_indices
 
@@ -23,6 +24,11 @@ class ComponentSpec(_Strict):
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _aliases(self) -> "ComponentSpec":
+        self.params = resolve_aliases(self.name, self.params)  # names users know (safedl.param_aliases)
+        return self
 
 
 class AttackSpec(ComponentSpec):
@@ -66,6 +72,8 @@ class DefenseSpec(_Strict):
     def _check(self) -> "DefenseSpec":
         if (self.name is None) == (self.pipeline is None):
             raise ValueError("a defense needs exactly one of 'name' or 'pipeline'")
+        if self.name is not None:
+            self.params = resolve_aliases(self.name, self.params)  # names users know (safedl.param_aliases)
         return self
 
     @property

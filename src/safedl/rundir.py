@@ -9,6 +9,7 @@
       artifacts/             figures and example images (paths in results.json are relative to RUN_DIR)
       results.json           the results contract; report.md / report.html are rendered from it alone
       gate.json, recommendations.md/.json, recommended.yaml   decision artifacts
+      defended.yaml          the profile `safedl defend` writes (default)
 
 Everything else asks a RunDir for a path instead of spelling one.
 """
@@ -74,6 +75,11 @@ class RunDir:
     @property
     def recommended_profile(self) -> Path:
         return self.path / "recommended.yaml"
+
+    @property
+    def defended_profile(self) -> Path:
+        """The profile ``safedl defend`` writes by default."""
+        return self.path / "defended.yaml"
 
     # -- stages ------------------------------------------------------------------------------------------
     @property

@@ -9,7 +9,8 @@ Ranking rule (reproducible from results.json and ``priors.yaml`` alone):
    base's entries for the attack's registry name that this run did not evaluate (evidence: *prior*, with the bench
    command and data it comes from).
 3. A measured defense *helps* when the 95% intervals of the attack's quantity with and without it are separate
-   (the upper bound with the defense is below the lower bound without it). Measured candidates that help come first, ordered by that upper bound, then by clean cost
+   (the upper bound with the defense is below the lower bound without it) and the defended model is not at chance
+   (``safedl.decide.chance``: upper 95% bound of its clean accuracy below 1.5/K). Measured candidates that help come first, ordered by that upper bound, then by clean cost
    (clean accuracy lost), then by added latency; then the priors in the same order (the prior's bound, or its value
    when the bench gave no interval); measured candidates that do not help come last and are never recommended.
 4. The recommendation is the first candidate. When it is a prior, the written profile adds that defense against the
@@ -25,6 +26,7 @@ from typing import Any, Optional
 
 import yaml
 
+from safedl.decide.chance import at_chance, chance_flags, chance_limit, clean_metric
 from safedl.decide.risk import QUANTITIES, defended_success, quantity
 from safedl.errors import UserError
 from safedl.utils.io import atomic_write_json, atomic_write_text
@@ -54,24 +56,41 @@ def _clean_cost(defense: dict[str, Any], attack: dict[str, Any], baseline: Optio
     return None
 
 
+def _interval_words(before: tuple[float, float, float], after: tuple[float, float, float]) -> str:
+    """What the two 95% intervals show: separate and lower (helps), separate and higher (worse), or overlapping."""
+    if after[1] < before[2]:
+        return (f"95% intervals separate, lower with it: upper bound with it {after[1]:.3f} < lower bound without it "
+                f"{before[2]:.3f}")
+    if after[2] > before[1]:
+        return (f"95% intervals separate, higher with it (it made things worse): lower bound with it {after[2]:.3f} "
+                f"> upper bound without it {before[1]:.3f}")
+    return (f"95% intervals overlap: with it [{after[2]:.3f}, {after[1]:.3f}], without it "
+            f"[{before[2]:.3f}, {before[1]:.3f}]")
+
+
 def _measured(attack: dict[str, Any], d: dict[str, Any], before: tuple[float, float, float], qname: str,
-              baseline: Optional[float]) -> Optional[dict[str, Any]]:
+              baseline: Optional[float], num_classes: int = 0) -> Optional[dict[str, Any]]:
     after = defended_success(d, attack, baseline_accuracy=baseline)
     if after is None:
         return None
     m = d.get("metrics", {})
     cost, lat = _clean_cost(d, attack, baseline), _v(m.get("latency_added_ms_per_image"))
     train = _v(m.get("training_time_s"))
-    helps = after[1] < before[2]
-    why = (f"measured in this run: {qname} {before[0]:.3f} -> {after[0]:.3f} with {d['id']} (95% intervals "
-           f"{'separate' if helps else 'overlap'}: upper bound with it {after[1]:.3f}, lower bound without it "
-           f"{before[2]:.3f})")
+    clean = clean_metric(m)
+    chance = num_classes >= 2 and clean is not None and at_chance(clean[1], num_classes=num_classes)
+    helps = after[1] < before[2] and not chance
+    why = (f"measured in this run: {qname} {before[0]:.3f} -> {after[0]:.3f} with {d['id']} "
+           f"({_interval_words(before, after)})")
     why += "".join(s for s in (f"; clean accuracy {-cost:+.3f}" if cost is not None else "",
                                f"; latency {lat:+.2f} ms/image" if lat is not None else "",
                                f"; training {train:.0f} s" if train is not None else "") if s)
+    if chance:
+        why += (f"; AT CHANCE: the defended model's {clean[0]} upper 95% bound is below 1.5/K = "
+                f"{chance_limit(num_classes):.3f} (K={num_classes}), so it predicts no better than guessing")
     return {"defense": d["id"], "name": d.get("name"), "evidence": "measured", "after": after[0],
             "after_upper": after[1], "clean_cost": cost, "latency_ms": lat, "training_time_s": train,
-            "helps": helps, "why": why if helps else why + ": it does not help against this attack"}
+            "helps": helps, "at_chance": chance,
+            "why": why if helps else why + ": it does not help against this attack"}
 
 
 def _prior(p: dict[str, Any], qname: str, attack: dict[str, Any]) -> dict[str, Any]:
@@ -98,6 +117,7 @@ def recommend(results: dict[str, Any], *, priors: Optional[list[dict[str, Any]]]
     """Per attack: whether it succeeded, every candidate defense with its evidence, ranked by the module's rule."""
     priors = load_priors() if priors is None else priors
     baseline = _v(results.get("baseline", {}).get("metrics", {}).get("clean_accuracy"))
+    k = int((results.get("data") or {}).get("num_classes") or 0)
     out = []
     for a in results.get("attacks", []):
         key = quantity(a)
@@ -111,7 +131,7 @@ def recommend(results: dict[str, Any], *, priors: Optional[list[dict[str, Any]]]
                                "candidates": [], "recommended": None}
         if row["succeeded"]:
             cands = [c for d in results.get("defenses", []) if d.get("against") == a["id"]
-                     for c in [_measured(a, d, before, qname, baseline)] if c is not None]
+                     for c in [_measured(a, d, before, qname, baseline, k)] if c is not None]
             seen = {c["name"] for c in cands} | {c["defense"] for c in cands}
             cands += [_prior(p, qname, a) for p in priors
                       if row["name"] in p.get("attacks", []) and p["defense"] not in seen]
@@ -121,7 +141,7 @@ def recommend(results: dict[str, Any], *, priors: Optional[list[dict[str, Any]]]
             row["recommended"] = None if best is None else {k: best[k] for k in ("defense", "evidence", "why")}
         out.append(row)
     return {"rule": __doc__.split("Ranking rule", 1)[1].split("\n\n", 1)[1].strip(), "success_min": SUCCESS_MIN,
-            "attacks": out}
+            "attacks": out, "at_chance": chance_flags(results)}
 
 
 def recommended_profile(results: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +171,9 @@ def recommended_profile(results: dict[str, Any], rec: dict[str, Any]) -> dict[st
 
 def to_markdown(rec: dict[str, Any]) -> str:
     lines = ["# Defense recommendations", "", "Rule: " + " ".join(rec["rule"].split()), ""]
+    if rec.get("at_chance"):
+        lines += ["**Models at chance** (never recommended; the release gate fails them):", ""]
+        lines += [f"- {f['subject']}: {f['reason']}" for f in rec["at_chance"]] + [""]
     for row in rec["attacks"]:
         head = f"## {row['attack']} ({row['category']}): {row['quantity']} = {row['before']:.3f}"
         lines += [head, ""]
@@ -159,8 +182,9 @@ def to_markdown(rec: dict[str, Any]) -> str:
             continue
         r = row["recommended"]
         lines.append(f"**Recommended: {r['defense']}** ({r['evidence']}): {r['why']}." if r else
-                     "No candidate is shown to help: every defense measured against it in this run leaves 95% "
-                     "intervals that overlap the undefended one, and the knowledge base has no other prior for it.")
+                     "No candidate is shown to help: no defense measured against it in this run has a 95% "
+                     "interval separate from and below the undefended one on a model above chance, and the "
+                     "knowledge base has no other prior for it.")
         lines.append("")
         if row["candidates"]:
             lines += ["| rank | defense | evidence | after | upper 95% | clean cost | latency ms/image | why |",

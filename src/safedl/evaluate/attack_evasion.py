@@ -135,6 +135,35 @@ def simulate_evasion(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOu
                        n=ctx.profile.evaluation.n_examples)
         if path.exists():
             entry["artifacts"]["clean (top) vs adversarial (bottom) examples"] = ctx.rel(path)
+        _explanations(ctx, spec, model, x, x_adv, pred, pred_adv, entry)
     state = EvasionState(x=x, y=y, x_adv=x_adv, target=target, spec=spec.model_dump()).to_state()
     return AttackOutcome(entry=entry, state=state)
 
+
+MAX_EXPLAINED = 4  # rows of the integrated-gradients figure
+
+
+def _explanations(ctx, spec, model, x, x_adv, pred, pred_adv, entry: dict) -> None:
+    """Integrated-gradients maps of the first few clean and adversarial inputs (needs Captum: the explain extra)."""
+    from safedl.models import explain
+    from safedl.report.explain_figures import explanation_figure
+
+    if not explain.available():
+        entry["notes"].append("no explanation figure: Captum is not installed (pip install 'safedl[explain]')")
+        return
+    n = min(MAX_EXPLAINED, ctx.profile.evaluation.n_examples, len(x))
+    xc, xa = x[:n], x_adv[:n]
+    try:
+        a_c, d_c = explain.integrated_gradients(model, xc, target=pred[:n])
+        a_a, d_a = explain.integrated_gradients(model, xa, target=pred_adv[:n])
+    except RuntimeError as exc:  # e.g. a user model autograd cannot differentiate: the figure is optional
+        entry["notes"].append(f"no explanation figure: integrated gradients failed on this model ({exc})")
+        return
+    names = ctx.splits.train.class_names or [str(i) for i in range(ctx.splits.num_classes)]
+    titles = [(f"pred {names[int(pred[i])]}", f"pred {names[int(pred_adv[i])]}") for i in range(n)]
+    path = ctx.artifact_dir("attacks") / f"{spec.key}_integrated_gradients.png"
+    explanation_figure(path, xc.cpu(), xa.cpu(), a_c.cpu(), a_a.cpu(), titles)
+    entry["artifacts"]["integrated gradients: clean vs adversarial"] = ctx.rel(path)
+    err = float(torch.cat([d_c, d_a]).abs().max())
+    entry["notes"].append(f"integrated gradients (64 Gauss-Legendre steps, black baseline): largest completeness "
+                          f"error |sum(attr) - (f(x) - f(0))| = {err:.2g} over the {2 * n} explained inputs")

@@ -41,6 +41,7 @@ from safedl.data.dataset import Dataset, PoisonedDataset
 from safedl.models.train import train_model
 from safedl.profile import AttackSpec
 from safedl.report.stage_figures import attacked_inputs_figure, poison_examples_figure, trigger_figure
+from safedl.utils.confusion import confusion_counts
 from safedl.utils.bits import pack as pack_bits
 from safedl.utils.stats import mean_metric, proportion, scalar
 from safedl.utils.tensors import predict
@@ -114,6 +115,7 @@ def run_poisoning_attack(ctx: RunContext, spec: AttackSpec, attack: Any) -> Atta
              "time_s": time.perf_counter() - t0}
     # per test image: the poisoned model is correct; per aimed input: it predicts its aimed label (paired comparisons)
     entry["per_image"] = {"clean_correct": pack_bits(pred_p == test.y)}
+    entry["confusion"] = confusion_counts(pred_p, test.y, k)  # the poisoned model on the clean test split
     if x_aim is not None:
         entry["per_image"]["hit"] = pack_bits(predict(model, x_aim.to(dev)).cpu() == aim)
     state = {"poisoned": poisoned, "poisoned_val": poisoned_val, "model_state": {k_: v.detach().cpu() for k_, v in model.state_dict().items()},

@@ -40,6 +40,7 @@ from safedl.defenses.protocols import (CleanserProtocol, InspectorProtocol, Repa
                                        poison_setting)
 from safedl.errors import ProfileError
 from safedl.report.stage_figures import image_grid, score_histograms, weight_histograms
+from safedl.evaluate.defense_records import clean_confusion, removed_examples
 from safedl.utils.stats import auroc, proportion, scalar
 from safedl.utils.tensors import predict
 
@@ -265,7 +266,9 @@ def evaluate_cleanser(ctx: RunContext, spec, components: list[Any], outcome: Att
         notes.append(f"classes judged poisoned: {info['poisoned_classes']}")
     return {"name": spec.name, "metrics": metrics, "per_class": per_class, "notes": notes,
             "artifacts": _cleanser_figures(ctx, spec, outcome, res, poisoned), "info": _jsonable(info),
-            "time_s": time.perf_counter() - t_start}
+            "confusion": clean_confusion(ctx, retrained),
+            "removed_indices": torch.nonzero(res.is_suspect).flatten().tolist(),  # into the poisoned training set
+            "examples": removed_examples(ctx, _stem(ctx, spec, outcome), res, poisoned), "time_s": time.perf_counter() - t_start}
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -285,7 +288,7 @@ def evaluate_trainer(ctx: RunContext, spec, components: list[Any], outcome: Atta
     if facts:
         notes.append(f"{comp.registry_name}: " + ", ".join(f"{k} {float(v):.3g}" for k, v in facts.items()))  # type: ignore[attr-defined]
     return {"name": spec.name, "metrics": metrics, "notes": notes, "artifacts": {},
-            "time_s": time.perf_counter() - t_start}
+            "confusion": clean_confusion(ctx, m), "time_s": time.perf_counter() - t_start}
 
 
 # ------------------------------------------------------------------------------------------------ repair
@@ -330,7 +333,8 @@ def evaluate_repair(ctx: RunContext, spec, components: list[Any], outcome: Attac
             image_grid(p, x, titles, title)
             artifacts[title] = ctx.rel(p)
     return {"name": spec.name, "metrics": metrics, "notes": notes, "artifacts": artifacts,
-            "info": _jsonable(comp.report_), "time_s": time.perf_counter() - t_start}
+            "info": _jsonable(comp.report_), "confusion": clean_confusion(ctx, repaired),
+            "time_s": time.perf_counter() - t_start}
 
 
 # ------------------------------------------------------------------------------------------------ detector

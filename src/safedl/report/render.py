@@ -65,6 +65,7 @@ def _data_sentence(results: dict[str, Any]) -> str:
 
 def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block]:
     """The report as blocks: summary, baseline, figures, attacks, defenses, failed stages, risk, gate, environment."""
+    from safedl.report.honesty import chance_blocks, confusion_blocks
     from safedl.report.risk_section import risk_blocks
 
     names = (results.get("data") or {}).get("class_names")
@@ -72,8 +73,10 @@ def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block
     if figures:
         b.append(("h", 2, "Summary figures"))
         b += [("img", label, path) for label, path in figures.items()]
+    b += chance_blocks(results)  # models at chance, before any number that rests on them (issue 30)
     b += _attack_blocks(results["attacks"], names)
     b += _defense_blocks(results["defenses"], names)
+    b += confusion_blocks(results)
     if results.get("failed_stages"):
         b.append(("h", 2, "Failed stages"))
         b.append(("p", "These stages raised, or lost their worker, on every attempt; they are not measured."))

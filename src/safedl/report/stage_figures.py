@@ -78,6 +78,17 @@ def image_grid(path, x: torch.Tensor, titles: list[str], suptitle: str) -> None:
     plt.close(fig)
 
 
+def save_png(path, x: torch.Tensor) -> None:
+    """One C x H x W image in [0, 1] as a PNG at its own size (grey for one channel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import image as mpimg
+
+    img = x.detach().float().clamp(0, 1).permute(1, 2, 0).numpy()
+    mpimg.imsave(path, img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+
+
 def score_histograms(path, score: torch.Tensor, y: torch.Tensor, truth: torch.Tensor, num_classes: int) -> None:
     """Per class: histograms of a cleanser's outlier scores, clean vs true poison."""
     import matplotlib

@@ -15,6 +15,7 @@ from safedl.profile import Profile
 from safedl.run.cache import StageCache
 from safedl.run.prepare import load_user_checkpoint
 from safedl.utils.bits import pack as pack_bits
+from safedl.utils.confusion import confusion_counts
 from safedl.utils.stats import proportion
 from safedl.utils.tensors import predict, seed_everything
 
@@ -64,6 +65,7 @@ def baseline_stage(profile: Profile, *, cache: StageCache, key: str, splits: Spl
                                                len(splits.val)) if len(splits.val) else None},
         "per_class": {"clean_accuracy": per_class},
         "per_image": {"clean_correct": pack_bits(correct)},  # test split order; for paired comparisons
+        "confusion": confusion_counts(pred, splits.test.y, splits.num_classes),  # clean, row = true class
         "history": history,
         "time_s": time.perf_counter() - t0,
         "recipe": p.training.model_dump(),

@@ -10,6 +10,7 @@ import torch
 
 import safedl
 from safedl.data.dataset import Splits
+from safedl.decide.chance import fail_on_chance
 from safedl.decide.gate import evaluate_gate, fail_on_failed_stages
 from safedl.decide.risk import assess_risk
 from safedl.executors import Executor
@@ -39,7 +40,7 @@ def assemble_results(profile: Profile, *, run_id: str, device: torch.device, exe
     }
     results["risk"] = assess_risk(p.threat_model, attacks, defenses,
                                   baseline_accuracy=baseline_entry["metrics"]["clean_accuracy"]["value"])
-    results["gate"] = fail_on_failed_stages(evaluate_gate(p.evaluation.gate, results), failed)
+    results["gate"] = fail_on_chance(fail_on_failed_stages(evaluate_gate(p.evaluation.gate, results), failed), results)
     return results
 
 

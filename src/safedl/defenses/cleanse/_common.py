@@ -60,7 +60,7 @@ def gmm_split(values: np.ndarray, *, seed: int) -> dict[str, Any]:
 
 
 def foreign_mode(data_assign: np.ndarray, trusted_assign: np.ndarray | None) -> dict:
-    """Decide which of two modes of a class (0/1 assignments) is foreign to the trusted samples of that class.
+    """Decide which of the modes of a class (cluster assignments 0..k-1, k >= 2) is foreign to the trusted samples of that class.
 
     A legitimate mode (e.g. slanted and upright ones) receives trusted samples in proportion to its share of the
     data; a mode made of poisons receives (almost) none. For each mode the one-sided binomial probability of seeing
@@ -71,12 +71,12 @@ def foreign_mode(data_assign: np.ndarray, trusted_assign: np.ndarray | None) -> 
     """
     from scipy.stats import binom
 
-    sizes = np.bincount(data_assign, minlength=2)
+    sizes = np.bincount(data_assign, minlength=2)  # two modes or more (activation_clustering's n_clusters)
     if trusted_assign is None or len(trusted_assign) == 0:
         return {"mode": int(np.argmin(sizes)), "p_value": None, "how": "smaller mode"}
     share = sizes / max(1, sizes.sum())
-    t_counts = np.bincount(trusted_assign, minlength=2)
-    p = [float(binom.cdf(t_counts[j], len(trusted_assign), share[j])) for j in range(2)]
+    t_counts = np.bincount(trusted_assign, minlength=len(sizes))
+    p = [float(binom.cdf(t_counts[j], len(trusted_assign), share[j])) for j in range(len(sizes))]
     j = int(np.argmin(p))
     ratio = float(t_counts[j] / len(trusted_assign) / max(share[j], 1e-12))
     return {"mode": j, "p_value": p[j], "trusted_ratio": ratio, "trusted_counts": t_counts.tolist(),

@@ -5,6 +5,11 @@ The data are split into ``n_folds`` stratified folds; for each fold a fresh mode
 other folds and computes the cross-entropy of the held-out samples, so no sample is scored by a model that saw it.
 ``method="loss_filtering"`` flags losses above ``threshold x mean loss``; ``method="outlier_detection"`` flags
 z-scores of the loss above ``threshold``.
+
+``granularity`` (Safe-DL's name): ``"sample"`` (default) judges each sample; ``"batch"`` (our variant, for data that
+arrive in batches from one provenance each) judges consecutive runs of ``batch_size`` samples in the data's order
+by their mean loss, with the same rule applied to the batch means, and flags a batch as a whole. It finds poison
+that arrives together (one bad delivery); poisons scattered through the order dilute every batch mean.
 """
 from __future__ import annotations
 
@@ -59,7 +64,9 @@ class DataCleaning:
     known_weak: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, method: str = "loss_filtering", threshold: float | None = None, n_folds: int = 4,
-                 seed: int = 0):
+                 seed: int = 0, granularity: str = "sample", batch_size: int = 32):
+        self.granularity = check_choice(self, "granularity", granularity, ("sample", "batch"))
+        self.batch_size = check_range(self, "batch_size", batch_size, low=1, integer=True)
         self.method = check_choice(self, "method", method, ("loss_filtering", "outlier_detection"))
         self.threshold = None if threshold is None else check_positive(self, "threshold", threshold)
         self.n_folds = check_range(self, "n_folds", n_folds, low=2, high=20, integer=True)
@@ -83,13 +90,20 @@ class DataCleaning:
                                   "all the data has memorised the samples it would score)")
             losses = cross_validated_losses(data, train_fn, n_folds=self.n_folds, seed=self.seed)
         losses = losses.float().cpu()
-        mean, std = float(losses.mean()), float(losses.std())
+        batch = torch.arange(len(losses)) // (self.batch_size if self.granularity == "batch" else 1)
+        units = torch.zeros(int(batch.max()) + 1 if len(losses) else 0).index_add_(0, batch, losses)
+        units = units / torch.bincount(batch, minlength=len(units)).clamp_min(1)  # per sample, or per batch mean
+        mean, std = float(units.mean()), float(units.std()) if len(units) > 1 else 0.0
         threshold = self.effective_threshold
         if self.method == "loss_filtering":
             cut = threshold * mean
-            flag = losses > cut
+            flag_units = units > cut
         else:
             cut = mean + threshold * std
-            flag = (losses - mean) / max(std, 1e-12) > threshold
-        return DetectionResult(flag, losses, {"method": self.method, "threshold": threshold, "cutoff_loss": cut,
-                                              "mean_loss": mean, "std_loss": std, "n_folds": self.n_folds})
+            flag_units = (units - mean) / max(std, 1e-12) > threshold
+        info = {"method": self.method, "threshold": threshold, "cutoff_loss": cut, "mean_loss": mean,
+                "std_loss": std, "n_folds": self.n_folds, "granularity": self.granularity}
+        if self.granularity == "batch":
+            info.update(batch_size=self.batch_size, batches=len(units),
+                        flagged_batches=torch.nonzero(flag_units).flatten().tolist())
+        return DetectionResult(flag_units[batch], units[batch] if self.granularity == "batch" else losses, info)

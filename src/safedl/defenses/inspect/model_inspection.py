@@ -10,7 +10,9 @@ Backdoors are claimed to leave unusually large weights and dormant units that on
 clean models of seeds 1 and 2 are not flagged (largest |log ratio| 0.32, the dormant share), but neither are models
 backdoored with a 10% 2x2 patch at seeds 0 and 1 (largest 0.41 / 0.22 vs the 0.405 cut): these statistics do not
 reveal a backdoor trained in from scratch; they do reveal tampered weights (a test plants them). Diagnostics only;
-``histograms`` hold per-layer weight counts for plotting.
+``histograms`` hold per-layer weight counts for plotting. ``layers`` (default: all) restricts the inspection to the
+named layers: module names as in ``model.named_modules()`` (e.g. ``1.conv.0``; a name covers the layers inside
+it) and ``penultimate`` for the activation statistics; a name the model does not have is a ConfigError listing them.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from safedl.data.dataset import Dataset
+from safedl.errors import ConfigError
 from safedl.registry import register
 from safedl.utils.validate import check_range
 
@@ -53,16 +56,22 @@ class ModelInspection:
     trusted_data: ClassVar[str] = "required"
     model_needs: tuple[str, ...] = ("features",)  # what the model must offer (safedl.models.features.model_problems)
 
-    def __init__(self, *, max_ratio: float = 1.5, bins: int = 50):
+    def __init__(self, *, max_ratio: float = 1.5, bins: int = 50, layers: list[str] | None = None):
+        if layers is not None and (isinstance(layers, str) or not layers
+                                   or not all(isinstance(n, str) and n for n in layers)):
+            raise ConfigError(f"model_inspection: layers must be a non-empty list of layer names, got {layers!r}")
+        self.layers = None if layers is None else list(layers)
         self.max_ratio = check_range(self, "max_ratio", max_ratio, low=1.0, low_inclusive=False)
         self.bins = check_range(self, "bins", bins, low=2, high=1000, integer=True)
 
     def inspect(self, model: nn.Module, *, reference: nn.Module, data: Dataset,
                 device: str | torch.device = "cpu") -> dict:
         ws, wr = _weight_stats(model), _weight_stats(reference)
+        ws = {n: v for n, v in ws.items() if self._chosen(n, model)}
         stats = {f"{layer}.{k}": (v, wr[layer][k]) for layer, d in ws.items() for k, v in d.items()}
-        am, ar = _activation_stats(model, data, device), _activation_stats(reference, data, device)
-        stats.update({f"penultimate.{k}": (am[k], ar[k]) for k in am})
+        if self.layers is None or "penultimate" in self.layers:
+            am, ar = _activation_stats(model, data, device), _activation_stats(reference, data, device)
+            stats.update({f"penultimate.{k}": (am[k], ar[k]) for k in am})
         rows, flagged = [], []
         for key, (v, r) in stats.items():
             lr = math.log(max(v, 1e-12) / max(r, 1e-12))
@@ -76,5 +85,16 @@ class ModelInspection:
                 lo, hi = float(w.min()), float(w.max())
                 hist[name] = {"counts": torch.histc(w, bins=self.bins, min=lo, max=hi).tolist(), "range": [lo, hi]}
         self.report_ = {"suspicious": bool(flagged), "flagged_classes": [], "flagged_statistics": flagged,
-                        "statistics": rows, "histograms": hist}
+                        "statistics": rows, "histograms": hist, "layers": self.layers or "all"}
         return self.report_
+
+    def _chosen(self, param: str, model: nn.Module) -> bool:
+        """Whether weight ``param`` (e.g. ``1.conv.0.weight``) lies in one of ``layers``; unknown names raise."""
+        if self.layers is None:
+            return True
+        known = {n for n, _ in model.named_modules() if n}
+        bad = [n for n in self.layers if n != "penultimate" and n not in known]
+        if bad:
+            raise ConfigError(f"model_inspection: layers {bad} are not layers of this model; its layers are: "
+                              f"{', '.join(sorted(known))}, and penultimate")
+        return any(param == f"{n}.weight" or param.startswith(f"{n}.") for n in self.layers)

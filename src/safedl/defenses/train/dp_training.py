@@ -7,6 +7,12 @@ accountant reports the epsilon actually spent (``epsilon_spent_``). A differenti
 any one training sample (hence a small set of poisons) can change it. BatchNorm mixes samples and is not allowed
 under DP-SGD; such layers are replaced by GroupNorm (``ModuleValidator.fix``), so the returned model can differ in
 architecture from the input. Opacus needs its own data loader, so this trainer runs its own loop (no augmentation).
+
+``secure_mode`` (default False) is Opacus' switch for a cryptographically secure noise generator (``torchcsprng``,
+not a safedl dependency). With False the noise comes from a seeded torch generator: runs are reproducible, but the
+privacy guarantee holds only against an attacker who cannot predict that generator (Opacus' own warning, which
+this trainer silences for exactly that message and records in ``facts()``). True needs ``torchcsprng`` installed
+and gives up reproducibility (Opacus refuses a seeded noise generator in secure mode).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from safedl.data.dataset import Dataset
+from safedl.errors import ConfigError
 from safedl.models.train import TrainRecipe, accuracy, make_optimizer
 from safedl.defenses.train._base import Trainer
 from safedl.registry import register
@@ -32,7 +39,10 @@ class DPTraining(Trainer):
     """DP-SGD via Opacus: target epsilon and delta, per-sample clip norm; reports the epsilon spent."""
 
     def __init__(self, *, target_epsilon: float = 8.0, target_delta: float = 1e-5, max_grad_norm: float = 1.0,
-                 lr: float | None = None, epochs: int | None = None):
+                 lr: float | None = None, epochs: int | None = None, secure_mode: bool = False):
+        if not isinstance(secure_mode, bool):
+            raise ConfigError(f"dp_training: secure_mode must be true or false, got {secure_mode!r}")
+        self.secure_mode = secure_mode
         self.target_epsilon = check_positive(self, "target_epsilon", target_epsilon)
         self.target_delta = check_range(self, "target_delta", target_delta, low=0.0, high=1.0, low_inclusive=False,
                                         high_inclusive=False)
@@ -55,11 +65,26 @@ class DPTraining(Trainer):
         if getattr(self, "epsilon_spent_", None) is None:
             return {}
         return {"epsilon_spent": self.epsilon_spent_, "target_epsilon": float(self.target_epsilon),
-                "delta": float(self.target_delta), "noise_multiplier": self.noise_multiplier_}
+                "delta": float(self.target_delta), "noise_multiplier": self.noise_multiplier_,
+                "secure_mode": float(self.secure_mode)}
+
+    def _engine(self):
+        """Opacus' PrivacyEngine; with secure_mode False its one 'Secure RNG turned off' warning is silenced (the
+        choice is documented and reported), with True a missing ``torchcsprng`` is a ConfigError."""
+        from opacus import PrivacyEngine
+
+        if self.secure_mode:
+            try:
+                return PrivacyEngine(accountant="rdp", secure_mode=True)
+            except ImportError:
+                raise ConfigError("dp_training: secure_mode: true needs the torchcsprng package "
+                                  "(pip install torchcsprng); install it or set secure_mode: false") from None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+            return PrivacyEngine(accountant="rdp", secure_mode=False)
 
     def fit(self, model: nn.Module, data: Dataset, *, recipe: TrainRecipe, seed: int,
             device: str | torch.device = "cpu", val: Dataset | None = None) -> nn.Module:
-        from opacus import PrivacyEngine
         from opacus.validators import ModuleValidator
 
         dev = torch.device(device)
@@ -74,13 +99,11 @@ class DPTraining(Trainer):
         noise_gen = g if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(int(seed) + 1)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x, data.y),
                                              batch_size=recipe.batch_size, shuffle=True, generator=g)
-        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Opacus warns about non-secure RNG, which is what reproducibility needs
-            priv_model, priv_opt, priv_loader = engine.make_private_with_epsilon(
-                module=model, optimizer=opt, data_loader=loader, target_epsilon=self.target_epsilon,
-                target_delta=self.target_delta, epochs=epochs, max_grad_norm=self.max_grad_norm,
-                noise_generator=noise_gen)
+        engine = self._engine()
+        priv_model, priv_opt, priv_loader = engine.make_private_with_epsilon(
+            module=model, optimizer=opt, data_loader=loader, target_epsilon=self.target_epsilon,
+            target_delta=self.target_delta, epochs=epochs, max_grad_norm=self.max_grad_norm,
+            noise_generator=None if self.secure_mode else noise_gen)
         history = []
         with progress_bar(epochs * len(priv_loader), "DP-SGD training") as bar:
             for epoch in range(epochs):

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny seeded models and data so the suite runs in minutes on 2 CPU cores."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,9 @@ from safedl.utils.tensors import seed_everything
 
 set_enabled(False)
 torch.set_num_threads(1)  # tiny models: threading costs more than it saves
+# the model cache (safedl.models.cache) is off in tests, so each test trains what it says it trains; the cache's own
+# tests turn it on with a private folder
+os.environ["SAFEDL_MODEL_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")

@@ -416,6 +416,10 @@ from safedl.deploy.ownership_cli import ownership_app  # noqa: E402
 
 app.add_typer(ownership_app, name="ownership")
 
+from safedl.models.cache_cli import cache_app  # noqa: E402
+
+app.add_typer(cache_app, name="cache")
+
 
 def main() -> None:  # pragma: no cover
     app()

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny seeded models and data so the suite runs in minutes on 2 CPU cores."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,9 @@ from safedl.utils.tensors import seed_everything
 
 set_enabled(False)
 torch.set_num_threads(1)  # tiny models: threading costs more than it saves
+# the model cache (safedl.models.cache) is off in tests, so each test trains what it says it trains; the cache's own
+# tests turn it on with a private folder
+os.environ["SAFEDL_MODEL_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +39,46 @@ def tiny_model(digits_splits):
 def eval_batch(digits_splits):
     """128 test images and labels."""
     return digits_splits.test.x[:128].clone(), digits_splits.test.y[:128].clone()
+
+
+def to_color(x: torch.Tensor) -> torch.Tensor:
+    """Gray N x 1 x H x W images as 3-channel ones whose channels differ (the image, its mirror, its transpose)."""
+    return torch.cat([x, x.flip(-1), x.transpose(-1, -2)], dim=1).contiguous()
+
+
+@pytest.fixture(scope="session")
+def digits_splits_rgb(digits_splits):
+    """``digits_splits`` with 3 distinct channels per image (same labels and split)."""
+    from safedl.data.dataset import Dataset, Splits
+
+    def color(d):
+        return Dataset(to_color(d.x), d.y.clone(), d.num_classes, f"{d.name}_rgb", d.class_names)
+
+    train = color(digits_splits.train)
+    return Splits(train=train, val=color(digits_splits.val), test=color(digits_splits.test),
+                  mean=tuple(train.x.mean(dim=(0, 2, 3)).tolist()), std=tuple(train.x.std(dim=(0, 2, 3)).tolist()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_rgb(digits_splits_rgb):
+    """The tiny CNN with a 3-channel stem, trained like ``tiny_model`` on the 3-channel digits."""
+    seed_everything(0)
+    net = build_model("tiny_cnn", in_channels=3, num_classes=10, image_size=8)
+    model = with_normalization(net, digits_splits_rgb.mean, digits_splits_rgb.std)
+    train_model(model, digits_splits_rgb.train, recipe=TrainRecipe(epochs=15, batch_size=64, lr=3e-3, augment="none"),
+                seed=0)
+    return model.eval()
+
+
+@pytest.fixture(params=[1, 3], ids=["1ch", "3ch"])
+def channels_case(request):
+    """(channels, tiny model, 128 test images, labels, training split) for 1-channel and 3-channel inputs: the
+    conformance suites run over both."""
+    if request.param == 1:
+        splits, model = request.getfixturevalue("digits_splits"), request.getfixturevalue("tiny_model")
+    else:
+        splits, model = request.getfixturevalue("digits_splits_rgb"), request.getfixturevalue("tiny_model_rgb")
+    return request.param, model, splits.test.x[:128].clone(), splits.test.y[:128].clone(), splits.train
 
 
 @pytest.fixture(scope="session")

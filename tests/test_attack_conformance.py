@@ -1,4 +1,5 @@
-"""Conformance suite run over every registered evasion attack (scikit-learn estimator-checks style).
+"""Conformance suite run over every registered evasion attack (scikit-learn estimator-checks style), on 1-channel
+and 3-channel inputs (the ``channels_case`` fixture: a tiny model for each).
 
 A new attack is checked automatically once registered. Attacks may set ``conformance_params`` (small settings for
 a quick run) and ``bounded = False`` when they minimise the perturbation instead of keeping an eps budget. Threats
@@ -32,8 +33,8 @@ def _run(attack, model, x, y):
 
 
 @pytest.mark.parametrize("name", ATTACKS)
-def test_output_contract_and_budget(name, tiny_model, eval_batch):
-    x, y = eval_batch
+def test_output_contract_and_budget(name, channels_case):
+    _, tiny_model, x, y, _ = channels_case
     attack = _make(name)
     x_adv = _run(attack, tiny_model, x, y)
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and x_adv.device == x.device
@@ -59,8 +60,8 @@ def test_output_contract_and_budget(name, tiny_model, eval_batch):
 
 
 @pytest.mark.parametrize("name", ATTACKS)
-def test_lowers_accuracy(name, tiny_model, eval_batch):
-    x, y = eval_batch
+def test_lowers_accuracy(name, channels_case):
+    _, tiny_model, x, y, _ = channels_case
     clean = predict(tiny_model, x) == y
     adv = predict(tiny_model, _run(_make(name), tiny_model, x, y)) == y
     # robust accuracy (clean-correct and still correct) can never exceed clean accuracy, and a real attack
@@ -70,16 +71,16 @@ def test_lowers_accuracy(name, tiny_model, eval_batch):
 
 
 @pytest.mark.parametrize("name", ATTACKS)
-def test_deterministic_under_seed(name, tiny_model, eval_batch):
-    x, y = eval_batch
+def test_deterministic_under_seed(name, channels_case):
+    _, tiny_model, x, y, _ = channels_case
     a = _run(_make(name), tiny_model, x[:32], y[:32])
     b = _run(_make(name), tiny_model, x[:32], y[:32])
     assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", ATTACKS)
-def test_model_state_untouched(name, tiny_model, eval_batch):
-    x, y = eval_batch
+def test_model_state_untouched(name, channels_case):
+    _, tiny_model, x, y, _ = channels_case
     model = copy.deepcopy(tiny_model)
     model.train()
     first = next(model.parameters())

@@ -107,8 +107,9 @@ WHITE_OR_SCORE = [n for n in registry.names("evasion") if not hasattr(registry.g
 
 @pytest.mark.parametrize("pipeline", ["preprocessors", "random+post"])
 @pytest.mark.parametrize("name", WHITE_OR_SCORE)
-def test_conformance_against_defended_pipeline(name, pipeline, tiny_model, eval_batch):
-    x, y = eval_batch[0][:16], eval_batch[1][:16]
+def test_conformance_against_defended_pipeline(name, pipeline, channels_case):
+    _, tiny_model, x, y, _ = channels_case
+    x, y = x[:16], y[:16]
     model = copy.deepcopy(tiny_model)
     model.train()
     first = next(model.parameters())

@@ -432,6 +432,9 @@ from safedl.redteam.gameday.cli import gameday_command  # noqa: E402
 
 app.command(name="redteam")(redteam_command)
 app.command(name="gameday")(gameday_command)
+from safedl.models.cache_cli import cache_app  # noqa: E402
+
+app.add_typer(cache_app, name="cache")
 
 
 def main() -> None:  # pragma: no cover

@@ -81,7 +81,7 @@ output:
   figures: true
 
 execution:                       # who runs the stages; the numbers do not depend on it
-  executor: serial               # serial | process (local process pool) | ray (local Ray, or ray_address)
+  executor: process              # serial | process (local process pool: independent stages on every core) | ray
   workers: null                  # stages at a time (null: CPUs / threads_per_task)
   threads_per_task: null         # torch threads per stage (null: CPUs / workers; 1 per Ray task)
   ray_address: null              # an existing Ray cluster: auto | ray://HOST:10001

@@ -213,7 +213,7 @@ class SuiteResult:
 
 
 def _suite_members(preprocessors: Sequence[nn.Module], *, eps: float, norm: str, steps: int, restarts: int,
-                   seed: int) -> list[tuple[str, str, Any]]:
+                   seed: int, early_stop: bool = True) -> list[tuple[str, str, Any]]:
     """(name, BPDA surrogate, attack): APGD-CE and APGD-DLR through each useful surrogate (the preprocessors' own
     approximations, and identity when a non-differentiable preprocessor has one)."""
     from safedl.attacks.evasion.apgd_ce import APGDCE
@@ -230,20 +230,22 @@ def _suite_members(preprocessors: Sequence[nn.Module], *, eps: float, norm: str,
     for s in surrogates:
         for name, cls in (("apgd_ce", APGDCE), ("apgd_dlr", APGDDLR)):
             label = name if s == "approx" else f"{name}[bpda=identity]"
-            out.append((label, s, cls(eps=eps, norm=norm, steps=steps, restarts=restarts, seed=seed)))
+            out.append((label, s, cls(eps=eps, norm=norm, steps=steps, restarts=restarts, seed=seed,
+                                             early_stop=early_stop)))
     return out
 
 
 def strong_adaptive_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
                           seed: int = 0, preprocessors: Sequence[nn.Module] = (),
                           postprocessors: Sequence[Callable] = (), steps: int = 100, restarts: int = 3,
-                          eot_samples: int = 8) -> SuiteResult:
+                          eot_samples: int = 8, early_stop: bool = True) -> SuiteResult:
     """A strong adaptive attack on the defended system within one (norm, eps) budget: APGD-CE and APGD-DLR (Croce &
     Hein 2020) with ``restarts`` restarts of ``steps`` steps each, through BPDA (every BPDA surrogate available) and
     EOT over ``eot_samples`` draws for randomized preprocessors (Athalye et al. 2018). Members run in order, each on
     the samples every earlier one left robust; success is judged on the deployed system (no BPDA/EOT), so a result
     is an adversarial example of what is actually deployed. The per-sample worst case is the headline robust
-    accuracy; ``budget`` says what produced it.
+    accuracy; ``budget`` says what produced it. ``early_stop``: each APGD run stops attacking a sample at its first
+    success (the same success set, less work).
     """
     check_choice("strong_adaptive_suite", "norm", norm, ("linf", "l2"))
     deployed = defended_model(preprocessors, model, postprocessors, adaptive=False)
@@ -254,7 +256,8 @@ def strong_adaptive_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
             torch.manual_seed(seed)  # randomized defenses: the same draws for every member's check
             return deployed(xa).argmax(1) == y[idx]
 
-    members = _suite_members(preprocessors, eps=eps, norm=norm, steps=steps, restarts=restarts, seed=seed)
+    members = _suite_members(preprocessors, eps=eps, norm=norm, steps=steps, restarts=restarts, seed=seed,
+                             early_stop=early_stop)
     all_idx = torch.arange(len(x), device=x.device)
     ok0 = correct(x, all_idx)
     broken_by = torch.where(ok0, -1, -2).to(x.device)
@@ -270,6 +273,6 @@ def strong_adaptive_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         broken_by[todo[hit]] = i
         todo = todo[~hit]
     budget = {"norm": norm, "eps": eps, "steps": steps, "restarts": restarts, "eot_samples": eot_samples,
-              "bpda": sorted({s for _, s, _ in members}), "seed": seed}
+              "bpda": sorted({s for _, s, _ in members}), "seed": seed, "early_stop": early_stop}
     return SuiteResult(robust=broken_by == -1, broken_by=broken_by, members=[m for m, _, _ in members], x_adv=out,
                        budget=budget)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from safedl.utils.bits import pack as pack_bits
 from safedl.utils.progress import progress_bar
 from safedl.report.stage_figures import example_figure
 from safedl.utils.stats import mean_metric, proportion, scalar
+from safedl.utils.backoff import BackoffReport, run_with_backoff
 from safedl.utils.tensors import predict
 
 log = logging.getLogger(__name__)
@@ -30,23 +31,31 @@ def choose_targets(y: torch.Tensor, num_classes: int, *, target_class: int | Non
 
 
 def run_evasion(model: nn.Module, attack: Any, x: torch.Tensor, y: torch.Tensor, *, target: torch.Tensor | None,
-                batch_size: int, description: str = "attack"
+                batch_size: int, description: str = "attack",
+                on_backoff: Callable[[BackoffReport], None] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]:
-    """Attack in batches; returns (x_adv, per-sample queries or None, per-sample ``broken_by_`` or None, seconds)."""
-    advs, queries, broken = [], [], []
+    """Attack in batches; returns (x_adv, per-sample queries or None, per-sample ``broken_by_`` or None, seconds).
+
+    Out of memory on a batch halves the batch size and retries it (``safedl.utils.backoff``); ``on_backoff``
+    receives what was done."""
+    queries, broken = [], []
     t0 = time.perf_counter()
     with progress_bar(len(x), description) as bar:
-        for i in range(0, len(x), batch_size):
-            sl = slice(i, i + batch_size)
-            advs.append(attack(model, x[sl], y[sl], target=None if target is None else target[sl]))
+        def one(sl: slice) -> torch.Tensor:
+            adv = attack(model, x[sl], y[sl], target=None if target is None else target[sl])
             q = getattr(attack, "queries_", None)
             if q is not None:
                 queries.append(q.detach().cpu())
             b = getattr(attack, "broken_by_", None)
             if b is not None:
                 broken.append(b.detach().cpu())
-            bar.advance(len(advs[-1]))
+            bar.advance(len(adv))
+            return adv
+
+        advs, report = run_with_backoff(one, len(x), batch_size=batch_size)
     elapsed = time.perf_counter() - t0
+    if on_backoff is not None:
+        on_backoff(report)
     cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
     return torch.cat(advs), cat(queries), cat(broken), elapsed
 
@@ -96,8 +105,10 @@ def simulate_evasion(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOu
         t0 = time.perf_counter()
         attack.fit(ctx.splits.train, model=model, device=ctx.device)
         t_fit = time.perf_counter() - t0
+    backoff: list[BackoffReport] = []
     x_adv, queries, broken_by, elapsed = run_evasion(model, attack, x, y, target=target,
-                                          batch_size=ctx.profile.evaluation.batch_size, description=f"attack {spec.key}")
+                                          batch_size=ctx.profile.evaluation.batch_size, description=f"attack {spec.key}",
+                                          on_backoff=backoff.append)
     metrics = evasion_metrics(model, x, y, x_adv, target=target, queries=queries)
     metrics["time_per_sample_s"] = scalar(elapsed / max(1, len(x)), n=len(x))
     entry: dict[str, Any] = {
@@ -105,6 +116,10 @@ def simulate_evasion(ctx: RunContext, spec: AttackSpec, attack: Any) -> AttackOu
         "params": attack.params() if hasattr(attack, "params") else dict(spec.params),
         "targeted": spec.targeted, "metrics": metrics, "time_s": elapsed + t_fit, "notes": [], "artifacts": {},
     }
+    if backoff and backoff[0].note:
+        entry["notes"].append(backoff[0].note)
+        entry["batch_backoff"] = {"requested": backoff[0].requested, "used": backoff[0].used,
+                                  "failed_sizes": backoff[0].failed_sizes}
     if t_fit >= 0.05:  # attacks whose fit does nothing measurable get no note
         entry["notes"].append(f"surrogate/fit time {t_fit:.1f}s included in time_s")
     fit_queries = getattr(attack, "fit_queries_", None)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from safedl.data.dataset import Dataset, Splits
-from safedl.models.train import LossFn, TrainRecipe, train_model
+from safedl.models.cache import ModelCache, cached_train, run_cache
+from safedl.models.train import LossFn, TrainRecipe
 from safedl.profile import Profile
 from safedl.rundir import RunDir
 from safedl.utils.tensors import seed_everything
@@ -37,6 +38,7 @@ class RunContext:
     baseline: nn.Module
     build_fresh: Callable[[], nn.Module]
     outcomes: dict[str, Any] = field(default_factory=dict)  # attack id -> AttackOutcome (filled by the spine)
+    model_cache: ModelCache | None = field(default_factory=run_cache)  # trained models reused across runs
     model_meta: dict[str, Any] = field(default_factory=dict)  # how to rebuild the architecture (checkpoint meta)
 
     @property
@@ -57,8 +59,9 @@ class RunContext:
                             sample_weight: torch.Tensor | None = None, on_epoch_end=None) -> nn.Module:
         """Train (a fresh copy of) the baseline architecture on ``train`` with the baseline recipe and seed."""
         model = self.build_model() if model is None else model.to(self.device)
-        train_model(model, train, recipe=recipe or self.recipe, seed=self.seed, val=self.splits.val, device=self.device,
-                    loss_fn=loss_fn, description=description, sample_weight=sample_weight, on_epoch_end=on_epoch_end)
+        cached_train(model, train, recipe=recipe or self.recipe, seed=self.seed, val=self.splits.val, device=self.device,
+                     loss_fn=loss_fn, description=description, sample_weight=sample_weight, on_epoch_end=on_epoch_end,
+                     cache=self.model_cache)
         return model.eval()
 
     def eval_set(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,16 +14,14 @@ def _value(m: Any) -> float | None:
     return float(m["value"]) if isinstance(m, dict) and m.get("value") is not None else None
 
 
-def _grouped_bars(path: Path, groups: list[str], series: dict[str, list[Any]], *, title: str, ylabel: str,
-                  xlabel: str) -> bool:
-    """One cluster of bars per group, one bar per series; error bars from each metric's ci95. False if nothing to draw."""
+def grouped_bars_figure(groups: list[str], series: dict[str, list[Any]], *, title: str, ylabel: str, xlabel: str):
+    """(figure, axes) with one cluster of bars per group, one bar per series, error bars from each metric's ci95; the
+    legend sits right of the axes, so it covers neither the bars, the tick labels nor the axis label."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not groups or all(_value(m) is None for ms in series.values() for m in ms):
-        return False
     width = 0.8 / max(1, len(series))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) * (len(series) + 1) + 2.0), 4.0))
     for k, (name, ms) in enumerate(series.items()):
@@ -45,8 +43,19 @@ def _grouped_bars(path: Path, groups: list[str], series: dict[str, list[Any]], *
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_title(title, fontsize=9)
     if len(series) > 1:
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=len(series), frameon=False)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
+    return fig, ax
+
+
+def _grouped_bars(path: Path, groups: list[str], series: dict[str, list[Any]], *, title: str, ylabel: str,
+                  xlabel: str) -> bool:
+    """Draw :func:`grouped_bars_figure` into ``path``. False if there is nothing to draw."""
+    import matplotlib.pyplot as plt
+
+    if not groups or all(_value(m) is None for ms in series.values() for m in ms):
+        return False
+    fig, _ = grouped_bars_figure(groups, series, title=title, ylabel=ylabel, xlabel=xlabel)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -66,10 +66,12 @@ def _data_sentence(results: dict[str, Any]) -> str:
 def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block]:
     """The report as blocks: summary, baseline, figures, attacks, defenses, failed stages, risk, gate, environment."""
     from safedl.report.honesty import chance_blocks, confusion_blocks
+    from safedl.report.executive_summary import executive_summary_blocks
     from safedl.report.risk_section import risk_blocks
 
     names = (results.get("data") or {}).get("class_names")
-    b = _summary_blocks(results) + _baseline_blocks(results["baseline"], names)
+    summary = _summary_blocks(results)
+    b = summary[:1] + executive_summary_blocks(results) + summary[1:] + _baseline_blocks(results["baseline"], names)
     if figures:
         b.append(("h", 2, "Summary figures"))
         b += [("img", label, path) for label, path in figures.items()]

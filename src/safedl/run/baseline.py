@@ -10,7 +10,8 @@ from torch import nn
 
 from safedl.data.dataset import Splits
 from safedl.models.checkpoint import save_checkpoint
-from safedl.models.train import accuracy, train_model
+from safedl.models.cache import cached_train, run_cache
+from safedl.models.train import accuracy
 from safedl.profile import Profile
 from safedl.run.cache import StageCache
 from safedl.run.prepare import load_user_checkpoint
@@ -38,6 +39,7 @@ def baseline_stage(profile: Profile, *, cache: StageCache, key: str, splits: Spl
         return model.to(device).eval(), cached["entry"]
     t0 = time.perf_counter()
     history: list = []
+    reused = False
     if p.model.checkpoint:
         path = Path(p.model.checkpoint)
         path = path if path.is_absolute() else base_dir / path
@@ -47,10 +49,10 @@ def baseline_stage(profile: Profile, *, cache: StageCache, key: str, splits: Spl
         source = "TorchScript model as given (not retrained)"
     else:
         log.info("baseline: training %s for %d epochs", p.model.arch or p.model.entry_point, p.training.epochs)
-        report = train_model(model, splits.train, recipe=p.training, seed=p.seed, val=splits.val,
-                             device=device, description="baseline")
+        report, reused = cached_train(model, splits.train, recipe=p.training, seed=p.seed, val=splits.val,
+                                      device=device, description="baseline", cache=run_cache())
         history = report.history
-        source = "trained"
+        source = "trained (reused from the model cache)" if reused else "trained"
     model.eval()
     pred = predict(model, splits.test.x.to(device)).cpu()
     correct = pred == splits.test.y
@@ -70,6 +72,7 @@ def baseline_stage(profile: Profile, *, cache: StageCache, key: str, splits: Spl
         "time_s": time.perf_counter() - t0,
         "recipe": p.training.model_dump(),
         "notes": _baseline_notes(p, splits),
+        "reused_models": ["baseline"] if reused else [],
     }
     if splits.field is not None:  # dataset.field_test: the held-out field set
         field_correct = predict(model, splits.field.x.to(device)).cpu() == splits.field.y

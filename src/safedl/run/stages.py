@@ -100,6 +100,12 @@ def _collect(ctx: RunContext, shared: StageShared) -> dict[str, bytes]:
     return {str(p.relative_to(ctx.run_dir)): p.read_bytes() for p in sorted(ctx.run_dir.rglob("*")) if p.is_file()}
 
 
+def _note_reused(entry: dict[str, Any], ctx: RunContext) -> None:
+    """Record in the entry which of the stage's trainings the model cache answered (the report lists them)."""
+    if ctx.model_cache is not None and ctx.model_cache.hits:
+        entry["reused_models"] = list(ctx.model_cache.hits)
+
+
 def attack_stage(shared: StageShared, inputs: dict[str, Any], *, category: str, spec: AttackSpec) -> StageResult:
     """Run one attack of the profile."""
     with _stage_context(shared) as ctx:
@@ -112,6 +118,7 @@ def attack_stage(shared: StageShared, inputs: dict[str, Any], *, category: str, 
         entry.setdefault("name", spec.name)
         entry.setdefault("category", category)
         entry.setdefault("time_s", time.perf_counter() - t0)
+        _note_reused(entry, ctx)
         return StageResult(entry=entry, state=outcome.state, files=_collect(ctx, shared))
 
 
@@ -134,4 +141,5 @@ def defense_stage(shared: StageShared, inputs: dict[str, Any], *, dspec: Defense
         entry.setdefault("params", dspec.params if dspec.name else
                          {"pipeline": [c.model_dump() for c in dspec.pipeline or []]})
         entry.setdefault("time_s", time.perf_counter() - t0)
+        _note_reused(entry, ctx)
         return StageResult(entry=entry, files=_collect(ctx, shared))

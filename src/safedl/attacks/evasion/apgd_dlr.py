@@ -26,9 +26,10 @@ class APGDDLR(APGDBase):
     conformance_params: ClassVar[dict] = {"eps": 0.3, "steps": 10}
 
     def __init__(self, *, eps: float = 0.3, norm: str = "linf", steps: int = 100, restarts: int = 1, rho: float = 0.75,
-                 n_target_classes: int = 0, random_start: bool = True, seed: int | None = 0):
+                 n_target_classes: int = 0, random_start: bool = True, early_stop: bool = True,
+                 seed: int | None = 0):
         super().__init__(eps=eps, norm=norm, steps=steps, restarts=restarts, rho=rho, random_start=random_start,
-                         seed=seed)
+                         early_stop=early_stop, seed=seed)
         self.n_target_classes = check_positive(self, "n_target_classes", n_target_classes, integer=True,
                                                allow_zero=True)
 

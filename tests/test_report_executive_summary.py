@@ -87,3 +87,17 @@ def test_summary_states_the_shortcuts(two_runs):
     cache_line = next(c for c in cuts2 if "model cache" in c)
     assert cache_line.startswith("2 trained model(s)")  # the baseline and the poisoned model; nothing else trains
     assert "baseline" in cache_line and cache_line in md2
+
+
+def test_a_process_pool_with_its_default_size_is_named_as_parallel_stages(monkeypatch):
+    """The default profile leaves ``execution.workers`` unset: results must record the size the pool really had
+    (it recorded None, and the summary then left the parallel stages out)."""
+    from safedl import registry
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    ex = registry.create("executor", "process")
+    assert ex.resolved() == (2, 1)
+    results = {"execution": dict(zip(("executor", "workers", "threads_per_task"), ("process", *ex.resolved()))),
+               "attacks": [], "defenses": []}
+    assert any("2 at a time" in s for s in shortcuts(results))
+    assert registry.create("executor", "serial").resolved() == (None, None)

@@ -38,6 +38,11 @@ class Executor(ABC):
                 raise ConfigError(f"{self.name} executor: {key} must be a positive integer, got {val!r}")
         self.workers, self.threads_per_task, self.max_attempts = workers, threads_per_task, max_attempts
 
+    def resolved(self) -> tuple[int | None, int | None]:
+        """(tasks at a time, torch threads per task) this executor runs with, its defaults filled in where the
+        backend fixes them (None: decided elsewhere, e.g. by a cluster)."""
+        return self.workers, self.threads_per_task
+
     # -- backend interface ----------------------------------------------------------------------------------
     @abstractmethod
     def _start(self, shared: Any, given: Mapping[str, Any]) -> None:

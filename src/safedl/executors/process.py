@@ -72,10 +72,13 @@ class ProcessExecutor(Executor):
         super().__init__(workers=workers, threads_per_task=threads_per_task, max_attempts=max_attempts)
         self.preload = tuple(preload)  # modules the fork server imports once; workers fork with them loaded
 
-    def _start(self, shared: Any, given: Mapping[str, Any]) -> None:
+    def resolved(self) -> tuple[int, int]:
         cpus = os.cpu_count() or 1
         n = self.workers or max(1, cpus // (self.threads_per_task or 1))
-        self._threads = self.threads_per_task or max(1, cpus // n)  # never more threads than cores in all
+        return n, self.threads_per_task or max(1, cpus // n)  # never more threads than cores in all
+
+    def _start(self, shared: Any, given: Mapping[str, Any]) -> None:
+        n, self._threads = self.resolved()
         self._ctx = mp.get_context("forkserver")
         self._ctx.set_forkserver_preload(list(self.preload))
         self._payload = pickle.dumps(shared, protocol=pickle.HIGHEST_PROTOCOL)  # pickled once for every worker

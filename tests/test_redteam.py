@@ -252,3 +252,32 @@ def test_the_bundles_probe_layout_from_the_admin_endpoint_splits_by_kind():
     assert got.trigger_target.tolist() == [7, 7, 7]
     only_clean = parse_probes(probes_npz(probe_set(clean=(x[:5], y[:5]))), source="GET /v1/admin/probes")
     assert only_clean.x_adv is None and only_clean.x_trigger is None
+
+
+def test_the_red_team_log_handler_follows_stderr_after_a_caller_swapped_it(monkeypatch):
+    """``ensure_logging`` under a swapped stderr (a test runner's buffer, closed after the command) must not leave a
+    handler that writes to the closed buffer: later records go to the stderr of their own time."""
+    import io
+    import logging as _logging
+    import sys
+
+    from safedl.redteam.cli import ensure_logging
+
+    pkg, root = _logging.getLogger("safedl"), _logging.getLogger()
+    saved = (pkg.handlers[:], pkg.level, root.handlers[:], sys.stderr)
+    errors: list = []
+    monkeypatch.setattr(_logging.Handler, "handleError", lambda self, record: errors.append(record))
+    try:
+        pkg.handlers.clear()
+        root.handlers.clear()
+        sys.stderr = swapped = io.StringIO()
+        ensure_logging()
+        _logging.getLogger("safedl.redteam").info("during the command")
+        swapped.close()
+        sys.stderr = later = io.StringIO()
+        _logging.getLogger("safedl.redteam").info("after the command")
+    finally:
+        pkg.handlers[:], root.handlers[:] = saved[0], saved[2]
+        pkg.setLevel(saved[1])
+        sys.stderr = saved[3]
+    assert errors == [] and "after the command" in later.getvalue()

@@ -3,6 +3,7 @@ Prometheus textfile metrics; exit 0 when every SLO holds, 1 when one breaks, 2 o
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,11 +27,25 @@ ATTACKS = (*BLACKBOX, "replay")
 DEFAULT_EPS = {"square": 8 / 255, "hopskipjump": 0.5}  # L-inf for square, L2 for hopskipjump
 
 
+class CurrentStderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is written (a plain StreamHandler keeps the stream it
+    was made with: a caller that swaps stderr for a buffer, e.g. a test runner, would leave it writing to a closed
+    file)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def ensure_logging() -> None:
     """safedl's INFO lines (each attack's numbers) on stderr when no handler is configured yet."""
     root, pkg = logging.getLogger(), logging.getLogger("safedl")
     if not root.handlers and not pkg.handlers:
-        handler = logging.StreamHandler()
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         pkg.addHandler(handler)
         pkg.setLevel(logging.INFO)

@@ -109,7 +109,8 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if "pg_cluster" in item.fixturenames or any(isinstance(v, str) and v == "postgresql" for v in params.values()):
             item.add_marker(pytest.mark.postgres)
-        if module.startswith(("test_serve_", "test_stores_serve", "test_deploy_postgres_stack")):
+        if module.startswith(("test_serve_", "test_stores_serve", "test_deploy_postgres_stack", "test_rollout_",
+                              "test_redteam", "test_gameday")):
             item.add_marker(pytest.mark.service)
         if module in WHOLE_RUN_MODULES:
             item.add_marker(pytest.mark.slow)

@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 
+from _threat import assert_within_threat
 from safedl import registry
 from safedl.errors import ConfigError
 from safedl.utils.tensors import predict
@@ -40,20 +41,7 @@ def test_output_contract_and_budget(name, channels_case):
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and x_adv.device == x.device
     assert not x_adv.requires_grad
     assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
-    if getattr(attack, "bounded", True):
-        delta = (x_adv - x).flatten(1)
-        if attack.norm == "l0":  # a pixel budget, not an L-p ball: at most k pixel positions change
-            changed = ((x_adv - x).abs() > 1e-7).any(1).flatten(1).sum(1)
-            assert int(changed.max()) <= attack.k
-        elif attack.norm == "patch":  # a patch support, not an L-p ball: pixels outside the patch are unchanged
-            support = attack.support_.to(x.device).expand_as(x)
-            assert torch.equal(x_adv[~support], x[~support])
-            area = support[:, 0].flatten(1).float().mean(1)
-            assert float(area.max()) <= attack.patch_fraction + 1e-6
-        elif attack.norm == "linf":
-            assert float(delta.abs().max()) <= attack.eps + 1e-5
-        else:
-            assert float(delta.norm(dim=1).max()) <= attack.eps + 1e-4
+    assert_within_threat(attack, x, x_adv, tol=1e-5 if attack.norm == "linf" else 1e-4)
     budget = getattr(attack, "max_queries", None)
     if attack.queries_ is not None and budget is not None:
         assert int(attack.queries_.max()) <= budget

@@ -23,7 +23,10 @@ from safedl.serve.monitor import load_monitor_config  # noqa: E402
 from safedl.serve.rollout.config import parse_rollout  # noqa: E402
 from safedl.serve.rollout.lane import key_share  # noqa: E402
 
-FAST = parse_rollout("interval_s: 0.5", where="(test rules)")  # the default checks and steps, half-second steps
+# The default checks and steps, half-second steps. The suite shares 2 cores between two test workers, so a few
+# probe calls of either version can stall for tens of ms; the latency check itself is tested in
+# test_rollout_checks.py, and here only a gross slowdown (250 ms) would fail it.
+FAST = parse_rollout("interval_s: 0.5\nchecks: {latency_slack_s: 0.25}", where="(test rules)")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +122,7 @@ def test_a_good_canary_is_promoted_step_by_step(tmp_path, releases):
                 if frac and frac == s.svc.rollout.fraction and s.status(c)["state"] == "progressing":
                     assert (r.json()["bundle_version"] == good_version) == (share < frac)
         final = wait_final(lambda: s.status(c))
-        assert final["state"] == "promoted", final
+        assert final["state"] == "promoted", [ch for ch in final["checks"] if not ch["passed"]]
         assert all(ch["passed"] for ch in final["checks"])
         assert [h["fraction"] for h in final["history"] if h["decision"] == "progress"] == [0.1, 0.25, 0.5, 1.0]
         assert s.svc.bundle.version == good_version

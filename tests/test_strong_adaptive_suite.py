@@ -50,5 +50,5 @@ def test_suite_on_binarization_is_not_weaker_than_margin_bpda_pgd(tiny_model, ev
         assert bool((deployed(res.x_adv[broken]).argmax(1) != y[broken]).all())
     assert float((res.x_adv - x).abs().max()) <= EPS + 1e-6
     assert res.budget == {"norm": "linf", "eps": EPS, "steps": 100, "restarts": 3, "eot_samples": 8,
-                          "bpda": ["approx"], "seed": 0}
+                          "bpda": ["approx"], "seed": 0, "early_stop": True}
     assert res.members == ["apgd_ce", "apgd_dlr"]

@@ -87,6 +87,27 @@ def class_indices(y: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
     return [torch.nonzero(y == c).flatten() for c in range(num_classes)]
 
 
+ClassJudge = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, dict[str, Any]]]
+
+
+def judge_per_class(feats: np.ndarray, data: Dataset, judge: ClassJudge, *, min_n: int,
+                    skipped: str | None = None) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """(flags, scores, per-class facts) of ``judge(features of one class) -> (flags, scores, facts)`` run on each
+    class of ``data`` with at least ``min_n`` samples; a smaller class is left unflagged (and listed with the
+    ``skipped`` reason when one is given)."""
+    flag, score, per_class = np.zeros(len(data), dtype=bool), np.zeros(len(data)), []
+    for c, idx_t in enumerate(class_indices(data.y, data.num_classes)):
+        idx = idx_t.numpy()
+        if len(idx) < min_n:
+            if skipped is not None:
+                per_class.append({"class": c, "n": len(idx), "skipped": skipped})
+            continue
+        f, s, facts = judge(feats[idx])
+        flag[idx], score[idx] = f, s
+        per_class.append({"class": c, "n": len(idx), "flagged": int(f.sum()), **facts})
+    return flag, score, per_class
+
+
 #: Settings where the feature-space cleansers (spectral signatures, activation clustering) were measured to fail;
 #: the report warns when a run is in one of them.
 FEATURE_SPACE_KNOWN_WEAK: dict[str, str] = {

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from safedl.data.dataset import Dataset
-from safedl.defenses.cleanse._common import TrainFn, class_indices, need_model
+from safedl.defenses.cleanse._common import TrainFn, judge_per_class, need_model
 from safedl.models.features import extract_features
 from safedl.defenses.cleanse.result import DetectionResult
 from safedl.registry import register
@@ -58,23 +58,16 @@ class AnomalyDetection:
         flags = est.fit_predict(z) == -1
         return flags, -est.negative_outlier_factor_
 
+    def _class(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        """One class's features, standardised, through the estimator; scores standardised per class so that one
+        threshold-free AUROC over all classes is meaningful."""
+        f, s = self._fit((r - r.mean(0)) / (r.std(0) + 1e-8))
+        return f, (s - np.median(s)) / (s.std() + 1e-12), {}
+
     def find_poison(self, data: Dataset, *, model: nn.Module | None = None, trusted: Dataset | None = None,
                     train_fn: TrainFn | None = None, device: str | torch.device = "cpu") -> DetectionResult:
         model = need_model("anomaly_detection", data, model, train_fn)
         feats = extract_features(model, data.x).double().numpy()
-        flag = np.zeros(len(data), dtype=bool)
-        score = np.zeros(len(data))
-        per_class = []
-        for c, idx_t in enumerate(class_indices(data.y, data.num_classes)):
-            idx = idx_t.numpy()
-            if len(idx) < 3:
-                continue
-            r = feats[idx]
-            z = (r - r.mean(0)) / (r.std(0) + 1e-8)
-            f, s = self._fit(z)
-            flag[idx] = f
-            # scores are standardised per class so that one threshold-free AUROC over all classes is meaningful
-            score[idx] = (s - np.median(s)) / (s.std() + 1e-12)
-            per_class.append({"class": c, "n": len(idx), "flagged": int(f.sum())})
+        flag, score, per_class = judge_per_class(feats, data, self._class, min_n=3)
         return DetectionResult(torch.from_numpy(flag), torch.from_numpy(score).float(),
                                {"type": self.type, "contamination": self.contamination, "per_class": per_class})

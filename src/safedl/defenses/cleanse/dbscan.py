@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from safedl.data.dataset import Dataset
-from safedl.defenses.cleanse._common import TrainFn, class_indices, need_model
+from safedl.defenses.cleanse._common import TrainFn, judge_per_class, need_model
 from safedl.defenses.cleanse.result import DetectionResult
 from safedl.models.features import extract_features
 from safedl.registry import register
@@ -94,16 +94,7 @@ class DBSCANCleanser:
                     train_fn: TrainFn | None = None, device: str | torch.device = "cpu") -> DetectionResult:
         model = need_model("dbscan", data, model, train_fn)
         feats = extract_features(model, data.x).double().numpy()
-        flag = np.zeros(len(data), dtype=bool)
-        score = np.zeros(len(data))
-        per_class = []
-        for c, idx_t in enumerate(class_indices(data.y, data.num_classes)):
-            idx = idx_t.numpy()
-            if len(idx) <= self.min_samples:
-                per_class.append({"class": c, "n": len(idx), "skipped": "fewer samples than min_samples + 1"})
-                continue
-            f, s, facts = self._class(feats[idx])
-            flag[idx], score[idx] = f, s
-            per_class.append({"class": c, "n": len(idx), "flagged": int(f.sum()), **facts})
+        flag, score, per_class = judge_per_class(feats, data, self._class, min_n=self.min_samples + 1,
+                                                 skipped="fewer samples than min_samples + 1")
         return DetectionResult(torch.from_numpy(flag), torch.from_numpy(score).float(),
                                {"eps": self.eps, "min_samples": self.min_samples, "per_class": per_class})

@@ -23,6 +23,16 @@ MARKER = "safedl-run.json"
 MARKER_FORMAT = "safedl-run"
 
 
+def attack_stage_name(attack_id: str) -> str:
+    """The stage name of attack entry ``attack_id`` (its folder under ``stages/``)."""
+    return f"attack-{attack_id}"
+
+
+def defense_stage_name(defense_key: str, attack_id: str) -> str:
+    """The stage name of defense entry ``defense_key`` evaluated against attack ``attack_id``."""
+    return f"defense-{defense_key}-vs-{attack_id}"
+
+
 class RunDir:
     """The layout of one run directory (paths only; nothing is created until a ``*_dir`` method is called)."""
 

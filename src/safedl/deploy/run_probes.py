@@ -9,7 +9,7 @@ from typing import Any
 
 from safedl.data.packing import load_packed
 from safedl.deploy.probes import ProbeSet, probe_set
-from safedl.rundir import RunDir
+from safedl.rundir import RunDir, attack_stage_name
 
 log = logging.getLogger("safedl.deploy.probes")
 
@@ -17,7 +17,7 @@ log = logging.getLogger("safedl.deploy.probes")
 def _attack_states(run_dir: Path, results: dict[str, Any]) -> list[tuple[str, dict]]:
     out = []
     for a in results.get("attacks", []):
-        path = RunDir(run_dir).stage_state(f"attack-{a.get('id')}")
+        path = RunDir(run_dir).stage_state(attack_stage_name(str(a.get("id"))))
         if a.get("category") in ("evasion", "poisoning", "backdoor") and path.is_file():
             try:
                 out.append((str(a.get("id")), load_packed(path)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from safedl import rundir
 from safedl.executors import Executor, Outcome, Task
 from safedl.executors.progress import GraphView
 from safedl.profile import DefenseSpec, Profile
@@ -42,14 +43,15 @@ def build_graph(profile: Profile, plan: list[tuple[DefenseSpec, str, str]], base
             parts["canaries"] = p.canary_records.model_dump(exclude={"max_changes"})
         key = json_hash(parts)
         attack_keys[spec.key] = key
-        nodes.append(Node(f"attack-{spec.key}", key, "attack", spec.key, None,
-                          Task(f"attack-{spec.key}", attack_stage, {"category": cat, "spec": spec})))
+        name = rundir.attack_stage_name(spec.key)
+        nodes.append(Node(name, key, "attack", spec.key, None,
+                          Task(name, attack_stage, {"category": cat, "spec": spec})))
     for dspec, aid, kind in plan:
         key = json_hash({"attack": attack_keys[aid], "defense": dspec.model_dump(), "kind": kind})
-        stage = f"defense-{dspec.key}-vs-{aid}"
+        stage = rundir.defense_stage_name(dspec.key, aid)
         kwargs = {"dspec": dspec, "kind": kind, "attack_id": aid, "components": defense_kinds(dspec)}
         nodes.append(Node(stage, key, "defense", dspec.key, aid,
-                          Task(stage, defense_stage, kwargs, deps=(f"attack-{aid}",))))
+                          Task(stage, defense_stage, kwargs, deps=(rundir.attack_stage_name(aid),))))
     return nodes
 
 

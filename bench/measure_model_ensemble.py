@@ -9,13 +9,11 @@ import argparse
 import json
 import logging
 
-import torch
-
 from safedl import registry
-from safedl.data import load_builtin, stratified_split
-from safedl.models import TrainRecipe, build_model, with_normalization
 from safedl.utils.stats import proportion
-from safedl.utils.tensors import predict, seed_everything
+from safedl.utils.tensors import predict
+
+from _digits import RECIPE, bench_setup, digits_splits, fresh_tiny_cnn
 
 log = logging.getLogger("measure_model_ensemble")
 
@@ -26,14 +24,10 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=0.15)
     ap.add_argument("--members", type=int, default=3)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    splits = stratified_split(load_builtin("digits"), test_fraction=0.2, val_fraction=0.1, seed=args.seed)
-    seed_everything(args.seed)
-    fresh = with_normalization(build_model("tiny_cnn", in_channels=1, num_classes=10, image_size=8),
-                               splits.mean, splits.std)
+    bench_setup()
+    splits = digits_splits(args.seed)
     ens = registry.create("trainer", "model_ensemble", members=args.members).fit(
-        fresh, splits.train, recipe=TrainRecipe(epochs=15, batch_size=64, lr=3e-3, augment="none"), seed=args.seed)
+        fresh_tiny_cnn(splits, args.seed), splits.train, recipe=RECIPE, seed=args.seed)
     x, y = splits.test.x, splits.test.y
     pgd = registry.create("evasion", "pgd", eps=args.eps, steps=20, seed=args.seed)
     n = len(y)

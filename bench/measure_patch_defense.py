@@ -10,14 +10,12 @@ import argparse
 import json
 import logging
 
-import torch
-
 from safedl import registry
-from safedl.data import load_builtin, stratified_split
 from safedl.defenses.adaptive import defended_model
-from safedl.models import TrainRecipe, build_model, train_model, with_normalization
 from safedl.utils.stats import proportion
-from safedl.utils.tensors import predict, seed_everything
+from safedl.utils.tensors import predict
+
+from _digits import bench_setup, digits_splits, trained_tiny_cnn
 
 log = logging.getLogger("measure_patch_defense")
 
@@ -28,15 +26,9 @@ def main() -> None:
     ap.add_argument("--patch-fraction", type=float, default=0.15)
     ap.add_argument("--steps", type=int, default=150)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    splits = stratified_split(load_builtin("digits"), test_fraction=0.2, val_fraction=0.1, seed=args.seed)
-    seed_everything(args.seed)
-    model = with_normalization(build_model("tiny_cnn", in_channels=1, num_classes=10, image_size=8),
-                               splits.mean, splits.std)
-    train_model(model, splits.train, recipe=TrainRecipe(epochs=15, batch_size=64, lr=3e-3, augment="none"),
-                seed=args.seed)
-    model.eval()
+    bench_setup()
+    splits = digits_splits(args.seed)
+    model = trained_tiny_cnn(splits, args.seed)
     x, y = splits.test.x, splits.test.y
     params = {"patch_fraction": args.patch_fraction, "steps": args.steps, "seed": args.seed}
     x_t = registry.create("evasion", "adversarial_patch", **params).fit(splits.train, model=model)(model, x, y)

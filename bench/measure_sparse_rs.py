@@ -12,10 +12,10 @@ import torch
 
 from safedl import registry
 from safedl.attacks.evasion.sparse_rs import random_pixel_values, random_subset
-from safedl.data import load_builtin, stratified_split
-from safedl.models import TrainRecipe, build_model, train_model, with_normalization
 from safedl.utils.stats import proportion
-from safedl.utils.tensors import predict, seed_everything
+from safedl.utils.tensors import predict
+
+from _digits import bench_setup, digits_splits, trained_tiny_cnn
 
 log = logging.getLogger("measure_sparse_rs")
 
@@ -26,14 +26,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--queries", type=int, default=100)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    splits = stratified_split(load_builtin("digits"), test_fraction=0.2, val_fraction=0.1, seed=args.seed)
-    seed_everything(args.seed)
-    model = with_normalization(build_model("tiny_cnn", in_channels=1, num_classes=10, image_size=8),
-                               splits.mean, splits.std)
-    train_model(model, splits.train, recipe=TrainRecipe(epochs=15, batch_size=64, lr=3e-3, augment="none"),
-                seed=args.seed)
-    model.eval()
+    bench_setup()
+    splits = digits_splits(args.seed)
+    model = trained_tiny_cnn(splits, args.seed)
     x, y = splits.test.x, splits.test.y
     ok = predict(model, x) == y
     x, y = x[ok], y[ok]
@@ -50,7 +45,6 @@ def main() -> None:
     out = {"seed": args.seed, "k": args.k, "queries": args.queries,
            "sparse_rs_success": proportion(int(srs.sum()), n), "random_k_success": proportion(int(base.sum()), n),
            "sparse_rs_queries_median": float(attack.queries_.float().median())}
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.info(json.dumps(out, indent=1))
 
 

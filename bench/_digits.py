@@ -1,0 +1,39 @@
+"""The setup the small digits benches share: one torch thread, INFO logging, sklearn digits split with ``seed``,
+and a tiny CNN trained on it with one recipe (seeded), so every bench measures against the same kind of model."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from safedl.data import load_builtin, stratified_split
+from safedl.models import TrainRecipe, build_model, train_model, with_normalization
+from safedl.utils.tensors import seed_everything
+
+RECIPE = TrainRecipe(epochs=15, batch_size=64, lr=3e-3, augment="none")
+
+
+def bench_setup() -> None:
+    """One thread (the machine is shared: ratios, not absolute times) and plain INFO lines."""
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def digits_splits(seed: int):
+    """sklearn's 8x8 digits, 20% test and 10% validation, stratified with ``seed``."""
+    return stratified_split(load_builtin("digits"), test_fraction=0.2, val_fraction=0.1, seed=seed)
+
+
+def fresh_tiny_cnn(splits, seed: int) -> torch.nn.Module:
+    """An untrained tiny CNN for ``splits`` (its normalization inside), initialised with ``seed``."""
+    seed_everything(seed)
+    c, h, _ = splits.shape
+    return with_normalization(build_model("tiny_cnn", in_channels=c, num_classes=splits.num_classes, image_size=h),
+                              splits.mean, splits.std)
+
+
+def trained_tiny_cnn(splits, seed: int) -> torch.nn.Module:
+    """:func:`fresh_tiny_cnn` trained on the training split with :data:`RECIPE`, in eval mode."""
+    model = fresh_tiny_cnn(splits, seed)
+    train_model(model, splits.train, recipe=RECIPE, seed=seed)
+    return model.eval()

@@ -116,6 +116,17 @@ def _flatten_alpha(im):
     return im
 
 
+def _load_image(f: Path, channels: int | None, size: tuple[int, int] | None, resize: str) -> np.ndarray:
+    """The image file ``f`` as an array (see :func:`_read_image`); anything unreadable is one DataError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f) as im:
+            return _read_image(im, channels, size, resize)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{f}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
 def _read_image(im, channels: int | None, size: tuple[int, int] | None, resize: str = "stretch") -> np.ndarray:
     """One Pillow image as float32 H x W (grayscale) or H x W x 3 (RGB) in [0, 1].
 
@@ -146,8 +157,6 @@ def load_image_folder(path: str | Path, *, size: tuple[int, int] | None = None, 
     ``size`` = (H, W) with ``resize`` (stretch | center_crop | letterbox) and ``channels`` (1 or 3) convert images
     of any size and mode (RGB, L, RGBA, LA, P, I;16) alike; without them every image must match the first one.
     """
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(path)
     if channels not in (None, 1, 3):
         raise DataError(f"{root}: channels={channels!r} is not allowed; use 1 (grayscale), 3 (RGB) or None (as stored)")
@@ -164,11 +173,7 @@ def load_image_folder(path: str | Path, *, size: tuple[int, int] | None = None, 
         files = sorted(f for f in (root / cname).iterdir()
                        if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not f.name.startswith("."))
         for f in files:
-            try:
-                with Image.open(f) as im:
-                    arr = _read_image(im, channels, size, resize)
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                raise DataError(f"{f}: not a readable image ({type(exc).__name__}: {exc})") from None
+            arr = _load_image(f, channels, size, resize)
             if images and arr.shape != images[0].shape:
                 raise DataError(f"{f}: image shape {arr.shape} (H x W [x C]) differs from {images[0].shape} of the "
                                 f"first image {first}; {_HINT}")
@@ -301,8 +306,6 @@ def load_images(path: str | Path, *, size: tuple[int, int] | None = None, channe
     """Unlabelled images (N x C x H x W in [0, 1]) from a folder of image files (its class subfolders, if any, are
     read too), an ``.npz`` with an array ``x`` or an ``.npy`` array; DataError naming the path when none can be read.
     """
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(path)
     if root.is_file() and root.suffix.lower() in (".npz", ".npy"):
         try:
@@ -329,11 +332,7 @@ def load_images(path: str | Path, *, size: tuple[int, int] | None = None, channe
         raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
     images = []
     for f in files:
-        try:
-            with Image.open(f) as im:
-                arr = _read_image(im, channels, size, resize)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise DataError(f"{f}: not a readable image ({type(exc).__name__}: {exc})") from None
+        arr = _load_image(f, channels, size, resize)
         if images and arr.shape != images[0].shape:
             raise DataError(f"{f}: image shape {arr.shape} differs from {images[0].shape} of {files[0]}")
         images.append(arr)

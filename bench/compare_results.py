@@ -7,13 +7,17 @@ Used to check that a refactor or an executor leaves every number unchanged (same
     .venv/bin/safedl run examples/default.yaml --runs-dir /tmp/r_new            # or --executor ray / process
     .venv/bin/python bench/compare_results.py /tmp/r_old/*/results.json /tmp/r_new/*/results.json
 
-Prints every differing key (sections baseline, attacks, defenses, risk, gate) and exits 1 if any differ.
+Prints every differing key (sections baseline, attacks, defenses, risk, gate) and exits 1 if any differ. A run
+directory may stand for its results.json; one still running (no results.json yet) is compared on the stages both
+sides have finished (stages/*/stage.json entries, attacks and defenses matched by stage name), and the stages only one
+side has are listed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 SECTIONS = ("baseline", "attacks", "defenses", "risk", "gate")
@@ -46,13 +50,44 @@ def differences(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
     return out
 
 
+def finished_stages(run_dir: Path) -> dict[str, dict]:
+    """Stage name -> results entry of every stage a run directory has finished."""
+    stages = sorted(Path(run_dir).glob("stages/*/stage.json"))
+    if not stages and not (Path(run_dir) / "stages").is_dir():
+        raise FileNotFoundError(f"{run_dir}: no results.json and no stages/ folder (not a run directory)")
+    return {s.parent.name: json.loads(s.read_text())["entry"] for s in stages}
+
+
+def load_pair(a: str, b: str) -> tuple[dict, dict, list[str]]:
+    """Both results (files or run directories); for an unfinished run, the stages both have finished, as results
+    sections, and a note per stage only one side has."""
+    paths = [Path(a), Path(b)]
+    done = [p if p.is_file() else p / "results.json" for p in paths]
+    if all(d.is_file() for d in done):
+        return json.loads(done[0].read_text()), json.loads(done[1].read_text()), []
+    sa, sb = (finished_stages(p.parent if p.is_file() else p) for p in paths)
+    notes = [f"unfinished: stage {n} only in {'A' if n in sa else 'B'}" for n in sorted(set(sa) ^ set(sb))]
+    shared = sorted(set(sa) & set(sb))
+
+    def as_results(stages: dict[str, dict]) -> dict:
+        out: dict[str, Any] = {"attacks": [stages[n] for n in shared if n.startswith("attack-")],
+                               "defenses": [stages[n] for n in shared if n.startswith("defense-")]}
+        if "baseline" in shared:
+            out["baseline"] = stages["baseline"]
+        return out
+
+    return as_results(sa), as_results(sb), [f"compared the {len(shared)} finished stages: {', '.join(shared)}"] + notes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a")
     parser.add_argument("b")
     args = parser.parse_args()
-    with open(args.a) as fa, open(args.b) as fb:
-        diffs = differences(json.load(fa), json.load(fb))
+    ra, rb, notes = load_pair(args.a, args.b)
+    for note in notes:
+        print(note)
+    diffs = differences(ra, rb)
     for key, va, vb in diffs:
         print(f"{key}: {va!r} != {vb!r}")
     print(f"{len(diffs)} differing value(s) outside wall-clock fields")

@@ -34,24 +34,24 @@ CONFIGS = {
                       "label_mode": "dirty", "target_class": 0}),
     "learned_trigger": ("backdoor", "learned_trigger", {"poison_fraction": 0.05, "patch_size_ratio": 0.1,
                                                      "position": "center", "target_class": 0}),
-    "clean_label": ("poisoning", "clean_label",
-                    {"method": "clean_label_backdoor", "class_fraction": 0.5, "eps": 0.3, "target_class": 0,
+    "clean_label": ("poisoning", "label_consistent_backdoor",
+                    {"class_fraction": 0.5, "eps": 0.3, "target_class": 0,
                      "all_corners": True, "eot_shift": 2}),
     # control: the same four-corner trigger on the same share of the target class, without the PGD perturbation
-    "clean_label_no_pgd": ("poisoning", "clean_label",
-                           {"method": "clean_label_backdoor", "class_fraction": 0.5, "eps": 0.0, "target_class": 0,
+    "clean_label_no_pgd": ("poisoning", "label_consistent_backdoor",
+                           {"class_fraction": 0.5, "eps": 0.0, "target_class": 0,
                             "all_corners": True}),
     # ablation: one corner only (shift-EOT PGD kept)
-    "clean_label_one_corner": ("poisoning", "clean_label",
-                               {"method": "clean_label_backdoor", "class_fraction": 0.5, "eps": 0.3, "target_class": 0,
+    "clean_label_one_corner": ("poisoning", "label_consistent_backdoor",
+                               {"class_fraction": 0.5, "eps": 0.3, "target_class": 0,
                                 "eot_shift": 2}),
     # ablation: four corners, plain PGD (no shift-EOT)
-    "clean_label_no_eot": ("poisoning", "clean_label",
-                           {"method": "clean_label_backdoor", "class_fraction": 0.5, "eps": 0.3, "target_class": 0,
+    "clean_label_no_eot": ("poisoning", "label_consistent_backdoor",
+                           {"class_fraction": 0.5, "eps": 0.3, "target_class": 0,
                             "all_corners": True, "eot_shift": 0}),
     "label_flipping": ("poisoning", "label_flipping", {"strategy": "many_to_one", "flip_rate": 0.2, "target_class": 0}),
-    "feature_collision": ("poisoning", "clean_label",
-                          {"method": "feature_collision", "target_class": 0, "source_class": 6}),
+    "feature_collision": ("poisoning", "feature_collision",
+                          {"target_class": 0, "source_class": 6}),
 }
 
 

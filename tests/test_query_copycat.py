@@ -11,7 +11,7 @@ from safedl import registry
 from safedl.defenses.query import CopycatDetector, ObservedModel, PixelSubspace, QueryDetector, SybilDetector
 from safedl.defenses.query.ood_share import binomial_tail, window_counts
 from safedl.defenses.query.streams import burst_stream, calibration_streams, in_order_stream
-from safedl.errors import ConfigError
+from safedl.errors import ConfigError, NotFittedError
 from safedl.evaluate.attack_extraction import attacker_pool
 
 
@@ -80,7 +80,7 @@ def test_copycat_keeps_the_protocol_and_is_registered(calib, benign):
     assert det.observe("a", benign[:5]).n_seen == 5
     with pytest.raises(ConfigError, match="window"):
         CopycatDetector(window=10, min_queries=50)
-    with pytest.raises(ConfigError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="CopycatDetector is not fitted yet"):
         CopycatDetector().observe("a", benign[:5])
 
 

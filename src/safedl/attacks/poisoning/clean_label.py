@@ -2,11 +2,13 @@
 
 ``method="clean_label_backdoor"`` (default) builds :class:`LabelConsistentBackdoor` (registered as
 ``label_consistent_backdoor``), ``method="feature_collision"`` builds :class:`FeatureCollision` (registered as
-``feature_collision``); the other parameters go to that class. New profiles should name the class directly.
+``feature_collision``); the other parameters go to that class. Each use warns once (a FutureWarning, shown to
+command-line users too) naming the new name; the alias goes in 0.3, with the ``assess`` re-exports.
 """
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 from safedl.attacks.poisoning.feature_collision import FeatureCollision
@@ -24,6 +26,8 @@ def clean_label(*, method: str = "clean_label_backdoor", **params: Any) -> Any:
     if method not in METHODS:
         raise ConfigError(f"clean_label: method={method!r} is not one of {', '.join(METHODS)}")
     cls = METHODS[method]
+    warnings.warn(f"poisoning 'clean_label' (method: {method}) is deprecated and goes in 0.3: name "
+                  f"'{cls.registry_name}' with the same parameters, without method", FutureWarning, stacklevel=2)
     accepted = set(inspect.signature(cls).parameters)
     foreign = sorted(set(params) - accepted)
     if foreign:

@@ -12,7 +12,7 @@ from safedl.defenses.query.base import KeyStore, QueryVerdict, first_flag
 from safedl.defenses.query.ood_share import PixelSubspace, binomial_tail, suspicion, window_counts
 from safedl.errors import ConfigError
 from safedl.registry import register
-from safedl.utils.validate import check_fraction, check_positive
+from safedl.utils.validate import check_fraction, check_is_fitted, check_positive
 
 
 @dataclass
@@ -78,8 +78,7 @@ class CopycatDetector:
 
     def observe(self, key: str, x: torch.Tensor) -> QueryVerdict:
         """Test each query of the batch, then the key's OOD share after each of them."""
-        if self.subspace_ is None:
-            raise ConfigError("CopycatDetector: not fitted; call fit(training images) or pass subspace=")
+        check_is_fitted(self, "subspace_", verb="fit")
         st = self._store.get(key)
         new = self.subspace_.outside(x)
         p, n = self.p_values(st.ood, new)

@@ -11,7 +11,7 @@ from safedl.defenses.query.base import KeyStore, QueryVerdict, first_flag
 from safedl.defenses.query.ood_share import PixelSubspace, binomial_tail, suspicion, window_counts
 from safedl.errors import ConfigError
 from safedl.registry import register
-from safedl.utils.validate import check_fraction, check_positive
+from safedl.utils.validate import check_fraction, check_is_fitted, check_positive
 
 
 @dataclass
@@ -70,8 +70,7 @@ class SybilDetector:
 
     def observe(self, key: str, x: torch.Tensor) -> QueryVerdict:
         """Update the key's window (and, for a pool member, the pool's); flag queries where both tests hold."""
-        if self.subspace_ is None:
-            raise ConfigError("SybilDetector: not fitted; call fit(training images) or pass subspace=")
+        check_is_fitted(self, "subspace_", verb="fit")
         new = self.subspace_.outside(x)
         st = self._store.get(key)
         kk, nk = window_counts(st.ood, new, self.window)

@@ -26,6 +26,7 @@ from safedl import registry
 from safedl.evaluate.context import RunContext
 from safedl.evaluate.defense_models import train_defense_model
 from safedl.evaluate.base import AttackOutcome, EvasionState, defense_evaluator
+from safedl.evaluate.verified import interval_certification
 from safedl.defenses.adaptive import DetectorAwarePGD, defended_model, strong_adaptive_suite
 from safedl.defenses.preprocess._base import Preprocessor
 from safedl.defenses.preprocess.gaussian_augmentation import GaussianAugmentation
@@ -61,8 +62,13 @@ def _defense_model(ctx: RunContext, parts: dict[str, list[Any]], metrics: dict, 
     if parts["certifier"]:
         cert = parts["certifier"][0]
         trained = train_defense_model(ctx, cert)
-        notes.append(f"randomized smoothing: base model trained with Gaussian noise sigma={cert.sigma} (baseline "
-                     f"recipe and seed){' (reloaded)' if trained.reloaded else ''}; abstentions count as rejections")
+        again = " (reloaded)" if trained.reloaded else ""
+        if cert.randomized:
+            notes.append(f"randomized smoothing: base model trained with Gaussian noise sigma={cert.sigma} (baseline "
+                         f"recipe and seed){again}; abstentions count as rejections")
+        else:
+            notes.append(f"{cert.registry_name} certifier: a fresh model trained by interval bound propagation at "
+                         f"L-inf eps {cert.train_eps_factor:g} x {cert.eps:g} (baseline recipe and seed){again}")
     elif parts["trainer"]:
         trainer = parts["trainer"][0]
         trained = train_defense_model(ctx, trainer, architecture=trainer.architecture, facts=trainer.facts)
@@ -132,7 +138,7 @@ def _clean_metrics(ctx: RunContext, system: SecurePipeline, x: torch.Tensor, y: 
 
 def _attack_target(ctx: RunContext, system: SecurePipeline, attack: Any, notes: list[str]) -> nn.Module:
     """The model the adaptive attack runs on: the attack surface of the defended system."""
-    if system.certifier is not None:
+    if system.certifier is not None and system.certifier.randomized:
         # EOT over the smoothing noise (unclipped, exactly the noise the certificate is about)
         noise = GaussianAugmentation(sigma=system.certifier.sigma, clip=False, seed=ctx.seed)
         notes.append("adaptive: attack on the smoothed classifier through EOT over 16 Gaussian draws per step")
@@ -162,7 +168,7 @@ def _rerun_attack(ctx: RunContext, system: SecurePipeline, st: EvasionState, not
         attack.fit(ctx.splits.train, model=system.deployed, device=ctx.device)
     x_ad = _run_batched(lambda a, b, t: attack(target_model, a, b, target=t), st.x, st.y, st.target, bs)
     defended = system.decide(x_ad).defended(st.y)
-    if attack.access == "white-box" and system.certifier is None and _has_own_approximation(system):
+    if attack.access == "white-box" and system.preprocessors and _has_own_approximation(system):
         # a smooth surrogate can have vanishing gradients: also try BPDA with the identity, keep the worst case
         ident = system.attack_surface(eot_samples=8, bpda="identity")
         x_id = _run_batched(lambda a, b, t: attack(ident, a, b, target=t), st.x, st.y, st.target, bs)
@@ -200,7 +206,8 @@ def _strong_suite(ctx: RunContext, system: SecurePipeline, st: EvasionState, met
     cfg = ctx.profile.evaluation.strong_adaptive
     attack = registry.create("evasion", st.spec["name"], **st.spec.get("params", {}))
     changes = bool(system.preprocessors) or system.model is not ctx.baseline
-    if not (cfg.enabled and changes and system.certifier is None and attack.bounded and attack.eps > 0):
+    randomized = system.certifier is not None and system.certifier.randomized
+    if not (cfg.enabled and changes and not randomized and attack.bounded and attack.eps > 0):
         return None
     if ctx.profile.threat_model.model_access != "white-box":
         notes.append("strong adaptive suite not run: the threat model gives the attacker no white-box access")
@@ -225,8 +232,9 @@ def _strong_suite(ctx: RunContext, system: SecurePipeline, st: EvasionState, met
 
 
 def _robustness(ctx: RunContext, system: SecurePipeline, st: EvasionState, metrics: dict, notes: list[str]
-                ) -> torch.Tensor:
-    """Non-adaptive and adaptive robust accuracy; returns the examples the detection metrics score."""
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-adaptive and adaptive robust accuracy; returns the examples the detection metrics score and the
+    per-sample defended mask behind ``robust_accuracy``."""
     n = len(st.y)
     defended_na = system.decide(st.x_adv).defended(st.y)
     metrics["robust_accuracy_nonadaptive"] = proportion(int(defended_na.sum()), n)
@@ -251,7 +259,7 @@ def _robustness(ctx: RunContext, system: SecurePipeline, st: EvasionState, metri
                  "every adaptive attack without the transferred examples); "
                  "robust_accuracy_nonadaptive uses the examples crafted on the undefended model; "
                  "defended = rejected or classified correctly")
-    return x_eval
+    return x_eval, defended_ad
 
 
 def _combined_score(system: SecurePipeline, x: torch.Tensor) -> torch.Tensor:
@@ -307,7 +315,7 @@ def evaluate_evasion_defense(ctx: RunContext, spec: DefenseSpec, components: lis
     metrics: dict[str, Any] = {}
     system = build_system(ctx, components, metrics, notes)
     _clean_metrics(ctx, system, st.x, st.y, metrics)
-    x_eval = _robustness(ctx, system, st, metrics, notes)
+    x_eval, defended = _robustness(ctx, system, st, metrics, notes)
     if system.detectors:
         clean_val = ctx.splits.val.x[1::2].to(ctx.device)
         metrics["detection"] = detection_metrics(system, clean_val, st.x, st.y, st.x_adv)
@@ -315,8 +323,10 @@ def evaluate_evasion_defense(ctx: RunContext, spec: DefenseSpec, components: lis
         notes.append("detection: thresholds for 1%/5% FPR set on the other half of the clean validation split; "
                      "tpr over the adversarial examples that fool the classifier; "
                      "'tpr'/'fpr' at each detector's own calibrated threshold")
-    if system.certifier is not None:
+    if system.certifier is not None and system.certifier.randomized:
         _certification(system, st, metrics, notes)
+    elif system.certifier is not None:
+        interval_certification(system.certifier, st, defended, metrics, notes)
     entry: dict[str, Any] = {
         "id": spec.key, "name": spec.name or "pipeline",
         "components": [{"kind": c.registry_kind, "name": c.registry_name, "params": registry.creation_params(c)}

@@ -204,7 +204,7 @@ def _broken_by_rows(attack: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-_DEF_ORDER = ["clean_accuracy", "clean_accuracy_after", "robust_accuracy", "robust_accuracy_nonadaptive",
+_DEF_ORDER = ["clean_accuracy", "clean_accuracy_after", "robust_accuracy", "verified_accuracy", "robust_accuracy_nonadaptive",
               "attack_success_rate_after", "detection.tpr", "detection.fpr", "detection.precision", "detection.recall",
               "detection.f1", "detection.auroc"]
 

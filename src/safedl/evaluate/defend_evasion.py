@@ -26,6 +26,7 @@ from safedl import registry
 from safedl.evaluate.context import RunContext
 from safedl.evaluate.defense_models import train_defense_model
 from safedl.evaluate.base import AttackOutcome, EvasionState, defense_evaluator
+from safedl.evaluate.defense_confusion import evasion_confusions
 from safedl.evaluate.verified import interval_certification
 from safedl.defenses.adaptive import DetectorAwarePGD, defended_model, strong_adaptive_suite
 from safedl.defenses.preprocess._base import Preprocessor
@@ -121,7 +122,8 @@ def build_system(ctx: RunContext, components: Sequence[Any], metrics: dict, note
 
 # ---------------------------------------------------------------------------------------------- measurements
 
-def _clean_metrics(ctx: RunContext, system: SecurePipeline, x: torch.Tensor, y: torch.Tensor, metrics: dict) -> None:
+def _clean_metrics(ctx: RunContext, system: SecurePipeline, x: torch.Tensor, y: torch.Tensor, metrics: dict) -> Any:
+    """Clean accuracy of the defended and undefended model; returns the defended system's clean decision."""
     t0 = time.perf_counter()
     dec = system.decide(x)
     t_def = time.perf_counter() - t0
@@ -134,6 +136,7 @@ def _clean_metrics(ctx: RunContext, system: SecurePipeline, x: torch.Tensor, y: 
     if system.detectors or system.certifier is not None:
         metrics["clean_rejection_rate"] = proportion(int(dec.rejected.sum()), n)
     metrics["latency_added_ms_per_image"] = scalar(1000 * (t_def - t_base) / max(1, n), n=n)
+    return dec
 
 
 def _attack_target(ctx: RunContext, system: SecurePipeline, attack: Any, notes: list[str]) -> nn.Module:
@@ -231,12 +234,13 @@ def _strong_suite(ctx: RunContext, system: SecurePipeline, st: EvasionState, met
     return defended
 
 
-def _robustness(ctx: RunContext, system: SecurePipeline, st: EvasionState, metrics: dict, notes: list[str]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _robustness(ctx: RunContext, system: SecurePipeline, st: EvasionState, metrics: dict, notes: list[str],
+                decisions: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-adaptive and adaptive robust accuracy; returns the examples the detection metrics score and the
     per-sample defended mask behind ``robust_accuracy``."""
     n = len(st.y)
-    defended_na = system.decide(st.x_adv).defended(st.y)
+    decisions["non-adaptive"] = system.decide(st.x_adv)
+    defended_na = decisions["non-adaptive"].defended(st.y)
     metrics["robust_accuracy_nonadaptive"] = proportion(int(defended_na.sum()), n)
     defended_ad, x_eval = _rerun_attack(ctx, system, st, notes)
     if system.detectors:
@@ -314,8 +318,9 @@ def evaluate_evasion_defense(ctx: RunContext, spec: DefenseSpec, components: lis
     notes: list[str] = []
     metrics: dict[str, Any] = {}
     system = build_system(ctx, components, metrics, notes)
-    _clean_metrics(ctx, system, st.x, st.y, metrics)
-    x_eval, defended = _robustness(ctx, system, st, metrics, notes)
+    decisions = {"clean": _clean_metrics(ctx, system, st.x, st.y, metrics)}
+    x_eval, defended = _robustness(ctx, system, st, metrics, notes, decisions)
+    decisions["adaptive"] = system.decide(x_eval)
     if system.detectors:
         clean_val = ctx.splits.val.x[1::2].to(ctx.device)
         metrics["detection"] = detection_metrics(system, clean_val, st.x, st.y, st.x_adv)
@@ -332,6 +337,7 @@ def evaluate_evasion_defense(ctx: RunContext, spec: DefenseSpec, components: lis
         "components": [{"kind": c.registry_kind, "name": c.registry_name, "params": registry.creation_params(c)}
                        for c in components],
         "metrics": metrics, "notes": notes, "artifacts": {}, "time_s": time.perf_counter() - t_start,
+        "confusion_evasion": evasion_confusions(decisions, st.y, ctx.splits.train.num_classes),
     }
     entry["system"] = save_system(ctx, system, name=f"{spec.key}-vs-{attack_id}", trainer=_trainer_spec(components),
                                   metrics=metrics, against=attack_id, attack_params=st.spec.get("params", {}))

@@ -65,7 +65,7 @@ def _data_sentence(results: dict[str, Any]) -> str:
 
 def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block]:
     """The report as blocks: summary, baseline, figures, attacks, defenses, failed stages, risk, gate, environment."""
-    from safedl.report.honesty import chance_blocks, confusion_blocks
+    from safedl.report.honesty import chance_blocks, confusion_blocks, evasion_confusion_blocks
     from safedl.report.executive_summary import executive_summary_blocks
     from safedl.report.risk_section import risk_blocks
 
@@ -79,6 +79,7 @@ def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block
     b += _attack_blocks(results["attacks"], names)
     b += _defense_blocks(results["defenses"], names)
     b += confusion_blocks(results)
+    b += evasion_confusion_blocks(results)
     if results.get("failed_stages"):
         b.append(("h", 2, "Failed stages"))
         b.append(("p", "These stages raised, or lost their worker, on every attempt; they are not measured."))

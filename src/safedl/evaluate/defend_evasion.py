@@ -108,10 +108,25 @@ def _fit_detectors(ctx: RunContext, detectors: list[Any], pre: list[nn.Module], 
                      f"for {d.fpr:.0%} clean FPR on {len(x_cal)} clean validation images")
 
 
+def _fit_preprocessors(ctx: RunContext, pre: list[nn.Module], notes: list[str]) -> None:
+    """Fit each learned preprocessor (``needs_fit``) on clean training images passed through the ones before it."""
+    learned = [i for i, p in enumerate(pre) if isinstance(p, Preprocessor) and p.needs_fit]
+    if not learned:
+        return
+    x = ctx.splits.train.x[:N_DETECTOR_FIT].to(ctx.device)
+    for p in pre[:learned[-1] + 1]:
+        if isinstance(p, Preprocessor) and p.needs_fit:
+            p.fit(x, seed=ctx.seed)
+            notes.append(f"{p.registry_name}: fitted on {len(x)} clean training images")
+        with torch.no_grad():
+            x = p(x)
+
+
 def build_system(ctx: RunContext, components: Sequence[Any], metrics: dict, notes: list[str]) -> SecurePipeline:
     """The defended system of one defense spec, with its model trained and its detectors fitted."""
     parts = _split(components)
     model = _defense_model(ctx, parts, metrics, notes)
+    _fit_preprocessors(ctx, parts["preprocessor"], notes)
     _fit_detectors(ctx, parts["detector"], parts["preprocessor"], model, notes)
     return SecurePipeline(model=model, preprocessors=parts["preprocessor"], detectors=parts["detector"],
                           postprocessors=parts["postprocessor"],

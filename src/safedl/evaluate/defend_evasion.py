@@ -201,6 +201,8 @@ def _detector_aware(ctx: RunContext, system: SecurePipeline, st: EvasionState, n
     """Detector-aware PGD within the paired attack's budget (None when the attack has no eps budget)."""
     attack = registry.create("evasion", st.spec["name"], **st.spec.get("params", {}))
     name = st.spec["name"]
+    if not (attack.bounded and attack.eps > 0) and attack.takes_penalty:
+        return _penalized_attack(ctx, system, attack, st, notes)
     if not (attack.bounded and attack.eps > 0):
         notes.append(f"{name} has no eps budget, so no detector-aware PGD was run (only {name} on the defended "
                      "classifier): the adaptive number may overstate robustness")
@@ -213,6 +215,28 @@ def _detector_aware(ctx: RunContext, system: SecurePipeline, st: EvasionState, n
     notes.append(f"adaptive on detectors: detector-aware PGD ({dpgd.steps} steps, eps {dpgd.eps} {dpgd.norm}: "
                  "classification margin + hinge on every detector score above its threshold); a sample is "
                  f"defended only if it survives both this and {name} on the defended classifier")
+    return system.decide(x_det).defended(st.y), x_det
+
+
+def detector_hinge(detectors: Sequence[Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per sample, the sum over detectors of their score above threshold in units of the clean spread (0 when
+    every detector is at or below its threshold); differentiable where the scores are."""
+    def penalty(x: torch.Tensor) -> torch.Tensor:
+        return sum(torch.relu((d.score_torch(x) - d.threshold_) / d.score_scale_) for d in detectors)
+    return penalty
+
+
+def _penalized_attack(ctx: RunContext, system: SecurePipeline, attack: Any, st: EvasionState, notes: list[str]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paired L0 / patch attack (no eps ball) with the detectors' hinge in its objective (our detector-aware
+    variant: the attacker knows the detectors and their thresholds)."""
+    aware = attack.with_penalty(detector_hinge(system.detectors))
+    target_model = _attack_target(ctx, system, aware, [])
+    x_det = _run_batched(lambda a, b, t: aware(target_model, a, b, target=t), st.x, st.y, st.target,
+                         ctx.profile.evaluation.batch_size)
+    notes.append(f"adaptive on detectors: {attack.registry_name} with every detector's score above its threshold "
+                 "added to its objective (a success must also go undetected); a sample is defended only if it "
+                 f"survives both this and {attack.registry_name} on the defended classifier")
     return system.decide(x_det).defended(st.y), x_det
 
 

@@ -139,6 +139,10 @@ class GateSpec(_Strict):
     min_detection_recall: Optional[float] = Field(
         None, ge=0, le=1, description="for every defense with detectors: recall (TPR) on successful adversarial "
                                       "examples at the detectors' calibrated FPR (adaptive attack when run)")
+    max_canary_changes: Optional[int] = Field(
+        None, ge=0, description="canary records (canary_records) whose prediction may differ from the clean "
+                                "baseline's: on every poisoning defense's model, or, with none, on every poisoned "
+                                "model of a poisoning/backdoor attack")
     max_risk: Optional[Literal["low", "medium", "high", "critical"]] = None
     use_interval: Literal["value", "lower", "upper"] = Field(
         "value", description="compare the point estimate ('value'), the conservative end of the 95% interval "

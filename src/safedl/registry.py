@@ -113,10 +113,23 @@ def names(kind: str) -> list[str]:
     return sorted(_REGISTRY[kind])
 
 
+def qualified_kind(name: str) -> tuple[str | None, str]:
+    """Split a kind-qualified name (``certifier:ibp``: the certifier, where ``ibp`` alone is the trainer) into
+    (kind, bare name); (None, name) when ``name`` has no component-kind prefix."""
+    head, sep, rest = name.partition(":") if isinstance(name, str) else ("", "", name)
+    return (head, rest) if sep and head in COMPONENT_KINDS else (None, name)
+
+
 def get(kind: str, name: str) -> type:
-    """The class registered as ``kind``/``name``; an unknown name lists the valid ones."""
+    """The class registered as ``kind``/``name`` (``name`` may carry its own kind as ``kind:name``); an unknown name
+    lists the valid ones."""
     _check_kind(kind)
     _load((kind,))
+    qual, bare = qualified_kind(name)
+    if qual is not None:
+        if qual != kind:
+            raise UnknownComponentError(f"{name!r} names a {qual}, not a {kind}")
+        name = bare
     integration = None if name in _REGISTRY[kind] else _integration(name)
     if integration is not None:
         return integration.component_class(kind, name)
@@ -128,8 +141,15 @@ def get(kind: str, name: str) -> type:
 
 
 def find_kind(name: str, kinds: tuple[str, ...] = COMPONENT_KINDS) -> str:
-    """The kind under which ``name`` is registered (searching ``kinds``)."""
+    """The kind under which ``name`` is registered (searching ``kinds``, in order: a name registered under two kinds
+    is the first one's; ``kind:name`` picks the other, e.g. ``certifier:ibp``)."""
     _load(kinds)
+    qual, bare = qualified_kind(name)
+    if qual is not None:
+        if qual not in kinds or bare not in _REGISTRY[qual]:
+            valid = ", ".join(f"{qual}:{n}" for n in sorted(_REGISTRY.get(qual, {}))) if qual in kinds else "(none here)"
+            raise UnknownComponentError(f"unknown component {name!r}; valid {qual} names are: {valid}")
+        return qual
     hits = [k for k in kinds if name in _REGISTRY[k]]
     integration = None if hits else _integration(name)
     if integration is not None:

@@ -5,7 +5,8 @@ device, and leaves the model's parameters, ``.grad`` and train/eval mode as it f
 """
 from __future__ import annotations
 
-from typing import ClassVar
+import copy
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -30,6 +31,20 @@ class EvasionAttack:
     norm: str = "linf"
     eps: float = 0.0
     queries_: torch.Tensor | None = None
+    #: True: the objective can take a per-sample penalty (``with_penalty``), e.g. for a detector-aware attack
+    takes_penalty: ClassVar[bool] = False
+    _penalty: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def with_penalty(self, penalty: Callable[[torch.Tensor], torch.Tensor]) -> "EvasionAttack":
+        """A copy whose objective adds ``penalty(x_adv)`` (per sample, >= 0, zero when acceptable: e.g. every
+        detector score at or below its threshold); success then needs the penalty at zero too."""
+        if not self.takes_penalty:
+            raise ConfigError(f"{self.registry_name}: its objective takes no penalty (takes_penalty is False)")
+        out = copy.copy(self)
+        for name in [k for k in vars(out) if k.endswith("_") and not k.startswith("_")]:
+            delattr(out, name)  # fitted state (e.g. a universal patch) was made without the penalty: refit
+        out._penalty = penalty
+        return out
 
     def _init_norm_eps(self, norm: str, eps: float) -> None:
         self.norm = check_choice(self, "norm", norm, NORMS)

@@ -98,6 +98,29 @@ def _drop_checks(limit: float | None, evasion_defenses: list[tuple[str, dict]]) 
                           "applies to nothing in this run: no evasion defense")]
 
 
+def _canary_checks(limit: int | None, results: dict[str, Any]) -> list[Check]:
+    """``max_canary_changes``: count of canary records changed from the baseline's prediction, on every poisoning
+    defense's model (the model a release would ship) or, with no such defense, every attack's poisoned model."""
+    if limit is None:
+        return []
+    defended = [(f"{d['id']} vs {d['against']}", d["metrics"]) for d in results.get("defenses", [])
+                if "attack_success_rate_after" in d["metrics"] or "clean_accuracy_after" in d["metrics"]]
+    subjects = defended or [(a["id"], a["metrics"]) for a in results.get("attacks", [])
+                            if a.get("category") in ("poisoning", "backdoor")]
+    out = []
+    for label, m in subjects:
+        c = m.get("canary_changes")
+        value = None if not isinstance(c, dict) or c.get("value") is None else float(round(c["value"] * c["n"]))
+        chk = _check(f"max_canary_changes: {label}", f"{label}.canary_changes", "<=", float(limit), value, "point",
+                     f"{label}: no canary_changes (set canary_records.source to holdout or path)")
+        if value is not None:
+            chk["reason"] = f"{int(value)} of {c['n']} canary records changed prediction " \
+                            f"{'<=' if chk['passed'] else '>'} {limit}"
+        out.append(chk)
+    return out or [_check("max_canary_changes", "(none)", "<=", float(limit), None, "point",
+                          "applies to nothing in this run: no poisoning or backdoor attack")]
+
+
 def _risk_check(gate: GateSpec, results: dict[str, Any]) -> list[Check]:
     if gate.max_risk is None:
         return []
@@ -136,6 +159,7 @@ def evaluate_gate(gate: GateSpec, results: dict[str, Any]) -> dict[str, Any]:
     checks += _drop_checks(gate.max_clean_accuracy_drop, ev_def)
     checks += _per_subject("min_detection_recall", gate.min_detection_recall, detectors, _recall_path, minimum=True,
                            use=use, nothing="no evasion defense with a detector")
+    checks += _canary_checks(gate.max_canary_changes, results)
     checks += _risk_check(gate, results)
     failures = [f"{c['name']}: {c['reason']}" for c in checks if not c["passed"]]
     return {"passed": not failures, "configured": bool(gate.thresholds()), "checks": checks, "failures": failures,

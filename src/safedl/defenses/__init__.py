@@ -31,6 +31,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "preprocess.gaussian_augmentation",
     "preprocess.jpeg_compression",
     "preprocess.local_gradient_smoothing",
+    "preprocess.magnet_reformer",
     "preprocess.spatial_smoothing",
     "preprocess.total_variance_minimization",
     "query.copycat",

@@ -83,7 +83,11 @@ class TrainerProtocol(Protocol):
 class CertifierProtocol(Protocol):
     """A certified classifier around a base model: ``fit`` trains the base model (same signature as a trainer),
     ``with_model`` adopts a trained one, ``predict(x) -> labels`` (-1 = abstain), ``vote_shares(x)`` the smoothed
-    class probabilities, ``certified_accuracy(x, y, radii)``."""
+    class probabilities, ``certified_accuracy(x, y, radii)``; ``randomized``: whether the deployed prediction
+    samples noise (randomized smoothing) or is the model's own label (IBP); ``norm``: the certificate's norm."""
+
+    randomized: bool
+    norm: str
 
     def fit(self, model: nn.Module, data: Any, *, recipe: Any, seed: int, device: Any = "cpu",
             val: Any = None) -> nn.Module: ...

@@ -17,6 +17,7 @@ from safedl.data.loaders import load_npz
 from safedl.errors import DataError
 from safedl.profile_inputs import CanarySpec
 from safedl.utils.io import tensor_hash
+from safedl.utils.stats import proportion
 from safedl.utils.tensors import predict
 
 
@@ -55,3 +56,13 @@ def canary_changes(before: nn.Module, after: nn.Module, x: torch.Tensor, *, devi
     """Indices of the canary records ``after`` predicts differently from ``before``."""
     a, b = predict(before, x.to(device)).cpu(), predict(after, x.to(device)).cpu()
     return torch.nonzero(a != b).flatten().tolist()
+
+
+def canary_change_metric(spec: CanarySpec, splits: Splits, baseline: nn.Module, model: nn.Module, *,
+                         device: torch.device | str = "cpu") -> dict[str, Any] | None:
+    """``canary_changes``: the share (Wilson interval, n) of canary records ``model`` predicts differently from the
+    clean ``baseline`` (None without canary records); the gate's ``max_canary_changes`` counts them."""
+    canaries = canary_records(spec, splits)
+    if canaries is None:
+        return None
+    return proportion(len(canary_changes(baseline, model, canaries[0], device=device)), len(canaries[0]))

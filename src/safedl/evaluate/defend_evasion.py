@@ -26,6 +26,8 @@ from safedl import registry
 from safedl.evaluate.context import RunContext
 from safedl.evaluate.defense_models import train_defense_model
 from safedl.evaluate.base import AttackOutcome, EvasionState, defense_evaluator
+from safedl.evaluate.defense_confusion import evasion_confusions
+from safedl.evaluate.verified import interval_certification
 from safedl.defenses.adaptive import DetectorAwarePGD, defended_model, strong_adaptive_suite
 from safedl.defenses.preprocess._base import Preprocessor
 from safedl.defenses.preprocess.gaussian_augmentation import GaussianAugmentation
@@ -61,8 +63,13 @@ def _defense_model(ctx: RunContext, parts: dict[str, list[Any]], metrics: dict, 
     if parts["certifier"]:
         cert = parts["certifier"][0]
         trained = train_defense_model(ctx, cert)
-        notes.append(f"randomized smoothing: base model trained with Gaussian noise sigma={cert.sigma} (baseline "
-                     f"recipe and seed){' (reloaded)' if trained.reloaded else ''}; abstentions count as rejections")
+        again = " (reloaded)" if trained.reloaded else ""
+        if cert.randomized:
+            notes.append(f"randomized smoothing: base model trained with Gaussian noise sigma={cert.sigma} (baseline "
+                         f"recipe and seed){again}; abstentions count as rejections")
+        else:
+            notes.append(f"{cert.registry_name} certifier: a fresh model trained by interval bound propagation at "
+                         f"L-inf eps {cert.train_eps_factor:g} x {cert.eps:g} (baseline recipe and seed){again}")
     elif parts["trainer"]:
         trainer = parts["trainer"][0]
         trained = train_defense_model(ctx, trainer, architecture=trainer.architecture, facts=trainer.facts)
@@ -101,10 +108,25 @@ def _fit_detectors(ctx: RunContext, detectors: list[Any], pre: list[nn.Module], 
                      f"for {d.fpr:.0%} clean FPR on {len(x_cal)} clean validation images")
 
 
+def _fit_preprocessors(ctx: RunContext, pre: list[nn.Module], notes: list[str]) -> None:
+    """Fit each learned preprocessor (``needs_fit``) on clean training images passed through the ones before it."""
+    learned = [i for i, p in enumerate(pre) if isinstance(p, Preprocessor) and p.needs_fit]
+    if not learned:
+        return
+    x = ctx.splits.train.x[:N_DETECTOR_FIT].to(ctx.device)
+    for p in pre[:learned[-1] + 1]:
+        if isinstance(p, Preprocessor) and p.needs_fit:
+            p.fit(x, seed=ctx.seed)
+            notes.append(f"{p.registry_name}: fitted on {len(x)} clean training images")
+        with torch.no_grad():
+            x = p(x)
+
+
 def build_system(ctx: RunContext, components: Sequence[Any], metrics: dict, notes: list[str]) -> SecurePipeline:
     """The defended system of one defense spec, with its model trained and its detectors fitted."""
     parts = _split(components)
     model = _defense_model(ctx, parts, metrics, notes)
+    _fit_preprocessors(ctx, parts["preprocessor"], notes)
     _fit_detectors(ctx, parts["detector"], parts["preprocessor"], model, notes)
     return SecurePipeline(model=model, preprocessors=parts["preprocessor"], detectors=parts["detector"],
                           postprocessors=parts["postprocessor"],
@@ -115,7 +137,8 @@ def build_system(ctx: RunContext, components: Sequence[Any], metrics: dict, note
 
 # ---------------------------------------------------------------------------------------------- measurements
 
-def _clean_metrics(ctx: RunContext, system: SecurePipeline, x: torch.Tensor, y: torch.Tensor, metrics: dict) -> None:
+def _clean_metrics(ctx: RunContext, system: SecurePipeline, x: torch.Tensor, y: torch.Tensor, metrics: dict) -> Any:
+    """Clean accuracy of the defended and undefended model; returns the defended system's clean decision."""
     t0 = time.perf_counter()
     dec = system.decide(x)
     t_def = time.perf_counter() - t0
@@ -128,11 +151,12 @@ def _clean_metrics(ctx: RunContext, system: SecurePipeline, x: torch.Tensor, y: 
     if system.detectors or system.certifier is not None:
         metrics["clean_rejection_rate"] = proportion(int(dec.rejected.sum()), n)
     metrics["latency_added_ms_per_image"] = scalar(1000 * (t_def - t_base) / max(1, n), n=n)
+    return dec
 
 
 def _attack_target(ctx: RunContext, system: SecurePipeline, attack: Any, notes: list[str]) -> nn.Module:
     """The model the adaptive attack runs on: the attack surface of the defended system."""
-    if system.certifier is not None:
+    if system.certifier is not None and system.certifier.randomized:
         # EOT over the smoothing noise (unclipped, exactly the noise the certificate is about)
         noise = GaussianAugmentation(sigma=system.certifier.sigma, clip=False, seed=ctx.seed)
         notes.append("adaptive: attack on the smoothed classifier through EOT over 16 Gaussian draws per step")
@@ -162,7 +186,7 @@ def _rerun_attack(ctx: RunContext, system: SecurePipeline, st: EvasionState, not
         attack.fit(ctx.splits.train, model=system.deployed, device=ctx.device)
     x_ad = _run_batched(lambda a, b, t: attack(target_model, a, b, target=t), st.x, st.y, st.target, bs)
     defended = system.decide(x_ad).defended(st.y)
-    if attack.access == "white-box" and system.certifier is None and _has_own_approximation(system):
+    if attack.access == "white-box" and system.preprocessors and _has_own_approximation(system):
         # a smooth surrogate can have vanishing gradients: also try BPDA with the identity, keep the worst case
         ident = system.attack_surface(eot_samples=8, bpda="identity")
         x_id = _run_batched(lambda a, b, t: attack(ident, a, b, target=t), st.x, st.y, st.target, bs)
@@ -177,6 +201,8 @@ def _detector_aware(ctx: RunContext, system: SecurePipeline, st: EvasionState, n
     """Detector-aware PGD within the paired attack's budget (None when the attack has no eps budget)."""
     attack = registry.create("evasion", st.spec["name"], **st.spec.get("params", {}))
     name = st.spec["name"]
+    if not (attack.bounded and attack.eps > 0) and attack.takes_penalty:
+        return _penalized_attack(ctx, system, attack, st, notes)
     if not (attack.bounded and attack.eps > 0):
         notes.append(f"{name} has no eps budget, so no detector-aware PGD was run (only {name} on the defended "
                      "classifier): the adaptive number may overstate robustness")
@@ -192,6 +218,28 @@ def _detector_aware(ctx: RunContext, system: SecurePipeline, st: EvasionState, n
     return system.decide(x_det).defended(st.y), x_det
 
 
+def detector_hinge(detectors: Sequence[Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per sample, the sum over detectors of their score above threshold in units of the clean spread (0 when
+    every detector is at or below its threshold); differentiable where the scores are."""
+    def penalty(x: torch.Tensor) -> torch.Tensor:
+        return sum(torch.relu((d.score_torch(x) - d.threshold_) / d.score_scale_) for d in detectors)
+    return penalty
+
+
+def _penalized_attack(ctx: RunContext, system: SecurePipeline, attack: Any, st: EvasionState, notes: list[str]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paired L0 / patch attack (no eps ball) with the detectors' hinge in its objective (our detector-aware
+    variant: the attacker knows the detectors and their thresholds)."""
+    aware = attack.with_penalty(detector_hinge(system.detectors))
+    target_model = _attack_target(ctx, system, aware, [])
+    x_det = _run_batched(lambda a, b, t: aware(target_model, a, b, target=t), st.x, st.y, st.target,
+                         ctx.profile.evaluation.batch_size)
+    notes.append(f"adaptive on detectors: {attack.registry_name} with every detector's score above its threshold "
+                 "added to its objective (a success must also go undetected); a sample is defended only if it "
+                 f"survives both this and {attack.registry_name} on the defended classifier")
+    return system.decide(x_det).defended(st.y), x_det
+
+
 def _strong_suite(ctx: RunContext, system: SecurePipeline, st: EvasionState, metrics: dict, notes: list[str]
                   ) -> torch.Tensor | None:
     """The strong adaptive suite within the paired attack's budget, on defenses that change the model or its
@@ -200,7 +248,8 @@ def _strong_suite(ctx: RunContext, system: SecurePipeline, st: EvasionState, met
     cfg = ctx.profile.evaluation.strong_adaptive
     attack = registry.create("evasion", st.spec["name"], **st.spec.get("params", {}))
     changes = bool(system.preprocessors) or system.model is not ctx.baseline
-    if not (cfg.enabled and changes and system.certifier is None and attack.bounded and attack.eps > 0):
+    randomized = system.certifier is not None and system.certifier.randomized
+    if not (cfg.enabled and changes and not randomized and attack.bounded and attack.eps > 0):
         return None
     if ctx.profile.threat_model.model_access != "white-box":
         notes.append("strong adaptive suite not run: the threat model gives the attacker no white-box access")
@@ -224,11 +273,13 @@ def _strong_suite(ctx: RunContext, system: SecurePipeline, st: EvasionState, met
     return defended
 
 
-def _robustness(ctx: RunContext, system: SecurePipeline, st: EvasionState, metrics: dict, notes: list[str]
-                ) -> torch.Tensor:
-    """Non-adaptive and adaptive robust accuracy; returns the examples the detection metrics score."""
+def _robustness(ctx: RunContext, system: SecurePipeline, st: EvasionState, metrics: dict, notes: list[str],
+                decisions: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-adaptive and adaptive robust accuracy; returns the examples the detection metrics score and the
+    per-sample defended mask behind ``robust_accuracy``."""
     n = len(st.y)
-    defended_na = system.decide(st.x_adv).defended(st.y)
+    decisions["non-adaptive"] = system.decide(st.x_adv)
+    defended_na = decisions["non-adaptive"].defended(st.y)
     metrics["robust_accuracy_nonadaptive"] = proportion(int(defended_na.sum()), n)
     defended_ad, x_eval = _rerun_attack(ctx, system, st, notes)
     if system.detectors:
@@ -251,7 +302,7 @@ def _robustness(ctx: RunContext, system: SecurePipeline, st: EvasionState, metri
                  "every adaptive attack without the transferred examples); "
                  "robust_accuracy_nonadaptive uses the examples crafted on the undefended model; "
                  "defended = rejected or classified correctly")
-    return x_eval
+    return x_eval, defended_ad
 
 
 def _combined_score(system: SecurePipeline, x: torch.Tensor) -> torch.Tensor:
@@ -306,8 +357,9 @@ def evaluate_evasion_defense(ctx: RunContext, spec: DefenseSpec, components: lis
     notes: list[str] = []
     metrics: dict[str, Any] = {}
     system = build_system(ctx, components, metrics, notes)
-    _clean_metrics(ctx, system, st.x, st.y, metrics)
-    x_eval = _robustness(ctx, system, st, metrics, notes)
+    decisions = {"clean": _clean_metrics(ctx, system, st.x, st.y, metrics)}
+    x_eval, defended = _robustness(ctx, system, st, metrics, notes, decisions)
+    decisions["adaptive"] = system.decide(x_eval)
     if system.detectors:
         clean_val = ctx.splits.val.x[1::2].to(ctx.device)
         metrics["detection"] = detection_metrics(system, clean_val, st.x, st.y, st.x_adv)
@@ -315,13 +367,16 @@ def evaluate_evasion_defense(ctx: RunContext, spec: DefenseSpec, components: lis
         notes.append("detection: thresholds for 1%/5% FPR set on the other half of the clean validation split; "
                      "tpr over the adversarial examples that fool the classifier; "
                      "'tpr'/'fpr' at each detector's own calibrated threshold")
-    if system.certifier is not None:
+    if system.certifier is not None and system.certifier.randomized:
         _certification(system, st, metrics, notes)
+    elif system.certifier is not None:
+        interval_certification(system.certifier, st, defended, metrics, notes)
     entry: dict[str, Any] = {
         "id": spec.key, "name": spec.name or "pipeline",
         "components": [{"kind": c.registry_kind, "name": c.registry_name, "params": registry.creation_params(c)}
                        for c in components],
         "metrics": metrics, "notes": notes, "artifacts": {}, "time_s": time.perf_counter() - t_start,
+        "confusion_evasion": evasion_confusions(decisions, st.y, ctx.splits.train.num_classes),
     }
     entry["system"] = save_system(ctx, system, name=f"{spec.key}-vs-{attack_id}", trainer=_trainer_spec(components),
                                   metrics=metrics, against=attack_id, attack_params=st.spec.get("params", {}))

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from safedl.evaluate.context import RunContext
+from safedl.evaluate.canary import canary_change_metric
 from safedl.evaluate.base import AttackOutcome, defense_evaluator
 from safedl.evaluate.cleanse_safeguard import per_class_accuracy, whole_mode_classes, whole_mode_note
 from safedl.data.dataset import Dataset, PoisonedDataset
@@ -110,6 +111,9 @@ def _outcome_metrics(ctx: RunContext, model: nn.Module, state: dict) -> dict[str
     if aim is not None and len(xt):
         pt = predict(model, xt.to(ctx.device)).cpu()
         out["attack_success_rate_after"] = proportion(int((pt == aim).sum()), len(xt))
+    canary = canary_change_metric(ctx.profile.canary_records, ctx.splits, ctx.baseline, model, device=ctx.device)
+    if canary is not None:  # the defended model's canary records against the clean baseline's (gate: max_canary_changes)
+        out["canary_changes"] = canary
     return out
 
 

@@ -48,3 +48,25 @@ def confusion_blocks(results: dict[str, Any]) -> list[Block]:
         b.append(("table", ["true \\ predicted"] + lab,
                   [[lab[i]] + [str(int(v)) for v in row] for i, row in enumerate(mat)]))
     return b
+
+
+def evasion_confusion_blocks(results: dict[str, Any]) -> list[Block]:
+    """One table per evasion-defended system and input set (clean, non-adaptive, adaptive): rows are true classes,
+    columns the answered class and a last ``rejected`` column, cells evaluation-image counts."""
+    entries = [d for d in results.get("defenses", []) if d.get("confusion_evasion")]
+    if not entries:
+        return []
+    names = (results.get("data") or {}).get("class_names") or []
+    b: list[Block] = [("h", 2, "Confusion matrices of evasion-defended systems (evaluation images)"),
+                      ("p", "Rows: true class; columns: the defended system's answer, and `rejected` (a detector "
+                            "flagged the image or the certifier abstained); cells: number of evaluation images. "
+                            "`non-adaptive`: the attack's examples made on the undefended model; `adaptive`: the "
+                            "attack re-run on the defended system (detector-aware PGD where detectors are present).")]
+    for d in entries:
+        for which, mat in d["confusion_evasion"]["matrices"].items():
+            k = len(mat)
+            lab = [names[c] if c < len(names) and names[c] != str(c) else str(c) for c in range(k)]
+            b.append(("h", 3, f"Confusion matrix: defense {d['id']} vs {d['against']}, {which}"))
+            b.append(("table", ["true \\ answered"] + lab + ["rejected"],
+                      [[lab[i]] + [str(int(v)) for v in row] for i, row in enumerate(mat)]))
+    return b

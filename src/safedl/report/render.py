@@ -65,7 +65,7 @@ def _data_sentence(results: dict[str, Any]) -> str:
 
 def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block]:
     """The report as blocks: summary, baseline, figures, attacks, defenses, failed stages, risk, gate, environment."""
-    from safedl.report.honesty import chance_blocks, confusion_blocks
+    from safedl.report.honesty import chance_blocks, confusion_blocks, evasion_confusion_blocks
     from safedl.report.executive_summary import executive_summary_blocks
     from safedl.report.risk_section import risk_blocks
 
@@ -79,6 +79,7 @@ def build_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block
     b += _attack_blocks(results["attacks"], names)
     b += _defense_blocks(results["defenses"], names)
     b += confusion_blocks(results)
+    b += evasion_confusion_blocks(results)
     if results.get("failed_stages"):
         b.append(("h", 2, "Failed stages"))
         b.append(("p", "These stages raised, or lost their worker, on every attempt; they are not measured."))
@@ -204,7 +205,7 @@ def _broken_by_rows(attack: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-_DEF_ORDER = ["clean_accuracy", "clean_accuracy_after", "robust_accuracy", "robust_accuracy_nonadaptive",
+_DEF_ORDER = ["clean_accuracy", "clean_accuracy_after", "robust_accuracy", "verified_accuracy", "robust_accuracy_nonadaptive",
               "attack_success_rate_after", "detection.tpr", "detection.fpr", "detection.precision", "detection.recall",
               "detection.f1", "detection.auroc"]
 

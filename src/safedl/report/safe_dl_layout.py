@@ -41,7 +41,7 @@ def _example_sources(entry: dict[str, Any], run_dir: Path) -> list[Path]:
 def _record(d: dict[str, Any], attack: dict[str, Any], flag: dict[str, Any] | None,
             examples: list[str]) -> dict[str, Any]:
     keep = ("id", "name", "kind", "against", "params", "metrics", "per_class", "notes", "info", "confusion",
-            "time_s")
+            "confusion_evasion", "time_s")
     return {"defense": {k: d[k] for k in keep if k in d},
             "attack": {k: attack.get(k) for k in ("id", "name", "category", "params", "metrics")},
             "at_chance": flag, "removed_count": len(d["removed_indices"]) if "removed_indices" in d else None,

@@ -27,8 +27,8 @@ def plan_defenses(profile: Profile) -> list[tuple[DefenseSpec, str, str]]:
         kind = kinds[0][0] if len(kinds) == 1 else "pipeline"
         present = {k for k, _, _ in kinds}
         if "certifier" in present and present & {"preprocessor", "postprocessor", "trainer"}:
-            errors.append((f"defenses[{i}].pipeline", "a certifier (randomized smoothing) certifies the noise-"
-                           "trained model alone; list it without preprocessors, postprocessors or trainers"))
+            errors.append((f"defenses[{i}].pipeline", "a certifier (randomized smoothing, IBP) certifies the "
+                           "model it trains alone; list it without preprocessors, postprocessors or trainers"))
         targets = list(attacks) if "all" in d.against else d.against
         matched = 0
         for aid in targets:

@@ -58,9 +58,11 @@ class AdversarialPatch(EvasionAttack):
     the patch once on training images (a universal patch, as deployed against unseen images); an attack never
     fitted trains it on the batch it is called with. At call time the patch is pasted at a seeded random location
     per image; ``support_`` holds the last call's patch masks (N x 1 x H x W) and ``patch_`` the patch.
+    ``with_penalty(p)`` (our detector-aware variant) adds the batch mean of ``p`` on the patched images to the loss.
     """
 
     access: ClassVar[str] = "white-box"
+    takes_penalty: ClassVar[bool] = True
     conformance_params: ClassVar[dict] = {"patch_fraction": 0.15, "steps": 60}
 
     def __init__(self, *, patch_fraction: float = 0.1, steps: int = 200, lr: float = 0.05, batch_size: int = 128,
@@ -100,9 +102,12 @@ class AdversarialPatch(EvasionAttack):
             pick = torch.randint(0, n, (min(self.batch_size, n),), generator=gen, device=x.device)
             rows, cols = random_offsets(len(pick), s, h, w, gen, x.device)
             with torch.enable_grad():
-                logits = model(paste(x[pick], patch.clamp(0, 1), rows, cols)[0])
+                xp = paste(x[pick], patch.clamp(0, 1), rows, cols)[0]
+                logits = model(xp)
                 loss = (F.cross_entropy(logits, target[pick]) if target is not None
                         else -F.cross_entropy(logits, y[pick]))
+                if self._penalty is not None:  # with_penalty: e.g. keep every detector under its threshold
+                    loss = loss + self._penalty(xp).mean()
                 (grad,) = torch.autograd.grad(loss, patch)
             patch.grad = grad
             opt.step()

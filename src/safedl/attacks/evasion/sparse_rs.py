@@ -40,10 +40,13 @@ class SparseRS(EvasionAttack):
     piecewise-halving schedule from ``alpha_init``. A candidate is kept only when it lowers the margin of the
     returned scores (log-probabilities), as in the paper. One query per iteration per sample still unbroken; never
     more than ``max_queries`` per sample (``queries_`` holds the counts). ``norm`` is ``"l0"`` and ``eps`` is 0:
-    there is no L-p ball, the budget is ``k`` pixels (``threat()`` says so).
+    there is no L-p ball, the budget is ``k`` pixels (``threat()`` says so). With ``with_penalty(p)`` (our
+    detector-aware variant) the searched objective is ``max(margin, 0) + p(x')``: a candidate must also lower the
+    penalty, and a sample is done only when it is misclassified with zero penalty.
     """
 
     access: ClassVar[str] = "scores"
+    takes_penalty: ClassVar[bool] = True
     conformance_params: ClassVar[dict] = {"k": 8, "max_queries": 100}
 
     def __init__(self, *, k: int = 10, max_queries: int = 1000, alpha_init: float = 0.3, seed: int | None = 0):
@@ -67,7 +70,11 @@ class SparseRS(EvasionAttack):
 
         def loss(xq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             logp = qi(xq, idx).clamp_min(1e-30).log()
-            return margin(logp, y[idx], None if target is None else target[idx])
+            m = margin(logp, y[idx], None if target is None else target[idx])
+            if self._penalty is None:
+                return m
+            with torch.no_grad():  # with_penalty: a success must also bring the penalty (e.g. detectors) to zero
+                return m.clamp_min(0) + self._penalty(xq)
 
         flat = x.flatten(2)  # n x c x P
         mask = torch.zeros(n, p_total, dtype=torch.bool, device=x.device)

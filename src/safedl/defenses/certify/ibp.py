@@ -27,8 +27,12 @@ class IBPCertifier:
     ``fit`` trains the model with ``trainer:ibp`` at the same ``eps`` (``train_eps_factor`` times it, Gowal et al.
     train at 1.1 x the test eps); ``with_model`` adopts a trained one. The deployed decision is the model's own
     label (``predict`` never abstains); the certificate is what ``certify`` and ``certified_accuracy`` report.
-    Models with layers IBP cannot bound are refused with the layer's path and type.
+    Models with layers IBP cannot bound are refused with the layer's path and type. A profile names it
+    ``certifier:ibp`` (``ibp`` alone is ``trainer:ibp``).
     """
+
+    randomized = False  # the deployed decision is the model's deterministic label: attacked white-box directly
+    norm = "linf"
 
     def __init__(self, *, eps: float = 0.1, train_eps_factor: float = 1.1, batch_size: int = 512):
         self.eps = float(check_range(self, "eps", eps, low=0, high=1, low_inclusive=False))

@@ -33,6 +33,9 @@ class RandomizedSmoothing:
     Noise is sampled for ``batch_size`` noisy copies at a time across images, with a generator seeded by ``seed``.
     """
 
+    randomized = True  # PREDICT samples noise: an adaptive attack needs EOT over it
+    norm = "l2"
+
     def __init__(self, *, sigma: float = 0.25, n0: int = 100, n: int = 1000, alpha: float = 0.001,
                  batch_size: int = 2000, seed: int = 0):
         self.sigma = float(check_positive(self, "sigma", sigma))

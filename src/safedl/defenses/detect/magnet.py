@@ -62,6 +62,43 @@ def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
+def train_autoencoder(x: torch.Tensor, *, architecture: str, filters: int, epochs: int, noise: float, lr: float,
+                      batch_size: int, seed: int) -> MagNetAutoencoder:
+    """Meng & Chen's autoencoder trained on clean images ``x``: Adam, mean squared error against the clean image
+    from inputs with Gaussian noise of std ``noise`` (the paper's "noise volume"); frozen, in eval mode."""
+    if len(x) < 2:
+        raise ValueError("magnet: needs at least 2 clean images to fit the autoencoder")
+    dev = x.device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(int(seed))  # the autoencoder's initial weights
+        ae = MagNetAutoencoder(channels=x.shape[1], filters=filters, architecture=architecture).to(dev)
+        g = torch.Generator(device=dev).manual_seed(int(seed))
+        opt = torch.optim.Adam(ae.parameters(), lr=lr, weight_decay=1e-9)
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=g, device=dev)
+            for i in range(0, len(x), batch_size):
+                xb = x[perm[i:i + batch_size]]
+                noisy = (xb + noise * torch.randn(xb.shape, generator=g, device=dev)).clamp(0, 1)
+                loss = F.mse_loss(ae(noisy), xb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    ae.eval().requires_grad_(False)
+    log.info("magnet: autoencoder %s trained on %d clean images for %d epochs (final mse %.4g)",
+             architecture, len(x), epochs, float(loss.detach()))
+    return ae
+
+
+def rebuild_autoencoder(weights: list[torch.Tensor], *, channels: int, filters: int, architecture: str
+                        ) -> MagNetAutoencoder:
+    """A frozen autoencoder with the stored ``weights`` (its parameters in order), as a bundle restores it."""
+    ae = MagNetAutoencoder(channels=channels, filters=filters, architecture=architecture)
+    with torch.no_grad():
+        for p, w in zip(ae.parameters(), weights):
+            p.copy_(w)
+    return ae.eval().requires_grad_(False)
+
+
 @register("detector", "magnet")
 class MagNetDetector(Detector):
     """Autoencoder reconstruction detector. ``fit`` trains the autoencoder on clean images (Adam, mean squared
@@ -70,8 +107,8 @@ class MagNetDetector(Detector):
     ae(x)|^p) or the probability divergence (``"jsd"``: Jensen-Shannon divergence between the classifier's softmax
     at ``temperature`` on x and on ae(x)). The threshold is set on clean calibration images for ``fpr`` (the paper
     sets it on clean validation data). ``score_torch`` is differentiable end to end, so the detector-aware adaptive
-    attack descends it jointly with the classifier. The paper's reformer (classifying ae(x)) is not part of this
-    detector. The autoencoder's weights are fitted state (``ae_weights_``), so bundles store them as tensors.
+    attack descends it jointly with the classifier. The paper's reformer (classifying ae(x)) is the preprocessor
+    ``magnet_reformer``. The autoencoder's weights are fitted state (``ae_weights_``), so bundles store them as tensors.
     Defaults (architecture II, 8 filters, 30 epochs, lr 3e-3, batches of 32) were picked on digits, seed 0: the
     paper's 3-filter architecture I barely learns 8x8 digits in that many steps.
     """
@@ -90,40 +127,18 @@ class MagNetDetector(Detector):
         self._init_common(fpr, calibration_fraction, batch_size)
 
     def _fit(self, x, model, *, y, seed, **kwargs) -> None:
-        if len(x) < 2:
-            raise ValueError("magnet: needs at least 2 clean images to fit the autoencoder")
-        dev = x.device
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(int(seed))  # the autoencoder's initial weights
-            ae = MagNetAutoencoder(channels=x.shape[1], filters=self.filters, architecture=self.architecture).to(dev)
-            g = torch.Generator(device=dev).manual_seed(int(seed))
-            opt = torch.optim.Adam(ae.parameters(), lr=self.lr, weight_decay=1e-9)
-            for _ in range(self.epochs):
-                perm = torch.randperm(len(x), generator=g, device=dev)
-                for i in range(0, len(x), self.train_batch_size):
-                    xb = x[perm[i:i + self.train_batch_size]]
-                    noisy = (xb + self.noise * torch.randn(xb.shape, generator=g, device=dev)).clamp(0, 1)
-                    loss = F.mse_loss(ae(noisy), xb)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-        ae.eval().requires_grad_(False)
+        ae = train_autoencoder(x, architecture=self.architecture, filters=self.filters, epochs=self.epochs,
+                               noise=self.noise, lr=self.lr, batch_size=self.train_batch_size, seed=seed)
         self.ae_weights_ = [p.detach().clone() for p in ae.parameters()]
         self.channels_ = int(x.shape[1])
         self._ae = ae
-        log.info("magnet: autoencoder %s trained on %d clean images for %d epochs (final mse %.4g)",
-                 self.architecture, len(x), self.epochs, float(loss.detach()))
 
     def autoencoder(self, device: torch.device) -> MagNetAutoencoder:
         """The fitted autoencoder (rebuilt from ``ae_weights_`` after a bundle is loaded)."""
-        ae = getattr(self, "_ae", None)
-        if ae is None:
-            ae = MagNetAutoencoder(channels=self.channels_, filters=self.filters, architecture=self.architecture)
-            with torch.no_grad():
-                for p, w in zip(ae.parameters(), self.ae_weights_):
-                    p.copy_(w)
-            self._ae = ae = ae.eval().requires_grad_(False)
-        return ae.to(device)
+        if getattr(self, "_ae", None) is None:
+            self._ae = rebuild_autoencoder(self.ae_weights_, channels=self.channels_, filters=self.filters,
+                                           architecture=self.architecture)
+        return self._ae.to(device)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """ae(x), differentiable in x."""

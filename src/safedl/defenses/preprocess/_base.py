@@ -13,10 +13,12 @@ class Preprocessor(nn.Module):
     ``differentiable``: autograd through ``forward`` gives useful gradients; otherwise adaptive attacks use BPDA
     (Athalye et al. 2018) through ``approximation`` (identity unless a subclass has a smooth surrogate).
     ``randomized``: each call draws fresh randomness, so adaptive attacks average over it (EOT).
+    ``needs_fit``: learned from clean images first (``fit(x_clean, *, seed) -> self``, e.g. MagNet's reformer).
     """
 
     differentiable: ClassVar[bool] = True
     randomized: ClassVar[bool] = False
+    needs_fit: ClassVar[bool] = False
 
     def approximation(self, x: torch.Tensor) -> torch.Tensor:
         """A differentiable surrogate of ``forward`` for BPDA's backward pass (identity by default)."""

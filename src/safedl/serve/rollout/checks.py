@@ -100,6 +100,13 @@ def _drop(stable_ok: torch.Tensor, canary_ok: torch.Tensor, cfg: Checks) -> dict
     return paired_difference(stable_ok, canary_ok, confidence=cfg.confidence)
 
 
+def live_check(stable: torch.Tensor, canary: torch.Tensor, cfg: Checks, *, note: str) -> dict[str, Any]:
+    """``live_robust_accuracy_drop``: stable - canary robust accuracy under the live attack (serve/rollout/live.py),
+    paired on the same probes."""
+    return _check("live_robust_accuracy_drop", _drop(stable, canary, cfg), cfg.live_robust_accuracy_drop, cfg,
+                  note=note)
+
+
 def evaluate(ps: ProbeSet, stable: ProbeRun, canary: ProbeRun, lat: dict[str, list[float]], *, cfg: Checks,
              traffic: tuple[int, int] = (0, 0)) -> list[dict[str, Any]]:
     """Every check of one evaluation (``traffic``: the canary's (5xx, requests) since it started)."""

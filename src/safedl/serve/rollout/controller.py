@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from safedl.serve.rollout.checks import evaluate, latencies, p99, run_probes
+from safedl.serve.rollout.checks import evaluate, latencies, live_check, p99, run_probes
+from safedl.serve.rollout.live import bundle_eps, live_robust, live_subset
 from safedl.serve.swap import SwapRefused
 
 log = logging.getLogger("safedl.serve.rollout")
@@ -32,10 +33,26 @@ class Controller:
         canary = run_probes(lane.decide_locked, ps)
         lat = latencies({"stable": m.stable_decide, "canary": lane.decide_locked}, ps)
         checks = evaluate(ps, stable, canary, lat, cfg=m.config.checks, traffic=m.traffic_counts())
+        checks += self._live(ps)
         self._publish(ps, {"stable": (m.svc.bundle.version, stable), "canary": (lane.version, canary)}, lat)
         differ = int(((canary.labels != stable.labels) | (canary.rejected != stable.rejected)).sum())
         m.metrics.compared_with_stable("canary", lane.version, n=len(ps), differ=differ, source="probe")
         return checks
+
+    def _live(self, ps: Any) -> list[dict]:
+        """The live Square attack on both versions (the same seeded probes, eps, queries and seed)."""
+        m, la = self.m, self.m.config.live_attack
+        idx = live_subset(ps, n=la.n, seed=la.seed)
+        if not la.n or not len(idx):
+            return []
+        eps = la.eps if la.eps is not None else bundle_eps(m.svc.bundle.manifest)
+        kw = {"eps": eps, "queries_per_image": la.queries_per_image, "seed": la.seed}
+        stable, _ = live_robust(m.stable_decide, ps, idx, **kw)
+        canary, spent = live_robust(m.lane.decide_locked, ps, idx, **kw)
+        for role, version, r in (("stable", m.svc.bundle.version, stable), ("canary", m.lane.version, canary)):
+            m.metrics.probe.labels(role, version, "live_robust_accuracy").set(float(r.float().mean()))
+        note = f"square linf eps={eps:g}, {la.queries_per_image} queries/image, seed {la.seed}; {spent} canary queries"
+        return [live_check(stable, canary, m.config.checks, note=note)]
 
     def _publish(self, ps: Any, runs: dict, lat: dict) -> None:
         y, t = ps.y, ps.target

@@ -270,3 +270,22 @@ def test_a_request_in_flight_on_a_rolled_back_canary_gets_its_answer(tmp_path, r
                         (r.json()["request_id"],)).fetchall()
     conn.close()
     assert rows and all(st == 200 and v == answered for st, v in rows)
+
+
+def test_non_inferiority_holds_at_its_step_then_rolls_back_for_insufficient_evidence(tmp_path, releases):
+    """0 errors in ~70 probe calls cannot bound the 5xx rate under 1%: the controller holds (stays at the step,
+    fraction unchanged, decision ``hold``) instead of rolling back at once; after max_holds it rolls back."""
+    s = _Svc(tmp_path, releases["stable"])
+    s.svc.rollout.rules = parse_rollout("interval_s: 0.2\nmax_holds: 2\nlive_attack: {n: 0}\n"
+                                        "checks: {mode: non_inferiority, latency_slack_s: 0.25}", where="t")
+    with TestClient(s.app) as c:
+        assert c.post("/v1/admin/canary", json={"path": str(releases["good"])}, headers=s.h).status_code == 200
+        final = wait_final(lambda: s.status(c), timeout_s=30.0)
+    assert [h["decision"] for h in final["history"]] == ["start", "hold", "hold", "rollback"]
+    assert all(h["fraction"] == 0.0 for h in final["history"])  # held before the first step: no key moved
+    assert final["state"] == "rolled_back" and final["decided_by"]["hold"]
+    assert "insufficient evidence, n=" in final["decided_by"]["note"] and "max_holds 2" in final["decided_by"]["note"]
+    assert [r["action"] for r in s.swaps()] == ["canary_start", "canary_hold", "canary_hold", "canary_rollback"]
+    per_evaluation = -(-len(releases["probes"]) // 64) + 64  # probe batches + single-image latency calls
+    errors = next(ch for ch in final["checks"] if ch["check"] == "error_rate")
+    assert errors["n"] == 3 * per_evaluation  # every evaluation's calls are evidence for the 5xx rate

@@ -15,10 +15,13 @@ DEFAULT_RULES = """\
 # safedl rollout rules (`safedl serve STABLE --canary NEW --rollout rollout.yaml`)
 steps: [5, 25, 50, 100]      # percent of keys on the canary, one step per interval (--canary-fraction: the first)
 interval_s: 60               # seconds between decisions; the probe set runs through both versions at each
+max_holds: 10                # non_inferiority: evaluations in a row a step may hold on too little evidence,
+                             # then the canary is rolled back ("insufficient evidence")
 checks:
   confidence: 0.95           # one-sided bound of each paired canary - stable difference
   mode: evidence             # evidence: fail when the bound nearest to passing is past the limit (the data show a
-                             # breach); non_inferiority: fail unless the far bound is within it (stricter)
+                             # breach); non_inferiority: pass only when the far bound is within it, fail when the
+                             # near one is past it, else hold at the current step (insufficient evidence)
   min_probes: 200            # fewer probe images than this: the checks run on all there are, and say so
   latency_p99_ratio: 1.5     # canary p99 <= 1.5 x stable p99 (probe runs, one image per call, interleaved)
   latency_slack_s: 0.005     # ... or within this many seconds of it (sub-millisecond models: timer noise)
@@ -64,6 +67,7 @@ class LiveAttack(_Strict):
 class RolloutConfig(_Strict):
     steps: list[float] = Field(default_factory=lambda: [5.0, 25.0, 50.0, 100.0], min_length=1)
     interval_s: float = Field(60.0, gt=0.0, le=86400.0)
+    max_holds: int = Field(10, ge=0, le=10_000)
     checks: Checks = Field(default_factory=Checks)
     live_attack: LiveAttack = Field(default_factory=LiveAttack)
 

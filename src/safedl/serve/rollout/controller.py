@@ -2,7 +2,8 @@
 the probe set through the stable and the canary version's full pipelines itself (serve/rollout/checks.py), so a
 decision never waits for user traffic to reach the canary. All checks pass: the next step (the last one, 100%,
 promotes: the canary becomes the stable bundle through the audited swap of serve/swap.py). Any check fails:
-rolled back at once (no key is routed to the canary any more)."""
+rolled back at once (no key is routed to the canary any more). A check that holds (``non_inferiority`` mode, too little
+evidence either way) keeps the canary at its step until the next interval, ``max_holds`` times in a row at most."""
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,8 @@ CTX = {"trigger": "rollout"}
 class Controller:
     def __init__(self, manager: Any):
         self.m = manager
+        self.probe_calls = [0, 0]  # the canary's (failed, all) probe calls of the earlier evaluations
+
 
     def probes(self) -> Any:
         """The stable bundle's probe set when it has one (the trusted reference), else the canary's."""
@@ -32,7 +35,11 @@ class Controller:
         stable = run_probes(m.stable_decide, ps)
         canary = run_probes(lane.decide_locked, ps)
         lat = latencies({"stable": m.stable_decide, "canary": lane.decide_locked}, ps)
-        checks = evaluate(ps, stable, canary, lat, cfg=m.config.checks, traffic=m.traffic_counts())
+        errors, calls = m.traffic_counts()  # user traffic and earlier probe calls: more evidence for the 5xx check
+        checks = evaluate(ps, stable, canary, lat, cfg=m.config.checks,
+                          traffic=(errors + self.probe_calls[0], calls + self.probe_calls[1]))
+        self.probe_calls[0] += canary.errors
+        self.probe_calls[1] += canary.calls + len(lat.get("canary", []))
         checks += self._live(ps)
         self._publish(ps, {"stable": (m.svc.bundle.version, stable), "canary": (lane.version, canary)}, lat)
         differ = int(((canary.labels != stable.labels) | (canary.rejected != stable.rejected)).sum())
@@ -72,15 +79,27 @@ class Controller:
 
     def run(self) -> None:
         """Evaluate now, then every interval: advance, promote or roll back (never raises)."""
-        m = self.m
+        m, holds = self.m, 0
         try:
             while m.lane is not None and m.state.get("state") == "progressing":
                 checks = self.evaluate()
                 if m.lane is None or m.state.get("state") != "progressing":
                     return  # aborted meanwhile
-                if not all(c["passed"] for c in checks):
+                if any(not c["passed"] and not c.get("hold") for c in checks):
                     m.decide("rollback", ctx=CTX, state="rolled_back", checks=checks)
                     return
+                if any(c.get("hold") for c in checks):
+                    holds += 1
+                    if holds > m.config.max_holds:
+                        why = f"; rolled back after {holds - 1} holds (max_holds {m.config.max_holds})"
+                        checks = [dict(c, note=c["note"] + why) if c.get("hold") else c for c in checks]
+                        m.decide("rollback", ctx=CTX, state="rolled_back", checks=checks)
+                        return
+                    m.decide("hold", ctx=CTX, state="progressing", checks=checks)
+                    if m.stopping(m.config.interval_s):
+                        return
+                    continue
+                holds = 0
                 if m.step + 1 >= len(m.config.steps):
                     self._promote(checks)
                     return

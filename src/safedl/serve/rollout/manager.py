@@ -138,8 +138,9 @@ class RolloutManager:
         """Record one decision (audit row, metrics, log, alert sinks) and set the state; a final one stops the
         canary's lane."""
         lane = self.lane
-        failed = [c for c in checks if not c["passed"]]
-        decisive = failed[0] if failed else None
+        failed = [c for c in checks if not c["passed"] and not c.get("hold")]
+        held = [c for c in checks if c.get("hold")]
+        decisive = failed[0] if failed else (held[0] if held else None)
         entry = {"ts": time.time(), "decision": decision, "state": state, "step": self.step,
                  "fraction": self.fraction, "stable_version": self.svc.bundle.version,
                  "candidate_version": None if lane is None else lane.version,

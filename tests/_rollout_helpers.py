@@ -55,11 +55,13 @@ def probes_for(stable, splits, *, n: int = 200):
                      triggered=[(stamp(x[keep]), y[keep], torch.full_like(y[keep], TARGET))], n=n, seed=0)
 
 
-def bundle(model, splits, out, *, probes=None):
-    """``model`` behind feature squeezing, as a real bundle (with ``probes`` when given)."""
+def bundle(model, splits, out, *, probes=None, postprocessors=()):
+    """``model`` behind feature squeezing (and the named ``postprocessors``), as a real bundle (with ``probes``
+    when given)."""
     squeeze = registry.create("preprocessor", "feature_squeezing", bit_depth=5)
-    pipe = SecurePipeline(model=model, preprocessors=[squeeze], class_names=splits.train.class_names,
-                          input_shape=splits.shape)
+    post = [registry.create("postprocessor", name) for name in postprocessors]
+    pipe = SecurePipeline(model=model, preprocessors=[squeeze], postprocessors=post,
+                          class_names=splits.train.class_names, input_shape=splits.shape)
     spec = {"arch": "tiny_cnn", "arch_params": {}, "in_channels": 1, "num_classes": 10, "image_size": 8,
             "mean": list(splits.mean), "std": list(splits.std)}
     data = {"name": "digits", "shape": list(splits.shape), "num_classes": 10, "class_names": splits.train.class_names}

@@ -185,3 +185,107 @@ def test_admin_canary_refuses_bad_bodies_and_a_second_rollout(tmp_path, releases
         assert c.post("/v1/admin/canary", json={"path": "x"}, headers={"Authorization": f"Bearer {s.users[0][1]}"}
                       ).status_code == 403
     assert json.loads(s.swaps()[-1]["detail"])["decided_by"] == "aborted by an admin"
+
+
+# ---------------------------------------------------------------------------------------------- in flight
+
+def _held_request(s, c, monkeypatch, token):
+    """POST /v1/predict in a thread whose body read is held (a slow upload) until ``release`` is set."""
+    import threading
+
+    import anyio
+
+    from safedl.serve import predict as predict_mod
+
+    entered, release, out = threading.Event(), threading.Event(), {}
+    orig = predict_mod.request_items
+
+    async def slow(request, svc):
+        items = await orig(request, svc)
+        entered.set()
+        await anyio.to_thread.run_sync(release.wait, 20.0)
+        return items
+
+    monkeypatch.setattr(predict_mod, "request_items", slow)
+    x = npy_bytes(s_probe_x(s))
+
+    def send() -> None:
+        out["r"] = c.post("/v1/predict", content=x, headers={"Authorization": f"Bearer {token}",
+                                                             "Content-Type": "application/x-npy"})
+
+    t = threading.Thread(target=send)
+    t.start()
+    assert entered.wait(10.0)
+    return t, release, out
+
+
+def s_probe_x(s):
+    return s.probes.x[:1].numpy()
+
+
+def _canary_key(s):
+    return next((k, t) for k, t in s.users if key_share(k.key_id) < 0.5)
+
+
+@pytest.mark.parametrize("wait_max", [False, True])
+def test_a_request_in_flight_on_a_rolled_back_canary_gets_its_answer(tmp_path, releases, monkeypatch, wait_max):
+    """A key's request was routed to the canary, the canary is rolled back while the request's body is still
+    arriving, and the body completes after the retire grace: it is answered (200), by the canary (the lane waits
+    for it) or, once the lane's longest wait is over, by the stable version; audited with the version that
+    answered."""
+    import time
+
+    from safedl.serve.rollout import lane as lane_mod, manager as manager_mod
+
+    monkeypatch.setattr(manager_mod, "RETIRE_GRACE_S", 0.05)
+    if wait_max:
+        monkeypatch.setattr(lane_mod, "RETIRE_MAX_S", 0.1, raising=False)
+    s = _Svc(tmp_path, releases["stable"], users=20)
+    s.probes = releases["probes"]
+    s.svc.rollout.rules = parse_rollout("interval_s: 30\nsteps: [50, 100]", where="(test rules)")
+    stable_version, canary_version = s.svc.bundle.version, load_bundle(releases["good"]).version
+    key, token = _canary_key(s)
+    with TestClient(s.app) as c:
+        assert c.post("/v1/admin/canary", json={"path": str(releases["good"])}, headers=s.h).status_code == 200
+        deadline = time.monotonic() + 15
+        while s.status(c)["fraction"] != 0.5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert s.status(c)["fraction"] == 0.5
+        t, release, out = _held_request(s, c, monkeypatch, token)
+        s.svc.rollout.decide("rollback", ctx={"trigger": "rollout"}, state="rolled_back", checks=[],
+                             detail="test rollback")
+        time.sleep(0.5)  # past the grace (and past the lane's longest wait when wait_max)
+        release.set()
+        t.join(20.0)
+        r = out["r"]
+        assert r.status_code == 200, r.text
+        answered = r.json()["bundle_version"]
+        assert answered == (stable_version if wait_max else canary_version)
+        assert s.status(c)["state"] == "rolled_back"
+        later = c.post("/v1/predict", content=npy_bytes(s_probe_x(s)),
+                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-npy"})
+        assert later.status_code == 200 and later.json()["bundle_version"] == stable_version
+    conn = sqlite3.connect(s.audit_path)
+    rows = conn.execute("SELECT http_status, bundle_version FROM audit WHERE request_id = ?",
+                        (r.json()["request_id"],)).fetchall()
+    conn.close()
+    assert rows and all(st == 200 and v == answered for st, v in rows)
+
+
+def test_non_inferiority_holds_at_its_step_then_rolls_back_for_insufficient_evidence(tmp_path, releases):
+    """0 errors in ~70 probe calls cannot bound the 5xx rate under 1%: the controller holds (stays at the step,
+    fraction unchanged, decision ``hold``) instead of rolling back at once; after max_holds it rolls back."""
+    s = _Svc(tmp_path, releases["stable"])
+    s.svc.rollout.rules = parse_rollout("interval_s: 0.2\nmax_holds: 2\nlive_attack: {n: 0}\n"
+                                        "checks: {mode: non_inferiority, latency_slack_s: 0.25}", where="t")
+    with TestClient(s.app) as c:
+        assert c.post("/v1/admin/canary", json={"path": str(releases["good"])}, headers=s.h).status_code == 200
+        final = wait_final(lambda: s.status(c), timeout_s=30.0)
+    assert [h["decision"] for h in final["history"]] == ["start", "hold", "hold", "rollback"]
+    assert all(h["fraction"] == 0.0 for h in final["history"])  # held before the first step: no key moved
+    assert final["state"] == "rolled_back" and final["decided_by"]["hold"]
+    assert "insufficient evidence, n=" in final["decided_by"]["note"] and "max_holds 2" in final["decided_by"]["note"]
+    assert [r["action"] for r in s.swaps()] == ["canary_start", "canary_hold", "canary_hold", "canary_rollback"]
+    per_evaluation = -(-len(releases["probes"]) // 64) + 64  # probe batches + single-image latency calls
+    errors = next(ch for ch in final["checks"] if ch["check"] == "error_rate")
+    assert errors["n"] == 3 * per_evaluation  # every evaluation's calls are evidence for the 5xx rate

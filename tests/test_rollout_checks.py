@@ -95,3 +95,26 @@ def test_non_inferiority_mode_is_stricter_than_evidence_mode():
         "clean_accuracy_drop"]
     assert ev["passed"] and not ni["passed"]
     assert ev["bound"] < 0.02 < ni["bound"]
+
+
+def test_non_inferiority_holds_on_too_little_evidence_and_fails_on_a_shown_breach():
+    ps = _probes()
+    lat = {"stable": [0.01] * 64, "canary": [0.01] * 64}
+    ni = Checks(mode="non_inferiority")
+    worse = ps.y.clone()
+    idx = ps.mask("clean").nonzero().flatten()[:3]
+    worse[idx] = (worse[idx] + 1) % 10  # a 3-point drop within noise: neither shown nor excluded
+    held = _by_name(evaluate(ps, _run(ps.y.clone()), _run(worse), lat, cfg=ni))["clean_accuracy_drop"]
+    assert held["hold"] and not held["passed"] and "insufficient evidence, n=100" in held["note"]
+    idx = ps.mask("clean").nonzero().flatten()[:40]
+    worse[idx] = (worse[idx] + 1) % 10  # 40 points lost: a breach even in the canary's favour
+    failed = _by_name(evaluate(ps, _run(ps.y.clone()), _run(worse), lat, cfg=ni))["clean_accuracy_drop"]
+    assert not failed["passed"] and not failed["hold"]
+    # 0 errors in 5 probe calls + 64 latency calls: the 5xx bound is far above 1% -> hold, not a rollback;
+    # enough user traffic without errors is the evidence that passes it
+    few = _by_name(evaluate(ps, _run(ps.y.clone()), _run(ps.y.clone()), lat, cfg=ni))["error_rate"]
+    assert few["hold"] and few["n"] == 69 and few["note"].startswith("insufficient evidence, n=69")
+    many = _by_name(evaluate(ps, _run(ps.y.clone()), _run(ps.y.clone()), lat, cfg=ni, traffic=(0, 1000)))
+    assert many["error_rate"]["passed"] and many["error_rate"]["n"] == 1069
+    ev = _by_name(evaluate(ps, _run(ps.y.clone()), _run(ps.y.clone()), lat, cfg=Checks()))["error_rate"]
+    assert ev["passed"] and not ev["hold"]  # evidence mode never holds

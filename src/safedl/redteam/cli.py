@@ -14,7 +14,7 @@ from safedl.errors import UserError
 from safedl.redteam.budget import RunBudget
 from safedl.redteam.outcome import AttackOutcome
 from safedl.redteam.probes import ProbeSet, fetch_probes, load_probe_file
-from safedl.redteam.release import matching_release, release_eps
+from safedl.deploy.release_metrics import matching_release, release_eps
 from safedl.redteam.replay import replay
 from safedl.redteam.runner import BLACKBOX, run_blackbox
 from safedl.redteam.slo import check_slo, load_slo

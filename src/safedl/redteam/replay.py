@@ -20,7 +20,8 @@ def replay_adversarial(client: ServiceClient, probes: ProbeSet, *, budget: RunBu
     """Robust accuracy of the service on the stored adversarial examples."""
     out = AttackOutcome(attack="replay", eps="stored")
     _fits(budget, len(probes.x_adv), "stored adversarial examples")
-    robust, sent = judge(client, probes.x_adv, probes.y_adv, budget=budget, batch=batch, out=out, sent_before=0)
+    robust, sent = judge(client, probes.x_adv, probes.y_adv, budget=budget, batch=batch, out=out, sent_before=0,
+                         clean=set())  # stored adversarial examples: every one adversarial
     budget.spend(sent)
     out.n, out.correct, out.queries = len(probes.x_adv), robust, sent
     return out
@@ -36,6 +37,7 @@ def replay_triggered(client: ServiceClient, probes: ProbeSet, *, budget: RunBudg
     for i in range(0, len(x), batch):
         rows = client.predict(x[i:i + batch], deadline=budget.deadline)["results"]
         out.queries += len(rows)
+        out.adversarial_queries += len(rows)
         if any(r["rejected"] for r in rows):
             out.note_detection(out.queries - len(rows), len(rows))
         hits += sum(not r["rejected"] and int(r["label"]) == int(target[i + r["index"]]) for r in rows)

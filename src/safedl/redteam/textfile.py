@@ -24,7 +24,13 @@ METRICS = {
     "safedl_redteam_backdoor_asr_ci95_upper": "upper bound of its 95% Wilson interval",
     "safedl_redteam_n": "probes measured",
     "safedl_redteam_queries": "images sent for the attack",
-    "safedl_redteam_queries_to_detection": "images sent until the service first rejected one or blocked the key",
+    "safedl_redteam_queries_to_detection": "adversarial images sent until the service first rejected one of them "
+                                           "or blocked the key (clean probes not counted)",
+    "safedl_redteam_adversarial_queries": "adversarial images sent for the attack (not the clean probes)",
+    "safedl_redteam_clean_queries": "clean probes the attack sent unchanged (e.g. HopSkipJump's first query)",
+    "safedl_redteam_false_alarms": "of them, rejected by the service (false alarms, not detections)",
+    "safedl_redteam_false_alarm_rate_ci95_lower": "lower bound of the false-alarm rate's 95% Wilson interval",
+    "safedl_redteam_false_alarm_rate_ci95_upper": "upper bound of the false-alarm rate's 95% Wilson interval",
     "safedl_redteam_detected": "1 when the service detected the attack (a rejection or a blocked key)",
     "safedl_redteam_stopped_early": "1 when the attack ran out of budget or was blocked (fewer probes measured)",
     "safedl_redteam_release_robust_accuracy": "the release's measured robust accuracy (bundle manifest)",
@@ -59,6 +65,13 @@ def write_slis(path: Path, *, outcomes: list[AttackOutcome], bundle_version: str
         g["safedl_redteam_detected"].labels(*lab).set(0 if o.queries_to_detection is None else 1)
         if o.queries_to_detection is not None:
             g["safedl_redteam_queries_to_detection"].labels(*lab).set(o.queries_to_detection)
+        g["safedl_redteam_adversarial_queries"].labels(*lab).set(o.adversarial_queries)
+        g["safedl_redteam_clean_queries"].labels(*lab).set(o.clean_queries)
+        g["safedl_redteam_false_alarms"].labels(*lab).set(o.false_alarms)
+        if o.clean_queries:
+            lo, hi = o.false_alarm_ci95
+            g["safedl_redteam_false_alarm_rate_ci95_lower"].labels(*lab).set(lo)
+            g["safedl_redteam_false_alarm_rate_ci95_upper"].labels(*lab).set(hi)
         g["safedl_redteam_stopped_early"].labels(*lab).set(0 if o.stopped is None else 1)
         if o.kind == "robust" and o.attack in release:
             g["safedl_redteam_release_robust_accuracy"].labels(*lab).set(release[o.attack])

@@ -51,6 +51,7 @@ class MicroBatcher:
         self._thread: threading.Thread | None = None
         self._carry: _Job | None = None
         self._busy = threading.Lock()  # held during every forward pass
+        self._closed = False  # set (under _lock) before the stop marker: no job is queued after it
 
     @property
     def running(self) -> bool:
@@ -61,13 +62,16 @@ class MicroBatcher:
         return self._busy
 
     def start(self) -> None:
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="safedl-model", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish every queued job, then stop (graceful shutdown)."""
         if self._thread is not None:
-            self._queue.put(_STOP)
+            with self._lock:
+                self._closed = True
+                self._queue.put(_STOP)
             self._thread.join(timeout)
             self._thread = None
 
@@ -99,12 +103,20 @@ class MicroBatcher:
 
     def submit(self, x: torch.Tensor) -> cf.Future:
         """Queue images ``x`` [n, C, H, W]; the future gets ``slice_decision`` of their rows."""
+        fut = self.try_submit(x)
+        if fut is None:
+            fut = cf.Future()
+            fut.set_exception(RuntimeError("the model worker is not running"))
+        return fut
+
+    def try_submit(self, x: torch.Tensor) -> cf.Future | None:
+        """``submit``, or None when this batcher is stopping or stopped (nothing queued: the caller may send
+        the images elsewhere). A job queued here is always answered: the stop marker goes in after it."""
         fut: cf.Future = cf.Future()
         with self._lock:
             self._expected = max(0, self._expected - 1)
-        if not self.running:
-            fut.set_exception(RuntimeError("the model worker is not running"))
-        else:
+            if self._closed or not self.running:
+                return None
             self._queue.put(_Job(x, fut))
         return fut
 

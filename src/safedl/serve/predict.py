@@ -25,6 +25,7 @@ from safedl.serve.decode import Decoded, InputError, items_from_json, raw_conten
 from safedl.serve.http import audit_rows, finite, read_body
 from safedl.serve.keys import ApiKey
 from safedl.serve.request import ApiError, RequestContext
+from safedl.serve.rollout.routing import Route
 from safedl.serve.service import Service
 from safedl.serve.stores.engine import StoreUnavailable
 from safedl.serve.tiers import harden
@@ -174,21 +175,25 @@ def _work_in_thread(svc: Service, key: ApiKey, items: list[bytes], ctx: RequestC
 async def predict(svc: Service, request: Request, key: ApiKey, ctx: RequestContext) -> dict[str, Any]:
     """The 200 body of an admitted predict request (raises ApiError for refusals), answered by the stable
     version or, for a key in a canary's share, by the canary (serve/rollout); counted per version."""
-    (batcher, version), t0 = svc.rollout.route(key.key_id), time.perf_counter()
+    route, t0 = svc.rollout.route(key.key_id), time.perf_counter()
     try:
-        body = await _predict(svc, request, key, ctx, batcher)
+        body = await _predict(svc, request, key, ctx, route)
     except ApiError as exc:
-        svc.rollout.record(version, status=exc.status, latency_s=time.perf_counter() - t0)
+        svc.rollout.record(route.version, status=exc.status, latency_s=time.perf_counter() - t0, role=route.role)
         raise
     except Exception:
-        svc.rollout.record(version, status=500, latency_s=time.perf_counter() - t0)
+        svc.rollout.record(route.version, status=500, latency_s=time.perf_counter() - t0, role=route.role)
         raise
-    svc.rollout.record(body["bundle_version"], status=200, latency_s=time.perf_counter() - t0)
+    finally:
+        route.done()
+    role = route.role if body["bundle_version"] == route.version else None
+    svc.rollout.record(body["bundle_version"], status=200, latency_s=time.perf_counter() - t0, role=role)
     return body
 
 
-async def _predict(svc: Service, request: Request, key: ApiKey, ctx: RequestContext,
-                   batcher: MicroBatcher) -> dict[str, Any]:
+async def _predict(svc: Service, request: Request, key: ApiKey, ctx: RequestContext, route: Route
+                   ) -> dict[str, Any]:
+    batcher = route.batcher
     ctx.mark("admit")
     batcher.expect()
     submitted = False
@@ -198,7 +203,7 @@ async def _predict(svc: Service, request: Request, key: ApiKey, ctx: RequestCont
         submitted = True
         if body is not None:
             return body
-        d = await asyncio.wrap_future(batcher.submit(decoded.x))
+        d = await asyncio.wrap_future(route.submit(decoded.x))  # re-routed to stable if the lane stopped
         ctx.mark("model")
     except DetectorUnavailable as exc:  # fail_closed: no answer without the detector
         svc.metrics.detector_failures.labels(exc.detector, "fail_closed").inc()

@@ -3,8 +3,8 @@ time, and the alerts expected of it with their targets.
 
 - ``corrupt_bundle``: a copy of the served bundle with one byte of a state file flipped, offered by
   ``POST /v1/admin/bundle``; expected: the swap is refused (SafedlBundleSwapFailed) and the old bundle still serves.
-- ``keyless_flood``: requests without a key; expected: the pre-authentication limiter answers 429 (no shipped
-  alert rule pages on it: the report says so).
+- ``keyless_flood``: requests without a key; expected: the pre-authentication limiter answers 429 and
+  SafedlKeylessFlood (more than 100 refusals before authentication in 5 minutes) pages.
 - ``extraction_run``: Jacobian-based augmentation (Papernot et al. 2017) through a label key; expected: PRADA
   (Juuti et al. 2019) flags it (monitor rule extraction_suspected, SafedlExtractionAttempt).
 - ``drifted_stream``: inverted test images (1 - x) from one key; expected: input_drift (MMD test) fires.
@@ -149,8 +149,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              [counter_rose("SafedlBundleSwapFailed", "safedl_bundle_swaps_total", 10,
                            outcome={"refused", "failed"})], watch_s=20),
     Scenario("keyless_flood", "300 predict requests without an API key", keyless_flood,
-             [counter_rose("refusals counted (safedl_unauthenticated_total; no shipped alert rule)",
-                           "safedl_unauthenticated_total", 10),
+             [counter_rose("SafedlKeylessFlood", "safedl_unauthenticated_total", 10, more_than=100),
               counter_rose("pre-auth limiter answers 429", "safedl_requests_total", 10, status="429")], watch_s=20),
     Scenario("extraction_run", "Jacobian-augmentation extraction through a label key (600 queries)",
              extraction_run, [monitor_alert("extraction_suspected", 60),

@@ -41,10 +41,11 @@ def monitor_alert(rule: str, target_s: float) -> Expectation:
     return Expectation(f"monitor:{rule}", "monitor", target_s, check)
 
 
-def counter_rose(alert: str, name: str, target_s: float, **labels: Any) -> Expectation:
-    """A Prometheus rule of the form ``increase(name{labels}[...]) > 0``: the counter rose since the baseline."""
+def counter_rose(alert: str, name: str, target_s: float, *, more_than: float = 0, **labels: Any) -> Expectation:
+    """A Prometheus rule of the form ``increase(name{labels}[...]) > more_than``: the counter rose by more than
+    that since the baseline."""
     def check(dep: Any, _: float, baseline: Samples) -> bool:
-        return total(dep.scrape(), name, **labels) > total(baseline, name, **labels)
+        return total(dep.scrape(), name, **labels) - total(baseline, name, **labels) > more_than
     return Expectation(alert, "prometheus", target_s, check)
 
 

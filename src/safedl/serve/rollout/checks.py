@@ -4,8 +4,9 @@
 Outcomes per probe: clean probe correct = answered (not rejected) with its label; adversarial probe robust =
 rejected or answered with its label; triggered probe attack success = answered with the backdoor's target.
 Each check compares a one-sided bound (decide/paired.py) with its limit: in ``evidence`` mode a check fails when
-even the bound most favourable to the canary is past the limit; in ``non_inferiority`` mode when the least
-favourable one is. Latency is no proportion: the canary's p99 over single-image probe calls (interleaved with
+even the bound most favourable to the canary is past the limit; in ``non_inferiority`` mode it passes only when
+the least favourable one is within it, fails when even the most favourable one is past it, and otherwise holds
+(too little evidence: the controller stays at the current step, ``verdict``). Latency is no proportion: the canary's p99 over single-image probe calls (interleaved with
 the stable version's, alternating which goes first) against ``latency_p99_ratio`` x the stable p99 (or
 ``latency_slack_s`` above it); in ``evidence`` mode the canary's side is the distribution-free lower bound of its
 p99 (order statistics), so one timer spike does not roll a release back.
@@ -86,18 +87,43 @@ def quantile_lower_bound(values: list[float], *, q: float = 0.99, confidence: fl
     return xs[(max(ks) if ks else 1) - 1]
 
 
+def verdict(lower: float, upper: float, limit: float, cfg: Checks) -> str:
+    """``pass``, ``fail`` or ``hold`` of a statistic whose larger values are worse. ``evidence``: fail when the
+    near bound is past the limit, else pass. ``non_inferiority``: pass when the far bound is within the limit, fail
+    when even the near bound is past it, else hold (too little evidence either way: stay at the current step)."""
+    if lower > limit:
+        return "fail"
+    if cfg.mode == "evidence" or upper <= limit:
+        return "pass"
+    return "hold"
+
+
+def insufficient(n: int) -> str:
+    return f"insufficient evidence, n={n}: held at this step (not rolled back, not promoted)"
+
+
 def _check(name: str, stat: dict, limit: float, cfg: Checks, *, note: str | None = None) -> dict[str, Any]:
-    """Pass/fail of a statistic whose larger values are worse, against ``limit``."""
+    """Pass/fail/hold of a statistic whose larger values are worse, against ``limit``."""
     if not stat["n"]:
-        return {"check": name, "passed": True, "value": None, "bound": None, "limit": limit, "n": 0,
+        return {"check": name, "passed": True, "hold": False, "value": None, "bound": None, "limit": limit, "n": 0,
                 "note": note or "no probes of this kind: not checked"}
     bound = stat["lower"] if cfg.mode == "evidence" else stat["upper"]
-    return {"check": name, "passed": bool(bound <= limit), "value": stat["value"], "bound": bound, "limit": limit,
-            "n": stat["n"], "note": note}
+    v = verdict(stat["lower"], stat["upper"], limit, cfg)
+    if v == "hold":
+        note = "; ".join(filter(None, [insufficient(stat["n"]), note]))
+    return {"check": name, "passed": v == "pass", "hold": v == "hold", "value": stat["value"], "bound": bound,
+            "limit": limit, "n": stat["n"], "note": note}
 
 
 def _drop(stable_ok: torch.Tensor, canary_ok: torch.Tensor, cfg: Checks) -> dict:
     return paired_difference(stable_ok, canary_ok, confidence=cfg.confidence)
+
+
+def live_check(stable: torch.Tensor, canary: torch.Tensor, cfg: Checks, *, note: str) -> dict[str, Any]:
+    """``live_robust_accuracy_drop``: stable - canary robust accuracy under the live attack (serve/rollout/live.py),
+    paired on the same probes."""
+    return _check("live_robust_accuracy_drop", _drop(stable, canary, cfg), cfg.live_robust_accuracy_drop, cfg,
+                  note=note)
 
 
 def evaluate(ps: ProbeSet, stable: ProbeRun, canary: ProbeRun, lat: dict[str, list[float]], *, cfg: Checks,
@@ -133,13 +159,15 @@ def evaluate(ps: ProbeSet, stable: ProbeRun, canary: ProbeRun, lat: dict[str, li
 
 
 def _latency_check(lat: dict[str, list[float]], cfg: Checks) -> dict[str, Any]:
-    """Canary p99 against the stable p99 x ratio (or + slack); ``evidence`` mode compares the canary p99's
-    distribution-free lower bound, ``non_inferiority`` its point estimate."""
+    """Canary p99 against the stable p99 x ratio (or + slack): fails when the canary p99's distribution-free lower
+    bound is past the limit; ``non_inferiority`` passes only when its point estimate is within it (else holds)."""
     s, c = p99(lat.get("stable", [])), p99(lat.get("canary", []))
     if s is None or c is None:
-        return {"check": "latency_p99", "passed": True, "value": c, "bound": None, "limit": None, "n": 0,
-                "note": "no latency samples"}
+        return {"check": "latency_p99", "passed": True, "hold": False, "value": c, "bound": None, "limit": None,
+                "n": 0, "note": "no latency samples"}
     limit = max(cfg.latency_p99_ratio * s, s + cfg.latency_slack_s)
-    bound = quantile_lower_bound(lat["canary"], confidence=cfg.confidence) if cfg.mode == "evidence" else c
-    return {"check": "latency_p99", "passed": bool(bound <= limit), "value": c, "bound": bound, "limit": limit,
-            "n": len(lat["canary"]), "note": f"stable p99 {s:.6f} s"}
+    lower = quantile_lower_bound(lat["canary"], confidence=cfg.confidence)
+    v = verdict(lower, c, limit, cfg)
+    note = f"stable p99 {s:.6f} s" + (f"; {insufficient(len(lat['canary']))}" if v == "hold" else "")
+    return {"check": "latency_p99", "passed": v == "pass", "hold": v == "hold", "value": c,
+            "bound": lower if cfg.mode == "evidence" else c, "limit": limit, "n": len(lat["canary"]), "note": note}

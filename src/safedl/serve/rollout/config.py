@@ -15,10 +15,13 @@ DEFAULT_RULES = """\
 # safedl rollout rules (`safedl serve STABLE --canary NEW --rollout rollout.yaml`)
 steps: [5, 25, 50, 100]      # percent of keys on the canary, one step per interval (--canary-fraction: the first)
 interval_s: 60               # seconds between decisions; the probe set runs through both versions at each
+max_holds: 10                # non_inferiority: evaluations in a row a step may hold on too little evidence,
+                             # then the canary is rolled back ("insufficient evidence")
 checks:
   confidence: 0.95           # one-sided bound of each paired canary - stable difference
   mode: evidence             # evidence: fail when the bound nearest to passing is past the limit (the data show a
-                             # breach); non_inferiority: fail unless the far bound is within it (stricter)
+                             # breach); non_inferiority: pass only when the far bound is within it, fail when the
+                             # near one is past it, else hold at the current step (insufficient evidence)
   min_probes: 200            # fewer probe images than this: the checks run on all there are, and say so
   latency_p99_ratio: 1.5     # canary p99 <= 1.5 x stable p99 (probe runs, one image per call, interleaved)
   latency_slack_s: 0.005     # ... or within this many seconds of it (sub-millisecond models: timer noise)
@@ -27,6 +30,12 @@ checks:
   robust_accuracy_drop: 0.02 # stable - canary robust accuracy on the adversarial probes (rejected counts robust)
   backdoor_asr_increase: 0.05 # canary - stable attack success on the triggered probes
   disagreement: 0.10         # share of clean probes the canary labels differently from stable
+  live_robust_accuracy_drop: 0.02 # stable - canary robust accuracy under the live attack below
+live_attack:                 # a bounded Square attack (L-inf) on each version's full pipeline, in process
+  n: 50                      # clean probes attacked (a fixed seeded subset; 0: no live attack)
+  queries_per_image: 100     # the attack's queries per image, per version, per evaluation
+  eps: null                  # null: the eps the bundle's manifest measured square at (else 8/255)
+  seed: 0                    # the subset and the attack's random squares
 """
 
 
@@ -45,12 +54,22 @@ class Checks(_Strict):
     robust_accuracy_drop: float = Field(0.02, ge=0.0, le=1.0)
     backdoor_asr_increase: float = Field(0.05, ge=0.0, le=1.0)
     disagreement: float = Field(0.10, ge=0.0, le=1.0)
+    live_robust_accuracy_drop: float = Field(0.02, ge=0.0, le=1.0)
+
+
+class LiveAttack(_Strict):
+    n: int = Field(50, ge=0, le=10_000)
+    queries_per_image: int = Field(100, ge=2, le=10_000)
+    eps: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int = Field(0, ge=0)
 
 
 class RolloutConfig(_Strict):
     steps: list[float] = Field(default_factory=lambda: [5.0, 25.0, 50.0, 100.0], min_length=1)
     interval_s: float = Field(60.0, gt=0.0, le=86400.0)
+    max_holds: int = Field(10, ge=0, le=10_000)
     checks: Checks = Field(default_factory=Checks)
+    live_attack: LiveAttack = Field(default_factory=LiveAttack)
 
     @field_validator("steps")
     @classmethod
@@ -82,7 +101,7 @@ def parse_rollout(text: str, *, where: str) -> RolloutConfig:
     except yaml.YAMLError as exc:
         raise UserError(f"{where}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{where}: the top level must be a mapping (steps, interval_s, checks)")
+        raise UserError(f"{where}: the top level must be a mapping (steps, interval_s, checks, live_attack)")
     try:
         return RolloutConfig.model_validate(raw)
     except ValidationError as exc:

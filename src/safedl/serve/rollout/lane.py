@@ -16,6 +16,7 @@ from safedl.serve.batcher import MicroBatcher
 
 log = logging.getLogger("safedl.serve.rollout")
 SHADOW_QUEUE = 64
+RETIRE_MAX_S = 120.0  # a retired lane waits this long at most for its requests in flight (body timeout: 30 s)
 
 
 def key_share(key_id: str) -> float:
@@ -45,6 +46,8 @@ class Lane:
         self._on_compare, self._on_drop = on_compare, on_drop
         self._queue: queue.Queue = queue.Queue(maxsize=SHADOW_QUEUE)
         self._thread: threading.Thread | None = None
+        self._inflight, self._retired = 0, False
+        self._idle = threading.Condition()
 
     @property
     def version(self) -> str:
@@ -70,10 +73,43 @@ class Lane:
             self._thread.join(10.0)
         self.batcher.stop()
 
-    def retire(self, *, grace_s: float) -> None:
-        """Stop after ``grace_s`` seconds, in a thread (requests routed here just before are still answered)."""
+    def acquire(self) -> bool:
+        """A request is routed here (False once the lane is retired: route it to the stable version)."""
+        with self._idle:
+            if self._retired:
+                return False
+            self._inflight += 1
+            return True
+
+    def release(self) -> None:
+        """A request routed here has its answer (or its error)."""
+        with self._idle:
+            self._inflight = max(0, self._inflight - 1)
+            self._idle.notify_all()
+
+    @property
+    def inflight(self) -> int:
+        with self._idle:
+            return self._inflight
+
+    def retire(self, *, grace_s: float, max_s: float | None = None) -> None:
+        """No new request is routed here; in a thread, stop once ``grace_s`` seconds passed and every request in
+        flight here has finished (at most ``max_s``; a request still in flight after that is re-routed to the
+        stable version when it reaches the model, by ``MicroBatcher.try_submit``)."""
+        with self._idle:
+            self._retired = True
+        limit = RETIRE_MAX_S if max_s is None else max_s
+
         def later() -> None:
             time.sleep(grace_s)
+            deadline = time.monotonic() + max(0.0, limit - grace_s)
+            with self._idle:
+                while self._inflight and time.monotonic() < deadline:
+                    self._idle.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+                left = self._inflight
+            if left:
+                log.warning("lane %s stopped with %d request(s) in flight; they go to the stable version",
+                            self.version, left)
             self.stop()
 
         threading.Thread(target=later, name="safedl-lane-retire", daemon=True).start()

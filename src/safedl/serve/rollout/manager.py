@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from safedl.serve.batcher import MicroBatcher
 from safedl.serve.rollout.config import RolloutConfig, load_rollout
 from safedl.serve.rollout.lane import Lane, key_share
 from safedl.serve.rollout.metrics import RolloutMetrics
+from safedl.serve.rollout.routing import Route
 from safedl.serve.swap import SwapRefused, record_swap
 
 log = logging.getLogger("safedl.serve.rollout")
@@ -41,21 +41,22 @@ class RolloutManager:
         self._stop = threading.Event()
 
     # -- the request path -----------------------------------------------------------------------------------
-    def route(self, key_id: str | None) -> tuple[MicroBatcher, str]:
-        """The batcher that answers this key and its version: the canary's for the keys in its share, else the
-        stable one's."""
+    def route(self, key_id: str | None) -> Route:
+        """Where this key's request goes: the canary's lane for the keys in its share (holding a lease on it, so
+        a decision meanwhile does not stop it under the request), else the stable version."""
         lane = self.lane
-        if lane is not None and lane.role == "canary" and key_id is not None and key_share(key_id) < self.fraction:
-            return lane.batcher, lane.version
-        return self.svc.batcher, self.svc.bundle.version
+        if (lane is not None and lane.role == "canary" and key_id is not None and key_share(key_id) < self.fraction
+                and lane.acquire()):
+            return Route(self.svc, lane.batcher, lane.version, "canary", lease=lane)
+        return Route(self.svc, self.svc.batcher, self.svc.bundle.version, "stable")
 
     def role_of(self, version: str | None) -> str:
         lane = self.lane
         return lane.role if lane is not None and version == lane.version else "stable"
 
-    def record(self, version: str | None, *, status: int, latency_s: float) -> None:
+    def record(self, version: str | None, *, status: int, latency_s: float, role: str | None = None) -> None:
         version = version or self.svc.bundle.version
-        role = self.role_of(version)
+        role = role or self.role_of(version)
         self.metrics.request(role, version, status=status, latency_s=latency_s)
         if role == "canary":
             with self._lock:
@@ -137,8 +138,9 @@ class RolloutManager:
         """Record one decision (audit row, metrics, log, alert sinks) and set the state; a final one stops the
         canary's lane."""
         lane = self.lane
-        failed = [c for c in checks if not c["passed"]]
-        decisive = failed[0] if failed else None
+        failed = [c for c in checks if not c["passed"] and not c.get("hold")]
+        held = [c for c in checks if c.get("hold")]
+        decisive = failed[0] if failed else (held[0] if held else None)
         entry = {"ts": time.time(), "decision": decision, "state": state, "step": self.step,
                  "fraction": self.fraction, "stable_version": self.svc.bundle.version,
                  "candidate_version": None if lane is None else lane.version,

@@ -10,10 +10,11 @@ safedl's guarded protocol extends; httptools is not installed). Each server is l
 2 s warm-up. h11 keeps no HTTP/1.0 connection alive, so ab's ``-k`` is refused and every request is a new
 connection (ab reports the keep-alive count); the kernel hands each new connection to one worker.
 
-Reports the server's CPU time per request (utime + stime from /proc/PID/stat of the server process and its
-worker processes, read before and after each measured ab run, divided by ab's completed requests; much less
-sensitive than req/s to other load on the machine; a PostgreSQL server's own CPU is not in it), requests/s, p50 and p99 (ab's whole milliseconds), non-2xx and failed counts, the load average around each
-measurement (another benchmark may share the machine), the ratios 2 workers / 1 worker and safedl / bare, and for
+Reports the server's CPU time per request (utime + stime from /proc/PID/stat of the server process and its worker
+processes, read before and after each measured ab run, divided by ab's completed requests; much less sensitive than
+req/s to other load on the machine; a PostgreSQL server's own CPU is not in it), requests/s, p50 and p99 (ab's whole
+milliseconds), non-2xx and failed counts, the load average around each measurement (another benchmark may share the
+machine), the ratios 2 workers / 1 worker and safedl / bare, and for
 safedl whether the audit database holds a row for every answered request.
 
     PYTHONPATH=src nice -n 10 /work/main/.venv/bin/python bench/bench_workers.py --seconds 15 --levels 8,32 --seed 0

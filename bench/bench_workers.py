@@ -10,8 +10,11 @@ safedl's guarded protocol extends; httptools is not installed). Each server is l
 2 s warm-up. h11 keeps no HTTP/1.0 connection alive, so ab's ``-k`` is refused and every request is a new
 connection (ab reports the keep-alive count); the kernel hands each new connection to one worker.
 
-Reports requests/s, p50 and p99 (ab's whole milliseconds), non-2xx and failed counts, the load average around each
-measurement (another benchmark may share the machine), the ratios 2 workers / 1 worker and safedl / bare, and for
+Reports the server's CPU time per request (utime + stime from /proc/PID/stat of the server process and its worker
+processes, read before and after each measured ab run, divided by ab's completed requests; much less sensitive than
+req/s to other load on the machine; a PostgreSQL server's own CPU is not in it), requests/s, p50 and p99 (ab's whole
+milliseconds), non-2xx and failed counts, the load average around each measurement (another benchmark may share the
+machine), the ratios 2 workers / 1 worker and safedl / bare, and for
 safedl whether the audit database holds a row for every answered request.
 
     PYTHONPATH=src nice -n 10 /work/main/.venv/bin/python bench/bench_workers.py --seconds 15 --levels 8,32 --seed 0
@@ -73,6 +76,35 @@ def run_ab(*, port: int, body: Path, token: str | None, concurrency: int, second
     return {**parse_ab(res.stdout), "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)]}
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the server and its worker processes), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes (seconds; one that exited counts 0)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _wait_log(log_path: Path, marker: str, count: int, timeout: float = 180.0) -> None:
     """Wait until ``marker`` is in the server's log ``count`` times (every worker started, not only the first)."""
     deadline = time.monotonic() + timeout
@@ -89,9 +121,13 @@ def measure(name: str, cmd: list[str], *, port: int, env: dict, log_path: Path, 
     out, done, ok = {}, 0, 0
     try:
         _wait_log(log_path, *ready)
+        pids = process_tree(proc.pid)
         for c in levels:
             warm = run_ab(port=port, body=body, token=token, concurrency=c, seconds=2, max_n=max_n)
+            cpu0 = cpu_seconds(pids)
             out[str(c)] = run_ab(port=port, body=body, token=token, concurrency=c, seconds=seconds, max_n=max_n)
+            out[str(c)]["cpu_ms_per_request"] = round((cpu_seconds(pids) - cpu0) * 1000.0
+                                                      / max(1, out[str(c)]["requests"]), 3)
             for r in (warm, out[str(c)]):
                 done += r["requests"]
                 ok += r["requests"] - r["non_2xx"]
@@ -101,8 +137,8 @@ def measure(name: str, cmd: list[str], *, port: int, env: dict, log_path: Path, 
     return out, done, ok
 
 
-def _ratios(num: dict, den: dict) -> dict:
-    return {c: round(num[c]["throughput_rps"] / den[c]["throughput_rps"], 3) for c in num if c in den}
+def _ratios(num: dict, den: dict, field: str = "throughput_rps") -> dict:
+    return {c: round(num[c][field] / den[c][field], 3) for c in num if c in den and den[c][field]}
 
 
 def _audit(db: Path, done: int, ok: int, in_flight: int) -> dict:
@@ -145,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None, help="also write the results here (JSON)")
     p.add_argument("--postgres", action="store_true", help="also measure safedl with its keys, limits and audit on "
                    "PostgreSQL (a throwaway local cluster, tests/_postgres.py: fsync off)")
+    p.add_argument("--plain", action="store_true", help="serve the undefended bundle of the same model with safedl "
+                   "(the service's own cost against the bare endpoint: no detector, no preprocessor)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     levels, counts = [int(v) for v in args.levels.split(",")], [int(v) for v in args.workers.split(",")]
@@ -156,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_workers_") as tmp:
         work = Path(tmp)
         bundle, token, pngs = prepare(work, args.seed)
+        served = bundle.parent / "bundle_plain" if args.plain else bundle
         body = work / "digit.png"
         body.write_bytes(pngs[0])
         common = dict(body=body, levels=levels, seconds=args.seconds, max_n=args.max_requests)
@@ -168,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                     token=None, env={**env, BUNDLE_ENV: str(bundle)},
                                                     ready=("Application startup complete.", n), **common)
             port, db = _free_port(), work / f"audit{n}.db"
-            cmd = [sys.executable, "-m", "safedl.cli", "serve", str(bundle), "--keys", str(work / "keys.db"),
+            cmd = [sys.executable, "-m", "safedl.cli", "serve", str(served), "--keys", str(work / "keys.db"),
                    "--audit", str(db), "--port", str(port), "--workers", str(n), "--torch-threads", "1"]
             results["safedl"][str(n)], done, ok = measure(
                 f"safedl x{n}", cmd, port=port, log_path=work / f"safedl{n}.log", token=token, env=env,
@@ -178,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
             if cluster is not None:
                 url, port = cluster.database(), _free_port()
                 pg_token = _postgres_key(url)
-                cmd = [sys.executable, "-m", "safedl.cli", "serve", str(bundle), "--keys", url, "--audit", url,
+                cmd = [sys.executable, "-m", "safedl.cli", "serve", str(served), "--keys", url, "--audit", url,
                        "--port", str(port), "--workers", str(n), "--torch-threads", "1"]
                 results["safedl_postgres"][str(n)], _, _ = measure(
                     f"safedl on postgresql x{n}", cmd, port=port, log_path=work / f"pg{n}.log", token=pg_token,
@@ -186,14 +225,19 @@ def main(argv: list[str] | None = None) -> dict:
                 time.sleep(1.0)
     if cluster is not None:
         cluster.remove()
-    out = {"seed": args.seed, "seconds_per_measurement": args.seconds, "cpu_count": os.cpu_count(),
+    out = {"seed": args.seed, "safedl_bundle": "plain" if args.plain else "defended",
+           "seconds_per_measurement": args.seconds, "cpu_count": os.cpu_count(),
            "load_avg_at_start": [round(v, 2) for v in load_start],
            "load_avg_at_end": [round(v, 2) for v in os.getloadavg()], **results,
            "ratio_2_vs_1_workers": {k: _ratios(results[k]["2"], results[k]["1"]) for k in ("bare", "safedl")
                                     if "1" in results[k] and "2" in results[k]},
            "ratio_safedl_vs_bare": {n: _ratios(results["safedl"][n], results["bare"][n]) for n in results["safedl"]},
            "ratio_postgres_vs_sqlite": {n: _ratios(v, results["safedl"][n])
-                                        for n, v in results.get("safedl_postgres", {}).items()}}
+                                        for n, v in results.get("safedl_postgres", {}).items()},
+           "cpu_ms_ratio_safedl_vs_bare": {n: _ratios(results["safedl"][n], results["bare"][n], "cpu_ms_per_request")
+                                           for n in results["safedl"]},
+           "cpu_ms_ratio_postgres_vs_sqlite": {n: _ratios(v, results["safedl"][n], "cpu_ms_per_request")
+                                               for n, v in results.get("safedl_postgres", {}).items()}}
     print(json.dumps(out, indent=2))
     if args.out:
         from safedl.utils.io import atomic_write_json

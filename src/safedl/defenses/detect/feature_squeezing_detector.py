@@ -30,8 +30,10 @@ class FeatureSqueezingDetector(Detector):
         """Nothing to learn: the squeezers are fixed and the threshold comes from clean calibration images."""
 
     def score_torch(self, x: torch.Tensor) -> torch.Tensor:
-        model = self.model_
-        p = model(x).softmax(1)
-        p_bits = model(bpda(FeatureSqueezing(bit_depth=self.bit_depth), None, x)).softmax(1)
-        p_med = model(median_filter(x, self.window)).softmax(1)
+        """The raw, bit-depth-reduced and median-filtered inputs go through the model as one batch of 3N (one
+        forward pass instead of three: the same softmaxes for a model in eval mode, at about half the CPU cost for
+        a single image; gradients flow as before)."""
+        n = x.shape[0]
+        squeezed = (bpda(FeatureSqueezing(bit_depth=self.bit_depth), None, x), median_filter(x, self.window))
+        p, p_bits, p_med = self.model_(torch.cat((x, *squeezed))).softmax(1).split(n)
         return torch.maximum((p - p_bits).abs().sum(1), (p - p_med).abs().sum(1))

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from safedl.run import handlers, stages
 from safedl.run.cache import StageCache
+from safedl.run.critical_path import estimate
 from safedl.cli import app
 from _profiles import tiny_profile
 
@@ -76,6 +77,10 @@ def test_process_pool_gives_the_serial_numbers_and_files(tmp_path, serial_run):
         for path in a.get("artifacts", {}).values():
             assert (run_dir / path).is_file()
     assert stage_keys(run_dir) == stage_keys(serial_dir)  # same content keys: either run can resume the other
+    for e in [r["baseline"], *r["attacks"], *r["defenses"]]:  # CPU seconds measured in the worker that ran it
+        assert e["cpu_s"] > 0, e.get("id", "baseline")
+    est = estimate(r, workers=2)
+    assert est["stages_makespan_s"] >= est["stages_cpu_s"] / 2 - 1e-9
 
 
 def stage_keys(run_dir):

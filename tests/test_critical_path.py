@@ -59,3 +59,35 @@ def test_a_run_without_cpu_seconds_is_one_clear_error():
         stage_costs(r)
     with pytest.raises(ConfigError, match="workers = 0"):
         makespan([], workers=0)
+
+
+def _node(stage, kind, dep=None):
+    from safedl.executors import Task
+    from safedl.run.graph import Node
+
+    return Node(stage, "key", kind, stage, None, Task(stage, len, deps=(dep,) if dep else ()))
+
+
+def test_chains_first_starts_each_long_defense_right_after_its_attack():
+    from safedl.run.graph import chains_first
+
+    # the default profile's graph, in profile order; CPU-like costs of an earlier default run (wall s, README)
+    cost = {"attack-fgsm": 2.7, "attack-pgd": 20.9, "attack-square": 59.8, "attack-ensemble": 8.3,
+            "attack-label_flipping": 106.1, "attack-static_patch": 118.4, "defense-fs-vs-attack-pgd": 962.6,
+            "defense-ss-vs-attack-static_patch": 123.3, "defense-dc-vs-attack-label_flipping": 501.2}
+    nodes = [_node(s, "attack") for s in cost if s.startswith("attack-")]
+    nodes += [_node(s, "defense", "attack-" + s.split("-vs-attack-")[1]) for s in cost if s.startswith("defense-")]
+    nodes.append(_node("defense-fs-vs-pgd-done", "defense", "attack-finished-earlier"))
+    cost["defense-fs-vs-pgd-done"] = 1.0
+    order = [n.stage for n in chains_first(nodes)]
+    assert sorted(order) == sorted(n.stage for n in nodes)
+    assert order[:3] == ["defense-fs-vs-pgd-done", "attack-pgd", "defense-fs-vs-attack-pgd"]
+    assert order[-3:] == ["attack-fgsm", "attack-square", "attack-ensemble"]  # nothing waits for them
+
+    def replay(stages):
+        return makespan([StageCost(s, cost[s], None if s.startswith("attack-") or s.endswith("-done") else
+                                   "attack-" + s.split("-vs-attack-")[1]) for s in stages], workers=2)
+
+    profile_order = [n.stage for n in nodes]
+    assert replay(order) < replay(profile_order)
+    assert replay(order) == pytest.approx(cost["attack-pgd"] + cost["defense-fs-vs-attack-pgd"])  # the longest chain

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from safedl import rundir
 from safedl.run import handlers, stages
 from safedl.run.cache import StageCache
 from safedl.run.critical_path import estimate
@@ -129,12 +130,12 @@ def test_interrupted_process_run_exits_130_and_resumes_reusing_finished_stages(t
     prof["defenses"] = [{"name": "spatial_smoothing", "params": {"window": 3}, "against": ["pgd"]}]
     finish = StageCache.finish
 
-    def ctrl_c_after_pgd(self, name, key, entry, state=None):  # Ctrl-C reaches the driver right after it saved pgd
-        finish(self, name, key, entry, state)
-        if name == "attack-pgd":
+    def ctrl_c_after_defense(self, name, key, entry, state=None):  # Ctrl-C reaches the driver right after it saved
+        finish(self, name, key, entry, state)                        # the defense
+        if name.startswith("defense-"):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(StageCache, "finish", ctrl_c_after_pgd)
+    monkeypatch.setattr(StageCache, "finish", ctrl_c_after_defense)
     args = ["--executor", "process", "--workers", "1", "--threads-per-task", "1"]
     before = {p.pid for p in mp.active_children()}
     res, run_dir = run_cli(tmp_path, prof, *args)
@@ -142,7 +143,8 @@ def test_interrupted_process_run_exits_130_and_resumes_reusing_finished_stages(t
     assert [p for p in mp.active_children() if p.pid not in before] == []  # the workers were stopped
     assert not (run_dir / "results.json").exists()
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("*/stage.json")}
-    assert set(stamps) == {"baseline", "attack-fgsm", "attack-pgd"}
+    # chains first (safedl.run.graph.chains_first): pgd, then its defense, then fgsm, which nothing waits for
+    assert set(stamps) == {"baseline", "attack-pgd", rundir.defense_stage_name("spatial_smoothing", "pgd")}
 
     monkeypatch.setattr(StageCache, "finish", finish)
     res = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--no-progress", "-q", *args])

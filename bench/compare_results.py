@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 SECTIONS = ("baseline", "attacks", "defenses", "risk", "gate")
-WALL_CLOCK = ("time_s", "time_per_sample_s", "latency_added_ms_per_image", "training_time_s", "created")
+WALL_CLOCK = ("time_s", "cpu_s", "time_per_sample_s", "latency_added_ms_per_image", "training_time_s", "created")
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -13,8 +13,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from safedl import rundir
 from safedl.run import handlers, stages
 from safedl.run.cache import StageCache
+from safedl.run.critical_path import estimate
 from safedl.cli import app
 from _profiles import tiny_profile
 
@@ -76,6 +78,10 @@ def test_process_pool_gives_the_serial_numbers_and_files(tmp_path, serial_run):
         for path in a.get("artifacts", {}).values():
             assert (run_dir / path).is_file()
     assert stage_keys(run_dir) == stage_keys(serial_dir)  # same content keys: either run can resume the other
+    for e in [r["baseline"], *r["attacks"], *r["defenses"]]:  # CPU seconds measured in the worker that ran it
+        assert e["cpu_s"] > 0, e.get("id", "baseline")
+    est = estimate(r, workers=2)
+    assert est["stages_makespan_s"] >= est["stages_cpu_s"] / 2 - 1e-9
 
 
 def stage_keys(run_dir):
@@ -124,12 +130,12 @@ def test_interrupted_process_run_exits_130_and_resumes_reusing_finished_stages(t
     prof["defenses"] = [{"name": "spatial_smoothing", "params": {"window": 3}, "against": ["pgd"]}]
     finish = StageCache.finish
 
-    def ctrl_c_after_pgd(self, name, key, entry, state=None):  # Ctrl-C reaches the driver right after it saved pgd
-        finish(self, name, key, entry, state)
-        if name == "attack-pgd":
+    def ctrl_c_after_defense(self, name, key, entry, state=None):  # Ctrl-C reaches the driver right after it saved
+        finish(self, name, key, entry, state)                        # the defense
+        if name.startswith("defense-"):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(StageCache, "finish", ctrl_c_after_pgd)
+    monkeypatch.setattr(StageCache, "finish", ctrl_c_after_defense)
     args = ["--executor", "process", "--workers", "1", "--threads-per-task", "1"]
     before = {p.pid for p in mp.active_children()}
     res, run_dir = run_cli(tmp_path, prof, *args)
@@ -137,7 +143,8 @@ def test_interrupted_process_run_exits_130_and_resumes_reusing_finished_stages(t
     assert [p for p in mp.active_children() if p.pid not in before] == []  # the workers were stopped
     assert not (run_dir / "results.json").exists()
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("*/stage.json")}
-    assert set(stamps) == {"baseline", "attack-fgsm", "attack-pgd"}
+    # chains first (safedl.run.graph.chains_first): pgd, then its defense, then fgsm, which nothing waits for
+    assert set(stamps) == {"baseline", "attack-pgd", rundir.defense_stage_name("spatial_smoothing", "pgd")}
 
     monkeypatch.setattr(StageCache, "finish", finish)
     res = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--no-progress", "-q", *args])

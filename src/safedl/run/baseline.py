@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from safedl.profile import Profile
 from safedl.run.cache import StageCache
 from safedl.run.prepare import load_user_checkpoint
 from safedl.utils.bits import pack as pack_bits
+from safedl.utils.clock import StageClock
 from safedl.utils.confusion import confusion_counts
 from safedl.utils.stats import proportion
 from safedl.utils.tensors import predict, seed_everything
@@ -37,7 +37,7 @@ def baseline_stage(profile: Profile, *, cache: StageCache, key: str, splits: Spl
         blob = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(blob["state_dict"])
         return model.to(device).eval(), cached["entry"]
-    t0 = time.perf_counter()
+    clock = StageClock()
     history: list = []
     reused = False
     if p.model.checkpoint:
@@ -69,7 +69,8 @@ def baseline_stage(profile: Profile, *, cache: StageCache, key: str, splits: Spl
         "per_image": {"clean_correct": pack_bits(correct)},  # test split order; for paired comparisons
         "confusion": confusion_counts(pred, splits.test.y, splits.num_classes),  # clean, row = true class
         "history": history,
-        "time_s": time.perf_counter() - t0,
+        "time_s": clock.wall(),
+        "cpu_s": clock.cpu(),
         "recipe": p.training.model_dump(),
         "notes": _baseline_notes(p, splits),
         "reused_models": ["baseline"] if reused else [],

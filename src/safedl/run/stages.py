@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,6 +27,7 @@ from safedl.run.prepare import model_factory
 from safedl.data.dataset import Splits
 from safedl.profile import AttackSpec, DefenseSpec, Profile
 from safedl.utils import progress
+from safedl.utils.clock import StageClock
 from safedl.utils.tensors import seed_everything
 
 
@@ -111,13 +111,14 @@ def attack_stage(shared: StageShared, inputs: dict[str, Any], *, category: str, 
     with _stage_context(shared) as ctx:
         attack = registry.create(category, spec.name, **spec.params)
         seed_everything(shared.profile.seed)
-        t0 = time.perf_counter()
+        clock = StageClock()
         outcome = get_attack_handler(category)(ctx, spec, attack)
         entry = outcome.entry
         entry.setdefault("id", spec.key)
         entry.setdefault("name", spec.name)
         entry.setdefault("category", category)
-        entry.setdefault("time_s", time.perf_counter() - t0)
+        entry.setdefault("time_s", clock.wall())
+        entry.setdefault("cpu_s", clock.cpu())
         _note_reused(entry, ctx)
         return StageResult(entry=entry, state=outcome.state, files=_collect(ctx, shared))
 
@@ -132,7 +133,7 @@ def defense_stage(shared: StageShared, inputs: dict[str, Any], *, dspec: Defense
         parts = [registry.create(k, n, **prm) for k, n, prm in components]
         handler = get_defense_handler(kind, outcome.entry["category"])
         seed_everything(shared.profile.seed)
-        t0 = time.perf_counter()
+        clock = StageClock()
         entry = handler(ctx, dspec, parts, outcome)
         entry.setdefault("id", dspec.key)
         entry.setdefault("name", dspec.name or "pipeline")
@@ -140,6 +141,7 @@ def defense_stage(shared: StageShared, inputs: dict[str, Any], *, dspec: Defense
         entry["against"] = attack_id
         entry.setdefault("params", dspec.params if dspec.name else
                          {"pipeline": [c.model_dump() for c in dspec.pipeline or []]})
-        entry.setdefault("time_s", time.perf_counter() - t0)
+        entry.setdefault("time_s", clock.wall())
+        entry.setdefault("cpu_s", clock.cpu())
         _note_reused(entry, ctx)
         return StageResult(entry=entry, files=_collect(ctx, shared))

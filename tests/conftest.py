@@ -93,9 +93,9 @@ def pg_cluster():
 
 
 #: modules that run whole assessments (``safedl run`` end to end on tiny data): the slow part of the suite
-WHOLE_RUN_MODULES = ("test_decisions_ci", "test_deploy_bundle", "test_executors_run", "test_extraction_stage",
-                     "test_models_resnet_color", "test_query_detector_stage", "test_run_poisoning_e2e",
-                     "test_run_families_e2e", "test_run_spine", "test_user_data", "test_user_model")
+WHOLE_RUN_MODULES = ("test_e2e_ci", "test_deploy_bundle", "test_e2e_executors", "test_e2e_extraction",
+                     "test_e2e_resnet18_color", "test_evaluate_defend_query", "test_e2e_poisoning",
+                     "test_e2e_families", "test_e2e_run_spine", "test_user_data", "test_user_model")
 
 
 #: modules that start ``safedl serve`` (in process or as processes) or the deployment stack, by name: the serve

@@ -45,7 +45,7 @@ prune-only, 5 epochs at 5e-4), isolate_cross_fit (issue 27: NO trusted data unde
 seeded trainings with the cell's recipe, then retrained on what it keeps; ``time_vs_baseline`` = its run time over
 one baseline training of the cell). ``--clean``: false alarms on a clean model. ``--summarize FILE``: one line a cell.
 Measured cells (JSON lines): bench/results/poison_generalization.jsonl; the known-weak table
-(cleanse/_common.FEATURE_SPACE_KNOWN_WEAK) is tied to it by tests/test_poison_generalization.py.
+(cleanse/_common.FEATURE_SPACE_KNOWN_WEAK) is tied to it by tests/test_defenses_cleanse_generalization.py.
 
 Untrusted column (issue 27; defaults of isolate_cross_fit chosen on digits seed 0, measured on seeds 1-2; 2 shared
 cores, so digits/tiny_cnn only, one mnist5k cell): bench/results/poison_generalization_untrusted.jsonl, table in the

@@ -93,9 +93,22 @@ def pg_cluster():
 
 
 #: modules that run whole assessments (``safedl run`` end to end on tiny data): the slow part of the suite
-WHOLE_RUN_MODULES = ("test_decisions_ci", "test_deploy_bundle", "test_executors_run", "test_extraction_stage",
-                     "test_models_resnet_color", "test_query_detector_stage", "test_run_poisoning_e2e",
-                     "test_run_families_e2e", "test_run_spine", "test_user_data", "test_user_model")
+WHOLE_RUN_MODULES = ("test_data_user_folder", "test_deploy_bundle", "test_e2e_ci", "test_e2e_executors",
+                     "test_e2e_extraction", "test_e2e_families", "test_e2e_poisoning", "test_e2e_resnet18_color",
+                     "test_e2e_run_spine", "test_evaluate_defend_query", "test_models_user")
+
+
+#: modules that start ``safedl serve`` (in process or as processes) or the deployment stack, by name: the serve
+#: package's pure units (stores, monitor rules, input cache) are quick tests and stay unmarked
+SERVICE_MODULES = ("test_deploy_postgres_stack", "test_redteam_deploy", "test_redteam_gameday", "test_redteam_runner",
+                   "test_serve_app", "test_serve_batcher", "test_serve_client", "test_serve_dashboard",
+                   "test_serve_decode_hardening", "test_serve_fuzz", "test_serve_keys_audit_cli", "test_serve_limits",
+                   "test_serve_metrics_bands", "test_serve_misinformation", "test_serve_monitor",
+                   "test_serve_monitor_drift", "test_serve_process", "test_serve_protocol", "test_serve_redteam",
+                   "test_serve_redteam_process", "test_serve_review", "test_serve_review_page",
+                   "test_serve_rollout_canary", "test_serve_rollout_checks", "test_serve_rollout_cli",
+                   "test_serve_slow_lane", "test_serve_stores_replicas", "test_serve_stores_sqlite_threads",
+                   "test_serve_swap", "test_serve_swap_monitor", "test_serve_workers")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -109,8 +122,7 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if "pg_cluster" in item.fixturenames or any(isinstance(v, str) and v == "postgresql" for v in params.values()):
             item.add_marker(pytest.mark.postgres)
-        if module.startswith(("test_serve_", "test_stores_serve", "test_deploy_postgres_stack", "test_rollout_",
-                              "test_redteam", "test_gameday")):
+        if module in SERVICE_MODULES:
             item.add_marker(pytest.mark.service)
         if module in WHOLE_RUN_MODULES:
             item.add_marker(pytest.mark.slow)

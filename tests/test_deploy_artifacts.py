@@ -89,7 +89,8 @@ def test_shipped_config_passes_nginx_t_and_a_broken_one_does_not(tmp_path):
     assert shipped.returncode == 0, shipped.stderr
     broken = write_prefix(tmp_path / "broken", upstreams=[8001])
     (broken.parent / "safedl.d" / "upstreams.conf").write_text("server 127.0.0.1:8001 max_fails=one;\n")
-    assert check_config(nginx, broken).returncode != 0
+    refused = check_config(nginx, broken)
+    assert refused.returncode != 0 and 'invalid parameter "max_fails=one"' in refused.stderr, refused.stderr
 
 
 def _size_mb(v: str) -> float:

@@ -15,7 +15,7 @@ import pytest
 
 import _executor_tasks as T
 from safedl.executors import Task, create_executor
-from test_executors_run import TINY, numbers, run_cli, serial_reference
+from test_e2e_executors import TINY, numbers, run_cli, serial_reference
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")

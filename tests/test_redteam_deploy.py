@@ -138,4 +138,4 @@ def test_the_systemd_timer_and_service_verify_and_use_only_real_flags(tmp_path):
     (broken / "safedl-redteam.service").write_text(service.replace("/usr/local/bin/safedl", "/no/such/safedl"))
     r = subprocess.run([tool, "verify", "safedl-redteam.service"], capture_output=True, text=True, timeout=60,
                        cwd=broken)
-    assert r.returncode != 0
+    assert r.returncode != 0 and "/no/such/safedl" in r.stdout + r.stderr, r.stdout + r.stderr

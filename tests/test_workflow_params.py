@@ -91,7 +91,7 @@ def test_activation_clustering_num_clusters_splits_each_class_into_k(digits_spli
     tpr = float(res.is_suspect[p.is_poison].float().mean())
     fpr = float(res.is_suspect[~p.is_poison].float().mean())
     # one candidate cluster of three: the poisons of class 7 split over two of them, so fewer are caught than with the
-    # paper's 2 (>= 0.8 in test_cleanse_feature_space); measured seed 0: tpr 0.643, fpr 0.035
+    # paper's 2 (>= 0.8 in test_defenses_cleanse_feature_space); measured seed 0: tpr 0.643, fpr 0.035
     assert tpr >= 0.5 and fpr <= 0.05, (tpr, fpr)
     with pytest.raises(ConfigError):
         registry.create("cleanser", "activation_clustering", n_clusters=1)

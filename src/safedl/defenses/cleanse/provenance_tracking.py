@@ -66,7 +66,7 @@ class ProvenanceTracking:
         "any": "the per-source test sees only poison that lowers trusted accuracy: a backdoor or mild random label "
                "noise does not (digits, 10% random flips all from one of 5 contributors: that contributor's removal "
                "gain -0.033, not flagged; 80% of class 3 flipped to 8: gain +0.044, flagged; "
-               "tests/test_poison_defense_protocols.py)",
+               "tests/test_evaluate_defend_poisoning_protocols.py)",
     }
 
     def __init__(self, *, eps: float = 0.01, source_test: bool = True, min_source_size: int = 1):

@@ -9,7 +9,7 @@ aggregate), ``bundle_swaps``, ``monitor_alerts``, and the stateful query detecto
 ``query_history``: one row per observed batch, its features as float16 bytes; serve/stores/history.py). The review
 database's: ``review_queue`` (flagged and rejected inputs with their decision and the reviewer's label:
 serve/review/store.py). The migrations (serve/stores/migrations) create exactly this;
-tests/test_stores.py compares the two."""
+tests/test_serve_stores.py compares the two."""
 from __future__ import annotations
 
 import sqlalchemy as sa

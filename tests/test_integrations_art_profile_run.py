@@ -35,7 +35,7 @@ def results(tmp_path_factory):
     path = tmp / "p.yaml"
     path.write_text(yaml.safe_dump(PROFILE))
     res = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp / "runs"), "--no-progress", "-q"])
-    assert res.exit_code in (0, 1), res.output
+    assert res.exit_code == 0, res.output  # no evaluation.gate thresholds: not configured, exit 0
     run_dir = next((tmp / "runs").iterdir())
     return json.loads((run_dir / "results.json").read_text())
 
@@ -74,7 +74,7 @@ def test_art_backdoor_runs_through_the_poisoning_stage(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(prof))
     res = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--no-progress", "-q"])
-    assert res.exit_code in (0, 1), res.output
+    assert res.exit_code == 0, res.output  # no evaluation.gate thresholds: not configured, exit 0
     r = json.loads(next((tmp_path / "runs").iterdir()).joinpath("results.json").read_text())
     (a,) = r["attacks"]
     assert a["category"] == "backdoor" and not r.get("failed_stages")

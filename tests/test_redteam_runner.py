@@ -84,6 +84,12 @@ def _series(path) -> dict[tuple[str, tuple], float]:
     return out
 
 
+def _assert_exit_matches_breaches(res, series) -> None:
+    """``safedl redteam`` exits 1 exactly when its textfile reports a broken SLO, else 0."""
+    breached = [labs for (n, labs), v in series.items() if n == "safedl_redteam_slo_breached" and v == 1]
+    assert res.exit_code == (1 if breached else 0), (breached, res.output)
+
+
 def _get(series, name, **labels) -> float | None:
     for (n, labs), v in series.items():
         if n == name and all(dict(labs).get(k) == val for k, val in labels.items()):
@@ -105,8 +111,8 @@ def test_square_through_http_agrees_with_the_offline_run_within_their_intervals(
     out = tmp_path / "slis.prom"
     res = _redteam(served, out, "--attacks", "square", "--n", "100", "--queries-per-image", "50",
                    "--eps", f"square={SQUARE_EPS}", "--data", str(data), "--slo", str(_slo(tmp_path, "{}")))
-    assert res.exit_code in (0, 1), res.output
     s = _series(out)
+    _assert_exit_matches_breaches(res, s)
     http_ra = _get(s, "safedl_redteam_robust_accuracy", attack="square")
     lo, hi = (_get(s, f"safedl_redteam_robust_accuracy_ci95_{b}", attack="square") for b in ("lower", "upper"))
     attack = registry.create("evasion", "square", eps=SQUARE_EPS, norm="linf", max_queries=50, seed=0)
@@ -226,8 +232,8 @@ def test_queries_to_detection_counts_images_until_the_detector_first_rejects(tin
         res = CliRunner().invoke(cli_app, ["redteam", "--url", srv.url, "--key-file", str(key), "--out", str(out),
                                            "--attacks", "square", "--eps", "square=0.3", "--queries-per-image", "30",
                                            "--data", str(data), "--slo", str(_slo(tmp_path, "{}"))])
-    assert res.exit_code in (0, 1), res.output
     s = _series(out)
+    _assert_exit_matches_breaches(res, s)
     assert _get(s, "safedl_redteam_detected", attack="square") == 1
     q, first = _get(s, "safedl_redteam_queries", attack="square"), _get(s, "safedl_redteam_queries_to_detection")
     assert 1 <= first <= q

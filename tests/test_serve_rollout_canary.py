@@ -25,7 +25,7 @@ from safedl.serve.rollout.lane import key_share  # noqa: E402
 
 # The default checks and steps, half-second steps. The suite shares 2 cores between two test workers, so a few
 # probe calls of either version can stall for tens of ms; the latency check itself is tested in
-# test_rollout_checks.py, and here only a gross slowdown (250 ms) would fail it.
+# test_serve_rollout_checks.py, and here only a gross slowdown (250 ms) would fail it.
 FAST = parse_rollout("interval_s: 0.5\nchecks: {latency_slack_s: 0.25}", where="(test rules)")
 
 

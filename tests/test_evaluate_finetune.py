@@ -15,7 +15,7 @@ from safedl.profile import AttackSpec, Profile, parse_profile
 from safedl.run.handlers import get_attack_handler
 from safedl.utils.tensors import predict
 
-from test_poisoning_inject import _object_images, _save_pngs
+from test_attacks_poisoning_inject import _object_images, _save_pngs
 
 RECIPE = dict(epochs=15, batch_size=64, lr=3e-3, augment="none")  # conftest's tiny_model recipe
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from _profiles import tiny_profile
 from safedl.decide.canary import canary_reasons, compare_canaries
 from safedl.errors import DataError, ProfileError
 from safedl.models import load_checkpoint
@@ -15,10 +16,8 @@ from safedl.profile import parse_profile
 from safedl.rundir import RunDir
 from safedl.utils.tensors import predict
 
-BASE = {"name": "canary", "seed": 0, "dataset": {"name": "digits", "test_fraction": 0.2, "val_fraction": 0.1,
-                                                   "split_seed": 0},
-        "model": {"arch": "tiny_cnn"}, "training": {"epochs": 4, "batch_size": 64, "lr": 0.003, "augment": "none"},
-        "baseline_only": True, "output": {"figures": False}}
+BASE = tiny_profile(name="canary", dataset={"split_seed": 0}, evaluation=None, baseline_only=True,
+                    output={"figures": False})
 
 
 def _entry(preds, labels, sha="h", max_changes=None):

@@ -231,7 +231,7 @@ ART_CONFORMANCE = [("art:ProjectedGradientDescent", {"eps": 0.1, "max_iter": 5, 
 
 @pytest.mark.parametrize("name,params", ART_CONFORMANCE)
 def test_art_attacks_keep_safedls_attack_contract(name, params, tiny_model, eval_batch):
-    """The conformance checks of tests/test_attack_conformance.py for the adapter: shape, dtype, [0, 1], eps-ball,
+    """The conformance checks of tests/test_attacks_conformance.py for the adapter: shape, dtype, [0, 1], eps-ball,
     determinism under the seed, and the model's parameters, .grad and train mode left as they were."""
     import copy
 

@@ -12,16 +12,14 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from _profiles import tiny_profile
 from safedl.cli import app as cli
 from safedl.errors import DataError, ProfileError
 from safedl.profile import parse_profile
 from safedl.run.prepare import prepare
 from safedl.run.retrain import decide_replacement, retrain_profile
 
-BASE = {"name": "rv", "seed": 0, "dataset": {"name": "digits", "test_fraction": 0.2, "val_fraction": 0.1,
-                                               "split_seed": 0},
-        "model": {"arch": "tiny_cnn"}, "training": {"epochs": 1, "batch_size": 64, "lr": 0.003, "augment": "none"},
-        "baseline_only": True}
+BASE = tiny_profile(name="rv", dataset={"split_seed": 0}, training={"epochs": 1}, evaluation=None, baseline_only=True)
 
 
 def _npz(path, x, y):
@@ -80,14 +78,12 @@ def test_replacement_needs_a_passed_configured_gate_and_no_regression():
     assert "sets no threshold" in decide_replacement(old, unset)["reasons"][0]
 
 
-E2E = {"name": "e2e", "seed": 0,
-       "dataset": {"name": "digits", "test_fraction": 0.2, "val_fraction": 0.1, "split_seed": 0},
-       "model": {"arch": "tiny_cnn"}, "training": {"epochs": 4, "batch_size": 64, "lr": 0.003, "augment": "none"},
-       "attacks": {"evasion": [{"name": "fgsm", "params": {"eps": 0.2}}]},
-       "defenses": [{"id": "detect", "against": ["fgsm"],
-                     "pipeline": [{"name": "mahalanobis", "params": {"fpr": 0.1}}]}],
-       "evaluation": {"n_eval": 120, "batch_size": 120, "n_examples": 0, "gate": {"min_clean_accuracy": 0.5}},
-       "output": {"dir": "runs", "html": False, "figures": False}}
+E2E = tiny_profile(name="e2e", dataset={"split_seed": 0},
+                   attacks={"evasion": [{"name": "fgsm", "params": {"eps": 0.2}}]},
+                   defenses=[{"id": "detect", "against": ["fgsm"],
+                              "pipeline": [{"name": "mahalanobis", "params": {"fpr": 0.1}}]}],
+                   evaluation={"n_eval": 120, "batch_size": 120, "gate": {"min_clean_accuracy": 0.5}},
+                   output={"dir": "runs", "html": False, "figures": False})
 
 
 def _keep_artifact(doc: dict, tmp_path) -> None:

@@ -62,7 +62,7 @@ def sweep_run(tmp_path_factory):
     path = tmp / "p.yaml"
     path.write_text(yaml.safe_dump(prof))
     res = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp / "runs"), "--no-progress", "-q"])
-    assert res.exit_code in (0, 1), res.output
+    assert res.exit_code == 0, res.output  # no evaluation.gate thresholds: not configured, exit 0
     run_dir = next((tmp / "runs").iterdir())
     return run_dir, json.loads((run_dir / "results.json").read_text())
 

@@ -111,7 +111,7 @@ def test_a_second_run_trains_nothing(tmp_path, monkeypatch, count_training):
     for k in range(2):
         res = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / f"runs{k}"), "--no-progress",
                                        "-q"])
-        assert res.exit_code in (0, 1), res.output
+        assert res.exit_code == 0, res.output  # no evaluation.gate thresholds: not configured, exit 0
         run_dir = next((tmp_path / f"runs{k}").iterdir())
         results.append(json.loads((run_dir / "results.json").read_text()))
         trained.append(len(count_training))

@@ -26,7 +26,7 @@ def test_profile_runs_the_new_components(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(PROFILE))
     res = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--no-progress", "-q"])
-    assert res.exit_code in (0, 1), res.output
+    assert res.exit_code == 0, res.output  # no evaluation.gate thresholds: not configured, exit 0
     r = json.loads((next((tmp_path / "runs").iterdir()) / "results.json").read_text())
     attacks = {a["id"]: a for a in r["attacks"]}
     assert attacks["sparse_rs"]["threat"]["pixels"] == 6

@@ -106,7 +106,7 @@ SERVICE_MODULES = ("test_deploy_postgres_stack", "test_redteam_deploy", "test_re
                    "test_serve_metrics_bands", "test_serve_misinformation", "test_serve_monitor",
                    "test_serve_monitor_drift", "test_serve_process", "test_serve_protocol", "test_serve_redteam",
                    "test_serve_redteam_process", "test_serve_review", "test_serve_review_page",
-                   "test_serve_rollout_canary", "test_serve_rollout_checks", "test_serve_rollout_cli",
+                   "test_serve_rollout_canary", "test_serve_rollout_checks", "test_serve_rollout_cli", "test_serve_rollout_live",
                    "test_serve_slow_lane", "test_serve_stores_replicas", "test_serve_stores_sqlite_threads",
                    "test_serve_swap", "test_serve_swap_monitor", "test_serve_workers")
 

@@ -13,7 +13,7 @@ from safedl import registry
 from safedl.utils.stats import proportion
 from safedl.utils.tensors import predict
 
-from _digits import RECIPE, bench_setup, digits_splits, fresh_tiny_cnn
+from _setup import RECIPE, bench_setup, digits_splits, fresh_tiny_cnn
 
 log = logging.getLogger("measure_model_ensemble")
 

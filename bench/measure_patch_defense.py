@@ -15,7 +15,7 @@ from safedl.defenses.adaptive import defended_model
 from safedl.utils.stats import proportion
 from safedl.utils.tensors import predict
 
-from _digits import bench_setup, digits_splits, trained_tiny_cnn
+from _setup import bench_setup, digits_splits, trained_tiny_cnn
 
 log = logging.getLogger("measure_patch_defense")
 

@@ -14,14 +14,10 @@ import logging
 import pstats
 import time
 
-import torch
-
 from safedl import registry
-from safedl.data import load_builtin, stratified_split
 from safedl.defenses.adaptive import strong_adaptive_suite
-from safedl.models import TrainRecipe, build_model, train_model, with_normalization
-from safedl.utils.progress import set_enabled
-from safedl.utils.tensors import seed_everything
+
+from _setup import bench_setup, mnist5k_small_cnn
 
 log = logging.getLogger("profile_strong_suite")
 
@@ -33,15 +29,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--top", type=int, default=18)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    set_enabled(False)
-    torch.set_num_threads(1)
-    splits = stratified_split(load_builtin("mnist5k"), test_fraction=0.2, val_fraction=0.1, seed=args.seed)
-    seed_everything(args.seed)
-    model = with_normalization(build_model("small_cnn", in_channels=1, num_classes=10, image_size=28),
-                               splits.mean, splits.std)
-    train_model(model, splits.train, recipe=TrainRecipe(epochs=args.epochs), seed=args.seed)
-    model.eval()
+    bench_setup()
+    splits, model = mnist5k_small_cnn(args.seed, epochs=args.epochs)
     x, y = splits.test.x[:args.n], splits.test.y[:args.n]
     squeeze = registry.create("preprocessor", "feature_squeezing", bit_depth=1)
     c0, prof = time.process_time(), cProfile.Profile()

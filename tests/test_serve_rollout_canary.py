@@ -289,3 +289,26 @@ def test_non_inferiority_holds_at_its_step_then_rolls_back_for_insufficient_evid
     per_evaluation = -(-len(releases["probes"]) // 64) + 64  # probe batches + single-image latency calls
     errors = next(ch for ch in final["checks"] if ch["check"] == "error_rate")
     assert errors["n"] == 3 * per_evaluation  # every evaluation's calls are evidence for the 5xx rate
+
+
+def test_a_final_decision_and_the_lanes_removal_are_seen_together(tmp_path, releases):
+    """Status read while a final decision is being announced (the alert hook runs after the state is set) shows no
+    candidate: on the old code the state said "aborted" while the candidate was still listed (the flake of the
+    rollback test above, which polls status from another thread)."""
+    s = _Svc(tmp_path, releases["stable"])
+    seen = []
+    with TestClient(s.app) as c:
+        s.svc.rollout.rules = parse_rollout("interval_s: 30", where="(test rules)")  # no decision of its own
+        r = c.post("/v1/admin/canary", json={"path": str(releases["good"])}, headers=s.h)
+        assert r.status_code == 200, r.text
+        manager = s.svc.rollout
+        announce = manager._notify
+
+        def notify_and_look(entry):
+            seen.append(manager.status())
+            announce(entry)
+
+        manager._notify = notify_and_look
+        r = c.post("/v1/admin/canary", json={"action": "abort"}, headers=s.h)
+        assert r.status_code == 200, r.text
+    assert [(x["state"], x["candidate_version"], x["fraction"]) for x in seen] == [("aborted", None, 0.0)]

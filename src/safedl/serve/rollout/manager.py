@@ -149,17 +149,18 @@ class RolloutManager:
         self.metrics.decisions.labels(decision).inc()
         for c in failed:
             self.metrics.failed_checks.labels(c["check"]).inc()
-        with self._lock:
+        final = stop_lane or (stop_lane is None and state in ("promoted", "rolled_back", "aborted"))
+        with self._lock:  # the final state and the lane's removal together: status() never shows one without the other
             self.state, self.history = entry, (self.history + [entry])[-50:]
+            if final:
+                self.set_fraction(0.0)
+                self.lane = None
         level = logging.WARNING if decision in ("rollback", "abort") else logging.INFO
         log.log(level, "rollout %s: %s (%s)", decision, state, json.dumps(entry["decided_by"], default=str),
                 extra={"event": "rollout_decision", "decision": decision, "state": state})
         self._notify(entry)
-        if stop_lane or (stop_lane is None and state in ("promoted", "rolled_back", "aborted")):
-            self.set_fraction(0.0)
-            self.lane = None
-            if lane is not None:  # a request routed to it just before still gets its answer
-                lane.retire(grace_s=RETIRE_GRACE_S)
+        if final and lane is not None:  # a request routed to it just before still gets its answer
+            lane.retire(grace_s=RETIRE_GRACE_S)
         return entry
 
     def _audit(self, entry: dict, ctx: dict) -> None:

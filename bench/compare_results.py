@@ -7,7 +7,9 @@ Used to check that a refactor or an executor leaves every number unchanged (same
     .venv/bin/safedl run examples/default.yaml --runs-dir /tmp/r_new            # or --executor ray / process
     .venv/bin/python bench/compare_results.py /tmp/r_old/*/results.json /tmp/r_new/*/results.json
 
-Prints every differing key (sections baseline, attacks, defenses, risk, gate) and exits 1 if any differ. A run
+Prints every differing key (sections baseline, attacks, defenses, risk, gate) and exits 1 if any differ. Across many
+commits, `--shared-only` compares only the values both sides have and lists the fields one side lacks as patterns
+(list indices collapsed): a field added or renamed on purpose is then reported, not counted as a changed number. A run
 directory may stand for its results.json; one still running (no results.json yet) is compared on the stages both
 sides have finished (stages/*/stage.json entries, attacks and defenses matched by stage name), and the stages only one
 side has are listed.
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,23 @@ def differences(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
             if fa.get(key) != fb.get(key):
                 out.append((key, fa.get(key), fb.get(key)))
     return out
+
+
+def field_changes(a: dict, b: dict) -> tuple[int, list[tuple[str, Any, Any]], Counter]:
+    """(values both sides have, those of them that differ, pattern -> count of fields only one side has)."""
+    shared, diffs, only = 0, [], Counter()
+    for section in SECTIONS:
+        fa, fb = flatten(a.get(section), section), flatten(b.get(section), section)
+        for key in sorted(set(fa) | set(fb)):
+            if any(w in key for w in WALL_CLOCK) or "history" in key:
+                continue
+            if key in fa and key in fb:
+                shared += 1
+                if fa[key] != fb[key]:
+                    diffs.append((key, fa[key], fb[key]))
+            else:
+                only[("only in A: " if key in fa else "only in B: ") + re.sub(r"\[\d+\]", "[]", key)] += 1
+    return shared, diffs, only
 
 
 def finished_stages(run_dir: Path) -> dict[str, dict]:
@@ -83,10 +104,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a")
     parser.add_argument("b")
+    parser.add_argument("--shared-only", action="store_true",
+                        help="compare the values both sides have; list fields one side lacks as patterns")
     args = parser.parse_args()
     ra, rb, notes = load_pair(args.a, args.b)
     for note in notes:
         print(note)
+    if args.shared_only:
+        shared, diffs, only = field_changes(ra, rb)
+        for pattern, count in sorted(only.items()):
+            print(f"{pattern} ({count})")
+        for key, va, vb in diffs:
+            print(f"{key}: {va!r} != {vb!r}")
+        print(f"{len(diffs)} of {shared} shared value(s) differ outside wall-clock fields")
+        return 1 if diffs else 0
     diffs = differences(ra, rb)
     for key, va, vb in diffs:
         print(f"{key}: {va!r} != {vb!r}")

@@ -90,6 +90,11 @@ def serve_command(
         shadow: Optional[Path] = typer.Option(None, "--shadow", help=SHADOW_HELP),
         canary_fraction: Optional[float] = typer.Option(None, "--canary-fraction", help=FRACTION_HELP),
         rollout: Optional[Path] = typer.Option(None, "--rollout", help=ROLLOUT_HELP),
+        watermark_key_file: Optional[Path] = typer.Option(
+            None, "--watermark-key-file", help="DAWN response watermark (every tier) keyed with this secret "
+                                               "(>= 16 bytes); `safedl ownership verify` proves copies with it"),
+        watermark_rate: float = typer.Option(0.005, "--watermark-rate", help="share of answers the watermark "
+                                                                             "alters (at most 0.005)"),
 ) -> None:
     """Serve a bundle over HTTP: API keys, rate limits, input limits, audit log, Prometheus metrics.
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from safedl.defenses.ownership.dawn import ResponseWatermark
 from safedl.serve.audit import AuditStore
 from safedl.serve.batcher import MicroBatcher
 from safedl.serve.config import ServeConfig
@@ -66,6 +67,8 @@ class Service:
         self.review = (ReviewStore(config.review_db, max_bytes=config.review_max_bytes, create=True,
                                    retention_days=config.review_retention_days)
                        if config.review_db is not None else None)
+        self.watermark = (ResponseWatermark(key=config.watermark_key, num_classes=len(self.class_names),
+                                            rate=config.watermark_rate) if config.watermark_key else None)
         self.monitor = None
         if monitor_config is not None:
             from safedl.serve.monitor.build import build_monitor

@@ -216,6 +216,44 @@ def ownership_rows(args, sp, victim, rates) -> list[dict]:
     return rows
 
 
+class Poisoned(torch.nn.Module):
+    """``victim`` answering through LastLayerMAD: log of the poisoned probabilities (softmax gives them back)."""
+
+    def __init__(self, victim, mad):
+        super().__init__()
+        self.victim, self.mad = victim, mad
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.mad(x, self.victim(x).softmax(1)).clamp_min(1e-12).log()
+
+
+def poisoning_rows(args, sp, victim, other: str) -> dict:
+    """Copy fidelity with and without LastLayerMAD (surrogate: a randomly initialised small_cnn, seed + 7), per
+    L1 budget, for the copycat in and out of distribution (scores, --budget queries, 10 epochs)."""
+    from safedl.defenses.postprocess.prediction_poisoning import LastLayerMAD
+
+    seed_everything(args.seed + 7)
+    c, h, _ = sp.shape
+    sur = with_normalization(build_model("small_cnn", in_channels=c, num_classes=10, image_size=h), sp.mean, sp.std)
+    tx, ty = sp.test.x, sp.test.y
+    out = {"benign_top1": proportion(int((labels(victim, tx) == ty).sum()), len(ty)), "attackers": {}}
+    pools = {"copycat_in": ("train", sp.train.x), "copycat_ood": (other, attacker_pool(sp, other))}
+    for name, (pool_name, pool) in pools.items():
+        row = {}
+        for eps in (0.0, 0.5, 1.0, 2.0):
+            served = victim if eps == 0 else Poisoned(victim, LastLayerMAD(surrogate=sur, epsilon=eps))
+            if eps:
+                row.setdefault("benign_top1_with", {})[str(eps)] = proportion(
+                    int((labels(served, tx) == ty).sum()), len(ty))
+            attack = registry.create("extraction", "copycat", pool=pool_name, epochs=10, seed=args.seed)
+            copy, _ = steal(served, attack, pool, args.budget)
+            row[str(eps)] = fidelity(copy, victim, tx)
+            log.info("poisoning %s eps %g: %s", name, eps, row[str(eps)])
+        out["attackers"][name] = row
+    return out
+
+
 def _pct(m) -> str:
     return "-" if m is None else f"{100 * m['value']:.1f}% [{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]"
 
@@ -235,8 +273,24 @@ def ownership_table(res: dict) -> list[str]:
     return lines
 
 
+def poisoning_table(res: dict) -> list[str]:
+    """Copy fidelity without and with LastLayerMAD per L1 budget."""
+    p = res["poisoning"]
+    eps = [e for e in next(iter(p["attackers"].values())) if e not in ("0.0", "benign_top1_with")]
+    lines = ["| attacker | fidelity without | " + " | ".join(f"with MAD, L1 {e}" for e in eps) + " |",
+             "|---|---|" + "---|" * len(eps)]
+    for name, row in p["attackers"].items():
+        lines.append(f"| {name} | {_pct(row['0.0'])} | " + " | ".join(_pct(row[e]) for e in eps) + " |")
+    first = next(iter(p["attackers"].values()))["benign_top1_with"]
+    lines += ["", f"benign top-1 {_pct(p['benign_top1'])}; with MAD: " +
+              ", ".join(f"L1 {e}: {_pct(v)}" for e, v in first.items())]
+    return lines
+
+
 def render(res: dict) -> str:
     """The README tables of one result file."""
+    if "poisoning" in res:  # --only poisoning
+        return "\n".join([f"{res['data']}, seed {res['seed']}, {res['budget']} queries", ""] + poisoning_table(res))
     if "benign" not in res:  # --only ownership
         return "\n".join([f"{res['data']}, seed {res['seed']}, ownership only", ""] + ownership_table(res))
     b, d = res["benign"], res["output_defense"]
@@ -268,7 +322,7 @@ def main() -> None:
     ap.add_argument("--wm-rate", type=float, default=0.005)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="result JSON")
-    ap.add_argument("--only", choices=("ownership",), help="run this part only (its rows in the result JSON)")
+    ap.add_argument("--only", choices=("ownership", "poisoning"), help="run this part only (its rows in the result JSON)")
     ap.add_argument("--render", help="print the README tables of this result JSON and exit")
     args = ap.parse_args()
     if args.render:
@@ -284,8 +338,10 @@ def main() -> None:
     sp = stratified_split(load_builtin(args.data), test_fraction=0.2, val_fraction=0.1, seed=args.seed)
     other = "mnist5k" if args.data == "digits" else "digits"
     victim = victim_model(sp, args.seed)
-    if args.only == "ownership":
-        res = {"data": args.data, "seed": args.seed, "ownership": ownership_rows(args, sp, victim, [args.wm_rate]),
+    if args.only:
+        part = (ownership_rows(args, sp, victim, [args.wm_rate]) if args.only == "ownership"
+                else poisoning_rows(args, sp, victim, other))
+        res = {"data": args.data, "seed": args.seed, "budget": args.budget, args.only: part,
                "seconds": round(time.perf_counter() - t0, 1)}
         with open(args.out, "w", encoding="utf-8") as fh:
             json.dump(res, fh, indent=1)

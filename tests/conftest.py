@@ -104,7 +104,7 @@ SERVICE_MODULES = ("test_deploy_postgres_stack", "test_redteam_deploy", "test_re
                    "test_serve_app", "test_serve_batcher", "test_serve_client", "test_serve_dashboard",
                    "test_serve_decode_hardening", "test_serve_fuzz", "test_serve_keys_audit_cli", "test_serve_limits",
                    "test_serve_metrics_bands", "test_serve_misinformation", "test_serve_monitor", "test_serve_ownership_cli",
-                   "test_serve_predict_watermark",
+                   "test_serve_predict_watermark", "test_serve_predict_poisoning",
                    "test_serve_monitor_drift", "test_serve_process", "test_serve_protocol", "test_serve_redteam",
                    "test_serve_redteam_process", "test_serve_review", "test_serve_review_page",
                    "test_serve_rollout_canary", "test_serve_rollout_checks", "test_serve_rollout_cli", "test_serve_rollout_live",

@@ -95,6 +95,8 @@ def serve_command(
                                                "(>= 16 bytes); `safedl ownership verify` proves copies with it"),
         watermark_rate: float = typer.Option(0.005, "--watermark-rate", help="share of answers the watermark "
                                                                              "alters (at most 0.005)"),
+        poisoning_epsilon: float = typer.Option(0.0, "--poisoning-epsilon", help="LastLayerMAD prediction poisoning "
+                                                "of score-tier answers: L1 budget (0 off; 1 measured; labels kept)"),
 ) -> None:
     """Serve a bundle over HTTP: API keys, rate limits, input limits, audit log, Prometheus metrics.
 

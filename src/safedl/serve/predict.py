@@ -103,6 +103,8 @@ def _results(svc: Service, d: dict, decoded: Decoded, tier: str) -> tuple[list[d
     if tau is not None and tier != "label":  # adaptive misinformation: score keys only; the label is the scores'
         probs = misinformed(probs, tau=tau, nu=MISINFORMATION_NU)
         served = probs.argmax(1).tolist()
+    if svc.poisoning is not None and tier != "label":  # LastLayerMAD: score keys only; the label is kept
+        probs = svc.poisoning(decoded.x, probs)
     if svc.watermark is not None:  # DAWN: every tier; the served label of a watermarked answer is the watermark's
         probs, served = watermarked(svc.watermark, probs, decoded.x, served)
     shown = harden(probs, tier=tier, decimals=svc.config.round_decimals, k=svc.config.top_k)

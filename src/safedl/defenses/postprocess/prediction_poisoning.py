@@ -33,6 +33,19 @@ def blend_keeping_argmax(y: torch.Tensor, target: torch.Tensor, *, epsilon: floa
     return (1 - a).unsqueeze(1) * y + a.unsqueeze(1) * e
 
 
+def random_surrogate(shape: tuple[int, int, int], num_classes: int, *, arch: str = "small_cnn", seed: int = 0,
+                     mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> nn.Module:
+    """A randomly initialised ``arch`` for images of ``shape`` (the attacker's model before it learns; seeded
+    without touching the global RNG), normalised with ``mean``/``std`` (0.5 per channel without them)."""
+    from safedl.models import build_model, with_normalization
+
+    c, h, _ = shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        net = build_model(arch, in_channels=c, num_classes=num_classes, image_size=h)
+    return with_normalization(net, mean or (0.5,) * c, std or (0.5,) * c).eval()
+
+
 class LastLayerMAD:
     """MAD picks, per query, the answer y~ that turns the attacker's training gradient G^T y~ farthest (in angle)
     from the honest one G^T y, within ||y~ - y||_1 <= ``epsilon``; G is the Jacobian of the log-probabilities of

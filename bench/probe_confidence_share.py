@@ -23,7 +23,7 @@ def conf(x):
 thr = float(torch.quantile(conf(sp.train.x), 0.05))
 print("thr", thr)
 def first_flag(stream, null=0.10, alpha=1e-4, window=1000):
-    seen, flags = set(), []
+    seen = set()
     c = conf(stream)
     q = []
     for i in range(len(stream)):

@@ -182,32 +182,117 @@ def defense_rows(args, sp, victim, made) -> dict:
     return out
 
 
+def _own(wm, lg, victim, m) -> dict:
+    """Both tests of one suspect on a copier's log: rank-sum on its scores, binomial on its labels."""
+    vl = labels(victim, lg.x)
+    with torch.no_grad():
+        sc = m(lg.x).softmax(1)
+    r = verify_ownership(watermark=wm, evidence=lg.x, victim_labels=vl, suspect_scores=sc)
+    b = verify_ownership(watermark=wm, evidence=lg.x, victim_labels=vl, suspect_labels=sc.argmax(1))
+    return {"watermarked": r.n, "matches": r.matches, "rank_sum": r.rank_sum, "p_rank": r.p_value,
+            "p_label": b.p_value}
+
+
 def ownership_rows(args, sp, victim, rates) -> list[dict]:
+    """Copies trained on watermarked answers (copycat in distribution; 10 epochs, the bench's attacker, and 40, one
+    that fits its answers), and 5 independent models tested on the same copier's queries."""
     indep = [(f"{a} seed {args.seed + s}", victim_model(sp, args.seed + s, a))
              for a, s in (("tiny_cnn", 1), ("tiny_cnn", 2), ("tiny_cnn", 3), ("small_cnn", 1), ("small_cnn", 2))]
     rows = []
     for rate in rates:
         wm = ResponseWatermark(key=f"bench-{args.seed}".encode().ljust(32, b"k"), num_classes=10, rate=rate)
         served = WatermarkedModel(victim, wm)
-        for budget in (1000, 2000):
-            attack = registry.create("extraction", "copycat", pool="train", epochs=10, seed=args.seed)
-            copy, lg = steal(served, attack, sp.train.x, budget)
-            vl = labels(victim, lg.x)
-            v = verify_ownership(watermark=wm, evidence=lg.x, victim_labels=vl, suspect_labels=labels(copy, lg.x))
-            ind = {n: verify_ownership(watermark=wm, evidence=lg.x, victim_labels=vl,
-                                       suspect_labels=labels(m, lg.x)).p_value for n, m in indep}
-            rows.append({"rate": rate, "queries": budget, "watermarked": v.n, "matches": v.matches,
-                         "copy_p": v.p_value, "independent_p": ind,
+        for budget, epochs, output in ((1000, 10, "scores"), (1000, 40, "scores"), (2000, 10, "scores"),
+                                       (2000, 40, "scores"), (1000, 40, "labels")):
+            attack = registry.create("extraction", "copycat", pool="train", epochs=epochs, seed=args.seed)
+            copy, lg = steal(served, attack, sp.train.x, budget, output=output)
+            ind = {n: _own(wm, lg, victim, m) for n, m in indep}
+            rows.append({"rate": rate, "queries": budget, "epochs": epochs, "output": output,
+                         **_own(wm, lg, victim, copy),
+                         "independent_p_rank": {n: v["p_rank"] for n, v in ind.items()},
+                         "independent_p_label": {n: v["p_label"] for n, v in ind.items()},
                          "copy_fidelity": fidelity(copy, victim, sp.test.x)})
+            log.info("ownership %s", rows[-1])
     return rows
+
+
+class Poisoned(torch.nn.Module):
+    """``victim`` answering through LastLayerMAD: log of the poisoned probabilities (softmax gives them back)."""
+
+    def __init__(self, victim, mad):
+        super().__init__()
+        self.victim, self.mad = victim, mad
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.mad(x, self.victim(x).softmax(1)).clamp_min(1e-12).log()
+
+
+def poisoning_rows(args, sp, victim, other: str) -> dict:
+    """Copy fidelity with and without LastLayerMAD (surrogate: a randomly initialised small_cnn, seed + 7), per
+    L1 budget, for the copycat in and out of distribution (scores, --budget queries, 10 epochs)."""
+    from safedl.defenses.postprocess.prediction_poisoning import LastLayerMAD
+
+    seed_everything(args.seed + 7)
+    c, h, _ = sp.shape
+    sur = with_normalization(build_model("small_cnn", in_channels=c, num_classes=10, image_size=h), sp.mean, sp.std)
+    tx, ty = sp.test.x, sp.test.y
+    out = {"benign_top1": proportion(int((labels(victim, tx) == ty).sum()), len(ty)), "attackers": {}}
+    pools = {"copycat_in": ("train", sp.train.x), "copycat_ood": (other, attacker_pool(sp, other))}
+    for name, (pool_name, pool) in pools.items():
+        row = {}
+        for eps in (0.0, 0.5, 1.0, 2.0):
+            served = victim if eps == 0 else Poisoned(victim, LastLayerMAD(surrogate=sur, epsilon=eps))
+            if eps:
+                row.setdefault("benign_top1_with", {})[str(eps)] = proportion(
+                    int((labels(served, tx) == ty).sum()), len(ty))
+            attack = registry.create("extraction", "copycat", pool=pool_name, epochs=10, seed=args.seed)
+            copy, _ = steal(served, attack, pool, args.budget)
+            row[str(eps)] = fidelity(copy, victim, tx)
+            log.info("poisoning %s eps %g: %s", name, eps, row[str(eps)])
+        out["attackers"][name] = row
+    return out
 
 
 def _pct(m) -> str:
     return "-" if m is None else f"{100 * m['value']:.1f}% [{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]"
 
 
+def ownership_table(res: dict) -> list[str]:
+    """The ownership rows as a Markdown table."""
+    lines = ["| watermark rate | copier's answers | queries | copy epochs | watermarked | copy matches | copy p "
+             "(rank-sum) | copy p (labels) | independent models' min p (rank-sum / labels) | copy fidelity |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for o in res["ownership"]:
+        lines.append(f"| {o['rate']:g} | {o.get('output', 'scores')} | {o['queries']} | {o.get('epochs', 10)} | "
+                     f"{o['watermarked']} | {o['matches']} | {o.get('p_rank', float('nan')):.3g} | "
+                     f"{o.get('p_label', o.get('copy_p', float('nan'))):.3g} | "
+                     f"{min(o.get('independent_p_rank', {'-': float('nan')}).values()):.3g} / "
+                     f"{min(o.get('independent_p_label', o.get('independent_p', {})).values()):.3g} | "
+                     f"{_pct(o['copy_fidelity'])} |")
+    return lines
+
+
+def poisoning_table(res: dict) -> list[str]:
+    """Copy fidelity without and with LastLayerMAD per L1 budget."""
+    p = res["poisoning"]
+    eps = [e for e in next(iter(p["attackers"].values())) if e not in ("0.0", "benign_top1_with")]
+    lines = ["| attacker | fidelity without | " + " | ".join(f"with MAD, L1 {e}" for e in eps) + " |",
+             "|---|---|" + "---|" * len(eps)]
+    for name, row in p["attackers"].items():
+        lines.append(f"| {name} | {_pct(row['0.0'])} | " + " | ".join(_pct(row[e]) for e in eps) + " |")
+    first = next(iter(p["attackers"].values()))["benign_top1_with"]
+    lines += ["", f"benign top-1 {_pct(p['benign_top1'])}; with MAD: " +
+              ", ".join(f"L1 {e}: {_pct(v)}" for e, v in first.items())]
+    return lines
+
+
 def render(res: dict) -> str:
     """The README tables of one result file."""
+    if "poisoning" in res:  # --only poisoning
+        return "\n".join([f"{res['data']}, seed {res['seed']}, {res['budget']} queries", ""] + poisoning_table(res))
+    if "benign" not in res:  # --only ownership
+        return "\n".join([f"{res['data']}, seed {res['seed']}, ownership only", ""] + ownership_table(res))
     b, d = res["benign"], res["output_defense"]
     lines = [f"{res['data']}, seed {res['seed']}, {res['budget']} queries per attacker",
              "", "| attacker | keys | first flag (key query) by detector | fidelity at detection | fidelity at end |"
@@ -224,13 +309,8 @@ def render(res: dict) -> str:
             _pct(row[p]) for p in ("natural", "one_class", "bursts", "repeats", "long_running")) + " |")
     lines += ["", f"Adaptive misinformation (tau {d['tau']:.3f}): benign top-1 {_pct(d['benign_top1'])} -> "
               f"{_pct(d['benign_top1_with_am'])}; a label-tier copycat (in distribution, no misinformation) reaches "
-              f"fidelity {_pct(d['label_tier_copycat_in_fidelity'])}.", "",
-              "| watermark rate | copy's queries | watermarked | copy matches | copy p-value | independent models' "
-              "p-values (min) | copy fidelity |", "|---|---|---|---|---|---|---|"]
-    for o in res["ownership"]:
-        lines.append(f"| {o['rate']:g} | {o['queries']} | {o['watermarked']} | {o['matches']} | {o['copy_p']:.3g} | "
-                     f"{min(o['independent_p'].values()):.3g} | {_pct(o['copy_fidelity'])} |")
-    return "\n".join(lines)
+              f"fidelity {_pct(d['label_tier_copycat_in_fidelity'])}."]
+    return "\n".join(lines + [""] + ownership_table(res))
 
 
 def main() -> None:
@@ -242,6 +322,7 @@ def main() -> None:
     ap.add_argument("--wm-rate", type=float, default=0.005)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="result JSON")
+    ap.add_argument("--only", choices=("ownership", "poisoning"), help="run this part only (its rows in the result JSON)")
     ap.add_argument("--render", help="print the README tables of this result JSON and exit")
     args = ap.parse_args()
     if args.render:
@@ -257,6 +338,14 @@ def main() -> None:
     sp = stratified_split(load_builtin(args.data), test_fraction=0.2, val_fraction=0.1, seed=args.seed)
     other = "mnist5k" if args.data == "digits" else "digits"
     victim = victim_model(sp, args.seed)
+    if args.only:
+        part = (ownership_rows(args, sp, victim, [args.wm_rate]) if args.only == "ownership"
+                else poisoning_rows(args, sp, victim, other))
+        res = {"data": args.data, "seed": args.seed, "budget": args.budget, args.only: part,
+               "seconds": round(time.perf_counter() - t0, 1)}
+        with open(args.out, "w", encoding="utf-8") as fh:
+            json.dump(res, fh, indent=1)
+        return
     dets = make_detectors(sp, victim, args.seed)
     log.info("detectors calibrated (%.0f s)", time.perf_counter() - t0)
     res = {"data": args.data, "seed": args.seed, "budget": args.budget, "benign": benign_rows(args, sp, dets)}
@@ -265,7 +354,7 @@ def main() -> None:
     res["attackers"] = detection_rows(args, sp, victim, dets, made)
     log.info("attackers done (%.0f s)", time.perf_counter() - t0)
     res["output_defense"] = defense_rows(args, sp, victim, made)
-    res["ownership"] = ownership_rows(args, sp, victim, sorted({args.wm_rate, 0.05}))
+    res["ownership"] = ownership_rows(args, sp, victim, [args.wm_rate])
     res["seconds"] = round(time.perf_counter() - t0, 1)
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump(res, fh, indent=1)

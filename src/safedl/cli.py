@@ -423,7 +423,7 @@ from safedl.serve.rollout.cli import rollout_app  # noqa: E402
 
 app.add_typer(rollout_app, name="rollout")
 
-from safedl.deploy.ownership_cli import ownership_app  # noqa: E402
+from safedl.serve.ownership_cli import ownership_app  # noqa: E402
 
 app.add_typer(ownership_app, name="ownership")
 

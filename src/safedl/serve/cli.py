@@ -90,6 +90,13 @@ def serve_command(
         shadow: Optional[Path] = typer.Option(None, "--shadow", help=SHADOW_HELP),
         canary_fraction: Optional[float] = typer.Option(None, "--canary-fraction", help=FRACTION_HELP),
         rollout: Optional[Path] = typer.Option(None, "--rollout", help=ROLLOUT_HELP),
+        watermark_key_file: Optional[Path] = typer.Option(
+            None, "--watermark-key-file", help="DAWN response watermark (every tier) keyed with this secret "
+                                               "(>= 16 bytes); `safedl ownership verify` proves copies with it"),
+        watermark_rate: float = typer.Option(0.005, "--watermark-rate", help="share of answers the watermark "
+                                                                             "alters (at most 0.005)"),
+        poisoning_epsilon: float = typer.Option(0.0, "--poisoning-epsilon", help="LastLayerMAD prediction poisoning "
+                                                "of score-tier answers: L1 budget (0 off; 1 measured; labels kept)"),
 ) -> None:
     """Serve a bundle over HTTP: API keys, rate limits, input limits, audit log, Prometheus metrics.
 

@@ -1,12 +1,15 @@
 """The service's limits and knobs: one validated, frozen record (constructors store config only)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safedl.serve.connection_limits import IPNetwork
 from safedl.utils.validate import check_positive, check_range
 
+
+
+MAX_WATERMARK_RATE = 0.005  #: issue 26: the watermark alters at most 0.5% of the answers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +51,13 @@ class ServeConfig:
     input_cache_keys: int = 256
     # X-Forwarded-For is honoured only from these peers (a reverse proxy); empty: never
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    # DAWN response watermark (defenses/ownership): HMAC key (secret: never in repr or logs) and share of answers
+    watermark_key: bytes | None = field(default=None, repr=False)
+    watermark_rate: float = 0.005
+    # LastLayerMAD prediction poisoning of score-tier answers (defenses/postprocess/prediction_poisoning): L1 budget
+    # (0: off) and the seed of its randomly initialised surrogate
+    poisoning_epsilon: float = 0.0
+    poisoning_seed: int = 0
 
     def __post_init__(self) -> None:
         who = "serve"
@@ -58,6 +68,8 @@ class ServeConfig:
         check_positive(who, "max_batch", self.max_batch, integer=True)
         check_range(who, "max_wait_ms", self.max_wait_ms, low=0.0, high=100.0)
         check_range(who, "round_decimals", self.round_decimals, low=0, high=8, integer=True)
+        check_range(who, "poisoning_epsilon", self.poisoning_epsilon, low=0.0, high=2.0)
+        check_range(who, "watermark_rate", self.watermark_rate, low=0.0, low_inclusive=False, high=MAX_WATERMARK_RATE)
         check_positive(who, "top_k", self.top_k, integer=True)
         check_positive(who, "review_max_bytes", self.review_max_bytes, integer=True)
         check_positive(who, "review_retention_days", self.review_retention_days)

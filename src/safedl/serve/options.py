@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from safedl.errors import UserError
-from safedl.serve.config import ServeConfig
+from safedl.serve.config import MAX_WATERMARK_RATE, ServeConfig
 from safedl.serve.protocol import ConnectionLimits
 from safedl.serve.slow_lane import SlowLaneLimits
 from safedl.serve.stores.engine import parse_target
@@ -90,19 +90,24 @@ def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, aud
                        torch_threads: int, workers: int, graceful_s: float,
                        signing_key_file: Path | None, monitor_config: Path | None, canary: Path | None = None,
                        shadow: Path | None = None, canary_fraction: float | None = None,
-                       rollout: Path | None = None) -> ServeOptions:
+                       rollout: Path | None = None, watermark_key_file: Path | None = None,
+                       watermark_rate: float = 0.005, poisoning_epsilon: float = 0.0) -> ServeOptions:
     """The ``safedl serve`` flags (sizes in MB and KiB/s, as typed) as one validated ``ServeOptions``; raises
     UserError naming the flag."""
     from safedl.serve.protocol import parse_networks
     from safedl.serve.stores.retention import Retention
-    from safedl.utils.keyfile import read_signing_key
+    from safedl.utils.keyfile import read_key_file, read_signing_key
 
     monitor = None
     if monitor_config is not None:
         from safedl.serve.monitor import load_monitor_config
 
         monitor = load_monitor_config(monitor_config)
-    config = ServeConfig(max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_pixels=max_pixels,
+    if not 0.0 < watermark_rate <= MAX_WATERMARK_RATE:
+        raise UserError(f"--watermark-rate {watermark_rate!r}: allowed: a share in (0, {MAX_WATERMARK_RATE}]")
+    config = ServeConfig(watermark_key=read_key_file(watermark_key_file, flag="--watermark-key-file"),
+                         watermark_rate=watermark_rate, poisoning_epsilon=_l1_budget(poisoning_epsilon),
+                         max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_pixels=max_pixels,
                          max_request_pixels=max_request_pixels, key_pixels_per_s=key_pixels_per_s,
                          key_pixel_burst=2 * max_request_pixels, resize=not no_resize, max_batch=max_batch,
                          max_wait_ms=max_wait_ms, review_db=review_target(review, quarantine),
@@ -128,6 +133,12 @@ def options_from_flags(*, bundle: Path, keys: str | Path, audit: str | Path, aud
                         signing_key=read_signing_key(signing_key_file), monitor_config=monitor, config=config,
                         connections=connections, slow_lane=SlowLaneLimits(rate_per_s=slow_lane_rate),
                         canary_path=canary, shadow_path=shadow, rollout=plan)
+
+
+def _l1_budget(epsilon: float) -> float:
+    if not 0.0 <= epsilon <= 2.0:
+        raise UserError(f"--poisoning-epsilon {epsilon!r}: allowed: an L1 budget from 0 (off) to 2")
+    return float(epsilon)
 
 
 def _mb_bytes(mb: float, *, flag: str) -> int:

@@ -17,6 +17,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from safedl.defenses.ownership.dawn import ResponseWatermark
 from safedl.defenses.postprocess.adaptive_misinformation import DEFAULT_NU as MISINFORMATION_NU, misinformed
 from safedl.deploy.detector_guard import DetectorUnavailable
 from safedl.serve.audit import AuditUnavailable
@@ -82,6 +83,16 @@ async def request_items(request: Request, svc: Service) -> list[bytes]:
                                                   "application/json, image/png|jpeg|bmp|webp or application/x-npy")
 
 
+def watermarked(wm: ResponseWatermark, probs, x, served: list[int]) -> tuple[Any, list[int]]:
+    """(``probs`` with the keyed watermark applied, the served labels with the watermarked ones replaced)."""
+    marked = wm.apply(probs, x)
+    changed = (marked != probs).any(1).tolist()
+    if not any(changed):
+        return probs, served
+    top = marked.argmax(1).tolist()
+    return marked, [top[i] if c else s for i, (c, s) in enumerate(zip(changed, served))]
+
+
 def _results(svc: Service, d: dict, decoded: Decoded, tier: str) -> tuple[list[dict], list[dict]]:
     """(response entries, audit fields) per image, from one request's slice of the Decision."""
     labels, rejected = d["labels"].tolist(), d["rejected"].tolist()
@@ -92,6 +103,10 @@ def _results(svc: Service, d: dict, decoded: Decoded, tier: str) -> tuple[list[d
     if tau is not None and tier != "label":  # adaptive misinformation: score keys only; the label is the scores'
         probs = misinformed(probs, tau=tau, nu=MISINFORMATION_NU)
         served = probs.argmax(1).tolist()
+    if svc.poisoning is not None and tier != "label":  # LastLayerMAD: score keys only; the label is kept
+        probs = svc.poisoning(decoded.x, probs)
+    if svc.watermark is not None:  # DAWN: every tier; the served label of a watermarked answer is the watermark's
+        probs, served = watermarked(svc.watermark, probs, decoded.x, served)
     shown = harden(probs, tier=tier, decimals=svc.config.round_decimals, k=svc.config.top_k)
     names = svc.class_names
     failed = sorted(d.get("detector_failures") or {})  # fail_open: answered without them, audited as an error

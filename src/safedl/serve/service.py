@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from safedl.defenses.ownership.dawn import ResponseWatermark
+from safedl.defenses.postprocess.prediction_poisoning import LastLayerMAD, random_surrogate
 from safedl.serve.audit import AuditStore
 from safedl.serve.batcher import MicroBatcher
 from safedl.serve.config import ServeConfig
@@ -47,6 +49,18 @@ def _bundle_shape_and_names(bundle: Any) -> tuple[tuple[int, int, int], list[str
     return tuple(int(s) for s in shape), names
 
 
+def poisoning_for(bundle: Any, config: ServeConfig, shape: tuple[int, int, int], k: int) -> LastLayerMAD | None:
+    """LastLayerMAD for the score tiers when ``config.poisoning_epsilon`` > 0 (surrogate normalised like the
+    bundle's model), else None."""
+    if config.poisoning_epsilon <= 0:
+        return None
+    spec = (bundle.manifest or {}).get("model", {}) if isinstance(bundle.manifest, dict) else {}
+    mean, std = spec.get("mean"), spec.get("std")
+    sur = random_surrogate(shape, k, seed=config.poisoning_seed, mean=tuple(mean) if mean else None,
+                           std=tuple(std) if std else None)
+    return LastLayerMAD(surrogate=sur, epsilon=config.poisoning_epsilon)
+
+
 class Service:
     """The app's state: bundle, stores (keys, audit, review queue), batcher, limits, metrics, monitor, swapper."""
 
@@ -66,6 +80,9 @@ class Service:
         self.review = (ReviewStore(config.review_db, max_bytes=config.review_max_bytes, create=True,
                                    retention_days=config.review_retention_days)
                        if config.review_db is not None else None)
+        self.watermark = (ResponseWatermark(key=config.watermark_key, num_classes=len(self.class_names),
+                                            rate=config.watermark_rate) if config.watermark_key else None)
+        self.poisoning = poisoning_for(bundle, config, self.shape, len(self.class_names))
         self.monitor = None
         if monitor_config is not None:
             from safedl.serve.monitor.build import build_monitor

@@ -47,7 +47,9 @@ class ResponseWatermark:
         return mask, out
 
     def apply(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``logits`` with, for each selected image, the top class's and the watermark class's logits swapped."""
+        """``logits`` (or probabilities: any per-class scores) with, for each selected image, the top class's and
+        the watermark class's entries swapped: the answer's label becomes the watermark label, its confidence is
+        unchanged."""
         top = logits.argmax(1)
         mask, wm = self.select(x, top.cpu())
         if not bool(mask.any()):

@@ -93,19 +93,22 @@ def _defense_model(ctx: RunContext, parts: dict[str, list[Any]], metrics: dict, 
 
 def _fit_detectors(ctx: RunContext, detectors: list[Any], pre: list[nn.Module], model: nn.Module,
                    notes: list[str]) -> None:
-    """Fit each detector on preprocessed clean training images; calibrate its threshold on half of the validation
-    split (the other half sets the 1%/5% thresholds of the detection metrics)."""
+    """Fit each detector on preprocessed clean training images (raw ones for a detector that ``sees_raw_input``);
+    calibrate its threshold on half of the validation split (the other half sets the 1%/5% thresholds of the
+    detection metrics)."""
     if not detectors:
         return
     dev = ctx.device
-    squeeze = nn.Sequential(*pre)
+    x_raw, cal_raw = ctx.splits.train.x[:N_DETECTOR_FIT].to(dev), ctx.splits.val.x.to(dev)[::2]
     with torch.no_grad():
-        xf = squeeze(ctx.splits.train.x[:N_DETECTOR_FIT].to(dev))
-        x_cal = squeeze(ctx.splits.val.x.to(dev)[::2])
+        squeeze = nn.Sequential(*pre)
+        xf, x_cal = squeeze(x_raw), squeeze(cal_raw)
     for d in detectors:
-        d.fit(xf, model=model, y=ctx.splits.train.y[:N_DETECTOR_FIT].to(dev), x_calibration=x_cal, seed=ctx.seed)
-        notes.append(f"{d.registry_name}: fitted on {len(xf)} clean training images, threshold calibrated "
-                     f"for {d.fpr:.0%} clean FPR on {len(x_cal)} clean validation images")
+        fit_x, fit_cal = (x_raw, cal_raw) if d.sees_raw_input else (xf, x_cal)
+        d.fit(fit_x, model=model, y=ctx.splits.train.y[:N_DETECTOR_FIT].to(dev), x_calibration=fit_cal, seed=ctx.seed)
+        where = "raw (in front of the preprocessors)" if d.sees_raw_input and pre else "clean"
+        notes.append(f"{d.registry_name}: fitted on {len(fit_x)} {where} training images, threshold calibrated "
+                     f"for {d.fpr:.0%} clean FPR on {len(fit_cal)} clean validation images")
 
 
 def _fit_preprocessors(ctx: RunContext, pre: list[nn.Module], notes: list[str]) -> None:

@@ -55,7 +55,11 @@ class Detector:
     ``fit`` holds out ``calibration_fraction`` of the clean images; the threshold is the (1 - ``fpr``) quantile of
     their scores, so the clean false-positive rate is ``fpr`` up to sampling error. Subclasses implement
     ``_fit(x, model)`` and a differentiable ``score_torch(x)`` (adaptive attacks descend it).
+    ``sees_raw_input``: the deployed pipeline scores the raw input, not the preprocessors' output (MagNet's detector
+    next to its reformer); False for every detector unless it says otherwise.
     """
+
+    sees_raw_input: bool = False
 
     def _init_common(self, fpr: float, calibration_fraction: float, batch_size: int) -> None:
         self.fpr = float(check_fraction(self, "fpr", fpr, allow_zero=False, allow_one=False))

@@ -11,6 +11,7 @@ from typing import Any
 from safedl.errors import UnknownComponentError
 from safedl.integrations.art import evasion, postprocess, preprocess
 from safedl.integrations.art.backdoor import ArtPoisoningAttackBackdoor
+from safedl.integrations.art.clean_label import ArtPoisoningAttackCleanLabelBackdoor
 from safedl.integrations.art.detector import ArtBinaryActivationDetector, ArtBinaryInputDetector
 from safedl.integrations.art.loader import ART_MODULES, PREFIX, art_classes
 from safedl.integrations.art.signature import adapter_class
@@ -23,6 +24,7 @@ FIXED_ONLY: frozenset[str] = frozenset({"backdoor", "detector"})
 #: ART classes the adapter wraps with a hand-written class (their ART constructor takes code, not data)
 FIXED_ADAPTERS: dict[tuple[str, str], type] = {
     ("backdoor", "PoisoningAttackBackdoor"): ArtPoisoningAttackBackdoor,
+    ("backdoor", "PoisoningAttackCleanLabelBackdoor"): ArtPoisoningAttackCleanLabelBackdoor,
     ("detector", "BinaryInputDetector"): ArtBinaryInputDetector,
     ("detector", "BinaryActivationDetector"): ArtBinaryActivationDetector,
 }

@@ -47,9 +47,11 @@ class DetectorProtocol(Protocol):
 
     ``fit(x_clean, *, model, y, x_calibration, seed) -> self`` sets ``threshold_`` (clean FPR ``fpr`` on the
     calibration images) and ``score_scale_`` (clean score spread); ``score_torch`` is differentiable so adaptive
-    attacks can descend it."""
+    attacks can descend it. ``sees_raw_input``: it is fitted on and scores the raw input, in front of the
+    preprocessors (else it sees their output)."""
 
     fpr: float
+    sees_raw_input: bool
     threshold_: float
     score_scale_: float
 

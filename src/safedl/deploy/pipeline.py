@@ -94,8 +94,8 @@ def _check(components: Sequence[Any], protocol: type, kind: str) -> list[Any]:
 class SecurePipeline:
     """preprocessors -> detectors -> model -> postprocessors, or a certifier around the model.
 
-    ``decide(x)`` answers a batch (:class:`Decision`). Detectors score the preprocessed input and must be fitted
-    already. Inference is thread-safe (one lock around a decision) and deterministic for a given input batch:
+    ``decide(x)`` answers a batch (:class:`Decision`). Detectors score the preprocessed input (the raw input for
+    one that ``sees_raw_input``) and must be fitted already. Inference is thread-safe (one lock around a decision) and deterministic for a given input batch:
     randomized preprocessors restart their seeded generators at every decision. A certifier (randomized smoothing)
     replaces the plain forward pass with its PREDICT and cannot be combined with pre- or postprocessors.
     """
@@ -107,7 +107,7 @@ class SecurePipeline:
                  output_sanity: OutputSanity | None = None):
         self.preprocessors = _check(preprocessors, PreprocessorProtocol, "preprocessor")
         self.postprocessors = _check(postprocessors, PostprocessorProtocol, "postprocessor")
-        self.detectors = [PreprocessedDetector(d, self.preprocessors)
+        self.detectors = [PreprocessedDetector(d, () if d.sees_raw_input else self.preprocessors)
                           for d in _check(detectors, DetectorProtocol, "detector")]
         if certifier is not None:
             _check([certifier], CertifierProtocol, "certifier")

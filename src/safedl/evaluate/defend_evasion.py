@@ -26,12 +26,12 @@ from safedl import registry
 from safedl.evaluate.context import RunContext
 from safedl.evaluate.defense_models import train_defense_model
 from safedl.evaluate.base import AttackOutcome, EvasionState, defense_evaluator
-from safedl.evaluate.defense_confusion import evasion_confusions
+from safedl.evaluate.defense_confusion import evasion_confusions, worst_case_decision
 from safedl.evaluate.verified import interval_certification
 from safedl.defenses.adaptive import DetectorAwarePGD, defended_model, strong_adaptive_suite
 from safedl.defenses.preprocess._base import Preprocessor
 from safedl.defenses.preprocess.gaussian_augmentation import GaussianAugmentation
-from safedl.deploy.pipeline import SecurePipeline
+from safedl.deploy.pipeline import Decision, SecurePipeline
 from safedl.deploy.run_export import save_system
 from safedl.profile import DefenseSpec
 from safedl.report.stage_figures import bar_figure
@@ -93,19 +93,22 @@ def _defense_model(ctx: RunContext, parts: dict[str, list[Any]], metrics: dict, 
 
 def _fit_detectors(ctx: RunContext, detectors: list[Any], pre: list[nn.Module], model: nn.Module,
                    notes: list[str]) -> None:
-    """Fit each detector on preprocessed clean training images; calibrate its threshold on half of the validation
-    split (the other half sets the 1%/5% thresholds of the detection metrics)."""
+    """Fit each detector on preprocessed clean training images (raw ones for a detector that ``sees_raw_input``);
+    calibrate its threshold on half of the validation split (the other half sets the 1%/5% thresholds of the
+    detection metrics)."""
     if not detectors:
         return
     dev = ctx.device
-    squeeze = nn.Sequential(*pre)
+    x_raw, cal_raw = ctx.splits.train.x[:N_DETECTOR_FIT].to(dev), ctx.splits.val.x.to(dev)[::2]
     with torch.no_grad():
-        xf = squeeze(ctx.splits.train.x[:N_DETECTOR_FIT].to(dev))
-        x_cal = squeeze(ctx.splits.val.x.to(dev)[::2])
+        squeeze = nn.Sequential(*pre)
+        xf, x_cal = squeeze(x_raw), squeeze(cal_raw)
     for d in detectors:
-        d.fit(xf, model=model, y=ctx.splits.train.y[:N_DETECTOR_FIT].to(dev), x_calibration=x_cal, seed=ctx.seed)
-        notes.append(f"{d.registry_name}: fitted on {len(xf)} clean training images, threshold calibrated "
-                     f"for {d.fpr:.0%} clean FPR on {len(x_cal)} clean validation images")
+        fit_x, fit_cal = (x_raw, cal_raw) if d.sees_raw_input else (xf, x_cal)
+        d.fit(fit_x, model=model, y=ctx.splits.train.y[:N_DETECTOR_FIT].to(dev), x_calibration=fit_cal, seed=ctx.seed)
+        where = "raw (in front of the preprocessors)" if d.sees_raw_input and pre else "clean"
+        notes.append(f"{d.registry_name}: fitted on {len(fit_x)} {where} training images, threshold calibrated "
+                     f"for {d.fpr:.0%} clean FPR on {len(fit_cal)} clean validation images")
 
 
 def _fit_preprocessors(ctx: RunContext, pre: list[nn.Module], notes: list[str]) -> None:
@@ -177,27 +180,28 @@ def _has_own_approximation(system: SecurePipeline) -> bool:
 
 
 def _rerun_attack(ctx: RunContext, system: SecurePipeline, st: EvasionState, notes: list[str]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-run the paired attack on the defended system; returns (defended mask, the adaptive examples)."""
+                  ) -> tuple[list[Decision], torch.Tensor]:
+    """Re-run the paired attack on the defended system; returns (the system's decisions on each set of adaptive
+    examples, the paired attack's examples)."""
     bs = ctx.profile.evaluation.batch_size
     attack = registry.create("evasion", st.spec["name"], **st.spec.get("params", {}))
     target_model = _attack_target(ctx, system, attack, notes)
     if attack.access == "transfer":  # the attacker trains a surrogate against the deployed system
         attack.fit(ctx.splits.train, model=system.deployed, device=ctx.device)
     x_ad = _run_batched(lambda a, b, t: attack(target_model, a, b, target=t), st.x, st.y, st.target, bs)
-    defended = system.decide(x_ad).defended(st.y)
+    decisions = [system.decide(x_ad)]
     if attack.access == "white-box" and system.preprocessors and _has_own_approximation(system):
         # a smooth surrogate can have vanishing gradients: also try BPDA with the identity, keep the worst case
         ident = system.attack_surface(eot_samples=8, bpda="identity")
         x_id = _run_batched(lambda a, b, t: attack(ident, a, b, target=t), st.x, st.y, st.target, bs)
-        defended &= system.decide(x_id).defended(st.y)
+        decisions.append(system.decide(x_id))
         notes.append("adaptive: BPDA through each preprocessor's differentiable approximation and BPDA with the "
                      "identity, per-sample worst case")
-    return defended, x_ad
+    return decisions, x_ad
 
 
 def _detector_aware(ctx: RunContext, system: SecurePipeline, st: EvasionState, notes: list[str]
-                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                    ) -> tuple[Decision, torch.Tensor] | None:
     """Detector-aware PGD within the paired attack's budget (None when the attack has no eps budget)."""
     attack = registry.create("evasion", st.spec["name"], **st.spec.get("params", {}))
     name = st.spec["name"]
@@ -215,7 +219,7 @@ def _detector_aware(ctx: RunContext, system: SecurePipeline, st: EvasionState, n
     notes.append(f"adaptive on detectors: detector-aware PGD ({dpgd.steps} steps, eps {dpgd.eps} {dpgd.norm}: "
                  "classification margin + hinge on every detector score above its threshold); a sample is "
                  f"defended only if it survives both this and {name} on the defended classifier")
-    return system.decide(x_det).defended(st.y), x_det
+    return system.decide(x_det), x_det
 
 
 def detector_hinge(detectors: Sequence[Any]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -227,7 +231,7 @@ def detector_hinge(detectors: Sequence[Any]) -> Callable[[torch.Tensor], torch.T
 
 
 def _penalized_attack(ctx: RunContext, system: SecurePipeline, attack: Any, st: EvasionState, notes: list[str]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      ) -> tuple[Decision, torch.Tensor]:
     """The paired L0 / patch attack (no eps ball) with the detectors' hinge in its objective (our detector-aware
     variant: the attacker knows the detectors and their thresholds)."""
     aware = attack.with_penalty(detector_hinge(system.detectors))
@@ -237,11 +241,11 @@ def _penalized_attack(ctx: RunContext, system: SecurePipeline, attack: Any, st: 
     notes.append(f"adaptive on detectors: {attack.registry_name} with every detector's score above its threshold "
                  "added to its objective (a success must also go undetected); a sample is defended only if it "
                  f"survives both this and {attack.registry_name} on the defended classifier")
-    return system.decide(x_det).defended(st.y), x_det
+    return system.decide(x_det), x_det
 
 
 def _strong_suite(ctx: RunContext, system: SecurePipeline, st: EvasionState, metrics: dict, notes: list[str]
-                  ) -> torch.Tensor | None:
+                  ) -> Decision | None:
     """The strong adaptive suite within the paired attack's budget, on defenses that change the model or its
     inputs (None where it does not apply: no such defense, a certifier, an attack without an eps budget, or a
     threat model without white-box access)."""
@@ -259,7 +263,8 @@ def _strong_suite(ctx: RunContext, system: SecurePipeline, st: EvasionState, met
                                      seed=ctx.seed, preprocessors=system.preprocessors,
                                      postprocessors=system.postprocessors, steps=cfg.steps, restarts=cfg.restarts,
                                      eot_samples=cfg.eot_samples) for i in range(0, len(st.x), bs)]
-    defended = system.decide(torch.cat([r.x_adv for r in results])).defended(st.y)
+    decision = system.decide(torch.cat([r.x_adv for r in results]))
+    defended = decision.defended(st.y)
     broken_by = torch.cat([r.broken_by for r in results])
     metrics["robust_accuracy_strong_suite"] = proportion(int(defended.sum()), len(st.y))
     budget = dict(results[0].budget)
@@ -270,30 +275,37 @@ def _strong_suite(ctx: RunContext, system: SecurePipeline, st: EvasionState, met
                  f"restarts, eps {attack.eps:g} {attack.norm}, BPDA {'/'.join(budget['bpda'])}"
                  f"{', EOT ' + str(cfg.eot_samples) if any(p.randomized for p in system.preprocessors) else ''}): "
                  "its examples are judged by the deployed system and count in the worst case")
-    return defended
+    return decision
 
 
 def _robustness(ctx: RunContext, system: SecurePipeline, st: EvasionState, metrics: dict, notes: list[str],
                 decisions: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-adaptive and adaptive robust accuracy; returns the examples the detection metrics score and the
-    per-sample defended mask behind ``robust_accuracy``."""
+    per-sample defended mask behind ``robust_accuracy``. ``decisions["adaptive"]`` becomes the per-sample worst
+    case over the same attacks (so its confusion matrix counts exactly the samples ``robust_accuracy`` counts)."""
     n = len(st.y)
     decisions["non-adaptive"] = system.decide(st.x_adv)
     defended_na = decisions["non-adaptive"].defended(st.y)
     metrics["robust_accuracy_nonadaptive"] = proportion(int(defended_na.sum()), n)
-    defended_ad, x_eval = _rerun_attack(ctx, system, st, notes)
+    suite_decisions, x_eval = _rerun_attack(ctx, system, st, notes)
     if system.detectors:
         aware = _detector_aware(ctx, system, st, notes)
         if aware is not None:
-            defended_ad &= aware[0]
+            suite_decisions.append(aware[0])
             x_eval = aware[1]
-    metrics["robust_accuracy_paired_adaptive"] = proportion(int(defended_ad.sum()), n)
+
+    def defended_under(ds: list[Decision]) -> torch.Tensor:
+        return torch.stack([d.defended(st.y) for d in ds]).all(0)
+
+    metrics["robust_accuracy_paired_adaptive"] = proportion(int(defended_under(suite_decisions).sum()), n)
     suite = _strong_suite(ctx, system, st, metrics, notes)
     if suite is not None:
-        defended_ad &= suite
-    metrics["robust_accuracy_adaptive_only"] = proportion(int(defended_ad.sum()), n)
+        suite_decisions.append(suite)
+    metrics["robust_accuracy_adaptive_only"] = proportion(int(defended_under(suite_decisions).sum()), n)
     # the adaptive attacker may also submit the transferred examples: the reported number is the worst case
-    defended_ad &= defended_na
+    suite_decisions.append(decisions["non-adaptive"])
+    defended_ad = defended_under(suite_decisions)
+    decisions["adaptive"] = worst_case_decision(suite_decisions, st.y)
     metrics["robust_accuracy"] = proportion(int(defended_ad.sum()), n)
     metrics["robust_accuracy_gap"] = scalar(float(defended_na.float().mean() - defended_ad.float().mean()), n=n)
     notes.append("robust_accuracy is ADAPTIVE: per-sample worst case of the paired attack re-run on the defended "
@@ -301,7 +313,8 @@ def _robustness(ctx: RunContext, system: SecurePipeline, st: EvasionState, metri
                  "(robust_accuracy_paired_adaptive: the paired attack's re-run alone; robust_accuracy_adaptive_only: "
                  "every adaptive attack without the transferred examples); "
                  "robust_accuracy_nonadaptive uses the examples crafted on the undefended model; "
-                 "defended = rejected or classified correctly")
+                 "defended = rejected or classified correctly; the adaptive confusion matrix shows, per sample, "
+                 "the decision on the example of the first of these attacks that broke it")
     return x_eval, defended_ad
 
 
@@ -359,7 +372,6 @@ def evaluate_evasion_defense(ctx: RunContext, spec: DefenseSpec, components: lis
     system = build_system(ctx, components, metrics, notes)
     decisions = {"clean": _clean_metrics(ctx, system, st.x, st.y, metrics)}
     x_eval, defended = _robustness(ctx, system, st, metrics, notes, decisions)
-    decisions["adaptive"] = system.decide(x_eval)
     if system.detectors:
         clean_val = ctx.splits.val.x[1::2].to(ctx.device)
         metrics["detection"] = detection_metrics(system, clean_val, st.x, st.y, st.x_adv)

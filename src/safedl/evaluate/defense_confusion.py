@@ -2,7 +2,8 @@
 classes and one last column for rejected images (a detector flagged them or the certifier abstained)."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
+from typing import Any, Sequence
 
 import torch
 
@@ -23,3 +24,25 @@ def evasion_confusions(decisions: dict[str, Any], y: torch.Tensor, num_classes: 
     return {"columns": "predicted class 0..K-1, then rejected",
             "matrices": {name: decision_confusion(d.labels, d.rejected, y, num_classes)
                          for name, d in decisions.items()}}
+
+
+def worst_case_decision(decisions: Sequence[Any], y: torch.Tensor) -> Any:
+    """Per sample, the first of ``decisions`` (one per attack of the adaptive suite, same images) under which the
+    sample is not defended, else the first one: the per-sample union behind ``robust_accuracy``, as one decision
+    with labels, probabilities, rejections, reasons and detector scores taken from the chosen attack."""
+    if not decisions:
+        raise ValueError("worst_case_decision: needs at least one decision")
+    y = y.to(decisions[0].labels.device)
+    broken = torch.stack([~d.defended(y).to(y.device) for d in decisions])  # A x N
+    pick = torch.where(broken.any(0), broken.float().argmax(0), torch.zeros_like(y))
+    rows = torch.arange(len(y), device=y.device)
+
+    def take(field: str) -> torch.Tensor:
+        return torch.stack([getattr(d, field).to(y.device) for d in decisions])[pick, rows]
+
+    names = [n for n in decisions[0].detector_scores if all(n in d.detector_scores for d in decisions)]
+    scores = {n: torch.stack([d.detector_scores[n].to(y.device) for d in decisions])[pick, rows] for n in names}
+    chosen = pick.tolist()
+    return replace(decisions[0], labels=take("labels"), probs=take("probs"), rejected=take("rejected"),
+                   reasons=[decisions[a].reasons[i] for i, a in enumerate(chosen)], detector_scores=scores,
+                   thresholds={n: decisions[0].thresholds[n] for n in names})

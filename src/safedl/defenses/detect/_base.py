@@ -55,7 +55,11 @@ class Detector:
     ``fit`` holds out ``calibration_fraction`` of the clean images; the threshold is the (1 - ``fpr``) quantile of
     their scores, so the clean false-positive rate is ``fpr`` up to sampling error. Subclasses implement
     ``_fit(x, model)`` and a differentiable ``score_torch(x)`` (adaptive attacks descend it).
+    ``sees_raw_input``: the deployed pipeline scores the raw input, not the preprocessors' output (MagNet's detector
+    next to its reformer); False for every detector unless it says otherwise.
     """
+
+    sees_raw_input: bool = False
 
     def _init_common(self, fpr: float, calibration_fraction: float, batch_size: int) -> None:
         self.fpr = float(check_fraction(self, "fpr", fpr, allow_zero=False, allow_one=False))
@@ -148,11 +152,8 @@ class SupervisedDetector(Detector):
         return torch.cat([self._characteristics(x[i : i + self.batch_size]).detach()
                           for i in range(0, len(x), self.batch_size)])
 
-    def _fit_regression(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module, seed: int) -> None:
-        """Make the fit-time adversarial and noisy examples from ``x`` and fit the standardised logistic regression."""
-        from sklearn.linear_model import LogisticRegression
-
-        g = torch.Generator().manual_seed(int(seed) + 1)
+    def fit_examples(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module, seed: int) -> torch.Tensor:
+        """The fit-time adversarial examples: ``attack`` at ``eps`` (with ``attack_params``) on ``model``."""
         params = dict(self._default_attack_params(self.attack) if self.attack_params is None else self.attack_params)
         if "seed" in {p.name for p in registry.params("evasion", self.attack)}:
             params.setdefault("seed", seed)
@@ -160,8 +161,15 @@ class SupervisedDetector(Detector):
         if hasattr(attack, "fit"):
             raise ConfigError(f"{self.registry_name}: attack {self.attack!r} needs its own fit; choose a white-box "
                               "or query attack")
-        x_adv = torch.cat([attack(model, x[i : i + self.batch_size], y[i : i + self.batch_size])
-                           for i in range(0, len(x), self.batch_size)])
+        return torch.cat([attack(model, x[i : i + self.batch_size], y[i : i + self.batch_size])
+                          for i in range(0, len(x), self.batch_size)])
+
+    def _fit_regression(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module, seed: int) -> None:
+        """Make the fit-time adversarial and noisy examples from ``x`` and fit the standardised logistic regression."""
+        from sklearn.linear_model import LogisticRegression
+
+        g = torch.Generator().manual_seed(int(seed) + 1)
+        x_adv = self.fit_examples(x, y, model, seed)
         noise = (torch.rand(x.shape, generator=g) * 2 - 1).to(x.device) * self.eps
         x_noisy = (x + noise).clamp(0, 1)
         with eval_mode(model), frozen_params(model):

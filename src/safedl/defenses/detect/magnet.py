@@ -15,6 +15,7 @@ from safedl.utils.validate import check_choice, check_positive
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("I", "II")
+PLACEMENTS = ("after_preprocessors", "before_preprocessors")
 METRICS = ("l1", "l2", "jsd")
 
 
@@ -110,12 +111,16 @@ class MagNetDetector(Detector):
     attack descends it jointly with the classifier. The paper's reformer (classifying ae(x)) is the preprocessor
     ``magnet_reformer``. The autoencoder's weights are fitted state (``ae_weights_``), so bundles store them as tensors.
     Defaults (architecture II, 8 filters, 30 epochs, lr 3e-3, batches of 32) were picked on digits, seed 0: the
-    paper's 3-filter architecture I barely learns 8x8 digits in that many steps.
+    paper's 3-filter architecture I barely learns 8x8 digits in that many steps. ``placement="before_preprocessors"``
+    fits and scores the raw input in front of the preprocessors: with ``magnet_reformer`` in the same pipeline that
+    is the paper's two-part MagNet (detect on x, classify ae(x)); the default sees the preprocessors' output.
     """
 
     def __init__(self, *, architecture: str = "II", filters: int = 8, metric: str = "l2", temperature: float = 10.0,
                  epochs: int = 30, noise: float = 0.1, lr: float = 3e-3, train_batch_size: int = 32,
-                 fpr: float = 0.05, calibration_fraction: float = 0.3, batch_size: int = 256):
+                 fpr: float = 0.05, calibration_fraction: float = 0.3, batch_size: int = 256,
+                 placement: str = "after_preprocessors"):
+        self.placement = check_choice(self, "placement", placement, PLACEMENTS)
         self.architecture = check_choice(self, "architecture", architecture, ARCHITECTURES)
         self.filters = check_positive(self, "filters", filters, integer=True)
         self.metric = check_choice(self, "metric", metric, METRICS)
@@ -125,6 +130,11 @@ class MagNetDetector(Detector):
         self.lr = float(check_positive(self, "lr", lr))
         self.train_batch_size = check_positive(self, "train_batch_size", train_batch_size, integer=True)
         self._init_common(fpr, calibration_fraction, batch_size)
+
+    @property
+    def sees_raw_input(self) -> bool:  # type: ignore[override]
+        """In front of the preprocessors (``placement="before_preprocessors"``)."""
+        return self.placement == "before_preprocessors"
 
     def _fit(self, x, model, *, y, seed, **kwargs) -> None:
         ae = train_autoencoder(x, architecture=self.architecture, filters=self.filters, epochs=self.epochs,

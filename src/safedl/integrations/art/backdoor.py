@@ -55,6 +55,11 @@ class ArtPoisoningAttackBackdoor:
         self._fn = functools.partial(fn, **self.perturbation_params)
         self.apply_trigger(torch.zeros(1, 1, 8, 8))  # ART checks its arguments when it runs
 
+    def art_attack(self, *, channels_first: bool = False) -> Any:
+        """ART's PoisoningAttackBackdoor with this perturbation (images channels-first when ``channels_first``)."""
+        fn = functools.partial(self._fn, channels_first=True) if channels_first else self._fn
+        return import_art("art.attacks.poisoning").PoisoningAttackBackdoor(fn)
+
     def apply_trigger(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Stamp ART's perturbation into a batch N x C x H x W in [0, 1] (ART works channels-last)."""
         if x.ndim != 4:
@@ -62,7 +67,7 @@ class ArtPoisoningAttackBackdoor:
         if len(x) == 0:
             return x.clone()
         nhwc = x.detach().cpu().permute(0, 2, 3, 1).numpy().copy()
-        attack = import_art("art.attacks.poisoning").PoisoningAttackBackdoor(self._fn)
+        attack = self.art_attack()
         try:
             with numpy_seed(self.seed + 1):
                 out, _ = attack.poison(nhwc, y=np.zeros(len(x), dtype=np.int64))

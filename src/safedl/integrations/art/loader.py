@@ -15,6 +15,7 @@ ART_MODULES: dict[str, tuple[str, str]] = {
     "backdoor": ("art.attacks.poisoning", "art.attacks.attack.PoisoningAttackBlackBox"),
     "preprocessor": ("art.defences.preprocessor", "art.defences.preprocessor.preprocessor.Preprocessor"),
     "postprocessor": ("art.defences.postprocessor", "art.defences.postprocessor.postprocessor.Postprocessor"),
+    "detector": ("art.defences.detector.evasion", "art.defences.detector.evasion.evasion_detector.EvasionDetector"),
 }
 
 

@@ -11,14 +11,23 @@ from typing import Any
 from safedl.errors import UnknownComponentError
 from safedl.integrations.art import evasion, postprocess, preprocess
 from safedl.integrations.art.backdoor import ArtPoisoningAttackBackdoor
+from safedl.integrations.art.clean_label import ArtPoisoningAttackCleanLabelBackdoor
+from safedl.integrations.art.detector import ArtBinaryActivationDetector, ArtBinaryInputDetector
 from safedl.integrations.art.loader import ART_MODULES, PREFIX, art_classes
 from safedl.integrations.art.signature import adapter_class
 from safedl.registry import register
 
 #: the safedl kinds an ART class can be used as, in the order ``kind_of`` tries them
-SUPPORTED_KINDS: tuple[str, ...] = ("evasion", "preprocessor", "postprocessor", "backdoor")
+SUPPORTED_KINDS: tuple[str, ...] = ("evasion", "preprocessor", "postprocessor", "detector", "backdoor")
+#: kinds whose ART classes take code (networks, functions) in their constructors: only the hand-written adapters
+FIXED_ONLY: frozenset[str] = frozenset({"backdoor", "detector"})
 #: ART classes the adapter wraps with a hand-written class (their ART constructor takes code, not data)
-FIXED_ADAPTERS: dict[tuple[str, str], type] = {("backdoor", "PoisoningAttackBackdoor"): ArtPoisoningAttackBackdoor}
+FIXED_ADAPTERS: dict[tuple[str, str], type] = {
+    ("backdoor", "PoisoningAttackBackdoor"): ArtPoisoningAttackBackdoor,
+    ("backdoor", "PoisoningAttackCleanLabelBackdoor"): ArtPoisoningAttackCleanLabelBackdoor,
+    ("detector", "BinaryInputDetector"): ArtBinaryInputDetector,
+    ("detector", "BinaryActivationDetector"): ArtBinaryActivationDetector,
+}
 #: ART defaults safedl changes (GaussianAugmentation transforms the input instead of appending noisy copies)
 DEFAULTS: dict[str, dict[str, Any]] = {"GaussianAugmentation": {"augmentation": False}}
 
@@ -42,7 +51,7 @@ def _base(kind: str) -> tuple[type, list]:
 
 def supported(kind: str) -> dict[str, type]:
     """ART classes usable as ``kind`` (empty for kinds the adapter does not cover)."""
-    if kind == "backdoor":
+    if kind in FIXED_ONLY:
         return {n: c for n, c in art_classes(kind).items() if (kind, n) in FIXED_ADAPTERS}
     return art_classes(kind) if kind in SUPPORTED_KINDS else {}
 

@@ -65,3 +65,15 @@ def executor_for(profile: Profile, device: torch.device) -> Executor:
         gpus = ex.gpus_per_task or (1.0 / ex.workers if ex.workers else 1.0)
     return create_executor(ex.executor, workers=ex.workers, threads_per_task=ex.threads_per_task,
                            address=ex.ray_address, gpus_per_task=gpus, preload=("safedl.run._preload",))
+
+
+def suite_shards_for(profile: Profile, executor: Executor) -> int:
+    """How many stages a shardable strong adaptive suite is split into: ``execution.suite_shards``, else one per
+    evaluation batch when the executor runs stages in parallel (more than one worker, or a cluster), else 1."""
+    if profile.execution.suite_shards is not None:
+        return profile.execution.suite_shards
+    workers, _ = executor.resolved()
+    if executor.in_process or (workers is not None and workers <= 1):  # in process: one stage at a time
+        return 1
+    ev = profile.evaluation
+    return max(1, -(-ev.n_eval // ev.batch_size))

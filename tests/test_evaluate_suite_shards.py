@@ -1,0 +1,99 @@
+"""The strong adaptive suite split into shards (separate stages) gives exactly the unsplit suite's result: the same
+success set, the same examples, the same defense entry; defenses whose suite depends on training, fitting or random
+draws are not split."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _profiles import tiny_profile
+from safedl import registry
+from safedl.defenses.adaptive import strong_adaptive_suite
+from safedl.errors import ConfigError
+from safedl.evaluate.base import AttackOutcome, EvasionState
+from safedl.evaluate.context import RunContext
+from safedl.evaluate.suite_shards import shard_plans, shardable, run_shard, suite_results
+from safedl.profile import AttackSpec, parse_profile
+
+EPS = 0.2
+
+
+def _profile(**over):
+    return parse_profile(tiny_profile(
+        attacks={"evasion": [{"name": "pgd", "params": {"eps": EPS, "norm": "linf", "steps": 5}}]},
+        defenses=[{"name": "feature_squeezing", "params": {"bit_depth": 1}, "against": ["pgd"]}],
+        evaluation={"n_eval": 90, "batch_size": 30, "strong_adaptive": {"steps": 10, "restarts": 2}},
+        output={"figures": False, "html": False}, **over))
+
+
+def test_batches_are_dealt_round_robin_to_non_empty_shards():
+    plans = shard_plans(n=100, batch_size=30, shards=3)
+    assert [p.starts for p in plans] == [(0, 90), (30,), (60,)]
+    assert [p.starts for p in shard_plans(n=60, batch_size=30, shards=5)] == [(0,), (30,)]  # never empty
+    assert [p.starts for p in shard_plans(n=60, batch_size=30, shards=1)] == [(0, 30)]
+    with pytest.raises(ConfigError, match="shards = 0"):
+        shard_plans(n=60, batch_size=30, shards=0)
+
+
+def test_only_fixed_deterministic_preprocessor_suites_are_split():
+    prof = _profile()
+    pgd = AttackSpec(name="pgd", params={"eps": EPS, "norm": "linf"})
+    fs = registry.create("preprocessor", "feature_squeezing", bit_depth=1)
+    assert shardable(prof, [fs], pgd, "evasion")
+    assert not shardable(prof, [registry.create("preprocessor", "gaussian_augmentation")], pgd, "evasion")
+    assert not shardable(prof, [fs, registry.create("trainer", "adversarial_training")], pgd, "evasion")
+    assert not shardable(prof, [fs], AttackSpec(name="deepfool"), "evasion")  # no eps budget: no suite
+    gray = prof.model_copy(update={"threat_model": prof.threat_model.model_copy(update={"model_access": "gray-box"})})
+    assert not shardable(gray, [fs], pgd, "evasion")
+
+
+def test_shards_reproduce_every_batch_of_the_unsplit_suite(tiny_model, digits_splits, tmp_path):
+    prof = _profile()
+    x, y = digits_splits.test.x[:90], digits_splits.test.y[:90]
+    st = EvasionState(x=x, y=y, x_adv=x.clone(), target=None, spec={"name": "pgd", "params": {"eps": EPS}})
+    ctx = RunContext(profile=prof, splits=digits_splits, device=torch.device("cpu"), run_dir=tmp_path,
+                     baseline=tiny_model, build_fresh=lambda: None)
+    fs = registry.create("preprocessor", "feature_squeezing", bit_depth=1)
+    outcome = AttackOutcome(entry={"id": "pgd"}, state=st.to_state())
+    states = [run_shard(ctx, [fs], outcome, p) for p in shard_plans(n=90, batch_size=30, shards=2)]
+    got = suite_results(states, torch.device("cpu"))
+    assert sorted(got) == [0, 30, 60]
+    broken = 0
+    for start in (0, 30, 60):
+        ref = strong_adaptive_suite(tiny_model, x[start:start + 30], y[start:start + 30], eps=EPS, seed=0,
+                                    preprocessors=[fs], steps=10, restarts=2)
+        assert torch.equal(got[start].broken_by, ref.broken_by)
+        assert torch.equal(got[start].x_adv, ref.x_adv)
+        assert got[start].members == ref.members and got[start].budget == ref.budget
+        broken += int((ref.broken_by >= 0).sum())
+    assert broken > 0  # the suite bites, so equal sets say something
+
+
+def _defense(results):
+    (d,) = results["defenses"]
+    return d
+
+
+def _numbers(entry):
+    """The entry's metrics without the one timing metric (wall-clock latency differs between any two runs)."""
+    return {k: v for k, v in entry["metrics"].items() if k != "latency_added_ms_per_image"}
+
+
+def test_a_run_with_the_suite_in_shards_has_the_unsplit_run_s_defense_entry(tmp_path):
+    from safedl.run import run_assessment
+
+    _, whole = run_assessment(_profile(execution={"executor": "serial", "suite_shards": 1}), base_dir=tmp_path,
+                              run_dir=tmp_path / "whole")
+    run_b, split = run_assessment(_profile(execution={"executor": "serial", "suite_shards": 3}), base_dir=tmp_path,
+                                  run_dir=tmp_path / "split")
+    a, b = _defense(whole), _defense(split)
+    assert "suite_shards" not in a
+    assert [s["batches"] for s in b["suite_shards"]] == [[0], [30], [60]]
+    assert all(s["cpu_s"] > 0 for s in b["suite_shards"])
+    assert _numbers(a) == _numbers(b) and a["confusion_evasion"] == b["confusion_evasion"]
+    assert a["metrics"]["strong_suite_broken_by"]["apgd_ce"] > 0
+    assert (run_b / "stages" / "suite-feature_squeezing-vs-pgd-1of3" / "stage.json").is_file()
+    # resumed: every stage, shards included, is reused and the entry is the same
+    _, again = run_assessment(_profile(execution={"executor": "serial", "suite_shards": 3}), base_dir=tmp_path,
+                              run_dir=run_b)
+    assert _defense(again) == b

@@ -18,7 +18,7 @@ from safedl.profile import AttackSpec, parse_profile
 EPS = 0.2
 
 
-def _profile(**over):
+def shard_profile(**over):
     return parse_profile(tiny_profile(
         attacks={"evasion": [{"name": "pgd", "params": {"eps": EPS, "norm": "linf", "steps": 5}}]},
         defenses=[{"name": "feature_squeezing", "params": {"bit_depth": 1}, "against": ["pgd"]}],
@@ -36,7 +36,7 @@ def test_batches_are_dealt_round_robin_to_non_empty_shards():
 
 
 def test_only_fixed_deterministic_preprocessor_suites_are_split():
-    prof = _profile()
+    prof = shard_profile()
     pgd = AttackSpec(name="pgd", params={"eps": EPS, "norm": "linf"})
     fs = registry.create("preprocessor", "feature_squeezing", bit_depth=1)
     assert shardable(prof, [fs], pgd, "evasion")
@@ -48,7 +48,7 @@ def test_only_fixed_deterministic_preprocessor_suites_are_split():
 
 
 def test_shards_reproduce_every_batch_of_the_unsplit_suite(tiny_model, digits_splits, tmp_path):
-    prof = _profile()
+    prof = shard_profile()
     x, y = digits_splits.test.x[:90], digits_splits.test.y[:90]
     st = EvasionState(x=x, y=y, x_adv=x.clone(), target=None, spec={"name": "pgd", "params": {"eps": EPS}})
     ctx = RunContext(profile=prof, splits=digits_splits, device=torch.device("cpu"), run_dir=tmp_path,
@@ -67,33 +67,3 @@ def test_shards_reproduce_every_batch_of_the_unsplit_suite(tiny_model, digits_sp
         assert got[start].members == ref.members and got[start].budget == ref.budget
         broken += int((ref.broken_by >= 0).sum())
     assert broken > 0  # the suite bites, so equal sets say something
-
-
-def _defense(results):
-    (d,) = results["defenses"]
-    return d
-
-
-def _numbers(entry):
-    """The entry's metrics without the one timing metric (wall-clock latency differs between any two runs)."""
-    return {k: v for k, v in entry["metrics"].items() if k != "latency_added_ms_per_image"}
-
-
-def test_a_run_with_the_suite_in_shards_has_the_unsplit_run_s_defense_entry(tmp_path):
-    from safedl.run import run_assessment
-
-    _, whole = run_assessment(_profile(execution={"executor": "serial", "suite_shards": 1}), base_dir=tmp_path,
-                              run_dir=tmp_path / "whole")
-    run_b, split = run_assessment(_profile(execution={"executor": "serial", "suite_shards": 3}), base_dir=tmp_path,
-                                  run_dir=tmp_path / "split")
-    a, b = _defense(whole), _defense(split)
-    assert "suite_shards" not in a
-    assert [s["batches"] for s in b["suite_shards"]] == [[0], [30], [60]]
-    assert all(s["cpu_s"] > 0 for s in b["suite_shards"])
-    assert _numbers(a) == _numbers(b) and a["confusion_evasion"] == b["confusion_evasion"]
-    assert a["metrics"]["strong_suite_broken_by"]["apgd_ce"] > 0
-    assert (run_b / "stages" / "suite-feature_squeezing-vs-pgd-1of3" / "stage.json").is_file()
-    # resumed: every stage, shards included, is reused and the entry is the same
-    _, again = run_assessment(_profile(execution={"executor": "serial", "suite_shards": 3}), base_dir=tmp_path,
-                              run_dir=run_b)
-    assert _defense(again) == b

@@ -19,17 +19,17 @@ def test_a_process_run_with_the_suite_in_shards_has_the_serial_unsplit_run_s_def
     from safedl.run import run_assessment
 
     serial = shard_profile(execution={"executor": "serial"})  # one stage at a time: the suite stays in one stage
-    pool = shard_profile(execution={"executor": "process", "workers": 2, "threads_per_task": 1})  # default: 1 per batch
+    pool = shard_profile(execution={"executor": "process", "workers": 2, "threads_per_task": 1})  # default: 1 per worker
     _, whole = run_assessment(serial, base_dir=tmp_path, run_dir=tmp_path / "whole")
     run_b, split = run_assessment(pool, base_dir=tmp_path, run_dir=tmp_path / "split")
     a, b = _defense(whole), _defense(split)
     assert "suite_shards" not in a
-    assert [s["batches"] for s in b["suite_shards"]] == [[0], [30], [60]]
-    assert all(s["cpu_s"] > 0 for s in b["suite_shards"])
+    assert [s["batches"] for s in b["suite_shards"]] == [[0, 60], [30]]
+    assert all(s["cpu_s"] > 0 and len(s["batch_cpu_s"]) == len(s["batches"]) for s in b["suite_shards"])
     assert _numbers(a) == _numbers(b) and a["confusion_evasion"] == b["confusion_evasion"]
     assert a["metrics"]["strong_suite_broken_by"]["apgd_ce"] > 0
-    assert (run_b / "stages" / "suite-feature_squeezing-vs-pgd-1of3" / "stage.json").is_file()
+    assert (run_b / "stages" / "suite-feature_squeezing-vs-pgd-1of2" / "stage.json").is_file()
     # resumed serially: every stage, shards included, is reused and the entry is the same
     _, again = run_assessment(serial.model_copy(update={"execution": pool.execution.model_copy(
-        update={"executor": "serial", "suite_shards": 3})}), base_dir=tmp_path, run_dir=run_b)
+        update={"executor": "serial", "suite_shards": 2})}), base_dir=tmp_path, run_dir=run_b)
     assert _defense(again) == b

@@ -116,6 +116,7 @@ def test_the_suite_is_split_only_when_stages_run_in_parallel():
     p = Profile.model_validate({"evaluation": {"n_eval": 1000, "batch_size": 250}})
     assert suite_shards_for(p, create_executor("serial")) == 1
     assert suite_shards_for(p, create_executor("process", workers=1)) == 1
-    assert suite_shards_for(p, create_executor("process", workers=2)) == 4  # one per evaluation batch
-    fixed = p.model_copy(update={"execution": p.execution.model_copy(update={"suite_shards": 2})})
-    assert suite_shards_for(fixed, create_executor("process", workers=2)) == 2
+    assert suite_shards_for(p, create_executor("process", workers=2)) == 2  # one per worker
+    assert suite_shards_for(p, create_executor("process", workers=8)) == 4  # at most one per evaluation batch
+    fixed = p.model_copy(update={"execution": p.execution.model_copy(update={"suite_shards": 3})})
+    assert suite_shards_for(fixed, create_executor("process", workers=2)) == 3

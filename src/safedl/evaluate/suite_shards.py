@@ -11,6 +11,7 @@ keep the suite in their own stage.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -86,9 +87,11 @@ def run_shard(ctx: RunContext, components: Sequence[Any], outcome: AttackOutcome
     st = EvasionState.from_state(outcome.state, ctx.device)
     batches = []
     for start in (s for s in plan.starts if s < len(st.x)):  # n_eval may exceed the test split
+        c0 = time.process_time()
         r = run_batch(ctx, components, st, start)
         batches.append({"start": start, "broken_by": r.broken_by.cpu(), "robust": r.robust.cpu(),
-                        "x_adv": r.x_adv.cpu(), "members": list(r.members), "budget": dict(r.budget)})
+                        "x_adv": r.x_adv.cpu(), "members": list(r.members), "budget": dict(r.budget),
+                        "cpu_s": time.process_time() - c0})
     return {"shard": plan.shard, "shards": plan.shards, "batches": batches}
 
 

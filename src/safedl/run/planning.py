@@ -69,11 +69,14 @@ def executor_for(profile: Profile, device: torch.device) -> Executor:
 
 def suite_shards_for(profile: Profile, executor: Executor) -> int:
     """How many stages a shardable strong adaptive suite is split into: ``execution.suite_shards``, else one per
-    evaluation batch when the executor runs stages in parallel (more than one worker, or a cluster), else 1."""
+    worker when the executor runs stages in parallel (a cluster, workers unknown: one per evaluation batch), else 1;
+    never more than the suite's evaluation batches. One per worker, not per batch: replaying the default run's stage
+    costs, greedy scheduling with more shards than workers finishes later (README, issue 28)."""
+    ev = profile.evaluation
+    batches = max(1, -(-ev.n_eval // ev.batch_size))
     if profile.execution.suite_shards is not None:
-        return profile.execution.suite_shards
+        return min(profile.execution.suite_shards, batches)
     workers, _ = executor.resolved()
     if executor.in_process or (workers is not None and workers <= 1):  # in process: one stage at a time
         return 1
-    ev = profile.evaluation
-    return max(1, -(-ev.n_eval // ev.batch_size))
+    return batches if workers is None else min(workers, batches)

@@ -135,7 +135,8 @@ def suite_stage(shared: StageShared, inputs: dict[str, Any], *, attack_id: str,
         clock = StageClock()
         state = run_shard(ctx, parts, outcome, plan)
         entry = {"shard": plan.shard, "shards": plan.shards, "batches": list(plan.starts), "against": attack_id,
-                 "time_s": clock.wall(), "cpu_s": clock.cpu()}
+                 "time_s": clock.wall(), "cpu_s": clock.cpu(),
+                 "batch_cpu_s": [float(b.get("cpu_s", 0.0)) for b in state["batches"]]}
         return StageResult(entry=entry, state=state)
 
 

@@ -42,6 +42,7 @@ def test_only_fixed_deterministic_preprocessor_suites_are_split():
     assert shardable(prof, [fs], pgd, "evasion")
     assert not shardable(prof, [registry.create("preprocessor", "gaussian_augmentation")], pgd, "evasion")
     assert not shardable(prof, [fs, registry.create("trainer", "adversarial_training")], pgd, "evasion")
+    assert not shardable(prof, [fs, registry.create("postprocessor", "gaussian_noise")], pgd, "evasion")  # stateful
     assert not shardable(prof, [fs], AttackSpec(name="deepfool"), "evasion")  # no eps budget: no suite
     gray = prof.model_copy(update={"threat_model": prof.threat_model.model_copy(update={"model_access": "gray-box"})})
     assert not shardable(gray, [fs], pgd, "evasion")

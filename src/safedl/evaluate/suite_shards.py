@@ -6,8 +6,9 @@ deployed system's check reseeds, every update is per sample). A shard runs a fix
 calls the unsplit defense stage would make, so the defense stage that concatenates the shards' batches gets the same
 success set and examples as one that ran them itself (tests/test_evaluate_suite_shards.py). The split applies where
 building the suite's target is cheap and deterministic: the baseline model behind preprocessors that are neither
-learned nor randomized (and postprocessors); defenses that train a model, fit a preprocessor or draw random numbers
-keep the suite in their own stage.
+learned nor randomized (detectors beside them are fine: the suite does not attack them); defenses that train a
+model, fit a preprocessor, draw random numbers or postprocess the scores (a postprocessor may carry state from
+earlier calls in the stage, e.g. gaussian_noise's generator) keep the suite in their own stage.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from safedl.evaluate.base import AttackOutcome, EvasionState
 from safedl.evaluate.context import RunContext
 from safedl.profile import AttackSpec, Profile
 
-SPLIT_KINDS = frozenset({"preprocessor", "postprocessor", "detector"})
+SPLIT_KINDS = frozenset({"preprocessor", "detector"})  # detectors: not part of the suite's target
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ def shard_plans(*, n: int, batch_size: int, shards: int) -> list[SuitePlan]:
 
 def shardable(profile: Profile, components: Sequence[Any], attack: AttackSpec, category: str) -> bool:
     """True when the suite of this defense against this attack can run in separate stages with the same result:
-    the suite runs (enabled, white-box, an eps-bounded evasion attack) on preprocessors alone (plus postprocessors
-    and detectors, which the suite does not touch), none of them learned or randomized."""
+    the suite runs (enabled, white-box, an eps-bounded evasion attack) on preprocessors alone (detectors beside
+    them are not part of its target), none of them learned or randomized, and no postprocessor."""
     if category != "evasion" or not profile.evaluation.strong_adaptive.enabled:
         return False
     if profile.threat_model.model_access != "white-box":
@@ -75,9 +76,8 @@ def run_batch(ctx: RunContext, components: Sequence[Any], st: EvasionState, star
     bs = ctx.profile.evaluation.batch_size
     attack = registry.create("evasion", st.spec["name"], **st.spec.get("params", {}))
     pre = [c for c in components if c.registry_kind == "preprocessor"]
-    post = [c for c in components if c.registry_kind == "postprocessor"]
     return strong_adaptive_suite(ctx.baseline, st.x[start:start + bs], st.y[start:start + bs], eps=attack.eps,
-                                 norm=attack.norm, seed=ctx.seed, preprocessors=pre, postprocessors=post,
+                                 norm=attack.norm, seed=ctx.seed, preprocessors=pre,
                                  steps=cfg.steps, restarts=cfg.restarts, eot_samples=cfg.eot_samples)
 
 

@@ -33,3 +33,14 @@ def test_a_process_run_with_the_suite_in_shards_has_the_serial_unsplit_run_s_def
     _, again = run_assessment(serial.model_copy(update={"execution": pool.execution.model_copy(
         update={"executor": "serial", "suite_shards": 2})}), base_dir=tmp_path, run_dir=run_b)
     assert _defense(again) == b
+
+
+def test_a_finished_unsplit_defense_is_reused_without_running_shards(tmp_path):
+    from safedl.run import run_assessment
+
+    run_dir, first = run_assessment(shard_profile(execution={"executor": "serial"}), base_dir=tmp_path,
+                                    run_dir=tmp_path / "run")
+    _, again = run_assessment(shard_profile(execution={"executor": "serial", "suite_shards": 2}), base_dir=tmp_path,
+                              run_dir=run_dir)
+    assert _defense(again) == _defense(first)
+    assert not list((run_dir / "stages").glob("suite-*"))  # the defense was finished: no shard ran

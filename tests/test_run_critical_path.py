@@ -120,3 +120,24 @@ def test_the_suite_is_split_only_when_stages_run_in_parallel():
     assert suite_shards_for(p, create_executor("process", workers=8)) == 4  # at most one per evaluation batch
     fixed = p.model_copy(update={"execution": p.execution.model_copy(update={"suite_shards": 3})})
     assert suite_shards_for(fixed, create_executor("process", workers=2)) == 3
+
+
+def test_chains_first_puts_a_defense_s_suite_shards_between_its_attack_and_it():
+    from safedl.executors import Task
+    from safedl.run.graph import Node, chains_first
+
+    def node(stage, kind, *deps):
+        return Node(stage, "key", kind, stage, None, Task(stage, len, deps=deps))
+
+    nodes = [node("attack-pgd", "attack"), node("attack-fgsm", "attack"), node("suite-fs-1of2", "suite", "attack-pgd"),
+             node("suite-fs-2of2", "suite", "attack-pgd"),
+             node("defense-fs-vs-pgd", "defense", "attack-pgd", "suite-fs-1of2", "suite-fs-2of2")]
+    order = [n.stage for n in chains_first(nodes)]
+    assert order == ["attack-pgd", "suite-fs-1of2", "suite-fs-2of2", "defense-fs-vs-pgd", "attack-fgsm"]
+    costs = stage_costs({"attacks": [{"id": "pgd", "cpu_s": 1.0}, {"id": "fgsm", "cpu_s": 1.0}],
+                         "defenses": [{"id": "fs", "against": "pgd", "cpu_s": 1.0, "suite_shards": [
+                             {"shard": 0, "shards": 2, "cpu_s": 1.0}, {"shard": 1, "shards": 2, "cpu_s": 1.0}]}]})
+    from safedl.run.critical_path import chains_first as replay_order
+
+    assert [s.name for s in replay_order(costs)] == [
+        "attack-pgd", "suite-fs-vs-pgd-1of2", "suite-fs-vs-pgd-2of2", "defense-fs-vs-pgd", "attack-fgsm"]

@@ -19,7 +19,8 @@ def test_a_process_run_with_the_suite_in_shards_has_the_serial_unsplit_run_s_def
     from safedl.run import run_assessment
 
     serial = shard_profile(execution={"executor": "serial"})  # one stage at a time: the suite stays in one stage
-    pool = shard_profile(execution={"executor": "process", "workers": 2, "threads_per_task": 1})  # default: 1 per worker
+    # the default with a pool: one shard per worker
+    pool = shard_profile(execution={"executor": "process", "workers": 2, "threads_per_task": 1})
     _, whole = run_assessment(serial, base_dir=tmp_path, run_dir=tmp_path / "whole")
     run_b, split = run_assessment(pool, base_dir=tmp_path, run_dir=tmp_path / "split")
     a, b = _defense(whole), _defense(split)

@@ -1,10 +1,11 @@
 """An idle-machine wall-time estimate of a finished run from its per-stage CPU seconds (results.json ``cpu_s``).
 
 On a shared machine a run's wall time counts the time other processes held the cores; its stages' CPU seconds do
-not. This module replays the stage graph (baseline first in the driver, then every attack, then each defense after
-the attack it is evaluated against) with a given number of one-thread workers, each stage taking its CPU seconds,
-and greedy list scheduling in the order the run offers them (``chains_first``, what ``safedl.executors`` does). Our own estimate, not a measurement:
-it assumes each worker has a core to itself and leaves out the driver's data loading and report writing.
+not. This module replays the stage graph (baseline first in the driver, then every attack, then the shards of a
+defense's strong adaptive suite and each defense after what it waits for) with a given number of one-thread
+workers, each stage taking its CPU seconds, and greedy list scheduling in the order the run offers them
+(``chains_first``, what ``safedl.executors`` does). Our own estimate, not a measurement: it assumes each worker has
+a core to itself and leaves out the driver's data loading and report writing.
 """
 from __future__ import annotations
 
@@ -120,6 +121,7 @@ def estimate(results: Mapping[str, Any], *, workers: int = 2) -> dict[str, Any]:
     total = sum(s.cpu_s for s in stages)
     return {"workers": workers, "baseline_cpu_s": base_cpu, "baseline_threads": threads,
             "baseline_wall_estimate_s": base_cpu / threads, "stages_cpu_s": total,
-            "stages_makespan_s": span, "stages_makespan_profile_order_s": makespan(stages, workers=workers), "longest_chain_s": longest_chain(stages),
+            "stages_makespan_s": span, "stages_makespan_profile_order_s": makespan(stages, workers=workers),
+            "longest_chain_s": longest_chain(stages),
             "estimate_s": base_cpu / threads + span,
             "by_stage": {s.name: s.cpu_s for s in sorted(stages, key=lambda s: -s.cpu_s)}}

@@ -95,7 +95,8 @@ def pg_cluster():
 #: modules that run whole assessments (``safedl run`` end to end on tiny data): the slow part of the suite
 WHOLE_RUN_MODULES = ("test_data_user_folder", "test_deploy_bundle", "test_e2e_ci", "test_e2e_executors",
                      "test_e2e_extraction", "test_e2e_families", "test_e2e_poisoning", "test_e2e_resnet18_color",
-                     "test_e2e_run_spine", "test_evaluate_defend_query", "test_models_user")
+                     "test_e2e_run_spine", "test_evaluate_defend_query", "test_evaluate_suite_shards_run",
+                     "test_models_user")
 
 
 #: modules that start ``safedl serve`` (in process or as processes) or the deployment stack, by name: the serve

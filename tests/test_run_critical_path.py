@@ -91,3 +91,53 @@ def test_chains_first_starts_each_long_defense_right_after_its_attack():
     profile_order = [n.stage for n in nodes]
     assert replay(order) < replay(profile_order)
     assert replay(order) == pytest.approx(cost["attack-pgd"] + cost["defense-fs-vs-attack-pgd"])  # the longest chain
+
+
+def test_a_defense_waits_for_its_suite_shards_which_run_on_both_workers():
+    r = {"environment": {"threads": 2}, "baseline": {"cpu_s": 40.0},
+         "attacks": [{"id": "pgd", "cpu_s": 6.0}, {"id": "fgsm", "cpu_s": 1.0}],
+         "defenses": [{"id": "fs", "against": "pgd", "cpu_s": 2.0,
+                       "suite_shards": [{"shard": 0, "shards": 2, "cpu_s": 14.0},
+                                        {"shard": 1, "shards": 2, "cpu_s": 16.0}]}]}
+    stages = stage_costs(r)
+    assert [s.name for s in stages][-1] == "defense-fs-vs-pgd"
+    assert stages[-1].waits == ("suite-fs-vs-pgd-1of2", "suite-fs-vs-pgd-2of2")
+    est = estimate(r, workers=2)
+    assert est["stages_makespan_s"] == pytest.approx(6.0 + 16.0 + 2.0)  # the shards in parallel, then the merge
+    assert est["longest_chain_s"] == pytest.approx(24.0)
+    assert estimate(r, workers=1)["stages_makespan_s"] == pytest.approx(39.0)
+
+
+def test_the_suite_is_split_only_when_stages_run_in_parallel():
+    from safedl.executors import create_executor
+    from safedl.profile import Profile
+    from safedl.run.planning import suite_shards_for
+
+    p = Profile.model_validate({"evaluation": {"n_eval": 1000, "batch_size": 250}})
+    assert suite_shards_for(p, create_executor("serial")) == 1
+    assert suite_shards_for(p, create_executor("process", workers=1)) == 1
+    assert suite_shards_for(p, create_executor("process", workers=2)) == 2  # one per worker
+    assert suite_shards_for(p, create_executor("process", workers=8)) == 4  # at most one per evaluation batch
+    fixed = p.model_copy(update={"execution": p.execution.model_copy(update={"suite_shards": 3})})
+    assert suite_shards_for(fixed, create_executor("process", workers=2)) == 3
+
+
+def test_chains_first_puts_a_defense_s_suite_shards_between_its_attack_and_it():
+    from safedl.executors import Task
+    from safedl.run.graph import Node, chains_first
+
+    def node(stage, kind, *deps):
+        return Node(stage, "key", kind, stage, None, Task(stage, len, deps=deps))
+
+    nodes = [node("attack-pgd", "attack"), node("attack-fgsm", "attack"), node("suite-fs-1of2", "suite", "attack-pgd"),
+             node("suite-fs-2of2", "suite", "attack-pgd"),
+             node("defense-fs-vs-pgd", "defense", "attack-pgd", "suite-fs-1of2", "suite-fs-2of2")]
+    order = [n.stage for n in chains_first(nodes)]
+    assert order == ["attack-pgd", "suite-fs-1of2", "suite-fs-2of2", "defense-fs-vs-pgd", "attack-fgsm"]
+    costs = stage_costs({"attacks": [{"id": "pgd", "cpu_s": 1.0}, {"id": "fgsm", "cpu_s": 1.0}],
+                         "defenses": [{"id": "fs", "against": "pgd", "cpu_s": 1.0, "suite_shards": [
+                             {"shard": 0, "shards": 2, "cpu_s": 1.0}, {"shard": 1, "shards": 2, "cpu_s": 1.0}]}]})
+    from safedl.run.critical_path import chains_first as replay_order
+
+    assert [s.name for s in replay_order(costs)] == [
+        "attack-pgd", "suite-fs-vs-pgd-1of2", "suite-fs-vs-pgd-2of2", "defense-fs-vs-pgd", "attack-fgsm"]

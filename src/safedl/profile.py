@@ -198,6 +198,9 @@ class ExecutionSpec(_Strict):
                                                           "unset starts a local Ray")
     gpus_per_task: Optional[float] = Field(None, gt=0, le=1, description="ray with a cuda device: GPU share per stage "
                                                                           "(default 1/workers, else 1)")
+    suite_shards: Optional[int] = Field(None, ge=1, description="stages the strong adaptive suite of a preprocessor "
+                                        "defense is split into, by evaluation batch (same result; default: one per "
+                                        "batch when stages run in parallel, else 1)")
 
 
 class Profile(_Strict):

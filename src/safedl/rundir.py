@@ -33,6 +33,11 @@ def defense_stage_name(defense_key: str, attack_id: str) -> str:
     return f"defense-{defense_key}-vs-{attack_id}"
 
 
+def suite_stage_name(defense_key: str, attack_id: str, shard: int, shards: int) -> str:
+    """The stage name of shard ``shard`` of ``shards`` of the strong adaptive suite of a defense stage."""
+    return f"suite-{defense_key}-vs-{attack_id}-{shard + 1}of{shards}"
+
+
 class RunDir:
     """The layout of one run directory (paths only; nothing is created until a ``*_dir`` method is called)."""
 

@@ -40,6 +40,8 @@ class RunContext:
     outcomes: dict[str, Any] = field(default_factory=dict)  # attack id -> AttackOutcome (filled by the spine)
     model_cache: ModelCache | None = field(default_factory=run_cache)  # trained models reused across runs
     model_meta: dict[str, Any] = field(default_factory=dict)  # how to rebuild the architecture (checkpoint meta)
+    # strong-suite batches other stages already ran (batch start -> SuiteResult; safedl.evaluate.suite_shards)
+    suite_batches: dict[int, Any] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:

@@ -259,7 +259,8 @@ def _strong_suite(ctx: RunContext, system: SecurePipeline, st: EvasionState, met
         notes.append("strong adaptive suite not run: the threat model gives the attacker no white-box access")
         return None
     bs = ctx.profile.evaluation.batch_size
-    results = [strong_adaptive_suite(system.model, st.x[i:i + bs], st.y[i:i + bs], eps=attack.eps, norm=attack.norm,
+    results = [ctx.suite_batches[i] if i in ctx.suite_batches else
+               strong_adaptive_suite(system.model, st.x[i:i + bs], st.y[i:i + bs], eps=attack.eps, norm=attack.norm,
                                      seed=ctx.seed, preprocessors=system.preprocessors,
                                      postprocessors=system.postprocessors, steps=cfg.steps, restarts=cfg.restarts,
                                      eot_samples=cfg.eot_samples) for i in range(0, len(st.x), bs)]

@@ -1,10 +1,11 @@
 """An idle-machine wall-time estimate of a finished run from its per-stage CPU seconds (results.json ``cpu_s``).
 
 On a shared machine a run's wall time counts the time other processes held the cores; its stages' CPU seconds do
-not. This module replays the stage graph (baseline first in the driver, then every attack, then each defense after
-the attack it is evaluated against) with a given number of one-thread workers, each stage taking its CPU seconds,
-and greedy list scheduling in graph order (what ``safedl.executors`` does). Our own estimate, not a measurement:
-it assumes each worker has a core to itself and leaves out the driver's data loading and report writing.
+not. This module replays the stage graph (baseline first in the driver, then every attack, then the shards of a
+defense's strong adaptive suite and each defense after what it waits for) with a given number of one-thread
+workers, each stage taking its CPU seconds, and greedy list scheduling in the order the run offers them
+(``chains_first``, what ``safedl.executors`` does). Our own estimate, not a measurement: it assumes each worker has
+a core to itself and leaves out the driver's data loading and report writing.
 """
 from __future__ import annotations
 
@@ -18,11 +19,17 @@ from safedl.errors import ConfigError
 
 @dataclass(frozen=True)
 class StageCost:
-    """One stage of the graph: its name, CPU seconds and the stage it waits for (None: only the baseline)."""
+    """One stage of the graph: its name, CPU seconds, the stage it waits for (None: only the baseline) and any
+    further stages it waits for (a defense: the shards of its strong adaptive suite)."""
 
     name: str
     cpu_s: float
     after: str | None = None
+    waits: tuple[str, ...] = ()
+
+    @property
+    def deps(self) -> tuple[str | None, ...]:
+        return (self.after, *self.waits)
 
 
 def stage_costs(results: Mapping[str, Any]) -> list[StageCost]:
@@ -30,10 +37,29 @@ def stage_costs(results: Mapping[str, Any]) -> list[StageCost]:
     out: list[StageCost] = []
     for e in results.get("attacks", []):
         out.append(StageCost(rundir.attack_stage_name(e["id"]), _cpu(e, f"attack {e['id']!r}")))
+    suites, defenses = [], []
     for e in results.get("defenses", []):
-        out.append(StageCost(rundir.defense_stage_name(e["id"], e["against"]), _cpu(e, f"defense {e['id']!r}"),
-                             rundir.attack_stage_name(e["against"])))
-    return out
+        attack = rundir.attack_stage_name(e["against"])
+        shards = [StageCost(rundir.suite_stage_name(e["id"], e["against"], int(sh["shard"]), int(sh["shards"])),
+                            _cpu(sh, f"suite shard {sh['shard']} of defense {e['id']!r}"), attack)
+                  for sh in e.get("suite_shards") or []]
+        suites += shards
+        defenses.append(StageCost(rundir.defense_stage_name(e["id"], e["against"]), _cpu(e, f"defense {e['id']!r}"),
+                                  attack, tuple(s.name for s in shards)))
+    return out + suites + defenses
+
+
+def chains_first(stages: Sequence[StageCost]) -> list[StageCost]:
+    """The stages in the order the executor is offered them (``safedl.run.graph.chains_first``): each attack
+    something waits for, then its suite shards and defenses, then the attacks nothing waits for."""
+    waited = {s.after for s in stages if s.after is not None}
+    suites = {w for s in stages for w in s.waits}
+    attacks = [s for s in stages if s.after is None]
+    out = []
+    for a in (s for s in attacks if s.name in waited):
+        out += [a, *(s for s in stages if s.after == a.name and s.name in suites),
+                *(s for s in stages if s.after == a.name and s.name not in suites)]
+    return out + [s for s in attacks if s.name not in waited]
 
 
 def _cpu(entry: Mapping[str, Any], what: str) -> float:
@@ -54,7 +80,7 @@ def makespan(stages: Sequence[StageCost], *, workers: int) -> float:
     running: list[tuple[float, str]] = []
     now = 0.0
     while waiting:
-        ready = [s for s in waiting if s.after in done and done[s.after] <= now]
+        ready = [s for s in waiting if all(d in done and done[d] <= now for d in s.deps)]
         if ready and free[0] <= now:
             s = ready[0]
             waiting.remove(s)
@@ -64,7 +90,7 @@ def makespan(stages: Sequence[StageCost], *, workers: int) -> float:
             heapq.heappush(running, (end, s.name))
             continue
         if not running:
-            unknown = sorted({str(s.after) for s in waiting})
+            unknown = sorted({str(d) for s in waiting for d in s.deps if d not in done})
             raise ConfigError(f"critical path: stages wait for unknown stage(s) {', '.join(unknown)}")
         end, name = heapq.heappop(running)
         done[name] = end
@@ -73,9 +99,16 @@ def makespan(stages: Sequence[StageCost], *, workers: int) -> float:
 
 
 def longest_chain(stages: Sequence[StageCost]) -> float:
-    """The critical path with unlimited workers: the longest attack + defense chain."""
-    by_name = {s.name: s.cpu_s for s in stages}
-    return max((s.cpu_s + by_name.get(s.after or "", 0.0) for s in stages), default=0.0)
+    """The critical path with unlimited workers: the longest chain of stages (attack -> suite shard -> defense)."""
+    by_name = {s.name: s for s in stages}
+    finish: dict[str, float] = {}
+
+    def end(s: StageCost) -> float:
+        if s.name not in finish:
+            finish[s.name] = s.cpu_s + max((end(by_name[d]) for d in s.deps if d in by_name), default=0.0)
+        return finish[s.name]
+
+    return max((end(s) for s in stages), default=0.0)
 
 
 def estimate(results: Mapping[str, Any], *, workers: int = 2) -> dict[str, Any]:
@@ -84,10 +117,11 @@ def estimate(results: Mapping[str, Any], *, workers: int = 2) -> dict[str, Any]:
     base = results["baseline"]
     threads = max(1, int(results.get("environment", {}).get("threads") or 1))
     base_cpu = _cpu(base, "baseline")
-    span = makespan(stages, workers=workers)
+    span = makespan(chains_first(stages), workers=workers)
     total = sum(s.cpu_s for s in stages)
     return {"workers": workers, "baseline_cpu_s": base_cpu, "baseline_threads": threads,
             "baseline_wall_estimate_s": base_cpu / threads, "stages_cpu_s": total,
-            "stages_makespan_s": span, "longest_chain_s": longest_chain(stages),
+            "stages_makespan_s": span, "stages_makespan_profile_order_s": makespan(stages, workers=workers),
+            "longest_chain_s": longest_chain(stages),
             "estimate_s": base_cpu / threads + span,
             "by_stage": {s.name: s.cpu_s for s in sorted(stages, key=lambda s: -s.cpu_s)}}

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from safedl import rundir
+from safedl import registry, rundir
 from safedl.executors import Executor, Outcome, Task
 from safedl.executors.progress import GraphView
-from safedl.profile import DefenseSpec, Profile
+from safedl.evaluate.suite_shards import shard_plans, shardable
+from safedl.profile import AttackSpec, DefenseSpec, Profile
 from safedl.run.cache import StageCache
 from safedl.run.planning import defense_kinds
-from safedl.run.stages import StageResult, StageShared, attack_stage, defense_stage
+from safedl.run.stages import StageResult, StageShared, attack_stage, defense_stage, suite_stage
 from safedl.utils import progress
 from safedl.utils.io import json_hash
 
@@ -30,10 +31,14 @@ class Node:
     task: Task
 
 
-def build_graph(profile: Profile, plan: list[tuple[DefenseSpec, str, str]], baseline_key: str) -> list[Node]:
-    """One node per attack and per (defense, attack) pair, with the content key its stage is saved under."""
+def build_graph(profile: Profile, plan: list[tuple[DefenseSpec, str, str]], baseline_key: str, *,
+                suite_shards: int = 1) -> list[Node]:
+    """One node per attack and per (defense, attack) pair, with the content key its stage is saved under; with
+    ``suite_shards`` > 1, a defense whose strong adaptive suite can run apart (``suite_shards.shardable``) also gets
+    up to that many suite nodes (kind ``suite``) it waits for, each running some of the suite's batches."""
     p = profile
     nodes, attack_keys = [], {}
+    specs = {spec.key: (cat, spec) for cat, spec in p.attacks.all()}
     for cat, spec in p.attacks.all():
         parts = {"baseline": baseline_key, "category": cat, "spec": spec.model_dump(),
                  "evaluation": p.evaluation.model_dump(exclude={"gate"}), "output": p.output.figures}
@@ -50,9 +55,27 @@ def build_graph(profile: Profile, plan: list[tuple[DefenseSpec, str, str]], base
         key = json_hash({"attack": attack_keys[aid], "defense": dspec.model_dump(), "kind": kind})
         stage = rundir.defense_stage_name(dspec.key, aid)
         kwargs = {"dspec": dspec, "kind": kind, "attack_id": aid, "components": defense_kinds(dspec)}
-        nodes.append(Node(stage, key, "defense", dspec.key, aid,
-                          Task(stage, defense_stage, kwargs, deps=(rundir.attack_stage_name(aid),))))
+        suites = _suite_nodes(p, dspec, aid, key, specs[aid], suite_shards) if suite_shards > 1 else []
+        nodes += suites
+        deps = (rundir.attack_stage_name(aid), *(n.stage for n in suites))
+        nodes.append(Node(stage, key, "defense", dspec.key, aid, Task(stage, defense_stage, kwargs, deps=deps)))
     return nodes
+
+
+def _suite_nodes(p: Profile, dspec: DefenseSpec, aid: str, defense_key: str, attack: tuple[str, AttackSpec],
+                 shards: int) -> list[Node]:
+    """The suite nodes of one defense stage (none when its suite cannot run apart with the same result)."""
+    components = defense_kinds(dspec)
+    if not shardable(p, [registry.create(k, n, **prm) for k, n, prm in components], attack[1], attack[0]):
+        return []
+    out = []
+    for plan in shard_plans(n=p.evaluation.n_eval, batch_size=p.evaluation.batch_size, shards=shards):
+        name = rundir.suite_stage_name(dspec.key, aid, plan.shard, plan.shards)
+        key = json_hash({"defense": defense_key, "suite_batches": list(plan.starts)})
+        kwargs = {"attack_id": aid, "components": components, "plan": plan}
+        out.append(Node(name, key, "suite", dspec.key, aid,
+                        Task(name, suite_stage, kwargs, deps=(rundir.attack_stage_name(aid),))))
+    return out
 
 
 def chains_first(nodes: list[Node]) -> list[Node]:
@@ -61,11 +84,12 @@ def chains_first(nodes: list[Node]) -> list[Node]:
     each). Greedy scheduling in profile order would start a long defense only after every attack; this starts each
     attack -> defense chain as early as it can (the makespan, not any number, changes: each stage seeds itself)."""
     attacks = {n.stage for n in nodes if n.kind == "attack"}
-    waits = {n.task.deps[0] for n in nodes if n.kind == "defense" and n.task.deps}
-    ready = [n for n in nodes if n.kind == "defense" and not set(n.task.deps) & attacks]
+    waits = {n.task.deps[0] for n in nodes if n.kind != "attack" and n.task.deps}
+    after = [n for n in nodes if n.kind == "suite"] + [n for n in nodes if n.kind == "defense"]  # suites first
+    ready = [n for n in after if not set(n.task.deps) & attacks]
     chains = []
     for a in (n for n in nodes if n.stage in attacks and n.stage in waits):
-        chains += [a, *(n for n in nodes if n.kind == "defense" and a.stage in n.task.deps)]
+        chains += [a, *(n for n in after if a.stage in n.task.deps)]
     leaves = [n for n in nodes if n.stage in attacks and n.stage not in waits]
     return ready + chains + leaves
 
@@ -85,6 +109,8 @@ def run_graph(graph: list[Node], executor: Executor, shared: StageShared, cache:
         log.info("%s: reusing finished stage", n.stage)
         entries[n.stage] = cached["entry"]
         view.mark_reused(n.stage)
+    needed = {d for n in todo for d in n.task.deps}
+    todo = [n for n in todo if n.kind != "suite" or n.stage in needed]  # a reused defense needs no suite shards
     given: dict[str, StageResult] = {}
     for d in {d for n in todo for d in n.task.deps} - {n.stage for n in todo}:  # finished attacks still needed
         state = cache.state(d)
@@ -100,7 +126,7 @@ def run_graph(graph: list[Node], executor: Executor, shared: StageShared, cache:
             return
         for rel, data in out.value.files.items():
             cache.write_file(rel, data)
-        cache.finish(n.stage, n.key, out.value.entry, out.value.state if n.kind == "attack" else None)
+        cache.finish(n.stage, n.key, out.value.entry, out.value.state if n.kind in ("attack", "suite") else None)
         entries[n.stage] = out.value.entry
         log.debug("%s: finished in %.1f s", n.stage, out.time_s)
 

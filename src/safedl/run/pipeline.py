@@ -22,7 +22,7 @@ from safedl.evaluate.canary import canary_entry, canary_records
 from safedl.run.baseline import baseline_stage
 from safedl.run.cache import StageCache
 from safedl.run.graph import build_graph, run_graph
-from safedl.run.planning import executor_for, plan_defenses
+from safedl.run.planning import executor_for, plan_defenses, suite_shards_for
 from safedl.run.prepare import prepare, resolve_paths
 from safedl.run.results import assemble_results, data_summary
 from safedl.run.stages import StageShared
@@ -66,7 +66,7 @@ class Run:
                                   "training": p.training.model_dump(exclude={"mode", "finetune"}), "seed": p.seed})
         baseline, baseline_entry = baseline_stage(p, cache=self.cache, key=baseline_key, splits=splits, fresh=fresh,
                                                   model_meta=model_meta, device=self.device, base_dir=self.base_dir)
-        graph = build_graph(p, plan, baseline_key)
+        graph = build_graph(p, plan, baseline_key, suite_shards=suite_shards_for(p, executor))
         entries, failed = run_graph(graph, executor, self._shared(splits, fresh, model_meta, baseline, executor),
                                     self.cache)
         results = assemble_results(

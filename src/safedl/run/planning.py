@@ -65,3 +65,18 @@ def executor_for(profile: Profile, device: torch.device) -> Executor:
         gpus = ex.gpus_per_task or (1.0 / ex.workers if ex.workers else 1.0)
     return create_executor(ex.executor, workers=ex.workers, threads_per_task=ex.threads_per_task,
                            address=ex.ray_address, gpus_per_task=gpus, preload=("safedl.run._preload",))
+
+
+def suite_shards_for(profile: Profile, executor: Executor) -> int:
+    """How many stages a shardable strong adaptive suite is split into: ``execution.suite_shards``, else one per
+    worker when the executor runs stages in parallel (a cluster, workers unknown: one per evaluation batch), else 1;
+    never more than the suite's evaluation batches. One per worker, not per batch: replaying the default run's stage
+    costs, greedy scheduling with more shards than workers finishes later (README, issue 28)."""
+    ev = profile.evaluation
+    batches = max(1, -(-ev.n_eval // ev.batch_size))
+    if profile.execution.suite_shards is not None:
+        return min(profile.execution.suite_shards, batches)
+    workers, _ = executor.resolved()
+    if executor.in_process or (workers is not None and workers <= 1):  # in process: one stage at a time
+        return 1
+    return batches if workers is None else min(workers, batches)

@@ -19,9 +19,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from safedl import registry
+from safedl import registry, rundir
 from safedl.evaluate.base import AttackOutcome
 from safedl.evaluate.context import RunContext
+from safedl.evaluate.suite_shards import SuitePlan, run_shard, suite_results
 from safedl.run.handlers import get_attack_handler, get_defense_handler
 from safedl.run.prepare import model_factory
 from safedl.data.dataset import Splits
@@ -123,13 +124,32 @@ def attack_stage(shared: StageShared, inputs: dict[str, Any], *, category: str, 
         return StageResult(entry=entry, state=outcome.state, files=_collect(ctx, shared))
 
 
-def defense_stage(shared: StageShared, inputs: dict[str, Any], *, dspec: DefenseSpec, kind: str, attack_id: str,
-                  components: list[tuple[str, str, dict]]) -> StageResult:
-    """Evaluate one defense against one attack; ``inputs`` holds that attack's StageResult."""
+def suite_stage(shared: StageShared, inputs: dict[str, Any], *, attack_id: str,
+                components: list[tuple[str, str, dict]], plan: SuitePlan) -> StageResult:
+    """Run one shard of a defense's strong adaptive suite (``safedl.evaluate.suite_shards``)."""
     (attack,) = inputs.values()
     outcome = AttackOutcome(entry=attack.entry, state=attack.state)
     with _stage_context(shared) as ctx:
+        parts = [registry.create(k, n, **prm) for k, n, prm in components]
+        seed_everything(shared.profile.seed)
+        clock = StageClock()
+        state = run_shard(ctx, parts, outcome, plan)
+        entry = {"shard": plan.shard, "shards": plan.shards, "batches": list(plan.starts), "against": attack_id,
+                 "time_s": clock.wall(), "cpu_s": clock.cpu(),
+                 "batch_cpu_s": [float(b.get("cpu_s", 0.0)) for b in state["batches"]]}
+        return StageResult(entry=entry, state=state)
+
+
+def defense_stage(shared: StageShared, inputs: dict[str, Any], *, dspec: DefenseSpec, kind: str, attack_id: str,
+                  components: list[tuple[str, str, dict]]) -> StageResult:
+    """Evaluate one defense against one attack; ``inputs`` holds that attack's StageResult and the StageResults of
+    the shards of its strong adaptive suite that ran as their own stages (if any)."""
+    attack = inputs[rundir.attack_stage_name(attack_id)]
+    shards = [r for k, r in sorted(inputs.items()) if k != rundir.attack_stage_name(attack_id)]
+    outcome = AttackOutcome(entry=attack.entry, state=attack.state)
+    with _stage_context(shared) as ctx:
         ctx.outcomes[attack_id] = outcome
+        ctx.suite_batches = suite_results([r.state for r in shards], ctx.device)
         parts = [registry.create(k, n, **prm) for k, n, prm in components]
         handler = get_defense_handler(kind, outcome.entry["category"])
         seed_everything(shared.profile.seed)
@@ -143,5 +163,7 @@ def defense_stage(shared: StageShared, inputs: dict[str, Any], *, dspec: Defense
                          {"pipeline": [c.model_dump() for c in dspec.pipeline or []]})
         entry.setdefault("time_s", clock.wall())
         entry.setdefault("cpu_s", clock.cpu())
+        if shards:  # the critical path (safedl.run.critical_path) replays them as stages of their own
+            entry["suite_shards"] = [r.entry for r in shards]
         _note_reused(entry, ctx)
         return StageResult(entry=entry, files=_collect(ctx, shared))

@@ -278,7 +278,7 @@ def untrusted_row(cell: Cell, s: Splits, p: PoisonedDataset, xt, want, m) -> dic
     t_base = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = registry.create("cleanser", "isolate_cross_fit", seed=cell.seed).find_poison(
-        p, train_fn=lambda d, **kw: train(s, d, cell.seed, cell.data, **kw))
+        p, model=m, train_fn=lambda d, **kw: train(s, d, cell.seed, cell.data, **kw))
     t_det = time.perf_counter() - t0
     f, t = res.is_suspect.bool(), p.is_poison.bool()
     m2 = train(s, p.subset(res.keep), cell.seed, cell.data)
@@ -387,7 +387,7 @@ def clean_row(data_name: str, seed: int) -> dict[str, Any]:
         row["detectors"][name] = {"fpr": proportion(int(res.is_suspect.sum()), len(s.train)),
                                   "poisoned_classes": res.info.get("poisoned_classes")}
     icf = registry.create("cleanser", "isolate_cross_fit", seed=seed).find_poison(
-        s.train, train_fn=lambda d, **kw: train(s, d, seed, data_name, **kw))
+        s.train, model=m, train_fn=lambda d, **kw: train(s, d, seed, data_name, **kw))
     row["detectors"]["isolate_cross_fit"] = {"fpr": proportion(int(icf.is_suspect.sum()), len(s.train)),
                                              "poisoned_classes": icf.info["poisoned_classes"]}
     nc = registry.create("repair", "neural_cleanse", unlearn_epochs=0)

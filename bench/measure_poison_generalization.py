@@ -148,7 +148,11 @@ def trigger_params(name: str, image_side: int) -> dict[str, Any]:
     return table[name]
 
 
-TRIGGER_NAMES = ("checkerboard", "single_pixel", "blended_noise", "random_patch")
+#: other backdoors (issue 27): ``learned_trigger`` (a patch optimised against a clean surrogate, dirty label, all-to-one
+#: only) and ``label_consistent`` (Turner et al. 2019: PGD-hardened target-class images stamped with the checkerboard,
+#: labels kept; ``rate`` = poisons over the training split, i.e. ``class_fraction`` = rate x N / N_target)
+OTHER_BACKDOORS = ("learned_trigger", "label_consistent")
+TRIGGER_NAMES = ("checkerboard", "single_pixel", "blended_noise", "random_patch") + OTHER_BACKDOORS
 
 
 @dataclass(frozen=True)
@@ -188,7 +192,15 @@ def train(s: Splits, data: Dataset, seed: int, data_name: str, **kw: Any) -> tor
     return m.eval()
 
 
-def make_attack(cell: Cell, image_side: int):
+def make_attack(cell: Cell, image_side: int, *, full: Dataset | None = None):
+    """The cell's backdoor; ``full`` (the data set poisoned) sets the label-consistent attack's class share."""
+    if cell.trigger == "learned_trigger":
+        return registry.create("backdoor", "learned_trigger", target_class=cell.target, poison_fraction=cell.rate,
+                               label_mode="dirty", seed=cell.seed)
+    if cell.trigger == "label_consistent":
+        share = cell.rate * len(full) / int((full.y == cell.target).sum()) if full is not None else 0.5
+        return registry.create("poisoning", "label_consistent_backdoor", target_class=cell.target,
+                               class_fraction=min(1.0, share), seed=cell.seed)
     return registry.create("backdoor", "static_patch", target_class=cell.target, poison_fraction=cell.rate,
                            label_mode="dirty", mapping=cell.mapping, seed=cell.seed,
                            **trigger_params(cell.trigger, image_side))
@@ -197,7 +209,7 @@ def make_attack(cell: Cell, image_side: int):
 def poisoned_splits(cell: Cell, before_split: bool) -> tuple[Splits, PoisonedDataset, Any]:
     """The splits and the poisoned training set; with ``before_split`` every split may hold poison."""
     full = load_builtin(cell.data)
-    atk = make_attack(cell, full.shape[1])
+    atk = make_attack(cell, full.shape[1], full=full)
     g = torch.Generator().manual_seed(cell.seed)
     if not before_split:
         s = stratified_split(full, test_fraction=0.2, val_fraction=0.1, seed=cell.seed)
@@ -213,6 +225,8 @@ def aimed(cell: Cell, atk, test: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """Triggered test images and the label the backdoor sends each to (from the clean test images)."""
     keep = test.y != cell.target if cell.mapping == "all_to_one" else torch.ones_like(test.y, dtype=torch.bool)
     x = atk.apply_trigger(test.x[keep])
+    if cell.trigger == "label_consistent":  # all-to-one by construction, no backdoor_labels
+        return x, torch.full_like(test.y[keep], cell.target)
     return x, atk.backdoor_labels(test.y[keep], test.num_classes)
 
 

@@ -122,15 +122,14 @@ class IsolateCrossFit:
     trusted_data: ClassVar[str] = "unused"
     trusted_role: ClassVar[str] = "not used: no trusted data and no known poison rate"
     known_weak: ClassVar[dict[str, str]] = {
-        "any": "a trigger learned as fast as clean content (a checkerboard patch) is not isolated by high early loss, "
-               "the cross-fitted models learn it from the remaining poison and nothing is found: digits 10% "
-               "checkerboard to class 3, seeds 1 and 2, and before the split: TPR 0.000 (n=126; ASR left 0.99-1.00); "
-               "blended noise 10%: TPR 0.865 / 0.492 (seeds 1 / 2, n=126), 0.832 before the split (n=125); "
-               "(bench/measure_poison_generalization.py --extra isolate_cross_fit, "
-               "bench/results/poison_generalization_untrusted.jsonl)",
-        "trigger:single_pixel": "digits 10% single pixel to class 3: seed 1 TPR 0.643 (n=126); seed 2 TPR 0.000 and a "
-                                "clean mode of class 1 flagged instead (28 of 109 samples, FPR 0.025, clean accuracy "
-                                "0.939 -> 0.903; bench/results/poison_generalization_untrusted.jsonl)",
+        "any": "when the superimposition ranking misses part of the poison the cross-fitted models learn the trigger "
+               "from the rest and nothing is found: digits (tiny_cnn) all-to-one to class 3, checkerboard 20% seeds "
+               "1 and 2 TPR 0.000 (n=251, ASR left 1.000), single pixel 20% seed 1 0.000 (ASR 0.783), blended "
+               "noise 5% seed 1 0.000 (n=63); a clean mode of class 1 judged poisoned at seed 2 (checkerboard 10%: "
+               "TPR 0.563, FPR 0.067, the whole-mode safeguard fires); in a mostly isolated class clean samples are "
+               "flagged too (seed 2 blended 10% / 5%: FPR 0.094 / 0.091) "
+               "(bench/measure_poison_generalization.py --trusted none --extra isolate_cross_fit, "
+               "bench/results/poison_generalization_untrusted2.jsonl)",
     }
 
     def __init__(self, *, isolation_epochs: int = 100, isolation_fit: float = 0.8, isolation_fraction: float = 0.2,

@@ -58,6 +58,10 @@ README ("Poison without trusted data"), from
     --seeds 1 2 --triggers blended_noise --rates 0.05 0.2; --seeds 1 --triggers checkerboard --rates 0.01 0.05 0.2;
     --clean --data digits --seeds 1 2)
 
+Second pass (superimposition isolation in isolate_cross_fit; ``--triggers learned_trigger label_consistent`` add
+those backdoors): bench/results/poison_generalization_untrusted2.jsonl, README "Poison without trusted data:
+superimposition isolation" (digits seeds 0-2, ``--trusted none --extra isolate_cross_fit``).
+
 Measured (mnist5k, small_cnn, all-to-one to class 3 unless said; TPR n = poisons, FPR n = clean training samples;
 best of SS/AC with the validation split trusted, retrained; ASR on 900 triggered test images):
 - checkerboard 20% (n=700) TPR 1.000 [0.995, 1], FPR 0.000, ASR 1.000 -> 0.000: met. 1% (n=35): 0.971 [0.855,

@@ -56,8 +56,9 @@ def blended20(digits_splits):
 def test_finds_planted_backdoor_without_trusted_data(name, request):
     data, res, _ = request.getfixturevalue(name)
     tpr, fpr = rates(res.is_suspect, data.is_poison)
-    # the same cells in bench/measure_poison_generalization.py (digits seed 0, --trusted none --extra
-    # isolate_cross_fit): checkerboard 10% TPR 0.937 FPR 0.029 (n=126); blended 20% 0.980 / 0.013 (n=251)
+    # the same setting in bench/measure_poison_generalization.py (digits seed 0, --trusted none --extra
+    # isolate_cross_fit): checkerboard 10% TPR 0.937 FPR 0.029 (n=126), blended 10% 0.992 / 0.037
+    # (bench/results/poison_generalization_untrusted2.jsonl; blended 20% at seeds 1 / 2: 0.996 / 0.992, n=251)
     assert tpr >= 0.9 and fpr <= 0.05, (tpr, fpr, res.info["per_class"])
     assert res.info["poisoned_classes"] == [3]
 

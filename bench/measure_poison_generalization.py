@@ -58,6 +58,10 @@ README ("Poison without trusted data"), from
     --seeds 1 2 --triggers blended_noise --rates 0.05 0.2; --seeds 1 --triggers checkerboard --rates 0.01 0.05 0.2;
     --clean --data digits --seeds 1 2)
 
+Second pass (superimposition isolation in isolate_cross_fit; ``--triggers learned_trigger label_consistent`` add
+those backdoors): bench/results/poison_generalization_untrusted2.jsonl, README "Poison without trusted data:
+superimposition isolation" (digits seeds 0-2, ``--trusted none --extra isolate_cross_fit``).
+
 Measured (mnist5k, small_cnn, all-to-one to class 3 unless said; TPR n = poisons, FPR n = clean training samples;
 best of SS/AC with the validation split trusted, retrained; ASR on 900 triggered test images):
 - checkerboard 20% (n=700) TPR 1.000 [0.995, 1], FPR 0.000, ASR 1.000 -> 0.000: met. 1% (n=35): 0.971 [0.855,
@@ -148,7 +152,11 @@ def trigger_params(name: str, image_side: int) -> dict[str, Any]:
     return table[name]
 
 
-TRIGGER_NAMES = ("checkerboard", "single_pixel", "blended_noise", "random_patch")
+#: other backdoors (issue 27): ``learned_trigger`` (a patch optimised against a clean surrogate, dirty label, all-to-one
+#: only) and ``label_consistent`` (Turner et al. 2019: PGD-hardened target-class images stamped with the checkerboard,
+#: labels kept; ``rate`` = poisons over the training split, i.e. ``class_fraction`` = rate x N / N_target)
+OTHER_BACKDOORS = ("learned_trigger", "label_consistent")
+TRIGGER_NAMES = ("checkerboard", "single_pixel", "blended_noise", "random_patch") + OTHER_BACKDOORS
 
 
 @dataclass(frozen=True)
@@ -188,7 +196,15 @@ def train(s: Splits, data: Dataset, seed: int, data_name: str, **kw: Any) -> tor
     return m.eval()
 
 
-def make_attack(cell: Cell, image_side: int):
+def make_attack(cell: Cell, image_side: int, *, full: Dataset | None = None):
+    """The cell's backdoor; ``full`` (the data set poisoned) sets the label-consistent attack's class share."""
+    if cell.trigger == "learned_trigger":
+        return registry.create("backdoor", "learned_trigger", target_class=cell.target, poison_fraction=cell.rate,
+                               label_mode="dirty", seed=cell.seed)
+    if cell.trigger == "label_consistent":
+        share = cell.rate * len(full) / int((full.y == cell.target).sum()) if full is not None else 0.5
+        return registry.create("poisoning", "label_consistent_backdoor", target_class=cell.target,
+                               class_fraction=min(1.0, share), seed=cell.seed)
     return registry.create("backdoor", "static_patch", target_class=cell.target, poison_fraction=cell.rate,
                            label_mode="dirty", mapping=cell.mapping, seed=cell.seed,
                            **trigger_params(cell.trigger, image_side))
@@ -197,7 +213,7 @@ def make_attack(cell: Cell, image_side: int):
 def poisoned_splits(cell: Cell, before_split: bool) -> tuple[Splits, PoisonedDataset, Any]:
     """The splits and the poisoned training set; with ``before_split`` every split may hold poison."""
     full = load_builtin(cell.data)
-    atk = make_attack(cell, full.shape[1])
+    atk = make_attack(cell, full.shape[1], full=full)
     g = torch.Generator().manual_seed(cell.seed)
     if not before_split:
         s = stratified_split(full, test_fraction=0.2, val_fraction=0.1, seed=cell.seed)
@@ -213,6 +229,8 @@ def aimed(cell: Cell, atk, test: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """Triggered test images and the label the backdoor sends each to (from the clean test images)."""
     keep = test.y != cell.target if cell.mapping == "all_to_one" else torch.ones_like(test.y, dtype=torch.bool)
     x = atk.apply_trigger(test.x[keep])
+    if cell.trigger == "label_consistent":  # all-to-one by construction, no backdoor_labels
+        return x, torch.full_like(test.y[keep], cell.target)
     return x, atk.backdoor_labels(test.y[keep], test.num_classes)
 
 
@@ -278,7 +296,7 @@ def untrusted_row(cell: Cell, s: Splits, p: PoisonedDataset, xt, want, m) -> dic
     t_base = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = registry.create("cleanser", "isolate_cross_fit", seed=cell.seed).find_poison(
-        p, train_fn=lambda d, **kw: train(s, d, cell.seed, cell.data, **kw))
+        p, model=m, train_fn=lambda d, **kw: train(s, d, cell.seed, cell.data, **kw))
     t_det = time.perf_counter() - t0
     f, t = res.is_suspect.bool(), p.is_poison.bool()
     m2 = train(s, p.subset(res.keep), cell.seed, cell.data)
@@ -387,7 +405,7 @@ def clean_row(data_name: str, seed: int) -> dict[str, Any]:
         row["detectors"][name] = {"fpr": proportion(int(res.is_suspect.sum()), len(s.train)),
                                   "poisoned_classes": res.info.get("poisoned_classes")}
     icf = registry.create("cleanser", "isolate_cross_fit", seed=seed).find_poison(
-        s.train, train_fn=lambda d, **kw: train(s, d, seed, data_name, **kw))
+        s.train, model=m, train_fn=lambda d, **kw: train(s, d, seed, data_name, **kw))
     row["detectors"]["isolate_cross_fit"] = {"fpr": proportion(int(icf.is_suspect.sum()), len(s.train)),
                                              "poisoned_classes": icf.info["poisoned_classes"]}
     nc = registry.create("repair", "neural_cleanse", unlearn_epochs=0)

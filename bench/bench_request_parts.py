@@ -1,5 +1,6 @@
 """In-process CPU time of the parts of one served request (1 torch thread, one 1 x 28 x 28 PNG): the model forward,
-``SecurePipeline.decide`` of the default deployed system and its classifier and detector, the key lookup and the
+``SecurePipeline.decide`` of the default deployed system (also with the classifier and the detector in separate
+forward passes) and its classifier and detector, the key lookup and the
 three limit statements on SQLite, PNG decoding. Setup as bench/bench_serve.py ``prepare`` (seed ``--seed``).
 
     PYTHONPATH=src nice -n 10 /work/main/.venv/bin/python bench/bench_request_parts.py --calls 500 --seed 0
@@ -27,6 +28,15 @@ def _cpu_ms(fn, calls: int) -> float:
     return round((time.process_time() - t0) / calls * 1000.0, 3)
 
 
+def _separate(pipe, x):
+    """``decide`` with the classifier and the detector in separate forward passes (deploy/shared_forward.py off)."""
+    pipe.share_forward = False
+    try:
+        return pipe.decide(x)
+    finally:
+        pipe.share_forward = True
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=500)
@@ -48,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.inference_mode():
             out = {"model_forward": _cpu_ms(lambda: pipe.model(x), n)}
         out.update({"decide": _cpu_ms(lambda: pipe.decide(x), n),
+                    "decide_separate_passes": _cpu_ms(lambda: _separate(pipe, x), n),
                     "classify": _cpu_ms(lambda: pipe.decide(x, with_detectors=False), n),
                     "detector_score": _cpu_ms(lambda: pipe.detectors[0].detector.score(x), n),
                     "key_lookup": _cpu_ms(lambda: keys.authenticate(token), n),

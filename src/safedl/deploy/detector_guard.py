@@ -8,7 +8,11 @@ not one finite score per image (a NaN score would compare below every threshold 
 
 The timeout is real: each detector scores in its own daemon thread, and the caller waits at most ``timeout_s``
 for it. A call that timed out keeps that thread until it returns; meanwhile the detector fails at once (it is
-"still busy"), so a hung detector costs each batch nothing more than the refusal. Our own design (no paper); the
+"still busy"), so a hung detector costs each batch nothing more than the refusal. A detector that shares the
+classifier's forward pass (deploy/shared_forward.py: feature squeezing) runs in the calling thread instead
+(:meth:`GuardedScoring.judge_inline`): its exceptions and non-finite scores go through the policy, the timeout does
+not apply (its work is the model's forward pass; ``SecurePipeline.share_forward = False`` gives it its own thread
+back). Our own design (no paper); the
 fail-closed default follows the secure-defaults principle (Saltzer & Schroeder 1975, "fail-safe defaults").
 """
 from __future__ import annotations

@@ -147,8 +147,10 @@ def _audit(db: Path, done: int, ok: int, in_flight: int) -> dict:
     conn = sqlite3.connect(db)
     rows, rows_ok = conn.execute("SELECT COUNT(*), SUM(http_status = 200) FROM audit WHERE endpoint='/v1/predict'"
                                  ).fetchone()
+    statuses = dict(conn.execute("SELECT COALESCE(error, CAST(http_status AS TEXT)), COUNT(*) FROM audit WHERE "
+                                 "endpoint='/v1/predict' AND http_status != 200 GROUP BY 1").fetchall())
     conn.close()
-    return {"answered": done, "answered_2xx": ok, "rows": rows, "rows_200": rows_ok or 0,
+    return {"answered": done, "answered_2xx": ok, "rows": rows, "rows_200": rows_ok or 0, "rows_not_200": statuses,
             "rows_cover_answered": 0 <= rows - done <= in_flight and 0 <= (rows_ok or 0) - ok <= in_flight}
 
 

@@ -124,19 +124,25 @@ def _serve(tmp_path, bundle_dir):
 
 
 def _inject(bundle, fault):
+    """The fault in the detector's own score (its thread, under the timeout) and, for raise and nan, in the part
+    it runs inside the classifier's shared forward pass (deploy/shared_forward.py). A hang needs the detector's
+    own thread: the pipeline is told not to share the forward pass (the timeout does not apply inline)."""
     det = bundle.pipeline.detectors[0].detector
-    real = det.score
+    real, real_shared = det.score, det.score_from_logits
 
-    def faulty(x):
+    def faulty(x, *more):
         if fault == "raise":
             raise RuntimeError("injected fault")
         if fault == "hang":
             time.sleep(1.5)
         if fault == "nan":
             return torch.full((len(x),), float("nan"))
-        return real(x)
+        return real_shared(x, *more) if more else real(x)
 
     det.score = faulty
+    det.score_from_logits = faulty
+    if fault == "hang":
+        bundle.pipeline.share_forward = False
 
 
 def _post(client, token, img):

@@ -68,6 +68,20 @@ class DetectorProtocol(Protocol):
 
 
 @runtime_checkable
+class ForwardSharingDetectorProtocol(Protocol):
+    """A detector whose score is a function of its model's logits on the input and on inputs derived from it, so
+    a deployed pipeline can run those through the classifier's own forward pass (one batch, no second copy of
+    the input's forward): ``model_inputs(x)`` gives the k*N derived inputs, ``score_from_logits(logits,
+    derived_logits)`` the N scores from the model's logits on x (N x K) and on them (k*N x K)."""
+
+    model_: nn.Module
+
+    def model_inputs(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def score_from_logits(self, logits: torch.Tensor, derived_logits: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class TrainerProtocol(Protocol):
     """Robust training: ``fit(model, data, *, recipe, seed, device, val) -> model`` returns the model to use
     (which may be a new object, e.g. DP training's); ``architecture(model)`` is the structure ``fit`` trains;

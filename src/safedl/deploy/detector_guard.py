@@ -8,7 +8,11 @@ not one finite score per image (a NaN score would compare below every threshold 
 
 The timeout is real: each detector scores in its own daemon thread, and the caller waits at most ``timeout_s``
 for it. A call that timed out keeps that thread until it returns; meanwhile the detector fails at once (it is
-"still busy"), so a hung detector costs each batch nothing more than the refusal. Our own design (no paper); the
+"still busy"), so a hung detector costs each batch nothing more than the refusal. A detector that shares the
+classifier's forward pass (deploy/shared_forward.py: feature squeezing) runs in the calling thread instead
+(:meth:`GuardedScoring.judge_inline`): its exceptions and non-finite scores go through the policy, the timeout does
+not apply (its work is the model's forward pass; ``SecurePipeline.share_forward = False`` gives it its own thread
+back). Our own design (no paper); the
 fail-closed default follows the secure-defaults principle (Saltzer & Schroeder 1975, "fail-safe defaults").
 """
 from __future__ import annotations
@@ -111,6 +115,20 @@ class GuardedScoring:
                 self._workers[name] = _Worker(name)
             return self._workers[name]
 
+    def judge_inline(self, name: str, fn: Callable[[], Any], failures: dict[str, str]) -> Any:
+        """``fn()`` run in the calling thread for detector ``name`` (a detector that shares the classifier's
+        forward pass, deploy/shared_forward.py: its work is that forward, so there is no thread to time out; the
+        timeout does not apply): an exception goes through the policy as in :meth:`score` (fail_closed raises
+        :class:`DetectorUnavailable`, fail_open records the reason in ``failures`` and returns None)."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - any failure of a detector is handled by the policy
+            reason = f"{type(exc).__name__}: {exc}"[:200]
+            if self.policy.mode == "fail_closed":
+                raise DetectorUnavailable(name, reason) from exc
+            failures[name] = reason
+            return None
+
     def score(self, detectors: list[Any], x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Per detector name its scores, and per failed detector why (fail_open only; fail_closed raises)."""
         scores: dict[str, torch.Tensor] = {}
@@ -118,7 +136,7 @@ class GuardedScoring:
         for d in detectors:
             try:
                 s = self._worker(d.name).call(d.score, x, float(self.policy.timeout_s))
-                scores[d.name] = _checked(s, len(x)).to(x.device)
+                scores[d.name] = checked_scores(s, len(x)).to(x.device)
             except Exception as exc:  # noqa: BLE001 - any failure of a detector is handled by the policy
                 reason = f"{type(exc).__name__}: {exc}"[:200]
                 if self.policy.mode == "fail_closed":
@@ -127,7 +145,7 @@ class GuardedScoring:
         return scores, failures
 
 
-def _checked(s: Any, n: int) -> torch.Tensor:
+def checked_scores(s: Any, n: int) -> torch.Tensor:
     """One finite score per image, or ValueError."""
     if not isinstance(s, torch.Tensor) or tuple(s.shape) != (n,):
         raise ValueError(f"expected {n} scores, got {getattr(s, 'shape', type(s).__name__)}")

@@ -19,6 +19,7 @@ from safedl.defenses.protocols import (CertifierProtocol, DetectorProtocol, Post
 from safedl.deploy.detector_guard import DetectorFailurePolicy, GuardedScoring
 from safedl.deploy.output_sanity import REASON as SANITY_REASON
 from safedl.deploy.output_sanity import OutputSanity
+from safedl.deploy.shared_forward import can_share, shared_forward, sharing_detectors
 from safedl.errors import ConfigError
 from safedl.utils.tensors import eval_mode, model_device
 
@@ -104,7 +105,7 @@ class SecurePipeline:
                  postprocessors: Sequence[nn.Module] = (), certifier: Any = None,
                  class_names: Sequence[str] | None = None, input_shape: Sequence[int] | None = None,
                  batch_size: int = 256, detector_failure: DetectorFailurePolicy | None = None,
-                 output_sanity: OutputSanity | None = None):
+                 output_sanity: OutputSanity | None = None, share_forward: bool = True):
         self.preprocessors = _check(preprocessors, PreprocessorProtocol, "preprocessor")
         self.postprocessors = _check(postprocessors, PostprocessorProtocol, "postprocessor")
         self.detectors = [PreprocessedDetector(d, () if d.sees_raw_input else self.preprocessors)
@@ -116,7 +117,7 @@ class SecurePipeline:
                                   "cannot be combined with preprocessors or postprocessors")
             certifier.with_model(model)
         self.model, self.certifier = model.eval(), certifier
-        self.deployed = defended_model(self.preprocessors, self.model, self.postprocessors, adaptive=False)
+        self.deployed = defended_model(self.preprocessors, self.model, self.postprocessors, adaptive=False).eval()
         self.class_names = list(class_names) if class_names is not None else None
         self.input_shape = tuple(int(v) for v in input_shape) if input_shape is not None else None
         self.batch_size = int(batch_size)
@@ -124,6 +125,11 @@ class SecurePipeline:
         self.detector_failure = detector_failure
         self._guard = GuardedScoring(detector_failure) if detector_failure is not None else None
         self.output_sanity = output_sanity  # deploy/output_sanity.py: a confident answer far from the training data
+        # deploy/shared_forward.py: detectors scoring from the served model's logits join its forward pass (their
+        # work then runs inline, without the policy's timeout); False: every detector scores in its own thread
+        self.share_forward = bool(share_forward)
+        self._sharing = sharing_detectors(self.detectors) \
+            if can_share(preprocessors=self.preprocessors, certifier=certifier) else []
         self._lock = threading.Lock()
 
     # -- what the pipeline holds ------------------------------------------------------------------------------
@@ -161,8 +167,17 @@ class SecurePipeline:
                              f"{tuple(x.shape[1:])}")
         with self._lock, torch.no_grad():
             self._restart_randomness()
-            labels, probs, abstain = self._classify(x)
-            scores, failures = self._score(x) if with_detectors else ({}, {})
+            shared = [d for d in self._sharing if d.detector.model_ is self.model] \
+                if with_detectors and self.share_forward else []
+            if shared:
+                labels, probs, abstain, scores, failures = self._classify_shared(x, shared)
+            else:
+                labels, probs, abstain = self._classify(x)
+                scores, failures = {}, {}
+            if with_detectors:
+                rest, rest_failures = self._score(x, [d for d in self.detectors if d not in shared])
+                scores, failures = {**scores, **rest}, {**failures, **rest_failures}
+            scores = {d.name: scores[d.name] for d in self.detectors if d.name in scores}  # deployment order
         thresholds = {d.name: float(d.threshold_) for d in self.detectors if d.name in scores}
         rejected = abstain.clone()
         reasons: list[str | None] = [f"abstain:{self.certifier.registry_name}" if a else None for a in abstain.tolist()]
@@ -179,11 +194,22 @@ class SecurePipeline:
         return Decision(labels=labels, probs=probs, rejected=rejected, reasons=reasons, detector_scores=scores,
                         thresholds=thresholds, detector_failures=failures)
 
-    def _score(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Every detector's scores, under the detector failure policy when there is one."""
+    def _score(self, x: torch.Tensor, detectors: list[Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """These detectors' scores, under the detector failure policy when there is one."""
+        if not detectors:
+            return {}, {}
         if self._guard is None:
-            return {d.name: d.score(x).to(x.device) for d in self.detectors}, {}
-        return self._guard.score(self.detectors, x)
+            return {d.name: d.score(x).to(x.device) for d in detectors}, {}
+        return self._guard.score(detectors, x)
+
+    def _classify_shared(self, x: torch.Tensor, shared: list[Any]) -> tuple[Any, ...]:
+        """The classifier and the forward-sharing detectors in one pass (deploy/shared_forward.py)."""
+        with eval_mode(self.deployed):
+            out, scores, failures = shared_forward(x, preprocessors=self.preprocessors, model=self.model,
+                                                   post=self.deployed.post, detectors=shared,
+                                                   batch_size=self.batch_size, guard=self._guard)
+        labels, probs, abstain = self._answer(out, x)
+        return labels, probs, abstain, scores, failures
 
     def _classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.certifier is not None:
@@ -197,6 +223,9 @@ class SecurePipeline:
             for i in range(0, len(x), self.batch_size):
                 outs.append(self.deployed(x[i:i + self.batch_size].to(dev)).to(x.device))
         out = torch.cat(outs) if outs else torch.empty(0, 0, device=x.device)
+        return self._answer(out, x)
+
+    def _answer(self, out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # the deployed module returns logits (no postprocessors) or log-scores (postprocessors)
         probs = out.softmax(1) if not self.postprocessors else out.exp()
         return out.argmax(1), probs, torch.zeros(len(x), dtype=torch.bool, device=x.device)

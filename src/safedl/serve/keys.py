@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from safedl.errors import UserError
+from safedl.serve import key_cache
 from safedl.serve.stores import engine as engines
 from safedl.serve.stores.migrate import ensure_schema
 from safedl.serve.stores.schema import api_keys
@@ -108,7 +109,10 @@ class KeyStore:
     """The key database (a SQLite file or a PostgreSQL URL: serve/stores/engine.py); safe to use from many
     threads, processes and replicas at once. ``engine`` is shared with the rate limiter and the key actions."""
 
-    def __init__(self, path: str | os.PathLike, *, create: bool = False, flag: str = "--keys"):
+    def __init__(self, path: str | os.PathLike, *, create: bool = False, flag: str = "--keys",
+                 cache_ttl_s: float | None = None):
+        """``cache_ttl_s``: keep verified keys in this process for at most that long, dropped at once when a key
+        is revoked anywhere (serve/key_cache.py); None: every ``authenticate`` reads the database."""
         target = engines.parse_target(path, flag=flag)
         self.target = target
         self.path: Path | str = target.path if target.is_sqlite else target.display
@@ -124,6 +128,10 @@ class KeyStore:
         except UserError:
             self.engine.dispose()
             raise
+        self._cache = None if cache_ttl_s is None else key_cache.VerifiedKeyCache(
+            key_cache.SqliteGeneration(target.path) if target.is_sqlite else key_cache.PostgresGeneration(
+                self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)),
+            ttl_s=cache_ttl_s)
 
     def _what(self) -> str:
         return f"key database {self.path}"
@@ -162,6 +170,10 @@ class KeyStore:
             conn.execute(api_keys.update().where(api_keys.c.key_id == row.key_id, api_keys.c.revoked_at.is_(None))
                          .values(revoked_at=time.time()))
             row = conn.execute(_SELECT.where(api_keys.c.key_id == row.key_id)).first()
+            if not self.target.is_sqlite:
+                conn.execute(sa.text(f"NOTIFY {key_cache.CHANNEL}"))  # delivered at the commit (key caches)
+        if self.target.is_sqlite:
+            key_cache.signal_sqlite_revocation(self.target.path)  # after the commit: key caches drop their keys
         return _row_to_key(tuple(row))
 
     def authenticate(self, token: str | None) -> ApiKey | None:
@@ -171,6 +183,11 @@ class KeyStore:
         The secret's hash is compared with ``hmac.compare_digest``, and an unknown id is compared against a dummy
         hash, so timing does not tell a wrong secret from an unknown key.
         """
+        if self._cache is not None:
+            return self._cache.authenticate(token, self._lookup)
+        return self._lookup(token)
+
+    def _lookup(self, token: str | None) -> ApiKey | None:
         m = _TOKEN.match(token) if well_formed(token) else None
         key_id, secret = (m.group(1), m.group(2)) if m else ("", "x")
         row = None
@@ -184,4 +201,6 @@ class KeyStore:
         return _row_to_key(tuple(row)[:-1])
 
     def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
         self.engine.dispose()

@@ -18,10 +18,11 @@ def build_app(options: ServeOptions) -> Any:
     from safedl.deploy import load_bundle
     from safedl.serve.app import create_app
     from safedl.serve.audit import AuditStore
+    from safedl.serve.key_cache import DEFAULT_TTL_S
     from safedl.serve.keys import KeyStore
 
     bundle = load_bundle(options.bundle_path, device=options.device, signing_key=options.signing_key)
-    keys = KeyStore(options.keys_db)
+    keys = KeyStore(options.keys_db, cache_ttl_s=DEFAULT_TTL_S)  # verified keys cached, revocations seen at once
     audit = AuditStore(options.audit_db, max_bytes=options.audit_max_bytes, retention=options.audit_retention)
     app = create_app(bundle=bundle, keys=keys, audit=audit,
                      config=options.config, monitor_config=options.monitor_config)

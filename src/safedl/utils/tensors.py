@@ -12,14 +12,19 @@ from torch import nn
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode and restore each one's own mode afterwards."""
+    """Put every submodule in eval mode and restore each one's own mode afterwards.
+
+    Only modules whose mode differs are written (``nn.Module.__setattr__`` is slow: writing every submodule's flag
+    twice cost about 1 ms a call for a small CNN, on every served request)."""
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    if any(was_training for _, was_training in modes):
+        model.eval()
     try:
         yield model
     finally:
         for m, was_training in modes:
-            m.training = was_training
+            if m.training != was_training:
+                m.training = was_training
 
 
 @contextlib.contextmanager

@@ -35,5 +35,16 @@ class FeatureSqueezingDetector(Detector):
         a single image; gradients flow as before)."""
         n = x.shape[0]
         squeezed = (bpda(FeatureSqueezing(bit_depth=self.bit_depth), None, x), median_filter(x, self.window))
-        p, p_bits, p_med = self.model_(torch.cat((x, *squeezed))).softmax(1).split(n)
+        logits = self.model_(torch.cat((x, *squeezed)))
+        return self.score_from_logits(logits[:n], logits[n:])
+
+    def model_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The two squeezed versions of x (2N: bit depth, then median), for a pipeline that runs them through the
+        classifier's forward pass together with x (deploy/shared_forward.py)."""
+        return torch.cat((FeatureSqueezing(bit_depth=self.bit_depth)(x), median_filter(x, self.window)))
+
+    def score_from_logits(self, logits: torch.Tensor, derived_logits: torch.Tensor) -> torch.Tensor:
+        """The paper's score from the model's logits on x (N x K) and on its two squeezed versions (2N x K)."""
+        p = logits.softmax(1)
+        p_bits, p_med = derived_logits.softmax(1).split(len(logits))
         return torch.maximum((p - p_bits).abs().sum(1), (p - p_med).abs().sum(1))

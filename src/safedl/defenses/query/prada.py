@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from safedl.defenses.query.base import KeyStore, QueryVerdict, encode
+from safedl.defenses.query.history import SharedHistory
 from safedl.errors import ConfigError
 from safedl.registry import register
 from safedl.utils.validate import check_fraction, check_positive, check_range
@@ -28,6 +29,11 @@ class _KeyState:
     d_ptr: int = 0
     d_filled: int = 0
     n_seen: int = 0
+    since: int | None = None                 # the key's count over all writers after the last shared exchange
+
+
+#: a class index travels in the shared history as one more feature in its dtype (float16: integers up to 2048 exact)
+MAX_SHARED_CLASSES = 2048
 
 
 @register("query_detector", "prada")
@@ -44,12 +50,22 @@ class PRADA:
     at most ``max_keys`` keys. ``calibrate(benign_streams, fpr)`` sets ``delta_`` to the ``fpr`` quantile of the W
     values benign streams produce (``fpr`` its default target). Distances are L2 in ``encoder``'s feature space
     (pixels without one).
+
+    ``shared`` (a :class:`~safedl.defenses.query.history.SharedHistory`, e.g. the service database's): every batch
+    (features and classes) is appended to the key's shared history under ``name`` and, in the same exchange, the
+    queries other workers or replicas sent under the key since this one last saw it are run through Algorithm 1
+    first, in the history's order, so every process's growing sets and distance list follow the key's whole
+    stream and an attacker spreading queries over replicas is flagged at the same query number as on one (each
+    process then does the work of the whole stream). Features are rounded to the history's dtype here too. A
+    process that first meets a key late starts from the last ``max(window, max_growing)`` queries. While the
+    shared history is unavailable a batch is judged on what this process holds.
     """
 
     def __init__(self, *, delta: float = 0.9, min_queries: int = 100, window: int = 2000, max_growing: int = 2000,
                  num_classes: int = 10, fpr: float = 0.01,
                  classify: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 encoder: nn.Module | None = None, max_keys: int = 1000):
+                 encoder: nn.Module | None = None, max_keys: int = 1000, shared: SharedHistory | None = None,
+                 name: str = "prada"):
         self.delta = float(check_range(self, "delta", delta, low=0.0, high=1.0, low_inclusive=False))
         self.delta_ = self.delta  # calibrate() replaces it
         self.fpr = float(check_fraction(self, "fpr", fpr))
@@ -61,6 +77,12 @@ class PRADA:
         self.num_classes = check_positive(self, "num_classes", num_classes, integer=True)
         self.max_keys = check_positive(self, "max_keys", max_keys, integer=True)
         self.classify, self.encoder = classify, encoder
+        if shared is not None and not isinstance(shared, SharedHistory):
+            raise ConfigError(f"PRADA: shared={shared!r} is not a SharedHistory (exchange, forget, dtype)")
+        if shared is not None and self.num_classes > MAX_SHARED_CLASSES:
+            raise ConfigError(f"PRADA: a shared history holds class indices up to {MAX_SHARED_CLASSES}; "
+                              f"num_classes={num_classes}")
+        self.shared, self.name = shared, str(name)
         self._store: KeyStore[_KeyState] = KeyStore(_KeyState, max_keys=self.max_keys)
 
     def _init(self, st: _KeyState, dim: int, device: torch.device) -> None:
@@ -123,15 +145,33 @@ class PRADA:
         the classes the service answered for ``x`` (instead of calling ``classify``)."""
         st = self._store.get(key)
         cls = self._classes(x) if labels is None else labels.long().cpu()
-        self._ingest(st, encode(self.encoder, x), cls)
-        before = st.n_seen
-        st.n_seen += len(x)
+        f, before = encode(self.encoder, x), st.n_seen
+        if self.shared is not None:
+            f, before = self._exchange(key, st, f, cls)
+        self._ingest(st, f, cls)
+        st.n_seen = before + len(x)
         w = self._w(st)
         if w is None:
             return QueryVerdict(False, 0.0, st.n_seen)
         flagged = w < self.delta_
         return QueryVerdict(flagged, self.delta_ / max(w, 1e-12), st.n_seen, before + len(x) if flagged else None,
                             len(x) if flagged else 0)
+
+    def _exchange(self, key: str, st: _KeyState, f: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Share the batch and ingest what the others sent first; the batch's features as shared and the key's
+        query count before it (over all writers when the exchange answered)."""
+        assert self.shared is not None
+        f = f.to(self.shared.dtype).float()
+        rows = torch.cat((f, cls.to(f.device, f.dtype)[:, None]), 1)
+        ex = self.shared.exchange(detector=self.name, key=key, feats=rows, since=st.since,
+                                  window=max(self.window, self.max_growing))
+        if ex is None:
+            return f, st.n_seen
+        if len(ex.earlier):
+            e = ex.earlier.to(device=f.device, dtype=f.dtype)
+            self._ingest(st, e[:, :-1], e[:, -1].round().long())
+        st.since = ex.n_before + len(f)
+        return f, ex.n_before
 
     def calibrate(self, streams: Sequence[torch.Tensor], *, fpr: float | None = None) -> "PRADA":
         """Set ``delta_`` to the ``fpr`` quantile (default ``self.fpr``) of the W statistics benign streams produce."""

@@ -42,7 +42,8 @@ def _threshold(name: str, override: float | None, calib: dict | None, field: str
 
 def build_detectors(config: MonitorConfig, *, num_classes: int, bundle_version: str | None = None,
                     shared: Any = None) -> dict[str, Any]:
-    """The enabled detectors; ``shared``: the SharedHistory of the stateful detector (None: in memory)."""
+    """The enabled detectors; ``shared``: the SharedHistory of the stateful detector and of PRADA where their
+    ``history_store`` is ``database`` (None: in memory)."""
     from safedl.defenses.query import PRADA, StatefulDetector, VolumeAnomaly
 
     d = config.detectors
@@ -56,13 +57,15 @@ def build_detectors(config: MonitorConfig, *, num_classes: int, bundle_version: 
         thr = _threshold("stateful", d.stateful.threshold, calib, "threshold",
                          {"k": d.stateful.k, "history": d.stateful.history})
         out["stateful"] = StatefulDetector(k=d.stateful.k, history=d.stateful.history, threshold=thr,
-                                           max_keys=config.max_keys, shared=shared, name="stateful")
+                                           max_keys=config.max_keys, name="stateful",
+                                           shared=shared if d.stateful.history_store == "database" else None)
     if d.prada.enabled:
         delta = _threshold("prada", d.prada.delta, calib, "delta",
                            {"min_queries": d.prada.min_queries, "window": d.prada.window})
         out["prada"] = PRADA(delta=delta, min_queries=d.prada.min_queries, window=d.prada.window,
                              max_growing=d.prada.max_growing, num_classes=max(1, num_classes),
-                             max_keys=config.max_keys)  # classes: the labels the service answered
+                             max_keys=config.max_keys, name="prada",  # classes: the labels the service answered
+                             shared=shared if d.prada.history_store == "database" else None)
     out.update(_ood_detectors(config, calib))
     if d.volume.enabled:
         out["volume"] = VolumeAnomaly(bucket_s=d.volume.bucket_s, baseline_buckets=d.volume.baseline_buckets,
@@ -99,7 +102,8 @@ def build_monitor(config: MonitorConfig, *, keys: KeyStore, audit_path: Any, reg
                   num_classes: int, bundle_version: Callable[[], str],
                   bundle: Callable[[], Any] | None = None) -> SecurityMonitor:
     shared = None
-    if config.detectors.stateful.enabled and config.detectors.stateful.history_store == "database":
+    d = config.detectors
+    if any(c.enabled and c.history_store == "database" for c in (d.stateful, d.prada)):
         shared = DatabaseHistory(history_location(audit_path))
     detectors = build_detectors(config, num_classes=num_classes, bundle_version=bundle_version(), shared=shared)
     calib = load_calibration(config.calibration) if config.calibration is not None else None

@@ -121,6 +121,10 @@ class PradaConfig(_Strict):
     window: int = Field(2000, ge=3)
     max_growing: int = Field(2000, ge=1)
     delta: Optional[float] = Field(None, gt=0, lt=1, description="overrides the calibration file")
+    history_store: Literal["database", "memory"] = Field(
+        "memory", description="database: each key's queries and classes are shared by every worker and replica "
+                              "through the stateful detector's store (every process then runs PRADA over the "
+                              "key's whole stream); memory: per process only")
 
 
 class VolumeConfig(_Strict):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from typing import Callable
 
 import torch
 
@@ -50,3 +52,12 @@ def mnist5k_small_cnn(seed: int, *, epochs: int):
                                splits.mean, splits.std)
     train_model(model, splits.train, recipe=TrainRecipe(epochs=epochs), seed=seed)
     return splits, model.eval()
+
+
+def cpu_ms_per_call(fn: Callable[[], object], calls: int) -> float:
+    """CPU milliseconds (this process, time.process_time) per call of ``fn``, after one warm-up call."""
+    fn()
+    t0 = time.process_time()
+    for _ in range(calls):
+        fn()
+    return (time.process_time() - t0) / calls * 1000.0

@@ -13,20 +13,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _cpu_ms(fn, calls: int) -> float:
-    fn()
-    t0 = time.process_time()
-    for _ in range(calls):
-        fn()
-    return (time.process_time() - t0) / calls * 1000.0
+from _setup import cpu_ms_per_call as _cpu_ms  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

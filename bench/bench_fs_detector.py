@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
@@ -29,13 +28,7 @@ def three_passes(det: FeatureSqueezingDetector, x: torch.Tensor) -> torch.Tensor
     p_med = m(median_filter(x, det.window)).softmax(1)
     return torch.maximum((p - p_bits).abs().sum(1), (p - p_med).abs().sum(1))
 
-
-def _cpu_ms(fn, calls: int) -> float:
-    fn()
-    t0 = time.process_time()
-    for _ in range(calls):
-        fn()
-    return (time.process_time() - t0) / calls * 1000.0
+from _setup import cpu_ms_per_call as _cpu_ms
 
 
 def main(argv: list[str] | None = None) -> dict:

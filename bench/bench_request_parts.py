@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -19,13 +18,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import prepare  # noqa: E402
 
+from _setup import cpu_ms_per_call  # noqa: E402
+
 
 def _cpu_ms(fn, calls: int) -> float:
-    fn()
-    t0 = time.process_time()
-    for _ in range(calls):
-        fn()
-    return round((time.process_time() - t0) / calls * 1000.0, 3)
+    return round(cpu_ms_per_call(fn, calls), 3)
 
 
 def _separate(pipe, x):

@@ -12,12 +12,13 @@ from safedl import registry
 from safedl.attacks.evasion.adversarial_patch import paste, patch_side, random_offsets
 from safedl.defenses.adaptive import defended_model
 from safedl.errors import ConfigError
-from safedl.evaluate.base import AttackOutcome
 from safedl.evaluate.context import RunContext
 from safedl.evaluate.defend_evasion import evaluate_evasion_defense
-from safedl.models import TrainRecipe, build_model, with_normalization
+from safedl.models import TrainRecipe
 from safedl.profile import DefenseSpec, EvaluationSpec, Profile
 from safedl.utils.tensors import predict
+
+from _stages import tiny_run_context, transferred_outcome
 
 
 @pytest.fixture(scope="module")
@@ -125,17 +126,9 @@ def test_adaptive_patch_through_lgs_is_at_least_as_strong(universal, tiny_model,
 
 
 def test_stage_runs_the_patch_attack_adaptively_on_lgs(tmp_path, digits_splits, tiny_model, eval_batch):
-    profile = Profile(training=TrainRecipe(epochs=2, batch_size=64, lr=3e-3, augment="none"),
-                      evaluation=EvaluationSpec(n_eval=48, batch_size=48))
-    ctx = RunContext(profile=profile, splits=digits_splits, device=torch.device("cpu"), run_dir=tmp_path,
-                     baseline=tiny_model, build_fresh=lambda: with_normalization(
-                         build_model("tiny_cnn", in_channels=1, num_classes=10, image_size=8),
-                         digits_splits.mean, digits_splits.std))
-    x, y = eval_batch[0][:48], eval_batch[1][:48]
-    spec = {"name": "adversarial_patch", "params": {"patch_fraction": 0.15, "steps": 60}, "targeted": False}
-    x_adv = registry.create("evasion", "adversarial_patch", **spec["params"])(tiny_model, x, y)
-    outcome = AttackOutcome(entry={"id": "adversarial_patch", "category": "evasion"},
-                            state={"x": x, "y": y, "x_adv": x_adv, "target": None, "spec": spec})
+    ctx = tiny_run_context(tmp_path, digits_splits, tiny_model)
+    outcome = transferred_outcome(tiny_model, eval_batch, name="adversarial_patch",
+                                  params={"patch_fraction": 0.15, "steps": 60})
     comp = registry.create("preprocessor", "local_gradient_smoothing")
     entry = evaluate_evasion_defense(ctx, DefenseSpec(name="local_gradient_smoothing"), [comp], outcome)
     json.dumps(entry)

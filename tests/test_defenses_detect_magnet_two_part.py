@@ -11,11 +11,10 @@ import torch
 from safedl import registry
 from safedl.deploy.pipeline import SecurePipeline
 from safedl.errors import ConfigError
-from safedl.evaluate.base import AttackOutcome
-from safedl.evaluate.context import RunContext
 from safedl.evaluate.defend_evasion import evaluate_evasion_defense
-from safedl.models import TrainRecipe, build_model, with_normalization
-from safedl.profile import DefenseSpec, EvaluationSpec, Profile
+from safedl.profile import DefenseSpec
+
+from _stages import tiny_run_context, transferred_outcome
 
 FAST = {"epochs": 10}
 
@@ -51,17 +50,8 @@ def test_pipeline_scores_the_raw_input_in_front_of_the_reformer(parts, tiny_mode
 
 
 def test_stage_evaluates_two_part_magnet_adaptively(tmp_path, digits_splits, tiny_model, eval_batch):
-    profile = Profile(training=TrainRecipe(epochs=2, batch_size=64, lr=3e-3, augment="none"),
-                      evaluation=EvaluationSpec(n_eval=48, batch_size=48, strong_adaptive={"enabled": False}))
-    ctx = RunContext(profile=profile, splits=digits_splits, device=torch.device("cpu"), run_dir=tmp_path,
-                     baseline=tiny_model, build_fresh=lambda: with_normalization(
-                         build_model("tiny_cnn", in_channels=1, num_classes=10, image_size=8),
-                         digits_splits.mean, digits_splits.std))
-    x, y = eval_batch[0][:48], eval_batch[1][:48]
-    spec = {"name": "pgd", "params": {"eps": 0.2, "steps": 10}, "targeted": False}
-    x_adv = registry.create("evasion", "pgd", **spec["params"])(tiny_model, x, y)
-    outcome = AttackOutcome(entry={"id": "pgd", "category": "evasion"},
-                            state={"x": x, "y": y, "x_adv": x_adv, "target": None, "spec": spec})
+    ctx = tiny_run_context(tmp_path, digits_splits, tiny_model, strong_adaptive={"enabled": False})
+    outcome = transferred_outcome(tiny_model, eval_batch, name="pgd", params={"eps": 0.2, "steps": 10})
     comps = [registry.create("preprocessor", "magnet_reformer", **FAST),
              registry.create("detector", "magnet", placement="before_preprocessors", **FAST)]
     dspec = DefenseSpec(id="magnet_two_part", pipeline=[{"name": "magnet_reformer", "params": FAST},

@@ -12,13 +12,12 @@ from safedl import registry
 from safedl.defenses.adaptive import DetectorAwarePGD
 from safedl.deploy.state import fitted_state, restore_state
 from safedl.errors import ConfigError, UnknownComponentError
-from safedl.evaluate.base import AttackOutcome
-from safedl.evaluate.context import RunContext
 from safedl.evaluate.defend_evasion import evaluate_evasion_defense
-from safedl.models import TrainRecipe, build_model, with_normalization
-from safedl.profile import DefenseSpec, EvaluationSpec, Profile
+from safedl.profile import DefenseSpec
 from safedl.utils.stats import auroc, proportion
 from safedl.utils.tensors import predict
+
+from _stages import tiny_run_context, transferred_outcome
 
 pytest.importorskip("art")
 
@@ -113,17 +112,8 @@ def test_bundle_state_round_trip_gives_the_same_scores(input_detector, tiny_mode
 
 
 def test_stage_evaluates_the_art_detector_adaptively(tmp_path, digits_splits, tiny_model, eval_batch):
-    profile = Profile(training=TrainRecipe(epochs=2, batch_size=64, lr=3e-3, augment="none"),
-                      evaluation=EvaluationSpec(n_eval=48, batch_size=48))
-    ctx = RunContext(profile=profile, splits=digits_splits, device=torch.device("cpu"), run_dir=tmp_path,
-                     baseline=tiny_model, build_fresh=lambda: with_normalization(
-                         build_model("tiny_cnn", in_channels=1, num_classes=10, image_size=8),
-                         digits_splits.mean, digits_splits.std))
-    x, y = eval_batch[0][:48], eval_batch[1][:48]
-    spec = {"name": "pgd", "params": {"eps": 0.1, "steps": 10}, "targeted": False}
-    x_adv = registry.create("evasion", "pgd", **spec["params"])(tiny_model, x, y)
-    outcome = AttackOutcome(entry={"id": "pgd", "category": "evasion"},
-                            state={"x": x, "y": y, "x_adv": x_adv, "target": None, "spec": spec})
+    ctx = tiny_run_context(tmp_path, digits_splits, tiny_model)
+    outcome = transferred_outcome(tiny_model, eval_batch, name="pgd", params={"eps": 0.1, "steps": 10})
     comp = registry.create("detector", "art:BinaryInputDetector", **SMALL)
     entry = evaluate_evasion_defense(ctx, DefenseSpec(name="art:BinaryInputDetector", params=SMALL), [comp], outcome)
     json.dumps(entry)

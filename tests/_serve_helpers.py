@@ -96,6 +96,14 @@ class ServerProcess:
 
         return Path(self.log.name).read_text(errors="replace")
 
+    def log_records(self) -> list[dict]:
+        """The JSON log records written so far; a line the server is still writing (no newline yet) is left out."""
+        import json
+
+        text = self.log_text()
+        complete = text[:text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
+
     def wait_ready(self, timeout: float = 90.0) -> "ServerProcess":
         import time
 

@@ -2,7 +2,6 @@
 (every 200 keeps its audit row), a tampered bundle refuses to start, oversized headers."""
 from __future__ import annotations
 
-import json
 import signal
 import sqlite3
 import threading
@@ -99,7 +98,7 @@ def test_cli_serve_end_to_end_kill_9_restart_and_graceful_shutdown(setup, eval_b
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(60) == -signal.SIGTERM  # uvicorn re-raises the signal after its graceful shutdown
         _join(threads, stop)
-        logs = [json.loads(line) for line in srv.log_text().splitlines() if line.startswith("{")]
+        logs = srv.log_records()
     ok2 = {rid for status, rid in answered if status == 200}
     assert ok2 and {s for s, _ in answered} <= {200, 503}
     assert ok2 <= _audit_ids(audit) and ok <= _audit_ids(audit)

@@ -2,7 +2,6 @@
 for the refusals and the gauges, in a real `safedl serve` process for the swap under load and SIGHUP."""
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import sqlite3
@@ -322,7 +321,7 @@ def test_swap_under_load_rollback_and_sighup_in_a_server_process(bundles, tmp_pa
             for t in threads:
                 t.join(60)
         metrics = httpx.get(srv.url + "/metrics", headers=h, timeout=5).text
-        log = [json.loads(line) for line in srv.log_text().splitlines() if line.startswith("{")]
+        log = srv.log_records()
     assert steps == [(200, vb), (422, None), (200, va), (200, vb)]
     assert reloaded, "SIGHUP did not bring back the start bundle"
     codes = [s for s, _ in answered]

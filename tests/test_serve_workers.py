@@ -5,7 +5,6 @@ every 200 has its audit row; SIGHUP reloads every worker; SIGTERM stops them all
 worker answered is read from the server's JSON log lines (``pid`` on every worker line), not from the response."""
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
@@ -56,7 +55,7 @@ def setup(tiny_model, digits_splits, eval_batch, tmp_path_factory):
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 def _records(srv: ServerProcess) -> list[dict]:
-    return [json.loads(line) for line in srv.log_text().splitlines() if line.startswith("{")]
+    return srv.log_records()
 
 
 def _wait(predicate, timeout: float = 90.0, every: float = 0.2) -> bool:

@@ -81,6 +81,14 @@ def channels_case(request):
     return request.param, model, splits.test.x[:128].clone(), splits.test.y[:128].clone(), splits.train
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A store URL, once for an SQLite file and once for a database of the throwaway PostgreSQL cluster."""
+    if request.param == "sqlite":
+        return str(tmp_path / "audit.db")
+    return request.getfixturevalue("pg_cluster").database()
+
+
 @pytest.fixture(scope="session")
 def pg_cluster():
     """A throwaway PostgreSQL cluster on 127.0.0.1 (tests/_postgres.py): skipped without PostgreSQL's binaries,

@@ -14,13 +14,6 @@ CHUNK = 8
 PARAMS = dict(min_queries=40, window=100, max_growing=300, delta=0.93)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "audit.db")
-    return request.getfixturevalue("pg_cluster").database()
-
-
 @pytest.fixture(scope="module")
 def stream(digits_splits):
     """Benign test images, then Jacobian-augmentation-like synthetic queries: 10 seeds, then the seeds moved by

@@ -29,13 +29,6 @@ CHUNK = 16  # queries per observed batch (the monitor sees one predict request's
 K, HISTORY = 20, 200
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "audit.db")
-    return request.getfixturevalue("pg_cluster").database()
-
-
 @pytest.fixture(scope="module")
 def threshold(digits_splits):
     return StatefulDetector(k=K, history=HISTORY).calibrate([digits_splits.train.x], fpr=1e-3).threshold_

@@ -3,18 +3,16 @@ detectors' hinge joins the attack's objective, and the result evades (misclassif
 often as the plain attack; a run uses it against a detector."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
-import yaml
-from typer.testing import CliRunner
 
 from safedl import registry
-from safedl.cli import app
 from safedl.deploy.pipeline import SecurePipeline
 from safedl.errors import ConfigError
 from safedl.evaluate.defend_evasion import detector_hinge
+
+from _runs import run_profile
 from _profiles import tiny_profile
 
 
@@ -59,11 +57,7 @@ def test_run_attacks_the_detector_with_the_aware_l0_attack(tmp_path):
         defenses=[{"name": "magnet", "params": {"epochs": 5}, "against": ["sparse_rs"]}],
         evaluation={"n_eval": 40, "n_examples": 0, "strong_adaptive": {"enabled": False}},
         output={"dir": "runs", "figures": False, "html": False})
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(prof))
-    res = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--no-progress", "-q"])
-    assert res.exit_code in (0, 1), res.output
-    (d,) = json.loads((next((tmp_path / "runs").iterdir()) / "results.json").read_text())["defenses"]
+    (d,) = run_profile(tmp_path, prof)[1]["defenses"]
     assert any("sparse_rs with every detector's score above its threshold" in n for n in d["notes"]), d["notes"]
     assert not any("no detector-aware PGD was run" in n for n in d["notes"])
     m = d["metrics"]

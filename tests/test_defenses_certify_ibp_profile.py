@@ -3,16 +3,14 @@ the run trains by IBP, attacks the model white-box and reports verified accuracy
 empirical robust accuracy, never above it."""
 from __future__ import annotations
 
-import json
 
 import pytest
-import yaml
-from typer.testing import CliRunner
 
 from safedl import registry
-from safedl.cli import app
 from safedl.errors import ProfileError, UnknownComponentError
 from safedl.profile import parse_profile
+
+from _runs import run_profile
 from _profiles import tiny_profile
 
 EPS = 0.03
@@ -38,12 +36,7 @@ def test_kind_qualified_names_pick_the_kind():
 
 
 def test_run_reports_verified_next_to_empirical_robust_accuracy(tmp_path):
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(PROFILE))
-    res = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--no-progress", "-q"])
-    assert res.exit_code in (0, 1), res.output
-    run = next((tmp_path / "runs").iterdir())
-    r = json.loads((run / "results.json").read_text())
+    run, r = run_profile(tmp_path, PROFILE)
     by = {d["against"]: d for d in r["defenses"]}
     d = by["pgd"]
     assert [c["kind"] for c in d["components"]] == ["certifier"]

@@ -3,17 +3,15 @@ closely, moves adversarial inputs back toward them, is differentiable (adaptive 
 survives a bundle's state round trip, and is evaluated adaptively by a run."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
-import yaml
-from typer.testing import CliRunner
 
 from safedl import registry
-from safedl.cli import app
 from safedl.deploy.state import fitted_state, restore_state
 from safedl.utils.tensors import predict
+
+from _runs import run_profile
 from _profiles import tiny_profile
 
 
@@ -60,11 +58,7 @@ def test_run_evaluates_the_reformer_adaptively(tmp_path):
         defenses=[{"name": "magnet_reformer", "params": {"epochs": 10}, "against": ["pgd"]}],
         evaluation={"n_eval": 60, "n_examples": 0, "strong_adaptive": {"enabled": True, "steps": 10, "restarts": 1}},
         output={"dir": "runs", "figures": False, "html": False})
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(prof))
-    res = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--no-progress", "-q"])
-    assert res.exit_code in (0, 1), res.output
-    r = json.loads((next((tmp_path / "runs").iterdir()) / "results.json").read_text())
+    _, r = run_profile(tmp_path, prof)
     (d,) = r["defenses"]
     m = d["metrics"]
     assert any("magnet_reformer: fitted on" in n for n in d["notes"])

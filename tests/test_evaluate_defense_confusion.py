@@ -2,16 +2,14 @@
 on the evaluation images, with a rejected column, consistent with the run's own metrics and shown in the report."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
-import yaml
-from typer.testing import CliRunner
 
-from safedl.cli import app
 from safedl.deploy.pipeline import Decision
 from safedl.evaluate.defense_confusion import decision_confusion, evasion_confusions, worst_case_decision
+
+from _runs import run_profile
 from _profiles import tiny_profile
 
 PROFILE = tiny_profile(
@@ -65,12 +63,7 @@ def _count(metric: dict) -> int:
 
 
 def test_run_records_and_reports_the_defended_confusions(tmp_path):
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(PROFILE))
-    res = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--no-progress", "-q"])
-    assert res.exit_code in (0, 1), res.output
-    run = next((tmp_path / "runs").iterdir())
-    r = json.loads((run / "results.json").read_text())
+    run, r = run_profile(tmp_path, PROFILE)
     for d in r["defenses"]:
         mats, m = d["confusion_evasion"]["matrices"], d["metrics"]
         assert set(mats) == {"clean", "non-adaptive", "adaptive"}
